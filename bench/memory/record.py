@@ -1,0 +1,262 @@
+"""The result record: one case's status, memory figures, phases, timeline, privacy and timing, as plain JSON.
+
+This is the single shape that flows from a bench case into pytest-benchmark's ``extra_info`` and the
+JSON-lines file, and from either file into the reports. Every key is documented once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "unsupported", "error")
+
+# Breakdown categories of live tensor bytes at the peak (bench.memory.tensors).
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
+
+
+class RecordError(ValueError):
+    """A record that does not parse (wrong type, missing key, newer schema); the message is one line."""
+
+
+@dataclass
+class Phase:
+    """One phase of the measured step: name in bench.dp.PHASES, start/end in seconds since the step began."""
+
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Timeline:
+    """Downsampled traces of the measured step; all lists have the length of ``t_s`` or are empty.
+
+    ``tensor_bytes``: live tensor bytes (tracker); ``nvml_used_bytes``: device-wide NVML used;
+    ``allocated_bytes``: torch allocator allocated (CUDA only); ``rss_bytes``: process RSS (CPU only)."""
+
+    t_s: list[float] = field(default_factory=list)
+    tensor_bytes: list[int] = field(default_factory=list)
+    nvml_used_bytes: list[int] = field(default_factory=list)
+    allocated_bytes: list[int] = field(default_factory=list)
+    rss_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CaseRecord:
+    """Everything measured for one bench case (workload × method × batch size × device).
+
+    Byte figures are ints or ``None`` where that source does not apply (e.g. NVML on CPU) or failed
+    (then ``notes`` says why)."""
+
+    # --- the case -------------------------------------------------------------------------------------
+    workload: str
+    method: str
+    batch_size: int
+    device: str
+    status: str = "ok"  # one of STATUSES
+    reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
+
+    # --- exact live tensor bytes (any device; bench.memory.tensors) ------------------------------------
+    peak_tensor_bytes: int | None = None  # peak of live tensor storage bytes during the step
+    baseline_tensor_bytes: int | None = None  # live bytes when the step started (params, grads, opt state)
+    breakdown: dict[str, int] = field(default_factory=dict)  # CATEGORIES -> bytes live at the peak
+    peak_phase: str | None = None  # phase during which peak_tensor_bytes was reached
+
+    # --- torch CUDA caching allocator (bench.memory.cuda) ----------------------------------------------
+    peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the step
+    peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved over the step
+    snapshot_path: str | None = None  # memory_viz snapshot (pickle written by torch; never read by us)
+
+    # --- NVML (bench.memory.nvml) ----------------------------------------------------------------------
+    nvml_peak_used_bytes: int | None = None  # max device-wide "used" during the step
+    nvml_baseline_bytes: int | None = None  # device "used" just before the step (context + other processes)
+    nvml_peak_minus_baseline_bytes: int | None = None
+    nvml_peak_reserved_bytes: int | None = None  # v2 struct "reserved" (driver-reserved), where available
+    nvml_process_peak_bytes: int | None = None  # this process's usedGpuMemory, polled more slowly
+    nvml_samples: int = 0
+    nvml_interval_s: float | None = None
+
+    # --- process (CPU) ---------------------------------------------------------------------------------
+    peak_rss_bytes: int | None = None  # max sampled RSS during the step (psutil)
+    baseline_rss_bytes: int | None = None
+
+    # --- phases and timeline ---------------------------------------------------------------------------
+    phases: list[Phase] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)
+
+    # --- privacy, optimizer and model facts ------------------------------------------------------------
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
+    max_grad_norm: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    optimizer: str | None = None
+    params_total: int | None = None
+    params_trainable: int | None = None
+    tokens_per_sample: int | None = None
+    dtype: str = "float32"
+
+    # --- timing (seconds per fused step; from the timed rounds, not the measured one) -------------------
+    time_median_s: float | None = None
+    time_mean_s: float | None = None
+    time_min_s: float | None = None
+    time_stddev_s: float | None = None
+    rounds: int = 0
+
+    # --- provenance ------------------------------------------------------------------------------------
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
+    device_memory_bytes: int | None = None  # total memory of the device (GPU) or machine (CPU)
+    runner_label: str | None = None  # $DPMEM_RUNNER_LABEL (CI runner), compares GPUs across machines
+    notes: list[str] = field(default_factory=list)  # one line each: e.g. "NVML: library not found"
+    machine: dict[str, Any] = field(default_factory=dict)  # GPU name, runner label, versions (JSONL only)
+    schema_version: int = SCHEMA_VERSION
+
+    # ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (non-finite floats become strings "inf"/"nan" so strict JSON parsers work)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CaseRecord":
+        if not isinstance(data, dict):
+            raise RecordError(f"record must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise RecordError(f"record schema_version {version!r} is newer than this suite's ({SCHEMA_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("workload", "method", "batch_size", "device") if k not in data]
+        if missing:
+            raise RecordError(f"record lacks key(s) {missing}")
+        # Unknown keys (from a newer minor version) are dropped rather than failing the whole file.
+        kwargs = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in data.items() if k in names}
+        try:
+            kwargs["phases"] = [Phase(**p) for p in kwargs.get("phases", [])]
+            kwargs["timeline"] = Timeline(**kwargs.get("timeline", {}))
+            record = cls(**kwargs)
+        except TypeError as exc:
+            raise RecordError(f"malformed record: {exc}") from exc
+        if record.status not in STATUSES:
+            raise RecordError(f"record status {record.status!r} is not one of {STATUSES}")
+        if not isinstance(record.batch_size, int) or isinstance(record.batch_size, bool):
+            raise RecordError(f"record batch_size {record.batch_size!r} is not an integer")
+        return record
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaseRecord":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"not JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+
+
+@dataclass
+class BatchProbe:
+    """One batch size tried by the max-batch search: its status and peak figures."""
+
+    batch_size: int
+    status: str
+    peak_tensor_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+
+
+@dataclass
+class MaxBatchRecord:
+    """Result of the max-batch search for one workload × method × device.
+
+    The affine fit peak(B) = fit_fixed_bytes + fit_per_sample_bytes · B uses the ok probes' peak figure named
+    by ``fit_metric``; ``predicted_max_batch`` maps each memory size (bytes, as a string key) to the largest B
+    the fit says fits in it (the device's own capacity included)."""
+
+    workload: str
+    method: str
+    device: str
+    memory_limit_bytes: int | None = None  # what "fits" meant: device capacity or the CPU memory cap
+    max_batch_measured: int | None = None  # largest ok batch size (None: even batch 1 failed)
+    first_failing_batch: int | None = None  # smallest batch that failed (OOM), if one was reached
+    fit_metric: str = "peak_tensor_bytes"
+    fit_fixed_bytes: float | None = None
+    fit_per_sample_bytes: float | None = None
+    predicted_max_batch: dict[str, int] = field(default_factory=dict)
+    probes: list[BatchProbe] = field(default_factory=list)
+    status: str = "ok"
+    reason: str = ""
+    device_name: str | None = None
+    runner_label: str | None = None
+    machine: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MaxBatchRecord":
+        if not isinstance(data, dict):
+            raise RecordError(f"max-batch record must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("workload", "method", "device") if k not in data]
+        if missing:
+            raise RecordError(f"max-batch record lacks key(s) {missing}")
+        kwargs = {k: v for k, v in data.items() if k in names}
+        try:
+            kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise RecordError(f"malformed max-batch record: {exc}") from exc
+
+
+# JSON-lines files hold one object per line: {"record_type": "case"|"max_batch", ...the record's keys}.
+RECORD_TYPES = {"case": CaseRecord, "max_batch": MaxBatchRecord}
+
+
+def to_jsonl_line(record: CaseRecord | MaxBatchRecord) -> str:
+    kind = "case" if isinstance(record, CaseRecord) else "max_batch"
+    return json.dumps({"record_type": kind, **record.to_dict()}, sort_keys=True, allow_nan=False)
+
+
+def from_jsonl_line(line: str) -> CaseRecord | MaxBatchRecord:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"not JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(data, dict):
+        raise RecordError(f"line is a JSON {type(data).__name__}, not an object")
+    kind = data.pop("record_type", "case")
+    if kind not in RECORD_TYPES:
+        raise RecordError(f"unknown record_type {kind!r}")
+    return RECORD_TYPES[kind].from_dict(data)
+
+
+_FLOAT_FIELDS = {"noise_multiplier", "epsilon", "delta", "max_grad_norm", "sample_rate"}
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _unjson(value: Any) -> Any:
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    return value
