@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,6 +123,7 @@ class Workload:
 WorkloadFactory = Callable[..., Workload]
 _REGISTRY: dict[str, WorkloadFactory] = {}
 _BUILTINS_LOADED = False
+_MODULE_WORKLOADS: dict[str, list[str]] = {}  # bring-your-own module -> names it registered
 
 
 def register_workload(workload: Workload | WorkloadFactory, name: str | None = None, *, replace: bool = False) -> str:
@@ -185,6 +187,9 @@ def load_workload_module(module_name: str) -> list[str]:
     Any failure (import error, nothing registered, a non-Workload registered) is a :class:`WorkloadError`
     whose one-line message names the module."""
     _ensure_builtins()
+    cached = _MODULE_WORKLOADS.get(module_name)
+    if cached and module_name in sys.modules and all(name in _REGISTRY for name in cached):
+        return list(cached)  # a second load is a no-op: the import is cached, nothing new would register
     before = dict(_REGISTRY)
     try:
         importlib.import_module(module_name)
@@ -202,4 +207,5 @@ def load_workload_module(module_name: str) -> list[str]:
         except WorkloadError as exc:
             # A factory that needs arguments cannot be checked without them; a broken one is reported here.
             raise WorkloadError(f"workload module {module_name!r}: {exc}") from exc
+    _MODULE_WORKLOADS[module_name] = added
     return added

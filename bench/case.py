@@ -1,0 +1,185 @@
+"""Run one bench case (workload × method × batch size × device) and return its :class:`CaseRecord`.
+
+The order inside a case: build model, batch and fused step → one warm-up step → timed rounds (nothing
+attached) → one measured round (samplers and tensor tracker attached) → release everything. Out-of-memory
+and unsupported combinations are results, not exceptions; anything else is recorded as ``error`` and
+re-raised by the caller as a test failure.
+
+Isolation: every case starts and ends with :func:`bench.memory.cuda.reset_between_cases` (garbage
+collection, emptying the caching allocator, resetting peak statistics), so its figures do not depend on the
+cases that ran before it in the same process (tested in tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import models
+from bench import dp
+from bench.config import BenchConfig
+from bench.devices import resolve_device
+from bench.machine import device_facts
+from bench.memory import cuda as cuda_mem
+from bench.memory.measure import measure_step
+from bench.memory.record import CaseRecord
+from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
+
+Timer = Callable[[Callable[[], None]], dict]
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    workload: str
+    method: str
+    batch_size: int
+    device: str
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, the CPU memory cap, or the CPU allocator failing."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryCapExceeded)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def simple_timer(rounds: int) -> Timer:
+    """Timer for use outside pytest-benchmark (max-batch search): perf_counter over ``rounds`` calls."""
+
+    def timer(fn: Callable[[], None]) -> dict:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        times.sort()
+        mean = sum(times) / len(times)
+        var = sum((t - mean) ** 2 for t in times) / max(1, len(times) - 1)
+        return {"median": times[len(times) // 2], "mean": mean, "min": times[0], "stddev": var**0.5,
+                "rounds": len(times)}  # fmt: skip
+
+    return timer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def new_record(spec: CaseSpec, config: BenchConfig, privacy: dp.PrivacyParams) -> CaseRecord:
+    device_name, device_memory = device_facts(spec.device)
+    return CaseRecord(
+        workload=spec.workload,
+        method=spec.method,
+        batch_size=spec.batch_size,
+        device=spec.device,
+        noise_multiplier=privacy.noise_multiplier,
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=privacy.sample_rate,
+        steps=privacy.steps,
+        optimizer=config.optimizer,
+        device_name=device_name,
+        device_memory_bytes=device_memory,
+        runner_label=config.extra.get("runner_label"),
+    )
+
+
+def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> None:
+    """One untimed step: allocator pools, cuBLAS workspaces, Opacus' lazy state. On CPU with a memory cap it
+    runs under the capped tensor tracker, so a case too large for the machine becomes ``oom`` instead of
+    taking the machine down (the timed rounds repeat the same step, so they stay under the cap too)."""
+    if device.type == "cpu" and config.memory_cap_bytes is not None:
+        existing = sum(t.untyped_storage().nbytes() for t in (*step.model.parameters(), *step.model.buffers()))
+        with LiveBytesCap(config.memory_cap_bytes, baseline_bytes=existing):
+            step(batch)
+    else:
+        step(batch)
+
+
+def run_case(
+    spec: CaseSpec,
+    config: BenchConfig,
+    privacy: dp.PrivacyParams,
+    timer: Timer | None,
+    *,
+    measure: bool = True,
+) -> CaseRecord:
+    """Run the case; never raises for OOM or unsupported (status says so). Other failures: status 'error'."""
+    record = new_record(spec, config, privacy)
+    device = resolve_device(spec.device)
+    workload = models.get_workload(spec.workload)
+    record.tokens_per_sample = workload.tokens_per_sample
+    cuda_mem.reset_between_cases(device)
+    step = model = batch = None
+    try:
+        model = workload.build_model(device)
+        record.params_total = sum(p.numel() for p in model.parameters())
+        record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        generator = torch.Generator().manual_seed(config.seed)
+        batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
+        step = dp.build_step(
+            spec.method,
+            workload,
+            model,
+            privacy=privacy,
+            batch_size=spec.batch_size,
+            optimizer=config.optimizer,
+            lr=config.lr,
+            noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1),
+        )
+        _warm_up(step, batch, device, config)
+        _sync(device)
+        if timer is not None:
+            stats = timer(lambda: (step(batch), _sync(device)))
+            record.time_median_s = stats["median"]
+            record.time_mean_s = stats["mean"]
+            record.time_min_s = stats["min"]
+            record.time_stddev_s = stats["stddev"]
+            record.rounds = int(stats["rounds"])
+        if measure:
+            snapshot = config.snapshot_case if config.snapshot_case in (spec.case_id, "all") else None
+            figures = measure_step(
+                lambda mark: step(batch, mark),
+                device=device,
+                model=step.model,
+                optimizer=step.optimizer,
+                sample_interval_s=config.sample_interval_s,
+                track_tensors=True,
+                snapshot_path=f"{config.extra.get('snapshot_dir', '.')}/{spec.case_id}.pickle" if snapshot else None,
+            )
+            for key, value in figures.items():
+                setattr(record, key, value)
+    except dp.MethodUnsupported as exc:
+        record.status, record.reason = "unsupported", str(exc)
+    except Exception as exc:  # noqa: BLE001 - classified below; the traceback must not keep tensors alive
+        if is_out_of_memory(exc):
+            record.status = "oom"
+            record.reason = f"batch {spec.batch_size}: {_first_line(exc)}"
+        else:
+            record.status, record.reason = "error", _first_line(exc)
+        exc.__traceback__ = None
+    finally:
+        if step is not None:
+            step.close()
+        del step, model, batch
+        gc.collect()
+        cuda_mem.reset_between_cases(device)
+    return record

@@ -1,0 +1,121 @@
+"""One-line diagnoses of why a DP method failed on a model, from the model's structure and the library's error.
+
+The rules encode what was measured with Opacus 1.6 (see the README's compatibility matrix):
+
+* **Opacus issue #777** (hooks, functorch, ghost): Opacus computes per-sample gradients layer by layer. A module
+  that *directly* owns a trainable ``nn.Parameter`` and has no registered grad sampler is replayed as a whole
+  through functorch with only its first forward input — for a top-level DiT that owns a learnable position
+  embedding this is ``DiT.forward(x)``, hence ``TypeError: missing ... 't' and 'y'``. Multi-input forwards are
+  not the problem; a parameter in the wrong place is.
+* **ghost + tied weights**: Opacus' ghost norm is computed per layer, so one parameter used by two layers
+  (GPT-2's wte/lm_head) would need cross terms it does not compute; Opacus refuses.
+* **ew (ExpandedWeights)**: only the weights of linear/conv/embedding/norm calls can be expanded, and an
+  embedding input needs a batch dimension *and* a second dimension.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import nn
+
+FIX_777 = (
+    "move the parameter into a submodule with a grad sampler, e.g. an nn.Embedding/nn.Linear, "
+    "or wrap it in a module with a registered grad sampler"
+)
+
+# Modules whose weights torch's ExpandedWeights can expand (torch/nn/utils/_expanded_weights/).
+_EW_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def error_text(exc: BaseException) -> str:
+    """``"<ExcType>: <first line of the library's message>"``."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"
+
+
+def _module_label(model: nn.Module, path: str) -> str:
+    return f"'{path}'" if path else f"top-level {type(model).__name__}"
+
+
+def params_without_grad_sampler(model: nn.Module) -> list[tuple[str, str]]:
+    """(module path, parameter name) of trainable parameters owned directly by a module with no Opacus grad
+    sampler — the modules Opacus replays whole through functorch with only their first input (#777)."""
+    from opacus.grad_sample import GradSampleModule
+
+    samplers = GradSampleModule.GRAD_SAMPLERS
+    return [
+        (path, pname)
+        for path, module in model.named_modules()
+        if type(module) not in samplers
+        for pname, p in module.named_parameters(recurse=False)
+        if p.requires_grad
+    ]
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of ``module.param`` names that are one shared trainable tensor (e.g. GPT-2's wte / lm_head)."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if p.requires_grad:
+                owners[id(p)].append(f"{path}.{pname}" if path else pname)
+    return [sorted(set(names)) for names in owners.values() if len(set(names)) > 1]
+
+
+def _params_outside_ew_layers(model: nn.Module) -> list[str]:
+    return [
+        f"{path}.{pname}" if path else pname
+        for path, module in model.named_modules()
+        if not isinstance(module, _EW_SUPPORTED)
+        for pname, p in module.named_parameters(recurse=False)
+        if p.requires_grad
+    ]
+
+
+def diagnose(method: str, workload, model: nn.Module, exc: BaseException) -> str:
+    """One line saying why ``method`` failed on ``model`` with ``exc`` and how to fix it."""
+    message = str(exc)
+    name = getattr(workload, "name", "the workload")
+    if method.startswith("opacus") and method != "opacus-ew":
+        if "Parameter tying is not supported" in message:
+            groups = tied_parameters(model)
+            tied = " = ".join(groups[0]) if groups else "a shared parameter"
+            return (
+                f"{name} ties {tied}: Opacus' ghost clipping computes one gradient norm per layer and cannot add "
+                f"the cross term of a parameter used by two layers; untie it (e.g. tie_weights=False) or use "
+                f"opacus-hooks / Book-Keeping"
+            )
+        if "view size is not compatible" in message:
+            return (
+                "Opacus' ghost nn.Embedding norm sampler calls input_ids.view(-1, 1), which fails on a non-contiguous "
+                "(e.g. expanded) index tensor; pass contiguous indices (.contiguous())"
+            )
+        offenders = params_without_grad_sampler(model)
+        if offenders:
+            path, pname = offenders[0]
+            more = f" (and {len(offenders) - 1} more)" if len(offenders) > 1 else ""
+            return (
+                f"Opacus issue #777: {_module_label(model, path)} directly owns trainable parameter '{pname}'{more} "
+                f"and has no grad sampler, so Opacus replays it through functorch with only its first input; "
+                f"fix: {FIX_777}"
+            )
+        if "buffers" in message:
+            return "a trainable layer holds buffers (e.g. BatchNorm), which Opacus rejects; use GroupNorm/LayerNorm"
+    if method == "opacus-ew":
+        if "1D tensor" in message or "batch size" in message:
+            return (
+                "ExpandedWeights needs every nn.Embedding input to have a batch dim and a second dim; "
+                "look up a (B, 1) index tensor (y.unsqueeze(1)) instead of (B,)"
+            )
+        if "cannot handle function" in message or "Expanded Weights" in message:
+            outside = _params_outside_ew_layers(model)
+            where = f" (here: {', '.join(outside[:3])})" if outside else ""
+            return (
+                f"ExpandedWeights expands only the weights of linear/conv/embedding/norm calls; a trainable parameter "
+                f"used in any other op{where} is unsupported; {FIX_777}"
+            )
+    if method == "torch-func":
+        return "torch.func.vmap cannot batch an operation in this forward (data-dependent control flow, .item(), ...)"
+    return f"{method} raised this while running {name}'s forward/backward; see the library's error"

@@ -1,0 +1,75 @@
+"""The naive per-sample loop: B forward + backward passes of one sample each, each gradient clipped and summed.
+
+It runs any model that runs at all (nothing is vectorised, no hooks), so it is the reference the equivalence
+tests compare every other method against, and the "Solution 3" of the seed note — correct but B times slower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import DPMethod, DPStep, PrivacyParams, register_method
+from ._common import PhaseMarker, annotate_dp_buffer, clip_factors, no_mark, set_noisy_grads, trainable_parameters
+from .nondp import per_sample_loss, stack_norms
+
+
+def clipped_sum_by_loop(
+    workload, model: nn.Module, batch, params: list[nn.Parameter], max_grad_norm: float, mark: PhaseMarker = no_mark
+) -> tuple[list[Tensor], Tensor]:
+    """(Σ_i min(1, C/‖g_i‖)·g_i per parameter, mean loss) by a loop over the samples of ``batch``.
+
+    The loop interleaves the phases, so the marks forward → backward → clip repeat once per sample."""
+    summed = [torch.zeros_like(p) for p in params]
+    losses = []
+    for i in range(batch.batch_size):
+        mark("forward")
+        loss = per_sample_loss(workload, model, batch.select(i))[0]
+        mark("backward")
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+        annotate_dp_buffer(*grads)
+        mark("clip")
+        norm = stack_norms([g.reshape(1, -1).norm(2, dim=1) for g in grads])  # (1,)
+        factor = clip_factors(norm, max_grad_norm)[0]
+        for acc, g in zip(summed, grads):
+            acc.add_(g * factor)  # factor stays a tensor: no host sync
+        losses.append(loss.detach())
+    return summed, torch.stack(losses).mean()
+
+
+class MicrobatchStep(DPStep):
+    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
+        super().__init__("microbatch", model, optimizer, privacy)
+        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+        self.params = list(trainable_parameters(model).values())
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        summed, loss = clipped_sum_by_loop(
+            self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark
+        )
+        mark("noise")
+        set_noisy_grads(
+            self.params, summed, self.privacy.noise_multiplier, self.privacy.max_grad_norm,
+            self.batch_size, self.noise_generator,
+        )
+        mark("optimizer")
+        self.optimizer.step()
+        mark("end")
+        return loss
+
+
+@register_method
+class Microbatch(DPMethod):
+    name = "microbatch"
+    family = "loop"
+    description = "per-sample loop: B forward+backward passes of one sample, clip each, sum (naive reference)"
+
+    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
+        return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator)
+
+    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+        params = trainable_parameters(model)
+        summed, _ = clipped_sum_by_loop(workload, model, batch, list(params.values()), max_grad_norm)
+        return dict(zip(params, summed))

@@ -1,0 +1,95 @@
+"""The non-private baseline step, plus the small pieces of a plain training step the other method files share.
+
+``nondp`` is what every DP method is measured against: mean loss, one backward, optimizer step. It does not
+clip, so its :meth:`NonDP.clipped_grad_sum` is only defined for ``max_grad_norm = inf`` (Σ_i g_i, the summed
+per-sample gradient, from one backward of the summed loss).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import DPMethod, DPStep, PrivacyParams, register_method
+from ._common import MethodUnsupported, PhaseMarker, no_mark, trainable_parameters
+
+
+def per_sample_loss(workload, model: nn.Module, batch) -> Tensor:
+    """``workload.loss_per_sample(model(*inputs), target)``, checked to be of shape ``[B]``."""
+    losses = workload.loss_per_sample(model(*batch.inputs), batch.target)  # (B,)
+    if losses.shape != (batch.batch_size,):
+        raise ValueError(
+            f"workload {workload.name!r}: loss_per_sample returned shape {tuple(losses.shape)}, "
+            f"expected ({batch.batch_size},)"
+        )
+    return losses
+
+
+@contextmanager
+def preserved_grads(model: nn.Module) -> Iterator[None]:
+    """Put every parameter's ``.grad`` back as it was on exit (also on error): clipped_grad_sum must not
+    leave gradients behind or destroy the caller's."""
+    saved = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
+def stack_norms(per_param_norms: list[Tensor]) -> Tensor:
+    """Global per-sample norms ``[B]`` from a list of per-parameter per-sample norms (each ``[B]``)."""
+    return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+
+
+class NonDPStep(DPStep):
+    def __init__(self, workload, model, optimizer, privacy):
+        super().__init__("nondp", model, optimizer, privacy)
+        self.workload = workload
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        mark("forward")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = per_sample_loss(self.workload, self.model, batch).mean()
+        mark("backward")
+        loss.backward()
+        # No clipping and no noise: the two phases are empty but marked so every method has the same timeline.
+        mark("clip")
+        mark("noise")
+        mark("optimizer")
+        self.optimizer.step()
+        mark("end")
+        return loss.detach()
+
+
+@register_method
+class NonDP(DPMethod):
+    name = "nondp"
+    family = "baseline"
+    description = "non-private step: mean loss, one backward, optimizer (the baseline)"
+
+    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
+        return NonDPStep(workload, model, optimizer, privacy)
+
+    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+        if not math.isinf(max_grad_norm):
+            raise MethodUnsupported(
+                self.name,
+                "nondp does not clip per sample",
+                f"max_grad_norm={max_grad_norm} needs a DP method; nondp only gives Σ_i g_i (max_grad_norm=inf)",
+            )
+        params = trainable_parameters(model)
+        with preserved_grads(model):
+            # Σ_i g_i is the gradient of the summed per-sample loss.
+            total = per_sample_loss(workload, model, batch).sum()
+            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+        return {
+            name: (g if g is not None else torch.zeros_like(p)).detach()
+            for (name, p), g in zip(params.items(), grads)
+        }

@@ -1,0 +1,301 @@
+"""Opacus 1.6's four per-sample-gradient modes, driven without a data loader or PrivacyEngine.
+
+* ``opacus-hooks``: ``GradSampleModule`` with per-layer grad samplers (forward hooks keep activations, backward
+  hooks build ``p.grad_sample`` of shape (B, *p.shape));
+* ``opacus-functorch``: the same module with ``force_functorch=True`` (every layer's per-sample gradient by
+  ``vmap(grad)`` of that layer alone);
+* ``opacus-ew``: ``GradSampleModuleExpandedWeights`` (torch's ExpandedWeights);
+* ``opacus-ghost``: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping`` +
+  ``DPLossFastGradientClipping``: per-sample *norms* by ghost clipping, then a second backward on Σ_i c_i·loss_i.
+
+The DPOptimizer is built directly (noise_multiplier, max_grad_norm, expected_batch_size=B, loss_reduction="mean",
+``generator`` = the step's noise generator). The fused step calls its pieces one by one (clip_and_accumulate,
+add_noise, scale_grad, the wrapped optimizer's step) — exactly what ``DPOptimizer.step()`` does — so that each
+phase can be marked. Any exception the library raises while wrapping, running or clipping the model becomes
+:class:`MethodUnsupported` with the library's own text and a one-line diagnosis (bench/dp/diagnose.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from opacus.grad_sample import (
+    GradSampleModule,
+    GradSampleModuleExpandedWeights,
+    GradSampleModuleFastGradientClipping,
+)
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import Tensor, nn
+
+from . import DPMethod, DPStep, PrivacyParams, register_method
+from ._common import MethodUnsupported, PhaseMarker, annotate_dp_buffer, no_mark, trainable_parameters
+from .diagnose import diagnose, error_text
+from .nondp import per_sample_loss, preserved_grads
+
+# Opacus 1.6 warns about secure_mode / RNG on every DPOptimizer; those warnings say nothing about a benchmark.
+logging.getLogger("opacus").setLevel(logging.ERROR)
+
+# Attributes Opacus leaves on modules / parameters when a run stops half-way (an exception inside a hook).
+_MODULE_LEFTOVERS = ("activations", "max_batch_len", "ft_compute_sample_grad")
+_PARAM_LEFTOVERS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
+
+# Probe sample count of check(): one sample is enough to hit every structural failure and is cheap.
+_PROBE_BATCH = 1
+
+
+def _release(wrapper, model: nn.Module) -> None:
+    """Remove Opacus' hooks and every attribute it put on the model, leaving a plain, usable module."""
+    if wrapper is not None:
+        wrapper._close()  # remove_hooks() + delete grad_sample/_forward_counter/... from parameters
+    for module in model.modules():
+        for attr in _MODULE_LEFTOVERS:
+            if attr in module.__dict__:
+                delattr(module, attr)
+        if "autograd_grad_sample_hooks" in module.__dict__:  # only if remove_hooks did not get to it
+            for handle in module.autograd_grad_sample_hooks:
+                handle.remove()
+            delattr(module, "autograd_grad_sample_hooks")
+    for p in model.parameters():
+        for attr in _PARAM_LEFTOVERS:
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class _PerSampleCriterion:
+    """The criterion DPLossFastGradientClipping wants: has ``reduction`` and, set to "none", returns loss [B]."""
+
+    def __init__(self, workload):
+        self.workload = workload
+        self.reduction = "mean"
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        losses = self.workload.loss_per_sample(output, target)  # (B,)
+        if self.reduction == "none":
+            return losses
+        return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+class _OpacusMethod(DPMethod):
+    family = "opacus"
+    _probed: "weakref.WeakKeyDictionary[nn.Module, set[str]]"
+
+    def __init__(self) -> None:
+        # Models a structural probe already passed on (the probe is a forward/backward of one sample).
+        self._probed = weakref.WeakKeyDictionary()
+
+    # -- to implement -------------------------------------------------------------------------------------------
+    def _noise_free_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------------------------
+    def _unsupported(self, workload, model: nn.Module, exc: BaseException) -> MethodUnsupported:
+        return MethodUnsupported(self.name, error_text(exc), diagnose(self.name, workload, model, exc))
+
+    def check(self, workload, model: nn.Module) -> None:
+        key = getattr(workload, "name", "")
+        if key in self._probed.get(model, set()):
+            return
+        probe = workload.make_batch(_PROBE_BATCH, device=_model_device(model))
+        self.clipped_grad_sum(workload, model, probe, 1.0)  # raises MethodUnsupported with the real error
+        self._probed.setdefault(model, set()).add(key)
+
+    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+        with preserved_grads(model):
+            try:
+                return self._noise_free_sum(workload, model, batch, max_grad_norm)
+            except MethodUnsupported:
+                raise
+            except Exception as exc:  # the library's own failure on this model
+                raise self._unsupported(workload, model, exc) from exc
+
+
+def _summed_grads(model: nn.Module) -> dict[str, Tensor]:
+    """``p.summed_grad`` (Opacus' Σ_i clipped g_i) of every trainable parameter, detached copies."""
+    return {name: p.summed_grad.detach().clone() for name, p in trainable_parameters(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hooks / functorch / ew: per-sample gradients instantiated in p.grad_sample, clipped by DPOptimizer
+
+
+class _GradSampleMethod(_OpacusMethod):
+    def wrap(self, model: nn.Module):
+        raise NotImplementedError
+
+    def _noise_free_sum(self, workload, model, batch, max_grad_norm):
+        wrapper = None
+        try:
+            wrapper = self.wrap(model)
+            per_sample_loss(workload, wrapper, batch).mean().backward()
+            params = list(trainable_parameters(model).values())
+            optimizer = DPOptimizer(
+                torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                expected_batch_size=batch.batch_size, loss_reduction="mean",
+            )
+            annotate_dp_buffer(*(p.grad_sample for p in params))
+            optimizer.clip_and_accumulate()
+            return _summed_grads(model)
+        finally:
+            _release(wrapper, model)
+
+    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
+        try:
+            wrapper = self.wrap(model)
+        except Exception as exc:
+            _release(None, model)
+            raise self._unsupported(workload, model, exc) from exc
+        dp_optimizer = DPOptimizer(
+            optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=batch_size, loss_reduction="mean", generator=noise_generator,
+        )
+        return OpacusGradSampleStep(self.name, workload, model, wrapper, dp_optimizer, privacy)
+
+
+class OpacusGradSampleStep(DPStep):
+    def __init__(self, method, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy):
+        super().__init__(method, model, dp_optimizer, privacy)
+        self.workload, self.wrapper, self.dp_optimizer = workload, wrapper, dp_optimizer
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        opt = self.dp_optimizer
+        mark("forward")
+        opt.zero_grad(set_to_none=True)  # p.grad, p.grad_sample and p.summed_grad of the previous step
+        loss = per_sample_loss(self.workload, self.wrapper, batch).mean()
+        mark("backward")
+        loss.backward()
+        annotate_dp_buffer(*(p.grad_sample for p in opt.params))
+        # DPOptimizer.step() = pre_step (clip_and_accumulate, add_noise, scale_grad) + the wrapped step.
+        mark("clip")
+        opt.clip_and_accumulate()
+        mark("noise")
+        opt.add_noise()
+        opt.scale_grad()
+        mark("optimizer")
+        opt.original_optimizer.step()
+        mark("end")
+        return loss.detach()
+
+    def close(self) -> None:
+        _release(self.wrapper, self.model)
+
+
+@register_method
+class OpacusHooks(_GradSampleMethod):
+    name = "opacus-hooks"
+    description = "Opacus GradSampleModule, per-layer grad samplers (p.grad_sample), DPOptimizer"
+
+    def wrap(self, model):
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=False)
+
+
+@register_method
+class OpacusFunctorch(_GradSampleMethod):
+    name = "opacus-functorch"
+    description = "Opacus GradSampleModule(force_functorch=True): every layer's per-sample grads by vmap(grad)"
+
+    def wrap(self, model):
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=True)
+
+
+@register_method
+class OpacusEW(_GradSampleMethod):
+    name = "opacus-ew"
+    description = "Opacus GradSampleModuleExpandedWeights (torch ExpandedWeights), DPOptimizer"
+
+    def wrap(self, model):
+        return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ghost: per-sample norms only, then a second backward on Σ_i c_i·loss_i
+
+
+@register_method
+class OpacusGhost(_OpacusMethod):
+    name = "opacus-ghost"
+    description = "Opacus fast gradient / ghost clipping: norms from the first backward, clipped sum from a second"
+
+    @staticmethod
+    def wrap(model: nn.Module, max_grad_norm: float):
+        return GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
+        )
+
+    @staticmethod
+    def _optimizer(optimizer, noise_multiplier, max_grad_norm, batch_size, generator):
+        return DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=batch_size, loss_reduction="mean", generator=generator,
+        )
+
+    def _noise_free_sum(self, workload, model, batch, max_grad_norm):
+        wrapper = None
+        try:
+            wrapper = self.wrap(model, max_grad_norm)
+            params = list(trainable_parameters(model).values())
+            optimizer = self._optimizer(torch.optim.SGD(params, lr=0.0), 0.0, max_grad_norm, batch.batch_size, None)
+            criterion = DPLossFastGradientClipping(wrapper, optimizer, _PerSampleCriterion(workload), "mean")
+            # Opacus' own packaged double backward: p.grad = Σ_i c_i g_i.
+            criterion(wrapper(*batch.inputs), batch.target).backward()
+            annotate_dp_buffer(wrapper.per_sample_gradient_norms)
+            optimizer.accumulate()  # p.summed_grad = p.grad
+            return _summed_grads(model)
+        finally:
+            _release(wrapper, model)
+
+    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
+        try:
+            wrapper = self.wrap(model, privacy.max_grad_norm)
+        except Exception as exc:
+            _release(None, model)
+            raise self._unsupported(workload, model, exc) from exc
+        dp_optimizer = self._optimizer(
+            optimizer, privacy.noise_multiplier, privacy.max_grad_norm, batch_size, noise_generator
+        )
+        criterion = DPLossFastGradientClipping(wrapper, dp_optimizer, _PerSampleCriterion(workload), "mean")
+        return OpacusGhostStep(workload, model, wrapper, dp_optimizer, criterion, privacy)
+
+
+class OpacusGhostStep(DPStep):
+    def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy):
+        super().__init__("opacus-ghost", model, dp_optimizer, privacy)
+        self.workload, self.wrapper, self.dp_optimizer, self.criterion = workload, wrapper, dp_optimizer, criterion
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        opt, wrapper = self.dp_optimizer, self.wrapper
+        mark("forward")
+        opt.zero_grad(set_to_none=True)
+        losses = self.criterion(wrapper(*batch.inputs), batch.target).loss_per_sample  # (B,)
+        # DPTensorFastGradientClipping.backward(), split at the phase boundary: the first backward (hooks on)
+        # yields per-sample norms; the second (hooks off) backpropagates Σ_i c_i·loss_i into p.grad.
+        mark("backward")
+        losses.mean().backward(retain_graph=True)
+        mark("clip")
+        opt.zero_grad()
+        coeff = wrapper.get_clipping_coef()  # (B,)
+        annotate_dp_buffer(wrapper.per_sample_gradient_norms, coeff)
+        wrapper.disable_hooks()
+        try:
+            (coeff.to(losses.device) * losses).sum().backward()
+        finally:
+            wrapper.enable_hooks()
+        # DPOptimizerFastGradientClipping.step() = pre_step (accumulate, add_noise, scale_grad) + wrapped step.
+        opt.accumulate()
+        mark("noise")
+        opt.add_noise()
+        opt.scale_grad()
+        mark("optimizer")
+        opt.original_optimizer.step()
+        mark("end")
+        return losses.detach().mean()
+
+    def close(self) -> None:
+        _release(self.wrapper, self.model)

@@ -1,0 +1,181 @@
+"""Check the memory measurement itself on one GPU: do NVML and the allocator agree, and does sampling cost time?
+
+    python -m bench.gpu_check [--device cuda:0] [--workloads dit-s-2-cond gpt2] [--methods nondp opacus-hooks bk]
+
+Per case it prints NVML peak − baseline, max_memory_reserved and max_memory_allocated, and evaluates the goal
+"NVML peak within 2 % of reserved + non-allocator overhead", where the overhead (CUDA context, kernels, library
+workspaces outside the allocator, other processes) is estimated just before the measured step as NVML used
+minus torch's reserved. It then times N steps with the NVML sampler off and on, interleaved, and evaluates the
+goal "sampler overhead ≤ 1 %". Exits 2 on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+GAP_GOAL = 0.02
+OVERHEAD_GOAL = 0.01
+DEFAULT_WORKLOADS = ("dit-s-2-cond", "gpt2")
+DEFAULT_METHODS = ("nondp", "opacus-hooks", "bk")
+
+
+@dataclass
+class GapCheck:
+    """NVML vs allocator for one measured step."""
+
+    nvml_peak_used_bytes: int
+    nvml_baseline_bytes: int
+    reserved_at_start_bytes: int
+    peak_reserved_bytes: int
+    peak_allocated_bytes: int
+
+    @property
+    def non_allocator_bytes(self) -> int:
+        """NVML used minus torch reserved just before the step: context, workspaces, other processes."""
+        return self.nvml_baseline_bytes - self.reserved_at_start_bytes
+
+    @property
+    def expected_peak_bytes(self) -> int:
+        return self.peak_reserved_bytes + self.non_allocator_bytes
+
+    @property
+    def gap_bytes(self) -> int:
+        return self.nvml_peak_used_bytes - self.expected_peak_bytes
+
+    @property
+    def relative_gap(self) -> float:
+        return self.gap_bytes / self.expected_peak_bytes if self.expected_peak_bytes > 0 else float("inf")
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.relative_gap) <= GAP_GOAL
+
+    def line(self) -> str:
+        mib = 2**20
+        return (
+            f"nvml peak-baseline {(self.nvml_peak_used_bytes - self.nvml_baseline_bytes) / mib:9.1f} MiB | "
+            f"max reserved {self.peak_reserved_bytes / mib:9.1f} MiB | max allocated {self.peak_allocated_bytes / mib:9.1f} MiB | "
+            f"non-allocator {self.non_allocator_bytes / mib:8.1f} MiB | gap {self.gap_bytes / mib:+8.1f} MiB "
+            f"({self.relative_gap:+.2%}) {'OK' if self.ok else 'OVER 2%'}"
+        )
+
+
+def sampler_overhead(
+    run_step: Callable[[], Any],
+    make_sampler: Callable[[], Any],
+    steps: int,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[float, list[float], list[float]]:
+    """Median step time with a sampler running / without, minus one; steps alternate off/on to cancel drift."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    off: list[float] = []
+    on: list[float] = []
+    for _ in range(steps):
+        for times, sampled in ((off, False), (on, True)):
+            sampler = make_sampler() if sampled else None
+            if sampler is not None:
+                sampler.start()
+            sync()
+            start = time.perf_counter()
+            run_step()
+            sync()
+            times.append(time.perf_counter() - start)
+            if sampler is not None:
+                sampler.stop()
+    return statistics.median(on) / statistics.median(off) - 1.0, off, on
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm of the overhead check")
+    parser.add_argument("--interval", type=float, default=0.001, help="NVML sample interval, seconds")
+    return parser.parse_args(argv)
+
+
+def run_case(workload_name: str, method: str, batch_size: int, device, args) -> tuple[GapCheck, float]:
+    import torch
+
+    import models
+    from bench.dp import build_step, resolve_privacy
+    from bench.memory import cuda
+    from bench.memory.measure import measure_step
+    from bench.memory.nvml import NvmlSampler
+
+    workload = models.get_workload(workload_name)
+    model = workload.build_model(device)
+    step = build_step(method, workload, model, privacy=resolve_privacy(1.0), batch_size=batch_size)
+    batch = workload.make_batch(batch_size, device=device)
+    try:
+        step(batch)  # warm-up: lazy kernels, cuBLAS workspace and optimizer state exist before measuring
+        cuda.reset_between_cases(device)
+        _, reserved_at_start = cuda.current_figures(device)
+        figures = measure_step(
+            lambda mark: step(batch, mark), device=device, model=step.model, optimizer=step.optimizer,
+            sample_interval_s=args.interval, track_tensors=False,
+        )
+        if figures["nvml_peak_used_bytes"] is None:
+            raise RuntimeError("; ".join(figures["notes"]) or "NVML produced no samples")
+        gap = GapCheck(
+            nvml_peak_used_bytes=figures["nvml_peak_used_bytes"],
+            nvml_baseline_bytes=figures["nvml_baseline_bytes"],
+            reserved_at_start_bytes=reserved_at_start,
+            peak_reserved_bytes=figures["peak_reserved_bytes"],
+            peak_allocated_bytes=figures["peak_allocated_bytes"],
+        )
+        overhead, _, _ = sampler_overhead(
+            lambda: step(batch),
+            lambda: NvmlSampler(device.index, interval_s=args.interval),
+            args.steps,
+            sync=lambda: torch.cuda.synchronize(device),
+        )
+    finally:
+        step.close()
+    return gap, overhead
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to check", file=sys.stderr)
+        return 2
+    from bench.devices import resolve_device
+    from bench.machine import device_facts
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"gpu_check: {exc}", file=sys.stderr)
+        return 2
+    name, total = device_facts(device)
+    print(f"gpu_check on {device} ({name}, {total / 2**30:.1f} GiB), batch {args.batch_size}, interval {args.interval * 1e3:g} ms")
+    failures = 0
+    for workload_name in args.workloads:
+        for method in args.methods:
+            label = f"{workload_name:>14} {method:>14}"
+            try:
+                gap, overhead = run_case(workload_name, method, args.batch_size, device, args)
+            except Exception as exc:  # report and go on: one bad case should not hide the others
+                first = (str(exc).strip().splitlines() or [""])[0]
+                print(f"{label}  ERROR {type(exc).__name__}: {first}")
+                failures += 1
+                continue
+            overhead_ok = overhead <= OVERHEAD_GOAL
+            failures += (not gap.ok) + (not overhead_ok)
+            print(f"{label}  {gap.line()} | sampler overhead {overhead:+.2%} {'OK' if overhead_ok else 'OVER 1%'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Exact live tensor bytes during one step, on any device, with a breakdown by category at the peak.
+
+:class:`TensorTracker` is a ``TorchDispatchMode``: every aten op of the step passes through it. For each
+tensor an op returns, the tracker looks at the tensor's *untyped storage*: a storage it has not seen before
+is an allocation (views and in-place results share a known storage and cost nothing); a weakref on the
+storage tells it when the storage is freed. Each allocation/free is appended to an event log with its byte
+count; the peak, the live set at the peak and the timeline are found afterwards by replaying the log, so
+the per-op cost stays one dict lookup and a list append.
+
+What exists before the step is the *baseline*: the model's parameters and buffers, their ``.grad``, the
+optimizer's state (Opacus' ``DPOptimizer`` is unwrapped to its ``original_optimizer``), leftover per-sample
+gradients, and any other pre-existing storage an op reads during the step (the batch, cached constants) —
+those are adopted into the baseline when first seen as an op input, since they were live from the start.
+
+Categories (``record.CATEGORIES``), first match wins:
+  parameters       storages of model parameters and buffers at the start
+  per_sample       storages announced by a DP method via ``bench.dp._common.annotate_dp_buffer`` (or found
+                   as Opacus' ``p.grad_sample`` / ``p._current_grad_sample``)
+  gradients        storages seen as some ``p.grad`` (at the start, at every phase mark, at the end)
+  optimizer_state  storages seen in ``optimizer.state`` (same times)
+  activations      allocated during the ``forward`` phase
+  other            everything else (backward temporaries, noise, adopted inputs)
+
+Limits: tensors without a storage (sparse, nested) are skipped; allocations made inside one kernel and freed
+before it returns are invisible (they never reach Python); storages on another device than the tracked one
+are ignored (a CUDA step's CPU scalars do not count).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .record import CATEGORIES
+
+# Event codes of the log. Each event is a tuple (time, code, a, b).
+_ALLOC = 0  # a = storage id, b = bytes
+_FREE = 1  # a = storage id, b = bytes
+_RESIZE = 2  # a = storage id, b = byte delta
+_MARK = 3  # a = phase name
+
+# Ops whose input is a tensor created outside dispatch just before (torch.tensor / as_tensor from data).
+_FRESH_OPS = (torch.ops.aten.lift_fresh.default,)
+
+# Attributes under which Opacus keeps per-sample gradients on a parameter.
+_PER_SAMPLE_ATTRS = ("grad_sample", "_current_grad_sample")
+
+
+@dataclass
+class TensorReport:
+    """Result of one tracked step. Byte figures are exact sums of distinct live storages."""
+
+    peak_tensor_bytes: int
+    baseline_tensor_bytes: int
+    breakdown: dict[str, int]  # CATEGORIES -> bytes live at the peak; sums to peak_tensor_bytes
+    peak_phase: str | None  # phase mark in effect when the peak was reached (None: before the first mark)
+    peak_time_s: float  # perf_counter time of the peak (absolute)
+    trace_t: list[float] = field(default_factory=list)  # perf_counter times of every alloc/free/resize
+    trace_bytes: list[int] = field(default_factory=list)  # live bytes just after each of those events
+    adopted_storages: int = 0  # pre-existing storages first seen as op inputs (counted in the baseline)
+    adopted_bytes: int = 0
+    unknown_annotations: int = 0  # annotated tensors whose storage the tracker did not know
+    allocations: int = 0
+    largest_at_peak: list[tuple[str, str, int]] = field(default_factory=list)  # (op, category, bytes), top 8
+
+
+class TensorTracker(TorchDispatchMode):
+    """Track live tensor storages on ``device`` while active (``with TensorTracker(...) as tr:``).
+
+    Call :meth:`register_state` before entering to declare the pre-existing model/optimizer state, :meth:`mark`
+    at each phase start, and :meth:`report` after exiting."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self._events: list[tuple[float, int, Any, Any]] = []
+        # id(untyped storage) -> [sid, nbytes, weakref]; ids are safe keys because the weakref callback
+        # removes the entry while the storage object is being freed, before the id can be reused.
+        self._live: dict[int, list] = {}
+        self._next_sid = 0
+        self._baseline: dict[int, int] = {}  # sid -> bytes, live when the step started
+        self._adopted: dict[int, int] = {}  # sid -> bytes, pre-existing storages found during the step
+        self._labels: dict[int, str] = {}  # sid -> explicit category
+        self._created_phase: dict[int, str | None] = {}
+        self._created_by: dict[int, Any] = {}  # sid -> aten op that allocated it (diagnostics)
+        self._phase: str | None = None
+        self._recording = False
+        self._finished = False
+        self._unknown_annotations = 0
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # ---- declaring the pre-existing state -----------------------------------------------------------------
+    def register_state(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        extra: Iterable[Tensor] = (),
+    ) -> None:
+        """Declare the storages that exist before the step (model, grads, optimizer state, ``extra`` tensors).
+
+        The model and optimizer are rescanned at each mark and at the end to label gradients and optimizer
+        state created during the step."""
+        self._model, self._optimizer = model, optimizer
+        if model is not None:
+            for tensor in _model_state(model):
+                self._label(self._known_or_baseline(tensor), "parameters")
+        self._scan_state(baseline=True)
+        for tensor in extra:
+            self._known_or_baseline(tensor)
+
+    def _known_or_baseline(self, tensor: Tensor) -> int | None:
+        storage = self._storage_on_device(tensor)
+        if storage is None:
+            return None
+        entry = self._live.get(id(storage))
+        if entry is not None:
+            return entry[0]
+        sid = self._new_entry(storage)
+        self._baseline[sid] = self._live[id(storage)][1]
+        return sid
+
+    def _scan_state(self, baseline: bool = False) -> None:
+        """Label storages now held as gradients, optimizer state and Opacus per-sample gradients."""
+        lookup = self._known_or_baseline if baseline else self._known_sid
+        if self._model is not None:
+            for p in self._model.parameters():
+                if p.grad is not None:
+                    self._label(lookup(p.grad), "gradients")
+                for attr in _PER_SAMPLE_ATTRS:
+                    value = getattr(p, attr, None)
+                    for t in value if isinstance(value, (list, tuple)) else (value,):
+                        if isinstance(t, Tensor):
+                            self._label(lookup(t), "per_sample")
+        if self._optimizer is not None:
+            for t in optimizer_state_tensors(self._optimizer):
+                self._label(lookup(t), "optimizer_state")
+
+    def _known_sid(self, tensor: Tensor) -> int | None:
+        storage = self._storage_on_device(tensor)
+        entry = self._live.get(id(storage)) if storage is not None else None
+        return entry[0] if entry is not None else None
+
+    def _label(self, sid: int | None, category: str) -> None:
+        if sid is None:
+            return
+        current = self._labels.get(sid)
+        if current is None or _PRECEDENCE[category] < _PRECEDENCE[current]:
+            self._labels[sid] = category
+
+    # ---- recording ----------------------------------------------------------------------------------------
+    def __enter__(self):
+        if self._finished:
+            raise RuntimeError("a TensorTracker measures one step; create a new one")
+        from bench.dp._common import add_annotation_listener
+
+        add_annotation_listener(self._on_annotation)
+        self._recording = True
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        from bench.dp._common import remove_annotation_listener
+
+        try:
+            if self._recording:
+                self._scan_state()
+        finally:
+            self._recording = False
+            self._finished = True
+            remove_annotation_listener(self._on_annotation)
+            # Dropping the weakrefs also drops their callbacks: frees after the step are not logged.
+            self._live.clear()
+        return super().__exit__(*exc_info)
+
+    def mark(self, phase: str) -> None:
+        """A phase begins now (``"end"`` ends the last one); also rescans grads and optimizer state."""
+        self._phase = phase
+        self._events.append((time.perf_counter(), _MARK, phase, None))
+        if self._recording:
+            self._scan_state()
+
+    def _on_annotation(self, tensor: Tensor) -> None:
+        if not self._recording:
+            return
+        sid = self._known_sid(tensor)
+        if sid is None:
+            if self._storage_on_device(tensor) is not None:
+                self._unknown_annotations += 1
+            return
+        self._label(sid, "per_sample")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._recording:
+            if func in _FRESH_OPS:  # torch.tensor(data) builds outside dispatch, then announces it here
+                for result in _tensors_in((out,)):
+                    self._note_output(result, func)
+                return out
+            # Inputs first: an in-place or out= result shares an input's storage and is not a new allocation.
+            for arg in _tensors_in(args):
+                self._note_input(arg)
+            for arg in _tensors_in(kwargs.values()):
+                self._note_input(arg)
+            for result in _tensors_in(out if isinstance(out, (tuple, list)) else (out,)):
+                self._note_output(result, func)
+        return out
+
+    def _storage_on_device(self, tensor: Tensor):
+        if tensor.device != self.device:
+            return None
+        try:
+            return tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, storage-less subclasses
+            return None
+
+    def _new_entry(self, storage) -> int:
+        sid = self._next_sid
+        self._next_sid += 1
+        key = id(storage)
+        ref = weakref.ref(storage, lambda _ref, key=key: self._on_free(key))
+        self._live[key] = [sid, storage.nbytes(), ref]
+        return sid
+
+    def _note_input(self, tensor: Tensor) -> None:
+        storage = self._storage_on_device(tensor)
+        if storage is None or id(storage) in self._live:
+            return
+        sid = self._new_entry(storage)  # pre-existing but not declared: live since the start
+        self._adopted[sid] = self._live[id(storage)][1]
+
+    def _note_output(self, tensor: Tensor, func) -> None:
+        storage = self._storage_on_device(tensor)
+        if storage is None:
+            return
+        entry = self._live.get(id(storage))
+        now = time.perf_counter()
+        if entry is None:
+            sid = self._new_entry(storage)
+            self._created_phase[sid] = self._phase
+            self._created_by[sid] = func
+            self._events.append((now, _ALLOC, sid, self._live[id(storage)][1]))
+            return
+        nbytes = storage.nbytes()
+        if nbytes != entry[1]:  # resize_ / out= grew or shrank a known storage
+            self._events.append((now, _RESIZE, entry[0], nbytes - entry[1]))
+            entry[1] = nbytes
+
+    def _on_free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None and self._recording:
+            self._events.append((time.perf_counter(), _FREE, entry[0], entry[1]))
+
+    # ---- replay -------------------------------------------------------------------------------------------
+    def report(self) -> TensorReport:
+        """Replay the event log: peak, the live set and phase at the peak, the breakdown and the trace."""
+        start_live: dict[int, int] = {**self._baseline, **self._adopted}
+        baseline_bytes = sum(start_live.values())
+
+        live_bytes = baseline_bytes
+        peak_bytes, peak_index = baseline_bytes, -1
+        trace_t: list[float] = []
+        trace_bytes: list[int] = []
+        allocations = 0
+        for index, (t, code, a, b) in enumerate(self._events):
+            if code == _MARK:
+                continue
+            if code == _ALLOC:
+                live_bytes += b
+                allocations += 1
+            elif code == _FREE:
+                live_bytes -= b
+            else:  # _RESIZE
+                live_bytes += b
+            trace_t.append(t)
+            trace_bytes.append(live_bytes)
+            if live_bytes > peak_bytes:
+                peak_bytes, peak_index = live_bytes, index
+
+        # Second pass up to the peak: which storages were live then, and in which phase.
+        live_at_peak = dict(start_live)
+        phase_at_peak: str | None = None
+        peak_time = self._events[0][0] if self._events else time.perf_counter()
+        for t, code, a, b in self._events[: peak_index + 1]:
+            if code == _MARK:
+                phase_at_peak = a
+            elif code == _ALLOC:
+                live_at_peak[a] = b
+            elif code == _FREE:
+                live_at_peak.pop(a, None)
+            else:
+                live_at_peak[a] = live_at_peak.get(a, 0) + b
+            peak_time = t
+        if peak_index < 0:  # the peak is the baseline itself: phase is the first mark's
+            phase_at_peak = next((a for _, code, a, _ in self._events if code == _MARK), None)
+
+        breakdown = dict.fromkeys(CATEGORIES, 0)
+        for sid, nbytes in live_at_peak.items():
+            breakdown[self._category(sid)] += nbytes
+        assert sum(breakdown.values()) == peak_bytes, "breakdown must sum to the peak"
+        largest = sorted(live_at_peak.items(), key=lambda item: -item[1])[:8]
+        largest_at_peak = [
+            (str(self._created_by.get(sid, "pre-existing")), self._category(sid), nbytes) for sid, nbytes in largest
+        ]
+        return TensorReport(
+            peak_tensor_bytes=peak_bytes,
+            baseline_tensor_bytes=baseline_bytes,
+            breakdown=breakdown,
+            peak_phase=phase_at_peak,
+            peak_time_s=peak_time,
+            trace_t=trace_t,
+            trace_bytes=trace_bytes,
+            adopted_storages=len(self._adopted),
+            adopted_bytes=sum(self._adopted.values()),
+            unknown_annotations=self._unknown_annotations,
+            allocations=allocations,
+            largest_at_peak=largest_at_peak,
+        )
+
+    def _category(self, sid: int) -> str:
+        label = self._labels.get(sid)
+        if label is not None:
+            return label
+        return "activations" if self._created_phase.get(sid) == "forward" else "other"
+
+
+# Lower wins when one storage earns two labels (e.g. an announced buffer later handed to p.grad).
+_PRECEDENCE = {"parameters": 0, "per_sample": 1, "gradients": 2, "optimizer_state": 3}
+
+
+def _model_state(model: nn.Module) -> Iterable[Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def optimizer_state_tensors(optimizer: Any) -> list[Tensor]:
+    """Every tensor in an optimizer's ``state``; wrappers with ``original_optimizer`` (Opacus) are unwrapped."""
+    seen: set[int] = set()
+    while hasattr(optimizer, "original_optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.original_optimizer
+    tensors: list[Tensor] = []
+    for state in getattr(optimizer, "state", {}).values():
+        values = state.values() if isinstance(state, dict) else (state,)
+        tensors.extend(v for v in values if isinstance(v, Tensor))
+    return tensors
+
+
+def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
+    """Tensors among ``values`` and inside lists/tuples one level down (aten signatures are that flat)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, Tensor):
+                    yield item
+
+
+def track_step(
+    run: Callable[[Callable[[str], None]], Any],
+    *,
+    device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TensorReport:
+    """Convenience: track one ``run(mark)`` call and return its report (used by tests and quick checks)."""
+    tracker = TensorTracker(device)
+    tracker.register_state(model, optimizer)
+    with tracker:
+        run(tracker.mark)
+    return tracker.report()

@@ -1,0 +1,56 @@
+"""Max-batch mode: `pytest bench/ --max-batch [--workloads ...] [--methods ...]` (see bench/maxbatch.py).
+
+One case per workload × method × device; each finished search is appended to the JSON-lines results file as
+a ``max_batch`` record and stored in the benchmark's ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import maxbatch
+from bench.case import CaseSpec, run_case
+from bench.keys import UNTIMED_RECORDS
+from bench.memory.record import BatchProbe
+
+
+@pytest.fixture
+def max_batch_case(workload, method, device):
+    return workload, method, device
+
+
+def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, request):
+    cfg = bench_cfg
+    workload, method, device = max_batch_case
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def say(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
+
+    fit_metric = "peak_reserved_bytes" if device.startswith("cuda") else "peak_tensor_bytes"
+    records = []
+
+    def probe(batch_size: int) -> BatchProbe:
+        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, cfg.extra["privacy"], timer=None)
+        records.append(record)
+        return BatchProbe(batch_size, record.status, record.peak_tensor_bytes, record.peak_reserved_bytes,
+                          record.peak_rss_bytes)  # fmt: skip
+
+    max_ok, first_fail, probes = maxbatch.search(probe, cfg.extra["max_batch_limit"], say)
+    limit = cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes
+    result = maxbatch.build_record(
+        workload, method, device, probes, max_ok, first_fail,
+        fit_metric=fit_metric, memory_limit_bytes=limit, predict_for=cfg.extra["predict_memory_bytes"],
+    )  # fmt: skip
+    result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
+    result.device_name, result.runner_label = records[0].device_name, cfg.extra.get("runner_label")
+    say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
+
+    results_writer.append(result)
+    entry = {"group": "max-batch", "name": request.node.name, "fullname": request.node.nodeid,
+             "params": {"workload": workload, "method": method, "device": device}, "param": request.node.name,
+             "extra_info": {"record_type": "max_batch", **result.to_dict()}, "options": {}, "stats": None}  # fmt: skip
+    pytestconfig.stash[UNTIMED_RECORDS].append(entry)
+    if result.status == "error":
+        pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)

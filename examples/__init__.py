@@ -1,0 +1,1 @@
+"""Worked examples; each module can be loaded with ``--workload-module examples.<name>``."""

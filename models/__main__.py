@@ -1,0 +1,74 @@
+"""`python -m models [--filter SUBSTR] [--workload-module MOD ...]`: a table of the registered workloads.
+
+Parameter counts come from models built on the meta device (shapes only, nothing allocated), so the whole
+table of paper-size models prints in a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import WorkloadError, get_workload, list_workloads, load_workload_module
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, trainable) element counts; a shared (tied) parameter counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def workload_rows(names: list[str]) -> list[dict[str, str]]:
+    rows = []
+    for name in names:
+        workload = get_workload(name)
+        total, trainable = parameter_counts(workload.build_model(device="meta"))
+        rows.append(
+            {
+                "workload": name,
+                "family": workload.family,
+                "config": str(workload.info.get("config", "")),
+                "total params": f"{total:,}",
+                "trainable": f"{trainable:,}",
+                "tokens/sample": "" if workload.tokens_per_sample is None else str(workload.tokens_per_sample),
+                "inputs": ", ".join(workload.input_names),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no workloads)"
+    columns = list(rows[0])
+    numeric = {"total params", "trainable", "tokens/sample"}
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(values[c].rjust(widths[c]) if c in numeric else values[c].ljust(widths[c]) for c in columns)
+
+    header = line({c: c for c in columns})
+    return "\n".join(l.rstrip() for l in [header, "-" * len(header), *(line(r) for r in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models", description="List the registered workloads.")
+    parser.add_argument("--filter", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR")
+    parser.add_argument(
+        "--workload-module", action="append", default=[], metavar="MODULE",
+        help="import a bring-your-own module that registers workloads first (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        for module in args.workload_module:
+            load_workload_module(module)
+        names = [n for n in list_workloads() if args.filter in n]
+        print(format_table(workload_rows(names)))
+    except WorkloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

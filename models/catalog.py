@@ -1,0 +1,196 @@
+"""The built-in workloads: paper-size DiTs and GPT-2s, plus tiny ones for tests.
+
+Names:
+
+* ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond}`` — DiT at 256 px (latent 4×32×32); the same with ``-512`` appended
+  is the 512 px model (latent 4×64×64);
+* ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` — sequence length 1024, tied embeddings;
+* ``dit-tiny-cond``, ``dit-tiny-uncond``, ``gpt-tiny`` — a full step takes milliseconds on a CPU.
+
+Every factory takes overrides of its config's fields (``get_workload("gpt2", tie_weights=False)``,
+``get_workload("dit-tiny-cond", learnable_pos_embed=True)``), GPT ones also ``seq_len``, all of them ``seed``.
+Building a Workload only builds a config: the model is made on demand by ``build_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+from . import Workload, WorkloadError, register_workload
+from .diffusion import epsilon_mse_per_sample, make_dit_batch
+from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTConfig, build_dit, dit_config
+from .gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
+
+__all__ = ["dit_workload", "gpt_workload", "TINY_DIT", "TINY_GPT"]
+
+# Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
+# init so that every trainable parameter gets a non-zero gradient on the first step.
+TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, zero_init=False)
+# Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 32 tokens.
+TINY_GPT = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+_WORKLOAD_OVERRIDES = ("seed",)
+
+
+def _split_overrides(name: str, overrides: dict[str, Any], allowed: set[str]) -> tuple[dict, dict]:
+    """(config overrides, workload overrides); an unknown key is a one-line WorkloadError naming it."""
+    unknown = sorted(set(overrides) - allowed - set(_WORKLOAD_OVERRIDES))
+    if unknown:
+        raise WorkloadError(
+            f"workload {name!r} takes no override(s) {unknown}; it accepts {sorted(allowed | set(_WORKLOAD_OVERRIDES))}"
+        )
+    workload_kw = {k: v for k, v in overrides.items() if k in _WORKLOAD_OVERRIDES}
+    config_kw = {k: v for k, v in overrides.items() if k not in _WORKLOAD_OVERRIDES}
+    return config_kw, workload_kw
+
+
+def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
+    try:
+        return dataclasses.replace(config, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise WorkloadError(f"workload {name!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiT
+
+
+def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: int | None, seed: int = 0) -> Workload:
+    """A DiT Workload for ``config``: synthetic latents, DDPM noising, ε-MSE on the first 4 channels."""
+    conditional = config.class_conditional
+    batch_fn = partial(
+        make_dit_batch,
+        in_channels=config.in_channels,
+        input_size=config.input_size,
+        num_classes=config.num_classes if conditional else None,
+        class_dropout_prob=config.class_dropout_prob if conditional else 0.0,
+    )
+    latent = f"{config.in_channels}x{config.input_size}x{config.input_size}"
+    kind = "class-conditional" if conditional else "unconditional"
+    info: dict[str, Any] = {
+        "config": config_name,
+        "image_size": image_size,
+        "latent": latent,
+        "patch_size": config.patch_size,
+        "depth": config.depth,
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_heads,
+        "conditional": conditional,
+        "learn_sigma": config.learn_sigma,
+        "zero_init": config.zero_init,
+        "learnable_pos_embed": config.learnable_pos_embed,
+        "loss": "epsilon-MSE over the first 4 output channels (no VLB term)",
+    }
+    if conditional:
+        info.update(num_classes=config.num_classes, class_dropout_prob=config.class_dropout_prob,
+                    null_class=config.null_class)
+    return Workload(
+        name=name,
+        model_fn=partial(build_dit, config),
+        batch_fn=batch_fn,
+        loss_fn=epsilon_mse_per_sample,
+        family="dit",
+        tokens_per_sample=config.num_tokens,
+        input_names=("x_t", "t", "y") if conditional else ("x_t", "t"),
+        description=f"{config_name} {kind}, latent {latent}, {config.num_tokens} tokens"
+        + (f" ({image_size} px)" if image_size else ""),
+        seed=seed,
+        info=info,
+    )
+
+
+_DIT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(DiTConfig)} - {"class_conditional"}
+_DIT_LABEL_FIELDS = {"num_classes", "class_dropout_prob"}
+
+
+def _dit_factory(name: str, base: DiTConfig, config_name: str, image_size: int | None) -> Callable[..., Workload]:
+    allowed = _DIT_CONFIG_FIELDS if base.class_conditional else _DIT_CONFIG_FIELDS - _DIT_LABEL_FIELDS
+
+    def factory(**overrides: Any) -> Workload:
+        config_kw, workload_kw = _split_overrides(name, overrides, allowed)
+        config = _replace_config(name, base, config_kw)
+        return dit_workload(name, config, config_name=config_name, image_size=image_size, **workload_kw)
+
+    return factory
+
+
+def _register_dits() -> None:
+    for size in DIT_SIZES:
+        for patch in PATCH_SIZES:
+            for image_size in IMAGE_TO_LATENT:
+                suffix = "" if image_size == 256 else f"-{image_size}"
+                for variant, conditional in (("cond", True), ("uncond", False)):
+                    name = f"dit-{size.lower()}-{patch}-{variant}{suffix}"
+                    base = dit_config(size, patch, image_size, class_conditional=conditional)
+                    register_workload(_dit_factory(name, base, f"DiT-{size}/{patch}", image_size), name=name)
+    for variant, conditional in (("cond", True), ("uncond", False)):
+        name = f"dit-tiny-{variant}"
+        base = dataclasses.replace(TINY_DIT, class_conditional=conditional)
+        register_workload(_dit_factory(name, base, "DiT-tiny", None), name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT
+
+
+def gpt_workload(
+    name: str, config: GPTConfig, *, config_name: str, seq_len: int | None = None, seed: int = 0
+) -> Workload:
+    """A GPT Workload: uniform random tokens, next-token cross-entropy averaged over the sequence."""
+    seq_len = config.block_size if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= config.block_size:
+        raise WorkloadError(
+            f"workload {name!r}: seq_len must be an integer in [1, {config.block_size}], got {seq_len!r}"
+        )
+    return Workload(
+        name=name,
+        model_fn=partial(GPT, config),
+        batch_fn=partial(make_token_batch, vocab_size=config.vocab_size, seq_len=seq_len),
+        loss_fn=next_token_ce_per_sample,
+        family="gpt",
+        tokens_per_sample=seq_len,
+        input_names=("idx",),
+        description=f"{config_name} decoder, {config.n_layer} layers × {config.n_embd}, {seq_len} tokens, "
+        + ("tied" if config.tie_weights else "untied") + " embeddings",
+        seed=seed,
+        info={
+            "config": config_name,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_embd": config.n_embd,
+            "vocab_size": config.vocab_size,
+            "block_size": config.block_size,
+            "seq_len": seq_len,
+            "tied": config.tie_weights,
+            "loss": "next-token cross-entropy, mean over tokens",
+        },
+    )
+
+
+_GPT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
+
+
+def _gpt_factory(name: str, base: GPTConfig, config_name: str) -> Callable[..., Workload]:
+    def factory(**overrides: Any) -> Workload:
+        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_CONFIG_FIELDS | {"seq_len"})
+        seq_len = config_kw.pop("seq_len", None)
+        config = _replace_config(name, base, config_kw)
+        return gpt_workload(name, config, config_name=config_name, seq_len=seq_len, **workload_kw)
+
+    return factory
+
+
+def _register_gpts() -> None:
+    # Each GPT also as `<name>-untied` (a separate lm_head weight): DP libraries treat tied weights
+    # differently (Opacus ghost clipping refuses them), and the bench's matrix takes names, not overrides.
+    bases = {preset: gpt_config(preset) for preset in GPT_PRESETS} | {"gpt-tiny": TINY_GPT}
+    for name, config in bases.items():
+        register_workload(_gpt_factory(name, config, name), name=name)
+        untied = dataclasses.replace(config, tie_weights=False)
+        register_workload(_gpt_factory(f"{name}-untied", untied, name), name=f"{name}-untied")
+
+
+_register_dits()
+_register_gpts()

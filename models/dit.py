@@ -1,0 +1,367 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023), written from the paper's description.
+
+A DiT denoises a VAE latent ``x`` (B, 4, H, W) at diffusion step ``t``: the latent is cut into p×p patches
+(a Conv2d with kernel = stride = p), each patch becomes a token, a fixed 2-D sin-cos position embedding is
+added, and a stack of adaLN-Zero transformer blocks is conditioned on c = embed(t) [+ embed(y)]. The final
+layer maps every token back to a p×p×out_channels patch; with ``learn_sigma`` the output has 8 channels
+(4 for the predicted noise, 4 for the variance interpolation).
+
+Two variants:
+
+* :class:`DiT` — class-conditional, ``forward(x, t, y)``; the label table has ``num_classes + 1`` rows, the
+  last one being the classifier-free-guidance *null class* (index ``num_classes``). Label dropout is *not*
+  done here: the batch factory (models/diffusion.py) draws it, so a step is a pure function of its batch.
+* :class:`UnconditionalDiT` — ``forward(x, t)``, no label table at all.
+
+DP-library shaping (each point was measured with Opacus 1.6):
+
+* every *trainable* parameter lives in a standard leaf module (Linear, Conv2d, Embedding) — Opacus replays a
+  composite module that owns a parameter directly with only its first input (Opacus issue #777).
+  ``learnable_pos_embed=True`` breaks this rule on purpose: the position embedding becomes a trainable
+  parameter owned by the top-level DiT, which reproduces that failure;
+* the label embedder looks up ``y.unsqueeze(1)`` (B, 1): Opacus' ExpandedWeights ("ew") mode rejects an
+  Embedding fed a 1-D tensor;
+* the patchify Conv2d's output gets a gradient hook that makes its gradient contiguous: torch's
+  ExpandedWeights conv rule ``.view()``s it and fails on the strided gradient the token transpose produces
+  (one transient copy of a (B, D, H/p, W/p) tensor per step, in every method alike);
+* no dropout anywhere; attention is ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DiTConfig",
+    "DiT",
+    "UnconditionalDiT",
+    "build_dit",
+    "sincos_pos_embed_2d",
+    "timestep_frequencies",
+    "dit_config",
+    "DIT_SIZES",
+    "DIT_CONFIGS",
+    "PATCH_SIZES",
+    "IMAGE_TO_LATENT",
+]
+
+# Width of the sinusoidal timestep features fed to the timestep MLP (the paper's value).
+TIMESTEP_FREQ_DIM = 256
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """One DiT architecture. ``input_size`` is the latent's side (32 for 256 px images, 64 for 512 px)."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    # Probability that make_batch replaces a label by the null class; > 0 adds the null row to the label table.
+    class_dropout_prob: float = 0.1
+    class_conditional: bool = True
+    learn_sigma: bool = True
+    # adaLN-Zero: block adaLN outputs, final adaLN and final linear start at zero (the paper's init). At zero,
+    # the blocks' attention/MLP and everything upstream of the final linear get exactly zero gradient on the
+    # first step, so tiny test workloads turn this off to make per-parameter gradient checks meaningful.
+    zero_init: bool = True
+    # Make the position embedding a trainable parameter owned by the top-level module (reproduces Opacus #777).
+    learnable_pos_embed: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.input_size >= 1 and self.patch_size >= 1, "input_size and patch_size must be >= 1"),
+            (self.input_size % self.patch_size == 0,
+             f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}"),
+            (self.depth >= 1 and self.num_heads >= 1, "depth and num_heads must be >= 1"),
+            (self.hidden_size % self.num_heads == 0,
+             f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"),
+            (self.hidden_size % 4 == 0, f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos)"),
+            (0.0 <= self.class_dropout_prob < 1.0,
+             f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}"),
+            (not self.class_conditional or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DiTConfig: {message}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def null_class(self) -> int | None:
+        """Index of the classifier-free-guidance null class, or None when the table has no null row."""
+        return self.num_classes if self.class_conditional and self.class_dropout_prob > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixed embeddings
+
+
+def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """(N,) positions -> (N, dim): [sin(pos·ω_k), cos(pos·ω_k)], ω_k = 10000^(-k/(dim/2)), k < dim/2."""
+    half = dim // 2
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)  # (dim/2,)
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (N, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
+    """(grid², dim) fixed position embedding; token i = row·grid + col gets [sincos(row), sincos(col)]."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows = coords.repeat_interleave(grid_size)  # (grid²,) row index of each token (row-major order)
+    cols = coords.repeat(grid_size)  # (grid²,) column index
+    return torch.cat([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], dim=1).float()
+
+
+def timestep_frequencies(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """(B,) timesteps (int or float) -> (B, dim) features [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(-k/(dim/2))."""
+    half = dim // 2
+    omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * omega[None, :]  # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, T, D) scaled and shifted per sample by (B, D) vectors."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, D): sinusoidal features, then Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(TIMESTEP_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_frequencies(t))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """y (B,) class indices -> (B, D). Row ``num_classes`` (when present) is the null class."""
+
+    def __init__(self, num_rows: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_rows, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        # Look up a (B, 1) index tensor: Opacus' ExpandedWeights mode needs a batch dim *and* a sequence dim.
+        return self.embedding_table(y.unsqueeze(1)).squeeze(1)  # (B, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv Linear D -> 3D (with bias), SDPA, proj D -> D."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class Mlp(nn.Module):
+    """D -> ratio·D -> D with tanh-approximated GELU."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.fc1 = nn.Linear(hidden_size, inner)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: c gives shift/scale/gate for the attention and the MLP branch."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x (B, T, D), c (B, D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
+        x = x + gate_a[:, None, :] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_m[:, None, :] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Non-affine LayerNorm, adaLN shift/scale from c, then Linear D -> p·p·out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p·p·C_out)
+
+
+class _DiTBackbone(nn.Module):
+    """Everything but the label embedder: patchify, position embedding, timestep embedder, blocks, final layer."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D, p = config.hidden_size, config.patch_size
+        self.x_embedder = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
+        # Stored as a Parameter (not a buffer) so parameter totals count it as the reference does; frozen
+        # unless learnable_pos_embed, in which case this top-level module owns a trainable parameter directly.
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(D, config.grid_size)[None], requires_grad=config.learnable_pos_embed
+        )  # (1, T, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(D, p, config.out_channels)
+
+    def _init_weights(self) -> None:
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        # Patchify is a linear map of the flattened patch: initialise it like one.
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.config.zero_init:
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """(B, T, p·p·C) -> (B, C, H, W), token i = row·grid + col holding a (p, p, C) patch."""
+        B, g, p, C = tokens.shape[0], self.config.grid_size, self.config.patch_size, self.config.out_channels
+        x = tokens.reshape(B, g, g, p, p, C)  # (B, row, col, pr, pc, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+    def _denoise(self, x: Tensor, c: Tensor) -> Tensor:
+        # x (B, C_in, H, W), c (B, D)
+        patches = self.x_embedder(x)  # (B, D, g, g)
+        if patches.requires_grad:
+            # The token transpose below hands the Conv2d a non-contiguous output gradient, which torch's
+            # ExpandedWeights conv rule (Opacus "ew" mode) cannot .view(); give it a contiguous one.
+            patches.register_hook(torch.Tensor.contiguous)
+        h = patches.flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
+
+
+class DiT(_DiTBackbone):
+    """Class-conditional DiT: ``forward(x (B,4,H,W), t (B,) int, y (B,) int) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: DiTConfig):
+        if not config.class_conditional:
+            raise ValueError("DiT needs class_conditional=True; use UnconditionalDiT")
+        super().__init__(config)
+        num_rows = config.num_classes + (1 if config.null_class is not None else 0)
+        self.y_embedder = LabelEmbedder(num_rows, config.hidden_size)
+        self._init_weights()
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self._denoise(x, self.t_embedder(t) + self.y_embedder(y))
+
+
+class UnconditionalDiT(_DiTBackbone):
+    """DiT with no label embedder: ``forward(x (B,4,H,W), t (B,) int) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: DiTConfig):
+        if config.class_conditional:
+            raise ValueError("UnconditionalDiT needs class_conditional=False; use DiT")
+        super().__init__(config)
+        self._init_weights()
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self._denoise(x, self.t_embedder(t))
+
+
+def build_dit(config: DiTConfig) -> _DiTBackbone:
+    """The conditional or unconditional DiT for ``config``."""
+    return DiT(config) if config.class_conditional else UnconditionalDiT(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper configurations
+
+# size letter -> (depth, hidden, heads), from the paper's Table 1.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+# image side in pixels -> latent side (the VAE downsamples by 8)
+IMAGE_TO_LATENT = {256: 32, 512: 64}
+
+
+def dit_config(size: str, patch: int, image_size: int = 256, **overrides) -> DiTConfig:
+    """The paper's DiT-{size}/{patch} at ``image_size`` px, with optional field overrides."""
+    depth, hidden, heads = DIT_SIZES[size]
+    base = DiTConfig(
+        input_size=IMAGE_TO_LATENT[image_size], patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads
+    )
+    return replace(base, **overrides)
+
+
+def _config_factory(size: str, patch: int) -> Callable[..., DiTConfig]:
+    def factory(image_size: int = 256, **overrides) -> DiTConfig:
+        return dit_config(size, patch, image_size, **overrides)
+
+    return factory
+
+
+# DiT-style names -> config factory(image_size=256, **overrides), e.g. DIT_CONFIGS["DiT-XL/2"](image_size=512).
+DIT_CONFIGS: dict[str, Callable[..., DiTConfig]] = {
+    f"DiT-{size}/{patch}": _config_factory(size, patch) for size in DIT_SIZES for patch in PATCH_SIZES
+}

@@ -1,0 +1,435 @@
+"""Figures from the loaded results (matplotlib, Agg backend), each saved as PNG and SVG.
+
+Every figure is produced only when its data exist; otherwise :func:`render_figures` returns it as skipped with
+the reason, and the report says so. Byte axes are in MiB or GiB (whichever reads better), time in ms or s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (CI, headless GPU runners)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from bench.memory.record import CATEGORIES  # noqa: E402
+
+from .load import Results  # noqa: E402
+from .tables import affine_fit_table, fit_metric_for, overhead_table  # noqa: E402
+
+__all__ = ["FigureResult", "FigureOptions", "FIGURES", "SkipFigure", "choose_case", "render_figures"]
+
+METRIC_TITLES = {
+    "peak_reserved_bytes": "peak reserved (CUDA allocator)",
+    "peak_allocated_bytes": "peak allocated (CUDA allocator)",
+    "peak_tensor_bytes": "peak live tensor bytes",
+}
+PHASE_COLORS = {"forward": "#8dd3c7", "backward": "#fb8072", "clip": "#bebada", "noise": "#ffffb3", "optimizer": "#80b1d3"}
+TRACE_STYLES = {  # Timeline field -> (label, color)
+    "tensor_bytes": ("live tensors (tracker)", "tab:blue"),
+    "allocated_bytes": ("CUDA allocated", "tab:green"),
+    "nvml_used_bytes": ("NVML device used", "tab:red"),
+    "rss_bytes": ("process RSS", "tab:purple"),
+}
+
+
+class SkipFigure(Exception):
+    """Raised by a figure function when its data do not exist; the message is the reason shown in the report."""
+
+
+@dataclass
+class FigureOptions:
+    workload: str | None = None  # breakdown/timeline case; default: see choose_case
+    batch_size: int | None = None
+
+
+@dataclass
+class FigureResult:
+    name: str
+    title: str
+    paths: list[Path] = field(default_factory=list)  # PNG first, then SVG
+    skipped: str | None = None
+    caption: str = ""
+
+    @property
+    def png(self) -> Path | None:
+        return next((p for p in self.paths if p.suffix == ".png"), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+def byte_unit(max_bytes: float) -> tuple[float, str]:
+    """(divisor, name): GiB from 1 GiB up, else MiB."""
+    return (2.0**30, "GiB") if max_bytes >= 2**30 else (2.0**20, "MiB")
+
+
+def _method_colors(methods) -> dict[str, str]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
+
+
+def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int]:
+    """(machine, workload, batch) for the breakdown and timeline figures.
+
+    Given workload/batch are used as they are; the default batch is the largest one at which every method of
+    that workload ran ok, the default workload the one with the most methods (then by name)."""
+    cases = results.cases
+    if cases.empty:
+        raise SkipFigure("no case rows in the input")
+    pool = cases if options.workload is None else cases[cases["workload"] == options.workload]
+    if pool.empty:
+        raise SkipFigure(f"workload {options.workload!r} is not in the results")
+    candidates = []
+    for (machine, workload), group in pool.groupby(["machine", "workload"], sort=True):
+        methods = group["method"].nunique()
+        if options.batch_size is not None:
+            if (group["batch_size"] == options.batch_size).any():
+                candidates.append((-methods, workload, machine, options.batch_size))
+            continue
+        all_ok = [b for b, rows in group.groupby("batch_size") if (rows["status"] == "ok").all()
+                  and rows["method"].nunique() == methods]
+        if all_ok:
+            candidates.append((-methods, workload, machine, max(all_ok)))
+    if not candidates:
+        what = f"batch {options.batch_size}" if options.batch_size is not None else "a batch size at which every method ran ok"
+        raise SkipFigure(f"no workload has {what}")
+    _, workload, machine, batch = sorted(candidates)[0]
+    return machine, workload, int(batch)
+
+
+def _case_rows(results: Results, machine: str, workload: str, batch: int) -> pd.DataFrame:
+    c = results.cases
+    return c[(c["machine"] == machine) & (c["workload"] == workload) & (c["batch_size"] == batch)].sort_values("method")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Peak memory vs batch size
+# ---------------------------------------------------------------------------------------------------------------
+def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    cases = results.cases[results.cases["status"].isin(["ok", "oom"])]
+    if cases.empty:
+        raise SkipFigure("no ok or OOM cases")
+    panels = list(cases.groupby(["machine", "workload"], sort=True))
+    colors = _method_colors(cases["method"].unique())
+    fig, axes = _grid(len(panels))
+    any_oom = False
+    for ax, ((machine, workload), rows) in zip(axes, panels):
+        metric = fit_metric_for(rows)
+        ok = rows[rows["status"] == "ok"]
+        top = float(ok[metric].max()) if ok[metric].notna().any() else 2.0**20
+        scale, unit = byte_unit(top)
+        for method, mrows in rows.groupby("method", sort=True):
+            good = mrows[(mrows["status"] == "ok") & mrows[metric].notna()].sort_values("batch_size")
+            ax.plot(good["batch_size"], good[metric] / scale, marker="o", color=colors[method], label=method)
+            oom = mrows[mrows["status"] == "oom"]
+            if len(oom):
+                any_oom = True
+                ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=colors[method])
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{workload} — {machine}", fontsize=10)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    for ax in axes[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    if any_oom:
+        seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
+    fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(6, len(seen)), frameon=False)
+    fig.suptitle("Peak memory vs batch size, by method")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    return fig, "One panel per workload and machine; × marks a batch size that ran out of memory."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Breakdown at the peak
+# ---------------------------------------------------------------------------------------------------------------
+def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    machine, workload, batch = choose_case(results, options)
+    rows = _case_rows(results, machine, workload, batch)
+    rows = rows[(rows["status"] == "ok")]
+    records = [results.record(r) for _, r in rows.iterrows()]
+    records = [r for r in records if r.breakdown]
+    if not records:
+        raise SkipFigure(f"no breakdown at peak recorded for {workload} batch {batch}")
+    scale, unit = byte_unit(max(sum(r.breakdown.values()) for r in records))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(records) + 2), 4.5))
+    x = np.arange(len(records))
+    bottom = np.zeros(len(records))
+    cmap = plt.get_cmap("Set2")
+    for i, category in enumerate(CATEGORIES):
+        heights = np.array([r.breakdown.get(category, 0) for r in records], dtype=float) / scale
+        ax.bar(x, heights, bottom=bottom, label=category.replace("_", " "), color=cmap(i))
+        bottom += heights
+    ax.set_xticks(x, [r.method for r in records], rotation=20, ha="right")
+    ax.set_ylabel(f"live tensor bytes at peak [{unit}]")
+    ax.set_title(f"Memory at the peak by category — {workload}, batch {batch}, {machine}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig, f"Live tensor bytes at each method's peak, by category ({workload}, batch {batch}, {machine})."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Step timeline
+# ---------------------------------------------------------------------------------------------------------------
+def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    machine, workload, batch = choose_case(results, options)
+    rows = _case_rows(results, machine, workload, batch)
+    records = [results.record(r) for _, r in rows[rows["status"] == "ok"].iterrows()]
+    records = [r for r in records if r.timeline.t_s and any(getattr(r.timeline, k) for k in TRACE_STYLES)]
+    if not records:
+        raise SkipFigure(f"no timeline recorded for {workload} batch {batch}")
+    peak = max(max(max(getattr(r.timeline, k) or [0]) for k in TRACE_STYLES) for r in records)
+    scale, unit = byte_unit(peak)
+    fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.4))
+    for ax, record in zip(axes, records):
+        t_ms = np.asarray(record.timeline.t_s) * 1e3
+        for phase in record.phases:
+            ax.axvspan(phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0)
+        for key, (label, color) in TRACE_STYLES.items():
+            values = getattr(record.timeline, key)
+            if values:
+                ax.plot(t_ms, np.asarray(values, dtype=float) / scale, label=label, color=color, lw=1.4)
+        ax.set_title(record.method, fontsize=10)
+        ax.set_xlabel("time in step [ms]")
+        ax.set_ylabel(f"memory [{unit}]")
+        ax.grid(alpha=0.3)
+    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    phases = sorted({p.name for r in records for p in r.phases}, key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99)
+    for name in phases:
+        handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(5, len(handles)), frameon=False, fontsize=8)
+    fig.suptitle(f"One DP step over time — {workload}, batch {batch}, {machine}")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    return fig, "Memory traces of the measured step; shaded bands are the step's phases."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. GPU / machine comparison
+# ---------------------------------------------------------------------------------------------------------------
+MAX_COMPARED_CASES = 24
+
+
+def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    cases = results.cases[results.cases["status"] == "ok"]
+    machines = sorted(cases["machine"].unique())
+    if len(machines) < 2:
+        raise SkipFigure(f"results come from one machine only ({machines[0] if machines else 'none'})")
+    key = ["workload", "method", "batch_size", "device"]
+    shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
+    if shared.empty:
+        raise SkipFigure("no case ran ok on two or more machines")
+    workload = options.workload if options.workload in set(shared["workload"]) else \
+        shared.groupby("workload").size().sort_values(ascending=False).index[0]
+    shared = shared[shared["workload"] == workload]
+    labels = sorted({(m, b) for m, b in zip(shared["method"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
+    labels = labels[-MAX_COMPARED_CASES:]  # the largest batches read best when there are many
+    metric = fit_metric_for(shared)
+    scale, unit = byte_unit(float(shared[metric].max()))
+    fig, (ax_mem, ax_time) = plt.subplots(2, 1, figsize=(max(7.0, 0.6 * len(labels) * len(machines)), 7.5))
+    width = 0.8 / len(machines)
+    x = np.arange(len(labels))
+    for i, machine in enumerate(machines):
+        rows = shared[shared["machine"] == machine].set_index(["method", "batch_size"])
+        memory = [rows.loc[lab, metric] / scale if lab in rows.index else np.nan for lab in labels]
+        times = [rows.loc[lab, "time_median_s"] * 1e3 if lab in rows.index else np.nan for lab in labels]
+        ax_mem.bar(x + i * width, memory, width, label=machine)
+        ax_time.bar(x + i * width, times, width, label=machine)
+    for ax in (ax_mem, ax_time):
+        ax.set_xticks(x + width * (len(machines) - 1) / 2, [f"{m}\nB={b}" for m, b in labels], fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_mem.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
+    ax_time.set_ylabel("median step time [ms]")
+    ax_mem.set_title(f"Same cases across machines — {workload}")
+    fig.tight_layout()
+    return fig, f"Cases of {workload} that ran ok on several machines (GPU / runner label), side by side."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Max batch per method per machine; 7. fixed vs per-sample memory
+# ---------------------------------------------------------------------------------------------------------------
+def _fits(results: Results) -> pd.DataFrame:
+    fits = affine_fit_table(results.cases, results.max_batches)
+    if fits.empty:
+        raise SkipFigure("no method has two ok batch sizes to fit and there are no max-batch records")
+    return fits
+
+
+def _as_int(value) -> tuple[float, bool]:
+    """(number, is_lower_bound) of a max-batch cell: 12, "≥12", or "n/a"/"none" (nan)."""
+    if isinstance(value, str):
+        if value.startswith("≥"):
+            return float(value[1:]), True
+        return math.nan, False
+    return (float(value), False) if value is not None else (math.nan, False)
+
+
+def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    fits = _fits(results)
+    panels = list(fits.groupby("workload", sort=True))
+    fig, axes = _grid(len(panels), ncols=2, size=(6.5, 3.8))
+    for ax, (workload, rows) in zip(axes, panels):
+        methods = sorted(rows["method"].unique())
+        machines = sorted(rows["machine"].unique())
+        width = 0.8 / (2 * len(machines))
+        x = np.arange(len(methods))
+        cmap = plt.get_cmap("tab10")
+        for i, machine in enumerate(machines):
+            mrows = rows[rows["machine"] == machine].set_index("method")
+            measured = [_as_int(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False) for m in methods]
+            predicted = [_as_int(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan for m in methods]
+            offset = x + (2 * i) * width
+            bars = ax.bar(offset, [v for v, _ in measured], width, color=cmap(i), label=f"{machine} measured")
+            for bar, (_, lower) in zip(bars, measured):
+                if lower:
+                    ax.annotate("≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+            ax.bar(offset + width, predicted, width, color=cmap(i), alpha=0.45, hatch="//", label=f"{machine} predicted (affine fit)")
+        ax.set_xticks(x + width * (2 * len(machines) - 1) / 2, methods, rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(bottom=0.5)  # bars start below batch 1 so every bar is visible on the log axis
+        ax.set_ylabel("max batch size")
+        ax.set_title(workload, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Max batch per method: measured vs predicted from peak(B) = fixed + per_sample·B")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    sources = ", ".join(sorted(fits["source"].unique()))
+    return fig, f"Measured bars: largest batch that ran ok (≥: no larger batch failed); hatched: prediction ({sources})."
+
+
+def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    fits = _fits(results)
+    fits = fits.assign(series=fits["workload"] + (" — " + fits["machine"] if fits["machine"].nunique() > 1 else ""))
+    series = sorted(fits["series"].unique())
+    methods = sorted(fits["method"].unique())
+    colors = _method_colors(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(series) + 4), 4.6))
+    width = 0.8 / len(methods)
+    x = np.arange(len(series))
+    for ax, column, title in ((axes[0], "fixed_bytes", "fixed memory"), (axes[1], "per_sample_bytes", "memory per sample")):
+        values = fits[column].clip(lower=0)
+        scale, unit = byte_unit(float(values.max()))
+        for i, method in enumerate(methods):
+            rows = fits[fits["method"] == method].set_index("series")
+            heights = [max(rows.loc[s, column], 0) / scale if s in rows.index else np.nan for s in series]
+            ax.bar(x + i * width, heights, width, color=colors[method], label=method)
+        ax.set_xticks(x + width * (len(methods) - 1) / 2, series, rotation=20, ha="right", fontsize=8)
+        positive = values[values > 0]
+        if len(positive) and positive.max() / positive.min() > 100:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"{title} [{unit}]")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False, fontsize=8)
+    fig.suptitle("Affine fit peak(B) = fixed + per_sample·B, per method")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
+    metrics = ", ".join(sorted(fits["fit metric"].unique()))
+    return fig, f"Fixed (batch-independent) and per-sample memory from the affine fit of {metrics}; negative fits are drawn at 0."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Proxy validity: GPT proxy vs DiT overhead at matched batch and tokens per sample
+# ---------------------------------------------------------------------------------------------------------------
+def proxy_pairs(results: Results) -> pd.DataFrame:
+    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method."""
+    cases = results.cases
+    families = set(cases["family"])
+    missing = [name for fam, name in (("dit", "DiT"), ("gpt", "GPT proxy")) if fam not in families]
+    if missing:
+        raise SkipFigure(f"the data lack the {' and '.join(missing)} family")
+    overhead = overhead_table(cases)
+    facts = cases.drop_duplicates(["machine", "device", "workload"]).set_index(["machine", "device", "workload"])
+    overhead["family"] = [facts.loc[(m, d, w), "family"] for m, d, w in zip(overhead["machine"], overhead["device"], overhead["workload"])]
+    overhead["tokens"] = [facts.loc[(m, d, w), "tokens_per_sample"] for m, d, w in zip(overhead["machine"], overhead["device"], overhead["workload"])]
+    numeric = overhead[overhead["peak tensor ×nondp"].map(lambda v: isinstance(v, float)) & overhead["tokens"].notna()]
+    key = ["machine", "device", "batch_size", "tokens", "method"]
+    dit = numeric[numeric["family"] == "dit"]
+    gpt = numeric[numeric["family"] == "gpt"]
+    pairs = dit.merge(gpt, on=key, suffixes=("_dit", "_gpt"))
+    if pairs.empty:
+        raise SkipFigure("no GPT and DiT cases ran ok at the same batch size and tokens per sample")
+    return pairs
+
+
+def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    pairs = proxy_pairs(results)
+    colors = _method_colors(pairs["method"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, column, title in ((axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"), (axes[1], "median step ×nondp", "step time ÷ non-DP")):
+        both = pairs[pairs[f"{column}_dit"].map(lambda v: isinstance(v, float)) & pairs[f"{column}_gpt"].map(lambda v: isinstance(v, float))]
+        if both.empty:
+            ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title)
+            continue
+        for method, rows in both.groupby("method"):
+            ax.scatter(rows[f"{column}_dit"].astype(float), rows[f"{column}_gpt"].astype(float), color=colors[method], label=method, s=40)
+        low = min(both[f"{column}_dit"].astype(float).min(), both[f"{column}_gpt"].astype(float).min())
+        high = max(both[f"{column}_dit"].astype(float).max(), both[f"{column}_gpt"].astype(float).max())
+        pad = 0.05 * (high - low or 1.0)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="GPT = DiT")
+        ax.set_xlabel(f"DiT overhead ({title}) [×]")
+        ax.set_ylabel(f"GPT proxy overhead [×]")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Proxy validity: DP overhead of the GPT proxy vs DiT at matched batch and tokens per sample")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return fig, f"{len(pairs)} matched (method, batch, tokens) pair(s); points on the dashed line mean the proxy predicts DiT's overhead."
+
+
+# name -> (title, function); the order is the report's order.
+FIGURES: dict[str, tuple[str, Callable[[Results, FigureOptions], tuple[plt.Figure, str]]]] = {
+    "peak_vs_batch": ("Peak memory vs batch size", fig_peak_vs_batch),
+    "breakdown": ("Breakdown at the peak", fig_breakdown),
+    "timeline": ("Step timeline", fig_timeline),
+    "gpu_comparison": ("GPU comparison", fig_gpu_comparison),
+    "max_batch": ("Max batch per method", fig_max_batch),
+    "proxy_validity": ("Proxy validity (GPT vs DiT)", fig_proxy_validity),
+    "fixed_vs_per_sample": ("Fixed vs per-sample memory", fig_fixed_vs_per_sample),
+}
+
+
+def render_figures(results: Results, out_dir: Path, options: FigureOptions | None = None) -> list[FigureResult]:
+    """Render every figure whose data exist into ``out_dir`` (PNG + SVG); the rest come back as skipped."""
+    options = options or FigureOptions()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    produced = []
+    for name, (title, function) in FIGURES.items():
+        try:
+            fig, caption = function(results, options)
+        except SkipFigure as exc:
+            produced.append(FigureResult(name, title, skipped=str(exc)))
+            continue
+        try:
+            paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+            fig.savefig(paths[0], dpi=110)
+            fig.savefig(paths[1])
+        finally:
+            plt.close(fig)
+        produced.append(FigureResult(name, title, paths, caption=caption))
+    return produced
+

@@ -1,0 +1,165 @@
+"""The DP registry's public API on bad input, privacy resolution, phase marks and clean-up of Opacus wrappers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+import models
+from bench import dp
+from bench.dp import DPConfigError, MethodUnsupported
+from bench.dp.diagnose import FIX_777, diagnose, params_without_grad_sampler, tied_parameters
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+EXPECTED_METHODS = ["nondp", "opacus-hooks", "opacus-functorch", "opacus-ew", "opacus-ghost", "torch-func", "microbatch"]
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    workload = models.get_workload("gpt-tiny", tie_weights=False)
+    return workload, workload.build_model(), workload.make_batch(3)
+
+
+def test_registry_order_is_display_order():
+    names = dp.available_methods()
+    assert [n for n in names if n in EXPECTED_METHODS] == EXPECTED_METHODS
+    assert names[0] == "nondp" and names[-1] == "microbatch"
+
+
+def test_unknown_method_lists_the_valid_names(gpt):
+    workload, model, batch = gpt
+    with pytest.raises(DPConfigError) as info:
+        dp.clipped_grad_sum("opacus-hoks", workload, model, batch, 1.0)
+    message = str(info.value)
+    assert "\n" not in message and "did you mean opacus-hooks" in message
+    assert all(name in message for name in dp.available_methods())
+    with pytest.raises(DPConfigError, match="unknown DP method 'sgd'"):
+        dp.build_step("sgd", workload, model, privacy=dp.resolve_privacy(1.0), batch_size=2)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_bad_clip_norm_is_refused(gpt, bad):
+    workload, model, batch = gpt
+    with pytest.raises(DPConfigError, match="max_grad_norm must be > 0"):
+        dp.clipped_grad_sum("microbatch", workload, model, batch, bad)
+    with pytest.raises(DPConfigError, match="max_grad_norm must be > 0"):
+        dp.resolve_privacy(bad)
+
+
+def test_infinite_clip_norm_is_only_for_gradient_sums(gpt):
+    workload, model, batch = gpt
+    assert dp.clipped_grad_sum("torch-func", workload, model, batch, math.inf)  # Σ_i g_i
+    with pytest.raises(DPConfigError):
+        dp.resolve_privacy(math.inf)  # a step needs a finite C (the noise is σ·C)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(noise_multiplier=-0.5), "noise multiplier must be a finite number >= 0"),
+        (dict(noise_multiplier=float("nan")), "noise multiplier"),
+        (dict(target_epsilon=0.0), "target epsilon must be a finite number > 0"),
+        (dict(target_epsilon=-3.0), "target epsilon"),
+        (dict(target_epsilon=math.inf), "target epsilon"),
+        (dict(noise_multiplier=1.0, target_epsilon=3.0), "not both"),
+        (dict(accountant="moments"), "unknown accountant"),
+        (dict(sample_rate=0.0), "sample_rate"),
+        (dict(steps=0), "steps"),
+        (dict(target_delta=1.0), "delta"),
+    ],
+)
+def test_bad_privacy_settings_are_refused(kwargs, match):
+    with pytest.raises(DPConfigError, match=match):
+        dp.resolve_privacy(1.0, **kwargs)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_target_epsilon_resolves_sigma_with_opacus_and_back(accountant):
+    privacy = dp.resolve_privacy(1.0, target_epsilon=3.0, sample_rate=0.01, steps=500, accountant=accountant)
+    sigma = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.01, steps=500, accountant=accountant
+    )
+    assert privacy.noise_multiplier == pytest.approx(sigma, rel=1e-12)
+    assert 0.3 < privacy.noise_multiplier < 5  # a plausible σ for ε = 3 at q = 0.01, 500 steps
+    # The reverse direction from that σ lands on the target (Opacus searches σ to within ε tolerance 0.01).
+    assert privacy.epsilon == pytest.approx(3.0, abs=0.05)
+    assert privacy.epsilon <= 3.0 + 1e-9
+    # ... and a larger σ means a smaller ε
+    assert dp.resolve_privacy(1.0, noise_multiplier=2 * sigma, sample_rate=0.01, steps=500,
+                              accountant=accountant).epsilon < privacy.epsilon
+
+
+def test_sigma_gives_epsilon_and_zero_sigma_is_not_private():
+    privacy = dp.resolve_privacy(0.5, noise_multiplier=1.0, sample_rate=0.01, steps=1000, accountant="rdp")
+    accountant = create_accountant(mechanism="rdp")
+    accountant.history = [(1.0, 0.01, 1000)]
+    assert privacy.epsilon == pytest.approx(accountant.get_epsilon(delta=1e-5))
+    assert privacy.to_dict()["max_grad_norm"] == 0.5
+    assert dp.resolve_privacy(1.0, noise_multiplier=0.0).epsilon == math.inf
+
+
+def test_bad_batch_size_and_optimizer_are_refused(gpt):
+    workload, model, _ = gpt
+    privacy = dp.resolve_privacy(1.0)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(DPConfigError, match="batch size"):
+            dp.build_step("torch-func", workload, model, privacy=privacy, batch_size=bad)
+    with pytest.raises(DPConfigError, match="unknown optimizer"):
+        dp.build_step("torch-func", workload, model, privacy=privacy, batch_size=2, optimizer="lion")
+
+
+def test_unsupported_model_raises_never_falls_back():
+    workload = models.get_workload("gpt-tiny")  # tied wte / lm_head
+    model = workload.build_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(MethodUnsupported) as info:
+        dp.build_step("opacus-ghost", workload, model, privacy=dp.resolve_privacy(1.0), batch_size=2)
+    assert info.value.method == "opacus-ghost"
+    assert info.value.reason == "NotImplementedError: Parameter tying is not supported with Ghost Clipping"
+    assert "tie_weights=False" in info.value.diagnosis
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", EXPECTED_METHODS)
+def test_step_marks_every_phase_and_close_leaves_a_plain_module(gpt, method):
+    workload, _, batch = gpt
+    model = workload.build_model()
+    step = dp.build_step(method, workload, model, privacy=dp.resolve_privacy(1.0, noise_multiplier=0.1),
+                         batch_size=batch.batch_size, optimizer="adamw", lr=1e-3)
+    marks: list[str] = []
+    for _ in range(2):  # a second step must work too (Opacus' per-step state is reset)
+        marks.clear()
+        loss = step(batch, marks.append)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert marks[-1] == "end" and marks.count("end") == 1
+    assert list(dict.fromkeys(marks)) == [*dp.PHASES, "end"]
+    step.close()
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
+    # the same model can be wrapped again by another method afterwards
+    assert dp.clipped_grad_sum("opacus-hooks", workload, model, batch, 1.0)
+
+
+def test_diagnose_finds_parameters_outside_grad_samplers():
+    class Owner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+            self.frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+            self.inner = torch.nn.Sequential(torch.nn.Linear(3, 3))
+
+    outer = torch.nn.Sequential(Owner())
+    assert params_without_grad_sampler(outer) == [("0", "scale")]
+    text = diagnose("opacus-hooks", None, outer, TypeError("forward() missing 1 required positional argument"))
+    assert "'0'" in text and "'scale'" in text and FIX_777 in text
+
+
+def test_tied_parameters_are_found():
+    assert tied_parameters(models.get_workload("gpt-tiny").build_model()) == [["lm_head.weight", "wte.weight"]]
+    assert tied_parameters(models.get_workload("gpt-tiny", tie_weights=False).build_model()) == []

@@ -1,0 +1,313 @@
+"""NVML sampler logic against a fake pynvml module (this machine has no GPU), and gpu_check's logic."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from bench import gpu_check
+from bench.memory.nvml import NvmlSampler, check_interval, resolve_handle
+
+MiB = 2**20
+
+
+class FakeNvml:
+    """Enough of pynvml for the sampler: devices by index/UUID, MIG instances, memory info v1/v2, processes."""
+
+    nvmlMemory_v2 = 0x2000028
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    class NVMLError_DriverNotLoaded(NVMLError):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self, used_fn=None, *, n_gpus=2, pid=None, process_used=3 * MiB, init_error=None, v2=True):
+        # used_fn(seconds since the first memory read) -> used bytes of every device
+        self.used_fn = used_fn or (lambda s: 100 * MiB)
+        self.gpus = [SimpleNamespace(kind="gpu", index=i, uuid=f"GPU-{i:04d}-aaaa", mig=False, instances=[]) for i in range(n_gpus)]
+        self.pid = os.getpid() if pid is None else pid
+        self.process_used = process_used
+        self.init_error = init_error
+        self.v2 = v2
+        self.t_first = None
+        self.memory_calls = 0
+        self.process_calls = 0
+        self.inits = self.shutdowns = 0
+
+    def add_mig(self, gpu_index: int, uuids: list[str]) -> None:
+        gpu = self.gpus[gpu_index]
+        gpu.mig = True
+        gpu.instances = [SimpleNamespace(kind="mig", index=k, uuid=u, parent=gpu) for k, u in enumerate(uuids)]
+
+    # --- the pynvml surface -----------------------------------------------------------------------------
+    def nvmlInit(self):
+        if self.init_error is not None:
+            raise self.init_error
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if not 0 <= index < len(self.gpus):
+            raise self.NVMLError("Invalid Argument")
+        return self.gpus[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        for gpu in self.gpus:
+            if gpu.uuid == uuid:
+                return gpu
+            for mig in gpu.instances:
+                if mig.uuid == uuid:
+                    return mig
+        raise self.NVMLError("Not Found")
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        raise self.NVMLError("Not Found")
+
+    def nvmlDeviceGetUUID(self, handle):
+        return handle.uuid
+
+    def nvmlDeviceGetName(self, handle):
+        return f"Fake GPU {handle.index}"
+
+    def nvmlDeviceGetMigMode(self, handle):
+        if handle.kind != "gpu":
+            raise self.NVMLError_NotSupported("Not Supported")
+        return (1, 1) if handle.mig else (0, 0)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, index):
+        if index >= len(handle.instances):
+            raise self.NVMLError("Not Found")
+        return handle.instances[index]
+
+    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
+        if version is not None and not self.v2:
+            raise self.NVMLError_NotSupported("Function Not Found")
+        self.memory_calls += 1
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        used = int(self.used_fn(now - self.t_first))
+        offset = 7 if handle.kind == "mig" else 1000 * handle.index  # tells devices apart in the figures
+        return SimpleNamespace(total=80 * 2**30, used=used + offset, free=80 * 2**30 - used, reserved=5 * MiB)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        self.process_calls += 1
+        return [SimpleNamespace(pid=12345, usedGpuMemory=50 * MiB), SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used)]
+
+    def nvmlSystemGetDriverVersion(self):
+        return "550.54.15"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 12040
+
+
+def run_sampler(fake, duration_s=0.06, **kwargs) -> tuple:
+    kwargs.setdefault("visible_devices", "")
+    sampler = NvmlSampler(0, nvml=fake, **kwargs)
+    sampler.start()
+    t0 = time.perf_counter()
+    time.sleep(duration_s)
+    result = sampler.stop()
+    return result, t0
+
+
+def test_peak_baseline_and_timestamps_follow_a_known_trajectory():
+    # 100 MiB at rest, a 40 MiB bump between 20 and 30 ms, then 110 MiB.
+    def used(s):
+        return (100 + (40 if 0.02 <= s < 0.03 else 0) + (10 if s >= 0.03 else 0)) * MiB
+
+    fake = FakeNvml(used)
+    result, t0 = run_sampler(fake, 0.08, interval_s=0.001, process_interval_s=0.02)
+    assert result.available and result.device == "nvml index 0"
+    assert result.baseline_used_bytes == 100 * MiB
+    assert result.peak_used_bytes == 140 * MiB
+    assert result.peak_minus_baseline_bytes == 40 * MiB
+    assert result.peak_reserved_bytes == 5 * MiB
+    assert result.process_peak_bytes == 3 * MiB and result.process_baseline_bytes == 3 * MiB
+    # 1 ms polling over ~80 ms: dozens of samples (not one per ms exactly: sleeps overshoot), in time order.
+    assert 20 <= result.samples == len(result.times) == len(result.used_bytes) <= 100
+    assert all(b >= a for a, b in zip(result.times, result.times[1:]))
+    assert result.times[0] >= t0 - 0.01 and result.times[-1] >= t0 + 0.07
+    # The slow per-process query runs at ~20 ms, far fewer times than the memory query.
+    assert 2 <= fake.process_calls <= 10 < fake.memory_calls
+    assert fake.inits == fake.shutdowns == 1
+    assert result.notes == []
+
+
+def test_slow_probe_runs_at_the_process_rate():
+    values = iter(range(1000))
+    result, _ = run_sampler(FakeNvml(), 0.07, process_interval_s=0.02, slow_probe=lambda: next(values))
+    assert 2 <= len(result.probe_values) <= 6 and result.probe_values == sorted(result.probe_values)
+    assert len(result.probe_times) == len(result.probe_values)
+
+
+def test_library_missing_gives_a_note_and_no_figures():
+    fake = FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
+    result, _ = run_sampler(fake, 0.005)
+    assert not result.available and result.samples == 0 and result.peak_used_bytes is None
+    assert result.notes == ["NVML: library not found (no NVIDIA driver on this machine); NVML figures skipped"]
+    assert not [t for t in threading.enumerate() if t.name == "dpmem-nvml-sampler"]
+
+
+def test_driver_not_loaded_gives_a_note():
+    fake = FakeNvml(init_error=FakeNvml.NVMLError_DriverNotLoaded("Driver Not Loaded"))
+    result, _ = run_sampler(fake, 0.005)
+    assert not result.available and result.peak_minus_baseline_bytes is None
+    assert result.notes == ["NVML: NVIDIA driver not loaded; NVML figures skipped"]
+
+
+def test_real_pynvml_on_this_machine_reports_why_it_cannot_sample():
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has a working NVML")
+    sampler = NvmlSampler(0, nvml=None)
+    sampler.start()
+    result = sampler.stop()
+    assert not result.available and len(result.notes) == 1 and result.notes[0].startswith("NVML: ")
+
+
+def test_pid_not_in_process_list_gives_note_and_no_process_figure():
+    fake = FakeNvml(pid=999_999_999)  # NVML lists host PIDs; ours is another
+    result, _ = run_sampler(fake, 0.03)
+    assert result.available and result.peak_used_bytes == 100 * MiB
+    assert result.process_peak_bytes is None
+    assert len(result.notes) == 1 and "not in the GPU's compute-process list" in result.notes[0]
+
+
+def test_process_memory_not_available_is_none_without_pid_note():
+    result, _ = run_sampler(FakeNvml(process_used=None), 0.03)  # MIG often reports NVML_VALUE_NOT_AVAILABLE
+    assert result.process_peak_bytes is None and result.notes == []
+
+
+def test_memory_info_v2_unsupported_leaves_reserved_none():
+    result, _ = run_sampler(FakeNvml(v2=False), 0.01)
+    assert result.available and result.peak_used_bytes == 100 * MiB and result.peak_reserved_bytes is None
+    assert len(result.notes) == 1 and "reserved figure unavailable" in result.notes[0]
+
+
+@pytest.mark.parametrize("bad", [0, -0.001, math.nan, 1.5, "fast", None])
+def test_bad_intervals_raise_one_line_value_error(bad):
+    with pytest.raises(ValueError, match="interval") as info:
+        NvmlSampler(0, interval_s=bad, nvml=FakeNvml())
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="process sample interval"):
+        NvmlSampler(0, process_interval_s=bad, nvml=FakeNvml())
+
+
+def test_check_interval_accepts_the_range_ends():
+    assert check_interval(1.0) == 1.0 and check_interval(1e-4) == 1e-4
+
+
+# ---- device mapping -----------------------------------------------------------------------------------------
+def _init(fake):
+    fake.nvmlInit()
+    return fake
+
+
+def test_cuda_visible_devices_ordinals_map_torch_index_to_nvml_index():
+    fake = _init(FakeNvml(n_gpus=4))
+    assert resolve_handle(fake, 1, visible_devices="2,3").handle.index == 3
+    assert resolve_handle(fake, 0, visible_devices="").handle.index == 0
+    with pytest.raises(ValueError, match="not visible"):
+        resolve_handle(fake, 2, visible_devices="2,3")
+
+
+def test_torch_uuid_wins_over_cuda_visible_devices():
+    fake = _init(FakeNvml(n_gpus=4))
+    found = resolve_handle(fake, 0, uuid="0002-aaaa", visible_devices="0,1,2,3")  # torch's uuid has no prefix
+    assert found.handle.index == 2 and found.how == "uuid GPU-0002-aaaa"
+    found = resolve_handle(fake, 0, visible_devices="GPU-0003-aaaa")
+    assert found.handle.index == 3
+
+
+def test_mig_instance_found_by_torch_uuid():
+    fake = _init(FakeNvml())
+    fake.add_mig(0, ["MIG-1111", "MIG-2222"])
+    found = resolve_handle(fake, 0, uuid="2222", visible_devices="")
+    assert found.is_mig and found.handle.uuid == "MIG-2222" and found.notes == []
+    # Through the sampler: the figures are the MIG instance's (+7 marks a MIG handle in the fake).
+    result, _ = run_sampler(fake, 0.01, uuid="2222")
+    assert result.baseline_used_bytes == 100 * MiB + 7 and result.device == "uuid MIG-2222"
+
+
+def test_mig_parent_with_one_instance_uses_it_and_with_several_says_why_not():
+    fake = _init(FakeNvml())
+    fake.add_mig(0, ["MIG-1111"])
+    found = resolve_handle(fake, 0, visible_devices="")
+    assert found.is_mig and found.handle.uuid == "MIG-1111" and "only MIG instance" in found.how
+    fake.add_mig(0, ["MIG-1111", "MIG-2222"])
+    found = resolve_handle(fake, 0, visible_devices="")
+    assert not found.is_mig and found.handle.kind == "gpu"
+    assert len(found.notes) == 1 and "MIG mode on with 2 instances" in found.notes[0]
+
+
+def test_mig_uuid_in_cuda_visible_devices():
+    fake = _init(FakeNvml())
+    fake.add_mig(1, ["MIG-aaaa", "MIG-bbbb"])
+    found = resolve_handle(fake, 0, visible_devices="MIG-bbbb")
+    assert found.is_mig and found.handle.uuid == "MIG-bbbb"
+
+
+# ---- gpu_check ----------------------------------------------------------------------------------------------
+def test_gpu_check_exits_2_with_one_line_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err
+
+
+def test_gap_check_arithmetic():
+    gap = gpu_check.GapCheck(
+        nvml_peak_used_bytes=2600 * MiB, nvml_baseline_bytes=1000 * MiB, reserved_at_start_bytes=400 * MiB,
+        peak_reserved_bytes=2000 * MiB, peak_allocated_bytes=1800 * MiB,
+    )
+    assert gap.non_allocator_bytes == 600 * MiB and gap.expected_peak_bytes == 2600 * MiB
+    assert gap.gap_bytes == 0 and gap.ok and "OK" in gap.line()
+    over = gpu_check.GapCheck(2700 * MiB, 1000 * MiB, 400 * MiB, 2000 * MiB, 1800 * MiB)
+    assert over.relative_gap == pytest.approx(100 / 2600) and not over.ok and "OVER 2%" in over.line()
+
+
+def test_sampler_overhead_measures_on_and_off_alternately():
+    fake = FakeNvml()
+    calls = []
+
+    def step():
+        calls.append(len([t for t in threading.enumerate() if t.name == "dpmem-nvml-sampler"]))
+        time.sleep(0.003)
+
+    overhead, off, on = gpu_check.sampler_overhead(
+        step, lambda: NvmlSampler(0, nvml=fake, visible_devices=""), steps=3
+    )
+    assert calls == [0, 1] * 3 and len(off) == len(on) == 3
+    assert -0.5 < overhead < 2.0 and fake.memory_calls > 3
+    with pytest.raises(ValueError, match="steps"):
+        gpu_check.sampler_overhead(step, lambda: None, steps=0)
