@@ -13,7 +13,6 @@ cases that ran before it in the same process (tested in tests/test_bench.py).
 from __future__ import annotations
 
 import gc
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,24 +56,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
 
 
-def simple_timer(rounds: int) -> Timer:
-    """Timer for use outside pytest-benchmark (max-batch search): perf_counter over ``rounds`` calls."""
-
-    def timer(fn: Callable[[], None]) -> dict:
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        times.sort()
-        mean = sum(times) / len(times)
-        var = sum((t - mean) ** 2 for t in times) / max(1, len(times) - 1)
-        return {"median": times[len(times) // 2], "mean": mean, "min": times[0], "stddev": var**0.5,
-                "rounds": len(times)}  # fmt: skip
-
-    return timer
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,13 +68,7 @@ def new_record(spec: CaseSpec, config: BenchConfig, privacy: dp.PrivacyParams) -
         method=spec.method,
         batch_size=spec.batch_size,
         device=spec.device,
-        noise_multiplier=privacy.noise_multiplier,
-        epsilon=privacy.epsilon,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-        max_grad_norm=privacy.max_grad_norm,
-        sample_rate=privacy.sample_rate,
-        steps=privacy.steps,
+        **privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
         optimizer=config.optimizer,
         device_name=device_name,
         device_memory_bytes=device_memory,
@@ -125,7 +100,7 @@ def run_case(
     record = new_record(spec, config, privacy)
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)
-    record.tokens_per_sample = workload.tokens_per_sample
+    record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
     cuda_mem.reset_between_cases(device)
     step = model = batch = None
     try:

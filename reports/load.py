@@ -114,7 +114,8 @@ class Results:
 
 
 def workload_family(name: str) -> str:
-    """"dit" or "gpt" from the workload's name (the built-in names start with their family), else "other"."""
+    """"dit" or "gpt" from a workload name (built-in names start with their family), else "other"; used for
+    records without a `family` field and for max-batch records."""
     lowered = name.lower()
     for family in ("dit", "gpt"):
         if lowered.startswith(family):
@@ -333,7 +334,7 @@ def _case_row(record: CaseRecord, extras: dict[str, Any], source: str, index: in
         "device": record.device,
         "status": record.status,
         "reason": record.reason,
-        "family": workload_family(record.workload),
+        "family": record.family or workload_family(record.workload),  # older records lack the field
     }
     for name in (*MEMORY_COLUMNS, *_RECORD_FACTS):
         row[name] = getattr(record, name)

@@ -39,7 +39,7 @@ def test_unknown_method_lists_the_valid_names(gpt):
     assert "\n" not in message and "did you mean opacus-hooks" in message
     assert all(name in message for name in dp.available_methods())
     with pytest.raises(DPConfigError, match="unknown DP method 'sgd'"):
-        dp.build_step("sgd", workload, model, privacy=dp.resolve_privacy(1.0), batch_size=2)
+        dp.build_step("sgd", workload, model, privacy=dp.resolve_privacy(1.0, accountant="rdp"), batch_size=2)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
@@ -105,7 +105,7 @@ def test_sigma_gives_epsilon_and_zero_sigma_is_not_private():
 
 def test_bad_batch_size_and_optimizer_are_refused(gpt):
     workload, model, _ = gpt
-    privacy = dp.resolve_privacy(1.0)
+    privacy = dp.resolve_privacy(1.0, accountant="rdp")
     for bad in (0, -2, 2.5, True):
         with pytest.raises(DPConfigError, match="batch size"):
             dp.build_step("torch-func", workload, model, privacy=privacy, batch_size=bad)
@@ -118,7 +118,7 @@ def test_unsupported_model_raises_never_falls_back():
     model = workload.build_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(MethodUnsupported) as info:
-        dp.build_step("opacus-ghost", workload, model, privacy=dp.resolve_privacy(1.0), batch_size=2)
+        dp.build_step("opacus-ghost", workload, model, privacy=dp.resolve_privacy(1.0, accountant="rdp"), batch_size=2)
     assert info.value.method == "opacus-ghost"
     assert info.value.reason == "NotImplementedError: Parameter tying is not supported with Ghost Clipping"
     assert "tie_weights=False" in info.value.diagnosis
@@ -130,7 +130,8 @@ def test_unsupported_model_raises_never_falls_back():
 def test_step_marks_every_phase_and_close_leaves_a_plain_module(gpt, method):
     workload, _, batch = gpt
     model = workload.build_model()
-    step = dp.build_step(method, workload, model, privacy=dp.resolve_privacy(1.0, noise_multiplier=0.1),
+    privacy = dp.resolve_privacy(1.0, noise_multiplier=1.0, accountant="rdp")
+    step = dp.build_step(method, workload, model, privacy=privacy,
                          batch_size=batch.batch_size, optimizer="adamw", lr=1e-3)
     marks: list[str] = []
     for _ in range(2):  # a second step must work too (Opacus' per-step state is reset)

@@ -86,6 +86,7 @@ class _Use:
     rule: LayerRule
     inp: Tensor  # (B, ...) detached module input
     edge: GradientEdge  # the module output's place in the autograd graph
+    input_node: object | None  # the input's autograd node (None if the input needs no gradient)
 
 
 @dataclass
@@ -140,14 +141,21 @@ class BookKeeping:
     def _make_hook(self, rule: LayerRule):
         def record_use(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             uses = self._uses
-            if uses is None or not torch.is_grad_enabled():
+            if uses is None:
                 return
+            if not torch.is_grad_enabled():
+                # e.g. reentrant activation checkpointing: the call would get no per-sample gradient at all.
+                raise RuntimeError(
+                    f"{self.method}: {type(module).__name__} with trainable parameters ran with gradients disabled "
+                    "inside the model's forward (reentrant checkpointing?); Book-Keeping needs its output gradient"
+                )
             if not isinstance(output, Tensor):
                 raise TypeError(f"{self.method}: {type(module).__name__} returned {type(output).__name__}, not a tensor")
             if output.grad_fn is None:  # nothing trainable reached this call
                 return
             inp = args[0] if args else next(iter(kwargs.values()))
-            uses.append(_Use(module, rule, inp.detach(), get_gradient_edge(output)))
+            input_node = get_gradient_edge(inp).node if inp.requires_grad else None
+            uses.append(_Use(module, rule, inp.detach(), get_gradient_edge(output), input_node))
 
         return record_use
 
@@ -181,15 +189,17 @@ class BookKeeping:
         if tuple(losses.shape) != (B,):
             raise ValueError(f"{self.method}: loss_per_sample returned shape {tuple(losses.shape)}, expected ({B},)")
 
+        self._check_no_hidden_uses(losses, uses)
+
         mark("backward")
         if uses:
             # Differentiate w.r.t. the layer *outputs*, not the parameters: autograd then skips every
             # weight-gradient matmul of the ordinary backward and never allocates p.grad (a full copy of the
             # weights); BK forms the weight gradients itself, once, already clipped, from A and G.
-            grads = torch.autograd.grad(losses.sum(), [u.edge for u in uses], allow_unused=True)
+            grads = list(torch.autograd.grad(losses.sum(), [u.edge for u in uses], allow_unused=True))
             annotate_dp_buffer(*grads)
         else:
-            grads = ()
+            grads = []
         loss = losses.detach().mean()
         del losses
 
@@ -206,9 +216,48 @@ class BookKeeping:
             sums[name] = self._clipped_sum(terms.pop(name), factors, p) if name in terms else torch.zeros_like(p)
         return BKResult(loss, norms, factors, sums, kinds)
 
-    def _collect_terms(self, uses: list[_Use], grads, batch_size: int) -> dict[str, _ParamTerms]:
+    def _check_no_hidden_uses(self, losses: Tensor, uses: list[_Use]) -> None:
+        """Raise if a trainable parameter reaches the loss other than through a hooked module call.
+
+        A weight used functionally (``F.linear(x, self.wte.weight)``, ``x @ w.T``) would get no per-sample
+        gradient from BK — a silently wrong result. Walk the autograd graph from the loss, stepping over every
+        hooked call (from its output node straight to its input's node); any parameter still reached is such
+        a use. Pure Python over graph nodes, no tensor work: milliseconds for a transformer step."""
+        hooked = {use.edge.node: use for use in uses}
+        param_ids = set(self._param_names)
+        hidden: list[str] = []
+        seen: set = set()
+        stack = [losses.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            use = hooked.get(node)
+            if use is not None:
+                stack.append(use.input_node)
+                continue
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
+            if variable is not None:
+                if id(variable) in param_ids:
+                    hidden.append(self._param_names[id(variable)])
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        if hidden:
+            raise MethodUnsupported(
+                self.method,
+                f"trainable parameter(s) {', '.join(repr(n) for n in sorted(set(hidden)))} reach the loss outside "
+                "the forward of the module that owns them (a functional use such as F.linear(x, weight))",
+                "Book-Keeping sees a parameter only through its module's forward; call the module instead",
+            )
+
+    def _collect_terms(self, uses: list[_Use], grads: list, batch_size: int) -> dict[str, _ParamTerms]:
+        """Group the uses' contributions by parameter. Empties ``uses`` and ``grads`` as it goes, so an
+        instantiated use's A and G are freed as soon as its per-sample gradient exists."""
         terms: dict[str, _ParamTerms] = {}
-        for use, grad in zip(uses, grads):
+        for k in range(len(uses)):
+            use, grad = uses[k], grads[k]
+            uses[k] = grads[k] = None  # from here on only the contributions below hold this call's A and G
             if grad is None:  # this call's output did not reach the loss
                 continue
             for attr, contribution in use.rule.contributions(use.module, use.inp, grad).items():
@@ -222,6 +271,7 @@ class BookKeeping:
                 per_sample = contribution.per_sample.reshape(batch_size, *self.params[name].shape)
                 annotate_dp_buffer(per_sample)
                 entry.per_sample = per_sample if entry.per_sample is None else entry.per_sample + per_sample
+            del use, grad
         return terms
 
     def _instantiates(self, use: Factored) -> bool:
@@ -231,14 +281,15 @@ class BookKeeping:
 
     def _squared_norms(self, terms: dict[str, _ParamTerms], batch_size: int) -> Tensor:
         """Σ over parameters of ‖Σ_uses g_i‖², expanded into self terms and cross terms of the uses."""
-        total = torch.zeros(batch_size, dtype=torch.float32)
+        device = next((p.device for p in self.params.values()), torch.device("cpu"))
+        total = torch.zeros(batch_size, dtype=torch.float32, device=device)
         for entry in terms.values():
             S = entry.per_sample
             if S is not None:
                 flat = S.reshape(batch_size, -1).float()
-                total = total.to(S.device) + torch.einsum("bn,bn->b", flat, flat)
+                total += torch.linalg.vecdot(flat, flat)
             for k, u in enumerate(entry.factored):
-                total = total.to(u.right.device) + factored_inner(u, u, self.tile_size)
+                total += factored_inner(u, u, self.tile_size)
                 for v in entry.factored[k + 1 :]:
                     total += 2 * factored_inner(u, v, self.tile_size)
                 if S is not None:
@@ -251,7 +302,7 @@ class BookKeeping:
         total = None
         if entry.per_sample is not None:
             S = entry.per_sample
-            total = torch.einsum("b,bn->n", factors.to(S.dtype), S.reshape(S.shape[0], -1)).view(param.shape)
+            total = (factors.to(S.dtype) @ S.reshape(S.shape[0], -1)).view(param.shape)  # (numel,) -> param shape
         for use in entry.factored:
             part = use.weighted_sum(factors).view(param.shape)
             total = part if total is None else total + part

@@ -101,6 +101,7 @@ class CaseRecord:
     params_total: int | None = None
     params_trainable: int | None = None
     tokens_per_sample: int | None = None
+    family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
     dtype: str = "float32"
 
     # --- timing (seconds per fused step; from the timed rounds, not the measured one) -------------------
@@ -128,17 +129,8 @@ class CaseRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> "CaseRecord":
-        if not isinstance(data, dict):
-            raise RecordError(f"record must be a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise RecordError(f"record schema_version {version!r} is newer than this suite's ({SCHEMA_VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [k for k in ("workload", "method", "batch_size", "device") if k not in data]
-        if missing:
-            raise RecordError(f"record lacks key(s) {missing}")
-        # Unknown keys (from a newer minor version) are dropped rather than failing the whole file.
-        kwargs = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in data.items() if k in names}
+        data = _checked("record", data, ("workload", "method", "batch_size", "device"))
+        kwargs = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
         try:
             kwargs["phases"] = [Phase(**p) for p in kwargs.get("phases", [])]
             kwargs["timeline"] = Timeline(**kwargs.get("timeline", {}))
@@ -206,13 +198,7 @@ class MaxBatchRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> "MaxBatchRecord":
-        if not isinstance(data, dict):
-            raise RecordError(f"max-batch record must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [k for k in ("workload", "method", "device") if k not in data]
-        if missing:
-            raise RecordError(f"max-batch record lacks key(s) {missing}")
-        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs = _known_fields(cls, _checked("max-batch record", data, ("workload", "method", "device")))
         try:
             kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
             return cls(**kwargs)
@@ -240,6 +226,25 @@ def from_jsonl_line(line: str) -> CaseRecord | MaxBatchRecord:
     if kind not in RECORD_TYPES:
         raise RecordError(f"unknown record_type {kind!r}")
     return RECORD_TYPES[kind].from_dict(data)
+
+
+def _checked(kind: str, data: Any, required: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` if it is a dict of this or an older schema holding the ``required`` keys; else RecordError."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{kind} must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RecordError(f"{kind} schema_version {version!r} is newer than this suite's ({SCHEMA_VERSION})")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise RecordError(f"{kind} lacks key(s) {missing}")
+    return data
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    # Unknown keys (from a newer minor version) are dropped rather than failing the whole file.
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 _FLOAT_FIELDS = {"noise_multiplier", "epsilon", "delta", "max_grad_norm", "sample_rate"}

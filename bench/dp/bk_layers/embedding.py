@@ -29,7 +29,7 @@ class EmbeddingRule:
         if not module.weight.requires_grad:
             return {}
         B = inp.shape[0]
-        index = inp.reshape(B, -1)  # (B, T)
+        index = inp.reshape(B, -1).long()  # (B, T); gather/scatter need int64 (Embedding also takes int32)
         G = grad_out.reshape(B, -1, module.embedding_dim)  # (B, T, D)
         if module.padding_idx is not None:
             G = G * (index != module.padding_idx).unsqueeze(-1).to(G.dtype)

@@ -93,6 +93,12 @@ class Instantiated:
     per_sample: Tensor
 
 
+def _batched_dot(x: Tensor, y: Tensor) -> Tensor:
+    """Σ over all but dim 0 of x ⊙ y, in float32, (B,). (vecdot on flat views: einsum would copy both operands.)"""
+    B = x.shape[0]
+    return torch.linalg.vecdot(x.reshape(B, -1).float(), y.reshape(B, -1).float())
+
+
 def _left_gram(u: Factored, v: Factored, tu: slice, tv: slice, dtype: torch.dtype) -> Tensor:
     """⟨L_u[t], L_v[s]⟩ for t in tu, s in tv: (B, |tu|, |tv|); index factors stand for one-hot rows."""
     lu, lv = u.left[:, tu], v.left[:, tv]
@@ -120,7 +126,7 @@ def factored_inner(u: Factored, v: Factored, tile: int | None = None) -> Tensor:
             right_gram = torch.bmm(u.right[:, tu], v.right[:, tv].transpose(1, 2))  # (B, |tu|, |tv|)
             left_gram = _left_gram(u, v, tu, tv, right_gram.dtype)  # (B, |tu|, |tv|)
             annotate_dp_buffer(right_gram, left_gram)
-            block = torch.einsum("bts,bts->b", left_gram.float(), right_gram.float())
+            block = _batched_dot(left_gram, right_gram)
             # A Gram of a use with itself is symmetric: an off-diagonal block stands for its transpose too.
             total += 2 * block if symmetric and b != a else block
     return total
@@ -131,6 +137,6 @@ def instantiated_inner(per_sample: Tensor, u: Factored) -> Tensor:
     B, T, cols = u.right.shape
     if u.is_index:  # Σ_t ⟨S[x_t, :], R_t⟩
         picked = per_sample.gather(1, u.left.unsqueeze(-1).expand(B, T, cols))  # (B, T, cols)
-        return torch.einsum("btc,btc->b", picked.float(), u.right.float())
-    s_r = torch.bmm(per_sample, u.right.transpose(1, 2))  # (B, rows, T): Σ_c S[r, c] R_t[c]
-    return torch.einsum("brt,btr->b", s_r.float(), u.left.float())
+        return _batched_dot(picked, u.right)
+    r_s = torch.bmm(u.right, per_sample.transpose(1, 2))  # (B, T, rows): Σ_c R_t[c]·S[r, c]
+    return _batched_dot(r_s, u.left)
