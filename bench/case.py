@@ -154,7 +154,7 @@ def run_case(
     finally:
         if step is not None:
             step.close()
-        del step, model, batch
+        step = model = batch = None  # drop this case's tensors before the next case starts
         gc.collect()
         cuda_mem.reset_between_cases(device)
     return record

@@ -173,7 +173,7 @@ def get_workload(name: str, **overrides: Any) -> Workload:
     _ensure_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; run `python -m models` to list them"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; run `python -m models` to list them"
         raise WorkloadError(f"unknown workload {name!r}{hint}")
     workload = _REGISTRY[name](**overrides)
     if not isinstance(workload, Workload):

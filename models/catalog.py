@@ -29,7 +29,7 @@ __all__ = ["dit_workload", "gpt_workload", "TINY_DIT", "TINY_GPT"]
 # init so that every trainable parameter gets a non-zero gradient on the first step.
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, zero_init=False)
 # Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 32 tokens.
-TINY_GPT = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64)
+TINY_GPT = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
 
 _WORKLOAD_OVERRIDES = ("seed",)
 

@@ -39,6 +39,9 @@ TRACE_STYLES = {  # Timeline field -> (label, color)
     "nvml_used_bytes": ("NVML device used", "tab:red"),
     "rss_bytes": ("process RSS", "tab:purple"),
 }
+# Whole-process / whole-device traces sit on a large baseline (CUDA context, libraries, the interpreter):
+# drawn against a right-hand axis of their own so the step's own traces stay readable on the left.
+WHOLE_PROCESS_TRACES = ("nvml_used_bytes", "rss_bytes")
 
 
 class SkipFigure(Exception):
@@ -201,29 +204,46 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     records = [r for r in records if r.timeline.t_s and any(getattr(r.timeline, k) for k in TRACE_STYLES)]
     if not records:
         raise SkipFigure(f"no timeline recorded for {workload} batch {batch}")
-    peak = max(max(max(getattr(r.timeline, k) or [0]) for k in TRACE_STYLES) for r in records)
-    scale, unit = byte_unit(peak)
+    def axis_unit(keys):
+        return byte_unit(max(max(max(getattr(r.timeline, k) or [0]) for k in keys) for r in records))
+
+    step_keys = [k for k in TRACE_STYLES if k not in WHOLE_PROCESS_TRACES]
+    (scale, unit), (rscale, runit) = axis_unit(step_keys), axis_unit(WHOLE_PROCESS_TRACES)
     fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.4))
+    plotted = []
     for ax, record in zip(axes, records):
         t_ms = np.asarray(record.timeline.t_s) * 1e3
         for phase in record.phases:
             ax.axvspan(phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0)
+        right = None
         for key, (label, color) in TRACE_STYLES.items():
             values = getattr(record.timeline, key)
-            if values:
-                ax.plot(t_ms, np.asarray(values, dtype=float) / scale, label=label, color=color, lw=1.4)
+            if not values:
+                continue
+            if key in WHOLE_PROCESS_TRACES:
+                right = right or ax.twinx()
+                target, div, style = right, rscale, "--"
+                right.set_ylabel(f"process / device [{runit}]", fontsize=8)
+                right.ticklabel_format(axis="y", useOffset=False, style="plain")
+            else:
+                target, div, style = ax, scale, "-"
+            target.plot(t_ms, np.asarray(values, dtype=float) / div, style, label=label, color=color, lw=1.4)
+        plotted.extend([ax] + ([right] if right is not None else []))
         ax.set_title(record.method, fontsize=10)
         ax.set_xlabel("time in step [ms]")
-        ax.set_ylabel(f"memory [{unit}]")
+        ax.set_ylabel(f"step memory [{unit}]")
         ax.grid(alpha=0.3)
-    handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
     phases = sorted({p.name for r in records for p in r.phases}, key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99)
     for name in phases:
         handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(5, len(handles)), frameon=False, fontsize=8)
     fig.suptitle(f"One DP step over time — {workload}, batch {batch}, {machine}")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    return fig, "Memory traces of the measured step; shaded bands are the step's phases."
+    return fig, (
+        "Memory traces of the measured step; shaded bands are the step's phases. Solid lines (left axis): the "
+        "step's own tensors; dashed lines (right axis): whole process (RSS) or whole device (NVML)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +412,7 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         pad = 0.05 * (high - low or 1.0)
         ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="GPT = DiT")
         ax.set_xlabel(f"DiT overhead ({title}) [×]")
-        ax.set_ylabel(f"GPT proxy overhead [×]")
+        ax.set_ylabel("GPT proxy overhead [×]")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

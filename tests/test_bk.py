@@ -387,7 +387,7 @@ def test_methods_registered_with_visible_tile_size():
 
 
 def test_tiled_equals_untiled_with_ragged_tiles():
-    """gpt-tiny has T = 32; tile 5 leaves a ragged last tile (32 = 6·5 + 2)."""
+    """gpt-tiny has T = 16; tile 5 leaves a ragged last tile (16 = 3·5 + 1)."""
     workload = get_workload("gpt-tiny")
     model = workload.build_model()
     batch = workload.make_batch(4)

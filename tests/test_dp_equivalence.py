@@ -10,7 +10,6 @@ error in global norm (‖a − b‖ / ‖b‖ over all parameters concatenated).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pytest

@@ -105,11 +105,11 @@ def test_tiny_forward_shapes():
 
     batch = gpt.make_batch(5, g)
     (idx,) = batch.inputs
-    assert idx.shape == (5, 32) and batch.target.shape == (5, 32)
-    assert gpt.build_model()(idx).shape == (5, 32, 128)
+    assert idx.shape == (5, 16) and batch.target.shape == (5, 16)
+    assert gpt.build_model()(idx).shape == (5, 16, 128)
     assert cond.input_names == ("x_t", "t", "y") and uncond.input_names == ("x_t", "t") and gpt.input_names == ("idx",)
     assert (cond.family, uncond.family, gpt.family) == ("dit", "dit", "gpt")
-    assert cond.tokens_per_sample == 16 and gpt.tokens_per_sample == 32
+    assert cond.tokens_per_sample == 16 and gpt.tokens_per_sample == 16
 
 
 def test_unconditional_dit_has_no_labels():
@@ -267,14 +267,14 @@ def test_tiny_step_is_fast(name):
 # ------------------------------------------------------------------------------------------------ GPT specifics
 
 def test_gpt_batch_is_shifted_tokens():
-    workload = get_workload("gpt-tiny", seq_len=20)
+    workload = get_workload("gpt-tiny", seq_len=12)
     batch = workload.make_batch(3)
     (idx,) = batch.inputs
-    assert workload.tokens_per_sample == 20 and idx.shape == (3, 20)
+    assert workload.tokens_per_sample == 12 and idx.shape == (3, 12)
     assert torch.equal(idx[:, 1:], batch.target[:, :-1])
     assert int(idx.max()) < 128
     with pytest.raises(WorkloadError, match="seq_len"):
-        get_workload("gpt-tiny", seq_len=33)  # longer than block_size 32
+        get_workload("gpt-tiny", seq_len=17)  # longer than block_size 16
 
 
 def test_gpt_attention_is_causal():
@@ -282,10 +282,10 @@ def test_gpt_attention_is_causal():
     model = workload.build_model()
     (idx,) = workload.make_batch(2).inputs
     changed = idx.clone()
-    changed[:, 20:] = (changed[:, 20:] + 1) % 128
+    changed[:, 10:] = (changed[:, 10:] + 1) % 128
     with torch.no_grad():
         a, b = model(idx), model(changed)
-    assert torch.equal(a[:, :20], b[:, :20]) and not torch.equal(a[:, 20:], b[:, 20:])
+    assert torch.equal(a[:, :10], b[:, :10]) and not torch.equal(a[:, 10:], b[:, 10:])
 
 
 def test_untied_gpt_adds_one_vocab_by_width_matrix():

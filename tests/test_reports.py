@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from bench.memory.record import (
-    CATEGORIES,
     SCHEMA_VERSION,
     BatchProbe,
     CaseRecord,

@@ -29,6 +29,7 @@ from ._common import (
     PhaseMarker,
     check_max_grad_norm,
     no_mark,
+    set_noisy_grads,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DPConfigError",
     "DPMethod",
     "DPStep",
+    "ClippedSumStep",
     "MethodUnsupported",
     "PrivacyParams",
     "available_methods",
@@ -161,6 +163,33 @@ class DPStep:
 
     def close(self) -> None:
         pass
+
+
+class ClippedSumStep(DPStep):
+    """A fused step for methods that produce Σ_i min(1, C/‖g_i‖)·g_i themselves (bk, torch-func, microbatch):
+    they implement :meth:`clipped_sum` (marking forward/backward/clip); noise and the update are shared."""
+
+    def __init__(self, method, workload, model, optimizer, privacy, batch_size: int, noise_generator):
+        super().__init__(method, model, optimizer, privacy)
+        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+
+    def clipped_sum(self, batch, mark: PhaseMarker) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
+        """(parameters, their clipped per-sample gradient sums, detached mean loss)."""
+        raise NotImplementedError
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        # No gradient may survive from a previous step: it would sit in memory through the whole pass.
+        self.optimizer.zero_grad(set_to_none=True)
+        params, sums, loss = self.clipped_sum(batch, mark)
+        mark("noise")
+        set_noisy_grads(
+            params, sums, self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.batch_size,
+            self.noise_generator,
+        )  # fmt: skip
+        mark("optimizer")
+        self.optimizer.step()
+        mark("end")
+        return loss
 
 
 class DPMethod:

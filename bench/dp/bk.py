@@ -27,14 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from . import DPMethod, DPStep, PrivacyParams, register_method
+from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
 from ._common import (
     MethodUnsupported,
     PhaseMarker,
     annotate_dp_buffer,
     clip_factors,
     no_mark,
-    set_noisy_grads,
     trainable_parameters,
 )
 from .bk_layers import Factored, Instantiated, LayerRule, factored_inner, instantiated_inner, rule_for, supported_types
@@ -309,42 +308,18 @@ class BookKeeping:
         return total.to(param.dtype)
 
 
-class BKStep(DPStep):
+class BKStep(ClippedSumStep):
     """The fused Book-Keeping step: forward → one backward → norms and clipped sums → noise → optimizer."""
 
-    def __init__(
-        self,
-        method: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        privacy: PrivacyParams,
-        workload,
-        engine: BookKeeping,
-        batch_size: int,
-        noise_generator: torch.Generator | None,
-    ):
-        super().__init__(method, model, optimizer, privacy)
-        self.workload, self.engine = workload, engine
-        self.batch_size, self.noise_generator = batch_size, noise_generator
+    def __init__(self, method: str, model: nn.Module, optimizer: torch.optim.Optimizer, privacy: PrivacyParams,
+                 workload, engine: BookKeeping, batch_size: int, noise_generator: torch.Generator | None):  # fmt: skip
+        super().__init__(method, workload, model, optimizer, privacy, batch_size, noise_generator)
+        self.engine = engine
 
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        # No gradient may survive from a previous step: it would sit in memory through the whole pass.
-        self.optimizer.zero_grad(set_to_none=True)
+    def clipped_sum(self, batch, mark: PhaseMarker):
         result = self.engine.run(self.workload, batch, self.privacy.max_grad_norm, mark)
-        mark("noise")
         names = list(result.clipped_sums)
-        set_noisy_grads(
-            [self.engine.params[n] for n in names],
-            [result.clipped_sums.pop(n) for n in names],
-            self.privacy.noise_multiplier,
-            self.privacy.max_grad_norm,
-            self.batch_size,
-            self.noise_generator,
-        )
-        mark("optimizer")
-        self.optimizer.step()
-        mark("end")
-        return result.loss
+        return [self.engine.params[n] for n in names], [result.clipped_sums.pop(n) for n in names], result.loss
 
     def close(self) -> None:
         self.engine.close()

@@ -14,14 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from . import DPMethod, DPStep, PrivacyParams, register_method
+from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
 from ._common import (
     MethodUnsupported,
     PhaseMarker,
     annotate_dp_buffer,
     clip_factors,
     no_mark,
-    set_noisy_grads,
     trainable_parameters,
 )
 from .nondp import stack_norms
@@ -76,24 +75,14 @@ def clipped_sum_by_vmap(
     return summed, losses.mean()
 
 
-class TorchFuncStep(DPStep):
+class TorchFuncStep(ClippedSumStep):
     def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__("torch-func", model, optimizer, privacy)
-        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+        super().__init__("torch-func", workload, model, optimizer, privacy, batch_size, noise_generator)
         self.params = trainable_parameters(model)
 
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def clipped_sum(self, batch, mark: PhaseMarker):
         summed, loss = clipped_sum_by_vmap(self.workload, self.model, batch, self.privacy.max_grad_norm, mark)
-        mark("noise")
-        set_noisy_grads(
-            self.params.values(), (summed[n] for n in self.params), self.privacy.noise_multiplier,
-            self.privacy.max_grad_norm, self.batch_size, self.noise_generator,
-        )
-        mark("optimizer")
-        self.optimizer.step()
-        mark("end")
-        return loss
+        return list(self.params.values()), [summed[n] for n in self.params], loss
 
 
 @register_method

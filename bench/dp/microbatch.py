@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import DPMethod, DPStep, PrivacyParams, register_method
-from ._common import PhaseMarker, annotate_dp_buffer, clip_factors, no_mark, set_noisy_grads, trainable_parameters
+from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
+from ._common import PhaseMarker, annotate_dp_buffer, clip_factors, no_mark, trainable_parameters
 from .nondp import per_sample_loss, stack_norms
 
 
@@ -38,26 +38,16 @@ def clipped_sum_by_loop(
     return summed, torch.stack(losses).mean()
 
 
-class MicrobatchStep(DPStep):
+class MicrobatchStep(ClippedSumStep):
     def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__("microbatch", model, optimizer, privacy)
-        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+        super().__init__("microbatch", workload, model, optimizer, privacy, batch_size, noise_generator)
         self.params = list(trainable_parameters(model).values())
 
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def clipped_sum(self, batch, mark: PhaseMarker):
         summed, loss = clipped_sum_by_loop(
             self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark
         )
-        mark("noise")
-        set_noisy_grads(
-            self.params, summed, self.privacy.noise_multiplier, self.privacy.max_grad_norm,
-            self.batch_size, self.noise_generator,
-        )
-        mark("optimizer")
-        self.optimizer.step()
-        mark("end")
-        return loss
+        return self.params, summed, loss
 
 
 @register_method

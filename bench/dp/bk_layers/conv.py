@@ -39,7 +39,6 @@ class Conv2dRule:
     def contributions(self, module: nn.Conv2d, inp: Tensor, grad_out: Tensor) -> dict:
         if inp.dim() != 4:
             raise ValueError(f"Book-Keeping needs a batched Conv2d input (B, C, H, W), got shape {tuple(inp.shape)}")
-        B = inp.shape[0]
         out: dict = {}
         if module.weight.requires_grad:
             patches = F.unfold(
