@@ -37,6 +37,9 @@ def _benchmark_timer(benchmark, rounds: int):
 
 # OOM and unsupported cases are never timed; they are added to the JSON by conftest's update_json hook.
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+# Harmless library chatter: Opacus' hooks on models whose inputs need no grad, and CPU autocast in functorch mode.
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
 def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, request):
     privacy = bench_cfg.extra["privacy"]
     key = (dp_case.workload, dp_case.method, dp_case.device)

@@ -80,6 +80,15 @@ def _method_colors(methods) -> dict[str, str]:
     return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
 
 
+def _legend_below(fig: plt.Figure, handles, labels, ncol: int) -> float:
+    """A figure-wide legend under the panels; returns the bottom margin (figure fraction) to keep free for it,
+    sized in inches so it fits one-row figures as well as tall grids."""
+    ncol = max(1, min(ncol, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+    rows = math.ceil(len(labels) / ncol)
+    return min(0.45, (0.2 + 0.22 * rows) / fig.get_size_inches()[1])
+
+
 def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
@@ -159,9 +168,9 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
             seen.setdefault(lab, h)
     if any_oom:
         seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
-    fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(6, len(seen)), frameon=False)
+    bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=6)
     fig.suptitle("Peak memory vs batch size, by method")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.tight_layout(rect=(0, bottom, 1, 0.96))
     return fig, "One panel per workload and machine; × marks a batch size that ran out of memory."
 
 
@@ -237,9 +246,9 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     phases = sorted({p.name for r in records for p in r.phases}, key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99)
     for name in phases:
         handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(5, len(handles)), frameon=False, fontsize=8)
+    bottom = _legend_below(fig, list(handles.values()), list(handles.keys()), ncol=5)
     fig.suptitle(f"One DP step over time — {workload}, batch {batch}, {machine}")
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
     return fig, (
         "Memory traces of the measured step; shaded bands are the step's phases. Solid lines (left axis): the "
         "step's own tensors; dashed lines (right axis): whole process (RSS) or whole device (NVML)."
@@ -364,9 +373,9 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False, fontsize=8)
+    bottom = _legend_below(fig, handles, labels, ncol=6)
     fig.suptitle("Affine fit peak(B) = fixed + per_sample·B, per method")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
+    fig.tight_layout(rect=(0, bottom, 1, 0.94))
     metrics = ", ".join(sorted(fits["fit metric"].unique()))
     return fig, f"Fixed (batch-independent) and per-sample memory from the affine fit of {metrics}; negative fits are drawn at 0."
 
