@@ -93,10 +93,9 @@ def run_case(
     config: BenchConfig,
     privacy: dp.PrivacyParams,
     timer: Timer | None,
-    *,
-    measure: bool = True,
 ) -> CaseRecord:
-    """Run the case; never raises for OOM or unsupported (status says so). Other failures: status 'error'."""
+    """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search); never raises for OOM or
+    unsupported (the status says so); any other failure is recorded with status 'error'."""
     record = new_record(spec, config, privacy)
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)
@@ -129,19 +128,18 @@ def run_case(
             record.time_min_s = stats["min"]
             record.time_stddev_s = stats["stddev"]
             record.rounds = int(stats["rounds"])
-        if measure:
-            snapshot = config.snapshot_case if config.snapshot_case in (spec.case_id, "all") else None
-            figures = measure_step(
-                lambda mark: step(batch, mark),
-                device=device,
-                model=step.model,
-                optimizer=step.optimizer,
-                sample_interval_s=config.sample_interval_s,
-                track_tensors=True,
-                snapshot_path=f"{config.extra.get('snapshot_dir', '.')}/{spec.case_id}.pickle" if snapshot else None,
-            )
-            for key, value in figures.items():
-                setattr(record, key, value)
+        snapshot = config.snapshot_case in (spec.case_id, "all")
+        figures = measure_step(
+            lambda mark: step(batch, mark),
+            device=device,
+            model=step.model,
+            optimizer=step.optimizer,
+            sample_interval_s=config.sample_interval_s,
+            track_tensors=True,
+            snapshot_path=f"{config.extra.get('snapshot_dir', '.')}/{spec.case_id}.pickle" if snapshot else None,
+        )
+        for key, value in figures.items():
+            setattr(record, key, value)
     except dp.MethodUnsupported as exc:
         record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:  # noqa: BLE001 - classified below; the traceback must not keep tensors alive
