@@ -25,6 +25,7 @@ from bench.devices import resolve_device
 from bench.machine import device_facts
 from bench.memory import cuda as cuda_mem
 from bench.memory.measure import measure_step
+from bench.memory.nvml import read_used_bytes
 from bench.memory.record import CaseRecord
 from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
 
@@ -101,6 +102,9 @@ def run_case(
     workload = models.get_workload(spec.workload)
     record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
     cuda_mem.reset_between_cases(device)
+    nvml_baseline = None
+    if device.type == "cuda":  # before the case allocates anything: CUDA context + other processes
+        nvml_baseline, _ = read_used_bytes(device.index)
     step = model = batch = None
     try:
         model = workload.build_model(device)
@@ -136,6 +140,7 @@ def run_case(
             optimizer=step.optimizer,
             sample_interval_s=config.sample_interval_s,
             track_tensors=True,
+            nvml_baseline_bytes=nvml_baseline,
             snapshot_path=f"{config.extra.get('snapshot_dir', '.')}/{spec.case_id}.pickle" if snapshot else None,
         )
         for key, value in figures.items():

@@ -127,7 +127,7 @@ def run_case(workload_name: str, method: str, batch_size: int, device, args) -> 
             raise RuntimeError("; ".join(figures["notes"]) or "NVML produced no samples")
         gap = GapCheck(
             nvml_peak_used_bytes=figures["nvml_peak_used_bytes"],
-            nvml_baseline_bytes=figures["nvml_baseline_bytes"],
+            nvml_baseline_bytes=figures["nvml_step_start_bytes"],  # NVML just before the step
             reserved_at_start_bytes=reserved_at_start,
             peak_reserved_bytes=figures["peak_reserved_bytes"],
             peak_allocated_bytes=figures["peak_allocated_bytes"],

@@ -311,3 +311,38 @@ def test_sampler_overhead_measures_on_and_off_alternately():
     assert -0.5 < overhead < 2.0 and fake.memory_calls > 3
     with pytest.raises(ValueError, match="steps"):
         gpu_check.sampler_overhead(step, lambda: None, steps=0)
+
+
+# ------------------------------------------------------------------------------------------------ case baseline
+
+
+def test_read_used_bytes_is_one_reading_with_the_samplers_handling():
+    from bench.memory.nvml import read_used_bytes
+
+    fake = FakeNvml(lambda s: 700 * MiB)
+    assert read_used_bytes(0, nvml=fake) == (700 * MiB, [])
+    assert fake.inits == fake.shutdowns == 1
+    missing = FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound("NVML Shared Library Not Found"))
+    used, notes = read_used_bytes(0, nvml=missing)
+    assert used is None and notes and "library not found" in notes[0]
+
+
+def test_peak_minus_baseline_uses_the_case_start_baseline_when_given():
+    """The bench reads NVML at case start (context + other processes) and passes it to measure_step; the
+    reading just before the step (model, warm allocator cache) is kept as nvml_step_start_bytes."""
+    import torch
+
+    from bench.memory.measure import _assemble
+    from bench.memory.nvml import NvmlResult
+
+    nvml = NvmlResult(available=True, baseline_used_bytes=900 * MiB, peak_used_bytes=1000 * MiB, samples=3,
+                      times=[0.0, 0.1, 0.2], used_bytes=[900 * MiB, 1000 * MiB, 950 * MiB])  # fmt: skip
+    kwargs = dict(t0=0.0, stopped={"t_end": 0.2, "nvml": nvml, "rss": None}, tracker=None, marks=[],
+                  device=torch.device("cpu"), notes=[], snapshot_path=None, interval_s=0.001, alloc_at_start=None)  # fmt: skip
+    with_case = _assemble(**kwargs, nvml_baseline_bytes=500 * MiB)
+    assert with_case["nvml_baseline_bytes"] == 500 * MiB
+    assert with_case["nvml_step_start_bytes"] == 900 * MiB
+    assert with_case["nvml_peak_minus_baseline_bytes"] == 500 * MiB
+    alone = _assemble(**kwargs)
+    assert alone["nvml_baseline_bytes"] == alone["nvml_step_start_bytes"] == 900 * MiB
+    assert alone["nvml_peak_minus_baseline_bytes"] == 100 * MiB

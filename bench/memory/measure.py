@@ -44,12 +44,17 @@ def measure_step(
     nvml_module: Any = None,
     process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S,
     extra_tensors: Iterable[Tensor] = (),
+    nvml_baseline_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Run ``run_step(mark)`` once under every sampler for ``device``; return CaseRecord fields as a dict.
 
     ``extra_tensors`` (e.g. the batch) are declared pre-existing; others an op reads are adopted anyway. An
     exception from the step (out-of-memory included) propagates after the samplers are stopped and the tracker
-    detached; the figures gathered until then ride along as ``exc.partial_measurement``."""
+    detached; the figures gathered until then ride along as ``exc.partial_measurement``.
+
+    ``nvml_baseline_bytes``: device ``used`` before the caller allocated anything for this case (CUDA context +
+    other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken against it;
+    without it, against the reading just before the step. Both readings are recorded."""
     interval_s = check_interval(sample_interval_s)
     process_interval_s = check_interval(process_interval_s, "process sample interval")
     device = resolve_device(device)
@@ -117,6 +122,7 @@ def measure_step(
             snapshot_path=snapshot_path if (is_cuda and not snapshot_notes) else None,
             interval_s=interval_s if is_cuda else None,
             alloc_at_start=alloc_at_start,
+            nvml_baseline_bytes=nvml_baseline_bytes,
         )
 
     snapshot_notes: list[str] = []
@@ -150,6 +156,7 @@ def _assemble(
     snapshot_path: str | None,
     interval_s: float | None,
     alloc_at_start: int | None,
+    nvml_baseline_bytes: int | None = None,
 ) -> dict[str, Any]:
     t_end = stopped["t_end"]
     out: dict[str, Any] = {
@@ -162,6 +169,7 @@ def _assemble(
         "snapshot_path": snapshot_path,
         "nvml_peak_used_bytes": None,
         "nvml_baseline_bytes": None,
+        "nvml_step_start_bytes": None,
         "nvml_peak_minus_baseline_bytes": None,
         "nvml_peak_reserved_bytes": None,
         "nvml_process_peak_bytes": None,
@@ -196,10 +204,14 @@ def _assemble(
     nvml = stopped.get("nvml")
     if nvml is not None:
         notes.extend(nvml.notes)
+        baseline = nvml.baseline_used_bytes if nvml_baseline_bytes is None else nvml_baseline_bytes
         out.update(
             nvml_peak_used_bytes=nvml.peak_used_bytes,
-            nvml_baseline_bytes=nvml.baseline_used_bytes,
-            nvml_peak_minus_baseline_bytes=nvml.peak_minus_baseline_bytes,
+            nvml_baseline_bytes=baseline,
+            nvml_step_start_bytes=nvml.baseline_used_bytes,
+            nvml_peak_minus_baseline_bytes=(
+                None if nvml.peak_used_bytes is None or baseline is None else nvml.peak_used_bytes - baseline
+            ),
             nvml_peak_reserved_bytes=nvml.peak_reserved_bytes,
             nvml_process_peak_bytes=nvml.process_peak_bytes,
             nvml_samples=nvml.samples,

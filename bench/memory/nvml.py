@@ -191,6 +191,15 @@ class NvmlResult:
         return self.peak_used_bytes - self.baseline_used_bytes
 
 
+def read_used_bytes(torch_index: int = 0, *, nvml: Any = None) -> tuple[int | None, list[str]]:
+    """One reading of the device's NVML ``used`` (with the sampler's device mapping and error handling):
+    (bytes or None, notes). The bench takes it at case start, before the case allocates anything."""
+    sampler = NvmlSampler(torch_index, nvml=nvml)
+    sampler.start()
+    result = sampler.stop()
+    return result.baseline_used_bytes, result.notes
+
+
 class NvmlSampler:
     """Poll one GPU's NVML memory figures in a thread between :meth:`start` and :meth:`stop`.
 

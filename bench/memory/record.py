@@ -74,8 +74,10 @@ class CaseRecord:
 
     # --- NVML (bench.memory.nvml) ----------------------------------------------------------------------
     nvml_peak_used_bytes: int | None = None  # max device-wide "used" during the step
-    nvml_baseline_bytes: int | None = None  # device "used" just before the step (context + other processes)
-    nvml_peak_minus_baseline_bytes: int | None = None
+    nvml_baseline_bytes: int | None = None  # device "used" at case start, before the case allocated anything:
+    #   CUDA context + other processes (read by the bench; measure_step alone: just before the step)
+    nvml_step_start_bytes: int | None = None  # device "used" just before the measured step (model, cache, ...)
+    nvml_peak_minus_baseline_bytes: int | None = None  # what this case added on the device at its peak
     nvml_peak_reserved_bytes: int | None = None  # v2 struct "reserved" (driver-reserved), where available
     nvml_process_peak_bytes: int | None = None  # this process's usedGpuMemory, polled more slowly
     nvml_samples: int = 0
