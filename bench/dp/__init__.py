@@ -30,6 +30,7 @@ from ._common import (
     check_max_grad_norm,
     no_mark,
     set_noisy_grads,
+    trainable_parameters,
 )
 
 __all__ = [
@@ -267,7 +268,7 @@ def build_step(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DPConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
     impl.check(workload, model)
-    opt = make_optimizer(optimizer, (p for p in model.parameters() if p.requires_grad), lr)
+    opt = make_optimizer(optimizer, trainable_parameters(model).values(), lr)
     return impl.build(workload, model, opt, privacy, batch_size, noise_generator)
 
 

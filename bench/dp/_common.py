@@ -1,4 +1,5 @@
-"""Pieces every DP method family shares: errors, flat clipping, Gaussian noise, phase marks, buffer annotations.
+"""Pieces every DP method family shares: errors, per-sample losses, flat clipping, Gaussian noise, phase marks,
+buffer annotations.
 
 Measurement code never reaches into method files; methods only *announce* what they do through two neutral
 channels defined here: phase marks (``mark("backward")``) and :func:`annotate_dp_buffer`, which names a tensor
@@ -9,7 +10,8 @@ listener both cost one Python call.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +56,41 @@ def check_max_grad_norm(max_grad_norm: float, *, allow_inf: bool = True) -> floa
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters by ``named_parameters()`` name (shared/tied parameters appear once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def checked_per_sample_losses(workload, losses: Tensor, batch_size: int) -> Tensor:
+    """``losses`` if it has shape ``[B]``; a ValueError naming the workload otherwise."""
+    if losses.shape != (batch_size,):
+        raise ValueError(
+            f"workload {workload.name!r}: loss_per_sample returned shape {tuple(losses.shape)}, "
+            f"expected ({batch_size},)"
+        )
+    return losses
+
+
+def per_sample_loss(workload, model: nn.Module, batch) -> Tensor:
+    """``workload.loss_per_sample(model(*inputs), target)``, checked to be of shape ``[B]``."""
+    losses = workload.loss_per_sample(model(*batch.inputs), batch.target)  # (B,)
+    return checked_per_sample_losses(workload, losses, batch.batch_size)
+
+
+@contextmanager
+def preserved_grads(model: nn.Module) -> Iterator[None]:
+    """Put every parameter's ``.grad`` back as it was on exit (also on error): clipped_grad_sum must not
+    leave gradients behind or destroy the caller's."""
+    saved = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
+def stack_norms(per_param_norms: list[Tensor]) -> Tensor:
+    """Global per-sample norms ``[B]`` from a list of per-parameter per-sample norms (each ``[B]``)."""
+    return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
 
 
 def set_noisy_grads(

@@ -32,6 +32,7 @@ from ._common import (
     MethodUnsupported,
     PhaseMarker,
     annotate_dp_buffer,
+    checked_per_sample_losses,
     clip_factors,
     no_mark,
     trainable_parameters,
@@ -101,7 +102,7 @@ class BKResult:
     loss: Tensor  # detached mean loss of the batch
     per_sample_norms: Tensor  # (B,) float32, ‖g_i‖ over all trainable parameters
     clip_factors: Tensor  # (B,) float32
-    clipped_sums: dict[str, Tensor]  # Σ_i C_i g_i, keyed by trainable parameter name, in the parameter's dtype
+    clipped_sums: dict[str, Tensor]  # Σ_i C_i g_i by trainable parameter name (engine.params order), param dtype
     # how each used parameter's norm was found: "ghost", "instantiated" or "ghost+instantiated" (mixed uses)
     norm_kinds: dict[str, str] = field(default_factory=dict)
 
@@ -182,11 +183,9 @@ class BookKeeping:
             output = self.model(*batch.inputs)
         finally:
             self._uses = None
-        losses = workload.loss_per_sample(output, batch.target)  # (B,)
-        del output
         B = batch.batch_size
-        if tuple(losses.shape) != (B,):
-            raise ValueError(f"{self.method}: loss_per_sample returned shape {tuple(losses.shape)}, expected ({B},)")
+        losses = checked_per_sample_losses(workload, workload.loss_per_sample(output, batch.target), B)  # (B,)
+        del output
 
         self._check_no_hidden_uses(losses, uses)
 
@@ -270,7 +269,6 @@ class BookKeeping:
                 per_sample = contribution.per_sample.reshape(batch_size, *self.params[name].shape)
                 annotate_dp_buffer(per_sample)
                 entry.per_sample = per_sample if entry.per_sample is None else entry.per_sample + per_sample
-            del use, grad
         return terms
 
     def _instantiates(self, use: Factored) -> bool:
@@ -318,8 +316,7 @@ class BKStep(ClippedSumStep):
 
     def clipped_sum(self, batch, mark: PhaseMarker):
         result = self.engine.run(self.workload, batch, self.privacy.max_grad_norm, mark)
-        names = list(result.clipped_sums)
-        return [self.engine.params[n] for n in names], [result.clipped_sums.pop(n) for n in names], result.loss
+        return list(self.engine.params.values()), list(result.clipped_sums.values()), result.loss
 
     def close(self) -> None:
         self.engine.close()

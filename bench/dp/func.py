@@ -21,9 +21,10 @@ from ._common import (
     annotate_dp_buffer,
     clip_factors,
     no_mark,
+    stack_norms,
     trainable_parameters,
 )
-from .nondp import stack_norms
+from .diagnose import diagnose, error_text
 
 
 def per_sample_grad_fn(workload, model: nn.Module) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
@@ -59,11 +60,7 @@ def clipped_sum_by_vmap(
     try:
         per_sample_grads, losses = per_sample_grad_fn(workload, model)(params, *batch.inputs, batch.target)
     except Exception as exc:  # vmap's limits (data-dependent control flow, .item(), in-place on inputs) surface here
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise MethodUnsupported(
-            "torch-func", f"{type(exc).__name__}: {first_line}",
-            "torch.func.vmap could not batch this model's forward; see the error for the unbatchable operation",
-        ) from exc
+        raise MethodUnsupported("torch-func", error_text(exc), diagnose("torch-func", workload, model, exc)) from exc
     # Forward and backward happen inside one vmapped grad call: the backward mark can only follow it.
     mark("backward")
     annotate_dp_buffer(*per_sample_grads.values())

@@ -10,8 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
-from ._common import PhaseMarker, annotate_dp_buffer, clip_factors, no_mark, trainable_parameters
-from .nondp import per_sample_loss, stack_norms
+from ._common import (
+    PhaseMarker,
+    annotate_dp_buffer,
+    clip_factors,
+    no_mark,
+    per_sample_loss,
+    stack_norms,
+    trainable_parameters,
+)
 
 
 def clipped_sum_by_loop(

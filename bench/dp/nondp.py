@@ -1,4 +1,4 @@
-"""The non-private baseline step, plus the small pieces of a plain training step the other method files share.
+"""The non-private baseline step.
 
 ``nondp`` is what every DP method is measured against: mean loss, one backward, optimizer step. It does not
 clip, so its :meth:`NonDP.clipped_grad_sum` is only defined for ``max_grad_norm = inf`` (Σ_i g_i, the summed
@@ -8,44 +8,12 @@ per-sample gradient, from one backward of the summed loss).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import DPMethod, DPStep, PrivacyParams, register_method
-from ._common import MethodUnsupported, PhaseMarker, no_mark, trainable_parameters
-
-
-def per_sample_loss(workload, model: nn.Module, batch) -> Tensor:
-    """``workload.loss_per_sample(model(*inputs), target)``, checked to be of shape ``[B]``."""
-    losses = workload.loss_per_sample(model(*batch.inputs), batch.target)  # (B,)
-    if losses.shape != (batch.batch_size,):
-        raise ValueError(
-            f"workload {workload.name!r}: loss_per_sample returned shape {tuple(losses.shape)}, "
-            f"expected ({batch.batch_size},)"
-        )
-    return losses
-
-
-@contextmanager
-def preserved_grads(model: nn.Module) -> Iterator[None]:
-    """Put every parameter's ``.grad`` back as it was on exit (also on error): clipped_grad_sum must not
-    leave gradients behind or destroy the caller's."""
-    saved = [(p, p.grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.grad = None
-    try:
-        yield
-    finally:
-        for p, grad in saved:
-            p.grad = grad
-
-
-def stack_norms(per_param_norms: list[Tensor]) -> Tensor:
-    """Global per-sample norms ``[B]`` from a list of per-parameter per-sample norms (each ``[B]``)."""
-    return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+from ._common import MethodUnsupported, PhaseMarker, no_mark, per_sample_loss, preserved_grads, trainable_parameters
 
 
 class NonDPStep(DPStep):

@@ -11,14 +11,16 @@
 The DPOptimizer is built directly (noise_multiplier, max_grad_norm, expected_batch_size=B, loss_reduction="mean",
 ``generator`` = the step's noise generator). The fused step calls its pieces one by one (clip_and_accumulate,
 add_noise, scale_grad, the wrapped optimizer's step) — exactly what ``DPOptimizer.step()`` does — so that each
-phase can be marked. Any exception the library raises while wrapping, running or clipping the model becomes
-:class:`MethodUnsupported` with the library's own text and a one-line diagnosis (bench/dp/diagnose.py).
+phase can be marked. Any exception the library raises while wrapping the model (``build``) or running and
+clipping it (``check``, ``clipped_grad_sum``) becomes :class:`MethodUnsupported` with the library's own text and
+a one-line diagnosis (bench/dp/diagnose.py); the fused step itself lets errors through unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from typing import Callable
 
 import torch
 from opacus.grad_sample import (
@@ -31,9 +33,16 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 
 from . import DPMethod, DPStep, PrivacyParams, register_method
-from ._common import MethodUnsupported, PhaseMarker, annotate_dp_buffer, no_mark, trainable_parameters
+from ._common import (
+    MethodUnsupported,
+    PhaseMarker,
+    annotate_dp_buffer,
+    no_mark,
+    per_sample_loss,
+    preserved_grads,
+    trainable_parameters,
+)
 from .diagnose import diagnose, error_text
-from .nondp import per_sample_loss, preserved_grads
 
 # Opacus 1.6 warns about secure_mode / RNG on every DPOptimizer; those warnings say nothing about a benchmark.
 logging.getLogger("opacus").setLevel(logging.ERROR)
@@ -99,6 +108,14 @@ class _OpacusMethod(DPMethod):
     def _unsupported(self, workload, model: nn.Module, exc: BaseException) -> MethodUnsupported:
         return MethodUnsupported(self.name, error_text(exc), diagnose(self.name, workload, model, exc))
 
+    def _wrap_for_step(self, workload, model: nn.Module, wrap: Callable[[], nn.Module]) -> nn.Module:
+        """``wrap()``; on the library's failure, a clean model and :class:`MethodUnsupported`."""
+        try:
+            return wrap()
+        except Exception as exc:
+            _release(None, model)
+            raise self._unsupported(workload, model, exc) from exc
+
     def check(self, workload, model: nn.Module) -> None:
         key = getattr(workload, "name", "")
         if key in self._probed.get(model, set()):
@@ -147,11 +164,7 @@ class _GradSampleMethod(_OpacusMethod):
             _release(wrapper, model)
 
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        try:
-            wrapper = self.wrap(model)
-        except Exception as exc:
-            _release(None, model)
-            raise self._unsupported(workload, model, exc) from exc
+        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model))
         dp_optimizer = DPOptimizer(
             optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=batch_size, loss_reduction="mean", generator=noise_generator,
@@ -252,11 +265,7 @@ class OpacusGhost(_OpacusMethod):
             _release(wrapper, model)
 
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        try:
-            wrapper = self.wrap(model, privacy.max_grad_norm)
-        except Exception as exc:
-            _release(None, model)
-            raise self._unsupported(workload, model, exc) from exc
+        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model, privacy.max_grad_norm))
         dp_optimizer = self._optimizer(
             optimizer, privacy.noise_multiplier, privacy.max_grad_norm, batch_size, noise_generator
         )
