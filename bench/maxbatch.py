@@ -64,10 +64,11 @@ def affine_fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return mean_y - per_sample * mean_b, per_sample
 
 
-def predict_max_batch(fixed: float, per_sample: float, memory_bytes: int) -> int:
-    """Largest B with fixed + per_sample·B ≤ memory (0 if even the fixed part does not fit)."""
+def predict_max_batch(fixed: float, per_sample: float, memory_bytes: float) -> int | None:
+    """Largest B with fixed + per_sample·B ≤ memory (0 if even the fixed part does not fit); None when the fit
+    has no positive per-sample slope and so bounds nothing."""
     if per_sample <= 0:
-        return 0 if fixed > memory_bytes else 2**31 - 1
+        return None
     return max(0, math.floor((memory_bytes - fixed) / per_sample))
 
 

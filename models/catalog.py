@@ -5,7 +5,8 @@ Names:
 * ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond}`` — DiT at 256 px (latent 4×32×32); the same with ``-512`` appended
   is the 512 px model (latent 4×64×64);
 * ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` — sequence length 1024, tied embeddings;
-* ``dit-tiny-cond``, ``dit-tiny-uncond``, ``gpt-tiny`` — a full step takes milliseconds on a CPU.
+* ``dit-tiny-cond``, ``dit-tiny-uncond``, ``gpt-tiny`` — a full step takes milliseconds on a CPU;
+* every GPT name also with ``-untied`` appended (a separate lm_head weight), e.g. ``gpt2-untied``.
 
 Every factory takes overrides of its config's fields (``get_workload("gpt2", tie_weights=False)``,
 ``get_workload("dit-tiny-cond", learnable_pos_embed=True)``), GPT ones also ``seq_len``, all of them ``seed``.
@@ -28,7 +29,7 @@ __all__ = ["dit_workload", "gpt_workload", "TINY_DIT", "TINY_GPT"]
 # Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
 # init so that every trainable parameter gets a non-zero gradient on the first step.
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, zero_init=False)
-# Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 32 tokens.
+# Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 16 tokens.
 TINY_GPT = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
 
 _WORKLOAD_OVERRIDES = ("seed",)

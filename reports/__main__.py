@@ -23,7 +23,7 @@ from .figures import FigureOptions, render_figures
 from .html import ReportContent, ReportTable, write_html, write_markdown
 from .load import ReportInputError, Results, load_results
 from .summary import summary_lines
-from .tables import FIT_NOTES, OVERHEAD_NOTES, affine_fit_table, overhead_table, write_table
+from .tables import FIT_NOTES, OVERHEAD_NOTES, write_table
 
 SUBCOMMANDS = ("render", "compare", "export", "merge")
 
@@ -41,7 +41,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     common.add_argument("--skip-bad", action="store_true", help="warn about unreadable input files and go on")
 
     render = _OneLineParser(prog="python -m reports", parents=[common],
-                                     description="Render tables, figures, report.md and report.html from result files.")
+                            description="Render tables, figures, report.md and report.html from result files.")
     render.add_argument("results", nargs="+", help="pytest-benchmark JSON and/or dpmem JSON-lines files")
     render.add_argument("--out", default="report", help="output directory (default: report)")
     render.add_argument("--workload", help="workload of the breakdown/timeline figures (default: chosen)")
@@ -49,7 +49,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     render.add_argument("--title", default="dpmem: memory and time of DP-SGD", help="report title")
 
     compare = _OneLineParser(prog="python -m reports compare", parents=[common],
-                                      description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM.")
+                             description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM.")
     compare.add_argument("base", help="baseline result file")
     compare.add_argument("new", nargs="+", help="new result file(s)")
     compare.add_argument("--max-regression", default="5%", help='allowed peak-memory growth: "5%%" or "0.05" (default 5%%)')
@@ -57,12 +57,12 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
                          help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON")
 
     export = _OneLineParser(prog="python -m reports export", parents=[common],
-                                     description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.")
+                            description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.")
     export.add_argument("results", nargs="+")
     export.add_argument("--out", required=True, help="output JSON file")
 
     merge = _OneLineParser(prog="python -m reports merge", parents=[common],
-                                    description="Merge result files into one JSON-lines file (e.g. a CI baseline).")
+                           description="Merge result files into one JSON-lines file (e.g. a CI baseline).")
     merge.add_argument("results", nargs="+")
     merge.add_argument("--out", required=True, help="output .jsonl file")
     return {"render": render, "compare": compare, "export": export, "merge": merge}
@@ -72,9 +72,8 @@ def render_report(results: Results, out_dir: Path, options: FigureOptions, title
     """Everything from saved results: tables (md+csv), figures (png+svg), report.md and report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = [
-        ReportTable("DP overhead over non-DP", OVERHEAD_NOTES, overhead_table(results.cases), "overhead"),
-        ReportTable("Fixed and per-sample memory, max batch", FIT_NOTES,
-                    affine_fit_table(results.cases, results.max_batches), "memory_fit"),
+        ReportTable("DP overhead over non-DP", OVERHEAD_NOTES, results.overhead, "overhead"),
+        ReportTable("Fixed and per-sample memory, max batch", FIT_NOTES, results.fits, "memory_fit"),
     ]
     written: list[Path] = []
     for table in tables:

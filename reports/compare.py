@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from .load import CASE_KEY, PEAK_COLUMNS, Results
+from .tables import MIB, present, to_markdown
 
 __all__ = [
     "Comparison",
@@ -23,8 +24,6 @@ __all__ = [
     "format_comparison",
     "parse_threshold",
 ]
-
-MIB = 2**20
 
 
 class ThresholdError(ValueError):
@@ -61,10 +60,6 @@ def _case_name(key: tuple) -> str:
     return f"{workload}/{method}/bs{batch}/{device} [{machine}]"
 
 
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
 def compare_results(base: Results, new: Results, threshold: float) -> Comparison:
     key = list(CASE_KEY)
     base_rows = {tuple(r[k] for k in key): r for _, r in base.cases.iterrows()}
@@ -78,7 +73,7 @@ def compare_results(base: Results, new: Results, threshold: float) -> Comparison
             problems.append("ok → OOM")
         worst = None
         for figure in PEAK_COLUMNS:
-            if not (b["status"] == n["status"] == "ok" and _present(b[figure]) and _present(n[figure])):
+            if not (b["status"] == n["status"] == "ok" and present(b[figure]) and present(n[figure])):
                 continue
             if float(b[figure]) <= 0:
                 continue
@@ -87,12 +82,12 @@ def compare_results(base: Results, new: Results, threshold: float) -> Comparison
                 worst = (figure, change)
             if change > threshold:
                 problems.append(f"{figure} +{change:.1%} (> {threshold:.1%})")
-        row["base peak MiB"] = round(float(b["peak_tensor_bytes"]) / MIB, 2) if _present(b["peak_tensor_bytes"]) else None
-        row["new peak MiB"] = round(float(n["peak_tensor_bytes"]) / MIB, 2) if _present(n["peak_tensor_bytes"]) else None
+        row["base peak MiB"] = round(float(b["peak_tensor_bytes"]) / MIB, 2) if present(b["peak_tensor_bytes"]) else None
+        row["new peak MiB"] = round(float(n["peak_tensor_bytes"]) / MIB, 2) if present(n["peak_tensor_bytes"]) else None
         row["worst memory change"] = f"{worst[0]} {worst[1]:+.1%}" if worst else "n/a"
         time_b, time_n = b["time_median_s"], n["time_median_s"]
         row["median step change"] = (
-            f"{float(time_n) / float(time_b) - 1.0:+.1%}" if _present(time_b) and _present(time_n) and float(time_b) > 0 else "n/a"
+            f"{float(time_n) / float(time_b) - 1.0:+.1%}" if present(time_b) and present(time_n) and float(time_b) > 0 else "n/a"
         )
         row["verdict"] = "FAIL: " + "; ".join(problems) if problems else "ok"
         if problems:
@@ -110,8 +105,6 @@ def compare_results(base: Results, new: Results, threshold: float) -> Comparison
 
 
 def format_comparison(comparison: Comparison) -> str:
-    from .tables import to_markdown
-
     lines = [f"Compared {len(comparison.table)} case(s); memory regression threshold {comparison.threshold:.1%}.", ""]
     if len(comparison.table):
         lines.append(to_markdown(comparison.table))
@@ -137,6 +130,6 @@ def benchmark_action_entries(results: Results) -> list[dict[str, Any]]:
             continue
         name = _case_name(tuple(row[k] for k in CASE_KEY))
         for figure in PEAK_COLUMNS:
-            if _present(row[figure]):
+            if present(row[figure]):
                 entries.append({"name": f"{name} {figure}", "unit": "MiB", "value": round(float(row[figure]) / MIB, 3)})
     return entries

@@ -1,7 +1,7 @@
 """Figures from the loaded results (matplotlib, Agg backend), each saved as PNG and SVG.
 
 Every figure is produced only when its data exist; otherwise :func:`render_figures` returns it as skipped with
-the reason, and the report says so. Byte axes are in MiB or GiB (whichever reads better), time in ms or s.
+the reason, and the report says so. Byte axes are in MiB or GiB (whichever reads better), time in ms.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from bench.memory.record import CATEGORIES  # noqa: E402
 
 from .load import Results  # noqa: E402
-from .tables import affine_fit_table, fit_metric_for, overhead_table  # noqa: E402
+from .tables import all_ok_batches, fit_metric_for  # noqa: E402
 
 __all__ = ["FigureResult", "FigureOptions", "FIGURES", "SkipFigure", "choose_case", "render_figures"]
 
@@ -75,8 +75,10 @@ def byte_unit(max_bytes: float) -> tuple[float, str]:
     return (2.0**30, "GiB") if max_bytes >= 2**30 else (2.0**20, "MiB")
 
 
-def _method_colors(methods) -> dict[str, str]:
+def _method_colors(results: Results) -> dict[str, str]:
+    """One color per method of the whole result set, so a method has the same color in every figure."""
     cmap = plt.get_cmap("tab10")
+    methods = set(results.cases["method"]) | set(results.max_batches["method"])
     return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
 
 
@@ -117,8 +119,7 @@ def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int
             if (group["batch_size"] == options.batch_size).any():
                 candidates.append((-methods, workload, machine, options.batch_size))
             continue
-        all_ok = [b for b, rows in group.groupby("batch_size") if (rows["status"] == "ok").all()
-                  and rows["method"].nunique() == methods]
+        all_ok = all_ok_batches(group)
         if all_ok:
             candidates.append((-methods, workload, machine, max(all_ok)))
     if not candidates:
@@ -141,7 +142,7 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     if cases.empty:
         raise SkipFigure("no ok or OOM cases")
     panels = list(cases.groupby(["machine", "workload"], sort=True))
-    colors = _method_colors(cases["method"].unique())
+    colors = _method_colors(results)
     fig, axes = _grid(len(panels))
     any_oom = False
     for ax, ((machine, workload), rows) in zip(axes, panels):
@@ -301,13 +302,12 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
 # 5. Max batch per method per machine; 7. fixed vs per-sample memory
 # ---------------------------------------------------------------------------------------------------------------
 def _fits(results: Results) -> pd.DataFrame:
-    fits = affine_fit_table(results.cases, results.max_batches)
-    if fits.empty:
+    if results.fits.empty:
         raise SkipFigure("no method has two ok batch sizes to fit and there are no max-batch records")
-    return fits
+    return results.fits
 
 
-def _as_int(value) -> tuple[float, bool]:
+def _max_batch_value(value) -> tuple[float, bool]:
     """(number, is_lower_bound) of a max-batch cell: 12, "≥12", or "n/a"/"none" (nan)."""
     if isinstance(value, str):
         if value.startswith("≥"):
@@ -320,16 +320,16 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     fits = _fits(results)
     panels = list(fits.groupby("workload", sort=True))
     fig, axes = _grid(len(panels), ncols=2, size=(6.5, 3.8))
+    cmap = plt.get_cmap("tab10")
     for ax, (workload, rows) in zip(axes, panels):
         methods = sorted(rows["method"].unique())
         machines = sorted(rows["machine"].unique())
         width = 0.8 / (2 * len(machines))
         x = np.arange(len(methods))
-        cmap = plt.get_cmap("tab10")
         for i, machine in enumerate(machines):
             mrows = rows[rows["machine"] == machine].set_index("method")
-            measured = [_as_int(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False) for m in methods]
-            predicted = [_as_int(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan for m in methods]
+            measured = [_max_batch_value(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False) for m in methods]
+            predicted = [_max_batch_value(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan for m in methods]
             offset = x + (2 * i) * width
             bars = ax.bar(offset, [v for v, _ in measured], width, color=cmap(i), label=f"{machine} measured")
             for bar, (_, lower) in zip(bars, measured):
@@ -354,7 +354,7 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
     fits = fits.assign(series=fits["workload"] + (" — " + fits["machine"] if fits["machine"].nunique() > 1 else ""))
     series = sorted(fits["series"].unique())
     methods = sorted(fits["method"].unique())
-    colors = _method_colors(methods)
+    colors = _method_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(series) + 4), 4.6))
     width = 0.8 / len(methods)
     x = np.arange(len(series))
@@ -390,10 +390,10 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
     missing = [name for fam, name in (("dit", "DiT"), ("gpt", "GPT proxy")) if fam not in families]
     if missing:
         raise SkipFigure(f"the data lack the {' and '.join(missing)} family")
-    overhead = overhead_table(cases)
-    facts = cases.drop_duplicates(["machine", "device", "workload"]).set_index(["machine", "device", "workload"])
-    overhead["family"] = [facts.loc[(m, d, w), "family"] for m, d, w in zip(overhead["machine"], overhead["device"], overhead["workload"])]
-    overhead["tokens"] = [facts.loc[(m, d, w), "tokens_per_sample"] for m, d, w in zip(overhead["machine"], overhead["device"], overhead["workload"])]
+    where = ["machine", "device", "workload"]
+    facts = cases.drop_duplicates(where)[[*where, "family", "tokens_per_sample"]].rename(
+        columns={"tokens_per_sample": "tokens"})
+    overhead = results.overhead.merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].map(lambda v: isinstance(v, float)) & overhead["tokens"].notna()]
     key = ["machine", "device", "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
@@ -406,7 +406,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
 
 def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     pairs = proxy_pairs(results)
-    colors = _method_colors(pairs["method"].unique())
+    colors = _method_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, column, title in ((axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"), (axes[1], "median step ×nondp", "step time ÷ non-DP")):
         both = pairs[pairs[f"{column}_dit"].map(lambda v: isinstance(v, float)) & pairs[f"{column}_gpt"].map(lambda v: isinstance(v, float))]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .figures import FigureResult
-from .tables import to_markdown
+from .tables import HELPER_COLUMNS, present, to_markdown
 
 __all__ = ["ReportContent", "ReportTable", "write_markdown", "write_html"]
 
@@ -91,7 +90,7 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
     return path
 
 
-def _html_table(table: pd.DataFrame, drop: tuple[str, ...] = ("fixed_bytes", "per_sample_bytes")) -> str:
+def _html_table(table: pd.DataFrame, drop: tuple[str, ...] = HELPER_COLUMNS) -> str:
     if table.empty:
         return "<p><em>no rows</em></p>"
     shown = table[[c for c in table.columns if c not in drop]]
@@ -102,7 +101,7 @@ def _html_table(table: pd.DataFrame, drop: tuple[str, ...] = ("fixed_bytes", "pe
 
 
 def _text(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not present(value):
         return ""
     return f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -28,6 +29,8 @@ from bench.memory.record import (
     RecordError,
     from_jsonl_line,
 )
+
+from .tables import affine_fit_table, overhead_table
 
 __all__ = [
     "CASE_KEY",
@@ -100,7 +103,9 @@ class Results:
     """Loaded results: one row per case × machine in ``cases``, one per max-batch search in ``max_batches``.
 
     ``case_records[i]`` is the full record of the row whose ``record_index`` is ``i`` (phases, timeline and
-    breakdown for the figures); ``max_batch_records`` likewise for ``max_batches``."""
+    breakdown for the figures); ``max_batch_records`` likewise for ``max_batches``. ``overhead`` and ``fits`` are
+    the two derived tables, built once on first use and shared by the report, the summary and the figures (treat
+    them, like ``cases``, as read-only)."""
 
     cases: pd.DataFrame
     max_batches: pd.DataFrame
@@ -111,6 +116,16 @@ class Results:
 
     def record(self, row: pd.Series | dict[str, Any]) -> CaseRecord:
         return self.case_records[int(row["record_index"])]
+
+    @cached_property
+    def overhead(self) -> pd.DataFrame:
+        """:func:`reports.tables.overhead_table` of ``cases``."""
+        return overhead_table(self.cases)
+
+    @cached_property
+    def fits(self) -> pd.DataFrame:
+        """:func:`reports.tables.affine_fit_table` of ``cases`` and ``max_batches``."""
+        return affine_fit_table(self.cases, self.max_batches)
 
 
 def workload_family(name: str) -> str:

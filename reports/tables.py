@@ -11,17 +11,23 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+
+from bench.maxbatch import affine_fit, predict_max_batch  # the one fit, shared with the max-batch search
 
 __all__ = [
     "BASELINE_METHOD",
+    "HELPER_COLUMNS",
+    "MIB",
     "OVERHEAD_NOTES",
     "FIT_NOTES",
+    "RATIO_COLUMNS",
     "affine_fit",
     "affine_fit_table",
+    "all_ok_batches",
     "fit_metric_for",
     "overhead_table",
+    "present",
     "status_label",
     "to_markdown",
     "write_table",
@@ -29,6 +35,8 @@ __all__ = [
 
 BASELINE_METHOD = "nondp"
 MIB = 2**20
+# Raw-byte columns of the fit table kept for code (figures), left out of the Markdown and HTML tables.
+HELPER_COLUMNS = ("fixed_bytes", "per_sample_bytes")
 
 # Ratio columns of the overhead table: column title -> the record's figure it divides.
 RATIO_COLUMNS = {
@@ -59,8 +67,16 @@ def status_label(status: str) -> str:
     return _STATUS_LABELS.get(status, status)
 
 
-def _present(value: Any) -> bool:
+def present(value: Any) -> bool:
+    """True unless ``value`` is None or a float NaN (how a missing figure reaches a DataFrame cell)."""
     return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def all_ok_batches(rows: pd.DataFrame) -> list[int]:
+    """Batch sizes of ``rows`` (one workload on one machine) at which every method of ``rows`` ran ok."""
+    methods = rows["method"].nunique()
+    return [int(b) for b, at in rows.groupby("batch_size")
+            if (at["status"] == "ok").all() and at["method"].nunique() == methods]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,32 +95,36 @@ def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
             row["method"] = case["method"]
             row["status"] = case["status"]
             row["peak tensor MiB"] = _mib(case["peak_tensor_bytes"]) if case["status"] == "ok" else status_label(case["status"])
-            row["nondp peak tensor MiB"] = (
-                "no nondp" if baseline is None
-                else _mib(baseline["peak_tensor_bytes"]) if baseline["status"] == "ok"
-                else f"nondp {status_label(baseline['status'])}"
-            )
+            row["nondp peak tensor MiB"] = _baseline_problem(baseline) or _mib(baseline["peak_tensor_bytes"])
             for title, figure in RATIO_COLUMNS.items():
                 row[title] = _ratio_cell(case, baseline, figure)
             rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
 
-def _ratio_cell(case: pd.Series, baseline: pd.Series | None, figure: str) -> float | str:
-    if case["status"] != "ok":
-        return status_label(case["status"])
+def _baseline_problem(baseline: pd.Series | None) -> str | None:
+    """Why the nondp baseline gives no number ("no nondp", "nondp OOM", ...), or None when it ran ok."""
     if baseline is None:
         return "no nondp"
     if baseline["status"] != "ok":
         return f"nondp {status_label(baseline['status'])}"
+    return None
+
+
+def _ratio_cell(case: pd.Series, baseline: pd.Series | None, figure: str) -> float | str:
+    if case["status"] != "ok":
+        return status_label(case["status"])
+    problem = _baseline_problem(baseline)
+    if problem is not None:
+        return problem
     numerator, denominator = case[figure], baseline[figure]
-    if not (_present(numerator) and _present(denominator)) or float(denominator) <= 0:
+    if not (present(numerator) and present(denominator)) or float(denominator) <= 0:
         return "n/a"
     return round(float(numerator) / float(denominator), 3)
 
 
 def _mib(value: Any) -> float | str:
-    return round(float(value) / MIB, 2) if _present(value) else "n/a"
+    return round(float(value) / MIB, 2) if present(value) else "n/a"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,23 +136,6 @@ def fit_metric_for(rows: pd.DataFrame) -> str:
     if len(ok) and ok["device"].astype(str).str.startswith("cuda").all() and ok["peak_reserved_bytes"].notna().all():
         return "peak_reserved_bytes"
     return "peak_tensor_bytes"
-
-
-def affine_fit(batch_sizes: np.ndarray, peaks: np.ndarray) -> tuple[float, float]:
-    """Least-squares (fixed, per_sample) of peak = fixed + per_sample · B; needs two distinct batch sizes."""
-    batch_sizes = np.asarray(batch_sizes, dtype=float)
-    peaks = np.asarray(peaks, dtype=float)
-    if len(np.unique(batch_sizes)) < 2:
-        raise ValueError("an affine fit needs at least two distinct batch sizes")
-    design = np.column_stack([np.ones_like(batch_sizes), batch_sizes])
-    (fixed, per_sample), *_ = np.linalg.lstsq(design, peaks, rcond=None)
-    return float(fixed), float(per_sample)
-
-
-def _predict_max_batch(fixed: float, per_sample: float, memory: Any) -> int | None:
-    if not _present(memory) or per_sample <= 0 or float(memory) <= fixed:
-        return None
-    return int(math.floor((float(memory) - fixed) / per_sample))
 
 
 def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -147,7 +150,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     rows: dict[tuple, dict[str, Any]] = {}
     if max_batches is not None and len(max_batches):
         for _, mb in max_batches.iterrows():
-            if not (_present(mb["fit_fixed_bytes"]) and _present(mb["fit_per_sample_bytes"])):
+            if not (present(mb["fit_fixed_bytes"]) and present(mb["fit_per_sample_bytes"])):
                 continue
             measured = mb["max_batch_measured"]
             rows[tuple(mb[k] for k in key)] = {
@@ -158,9 +161,9 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
                 "fixed_bytes": float(mb["fit_fixed_bytes"]),
                 "per_sample_bytes": float(mb["fit_per_sample_bytes"]),
                 "memory_bytes": mb["memory_limit_bytes"],
-                "measured max batch": int(measured) if _present(measured) else "none",
-                "first failing batch": int(mb["first_failing_batch"]) if _present(mb["first_failing_batch"]) else None,
-                "predicted max batch": int(mb["predicted_max_batch"]) if _present(mb["predicted_max_batch"]) else None,
+                "measured max batch": int(measured) if present(measured) else "none",
+                "first failing batch": int(mb["first_failing_batch"]) if present(mb["first_failing_batch"]) else None,
+                "predicted max batch": int(mb["predicted_max_batch"]) if present(mb["predicted_max_batch"]) else None,
             }
     for group_key, group in cases.groupby(key, sort=True):
         if group_key in rows:
@@ -169,7 +172,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
         ok = group[(group["status"] == "ok") & group[metric].notna()]
         if ok["batch_size"].nunique() < 2:
             continue
-        fixed, per_sample = affine_fit(ok["batch_size"].to_numpy(), ok[metric].to_numpy())
+        fixed, per_sample = affine_fit(list(zip(ok["batch_size"].astype(int), ok[metric].astype(float))))
         largest_ok = int(ok["batch_size"].max())
         failing = group[(group["status"] == "oom") & (group["batch_size"] > largest_ok)]["batch_size"]
         memory = group["device_memory_bytes"].dropna()
@@ -184,14 +187,14 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
             "memory_bytes": memory_bytes,
             "measured max batch": largest_ok if len(failing) else f"≥{largest_ok}",
             "first failing batch": int(failing.min()) if len(failing) else None,
-            "predicted max batch": _predict_max_batch(fixed, per_sample, memory_bytes),
+            "predicted max batch": predict_max_batch(fixed, per_sample, memory_bytes) if memory_bytes else None,
         }
     out = []
     for row in rows.values():
         row["fixed MiB"] = round(row["fixed_bytes"] / MIB, 2)
         row["per-sample MiB"] = round(row["per_sample_bytes"] / MIB, 3)
         memory = row.pop("memory_bytes")
-        row["memory GiB"] = round(float(memory) / 2**30, 2) if _present(memory) else "n/a"
+        row["memory GiB"] = round(float(memory) / 2**30, 2) if present(memory) else "n/a"
         if row["predicted max batch"] is None:
             row["predicted max batch"] = "n/a"
         if row["first failing batch"] is None:
@@ -204,7 +207,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
 # ---------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------
-def to_markdown(table: pd.DataFrame, *, drop: tuple[str, ...] = ("fixed_bytes", "per_sample_bytes")) -> str:
+def to_markdown(table: pd.DataFrame, *, drop: tuple[str, ...] = HELPER_COLUMNS) -> str:
     """A GitHub Markdown table (no dependency on ``tabulate``); raw-byte helper columns are left out."""
     shown = table[[c for c in table.columns if c not in drop]]
     header = "| " + " | ".join(str(c) for c in shown.columns) + " |"
@@ -214,7 +217,7 @@ def to_markdown(table: pd.DataFrame, *, drop: tuple[str, ...] = ("fixed_bytes", 
 
 
 def _cell(value: Any) -> str:
-    if not _present(value):
+    if not present(value):
         return ""
     if isinstance(value, float):
         return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"

@@ -47,6 +47,8 @@ def test_affine_fit_recovers_line_and_predicts():
     assert maxbatch.predict_max_batch(fixed, per_sample, 1_000) == 90
     assert maxbatch.predict_max_batch(fixed, per_sample, 50) == 0
     assert maxbatch.affine_fit([(4, 1.0), (4, 2.0)]) is None
+    # a flat or falling fit bounds nothing: no prediction rather than a made-up number
+    assert maxbatch.predict_max_batch(100.0, 0.0, 1_000) is None
 
 
 def test_build_record_predicts_for_device_and_extra_sizes():

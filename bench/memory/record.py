@@ -186,7 +186,7 @@ class MaxBatchRecord:
     fit_metric: str = "peak_tensor_bytes"
     fit_fixed_bytes: float | None = None
     fit_per_sample_bytes: float | None = None
-    predicted_max_batch: dict[str, int] = field(default_factory=dict)
+    predicted_max_batch: dict[str, int | None] = field(default_factory=dict)  # None: no positive slope
     probes: list[BatchProbe] = field(default_factory=list)
     status: str = "ok"
     reason: str = ""
