@@ -23,10 +23,12 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, requ
     cfg = bench_cfg
     workload, method, device = max_batch_case
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
-    def say(message: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
+    def say(message: str) -> None:  # progress on the terminal even while pytest captures output
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
 
     fit_metric = "peak_reserved_bytes" if device.startswith("cuda") else "peak_tensor_bytes"
     records = []

@@ -147,7 +147,7 @@ def test_bad_options_are_one_line_usage_errors(tmp_path, args, message):
 def test_max_batch_mode_bisects_and_fits(tmp_path):
     proc, _, jsonl = _bench(
         tmp_path, "--max-batch", "--workloads", "gpt-tiny", "--methods", "nondp", "--memory-cap", "24MiB",
-        "--predict-memory", "48MiB", "-s",
+        "--predict-memory", "48MiB",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:]
     (result,) = _records(jsonl)
