@@ -18,7 +18,8 @@ DP-library shaping (each point was measured with Opacus 1.6):
 * every *trainable* parameter lives in a standard leaf module (Linear, Conv2d, Embedding) — Opacus replays a
   composite module that owns a parameter directly with only its first input (Opacus issue #777).
   ``learnable_pos_embed=True`` breaks this rule on purpose: the position embedding becomes a trainable
-  parameter owned by the top-level DiT, which reproduces that failure;
+  parameter owned by the top-level DiT, which reproduces that failure; adding ``pos_embed_in_submodule=True``
+  applies the fix (the table moves into an ``nn.Embedding`` looked up by position) and every method works;
 * the label embedder looks up ``y.unsqueeze(1)`` (B, 1): Opacus' ExpandedWeights ("ew") mode rejects an
   Embedding fed a 1-D tensor;
 * the patchify Conv2d's output gets a gradient hook that makes its gradient contiguous: torch's
@@ -77,6 +78,9 @@ class DiTConfig:
     zero_init: bool = True
     # Make the position embedding a trainable parameter owned by the top-level module (reproduces Opacus #777).
     learnable_pos_embed: bool = False
+    # With learnable_pos_embed: keep the trainable table in an nn.Embedding(T, D) submodule looked up by token
+    # position instead — the fix for #777 (a layer every DP library has a per-sample rule for).
+    pos_embed_in_submodule: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -249,9 +253,12 @@ class _DiTBackbone(nn.Module):
         self.x_embedder = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
         # Stored as a Parameter (not a buffer) so parameter totals count it as the reference does; frozen
         # unless learnable_pos_embed, in which case this top-level module owns a trainable parameter directly.
-        self.pos_embed = nn.Parameter(
-            sincos_pos_embed_2d(D, config.grid_size)[None], requires_grad=config.learnable_pos_embed
-        )  # (1, T, D)
+        table = sincos_pos_embed_2d(D, config.grid_size)  # (T, D)
+        if config.learnable_pos_embed and config.pos_embed_in_submodule:
+            self.pos_embedder = nn.Embedding(config.num_tokens, D, _weight=table.clone())
+            self.register_buffer("positions", torch.arange(config.num_tokens), persistent=False)  # (T,)
+        else:
+            self.pos_embed = nn.Parameter(table[None], requires_grad=config.learnable_pos_embed)  # (1, T, D)
         self.t_embedder = TimestepEmbedder(D)
         self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, p, config.out_channels)
@@ -283,6 +290,13 @@ class _DiTBackbone(nn.Module):
         x = tokens.reshape(B, g, g, p, p, C)  # (B, row, col, pr, pc, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
+    def _position_embedding(self, batch_size: int) -> Tensor:
+        if not hasattr(self, "pos_embedder"):
+            return self.pos_embed  # (1, T, D)
+        # A (B, T) index tensor, contiguous: DP libraries need the batch dim on the embedding's input, and
+        # Opacus' ghost norm .view()s it.
+        return self.pos_embedder(self.positions.expand(batch_size, -1).contiguous())  # (B, T, D)
+
     def _denoise(self, x: Tensor, c: Tensor) -> Tensor:
         # x (B, C_in, H, W), c (B, D)
         patches = self.x_embedder(x)  # (B, D, g, g)
@@ -290,7 +304,7 @@ class _DiTBackbone(nn.Module):
             # The token transpose below hands the Conv2d a non-contiguous output gradient, which torch's
             # ExpandedWeights conv rule (Opacus "ew" mode) cannot .view(); give it a contiguous one.
             patches.register_hook(torch.Tensor.contiguous)
-        h = patches.flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        h = patches.flatten(2).transpose(1, 2) + self._position_embedding(x.shape[0])  # (B, T, D)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)

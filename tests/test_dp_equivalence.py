@@ -27,6 +27,8 @@ WORKLOADS = {
     "dit-tiny-uncond": ("dit-tiny-uncond", {}),
     "gpt-tiny": ("gpt-tiny", {}),
     "gpt-tiny-untied": ("gpt-tiny", {"tie_weights": False}),
+    # the #777 fix: the learnable position table in an nn.Embedding submodule — every method must handle it
+    "dit-tiny-cond-pos-submodule": ("dit-tiny-cond", {"learnable_pos_embed": True, "pos_embed_in_submodule": True}),
 }
 METHODS = dp.available_methods()
 GHOST_TIED = ("opacus-ghost", "gpt-tiny")

@@ -515,3 +515,16 @@ def test_build_dit_picks_the_variant():
     with torch.device("meta"):
         assert isinstance(build_dit(config), UnconditionalDiT)
         assert isinstance(build_dit(DIT_CONFIGS["DiT-S/8"]()), DiT)
+
+
+def test_pos_embed_in_submodule_is_the_777_fix_shape():
+    """The fix variant owns no parameter on the top-level module: the table is an nn.Embedding(T, D)."""
+    fixed = get_workload("dit-tiny-cond", learnable_pos_embed=True, pos_embed_in_submodule=True).build_model()
+    direct = [n for n, p in fixed.named_parameters(recurse=False)]
+    assert direct == []
+    assert isinstance(fixed.pos_embedder, torch.nn.Embedding) and fixed.pos_embedder.weight.requires_grad
+    assert fixed.pos_embedder.weight.shape == (16, 64)
+    plain = get_workload("dit-tiny-cond").build_model()
+    batch = get_workload("dit-tiny-cond").make_batch(3)
+    with torch.no_grad():  # starts from the same sin-cos table, so the same function
+        assert torch.equal(fixed(*batch.inputs), plain(*batch.inputs))

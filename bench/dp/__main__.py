@@ -26,6 +26,7 @@ DEFAULT_WORKLOADS = (
     "dit-tiny-cond",
     "dit-tiny-uncond",
     "dit-tiny-cond:learnable_pos_embed=True",
+    "dit-tiny-cond:learnable_pos_embed=True:pos_embed_in_submodule=True",  # the #777 fix
     "gpt-tiny",
     "gpt-tiny:tie_weights=False",
 )
