@@ -127,27 +127,18 @@ def _build_config(opts: pytest.Config) -> BenchConfig:
         batch_sizes=tuple(batch_sizes),
         devices=tuple(devices),
         rounds=rounds,
+        privacy=privacy,
         sample_interval_s=check_sample_interval(opts.getoption("--sample-interval")),
-        max_grad_norm=privacy.max_grad_norm,
-        noise_multiplier=privacy.noise_multiplier,
-        target_epsilon=opts.getoption("--target-epsilon"),
-        target_delta=privacy.delta,
-        accountant=privacy.accountant,
-        sample_rate=privacy.sample_rate,
-        privacy_steps=privacy.steps,
         optimizer=opts.getoption("--optimizer"),
         memory_cap_bytes=memory_cap,
         snapshot_case=opts.getoption("--snapshot"),
+        snapshot_dir=opts.getoption("--snapshot-dir"),
         results_path=results,
+        runner_label=opts.getoption("--runner-label") or os.environ.get("DPMEM_RUNNER_LABEL") or None,
         seed=opts.getoption("--seed"),
-        extra={
-            "privacy": privacy,
-            "runner_label": opts.getoption("--runner-label") or os.environ.get("DPMEM_RUNNER_LABEL") or None,
-            "snapshot_dir": opts.getoption("--snapshot-dir"),
-            "max_batch": opts.getoption("--max-batch"),
-            "max_batch_limit": opts.getoption("--max-batch-limit"),
-            "predict_memory_bytes": predict,
-        },
+        max_batch=opts.getoption("--max-batch"),
+        max_batch_limit=opts.getoption("--max-batch-limit"),
+        predict_memory_bytes=tuple(predict),
     )
 
 
@@ -196,7 +187,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """`--max-batch` runs only the max-batch search; without it only the matrix runs (no skipped noise)."""
-    want = "max_batch_case" if config.stash[BENCH_CONFIG].extra["max_batch"] else "dp_case"
+    want = "max_batch_case" if config.stash[BENCH_CONFIG].max_batch else "dp_case"
     other = "dp_case" if want == "max_batch_case" else "max_batch_case"
     deselected = [item for item in items if other in getattr(item, "fixturenames", ())]
     if deselected:
@@ -208,7 +199,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from bench.machine import machine_info as dpmem_machine_info
 
     info = dpmem_machine_info()
-    label = config.stash[BENCH_CONFIG].extra.get("runner_label")
+    label = config.stash[BENCH_CONFIG].runner_label
     if label:
         info["runner_label"] = label
     machine_info["dpmem"] = info

@@ -73,7 +73,7 @@ def new_record(spec: CaseSpec, config: BenchConfig, privacy: dp.PrivacyParams) -
         optimizer=config.optimizer,
         device_name=device_name,
         device_memory_bytes=device_memory,
-        runner_label=config.extra.get("runner_label"),
+        runner_label=config.runner_label,
     )
 
 
@@ -141,7 +141,7 @@ def run_case(
             sample_interval_s=config.sample_interval_s,
             track_tensors=True,
             nvml_baseline_bytes=nvml_baseline,
-            snapshot_path=f"{config.extra.get('snapshot_dir', '.')}/{spec.case_id}.pickle" if snapshot else None,
+            snapshot_path=f"{config.snapshot_dir}/{spec.case_id}.pickle" if snapshot else None,
         )
         for key, value in figures.items():
             setattr(record, key, value)

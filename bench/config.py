@@ -9,9 +9,13 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # only for the annotation: keeps this module free of the opacus import
+    from bench.dp import PrivacyParams
 
 
 class BenchUsageError(ValueError):
@@ -81,24 +85,19 @@ class BenchConfig:
     batch_sizes: tuple[int, ...]
     devices: tuple[str, ...]
     rounds: int
+    privacy: PrivacyParams  # clip norm, σ, ε, δ, accountant, sample rate, steps: resolved once per session
     sample_interval_s: float = 0.001
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    target_delta: float = 1e-5
-    accountant: str = "prv"
-    sample_rate: float = 0.01
-    privacy_steps: int = 1000
     optimizer: str = "adamw"
     lr: float = 1e-4
     memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
-    snapshot_case: str | None = None  # case id whose CUDA memory snapshot is exported
-    results_path: str | None = None
+    snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
+    snapshot_dir: str = "results/snapshots"
+    results_path: str = "results/dpmem.jsonl"
+    runner_label: str | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def narrowed(self, **changes) -> "BenchConfig":
-        return replace(self, **changes)
+    max_batch: bool = False  # max-batch mode instead of the matrix
+    max_batch_limit: int = 4096
+    predict_memory_bytes: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def _benchmark_timer(benchmark, rounds: int):
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
 def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, request):
-    privacy = bench_cfg.extra["privacy"]
+    privacy = bench_cfg.privacy
     key = (dp_case.workload, dp_case.method, dp_case.device)
     if key in _OOM_AT and dp_case.batch_size > _OOM_AT[key]:
         # A larger batch of the same case cannot fit; recorded as OOM without spending minutes proving it.
@@ -53,7 +53,7 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, reques
         if record.status == "oom":
             _OOM_AT[key] = min(_OOM_AT.get(key, dp_case.batch_size), dp_case.batch_size)
 
-    record.machine = {"runner_label": bench_cfg.extra.get("runner_label")}
+    record.machine = {"runner_label": bench_cfg.runner_label}
     benchmark.extra_info.update(record.to_dict())
     results_writer.append(record)
     if record.rounds == 0:

@@ -34,19 +34,19 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, requ
     records = []
 
     def probe(batch_size: int) -> BatchProbe:
-        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, cfg.extra["privacy"], timer=None)
+        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, cfg.privacy, timer=None)
         records.append(record)
         return BatchProbe(batch_size, record.status, record.peak_tensor_bytes, record.peak_reserved_bytes,
                           record.peak_rss_bytes)  # fmt: skip
 
-    max_ok, first_fail, probes = maxbatch.search(probe, cfg.extra["max_batch_limit"], say)
+    max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
     limit = cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes
     result = maxbatch.build_record(
         workload, method, device, probes, max_ok, first_fail,
-        fit_metric=fit_metric, memory_limit_bytes=limit, predict_for=cfg.extra["predict_memory_bytes"],
+        fit_metric=fit_metric, memory_limit_bytes=limit, predict_for=list(cfg.predict_memory_bytes),
     )  # fmt: skip
     result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
-    result.device_name, result.runner_label = records[0].device_name, cfg.extra.get("runner_label")
+    result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
     say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
 
     results_writer.append(result)
