@@ -67,6 +67,7 @@ def _build_config(opts: pytest.Config) -> BenchConfig:
     import models
     from bench import dp
     from bench.devices import visible_devices
+    from bench.machine import ram_bytes
 
     for module in opts.getoption("--workload-module"):
         try:
@@ -96,10 +97,9 @@ def _build_config(opts: pytest.Config) -> BenchConfig:
     cap_text = opts.getoption("--memory-cap")
     if cap_text is not None:
         memory_cap = parse_bytes("--memory-cap", cap_text)
-    else:
-        import psutil
-
-        memory_cap = int(psutil.virtual_memory().total * 0.75)
+    else:  # 75 % of RAM; no cap where RAM cannot be read
+        ram = ram_bytes()
+        memory_cap = int(ram * 0.75) if ram else None
     if opts.getoption("--max-batch-limit") < 1:
         raise BenchUsageError("--max-batch-limit: must be >= 1")
     predict = [parse_bytes("--predict-memory", s) for s in split_list("--predict-memory", opts.getoption("--predict-memory"))]

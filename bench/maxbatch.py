@@ -94,9 +94,8 @@ def build_record(
         fit_metric=fit_metric,
         probes=probes,
     )
-    statuses = {p.status for p in probes}
-    if "unsupported" in statuses or "error" in statuses:
-        bad = next(p for p in probes if p.status in ("unsupported", "error"))
+    bad = next((p for p in probes if p.status in ("unsupported", "error")), None)
+    if bad is not None:
         record.status = bad.status
         return record
     points = [(p.batch_size, getattr(p, fit_metric)) for p in probes if p.status == "ok" and getattr(p, fit_metric)]
