@@ -23,44 +23,80 @@ from bench.config import (
     parse_bytes,
     split_list,
 )
-
 from bench.keys import BENCH_CONFIG, RESULTS_WRITER, UNTIMED_RECORDS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)")
-    g.addoption("--preset", default=None, help=f"case matrix preset: {', '.join(PRESETS)} "
-                "(default: gpu-small with a GPU, else cpu-smoke)")  # fmt: skip
+    g.addoption(
+        "--preset",
+        default=None,
+        help=f"case matrix preset: {', '.join(PRESETS)} (default: gpu-small with a GPU, else cpu-smoke)",
+    )
     g.addoption("--workloads", default=None, help="comma list of workloads (replaces the preset's)")
     g.addoption("--methods", default=None, help="comma list of DP methods (replaces the preset's)")
     g.addoption("--batch-sizes", default=None, help="comma list of batch sizes (replaces the preset's)")
-    g.addoption("--devices", default=None, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
-    g.addoption("--workload-module", action="append", default=[], metavar="MODULE",
-                help="import MODULE, which registers workloads with models.register_workload (repeatable)")  # fmt: skip
-    g.addoption("--sample-interval", type=float, default=0.001, help="NVML/RSS sampling interval in seconds (default 0.001)")
-    g.addoption("--target-epsilon", type=float, default=None, help="resolve the noise multiplier for this ε (Opacus accountant)")
+    g.addoption(
+        "--devices", default=None, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)"
+    )
+    g.addoption(
+        "--workload-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE, which registers workloads with models.register_workload (repeatable)",
+    )
+    g.addoption(
+        "--sample-interval", type=float, default=0.001, help="NVML/RSS sampling interval in seconds (default 0.001)"
+    )
+    g.addoption(
+        "--target-epsilon", type=float, default=None, help="resolve the noise multiplier for this ε (Opacus accountant)"
+    )
     g.addoption("--target-delta", type=float, default=1e-5, help="δ of the privacy guarantee (default 1e-5)")
-    g.addoption("--noise-multiplier", type=float, default=None, help="noise multiplier σ (default 1.0 unless --target-epsilon)")
+    g.addoption(
+        "--noise-multiplier", type=float, default=None, help="noise multiplier σ (default 1.0 unless --target-epsilon)"
+    )
     g.addoption("--accountant", default="prv", help="Opacus accountant: prv, rdp, gdp (default prv)")
-    g.addoption("--sample-rate", type=float, default=0.01, help="Poisson sampling rate q for the accountant (default 0.01)")
+    g.addoption(
+        "--sample-rate", type=float, default=0.01, help="Poisson sampling rate q for the accountant (default 0.01)"
+    )
     g.addoption("--privacy-steps", type=int, default=1000, help="training steps the guarantee covers (default 1000)")
     g.addoption("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C (default 1.0)")
     g.addoption("--optimizer", default="adamw", help="adamw (default), adam or sgd")
     g.addoption("--rounds", type=int, default=None, help="timed rounds per case (default: the preset's)")
-    g.addoption("--memory-cap", default=None, help="CPU only: live tensor bytes above this are an OOM, e.g. 8GiB "
-                "(default: 75%% of RAM)")  # fmt: skip
-    g.addoption("--results", default=None, help="JSON-lines file each finished case is appended to "
-                "(default: results/dpmem-<time>.jsonl)")  # fmt: skip
-    g.addoption("--snapshot", default=None, metavar="CASE_ID", help="export a CUDA memory snapshot for this case id "
-                "(e.g. dit-s-2-cond-bk-bs16-cuda:0) into --snapshot-dir")  # fmt: skip
-    g.addoption("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
+    g.addoption(
+        "--memory-cap",
+        default=None,
+        help="CPU only: live tensor bytes above this are an OOM, e.g. 8GiB (default: 75%% of RAM)",
+    )
+    g.addoption(
+        "--results",
+        default=None,
+        help="JSON-lines file each finished case is appended to (default: results/dpmem-<time>.jsonl)",
+    )
+    g.addoption(
+        "--snapshot",
+        default=None,
+        metavar="CASE_ID",
+        help="export a CUDA memory snapshot for this case id (e.g. dit-s-2-cond-bk-bs16-cuda:0) into --snapshot-dir",
+    )
+    g.addoption(
+        "--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)"
+    )
     g.addoption("--runner-label", default=None, help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
     g.addoption("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
-    g.addoption("--max-batch", action="store_true", help="max-batch mode: per workload × method × device, find the "
-                "largest batch that fits (doubling, then bisection) and fit peak(B) = fixed + per_sample·B")  # fmt: skip
+    g.addoption(
+        "--max-batch",
+        action="store_true",
+        help="max-batch mode: per workload × method × device, find the "
+        "largest batch that fits (doubling, then bisection) and fit peak(B) = fixed + per_sample·B",
+    )
     g.addoption("--max-batch-limit", type=int, default=4096, help="largest batch size the max-batch search tries")
-    g.addoption("--predict-memory", default="16GiB,24GiB,40GiB,80GiB,141GiB",
-                help="memory sizes the max-batch fit predicts a max batch for (comma list)")  # fmt: skip
+    g.addoption(
+        "--predict-memory",
+        default="16GiB,24GiB,40GiB,80GiB,141GiB",
+        help="memory sizes the max-batch fit predicts a max batch for (comma list)",
+    )
 
 
 def _build_config(opts: pytest.Config) -> BenchConfig:
@@ -102,7 +138,9 @@ def _build_config(opts: pytest.Config) -> BenchConfig:
         memory_cap = int(ram * 0.75) if ram else None
     if opts.getoption("--max-batch-limit") < 1:
         raise BenchUsageError("--max-batch-limit: must be >= 1")
-    predict = [parse_bytes("--predict-memory", s) for s in split_list("--predict-memory", opts.getoption("--predict-memory"))]
+    predict = [
+        parse_bytes("--predict-memory", s) for s in split_list("--predict-memory", opts.getoption("--predict-memory"))
+    ]
 
     privacy_kwargs = dict(
         max_grad_norm=opts.getoption("--max-grad-norm"),

@@ -13,8 +13,8 @@ cases that ran before it in the same process (tested in tests/test_bench.py).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -24,10 +24,10 @@ from bench.config import BenchConfig
 from bench.devices import resolve_device
 from bench.machine import device_facts
 from bench.memory import cuda as cuda_mem
+from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
 from bench.memory.measure import measure_step
 from bench.memory.nvml import read_used_bytes
-from bench.memory.record import CaseRecord
-from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
+from bench.record import CaseRecord
 
 Timer = Callable[[Callable[[], None]], dict]
 
@@ -147,7 +147,7 @@ def run_case(
             setattr(record, key, value)
     except dp.MethodUnsupported as exc:
         record.status, record.reason = "unsupported", str(exc)
-    except Exception as exc:  # noqa: BLE001 - classified below; the traceback must not keep tensors alive
+    except Exception as exc:
         if is_out_of_memory(exc):
             record.status = "oom"
             record.reason = f"batch {spec.batch_size}: {_first_line(exc)}"

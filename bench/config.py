@@ -33,11 +33,20 @@ class Preset:
 
 
 _GPU_WORKLOADS = (
-    "dit-s-2-cond", "dit-s-2-uncond", "dit-b-2-cond", "dit-b-2-uncond",
-    "dit-l-2-cond", "dit-l-2-uncond", "dit-xl-2-cond", "dit-xl-2-uncond",
+    "dit-s-2-cond",
+    "dit-s-2-uncond",
+    "dit-b-2-cond",
+    "dit-b-2-uncond",
+    "dit-l-2-cond",
+    "dit-l-2-uncond",
+    "dit-xl-2-cond",
+    "dit-xl-2-uncond",
     "dit-xl-2-cond-512",
-    "gpt2", "gpt2-untied", "gpt2-medium", "gpt2-medium-untied",
-)  # fmt: skip
+    "gpt2",
+    "gpt2-untied",
+    "gpt2-medium",
+    "gpt2-medium-untied",
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -136,8 +145,22 @@ def parse_batch_sizes(text: str) -> list[int]:
     return out
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(option: str, text: str) -> int:

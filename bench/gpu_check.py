@@ -15,8 +15,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 GAP_GOAL = 0.02
 OVERHEAD_GOAL = 0.01
@@ -59,7 +60,8 @@ class GapCheck:
         mib = 2**20
         return (
             f"nvml peak-baseline {(self.nvml_peak_used_bytes - self.nvml_baseline_bytes) / mib:9.1f} MiB | "
-            f"max reserved {self.peak_reserved_bytes / mib:9.1f} MiB | max allocated {self.peak_allocated_bytes / mib:9.1f} MiB | "
+            f"max reserved {self.peak_reserved_bytes / mib:9.1f} MiB | "
+            f"max allocated {self.peak_allocated_bytes / mib:9.1f} MiB | "
             f"non-allocator {self.non_allocator_bytes / mib:8.1f} MiB | gap {self.gap_bytes / mib:+8.1f} MiB "
             f"({self.relative_gap:+.2%}) {'OK' if self.ok else 'OVER 2%'}"
         )
@@ -120,8 +122,12 @@ def run_case(workload_name: str, method: str, batch_size: int, device, args) -> 
         cuda.reset_between_cases(device)
         _, reserved_at_start = cuda.current_figures(device)
         figures = measure_step(
-            lambda mark: step(batch, mark), device=device, model=step.model, optimizer=step.optimizer,
-            sample_interval_s=args.interval, track_tensors=False,
+            lambda mark: step(batch, mark),
+            device=device,
+            model=step.model,
+            optimizer=step.optimizer,
+            sample_interval_s=args.interval,
+            track_tensors=False,
         )
         if figures["nvml_peak_used_bytes"] is None:
             raise RuntimeError("; ".join(figures["notes"]) or "NVML produced no samples")
@@ -159,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
     name, total = device_facts(device)
-    print(f"gpu_check on {device} ({name}, {total / 2**30:.1f} GiB), batch {args.batch_size}, interval {args.interval * 1e3:g} ms")
+    print(
+        f"gpu_check on {device} ({name}, {total / 2**30:.1f} GiB), batch {args.batch_size}, "
+        f"interval {args.interval * 1e3:g} ms"
+    )
     failures = 0
     for workload_name in args.workloads:
         for method in args.methods:

@@ -9,14 +9,16 @@ on an 80 GB card?"). What "fits" means: the GPU's own capacity, or on CPU the be
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
-from bench.memory.record import BatchProbe, MaxBatchRecord
+from bench.record import BatchProbe, MaxBatchRecord
 
 Probe = Callable[[int], BatchProbe]
 
 
-def search(probe: Probe, limit: int, say: Callable[[str], None] = lambda msg: None) -> tuple[int | None, int | None, list[BatchProbe]]:
+def search(
+    probe: Probe, limit: int, say: Callable[[str], None] = lambda msg: None
+) -> tuple[int | None, int | None, list[BatchProbe]]:
     """Return (largest ok batch, smallest failing batch, probes in the order run). ``limit`` caps the batch."""
     if limit < 1:
         raise ValueError(f"max-batch limit must be >= 1, got {limit}")

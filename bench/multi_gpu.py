@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         description="One pytest-benchmark process per GPU, in parallel; arguments after -- go to each pytest.",
     )
     parser.add_argument("--gpus", default=None, help="comma list of GPU indices (default: every visible GPU)")
-    parser.add_argument("--out", default="results/multi", help="folder for gpu<i>.json/.jsonl/.log (default results/multi)")
+    parser.add_argument(
+        "--out", default="results/multi", help="folder for gpu<i>.json/.jsonl/.log (default results/multi)"
+    )
     parser.add_argument("--poll", type=float, default=10.0, help="seconds between progress lines (default 10)")
     # The device each child benchmarks. With CUDA_VISIBLE_DEVICES=<i> it is cuda:0; tests use cpu.
     parser.add_argument("--child-device", default="cuda:0", help=argparse.SUPPRESS)
@@ -62,13 +64,23 @@ def main(argv: list[str] | None = None) -> int:
 
     children = []
     for index in gpus:
-        cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
-               "--devices", args.child_device,
-               f"--benchmark-json={out / f'gpu{index}.json'}", f"--results={out / f'gpu{index}.jsonl'}",
-               *pytest_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--devices",
+            args.child_device,
+            f"--benchmark-json={out / f'gpu{index}.json'}",
+            f"--results={out / f'gpu{index}.jsonl'}",
+            *pytest_args,
+        ]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": index}
         env.setdefault("DPMEM_RUNNER_LABEL", f"gpu{index}")
-        log = open(out / f"gpu{index}.log", "w")
+        log = open(out / f"gpu{index}.log", "w")  # noqa: SIM115 - closed when the child exits
         print(f"multi_gpu: GPU {index}: {' '.join(cmd[1:])} (log {log.name})", flush=True)
         children.append((index, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
 

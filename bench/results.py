@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.memory.record import CaseRecord, MaxBatchRecord, to_jsonl_line
+from bench.record import CaseRecord, MaxBatchRecord, to_jsonl_line
 
 
 class ResultsWriter:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from bench.case import CaseSpec, new_record, run_case
-from bench.memory.record import CaseRecord
 from bench.keys import UNTIMED_RECORDS
+from bench.record import CaseRecord
 
 # (workload, method, device) -> smallest batch size that ran out of memory in this session.
 _OOM_AT: dict[tuple[str, str, str], int] = {}
@@ -29,8 +29,13 @@ def _benchmark_timer(benchmark, rounds: int):
         stats = getattr(meta, "stats", None)
         if stats is None:  # --benchmark-disable: the function ran once, untimed
             return {"median": None, "mean": None, "min": None, "stddev": None, "rounds": 0}
-        return {"median": stats.median, "mean": stats.mean, "min": stats.min, "stddev": stats.stddev,
-                "rounds": stats.rounds}  # fmt: skip
+        return {
+            "median": stats.median,
+            "mean": stats.mean,
+            "min": stats.min,
+            "stddev": stats.stddev,
+            "rounds": stats.rounds,
+        }
 
     return timer
 
@@ -68,8 +73,12 @@ def _untimed_entry(item, spec: CaseSpec, record: CaseRecord) -> dict:
         "group": None,
         "name": item.name,
         "fullname": item.nodeid,
-        "params": {"workload": spec.workload, "method": spec.method, "batch_size": spec.batch_size,
-                   "device": spec.device},  # fmt: skip
+        "params": {
+            "workload": spec.workload,
+            "method": spec.method,
+            "batch_size": spec.batch_size,
+            "device": spec.device,
+        },
         "param": spec.case_id,
         "extra_info": record.to_dict(),
         "options": {},

@@ -11,7 +11,7 @@ import pytest
 from bench import maxbatch
 from bench.case import CaseSpec, run_case
 from bench.keys import UNTIMED_RECORDS
-from bench.memory.record import BatchProbe
+from bench.record import BatchProbe
 
 
 @pytest.fixture
@@ -36,23 +36,38 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, requ
     def probe(batch_size: int) -> BatchProbe:
         record = run_case(CaseSpec(workload, method, batch_size, device), cfg, cfg.privacy, timer=None)
         records.append(record)
-        return BatchProbe(batch_size, record.status, record.peak_tensor_bytes, record.peak_reserved_bytes,
-                          record.peak_rss_bytes)  # fmt: skip
+        return BatchProbe(
+            batch_size, record.status, record.peak_tensor_bytes, record.peak_reserved_bytes, record.peak_rss_bytes
+        )
 
     max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
     limit = cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes
     result = maxbatch.build_record(
-        workload, method, device, probes, max_ok, first_fail,
-        fit_metric=fit_metric, memory_limit_bytes=limit, predict_for=list(cfg.predict_memory_bytes),
-    )  # fmt: skip
+        workload,
+        method,
+        device,
+        probes,
+        max_ok,
+        first_fail,
+        fit_metric=fit_metric,
+        memory_limit_bytes=limit,
+        predict_for=list(cfg.predict_memory_bytes),
+    )
     result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
     result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
     say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
 
     results_writer.append(result)
-    entry = {"group": "max-batch", "name": request.node.name, "fullname": request.node.nodeid,
-             "params": {"workload": workload, "method": method, "device": device}, "param": request.node.name,
-             "extra_info": {"record_type": "max_batch", **result.to_dict()}, "options": {}, "stats": None}  # fmt: skip
+    entry = {
+        "group": "max-batch",
+        "name": request.node.name,
+        "fullname": request.node.nodeid,
+        "params": {"workload": workload, "method": method, "device": device},
+        "param": request.node.name,
+        "extra_info": {"record_type": "max_batch", **result.to_dict()},
+        "options": {},
+        "stats": None,
+    }
     pytestconfig.stash[UNTIMED_RECORDS].append(entry)
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)

@@ -27,8 +27,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from torch import Tensor, nn
 from diffusers import DiTTransformer2DModel  # not a dpmem dependency: install it to use this recipe
+from torch import Tensor, nn
 
 import models
 from models.diffusion import epsilon_mse_per_sample, make_dit_batch
@@ -74,10 +74,26 @@ def diffusers_dit_workload(name: str, *, class_dropout_prob: float = 0.1, **conf
     )
 
 
-TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-            sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+)
+XL_2 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
 
 # replace=True: importing the module again (a second load) re-registers instead of failing.
 models.register_workload(diffusers_dit_workload("diffusers-dit-tiny", **TINY), replace=True)

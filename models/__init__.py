@@ -16,8 +16,9 @@ import dataclasses
 import difflib
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +28,9 @@ __all__ = [
     "Workload",
     "WorkloadError",
     "get_workload",
-    "register_workload",
     "list_workloads",
     "load_workload_module",
+    "register_workload",
 ]
 
 
@@ -55,10 +56,10 @@ class Batch:
     def batch_size(self) -> int:
         return int(self.target.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(tuple(t.to(device) for t in self.inputs), self.target.to(device))
 
-    def select(self, index: slice | Tensor | int) -> "Batch":
+    def select(self, index: slice | Tensor | int) -> Batch:
         """The sub-batch at ``index`` along dim 0 (an int keeps the batch dim: size 1)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
@@ -197,7 +198,9 @@ def load_workload_module(module_name: str) -> list[str]:
         raise WorkloadError(f"workload module {module_name!r}: {exc}") from exc
     except Exception as exc:  # any import-time failure of user code
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise WorkloadError(f"workload module {module_name!r} failed to import: {type(exc).__name__}: {first_line}") from exc
+        raise WorkloadError(
+            f"workload module {module_name!r} failed to import: {type(exc).__name__}: {first_line}"
+        ) from exc
     added = [k for k in _REGISTRY if k not in before or _REGISTRY[k] is not before[k]]
     if not added:
         raise WorkloadError(f"workload module {module_name!r} registered no workload (call models.register_workload)")

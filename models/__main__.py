@@ -48,14 +48,17 @@ def format_table(rows: list[dict[str, str]]) -> str:
         return "  ".join(values[c].rjust(widths[c]) if c in numeric else values[c].ljust(widths[c]) for c in columns)
 
     header = line({c: c for c in columns})
-    return "\n".join(l.rstrip() for l in [header, "-" * len(header), *(line(r) for r in rows)])
+    return "\n".join(text.rstrip() for text in [header, "-" * len(header), *(line(r) for r in rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description="List the registered workloads.")
     parser.add_argument("--filter", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR")
     parser.add_argument(
-        "--workload-module", action="append", default=[], metavar="MODULE",
+        "--workload-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
         help="import a bring-your-own module that registers workloads first (repeatable)",
     )
     args = parser.parse_args(argv)

@@ -16,15 +16,16 @@ Building a Workload only builds a config: the model is made on demand by ``build
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from . import Workload, WorkloadError, register_workload
 from .diffusion import epsilon_mse_per_sample, make_dit_batch
 from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTConfig, build_dit, dit_config
 from .gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
 
-__all__ = ["dit_workload", "gpt_workload", "TINY_DIT", "TINY_GPT"]
+__all__ = ["TINY_DIT", "TINY_GPT", "dit_workload", "gpt_workload"]
 
 # Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
 # init so that every trainable parameter gets a non-zero gradient on the first step.
@@ -85,8 +86,9 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         "loss": "epsilon-MSE over the first 4 output channels (no VLB term)",
     }
     if conditional:
-        info.update(num_classes=config.num_classes, class_dropout_prob=config.class_dropout_prob,
-                    null_class=config.null_class)
+        info.update(
+            num_classes=config.num_classes, class_dropout_prob=config.class_dropout_prob, null_class=config.null_class
+        )
     return Workload(
         name=name,
         model_fn=partial(build_dit, config),
@@ -154,7 +156,8 @@ def gpt_workload(
         tokens_per_sample=seq_len,
         input_names=("idx",),
         description=f"{config_name} decoder, {config.n_layer} layers × {config.n_embd}, {seq_len} tokens, "
-        + ("tied" if config.tie_weights else "untied") + " embeddings",
+        + ("tied" if config.tie_weights else "untied")
+        + " embeddings",
         seed=seed,
         info={
             "config": config_name,

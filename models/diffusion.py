@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import Batch
 
-__all__ = ["NUM_TIMESTEPS", "linear_beta_schedule", "alphas_cumprod", "make_dit_batch", "epsilon_mse_per_sample"]
+__all__ = ["NUM_TIMESTEPS", "alphas_cumprod", "epsilon_mse_per_sample", "linear_beta_schedule", "make_dit_batch"]
 
 NUM_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02

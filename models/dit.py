@@ -31,25 +31,25 @@ DP-library shaping (each point was measured with Opacus 1.6):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "DiTConfig",
+    "DIT_CONFIGS",
+    "DIT_SIZES",
+    "IMAGE_TO_LATENT",
+    "PATCH_SIZES",
     "DiT",
+    "DiTConfig",
     "UnconditionalDiT",
     "build_dit",
+    "dit_config",
     "sincos_pos_embed_2d",
     "timestep_frequencies",
-    "dit_config",
-    "DIT_SIZES",
-    "DIT_CONFIGS",
-    "PATCH_SIZES",
-    "IMAGE_TO_LATENT",
 ]
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (the paper's value).
@@ -85,14 +85,20 @@ class DiTConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.input_size >= 1 and self.patch_size >= 1, "input_size and patch_size must be >= 1"),
-            (self.input_size % self.patch_size == 0,
-             f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}"),
+            (
+                self.input_size % self.patch_size == 0,
+                f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}",
+            ),
             (self.depth >= 1 and self.num_heads >= 1, "depth and num_heads must be >= 1"),
-            (self.hidden_size % self.num_heads == 0,
-             f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"),
+            (
+                self.hidden_size % self.num_heads == 0,
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
+            ),
             (self.hidden_size % 4 == 0, f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos)"),
-            (0.0 <= self.class_dropout_prob < 1.0,
-             f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}"),
+            (
+                0.0 <= self.class_dropout_prob < 1.0,
+                f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}",
+            ),
             (not self.class_conditional or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
         ]
         for ok, message in checks:

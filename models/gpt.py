@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import Batch
 
-__all__ = ["GPTConfig", "GPT", "GPT_PRESETS", "gpt_config", "make_token_batch", "next_token_ce_per_sample"]
+__all__ = ["GPT", "GPT_PRESETS", "GPTConfig", "gpt_config", "make_token_batch", "next_token_ce_per_sample"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape
-        if T > self.config.block_size:
+        if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         positions = torch.arange(T, device=idx.device)
         # wpe sees (1, T) — broadcast over the batch — so its per-sample gradient is well defined in every

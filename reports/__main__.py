@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.memory.record import to_jsonl_line
+from bench.record import to_jsonl_line
 
 from .compare import ThresholdError, benchmark_action_entries, compare_results, format_comparison, parse_threshold
 from .figures import FigureOptions, render_figures
@@ -40,29 +40,46 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--skip-bad", action="store_true", help="warn about unreadable input files and go on")
 
-    render = _OneLineParser(prog="python -m reports", parents=[common],
-                            description="Render tables, figures, report.md and report.html from result files.")
+    render = _OneLineParser(
+        prog="python -m reports",
+        parents=[common],
+        description="Render tables, figures, report.md and report.html from result files.",
+    )
     render.add_argument("results", nargs="+", help="pytest-benchmark JSON and/or dpmem JSON-lines files")
     render.add_argument("--out", default="report", help="output directory (default: report)")
     render.add_argument("--workload", help="workload of the breakdown/timeline figures (default: chosen)")
     render.add_argument("--batch-size", type=int, help="batch size of the breakdown/timeline figures")
     render.add_argument("--title", default="dpmem: memory and time of DP-SGD", help="report title")
 
-    compare = _OneLineParser(prog="python -m reports compare", parents=[common],
-                             description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM.")
+    compare = _OneLineParser(
+        prog="python -m reports compare",
+        parents=[common],
+        description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM.",
+    )
     compare.add_argument("base", help="baseline result file")
     compare.add_argument("new", nargs="+", help="new result file(s)")
-    compare.add_argument("--max-regression", default="5%", help='allowed peak-memory growth: "5%%" or "0.05" (default 5%%)')
-    compare.add_argument("--export-benchmark-action", metavar="FILE",
-                         help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON")
+    compare.add_argument(
+        "--max-regression", default="5%", help='allowed peak-memory growth: "5%%" or "0.05" (default 5%%)'
+    )
+    compare.add_argument(
+        "--export-benchmark-action",
+        metavar="FILE",
+        help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON",
+    )
 
-    export = _OneLineParser(prog="python -m reports export", parents=[common],
-                            description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.")
+    export = _OneLineParser(
+        prog="python -m reports export",
+        parents=[common],
+        description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.",
+    )
     export.add_argument("results", nargs="+")
     export.add_argument("--out", required=True, help="output JSON file")
 
-    merge = _OneLineParser(prog="python -m reports merge", parents=[common],
-                           description="Merge result files into one JSON-lines file (e.g. a CI baseline).")
+    merge = _OneLineParser(
+        prog="python -m reports merge",
+        parents=[common],
+        description="Merge result files into one JSON-lines file (e.g. a CI baseline).",
+    )
     merge.add_argument("results", nargs="+")
     merge.add_argument("--out", required=True, help="output .jsonl file")
     return {"render": render, "compare": compare, "export": export, "merge": merge}
@@ -121,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         results = _load(args.results, args.skip_bad)
         lines = []
         for _, row in results.cases.iterrows():
-            record = dataclasses.replace(results.record(row), device_name=row["device_name"],
-                                         runner_label=row["runner_label"])
+            record = dataclasses.replace(
+                results.record(row), device_name=row["device_name"], runner_label=row["runner_label"]
+            )
             lines.append(to_jsonl_line(record))
         lines += [to_jsonl_line(r) for r in results.max_batch_records]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ class ThresholdError(ValueError):
 
 
 def parse_threshold(text: str) -> float:
-    """"5%" → 0.05, "0.05" → 0.05; must be finite and ≥ 0."""
+    """ "5%" → 0.05, "0.05" → 0.05; must be finite and ≥ 0."""
     raw = str(text).strip()
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
@@ -82,19 +82,31 @@ def compare_results(base: Results, new: Results, threshold: float) -> Comparison
                 worst = (figure, change)
             if change > threshold:
                 problems.append(f"{figure} +{change:.1%} (> {threshold:.1%})")
-        row["base peak MiB"] = round(float(b["peak_tensor_bytes"]) / MIB, 2) if present(b["peak_tensor_bytes"]) else None
+        row["base peak MiB"] = (
+            round(float(b["peak_tensor_bytes"]) / MIB, 2) if present(b["peak_tensor_bytes"]) else None
+        )
         row["new peak MiB"] = round(float(n["peak_tensor_bytes"]) / MIB, 2) if present(n["peak_tensor_bytes"]) else None
         row["worst memory change"] = f"{worst[0]} {worst[1]:+.1%}" if worst else "n/a"
         time_b, time_n = b["time_median_s"], n["time_median_s"]
         row["median step change"] = (
-            f"{float(time_n) / float(time_b) - 1.0:+.1%}" if present(time_b) and present(time_n) and float(time_b) > 0 else "n/a"
+            f"{float(time_n) / float(time_b) - 1.0:+.1%}"
+            if present(time_b) and present(time_n) and float(time_b) > 0
+            else "n/a"
         )
         row["verdict"] = "FAIL: " + "; ".join(problems) if problems else "ok"
         if problems:
             failures.append(f"{row['case']}: {'; '.join(problems)}")
         rows.append(row)
-    columns = ["case", "base status", "new status", "base peak MiB", "new peak MiB", "worst memory change",
-               "median step change", "verdict"]
+    columns = [
+        "case",
+        "base status",
+        "new status",
+        "base peak MiB",
+        "new peak MiB",
+        "worst memory change",
+        "median step change",
+        "verdict",
+    ]
     return Comparison(
         table=pd.DataFrame(rows, columns=columns),
         failures=failures,

@@ -7,32 +7,38 @@ the reason, and the report says so. Byte axes are in MiB or GiB (whichever reads
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window (CI, headless GPU runners)
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
 
-from bench.memory.record import CATEGORIES  # noqa: E402
+from bench.record import CATEGORIES
 
-from .load import Results  # noqa: E402
-from .tables import all_ok_batches, fit_metric_for  # noqa: E402
+from .load import Results
+from .tables import all_ok_batches, fit_metric_for
 
-__all__ = ["FigureResult", "FigureOptions", "FIGURES", "SkipFigure", "choose_case", "render_figures"]
+__all__ = ["FIGURES", "FigureOptions", "FigureResult", "SkipFigure", "choose_case", "render_figures"]
 
 METRIC_TITLES = {
     "peak_reserved_bytes": "peak reserved (CUDA allocator)",
     "peak_allocated_bytes": "peak allocated (CUDA allocator)",
     "peak_tensor_bytes": "peak live tensor bytes",
 }
-PHASE_COLORS = {"forward": "#8dd3c7", "backward": "#fb8072", "clip": "#bebada", "noise": "#ffffb3", "optimizer": "#80b1d3"}
+PHASE_COLORS = {
+    "forward": "#8dd3c7",
+    "backward": "#fb8072",
+    "clip": "#bebada",
+    "noise": "#ffffb3",
+    "optimizer": "#80b1d3",
+}
 TRACE_STYLES = {  # Timeline field -> (label, color)
     "tensor_bytes": ("live tensors (tracker)", "tab:blue"),
     "allocated_bytes": ("CUDA allocated", "tab:green"),
@@ -123,7 +129,11 @@ def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int
         if all_ok:
             candidates.append((-methods, workload, machine, max(all_ok)))
     if not candidates:
-        what = f"batch {options.batch_size}" if options.batch_size is not None else "a batch size at which every method ran ok"
+        what = (
+            f"batch {options.batch_size}"
+            if options.batch_size is not None
+            else "a batch size at which every method ran ok"
+        )
         raise SkipFigure(f"no workload has {what}")
     _, workload, machine, batch = sorted(candidates)[0]
     return machine, workload, int(batch)
@@ -214,6 +224,7 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     records = [r for r in records if r.timeline.t_s and any(getattr(r.timeline, k) for k in TRACE_STYLES)]
     if not records:
         raise SkipFigure(f"no timeline recorded for {workload} batch {batch}")
+
     def axis_unit(keys):
         return byte_unit(max(max(max(getattr(r.timeline, k) or [0]) for k in keys) for r in records))
 
@@ -224,7 +235,9 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     for ax, record in zip(axes, records):
         t_ms = np.asarray(record.timeline.t_s) * 1e3
         for phase in record.phases:
-            ax.axvspan(phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0)
+            ax.axvspan(
+                phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0
+            )
         right = None
         for key, (label, color) in TRACE_STYLES.items():
             values = getattr(record.timeline, key)
@@ -244,7 +257,10 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
         ax.set_ylabel(f"step memory [{unit}]")
         ax.grid(alpha=0.3)
     handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
-    phases = sorted({p.name for r in records for p in r.phases}, key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99)
+    phases = sorted(
+        {p.name for r in records for p in r.phases},
+        key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99,
+    )
     for name in phases:
         handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
     bottom = _legend_below(fig, list(handles.values()), list(handles.keys()), ncol=5)
@@ -271,8 +287,11 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
     if shared.empty:
         raise SkipFigure("no case ran ok on two or more machines")
-    workload = options.workload if options.workload in set(shared["workload"]) else \
-        shared.groupby("workload").size().sort_values(ascending=False).index[0]
+    workload = (
+        options.workload
+        if options.workload in set(shared["workload"])
+        else shared.groupby("workload").size().sort_values(ascending=False).index[0]
+    )
     shared = shared[shared["workload"] == workload]
     labels = sorted({(m, b) for m, b in zip(shared["method"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
     labels = labels[-MAX_COMPARED_CASES:]  # the largest batches read best when there are many
@@ -328,14 +347,30 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
         x = np.arange(len(methods))
         for i, machine in enumerate(machines):
             mrows = rows[rows["machine"] == machine].set_index("method")
-            measured = [_max_batch_value(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False) for m in methods]
-            predicted = [_max_batch_value(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan for m in methods]
+            measured = [
+                _max_batch_value(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False)
+                for m in methods
+            ]
+            predicted = [
+                _max_batch_value(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan
+                for m in methods
+            ]
             offset = x + (2 * i) * width
             bars = ax.bar(offset, [v for v, _ in measured], width, color=cmap(i), label=f"{machine} measured")
             for bar, (_, lower) in zip(bars, measured):
                 if lower:
-                    ax.annotate("≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-            ax.bar(offset + width, predicted, width, color=cmap(i), alpha=0.45, hatch="//", label=f"{machine} predicted (affine fit)")
+                    ax.annotate(
+                        "≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+                    )
+            ax.bar(
+                offset + width,
+                predicted,
+                width,
+                color=cmap(i),
+                alpha=0.45,
+                hatch="//",
+                label=f"{machine} predicted (affine fit)",
+            )
         ax.set_xticks(x + width * (2 * len(machines) - 1) / 2, methods, rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log", base=2)
         ax.set_ylim(bottom=0.5)  # bars start below batch 1 so every bar is visible on the log axis
@@ -346,7 +381,10 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     fig.suptitle("Max batch per method: measured vs predicted from peak(B) = fixed + per_sample·B")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     sources = ", ".join(sorted(fits["source"].unique()))
-    return fig, f"Measured bars: largest batch that ran ok (≥: no larger batch failed); hatched: prediction ({sources})."
+    return (
+        fig,
+        f"Measured bars: largest batch that ran ok (≥: no larger batch failed); hatched: prediction ({sources}).",
+    )
 
 
 def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
@@ -358,7 +396,10 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(series) + 4), 4.6))
     width = 0.8 / len(methods)
     x = np.arange(len(series))
-    for ax, column, title in ((axes[0], "fixed_bytes", "fixed memory"), (axes[1], "per_sample_bytes", "memory per sample")):
+    for ax, column, title in (
+        (axes[0], "fixed_bytes", "fixed memory"),
+        (axes[1], "per_sample_bytes", "memory per sample"),
+    ):
         values = fits[column].clip(lower=0)
         scale, unit = byte_unit(float(values.max()))
         for i, method in enumerate(methods):
@@ -377,7 +418,11 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
     fig.suptitle("Affine fit peak(B) = fixed + per_sample·B, per method")
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     metrics = ", ".join(sorted(fits["fit metric"].unique()))
-    return fig, f"Fixed (batch-independent) and per-sample memory from the affine fit of {metrics}; negative fits are drawn at 0."
+    return (
+        fig,
+        f"Fixed (batch-independent) and per-sample memory from the affine fit of {metrics}; "
+        "negative fits are drawn at 0.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +437,8 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
         raise SkipFigure(f"the data lack the {' and '.join(missing)} family")
     where = ["machine", "device", "workload"]
     facts = cases.drop_duplicates(where)[[*where, "family", "tokens_per_sample"]].rename(
-        columns={"tokens_per_sample": "tokens"})
+        columns={"tokens_per_sample": "tokens"}
+    )
     overhead = results.overhead.merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].map(lambda v: isinstance(v, float)) & overhead["tokens"].notna()]
     key = ["machine", "device", "batch_size", "tokens", "method"]
@@ -408,14 +454,26 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     pairs = proxy_pairs(results)
     colors = _method_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, column, title in ((axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"), (axes[1], "median step ×nondp", "step time ÷ non-DP")):
-        both = pairs[pairs[f"{column}_dit"].map(lambda v: isinstance(v, float)) & pairs[f"{column}_gpt"].map(lambda v: isinstance(v, float))]
+    for ax, column, title in (
+        (axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"),
+        (axes[1], "median step ×nondp", "step time ÷ non-DP"),
+    ):
+        both = pairs[
+            pairs[f"{column}_dit"].map(lambda v: isinstance(v, float))
+            & pairs[f"{column}_gpt"].map(lambda v: isinstance(v, float))
+        ]
         if both.empty:
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(title)
             continue
         for method, rows in both.groupby("method"):
-            ax.scatter(rows[f"{column}_dit"].astype(float), rows[f"{column}_gpt"].astype(float), color=colors[method], label=method, s=40)
+            ax.scatter(
+                rows[f"{column}_dit"].astype(float),
+                rows[f"{column}_gpt"].astype(float),
+                color=colors[method],
+                label=method,
+                s=40,
+            )
         low = min(both[f"{column}_dit"].astype(float).min(), both[f"{column}_gpt"].astype(float).min())
         high = max(both[f"{column}_dit"].astype(float).max(), both[f"{column}_gpt"].astype(float).max())
         pad = 0.05 * (high - low or 1.0)
@@ -427,7 +485,11 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         ax.legend(fontsize=8)
     fig.suptitle("Proxy validity: DP overhead of the GPT proxy vs DiT at matched batch and tokens per sample")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    return fig, f"{len(pairs)} matched (method, batch, tokens) pair(s); points on the dashed line mean the proxy predicts DiT's overhead."
+    return (
+        fig,
+        f"{len(pairs)} matched (method, batch, tokens) pair(s); "
+        "points on the dashed line mean the proxy predicts DiT's overhead.",
+    )
 
 
 # name -> (title, function); the order is the report's order.
@@ -461,4 +523,3 @@ def render_figures(results: Results, out_dir: Path, options: FigureOptions | Non
             plt.close(fig)
         produced.append(FigureResult(name, title, paths, caption=caption))
     return produced
-

@@ -12,7 +12,7 @@ import pandas as pd
 from .figures import FigureResult
 from .tables import HELPER_COLUMNS, present, to_markdown
 
-__all__ = ["ReportContent", "ReportTable", "write_markdown", "write_html"]
+__all__ = ["ReportContent", "ReportTable", "write_html", "write_markdown"]
 
 
 @dataclass
@@ -45,7 +45,14 @@ def write_markdown(content: ReportContent, out_dir: Path) -> Path:
     lines += ["## Figures", ""]
     for figure in content.figures:
         if figure.skipped is None and figure.png is not None:
-            lines += [f"### {figure.title}", "", figure.caption, "", f"![{figure.title}]({_relative(figure.png, out_dir)})", ""]
+            lines += [
+                f"### {figure.title}",
+                "",
+                figure.caption,
+                "",
+                f"![{figure.title}]({_relative(figure.png, out_dir)})",
+                "",
+            ]
     skipped = [f for f in content.figures if f.skipped is not None]
     if skipped:
         lines += ["## Figures not produced", ""] + [f"- {f.title}: {f.skipped}" for f in skipped] + [""]
@@ -78,12 +85,18 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
     for figure in content.figures:
         if figure.skipped is None and figure.png is not None:
             data = base64.b64encode(figure.png.read_bytes()).decode("ascii")
-            parts += [f"<h3>{esc(figure.title)}</h3>", f"<p class='note'>{esc(figure.caption)}</p>",
-                      f'<img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">']
+            parts += [
+                f"<h3>{esc(figure.title)}</h3>",
+                f"<p class='note'>{esc(figure.caption)}</p>",
+                f'<img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">',
+            ]
     skipped = [f for f in content.figures if f.skipped is not None]
     if skipped:
-        parts.append("<h2>Figures not produced</h2><ul>"
-                     + "".join(f"<li>{esc(f.title)}: {esc(f.skipped)}</li>" for f in skipped) + "</ul>")
+        parts.append(
+            "<h2>Figures not produced</h2><ul>"
+            + "".join(f"<li>{esc(f.title)}: {esc(f.skipped)}</li>" for f in skipped)
+            + "</ul>"
+        )
     parts.append("</body></html>")
     path = out_dir / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -95,8 +108,10 @@ def _html_table(table: pd.DataFrame, drop: tuple[str, ...] = HELPER_COLUMNS) -> 
         return "<p><em>no rows</em></p>"
     shown = table[[c for c in table.columns if c not in drop]]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>"
-                   for row in shown.itertuples(index=False))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -3,8 +3,8 @@
 Two formats, told apart by content (never by file name):
 
 * pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks``; each benchmark's ``extra_info``
-  is a :class:`bench.memory.record.CaseRecord` dict, ``stats`` its timing (seconds, or null when not timed);
-* JSON lines: one :func:`bench.memory.record.to_jsonl_line` object per line. A killed run may leave a truncated
+  is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing (seconds, or null when not timed);
+* JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run may leave a truncated
   *last* line: it is skipped with a warning and every complete line is kept.
 
 Everything is parsed with :mod:`json` into the record classes; nothing from the input is evaluated or unpickled.
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pandas as pd
 
-from bench.memory.record import (
+from bench.record import (
     CATEGORIES,
     SCHEMA_VERSION,
     CaseRecord,
@@ -129,7 +130,7 @@ class Results:
 
 
 def workload_family(name: str) -> str:
-    """"dit" or "gpt" from a workload name (built-in names start with their family), else "other"; used for
+    """ "dit" or "gpt" from a workload name (built-in names start with their family), else "other"; used for
     records without a `family` field and for max-batch records."""
     lowered = name.lower()
     for family in ("dit", "gpt"):
@@ -173,7 +174,8 @@ def load_file(path: str | Path) -> _Loaded:
     if whole is not None and not (isinstance(whole, dict) and ("record_type" in whole or "workload" in whole)):
         kind = "object" if isinstance(whole, dict) else type(whole).__name__
         raise ReportInputError(
-            f"{path}: foreign JSON (a JSON {kind} that is neither pytest-benchmark output nor dpmem JSON lines)")
+            f"{path}: foreign JSON (a JSON {kind} that is neither pytest-benchmark output nor dpmem JSON lines)"
+        )
     return _load_jsonl(path, text)
 
 
@@ -204,8 +206,14 @@ def _load_pytest_benchmark(path: Path, data: dict[str, Any]) -> _Loaded:
 def _stats_columns(stats: Any) -> dict[str, Any]:
     if not isinstance(stats, dict):
         return {}
-    mapping = {"median": "time_median_s", "mean": "time_mean_s", "min": "time_min_s", "max": "time_max_s",
-               "stddev": "time_stddev_s", "rounds": "rounds"}
+    mapping = {
+        "median": "time_median_s",
+        "mean": "time_mean_s",
+        "min": "time_min_s",
+        "max": "time_max_s",
+        "stddev": "time_stddev_s",
+        "rounds": "rounds",
+    }
     return {column: stats[key] for key, column in mapping.items() if isinstance(stats.get(key), (int, float))}
 
 
@@ -244,7 +252,9 @@ def _load_jsonl(path: Path, text: str) -> _Loaded:
         except json.JSONDecodeError as exc:
             if number == last_number and (cases or max_batches):
                 kept = len(cases) + len(max_batches)
-                warnings.append(f"{path}: last line {number} is truncated (killed run?); skipped it, kept {kept} record(s)")
+                warnings.append(
+                    f"{path}: last line {number} is truncated (killed run?); skipped it, kept {kept} record(s)"
+                )
                 continue
             what = "not JSON" if number == 1 else f"line {number} is not JSON"
             raise ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
@@ -326,8 +336,11 @@ def load_results(
         cases = cases.sort_values(["_timed", "_order"]).drop_duplicates(list(CASE_KEY), keep="last")
         if conflicts:
             note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
-        cases = cases.sort_values(["machine", "device", "workload", "method", "batch_size"]).drop(
-            columns=["_order", "_timed", "_format"]).reset_index(drop=True)
+        cases = (
+            cases.sort_values(["machine", "device", "workload", "method", "batch_size"])
+            .drop(columns=["_order", "_timed", "_format"])
+            .reset_index(drop=True)
+        )
         cases["batch_size"] = cases["batch_size"].astype(int)
     max_batches = pd.DataFrame(mb_rows, columns=_max_batch_columns())
     return Results(cases, max_batches, case_records, mb_records, sources, warnings)
@@ -335,9 +348,22 @@ def load_results(
 
 def _case_columns() -> list[str]:
     return [
-        "workload", "method", "batch_size", "device", "status", "reason", "family",
-        *MEMORY_COLUMNS, *(f"breakdown_{c}" for c in CATEGORIES), *_RECORD_FACTS, *_TIME_COLUMNS,
-        "device_name", "runner_label", "machine", "source", "record_index",
+        "workload",
+        "method",
+        "batch_size",
+        "device",
+        "status",
+        "reason",
+        "family",
+        *MEMORY_COLUMNS,
+        *(f"breakdown_{c}" for c in CATEGORIES),
+        *_RECORD_FACTS,
+        *_TIME_COLUMNS,
+        "device_name",
+        "runner_label",
+        "machine",
+        "source",
+        "record_index",
     ]
 
 
@@ -380,9 +406,24 @@ def machine_label(runner_label: str | None, device_name: str | None, device: str
 
 def _max_batch_columns() -> list[str]:
     return [
-        "workload", "method", "device", "status", "reason", "family", "memory_limit_bytes", "max_batch_measured",
-        "first_failing_batch", "fit_metric", "fit_fixed_bytes", "fit_per_sample_bytes", "predicted_max_batch",
-        "device_name", "runner_label", "machine", "source", "record_index",
+        "workload",
+        "method",
+        "device",
+        "status",
+        "reason",
+        "family",
+        "memory_limit_bytes",
+        "max_batch_measured",
+        "first_failing_batch",
+        "fit_metric",
+        "fit_fixed_bytes",
+        "fit_per_sample_bytes",
+        "predicted_max_batch",
+        "device_name",
+        "runner_label",
+        "machine",
+        "source",
+        "record_index",
     ]
 
 

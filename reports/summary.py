@@ -42,8 +42,9 @@ def _headline_lines(overhead: pd.DataFrame, machine: str, rows: pd.DataFrame, wh
     workload, batch = headline
     metric = fit_metric_for(rows[(rows["workload"] == workload) & (rows["batch_size"] == batch)])
     column = _RATIO_TITLE[metric]
-    table = overhead[(overhead["machine"] == machine) & (overhead["workload"] == workload)
-                     & (overhead["batch_size"] == batch)]
+    table = overhead[
+        (overhead["machine"] == machine) & (overhead["workload"] == workload) & (overhead["batch_size"] == batch)
+    ]
     parts = []
     for _, row in table.iterrows():
         memory, time = row[column], row["median step ×nondp"]
@@ -66,8 +67,11 @@ def _method_lines(method: str, mrows: pd.DataFrame, where: str) -> list[str]:
         if len(ooms):
             ok = wrows[wrows["status"] == "ok"]["batch_size"]
             below = ok[ok < ooms.min()]
-            oom_text.append(f"above batch {int(below.max())} on {workload}" if len(below)
-                            else f"at every batch tried (from {int(ooms.min())}) on {workload}")
+            oom_text.append(
+                f"above batch {int(below.max())} on {workload}"
+                if len(below)
+                else f"at every batch tried (from {int(ooms.min())}) on {workload}"
+            )
     if oom_text:
         lines.append(f"On {where}, {method} runs out of memory " + ", ".join(oom_text) + ".")
     unsupported = mrows[mrows["status"] == "unsupported"]
@@ -90,7 +94,9 @@ def _headline_case(rows: pd.DataFrame) -> tuple[str, int] | None:
         good = all_ok_batches(wrows)
         if good:
             params = wrows["params_total"].max()
-            candidates.append((wrows["family"].iloc[0] == "dit", params if pd.notna(params) else 0, max(good), workload))
+            candidates.append(
+                (wrows["family"].iloc[0] == "dit", params if pd.notna(params) else 0, max(good), workload)
+            )
     if not candidates:
         return None
     *_, batch, workload = max(candidates)

@@ -17,10 +17,10 @@ from bench.maxbatch import affine_fit, predict_max_batch  # the one fit, shared 
 
 __all__ = [
     "BASELINE_METHOD",
+    "FIT_NOTES",
     "HELPER_COLUMNS",
     "MIB",
     "OVERHEAD_NOTES",
-    "FIT_NOTES",
     "RATIO_COLUMNS",
     "affine_fit",
     "affine_fit_table",
@@ -49,7 +49,7 @@ RATIO_COLUMNS = {
 OVERHEAD_NOTES = (
     "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device and "
     "machine. `peak tensor` = peak live tensor bytes (exact tracker, every device); `peak allocated` / "
-    "`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, \"n/a\" on CPU); "
+    '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
     "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes."
 )
 
@@ -57,7 +57,7 @@ FIT_NOTES = (
     "Affine fit peak(B) = fixed + per_sample · B of each method's peak memory over the batch sizes that ran "
     "(`fit metric`: peak_reserved_bytes on CUDA where every point has it, else peak_tensor_bytes). "
     "`predicted max batch` is the largest B with peak(B) ≤ `memory`; `measured max batch` is the largest batch "
-    "that ran ok (\"≥\" when no larger batch failed)."
+    'that ran ok ("≥" when no larger batch failed).'
 )
 
 _STATUS_LABELS = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
@@ -75,8 +75,11 @@ def present(value: Any) -> bool:
 def all_ok_batches(rows: pd.DataFrame) -> list[int]:
     """Batch sizes of ``rows`` (one workload on one machine) at which every method of ``rows`` ran ok."""
     methods = rows["method"].nunique()
-    return [int(b) for b, at in rows.groupby("batch_size")
-            if (at["status"] == "ok").all() and at["method"].nunique() == methods]
+    return [
+        int(b)
+        for b, at in rows.groupby("batch_size")
+        if (at["status"] == "ok").all() and at["method"].nunique() == methods
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +97,9 @@ def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
             row = {k: case[k] for k in group_key}
             row["method"] = case["method"]
             row["status"] = case["status"]
-            row["peak tensor MiB"] = _mib(case["peak_tensor_bytes"]) if case["status"] == "ok" else status_label(case["status"])
+            row["peak tensor MiB"] = (
+                _mib(case["peak_tensor_bytes"]) if case["status"] == "ok" else status_label(case["status"])
+            )
             row["nondp peak tensor MiB"] = _baseline_problem(baseline) or _mib(baseline["peak_tensor_bytes"])
             for title, figure in RATIO_COLUMNS.items():
                 row[title] = _ratio_cell(case, baseline, figure)
@@ -144,9 +149,20 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
     ok batch sizes) and the measured max batch is the largest ok batch among them."""
     key = ["machine", "device", "workload", "method"]
-    columns = [*key, "source", "fit metric", "points", "fixed MiB", "per-sample MiB", "memory GiB",
-               "measured max batch", "first failing batch", "predicted max batch",
-               "fixed_bytes", "per_sample_bytes"]
+    columns = [
+        *key,
+        "source",
+        "fit metric",
+        "points",
+        "fixed MiB",
+        "per-sample MiB",
+        "memory GiB",
+        "measured max batch",
+        "first failing batch",
+        "predicted max batch",
+        "fixed_bytes",
+        "per_sample_bytes",
+    ]
     rows: dict[tuple, dict[str, Any]] = {}
     if max_batches is not None and len(max_batches):
         for _, mb in max_batches.iterrows():
@@ -181,7 +197,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
             **dict(zip(key, group_key)),
             "source": "fit to cases",
             "fit metric": metric,
-            "points": int(len(ok)),
+            "points": len(ok),
             "fixed_bytes": fixed,
             "per_sample_bytes": per_sample,
             "memory_bytes": memory_bytes,

@@ -269,7 +269,11 @@ CASES = {
     "multi-input": _workload(
         "multi-input",
         MultiInput,
-        lambda b, g: (torch.randn(b, 7, 5, generator=g), torch.rand(b, generator=g), torch.randint(0, 4, (b,), generator=g)),
+        lambda b, g: (
+            torch.randn(b, 7, 5, generator=g),
+            torch.rand(b, generator=g),
+            torch.randint(0, 4, (b,), generator=g),
+        ),
         (7, 5),
     ),
 }
@@ -323,7 +327,7 @@ def test_other_dtypes(dtype, tol):
 
 
 def _cast(batch: Batch, dtype) -> Batch:
-    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t
     return Batch(tuple(cast(t) for t in batch.inputs), cast(batch.target))
 
 
@@ -339,8 +343,12 @@ def test_mixed_rule_uses_both_branches():
     workload, model, batch = _setup("conv-patchify")
     with BookKeeping(model) as engine:
         kinds = engine.run(workload, batch, 1.0).norm_kinds
-    assert kinds == {"patch.weight": "instantiated", "patch.bias": "instantiated", "head.weight": "instantiated",
-                     "head.bias": "instantiated"}
+    assert kinds == {
+        "patch.weight": "instantiated",
+        "patch.bias": "instantiated",
+        "head.weight": "instantiated",
+        "head.bias": "instantiated",
+    }
     workload, model, batch = _setup("linear-2d")
     with BookKeeping(model) as engine:
         kinds = engine.run(workload, batch, 1.0).norm_kinds
@@ -367,7 +375,9 @@ def test_ghost_and_instantiation_agree_on_gpt_tiny():
     for mode in ("ghost", "instantiate"):
         with BookKeeping(model, norm_mode=mode) as engine:
             results[mode] = engine.run(workload, batch, 1.0)
-    torch.testing.assert_close(results["ghost"].per_sample_norms, results["instantiate"].per_sample_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        results["ghost"].per_sample_norms, results["instantiate"].per_sample_norms, rtol=1e-5, atol=0
+    )
     assert relative_error(results["ghost"].clipped_sums, results["instantiate"].clipped_sums) < 1e-5
 
 
@@ -557,7 +567,7 @@ def test_functional_use_of_a_parameter_is_refused():
         target_fn=lambda b, g: torch.randint(0, 11, (b, 7), generator=g),
     )
     model = workload.build_model()
-    with pytest.raises(MethodUnsupported, match="'wte.weight' reach the loss outside"):
+    with pytest.raises(MethodUnsupported, match=r"'wte\.weight' reach the loss outside"):
         clipped_grad_sum("bk", workload, model, workload.make_batch(2), 1.0)
     assert _hook_count(model) == 0
 
@@ -598,7 +608,13 @@ def test_fused_step_adds_noise_of_the_right_scale():
     before = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     privacy = resolve_privacy(1.0, noise_multiplier=2.0)
     step = build_step(
-        "bk-tiled", workload, model, privacy=privacy, batch_size=B, optimizer="sgd", lr=1.0,
+        "bk-tiled",
+        workload,
+        model,
+        privacy=privacy,
+        batch_size=B,
+        optimizer="sgd",
+        lr=1.0,
         noise_generator=torch.Generator().manual_seed(3),
     )
     step(batch)

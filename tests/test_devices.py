@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_nvml import FakeNvml
 
 from bench.devices import resolve_device, visible_devices
 from bench.machine import device_facts, machine_info
-
-from test_nvml import FakeNvml
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -52,7 +51,9 @@ def test_machine_info_from_fake_nvml(monkeypatch):
     assert [g["mig_mode"] for g in info["gpus"]] == [False, True]
     assert info["gpus"][0]["total_memory_bytes"] == 80 * 2**30
     assert info["driver_version"] == "550.54.15" and info["cuda_driver_version"] == "12.4"
-    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
+    assert (
+        info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
+    )
     assert info["packages"]["opacus"] and info["packages"]["nvidia-ml-py"]
     assert info["cpu_model"] and info["ram_bytes"] > 0
     assert fake.inits == fake.shutdowns == 1

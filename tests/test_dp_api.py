@@ -16,7 +16,15 @@ from bench.dp.diagnose import FIX_777, diagnose, params_without_grad_sampler, ti
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-EXPECTED_METHODS = ["nondp", "opacus-hooks", "opacus-functorch", "opacus-ew", "opacus-ghost", "torch-func", "microbatch"]
+EXPECTED_METHODS = [
+    "nondp",
+    "opacus-hooks",
+    "opacus-functorch",
+    "opacus-ew",
+    "opacus-ghost",
+    "torch-func",
+    "microbatch",
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +98,10 @@ def test_target_epsilon_resolves_sigma_with_opacus_and_back(accountant):
     assert privacy.epsilon == pytest.approx(3.0, abs=0.05)
     assert privacy.epsilon <= 3.0 + 1e-9
     # ... and a larger σ means a smaller ε
-    assert dp.resolve_privacy(1.0, noise_multiplier=2 * sigma, sample_rate=0.01, steps=500,
-                              accountant=accountant).epsilon < privacy.epsilon
+    assert (
+        dp.resolve_privacy(1.0, noise_multiplier=2 * sigma, sample_rate=0.01, steps=500, accountant=accountant).epsilon
+        < privacy.epsilon
+    )
 
 
 def test_sigma_gives_epsilon_and_zero_sigma_is_not_private():
@@ -131,8 +141,9 @@ def test_step_marks_every_phase_and_close_leaves_a_plain_module(gpt, method):
     workload, _, batch = gpt
     model = workload.build_model()
     privacy = dp.resolve_privacy(1.0, noise_multiplier=1.0, accountant="rdp")
-    step = dp.build_step(method, workload, model, privacy=privacy,
-                         batch_size=batch.batch_size, optimizer="adamw", lr=1e-3)
+    step = dp.build_step(
+        method, workload, model, privacy=privacy, batch_size=batch.batch_size, optimizer="adamw", lr=1e-3
+    )
     marks: list[str] = []
     for _ in range(2):  # a second step must work too (Opacus' per-step state is reset)
         marks.clear()

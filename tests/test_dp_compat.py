@@ -15,17 +15,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def test_workload_spec_parses_overrides():
     assert parse_workload_spec("gpt-tiny") == ("gpt-tiny", {})
-    assert parse_workload_spec("gpt-tiny:tie_weights=False:seq_len=8") == ("gpt-tiny", {"tie_weights": False, "seq_len": 8})
+    assert parse_workload_spec("gpt-tiny:tie_weights=False:seq_len=8") == (
+        "gpt-tiny",
+        {"tie_weights": False, "seq_len": 8},
+    )
 
 
 def test_matrix_on_tied_and_untied_gpt(capsys):
-    assert main(["--workloads", "gpt-tiny,gpt-tiny:tie_weights=False", "--methods", "opacus-ghost,torch-func,nondp"]) == 0
+    assert (
+        main(["--workloads", "gpt-tiny,gpt-tiny:tie_weights=False", "--methods", "opacus-ghost,torch-func,nondp"]) == 0
+    )
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "| workload | `opacus-ghost` | `torch-func` | `nondp` |"
     assert lines[2] == "| `gpt-tiny` | unsupported [1] | ok | ok |"
     assert lines[3] == "| `gpt-tiny:tie_weights=False` | ok | ok | ok |"
-    assert "1. `opacus-ghost` × `gpt-tiny`: NotImplementedError: Parameter tying is not supported with Ghost Clipping" in out
+    assert (
+        "1. `opacus-ghost` × `gpt-tiny`: NotImplementedError: Parameter tying is not supported with Ghost Clipping"
+        in out
+    )
 
 
 def test_matrix_shows_the_learnable_pos_embed_failures(capsys):
@@ -36,8 +44,12 @@ def test_matrix_shows_the_learnable_pos_embed_failures(capsys):
 
 
 def test_render_marks_mismatches_and_numbers_notes():
-    rows = [("w", "a", "ok", None), ("w", "b", "unsupported", "E: x — y"), ("v", "a", "MISMATCH (rel. err 1e-2)", None),
-            ("v", "b", "unsupported", "E: z")]
+    rows = [
+        ("w", "a", "ok", None),
+        ("w", "b", "unsupported", "E: x — y"),
+        ("v", "a", "MISMATCH (rel. err 1e-2)", None),
+        ("v", "b", "unsupported", "E: z"),
+    ]
     text = render_matrix(rows, ["w", "v"], ["a", "b"])
     assert "| `w` | ok | unsupported [1] |" in text and "| `v` | MISMATCH (rel. err 1e-2) | unsupported [2] |" in text
     assert text.endswith("1. `b` × `w`: E: x — y\n2. `b` × `v`: E: z")
@@ -60,6 +72,11 @@ def test_bad_names_are_one_line_errors_with_exit_2(capsys, argv, message):
 
 
 def test_module_entry_point_exits_2_on_unknown_method():
-    proc = subprocess.run([sys.executable, "-m", "bench.dp", "--methods", "nope"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.dp", "--methods", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2 and "unknown DP method 'nope'" in proc.stderr and proc.stdout == ""

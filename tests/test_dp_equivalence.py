@@ -80,11 +80,18 @@ def cases() -> dict[str, Case]:
         model = workload.build_model()
         batch = workload.make_batch(BATCH, generator=torch.Generator().manual_seed(1))
         norms = torch.stack(
-            [flat(clipped_grad_sum("microbatch", workload, model, batch.select(i), math.inf)).norm() for i in range(BATCH)]
+            [
+                flat(clipped_grad_sum("microbatch", workload, model, batch.select(i), math.inf)).norm()
+                for i in range(BATCH)
+            ]
         )
         clip = float(norms.median())
         out[key] = Case(
-            workload, model, batch, clip, norms,
+            workload,
+            model,
+            batch,
+            clip,
+            norms,
             clipped_grad_sum("microbatch", workload, model, batch, clip),
             clipped_grad_sum("microbatch", workload, model, batch, math.inf),
         )
@@ -161,7 +168,13 @@ def run_one_step(case: Case, method: str, sigma: float, seed: int = 0) -> dict[s
     before = snapshot(model)
     privacy = dp.resolve_privacy(case.clip, noise_multiplier=sigma, accountant="rdp")  # rdp: fast for any σ
     step = dp.build_step(
-        method, case.workload, model, privacy=privacy, batch_size=BATCH, optimizer="sgd", lr=1.0,
+        method,
+        case.workload,
+        model,
+        privacy=privacy,
+        batch_size=BATCH,
+        optimizer="sgd",
+        lr=1.0,
         noise_generator=torch.Generator().manual_seed(seed),
     )
     marks: list[str] = []

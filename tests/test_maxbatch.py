@@ -3,7 +3,7 @@
 import pytest
 
 from bench import maxbatch
-from bench.memory.record import BatchProbe
+from bench.record import BatchProbe
 
 
 def _fake_probe(fixed: int, per_sample: int, capacity: int, calls: list):
@@ -55,8 +55,17 @@ def test_build_record_predicts_for_device_and_extra_sizes():
     calls: list[int] = []
     probe = _fake_probe(1000, 100, 10_000, calls)
     max_ok, first_fail, probes = maxbatch.search(probe, limit=4096)
-    record = maxbatch.build_record("w", "m", "cpu", probes, max_ok, first_fail, fit_metric="peak_tensor_bytes",
-                                   memory_limit_bytes=10_000, predict_for=[20_000])
+    record = maxbatch.build_record(
+        "w",
+        "m",
+        "cpu",
+        probes,
+        max_ok,
+        first_fail,
+        fit_metric="peak_tensor_bytes",
+        memory_limit_bytes=10_000,
+        predict_for=[20_000],
+    )
     assert record.max_batch_measured == 90 and record.first_failing_batch == 91
     assert record.predicted_max_batch == {"10000": 90, "20000": 190}
     assert record.fit_per_sample_bytes == pytest.approx(100)
@@ -64,6 +73,7 @@ def test_build_record_predicts_for_device_and_extra_sizes():
 
 def test_build_record_unsupported_has_no_fit():
     probes = [BatchProbe(1, "unsupported")]
-    record = maxbatch.build_record("w", "m", "cpu", probes, None, 1, fit_metric="peak_tensor_bytes",
-                                   memory_limit_bytes=10, predict_for=[])
+    record = maxbatch.build_record(
+        "w", "m", "cpu", probes, None, 1, fit_metric="peak_tensor_bytes", memory_limit_bytes=10, predict_for=[]
+    )
     assert record.status == "unsupported" and record.fit_fixed_bytes is None

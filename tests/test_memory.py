@@ -5,6 +5,7 @@ its behaviour when the step fails."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import threading
 import time
@@ -21,8 +22,8 @@ from bench.dp._common import _annotation_listeners, annotate_dp_buffer
 from bench.memory import cuda
 from bench.memory.measure import build_timeline, measure_step
 from bench.memory.process import RssSampler
-from bench.memory.record import CATEGORIES, CaseRecord
 from bench.memory.tensors import TensorTracker, optimizer_state_tensors, track_step
+from bench.record import CATEGORIES, CaseRecord
 
 F32 = 4
 
@@ -134,9 +135,8 @@ def test_tracker_measures_one_step_only():
     tracker = TensorTracker("cpu")
     with tracker:
         torch.ones(3)
-    with pytest.raises(RuntimeError, match="one step"):
-        with tracker:
-            pass
+    with pytest.raises(RuntimeError, match="one step"), tracker:
+        pass
 
 
 # ---- the analytic case: one bias-free Linear d -> p through the DP methods -----------------------------------
@@ -160,12 +160,16 @@ def _measure(workload, method: str, batch_size: int, optimizer: str = "sgd") -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' secure-RNG and hook warnings
         model = workload.build_model()
-        step = build_step(method, workload, model, privacy=resolve_privacy(1.0), batch_size=batch_size, optimizer=optimizer)
+        step = build_step(
+            method, workload, model, privacy=resolve_privacy(1.0), batch_size=batch_size, optimizer=optimizer
+        )
         batch = workload.make_batch(batch_size)
         try:
             step(batch)  # warm-up: optimizer state and the previous step's gradients exist, as in the bench
             cuda.reset_between_cases("cpu")
-            return measure_step(lambda mark: step(batch, mark), device="cpu", model=step.model, optimizer=step.optimizer)
+            return measure_step(
+                lambda mark: step(batch, mark), device="cpu", model=step.model, optimizer=step.optimizer
+            )
         finally:
             step.close()
 
@@ -268,7 +272,7 @@ def test_measure_step_returns_case_record_fields_phases_in_order_and_a_timeline(
     phases = figures["phases"]
     assert [ph.name for ph in phases] == list(PHASES)
     assert all(ph.end_s > ph.start_s >= 0 for ph in phases)
-    assert all(a.end_s == b.start_s for a, b in zip(phases, phases[1:]))
+    assert all(a.end_s == b.start_s for a, b in itertools.pairwise(phases))
     # CPU: no allocator or NVML figures, RSS sampled, ru_maxrss noted
     assert figures["peak_allocated_bytes"] is None and figures["nvml_peak_used_bytes"] is None
     assert figures["nvml_samples"] == 0 and figures["nvml_interval_s"] is None
@@ -327,7 +331,9 @@ def test_measure_step_rejects_a_missing_device():
 
 def test_measure_step_without_tracker_and_snapshot_on_cpu():
     model, optimizer, step = _small_step()
-    figures = measure_step(step, device="cpu", model=model, optimizer=optimizer, track_tensors=False, snapshot_path="/tmp/x.pickle")
+    figures = measure_step(
+        step, device="cpu", model=model, optimizer=optimizer, track_tensors=False, snapshot_path="/tmp/x.pickle"
+    )
     assert figures["peak_tensor_bytes"] is None and figures["breakdown"] == {}
     assert figures["snapshot_path"] is None
     assert any(note.startswith("snapshot: ") for note in figures["notes"])

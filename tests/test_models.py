@@ -36,6 +36,7 @@ def loss_and_grads(workload: Workload, model: nn.Module, batch: Batch) -> tuple[
 # ------------------------------------------------------------------------------------------------ parameter counts
 # Reference figures: /work/shared/reference/ANCHORS.md (DiT reference implementation; nanoGPT GPT-2, tied).
 
+
 @pytest.mark.parametrize(
     "name, total",
     [
@@ -90,6 +91,7 @@ def test_catalog_names():
 
 
 # ------------------------------------------------------------------------------------------------ shapes and variants
+
 
 def test_tiny_forward_shapes():
     cond, uncond, gpt = (get_workload(n) for n in TINY)
@@ -160,6 +162,7 @@ def test_no_label_drop_means_no_null_row():
 
 # ------------------------------------------------------------------------------------------------ diffusion batch
 
+
 def test_noise_schedule():
     betas = linear_beta_schedule()
     assert betas.shape == (1000,) and betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
@@ -179,10 +182,11 @@ def test_dit_batch_is_ddpm_noising_drawn_from_the_generator():
     assert torch.equal(t, t_again) and torch.equal(batch.target, eps)
     abar = alphas_cumprod()[t].float()[:, None, None, None]
     torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
-    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
 
 
 # ------------------------------------------------------------------------------------------------ determinism
+
 
 @pytest.mark.parametrize("name", TINY)
 def test_determinism(name):
@@ -266,6 +270,7 @@ def test_tiny_step_is_fast(name):
 
 # ------------------------------------------------------------------------------------------------ GPT specifics
 
+
 def test_gpt_batch_is_shifted_tokens():
     workload = get_workload("gpt-tiny", seq_len=12)
     batch = workload.make_batch(3)
@@ -300,6 +305,7 @@ def test_untied_gpt_adds_one_vocab_by_width_matrix():
 
 # ------------------------------------------------------------------------------------------------ DP-library shaping
 
+
 def _owners_of_trainable_parameters(model: nn.Module) -> set[type]:
     return {type(m) for m in model.modules() for p in m.parameters(recurse=False) if p.requires_grad}
 
@@ -313,7 +319,7 @@ def test_trainable_parameters_live_in_leaf_modules(name):
 def test_learnable_pos_embed_adds_one_trainable_parameter_on_the_top_module():
     plain = get_workload("dit-tiny-cond").build_model()
     learnable = get_workload("dit-tiny-cond", learnable_pos_embed=True).build_model()
-    trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]
     assert sorted(set(trainable(learnable)) - set(trainable(plain))) == ["pos_embed"]
     assert len(trainable(learnable)) == len(trainable(plain)) + 1
     top_level = [n for n, p in learnable.named_parameters(recurse=False) if p.requires_grad]
@@ -347,6 +353,7 @@ def test_tiny_dits_run_under_opacus_expanded_weights():
 
 # ------------------------------------------------------------------------------------------------ errors
 
+
 def test_unknown_workload_lists_close_names():
     with pytest.raises(WorkloadError, match="dit-xl-2-cond") as info:
         get_workload("dit-xl-2-cnd")
@@ -375,6 +382,7 @@ def test_paper_workloads_are_cheap_to_construct():
 
 
 # ------------------------------------------------------------------------------------------------ bring your own
+
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
@@ -430,8 +438,18 @@ class _FakeLabelEmbedding(nn.Module):
 class _FakeDiTTransformer2DModel(nn.Module):
     """A small stand-in with diffusers' DiT interface: keyword config, forward(...) -> object with .sample."""
 
-    def __init__(self, num_attention_heads, attention_head_dim, in_channels=4, out_channels=None, num_layers=28,
-                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, **unused):
+    def __init__(
+        self,
+        num_attention_heads,
+        attention_head_dim,
+        in_channels=4,
+        out_channels=None,
+        num_layers=28,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        **unused,
+    ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         self.patch, self.out_channels = patch_size, out_channels or in_channels
@@ -480,21 +498,21 @@ def test_diffusers_recipe_without_diffusers_is_a_one_line_error(monkeypatch, iso
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
     monkeypatch.syspath_prepend(str(REPO))
     monkeypatch.delitem(sys.modules, "examples.diffusers_dit_workload", raising=False)
-    with pytest.raises(WorkloadError, match="examples.diffusers_dit_workload.*diffusers") as info:
+    with pytest.raises(WorkloadError, match=r"examples\.diffusers_dit_workload.*diffusers") as info:
         load_workload_module("examples.diffusers_dit_workload")
     assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+
 def test_cli_lists_workloads_with_counts():
     result = subprocess.run(
         [sys.executable, "-m", "models"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
-    line = next(l for l in result.stdout.splitlines() if l.startswith("dit-xl-2-cond "))
+    line = next(text for text in result.stdout.splitlines() if text.startswith("dit-xl-2-cond "))
     assert "675,129,632" in line and "674,834,720" in line and "x_t, t, y" in line
     assert len(result.stdout.splitlines()) == 2 + len(list_workloads())
-
 
 
 def test_cli_filter(capsys):

@@ -37,7 +37,10 @@ class FakeNvml:
     def __init__(self, used_fn=None, *, n_gpus=2, pid=None, process_used=3 * MiB, init_error=None, v2=True):
         # used_fn(seconds since the first memory read) -> used bytes of every device
         self.used_fn = used_fn or (lambda s: 100 * MiB)
-        self.gpus = [SimpleNamespace(kind="gpu", index=i, uuid=f"GPU-{i:04d}-aaaa", mig=False, instances=[]) for i in range(n_gpus)]
+        self.gpus = [
+            SimpleNamespace(kind="gpu", index=i, uuid=f"GPU-{i:04d}-aaaa", mig=False, instances=[])
+            for i in range(n_gpus)
+        ]
         self.pid = os.getpid() if pid is None else pid
         self.process_used = process_used
         self.init_error = init_error
@@ -113,7 +116,10 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         self.process_calls += 1
-        return [SimpleNamespace(pid=12345, usedGpuMemory=50 * MiB), SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used)]
+        return [
+            SimpleNamespace(pid=12345, usedGpuMemory=50 * MiB),
+            SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used),
+        ]
 
     def nvmlSystemGetDriverVersion(self):
         return "550.54.15"
@@ -287,8 +293,11 @@ def test_gpu_check_exits_2_with_one_line_without_a_gpu(capsys):
 
 def test_gap_check_arithmetic():
     gap = gpu_check.GapCheck(
-        nvml_peak_used_bytes=2600 * MiB, nvml_baseline_bytes=1000 * MiB, reserved_at_start_bytes=400 * MiB,
-        peak_reserved_bytes=2000 * MiB, peak_allocated_bytes=1800 * MiB,
+        nvml_peak_used_bytes=2600 * MiB,
+        nvml_baseline_bytes=1000 * MiB,
+        reserved_at_start_bytes=400 * MiB,
+        peak_reserved_bytes=2000 * MiB,
+        peak_allocated_bytes=1800 * MiB,
     )
     assert gap.non_allocator_bytes == 600 * MiB and gap.expected_peak_bytes == 2600 * MiB
     assert gap.gap_bytes == 0 and gap.ok and "OK" in gap.line()
@@ -304,9 +313,7 @@ def test_sampler_overhead_measures_on_and_off_alternately():
         calls.append(len([t for t in threading.enumerate() if t.name == "dpmem-nvml-sampler"]))
         time.sleep(0.003)
 
-    overhead, off, on = gpu_check.sampler_overhead(
-        step, lambda: NvmlSampler(0, nvml=fake, visible_devices=""), steps=3
-    )
+    overhead, off, on = gpu_check.sampler_overhead(step, lambda: NvmlSampler(0, nvml=fake, visible_devices=""), steps=3)
     assert calls == [0, 1] * 3 and len(off) == len(on) == 3
     assert -0.5 < overhead < 2.0 and fake.memory_calls > 3
     with pytest.raises(ValueError, match="steps"):
@@ -335,10 +342,25 @@ def test_peak_minus_baseline_uses_the_case_start_baseline_when_given():
     from bench.memory.measure import _assemble
     from bench.memory.nvml import NvmlResult
 
-    nvml = NvmlResult(available=True, baseline_used_bytes=900 * MiB, peak_used_bytes=1000 * MiB, samples=3,
-                      times=[0.0, 0.1, 0.2], used_bytes=[900 * MiB, 1000 * MiB, 950 * MiB])  # fmt: skip
-    kwargs = dict(t0=0.0, stopped={"t_end": 0.2, "nvml": nvml, "rss": None}, tracker=None, marks=[],
-                  device=torch.device("cpu"), notes=[], snapshot_path=None, interval_s=0.001, alloc_at_start=None)  # fmt: skip
+    nvml = NvmlResult(
+        available=True,
+        baseline_used_bytes=900 * MiB,
+        peak_used_bytes=1000 * MiB,
+        samples=3,
+        times=[0.0, 0.1, 0.2],
+        used_bytes=[900 * MiB, 1000 * MiB, 950 * MiB],
+    )
+    kwargs = dict(
+        t0=0.0,
+        stopped={"t_end": 0.2, "nvml": nvml, "rss": None},
+        tracker=None,
+        marks=[],
+        device=torch.device("cpu"),
+        notes=[],
+        snapshot_path=None,
+        interval_s=0.001,
+        alloc_at_start=None,
+    )
     with_case = _assemble(**kwargs, nvml_baseline_bytes=500 * MiB)
     assert with_case["nvml_baseline_bytes"] == 500 * MiB
     assert with_case["nvml_step_start_bytes"] == 900 * MiB

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench.memory.record import (
+from bench.record import (
     BatchProbe,
     CaseRecord,
     MaxBatchRecord,
@@ -18,9 +18,18 @@ from bench.memory.record import (
 
 
 def _record(**kw):
-    base = dict(workload="gpt-tiny", method="bk", batch_size=4, device="cpu", peak_tensor_bytes=123,
-                breakdown={"parameters": 100, "per_sample": 23}, phases=[Phase("forward", 0.0, 0.1)],
-                timeline=Timeline(t_s=[0.0, 0.1], tensor_bytes=[100, 123]), epsilon=math.inf, notes=["x"])
+    base = dict(
+        workload="gpt-tiny",
+        method="bk",
+        batch_size=4,
+        device="cpu",
+        peak_tensor_bytes=123,
+        breakdown={"parameters": 100, "per_sample": 23},
+        phases=[Phase("forward", 0.0, 0.1)],
+        timeline=Timeline(t_s=[0.0, 0.1], tensor_bytes=[100, 123]),
+        epsilon=math.inf,
+        notes=["x"],
+    )
     base.update(kw)
     return CaseRecord(**base)
 
@@ -35,8 +44,13 @@ def test_case_record_round_trips_through_strict_json():
 
 
 def test_max_batch_record_round_trips():
-    rec = MaxBatchRecord("w", "m", "cuda:0", probes=[BatchProbe(1, "ok", 10), BatchProbe(2, "oom")],
-                         predicted_max_batch={"80000000000": 12})
+    rec = MaxBatchRecord(
+        "w",
+        "m",
+        "cuda:0",
+        probes=[BatchProbe(1, "ok", 10), BatchProbe(2, "oom")],
+        predicted_max_batch={"80000000000": 12},
+    )
     assert from_jsonl_line(to_jsonl_line(rec)) == rec
 
 

@@ -1,11 +1,12 @@
 """Tests of the reports package: loading both result formats, tables, figures, report, compare gate, CI workflow.
 
-Synthetic results are built with the real record classes (bench.memory.record) and written in both formats the
+Synthetic results are built with the real record classes (bench.record) and written in both formats the
 bench produces; the overhead ratios are re-derived here from the raw JSON with the json module, not the loader.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.memory.record import (
+from bench.record import (
     SCHEMA_VERSION,
     BatchProbe,
     CaseRecord,
@@ -41,17 +42,29 @@ GPUS = {"a100": ("NVIDIA A100-SXM4-40GB", 40 * GIB, 1.0), "h100": ("NVIDIA H100 
 WORKLOADS = {"dit-s-2-cond": ("dit", 256, 1.0), "gpt-proxy-256": ("gpt", 256, 0.8)}
 
 
-def make_case(workload: str, method: str, batch: int, gpu: str, *, scale: float = 1.0, status: str | None = None) -> CaseRecord:
+def make_case(
+    workload: str, method: str, batch: int, gpu: str, *, scale: float = 1.0, status: str | None = None
+) -> CaseRecord:
     """One CUDA case with every figure a GPU run fills; OOM where the modelled peak exceeds the GPU's memory."""
     fixed, per_sample, time_factor = METHODS[method]
-    family, tokens, size = WORKLOADS[workload]
+    _family, tokens, size = WORKLOADS[workload]
     gpu_name, gpu_memory, speed = GPUS[gpu]
     peak_tensor = int((fixed + per_sample * batch) * size * scale)
     oom = peak_tensor * 1.1 > gpu_memory
     status = status or ("oom" if oom else "ok")
-    record = CaseRecord(workload=workload, method=method, batch_size=batch, device="cuda:0", status=status,
-                        device_name=gpu_name, device_memory_bytes=gpu_memory, runner_label=gpu,
-                        tokens_per_sample=tokens, params_total=32_963_360, params_trainable=32_897_824)
+    record = CaseRecord(
+        workload=workload,
+        method=method,
+        batch_size=batch,
+        device="cuda:0",
+        status=status,
+        device_name=gpu_name,
+        device_memory_bytes=gpu_memory,
+        runner_label=gpu,
+        tokens_per_sample=tokens,
+        params_total=32_963_360,
+        params_trainable=32_897_824,
+    )
     if status == "oom":
         record.reason = f"CUDA out of memory. Tried to allocate {per_sample // MIB} MiB"
         return record
@@ -65,20 +78,37 @@ def make_case(workload: str, method: str, batch: int, gpu: str, *, scale: float 
     record.nvml_peak_minus_baseline_bytes = record.peak_reserved_bytes
     record.nvml_samples = 40
     share = (peak_tensor - baseline) // 3
-    record.breakdown = {"parameters": baseline // 4, "gradients": baseline // 4, "optimizer_state": baseline // 2,
-                        "activations": share * (1 if method == "opacus-hooks" else 3), "per_sample": 2 * share if method == "opacus-hooks" else 0,
-                        "other": 0}
+    record.breakdown = {
+        "parameters": baseline // 4,
+        "gradients": baseline // 4,
+        "optimizer_state": baseline // 2,
+        "activations": share * (1 if method == "opacus-hooks" else 3),
+        "per_sample": 2 * share if method == "opacus-hooks" else 0,
+        "other": 0,
+    }
     record.peak_phase = "backward"
     step = batch * time_factor * speed * size * 2e-3
-    record.phases = [Phase("forward", 0.0, 0.3 * step), Phase("backward", 0.3 * step, 0.8 * step),
-                     Phase("clip", 0.8 * step, 0.85 * step), Phase("noise", 0.85 * step, 0.9 * step),
-                     Phase("optimizer", 0.9 * step, step)]
+    record.phases = [
+        Phase("forward", 0.0, 0.3 * step),
+        Phase("backward", 0.3 * step, 0.8 * step),
+        Phase("clip", 0.8 * step, 0.85 * step),
+        Phase("noise", 0.85 * step, 0.9 * step),
+        Phase("optimizer", 0.9 * step, step),
+    ]
     t = [step * i / 20 for i in range(21)]
     shape = [baseline + (peak_tensor - baseline) * min(i, 20 - i) / 10 for i in range(21)]
-    record.timeline = Timeline(t_s=t, tensor_bytes=[int(v) for v in shape],
-                               allocated_bytes=[int(v * 1.02) for v in shape],
-                               nvml_used_bytes=[int(v * 1.1) + 520 * MIB for v in shape])
-    record.time_median_s, record.time_mean_s, record.time_min_s, record.time_stddev_s = step, step * 1.01, step * 0.98, step * 0.01
+    record.timeline = Timeline(
+        t_s=t,
+        tensor_bytes=[int(v) for v in shape],
+        allocated_bytes=[int(v * 1.02) for v in shape],
+        nvml_used_bytes=[int(v * 1.1) + 520 * MIB for v in shape],
+    )
+    record.time_median_s, record.time_mean_s, record.time_min_s, record.time_stddev_s = (
+        step,
+        step * 1.01,
+        step * 0.98,
+        step * 0.01,
+    )
     record.rounds = 5
     record.noise_multiplier, record.max_grad_norm, record.optimizer = 1.0, 1.0, "adamw"
     return record
@@ -94,19 +124,52 @@ def benchmark_json(records: list[CaseRecord], gpu: str | None) -> dict:
     for r in records:
         stats = None
         if r.time_median_s is not None:
-            stats = {"median": r.time_median_s, "mean": r.time_mean_s, "min": r.time_min_s,
-                     "max": r.time_median_s * 1.05, "stddev": r.time_stddev_s, "rounds": r.rounds}
-        benchmarks.append({
-            "name": f"test_dp_step[{r.workload}-{r.method}-{r.batch_size}-{r.device}]",
-            "params": {"workload": r.workload, "method": r.method, "batch_size": r.batch_size, "device": r.device},
-            "stats": stats, "extra_info": r.to_dict(),
-        })
-    gpus = [{"name": GPUS[gpu][0], "memory_total_bytes": GPUS[gpu][1], "driver_version": "550.54",
-             "cuda_version": "12.4", "mig_mode": None}] if gpu else []
-    return {"machine_info": {"node": "runner", "dpmem": {"gpus": gpus, "runner_label": gpu, "torch": "2.13.0",
-                                                         "opacus": "1.6.0", "nvidia_ml_py": "12.560", "cpu": "x86_64"}},
-            "commit_info": {"id": "0" * 40}, "benchmarks": benchmarks, "datetime": "2025-01-01T00:00:00",
-            "version": "5.3.0"}
+            stats = {
+                "median": r.time_median_s,
+                "mean": r.time_mean_s,
+                "min": r.time_min_s,
+                "max": r.time_median_s * 1.05,
+                "stddev": r.time_stddev_s,
+                "rounds": r.rounds,
+            }
+        benchmarks.append(
+            {
+                "name": f"test_dp_step[{r.workload}-{r.method}-{r.batch_size}-{r.device}]",
+                "params": {"workload": r.workload, "method": r.method, "batch_size": r.batch_size, "device": r.device},
+                "stats": stats,
+                "extra_info": r.to_dict(),
+            }
+        )
+    gpus = (
+        [
+            {
+                "name": GPUS[gpu][0],
+                "memory_total_bytes": GPUS[gpu][1],
+                "driver_version": "550.54",
+                "cuda_version": "12.4",
+                "mig_mode": None,
+            }
+        ]
+        if gpu
+        else []
+    )
+    return {
+        "machine_info": {
+            "node": "runner",
+            "dpmem": {
+                "gpus": gpus,
+                "runner_label": gpu,
+                "torch": "2.13.0",
+                "opacus": "1.6.0",
+                "nvidia_ml_py": "12.560",
+                "cpu": "x86_64",
+            },
+        },
+        "commit_info": {"id": "0" * 40},
+        "benchmarks": benchmarks,
+        "datetime": "2025-01-01T00:00:00",
+        "version": "5.3.0",
+    }
 
 
 def write_benchmark(path: Path, records: list[CaseRecord], gpu: str | None) -> Path:
@@ -131,13 +194,16 @@ from reports.tables import affine_fit_table, overhead_table  # noqa: E402
 @pytest.fixture
 def two_gpu_files(tmp_path) -> tuple[Path, Path]:
     """An A100 run as pytest-benchmark JSON and an H100 run as JSON lines."""
-    return (write_benchmark(tmp_path / "a100.json", make_run("a100"), "a100"),
-            write_jsonl(tmp_path / "h100.jsonl", make_run("h100")))
+    return (
+        write_benchmark(tmp_path / "a100.json", make_run("a100"), "a100"),
+        write_jsonl(tmp_path / "h100.jsonl", make_run("h100")),
+    )
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reports", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "reports", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def independent_ratios(benchmark_path: Path) -> dict[tuple, dict[str, object]]:
@@ -168,10 +234,16 @@ def independent_ratios(benchmark_path: Path) -> dict[tuple, dict[str, object]]:
 def check_overhead_csv(csv_path: Path, expected: dict[tuple, dict[str, object]]) -> int:
     import csv
 
-    rows = {(r["machine"], r["workload"], int(r["batch_size"]), r["method"]): r for r in csv.DictReader(csv_path.open())}
+    rows = {
+        (r["machine"], r["workload"], int(r["batch_size"]), r["method"]): r for r in csv.DictReader(csv_path.open())
+    }
     for key, want in expected.items():
         got = rows[key]
-        for column, name in (("peak tensor ×nondp", "tensor"), ("peak reserved ×nondp", "reserved"), ("median step ×nondp", "time")):
+        for column, name in (
+            ("peak tensor ×nondp", "tensor"),
+            ("peak reserved ×nondp", "reserved"),
+            ("median step ×nondp", "time"),
+        ):
             if isinstance(want[name], str):
                 assert got[column] == want[name], (key, column)
             else:
@@ -196,8 +268,16 @@ def test_load_both_formats_into_one_tidy_table(two_gpu_files):
     oom = cases[cases["status"] == "oom"]
     assert len(oom) == 1 and oom.iloc[0]["method"] == "opacus-hooks" and oom.iloc[0]["batch_size"] == 64
     assert "out of memory" in oom.iloc[0]["reason"]
-    for column in ("peak_tensor_bytes", "peak_reserved_bytes", "nvml_peak_used_bytes", "breakdown_per_sample",
-                   "time_median_s", "source", "family", "tokens_per_sample"):
+    for column in (
+        "peak_tensor_bytes",
+        "peak_reserved_bytes",
+        "nvml_peak_used_bytes",
+        "breakdown_per_sample",
+        "time_median_s",
+        "source",
+        "family",
+        "tokens_per_sample",
+    ):
         assert column in cases.columns
     assert set(cases["family"]) == {"dit", "gpt"}
     row = cases.iloc[0]
@@ -217,7 +297,10 @@ def test_same_run_in_both_formats_gives_one_row_per_case_with_timing(tmp_path):
     assert warnings == []  # a run's .json + .jsonl pair is expected
     second = write_jsonl(tmp_path / "rerun.jsonl", untimed)  # the same machine's cases twice in one format
     results = load_results([bench, jsonl, second], warn=warnings.append)
-    assert len(results.cases) == len(records) and results.cases[results.cases["status"] == "ok"]["time_median_s"].notna().all()
+    assert (
+        len(results.cases) == len(records)
+        and results.cases[results.cases["status"] == "ok"]["time_median_s"].notna().all()
+    )
     assert len(warnings) == 1 and "appear more than once" in warnings[0]
 
 
@@ -238,7 +321,9 @@ def test_truncated_last_jsonl_line_keeps_every_complete_case(tmp_path):
     warnings = []
     results = load_results([path], warn=warnings.append)
     assert len(results.cases) == 5
-    assert {(r.method, r.batch_size) for r in records[:5]} == set(zip(results.cases["method"], results.cases["batch_size"]))
+    assert {(r.method, r.batch_size) for r in records[:5]} == set(
+        zip(results.cases["method"], results.cases["batch_size"])
+    )
     assert len(warnings) == 1 and "killed.jsonl" in warnings[0] and "truncated" in warnings[0]
 
 
@@ -332,7 +417,9 @@ def test_overhead_table_matches_ratios_recomputed_from_raw_json(tmp_path, two_gp
 
 def test_overhead_cells_name_the_reason_not_blank(two_gpu_files):
     cases = load_results(two_gpu_files).cases.copy()
-    cpu = cases[(cases["machine"] == "a100") & (cases["batch_size"] == 8) & (cases["workload"] == "dit-s-2-cond")].copy()
+    cpu = cases[
+        (cases["machine"] == "a100") & (cases["batch_size"] == 8) & (cases["workload"] == "dit-s-2-cond")
+    ].copy()
     cpu["device"], cpu["machine"] = "cpu", "laptop"
     cpu["peak_reserved_bytes"] = cpu["peak_allocated_bytes"] = None
     cpu.loc[cpu["method"] == "opacus-ghost", "status"] = "unsupported"
@@ -364,11 +451,21 @@ def test_affine_fit_recovers_the_memory_model(two_gpu_files):
 
 
 def test_max_batch_records_take_precedence_over_the_case_fit(tmp_path, two_gpu_files):
-    search = MaxBatchRecord("dit-s-2-cond", "bk", "cuda:0", memory_limit_bytes=40 * GIB, max_batch_measured=600,
-                            first_failing_batch=601, fit_metric="peak_reserved_bytes", fit_fixed_bytes=1.3 * GIB,
-                            fit_per_sample_bytes=64 * MIB, predicted_max_batch={str(40 * GIB): 619, str(80 * GIB): 1259},
-                            probes=[BatchProbe(600, "ok", peak_reserved_bytes=39 * GIB), BatchProbe(601, "oom")],
-                            device_name=GPUS["a100"][0], runner_label="a100")
+    search = MaxBatchRecord(
+        "dit-s-2-cond",
+        "bk",
+        "cuda:0",
+        memory_limit_bytes=40 * GIB,
+        max_batch_measured=600,
+        first_failing_batch=601,
+        fit_metric="peak_reserved_bytes",
+        fit_fixed_bytes=1.3 * GIB,
+        fit_per_sample_bytes=64 * MIB,
+        predicted_max_batch={str(40 * GIB): 619, str(80 * GIB): 1259},
+        probes=[BatchProbe(600, "ok", peak_reserved_bytes=39 * GIB), BatchProbe(601, "oom")],
+        device_name=GPUS["a100"][0],
+        runner_label="a100",
+    )
     path = write_jsonl(tmp_path / "maxbatch.jsonl", [search])
     results = load_results([*two_gpu_files, path])
     assert len(results.max_batches) == 1
@@ -427,13 +524,18 @@ def test_chosen_workload_and_batch_drive_breakdown_and_timeline(tmp_path, two_gp
 def test_compare_identical_passes_and_exports_benchmark_action(tmp_path, two_gpu_files, capsys):
     bench, _ = two_gpu_files
     export = tmp_path / "bench-action.json"
-    assert main(["compare", str(bench), str(bench), "--max-regression", "5%", "--export-benchmark-action", str(export)]) == 0
+    assert (
+        main(["compare", str(bench), str(bench), "--max-regression", "5%", "--export-benchmark-action", str(export)])
+        == 0
+    )
     assert "No memory regression" in capsys.readouterr().out
     entries = json.loads(export.read_text())
     assert entries and all(set(e) == {"name", "unit", "value"} and e["unit"] == "MiB" for e in entries)
     assert len({e["name"] for e in entries}) == len(entries)
     nondp = next(e for e in entries if e["name"] == "dit-s-2-cond/nondp/bs8/cuda:0 [a100] peak_reserved_bytes")
-    assert nondp["value"] == pytest.approx(make_case("dit-s-2-cond", "nondp", 8, "a100").peak_reserved_bytes / MIB, abs=1e-3)
+    assert nondp["value"] == pytest.approx(
+        make_case("dit-s-2-cond", "nondp", 8, "a100").peak_reserved_bytes / MIB, abs=1e-3
+    )
     assert main(["export", str(bench), "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text()) == entries
 
@@ -504,7 +606,7 @@ def _workflow_commands() -> list[list[str]]:
             for line in script.splitlines():
                 tokens = shlex.split(line, comments=True)
                 for i, token in enumerate(tokens):
-                    if token == "pytest" or (token.endswith("python") and tokens[i + 1: i + 2] == ["-m"]):
+                    if token == "pytest" or (token.endswith("python") and tokens[i + 1 : i + 2] == ["-m"]):
                         commands.append(tokens[i:])
                         break
     return commands
@@ -515,7 +617,10 @@ def test_workflow_is_yaml_with_a_gpu_matrix_of_runner_labels():
     data = yaml.safe_load(WORKFLOW.read_text())
     bench = data["jobs"]["bench"]
     include = bench["strategy"]["matrix"]["include"]
-    assert {e["gpu"]: e["runner"] for e in include} == {"a100": ["self-hosted", "a100"], "h100": ["self-hosted", "h100"]}
+    assert {e["gpu"]: e["runner"] for e in include} == {
+        "a100": ["self-hosted", "a100"],
+        "h100": ["self-hosted", "h100"],
+    }
     assert bench["runs-on"] == "${{ matrix.runner }}"
     steps = {s.get("name", s.get("uses")): s for s in bench["steps"]}
     assert steps["Benchmark"]["env"]["DPMEM_RUNNER_LABEL"] == "${{ matrix.gpu }}"
@@ -552,12 +657,21 @@ def test_workflow_pytest_command_names_real_paths_and_options():
     commands = [t for t in _workflow_commands() if t[0] == "pytest"]
     assert len(commands) == 1
     tokens = commands[0]
-    paths = [t for prev, t in zip(tokens, tokens[1:]) if not t.startswith("-") and not (prev.startswith("--") and "=" not in prev)]
+    paths = [
+        t
+        for prev, t in itertools.pairwise(tokens)
+        if not t.startswith("-") and not (prev.startswith("--") and "=" not in prev)
+    ]
     assert paths == ["bench/"] and (ROOT / "bench" / "test_dp_step.py").is_file()
     if not (ROOT / "conftest.py").exists():
         pytest.skip("root conftest.py (the bench options) does not exist yet; cannot cross-check --preset/--results")
-    help_text = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--help", "-p", "no:cacheprovider"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--help", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
     for token in tokens[1:]:
         if token.startswith("--"):
@@ -575,9 +689,25 @@ def real_bench(tmp_path_factory) -> tuple[Path, Path]:
     if not (ROOT / "conftest.py").exists() or not (ROOT / "bench" / "test_dp_step.py").exists():
         pytest.skip("the bench (bench/test_dp_step.py + root conftest.py) is not in the tree yet")
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, "-m", "pytest", "bench/", "--preset", "cpu-smoke", "--workloads", "gpt-tiny",
-               "--methods", "nondp,bk,opacus-hooks", "--batch-sizes", "2,4", f"--benchmark-json={out / 'out.json'}",
-               f"--results={out / 'out.jsonl'}", "-q", "-p", "no:cacheprovider"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "bench/",
+        "--preset",
+        "cpu-smoke",
+        "--workloads",
+        "gpt-tiny",
+        "--methods",
+        "nondp,bk,opacus-hooks",
+        "--batch-sizes",
+        "2,4",
+        f"--benchmark-json={out / 'out.json'}",
+        f"--results={out / 'out.jsonl'}",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "out.json", out / "out.jsonl"
@@ -606,9 +736,13 @@ def test_real_bench_renders_and_ratios_match_raw_json(tmp_path, real_bench):
         e, base = cases[(method, batch)]["extra_info"], cases[("nondp", batch)]["extra_info"]
         assert e["device"] == "cpu" and row["peak reserved ×nondp"] == "n/a"
         if e["status"] != "ok":
-            assert row["peak tensor ×nondp"] == {"oom": "OOM", "unsupported": "unsupported"}.get(e["status"], e["status"])
+            assert row["peak tensor ×nondp"] == {"oom": "OOM", "unsupported": "unsupported"}.get(
+                e["status"], e["status"]
+            )
             continue
-        assert float(row["peak tensor ×nondp"]) == pytest.approx(e["peak_tensor_bytes"] / base["peak_tensor_bytes"], abs=6e-4)
+        assert float(row["peak tensor ×nondp"]) == pytest.approx(
+            e["peak_tensor_bytes"] / base["peak_tensor_bytes"], abs=6e-4
+        )
         timed, timed_base = cases[(method, batch)]["stats"], cases[("nondp", batch)]["stats"]
         if timed and timed_base:
             assert float(row["median step ×nondp"]) == pytest.approx(timed["median"] / timed_base["median"], abs=6e-4)
@@ -622,7 +756,9 @@ def test_real_bench_compare_gate(tmp_path, real_bench):
     bench_json, _ = real_bench
     assert main(["compare", str(bench_json), str(bench_json), "--max-regression", "5%"]) == 0
     data = json.loads(bench_json.read_text())
-    grown = next(b for b in data["benchmarks"] if b["extra_info"]["status"] == "ok" and b["extra_info"]["method"] == "bk")
+    grown = next(
+        b for b in data["benchmarks"] if b["extra_info"]["status"] == "ok" and b["extra_info"]["method"] == "bk"
+    )
     grown["extra_info"]["peak_tensor_bytes"] = int(grown["extra_info"]["peak_tensor_bytes"] * 1.10)
     regressed = tmp_path / "regressed.json"
     regressed.write_text(json.dumps(data))

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +36,10 @@ from ._common import (
 
 __all__ = [
     "PHASES",
+    "ClippedSumStep",
     "DPConfigError",
     "DPMethod",
     "DPStep",
-    "ClippedSumStep",
     "MethodUnsupported",
     "PrivacyParams",
     "available_methods",
@@ -184,9 +185,13 @@ class ClippedSumStep(DPStep):
         params, sums, loss = self.clipped_sum(batch, mark)
         mark("noise")
         set_noisy_grads(
-            params, sums, self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.batch_size,
+            params,
+            sums,
+            self.privacy.noise_multiplier,
+            self.privacy.max_grad_norm,
+            self.batch_size,
             self.noise_generator,
-        )  # fmt: skip
+        )
         mark("optimizer")
         self.optimizer.step()
         mark("end")
@@ -273,4 +278,6 @@ def build_step(
 
 
 # Registration order is the display order: the baseline first, the naive reference last.
+# isort: off
 from . import nondp, opacus, bk, func, microbatch  # noqa: E402,F401
+# isort: on

@@ -120,8 +120,11 @@ def render_matrix(rows, workload_specs, methods) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dp", description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
-                        help="comma-separated workload names, overrides after colons (gpt-tiny:tie_weights=False)")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help="comma-separated workload names, overrides after colons (gpt-tiny:tie_weights=False)",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated DP methods (default: all registered)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             name, overrides = parse_workload_spec(spec)
             models.get_workload(name, **overrides)
         if args.batch_size < 2:
-            raise DPConfigError(f"--batch-size must be >= 2 (a median clip norm needs two samples), got {args.batch_size}")
+            raise DPConfigError(
+                f"--batch-size must be >= 2 (a median clip norm needs two samples), got {args.batch_size}"
+            )
     except (DPConfigError, models.WorkloadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

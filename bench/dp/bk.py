@@ -39,7 +39,7 @@ from ._common import (
 )
 from .bk_layers import Factored, Instantiated, LayerRule, factored_inner, instantiated_inner, rule_for, supported_types
 
-__all__ = ["BKMethod", "BKResult", "BKStep", "BKTiledMethod", "BookKeeping", "NORM_MODES", "supported_layers"]
+__all__ = ["NORM_MODES", "BKMethod", "BKResult", "BKStep", "BKTiledMethod", "BookKeeping", "supported_layers"]
 
 NORM_MODES = ("mixed", "ghost", "instantiate")
 DEFAULT_TILE_SIZE = 256
@@ -72,7 +72,9 @@ def supported_layers(model: nn.Module, method: str = "bk") -> list[tuple[str, nn
         )
         if problem:
             raise MethodUnsupported(
-                method, f"module {_module_label(name, module)}: {problem}", "Book-Keeping cannot compute its per-sample gradient"
+                method,
+                f"module {_module_label(name, module)}: {problem}",
+                "Book-Keeping cannot compute its per-sample gradient",
             )
         layers.append((name, module, rule))
     return layers
@@ -119,9 +121,7 @@ class BookKeeping:
     ``tile_size``: None forms whole T×T Grams; an int accumulates them over tile × tile blocks.
     Use as a context manager or call :meth:`close` to remove the hooks. Hooks record only inside :meth:`run`."""
 
-    def __init__(
-        self, model: nn.Module, *, norm_mode: str = "mixed", tile_size: int | None = None, method: str = "bk"
-    ):
+    def __init__(self, model: nn.Module, *, norm_mode: str = "mixed", tile_size: int | None = None, method: str = "bk"):
         if norm_mode not in NORM_MODES:
             raise ValueError(f"norm_mode must be one of {', '.join(NORM_MODES)}, got {norm_mode!r}")
         if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1):
@@ -150,7 +150,9 @@ class BookKeeping:
                     "inside the model's forward (reentrant checkpointing?); Book-Keeping needs its output gradient"
                 )
             if not isinstance(output, Tensor):
-                raise TypeError(f"{self.method}: {type(module).__name__} returned {type(output).__name__}, not a tensor")
+                raise TypeError(
+                    f"{self.method}: {type(module).__name__} returned {type(output).__name__}, not a tensor"
+                )
             if output.grad_fn is None:  # nothing trainable reached this call
                 return
             inp = args[0] if args else next(iter(kwargs.values()))
@@ -164,7 +166,7 @@ class BookKeeping:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "BookKeeping":
+    def __enter__(self) -> BookKeeping:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -309,8 +311,17 @@ class BookKeeping:
 class BKStep(ClippedSumStep):
     """The fused Book-Keeping step: forward → one backward → norms and clipped sums → noise → optimizer."""
 
-    def __init__(self, method: str, model: nn.Module, optimizer: torch.optim.Optimizer, privacy: PrivacyParams,
-                 workload, engine: BookKeeping, batch_size: int, noise_generator: torch.Generator | None):  # fmt: skip
+    def __init__(
+        self,
+        method: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        privacy: PrivacyParams,
+        workload,
+        engine: BookKeeping,
+        batch_size: int,
+        noise_generator: torch.Generator | None,
+    ):
         super().__init__(method, workload, model, optimizer, privacy, batch_size, noise_generator)
         self.engine = engine
 

@@ -25,8 +25,18 @@ FIX_777 = (
 )
 
 # Modules whose weights torch's ExpandedWeights can expand (torch/nn/utils/_expanded_weights/).
-_EW_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
-                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_EW_SUPPORTED = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 
 
 def error_text(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ Frozen parameters and buffers are closed over, unbatched. Cost: all B per-sample
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -58,6 +58,5 @@ class NonDP(DPMethod):
             total = per_sample_loss(workload, model, batch).sum()
             grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         return {
-            name: (g if g is not None else torch.zeros_like(p)).detach()
-            for (name, p), g in zip(params.items(), grads)
+            name: (g if g is not None else torch.zeros_like(p)).detach() for (name, p), g in zip(params.items(), grads)
         }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from opacus.grad_sample import (
@@ -94,7 +94,7 @@ class _PerSampleCriterion:
 
 class _OpacusMethod(DPMethod):
     family = "opacus"
-    _probed: "weakref.WeakKeyDictionary[nn.Module, set[str]]"
+    _probed: weakref.WeakKeyDictionary[nn.Module, set[str]]
 
     def __init__(self) -> None:
         # Models a structural probe already passed on (the probe is a forward/backward of one sample).
@@ -154,8 +154,11 @@ class _GradSampleMethod(_OpacusMethod):
             per_sample_loss(workload, wrapper, batch).mean().backward()
             params = list(trainable_parameters(model).values())
             optimizer = DPOptimizer(
-                torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-                expected_batch_size=batch.batch_size, loss_reduction="mean",
+                torch.optim.SGD(params, lr=0.0),
+                noise_multiplier=0.0,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=batch.batch_size,
+                loss_reduction="mean",
             )
             annotate_dp_buffer(*(p.grad_sample for p in params))
             optimizer.clip_and_accumulate()
@@ -166,8 +169,12 @@ class _GradSampleMethod(_OpacusMethod):
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
         wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model))
         dp_optimizer = DPOptimizer(
-            optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=batch_size, loss_reduction="mean", generator=noise_generator,
+            optimizer,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+            generator=noise_generator,
         )
         return OpacusGradSampleStep(self.name, workload, model, wrapper, dp_optimizer, privacy)
 
@@ -245,8 +252,12 @@ class OpacusGhost(_OpacusMethod):
     @staticmethod
     def _optimizer(optimizer, noise_multiplier, max_grad_norm, batch_size, generator):
         return DPOptimizerFastGradientClipping(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=batch_size, loss_reduction="mean", generator=generator,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+            generator=generator,
         )
 
     def _noise_free_sum(self, workload, model, batch, max_grad_norm):

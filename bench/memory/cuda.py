@@ -4,9 +4,9 @@ and the between-case reset. Every function is a no-op (or returns None) for a no
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

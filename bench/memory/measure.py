@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from bench.record import Phase, Timeline
 
 from ..devices import resolve_device
 from . import cuda
 from .nvml import NvmlSampler, check_interval
 from .process import RssSampler
-from .record import Phase, Timeline
 from .tensors import TensorTracker
 
 MAX_TIMELINE_POINTS = 500
@@ -196,7 +198,9 @@ def _assemble(
                 f"({report.adopted_bytes} bytes, e.g. the batch) counted in the baseline"
             )
         if report.unknown_annotations:
-            notes.append(f"tensors: {report.unknown_annotations} annotated DP buffer(s) had a storage the tracker never saw")
+            notes.append(
+                f"tensors: {report.unknown_annotations} annotated DP buffer(s) had a storage the tracker never saw"
+            )
 
     if device.type == "cuda":
         out["peak_allocated_bytes"], out["peak_reserved_bytes"] = cuda.peak_figures(device)

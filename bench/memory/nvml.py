@@ -16,8 +16,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 MAX_INTERVAL_S = 1.0
 
@@ -114,9 +115,7 @@ def resolve_handle(
     if found is None:
         entries = [e.strip() for e in visible_devices.split(",")] if visible_devices else []
         if entries and torch_index >= len(entries):
-            raise ValueError(
-                f"cuda:{torch_index} is not visible (CUDA_VISIBLE_DEVICES={visible_devices!r})"
-            )
+            raise ValueError(f"cuda:{torch_index} is not visible (CUDA_VISIBLE_DEVICES={visible_devices!r})")
         entry = entries[torch_index] if entries else str(torch_index)
         if entry.isdigit():
             found = DeviceHandle(nvml.nvmlDeviceGetHandleByIndex(int(entry)), f"nvml index {entry}")
@@ -258,9 +257,11 @@ class NvmlSampler:
             result.device = device.how
             result.notes.extend(device.notes)
             self._use_v2 = self._probe_v2()
-            t, used, _reserved = self._read_memory()
+            _, used, _reserved = self._read_memory()
         except Exception as exc:
-            result.notes.append(f"NVML: cannot read cuda:{self.torch_index} ({type(exc).__name__}: {exc}); NVML figures skipped")
+            result.notes.append(
+                f"NVML: cannot read cuda:{self.torch_index} ({type(exc).__name__}: {exc}); NVML figures skipped"
+            )
             self._shutdown()
             return
         result.available = True
@@ -305,7 +306,9 @@ class NvmlSampler:
             self._nvml.nvmlDeviceGetMemoryInfo(self._handle, version=version)
             return True
         except Exception as exc:
-            self._result.notes.append(f"NVML: memory info v2 unsupported by the driver ({exc}); reserved figure unavailable")
+            self._result.notes.append(
+                f"NVML: memory info v2 unsupported by the driver ({exc}); reserved figure unavailable"
+            )
             return False
 
     def _read_memory(self) -> tuple[float, int, int | None]:

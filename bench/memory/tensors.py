@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .record import CATEGORIES
+from bench.record import CATEGORIES
 
 # Event codes of the log. Each event is a tuple (time, code, a, b).
 _ALLOC = 0  # a = storage id, b = bytes
@@ -268,7 +269,7 @@ class TensorTracker(TorchDispatchMode):
         trace_t: list[float] = []
         trace_bytes: list[int] = []
         allocations = 0
-        for index, (t, code, a, b) in enumerate(self._events):
+        for index, (t, code, _, b) in enumerate(self._events):
             if code == _MARK:
                 continue
             if code == _ALLOC:

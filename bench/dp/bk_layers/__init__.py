@@ -12,7 +12,8 @@ computes something else would give silently wrong gradients).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from torch import Tensor, nn
 

@@ -42,7 +42,11 @@ class Conv2dRule:
         out: dict = {}
         if module.weight.requires_grad:
             patches = F.unfold(
-                inp, module.kernel_size, dilation=module.dilation, padding=_explicit_padding(module), stride=module.stride
+                inp,
+                module.kernel_size,
+                dilation=module.dilation,
+                padding=_explicit_padding(module),
+                stride=module.stride,
             )  # (B, C·kh·kw, L), channel-major like weight.view(out, -1)
             annotate_dp_buffer(patches)
             G = grad_out.flatten(2).transpose(1, 2)  # (B, L, out)

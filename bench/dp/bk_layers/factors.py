@@ -30,7 +30,9 @@ __all__ = ["Factored", "Instantiated", "factored_inner", "instantiated_inner"]
 
 @dataclass
 class Factored:
-    """g_i = Σ_t L[i, t] ⊗ R[i, t]; ``left`` is (B, T, rows) dense or (B, T) int64 row indices, ``right`` (B, T, cols)."""
+    """g_i = Σ_t L[i, t] ⊗ R[i, t].
+
+    ``left`` is (B, T, rows) dense or (B, T) int64 row indices, ``right`` (B, T, cols)."""
 
     left: Tensor
     right: Tensor

@@ -130,7 +130,7 @@ class CaseRecord:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CaseRecord":
+    def from_dict(cls, data: Any) -> CaseRecord:
         data = _checked("record", data, ("workload", "method", "batch_size", "device"))
         kwargs = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
         try:
@@ -146,7 +146,7 @@ class CaseRecord:
         return record
 
     @classmethod
-    def from_json(cls, text: str) -> "CaseRecord":
+    def from_json(cls, text: str) -> CaseRecord:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -199,7 +199,7 @@ class MaxBatchRecord:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: Any) -> "MaxBatchRecord":
+    def from_dict(cls, data: Any) -> MaxBatchRecord:
         kwargs = _known_fields(cls, _checked("max-batch record", data, ("workload", "method", "device")))
         try:
             kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
