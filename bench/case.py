@@ -5,15 +5,15 @@ attached) → one measured round (samplers and tensor tracker attached) → rele
 and unsupported combinations are results, not exceptions; anything else is recorded as ``error`` and
 re-raised by the caller as a test failure.
 
-Isolation: every case starts and ends with :func:`bench.memory.cuda.reset_between_cases` (garbage
-collection, emptying the caching allocator, resetting peak statistics), so its figures do not depend on the
-cases that ran before it in the same process (tested in tests/test_bench.py).
+Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
+the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
+on the cases that ran before it in the same process (tested in tests/bench/).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +22,13 @@ import models
 from bench import dp
 from bench.config import BenchConfig
 from bench.devices import resolve_device
+from bench.dp.diagnose import error_text
 from bench.machine import device_facts
-from bench.memory import cuda as cuda_mem
 from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
+from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
-from bench.memory.nvml import read_used_bytes
 from bench.record import CaseRecord
-
-Timer = Callable[[Callable[[], None]], dict]
+from bench.timing import StepTimer
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class CaseSpec:
 
     @property
     def case_id(self) -> str:
+        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
         return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
 
 
@@ -52,24 +52,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def new_record(spec: CaseSpec, config: BenchConfig, privacy: dp.PrivacyParams) -> CaseRecord:
+def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
+    """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
     device_name, device_memory = device_facts(spec.device)
     return CaseRecord(
         workload=spec.workload,
         method=spec.method,
         batch_size=spec.batch_size,
         device=spec.device,
-        **privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
+        **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
         optimizer=config.optimizer,
         device_name=device_name,
         device_memory_bytes=device_memory,
@@ -77,34 +73,29 @@ def new_record(spec: CaseSpec, config: BenchConfig, privacy: dp.PrivacyParams) -
     )
 
 
-def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> None:
-    """One untimed step: allocator pools, cuBLAS workspaces, Opacus' lazy state. On CPU with a memory cap it
-    runs under the capped tensor tracker, so a case too large for the machine becomes ``oom`` instead of
-    taking the machine down (the timed rounds repeat the same step, so they stay under the cap too)."""
+def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> float:
+    """One untimed step (allocator pools, cuBLAS workspaces, Opacus' lazy state); returns its duration. On CPU
+    with a memory cap it runs under the capped tensor count, so a case too large for the machine becomes
+    ``oom`` instead of taking the machine down."""
+    start = time.perf_counter()
     if device.type == "cpu" and config.memory_cap_bytes is not None:
         existing = sum(t.untyped_storage().nbytes() for t in (*step.model.parameters(), *step.model.buffers()))
         with LiveBytesCap(config.memory_cap_bytes, baseline_bytes=existing):
             step(batch)
     else:
         step(batch)
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def run_case(
-    spec: CaseSpec,
-    config: BenchConfig,
-    privacy: dp.PrivacyParams,
-    timer: Timer | None,
-) -> CaseRecord:
+def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> CaseRecord:
     """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search); never raises for OOM or
     unsupported (the status says so); any other failure is recorded with status 'error'."""
-    record = new_record(spec, config, privacy)
+    record = new_record(spec, config)
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)
     record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
-    cuda_mem.reset_between_cases(device)
-    nvml_baseline = None
-    if device.type == "cuda":  # before the case allocates anything: CUDA context + other processes
-        nvml_baseline, _ = read_used_bytes(device.index)
+    nvml_baseline = start_case(device, record.notes)  # before the case allocates anything
     step = model = batch = None
     try:
         model = workload.build_model(device)
@@ -117,47 +108,38 @@ def run_case(
             spec.method,
             workload,
             model,
-            privacy=privacy,
+            privacy=config.privacy,
             batch_size=spec.batch_size,
             optimizer=config.optimizer,
             lr=config.lr,
             noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1),
         )
-        _warm_up(step, batch, device, config)
-        _sync(device)
+        one_call_s = _warm_up(step, batch, device, config)
         if timer is not None:
-            stats = timer(lambda: (step(batch), _sync(device)))
-            record.time_median_s = stats["median"]
-            record.time_mean_s = stats["mean"]
-            record.time_min_s = stats["min"]
-            record.time_stddev_s = stats["stddev"]
-            record.rounds = int(stats["rounds"])
+            record.timing = timer(lambda: (step(batch), _sync(device)), one_call_s)
         snapshot = config.snapshot_case in (spec.case_id, "all")
-        figures = measure_step(
+        record.memory = measure_step(
             lambda mark: step(batch, mark),
             device=device,
             model=step.model,
             optimizer=step.optimizer,
             sample_interval_s=config.sample_interval_s,
-            track_tensors=True,
             nvml_baseline_bytes=nvml_baseline,
             snapshot_path=f"{config.snapshot_dir}/{spec.case_id}.pickle" if snapshot else None,
+            notes=record.notes,
         )
-        for key, value in figures.items():
-            setattr(record, key, value)
     except dp.MethodUnsupported as exc:
         record.status, record.reason = "unsupported", str(exc)
-    except Exception as exc:
+    except Exception as exc:  # classified below; the traceback must not keep tensors alive
         if is_out_of_memory(exc):
-            record.status = "oom"
-            record.reason = f"batch {spec.batch_size}: {_first_line(exc)}"
+            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(exc)}"
         else:
-            record.status, record.reason = "error", _first_line(exc)
+            record.status, record.reason = "error", error_text(exc)
         exc.__traceback__ = None
     finally:
         if step is not None:
             step.close()
         step = model = batch = None  # drop this case's tensors before the next case starts
         gc.collect()
-        cuda_mem.reset_between_cases(device)
+        end_case(device)
     return record

@@ -1,20 +1,22 @@
-"""Bench settings: presets, option parsing and validation. Knows names, not measurement.
+"""Bench settings: the presets and the typed :class:`BenchConfig` every case reads. Knows names, not measurement.
 
-A :class:`BenchConfig` is built once per pytest session from the command line (root ``conftest.py``) or
-from the ``bench.maxbatch`` / ``bench.multi_gpu`` CLIs, and every case reads it.
+A :class:`BenchConfig` is built once per pytest session by :meth:`BenchConfig.from_pytest` from the options
+registered in ``bench/options.py`` (typed there by their ``type=`` parsers; the checks that need the workload,
+method and device registries happen here).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import re
+import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # only for the annotation: keeps this module free of the opacus import
+if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
+    import pytest
+
     from bench.dp import PrivacyParams
 
 
@@ -24,8 +26,8 @@ class BenchUsageError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    name: str
-    description: str
+    """A named case matrix; every dimension can be replaced by its option (``--workloads`` ...)."""
+
     workloads: tuple[str, ...]
     methods: tuple[str, ...] | None  # None: every registered method
     batch_sizes: tuple[int, ...]
@@ -49,34 +51,13 @@ _GPU_WORKLOADS = (
 )
 
 PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            "cpu-smoke",
-            "tiny workloads, every method, two batch sizes (default without a GPU)",
-            ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"),
-            None,
-            (4, 16),
-            3,
-        ),
-        Preset(
-            "gpu-small",
-            "paper-size DiT-S/B/L/XL-2 (256 px, cond+uncond), DiT-XL/2 512 px, gpt2(-medium) tied+untied; "
-            "batch 1..256 by ×4 until OOM (default with a GPU)",
-            _GPU_WORKLOADS,
-            None,
-            (1, 4, 16, 64, 256),
-            5,
-        ),
-        Preset(
-            "gpu-full",
-            "as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds",
-            _GPU_WORKLOADS,
-            None,
-            tuple(2**i for i in range(11)),
-            10,
-        ),
-    )
+    # tiny workloads, every method, two batch sizes (the default without a GPU)
+    "cpu-smoke": Preset(("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"), None, (4, 16), rounds=3),
+    # paper-size DiT-S/B/L/XL-2 (256 px, cond + uncond), DiT-XL/2 512 px, gpt2(-medium) tied + untied;
+    # batch 1..256 by ×4 until OOM (the default with a GPU)
+    "gpu-small": Preset(_GPU_WORKLOADS, None, (1, 4, 16, 64, 256), rounds=5),
+    # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
+    "gpu-full": Preset(_GPU_WORKLOADS, None, tuple(2**i for i in range(11)), rounds=10),
 }
 
 
@@ -107,83 +88,68 @@ class BenchConfig:
     max_batch: bool = False  # max-batch mode instead of the matrix
     max_batch_limit: int = 4096
     predict_memory_bytes: tuple[int, ...] = ()
+    torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
 
+    @classmethod
+    def from_pytest(cls, config: pytest.Config) -> BenchConfig:
+        """The session's settings from pytest's parsed options; :class:`BenchUsageError` names a bad value."""
+        import models
+        from bench import dp
+        from bench.devices import visible_devices
+        from bench.machine import ram_bytes
+        from bench.options import check_names
 
-# ---------------------------------------------------------------------------------------------------------
-# parsing helpers: each raises BenchUsageError with a one-line message
-
-
-def split_list(option: str, text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise BenchUsageError(f"{option}: empty list")
-    return items
-
-
-def check_names(option: str, names: list[str], valid: list[str]) -> list[str]:
-    for name in names:
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", ..."
-            raise BenchUsageError(f"{option}: unknown value {name!r}{hint}; valid: {shown}")
-    return names
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    out = []
-    for item in split_list("--batch-sizes", text) or []:
+        option = config.getoption
         try:
-            value = int(item)
-        except ValueError:
-            raise BenchUsageError(f"--batch-sizes: {item!r} is not an integer") from None
-        if value < 1:
-            raise BenchUsageError(f"--batch-sizes: batch size must be >= 1, got {value}")
-        out.append(value)
-    return out
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(option: str, text: str) -> int:
-    """'8GiB', '512MB', '1e9' → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise BenchUsageError(f"{option}: {text!r} is not a size (e.g. 8GiB, 512MB, 1e9)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not math.isfinite(value) or value < 1:
-        raise BenchUsageError(f"{option}: size must be >= 1 byte, got {text!r}")
-    return int(value)
-
-
-def check_sample_interval(seconds: float) -> float:
-    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)) or seconds <= 0 or seconds > 1.0:
-        raise BenchUsageError(f"--sample-interval: must be in (0, 1] seconds, got {seconds!r}")
-    return float(seconds)
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+            for module in option("--workload-module"):
+                models.load_workload_module(module)
+            preset_name = option("--preset") or default_preset()
+            check_names("--preset", [preset_name], list(PRESETS))
+            preset = PRESETS[preset_name]
+            workloads = option("--workloads") or preset.workloads
+            check_names("--workloads", workloads, models.list_workloads())
+            methods = option("--methods") or tuple(preset.methods or dp.available_methods())
+            check_names("--methods", methods, dp.available_methods())
+            devices = option("--devices") or tuple(visible_devices())
+            usable = list(dict.fromkeys([*visible_devices(), "cpu"]))
+            for device in devices:
+                if device not in usable:
+                    raise ValueError(f"--devices: {device!r} does not exist here; visible devices: {', '.join(usable)}")
+            check_names("--optimizer", [option("--optimizer")], list(dp.OPTIMIZERS))
+            check_names("--accountant", [option("--accountant")], list(dp.ACCOUNTANTS))
+            privacy = dp.resolve_privacy(
+                option("--max-grad-norm"),
+                noise_multiplier=option("--noise-multiplier"),
+                target_epsilon=option("--target-epsilon"),
+                target_delta=option("--target-delta"),
+                accountant=option("--accountant"),
+                sample_rate=option("--sample-rate"),
+                steps=option("--privacy-steps"),
+            )
+        except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
+            raise BenchUsageError(str(exc)) from None
+        memory_cap = option("--memory-cap")
+        if memory_cap is None:  # 75 % of RAM; no cap where RAM cannot be read
+            ram = ram_bytes()
+            memory_cap = int(ram * 0.75) if ram else None
+        return cls(
+            preset=preset_name,
+            workloads=tuple(workloads),
+            methods=tuple(methods),
+            batch_sizes=option("--batch-sizes") or preset.batch_sizes,
+            devices=tuple(devices),
+            rounds=option("--rounds") or preset.rounds,
+            privacy=privacy,
+            sample_interval_s=option("--sample-interval"),
+            optimizer=option("--optimizer"),
+            memory_cap_bytes=memory_cap,
+            snapshot_case=option("--snapshot"),
+            snapshot_dir=option("--snapshot-dir"),
+            results_path=option("--results") or f"results/dpmem-{time.strftime('%Y%m%d-%H%M%S')}.jsonl",
+            runner_label=option("--runner-label") or os.environ.get("DPMEM_RUNNER_LABEL") or None,
+            seed=option("--seed"),
+            max_batch=option("--max-batch"),
+            max_batch_limit=option("--max-batch-limit"),
+            predict_memory_bytes=option("--predict-memory"),
+            torch_threads=option("--torch-threads"),
+        )

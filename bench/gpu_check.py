@@ -104,12 +104,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_case(workload_name: str, method: str, batch_size: int, device, args) -> tuple[GapCheck, float]:
+def check_case(workload_name: str, method: str, batch_size: int, device, args) -> tuple[GapCheck, float]:
     import torch
 
     import models
     from bench.dp import build_step, resolve_privacy
-    from bench.memory import cuda
+    from bench.memory import allocator
     from bench.memory.measure import measure_step
     from bench.memory.nvml import NvmlSampler
 
@@ -119,24 +119,26 @@ def run_case(workload_name: str, method: str, batch_size: int, device, args) -> 
     batch = workload.make_batch(batch_size, device=device)
     try:
         step(batch)  # warm-up: lazy kernels, cuBLAS workspace and optimizer state exist before measuring
-        cuda.reset_between_cases(device)
-        _, reserved_at_start = cuda.current_figures(device)
-        figures = measure_step(
+        allocator.reset_between_cases(device)
+        _, reserved_at_start = allocator.current_figures(device)
+        notes: list[str] = []
+        memory = measure_step(
             lambda mark: step(batch, mark),
             device=device,
             model=step.model,
             optimizer=step.optimizer,
             sample_interval_s=args.interval,
             track_tensors=False,
+            notes=notes,
         )
-        if figures["nvml_peak_used_bytes"] is None:
-            raise RuntimeError("; ".join(figures["notes"]) or "NVML produced no samples")
+        if memory.nvml_peak_used_bytes is None:
+            raise RuntimeError("; ".join(notes) or "NVML produced no samples")
         gap = GapCheck(
-            nvml_peak_used_bytes=figures["nvml_peak_used_bytes"],
-            nvml_baseline_bytes=figures["nvml_step_start_bytes"],  # NVML just before the step
+            nvml_peak_used_bytes=memory.nvml_peak_used_bytes,
+            nvml_baseline_bytes=memory.nvml_step_start_bytes,  # NVML just before the step
             reserved_at_start_bytes=reserved_at_start,
-            peak_reserved_bytes=figures["peak_reserved_bytes"],
-            peak_allocated_bytes=figures["peak_allocated_bytes"],
+            peak_reserved_bytes=memory.peak_reserved_bytes,
+            peak_allocated_bytes=memory.peak_allocated_bytes,
         )
         overhead, _, _ = sampler_overhead(
             lambda: step(batch),
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in args.methods:
             label = f"{workload_name:>14} {method:>14}"
             try:
-                gap, overhead = run_case(workload_name, method, args.batch_size, device, args)
+                gap, overhead = check_case(workload_name, method, args.batch_size, device, args)
             except Exception as exc:  # report and go on: one bad case should not hide the others
                 first = (str(exc).strip().splitlines() or [""])[0]
                 print(f"{label}  ERROR {type(exc).__name__}: {first}")

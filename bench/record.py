@@ -1,7 +1,11 @@
-"""The result record: one case's status, memory figures, phases, timeline, privacy and timing, as plain JSON.
+"""The result record and its JSON-lines codec: one case's status, memory figures, timing, privacy and provenance.
 
 This is the single shape that flows from a bench case into pytest-benchmark's ``extra_info`` and the
 JSON-lines file, and from either file into the reports. Every key is documented once, here.
+
+A :class:`CaseRecord` is composed of typed parts — the case's identity and facts, the :class:`StepMemory`
+that :func:`bench.memory.measure.measure_step` returns and the :class:`Timing` of the timed rounds — and is
+written as *one flat JSON object* (the parts' keys side by side), so a result file reads as a plain table row.
 """
 
 from __future__ import annotations
@@ -47,19 +51,11 @@ class Timeline:
 
 
 @dataclass
-class CaseRecord:
-    """Everything measured for one bench case (workload × method × batch size × device).
+class StepMemory:
+    """Every memory figure of one measured step (what ``measure_step`` returns).
 
-    Byte figures are ints or ``None`` where that source does not apply (e.g. NVML on CPU) or failed
-    (then ``notes`` says why)."""
-
-    # --- the case -------------------------------------------------------------------------------------
-    workload: str
-    method: str
-    batch_size: int
-    device: str
-    status: str = "ok"  # one of STATUSES
-    reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
+    Byte figures are ints, or ``None`` where that source does not apply (NVML on CPU) or failed (the record's
+    ``notes`` say why)."""
 
     # --- exact live tensor bytes (any device; bench.memory.tensors) ------------------------------------
     peak_tensor_bytes: int | None = None  # peak of live tensor storage bytes during the step
@@ -67,7 +63,7 @@ class CaseRecord:
     breakdown: dict[str, int] = field(default_factory=dict)  # CATEGORIES -> bytes live at the peak
     peak_phase: str | None = None  # phase during which peak_tensor_bytes was reached
 
-    # --- torch CUDA caching allocator (bench.memory.cuda) ----------------------------------------------
+    # --- torch CUDA caching allocator (bench.memory.allocator) -----------------------------------------
     peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the step
     peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved over the step
     snapshot_path: str | None = None  # memory_viz snapshot (pickle written by torch; never read by us)
@@ -75,7 +71,7 @@ class CaseRecord:
     # --- NVML (bench.memory.nvml) ----------------------------------------------------------------------
     nvml_peak_used_bytes: int | None = None  # max device-wide "used" during the step
     nvml_baseline_bytes: int | None = None  # device "used" at case start, before the case allocated anything:
-    #   CUDA context + other processes (read by the bench; measure_step alone: just before the step)
+    #   CUDA context + other processes (None with a note when it could not be read)
     nvml_step_start_bytes: int | None = None  # device "used" just before the measured step (model, cache, ...)
     nvml_peak_minus_baseline_bytes: int | None = None  # what this case added on the device at its peak
     nvml_peak_reserved_bytes: int | None = None  # v2 struct "reserved" (driver-reserved), where available
@@ -90,6 +86,37 @@ class CaseRecord:
     # --- phases and timeline ---------------------------------------------------------------------------
     phases: list[Phase] = field(default_factory=list)
     timeline: Timeline = field(default_factory=Timeline)
+
+
+@dataclass
+class Timing:
+    """Seconds per fused step from the timed rounds (never the measured round); ``rounds == 0``: not timed."""
+
+    time_median_s: float | None = None
+    time_mean_s: float | None = None
+    time_min_s: float | None = None
+    time_max_s: float | None = None
+    time_stddev_s: float | None = None
+    time_iqr_s: float | None = None  # interquartile range: the dispersion the reports weigh a ratio against
+    rounds: int = 0
+    iterations: int = 1  # step calls per round (pytest-benchmark's calibration); times are per call
+    torch_threads: int | None = None  # torch.get_num_threads() while timing (intra-op CPU threads)
+
+
+@dataclass
+class CaseRecord:
+    """Everything measured for one bench case (workload × method × batch size × device)."""
+
+    # --- the case -------------------------------------------------------------------------------------
+    workload: str
+    method: str
+    batch_size: int
+    device: str
+    status: str = "ok"  # one of STATUSES
+    reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
+
+    memory: StepMemory = field(default_factory=StepMemory)
+    timing: Timing = field(default_factory=Timing)
 
     # --- privacy, optimizer and model facts ------------------------------------------------------------
     noise_multiplier: float | None = None
@@ -106,37 +133,29 @@ class CaseRecord:
     family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
     dtype: str = "float32"
 
-    # --- timing (seconds per fused step; from the timed rounds, not the measured one) -------------------
-    time_median_s: float | None = None
-    time_mean_s: float | None = None
-    time_min_s: float | None = None
-    time_stddev_s: float | None = None
-    rounds: int = 0
-
     # --- provenance ------------------------------------------------------------------------------------
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
     device_memory_bytes: int | None = None  # total memory of the device (GPU) or machine (CPU)
     runner_label: str | None = None  # $DPMEM_RUNNER_LABEL (CI runner), compares GPUs across machines
     notes: list[str] = field(default_factory=list)  # one line each: e.g. "NVML: library not found"
-    machine: dict[str, Any] = field(default_factory=dict)  # GPU name, runner label, versions (JSONL only)
     schema_version: int = SCHEMA_VERSION
 
-    # ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (non-finite floats become strings "inf"/"nan" so strict JSON parsers work)."""
-        return _jsonable(dataclasses.asdict(self))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+        """One flat JSON-able dict (the memory and timing keys beside the case's own); non-finite floats become
+        the strings "inf"/"nan" so strict JSON parsers read it."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _PARTS}
+        flat = {**own, **dataclasses.asdict(self.memory), **dataclasses.asdict(self.timing)}
+        return _jsonable({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in flat.items()})
 
     @classmethod
     def from_dict(cls, data: Any) -> CaseRecord:
         data = _checked("record", data, ("workload", "method", "batch_size", "device"))
-        kwargs = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
         try:
-            kwargs["phases"] = [Phase(**p) for p in kwargs.get("phases", [])]
-            kwargs["timeline"] = Timeline(**kwargs.get("timeline", {}))
-            record = cls(**kwargs)
+            memory = _known_fields(StepMemory, data)
+            memory["phases"] = [Phase(**p) for p in memory.get("phases", [])]
+            memory["timeline"] = Timeline(**memory.get("timeline", {}))
+            own = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
+            record = cls(**own, memory=StepMemory(**memory), timing=Timing(**_known_fields(Timing, data)))
         except TypeError as exc:
             raise RecordError(f"malformed record: {exc}") from exc
         if record.status not in STATUSES:
@@ -145,17 +164,8 @@ class CaseRecord:
             raise RecordError(f"record batch_size {record.batch_size!r} is not an integer")
         return record
 
-    @classmethod
-    def from_json(cls, text: str) -> CaseRecord:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"not JSON: {exc}") from exc
-        return cls.from_dict(data)
 
-    @property
-    def case_id(self) -> str:
-        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+_PARTS = ("memory", "timing")  # CaseRecord fields written flat, their keys beside the record's own
 
 
 @dataclass
@@ -192,7 +202,6 @@ class MaxBatchRecord:
     reason: str = ""
     device_name: str | None = None
     runner_label: str | None = None
-    machine: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,8 +231,14 @@ def from_jsonl_line(line: str) -> CaseRecord | MaxBatchRecord:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise RecordError(f"not JSON: {exc.msg} at column {exc.colno}") from exc
+    return from_record_dict(data)
+
+
+def from_record_dict(data: Any) -> CaseRecord | MaxBatchRecord:
+    """A record from one parsed JSON-lines object (``record_type`` says which kind; "case" when absent)."""
     if not isinstance(data, dict):
         raise RecordError(f"line is a JSON {type(data).__name__}, not an object")
+    data = dict(data)
     kind = data.pop("record_type", "case")
     if kind not in RECORD_TYPES:
         raise RecordError(f"unknown record_type {kind!r}")
@@ -235,8 +250,10 @@ def _checked(kind: str, data: Any, required: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecordError(f"{kind} must be a JSON object, got {type(data).__name__}")
     version = data.get("schema_version", SCHEMA_VERSION)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise RecordError(f"{kind} schema_version {version!r} is newer than this suite's ({SCHEMA_VERSION})")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RecordError(f"{kind} schema_version {version!r} is not an integer")
+    if version > SCHEMA_VERSION:
+        raise RecordError(f"{kind} schema_version {version} is newer than this suite's ({SCHEMA_VERSION})")
     missing = [k for k in required if k not in data]
     if missing:
         raise RecordError(f"{kind} lacks key(s) {missing}")
@@ -244,8 +261,9 @@ def _checked(kind: str, data: Any, required: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    # Unknown keys (from a newer minor version) are dropped rather than failing the whole file.
-    names = {f.name for f in dataclasses.fields(cls)}
+    # Unknown keys (from a newer minor version) are dropped rather than failing the whole file; a composed
+    # part's keys are read by the part, not by the record.
+    names = {f.name for f in dataclasses.fields(cls)} - set(_PARTS)
     return {k: v for k, v in data.items() if k in names}
 
 

@@ -1,7 +1,7 @@
 """Max-batch mode: `pytest bench/ --max-batch [--workloads ...] [--methods ...]` (see bench/maxbatch.py).
 
 One case per workload × method × device; each finished search is appended to the JSON-lines results file as
-a ``max_batch`` record and stored in the benchmark's ``extra_info``.
+a ``max_batch`` record and kept in the benchmark JSON's ``dpmem_untimed`` list.
 """
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ import pytest
 
 from bench import maxbatch
 from bench.case import CaseSpec, run_case
-from bench.keys import UNTIMED_RECORDS
 from bench.record import BatchProbe
 
 
-@pytest.fixture
-def max_batch_case(workload, method, device):
-    return workload, method, device
-
-
-def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, request):
+def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, record_untimed):
     cfg = bench_cfg
     workload, method, device = max_batch_case
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
@@ -34,10 +28,11 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, requ
     records = []
 
     def probe(batch_size: int) -> BatchProbe:
-        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, cfg.privacy, timer=None)
+        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, timer=None)
         records.append(record)
+        memory = record.memory
         return BatchProbe(
-            batch_size, record.status, record.peak_tensor_bytes, record.peak_reserved_bytes, record.peak_rss_bytes
+            batch_size, record.status, memory.peak_tensor_bytes, memory.peak_reserved_bytes, memory.peak_rss_bytes
         )
 
     max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
@@ -58,16 +53,8 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, requ
     say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
 
     results_writer.append(result)
-    entry = {
-        "group": "max-batch",
-        "name": request.node.name,
-        "fullname": request.node.nodeid,
-        "params": {"workload": workload, "method": method, "device": device},
-        "param": request.node.name,
-        "extra_info": {"record_type": "max_batch", **result.to_dict()},
-        "options": {},
-        "stats": None,
-    }
-    pytestconfig.stash[UNTIMED_RECORDS].append(entry)
+    record_untimed(
+        {"workload": workload, "method": method, "device": device}, {"record_type": "max_batch", **result.to_dict()}
+    )
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)

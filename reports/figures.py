@@ -193,16 +193,16 @@ def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     rows = _case_rows(results, machine, workload, batch)
     rows = rows[(rows["status"] == "ok")]
     records = [results.record(r) for _, r in rows.iterrows()]
-    records = [r for r in records if r.breakdown]
+    records = [r for r in records if r.memory.breakdown]
     if not records:
         raise SkipFigure(f"no breakdown at peak recorded for {workload} batch {batch}")
-    scale, unit = byte_unit(max(sum(r.breakdown.values()) for r in records))
+    scale, unit = byte_unit(max(sum(r.memory.breakdown.values()) for r in records))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(records) + 2), 4.5))
     x = np.arange(len(records))
     bottom = np.zeros(len(records))
     cmap = plt.get_cmap("Set2")
     for i, category in enumerate(CATEGORIES):
-        heights = np.array([r.breakdown.get(category, 0) for r in records], dtype=float) / scale
+        heights = np.array([r.memory.breakdown.get(category, 0) for r in records], dtype=float) / scale
         ax.bar(x, heights, bottom=bottom, label=category.replace("_", " "), color=cmap(i))
         bottom += heights
     ax.set_xticks(x, [r.method for r in records], rotation=20, ha="right")
@@ -221,26 +221,26 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     machine, workload, batch = choose_case(results, options)
     rows = _case_rows(results, machine, workload, batch)
     records = [results.record(r) for _, r in rows[rows["status"] == "ok"].iterrows()]
-    records = [r for r in records if r.timeline.t_s and any(getattr(r.timeline, k) for k in TRACE_STYLES)]
+    records = [r for r in records if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)]
     if not records:
         raise SkipFigure(f"no timeline recorded for {workload} batch {batch}")
 
     def axis_unit(keys):
-        return byte_unit(max(max(max(getattr(r.timeline, k) or [0]) for k in keys) for r in records))
+        return byte_unit(max(max(max(getattr(r.memory.timeline, k) or [0]) for k in keys) for r in records))
 
     step_keys = [k for k in TRACE_STYLES if k not in WHOLE_PROCESS_TRACES]
     (scale, unit), (rscale, runit) = axis_unit(step_keys), axis_unit(WHOLE_PROCESS_TRACES)
     fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.4))
     plotted = []
     for ax, record in zip(axes, records):
-        t_ms = np.asarray(record.timeline.t_s) * 1e3
-        for phase in record.phases:
+        t_ms = np.asarray(record.memory.timeline.t_s) * 1e3
+        for phase in record.memory.phases:
             ax.axvspan(
                 phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0
             )
         right = None
         for key, (label, color) in TRACE_STYLES.items():
-            values = getattr(record.timeline, key)
+            values = getattr(record.memory.timeline, key)
             if not values:
                 continue
             if key in WHOLE_PROCESS_TRACES:
@@ -258,7 +258,7 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
         ax.grid(alpha=0.3)
     handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
     phases = sorted(
-        {p.name for r in records for p in r.phases},
+        {p.name for r in records for p in r.memory.phases},
         key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99,
     )
     for name in phases:

@@ -29,6 +29,7 @@ from bench.record import (
     MaxBatchRecord,
     RecordError,
     from_jsonl_line,
+    from_record_dict,
 )
 
 from .tables import affine_fit_table, overhead_table
@@ -180,27 +181,32 @@ def load_file(path: str | Path) -> _Loaded:
 
 
 def _load_pytest_benchmark(path: Path, data: dict[str, Any]) -> _Loaded:
-    benchmarks = data.get("benchmarks")
-    if not isinstance(benchmarks, list):
-        raise ReportInputError(f"{path}: pytest-benchmark JSON whose 'benchmarks' is not a list")
-    if not benchmarks:
+    """Timed cases from ``benchmarks``; untimed ones (OOM, unsupported, max-batch searches) from
+    ``dpmem_untimed``, where the bench keeps them so pytest-benchmark's own tools can read ``benchmarks``."""
+    benchmarks, untimed = data.get("benchmarks"), data.get("dpmem_untimed", [])
+    if not isinstance(benchmarks, list) or not isinstance(untimed, list):
+        raise ReportInputError(f"{path}: pytest-benchmark JSON whose 'benchmarks' or 'dpmem_untimed' is not a list")
+    if not benchmarks and not untimed:
         raise ReportInputError(f"{path}: pytest-benchmark JSON with no benchmarks")
     machine_info = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
     dpmem_info = machine_info.get("dpmem") if isinstance(machine_info.get("dpmem"), dict) else {}
-    cases = []
-    for position, bench in enumerate(benchmarks):
+    cases, max_batches = [], []
+    for position, bench in enumerate([*benchmarks, *untimed]):
         name = bench.get("name", f"#{position}") if isinstance(bench, dict) else f"#{position}"
         extra = bench.get("extra_info") if isinstance(bench, dict) else None
         if not isinstance(extra, dict) or "workload" not in extra:
             raise ReportInputError(f"{path}: benchmark {name!r} has no dpmem extra_info (not a dpmem result file?)")
         try:
-            record = CaseRecord.from_dict(extra)
+            record = from_record_dict(extra)
         except RecordError as exc:
             raise ReportInputError(f"{path}: benchmark {name!r}: {exc}") from None
+        if isinstance(record, MaxBatchRecord):
+            max_batches.append(record)
+            continue
         extras = _stats_columns(bench.get("stats"))
         extras.update(_machine_columns(record, dpmem_info, machine_info))
         cases.append((record, extras))
-    return _Loaded(cases, [], [], "pytest-benchmark")
+    return _Loaded(cases, max_batches, [], "pytest-benchmark")
 
 
 def _stats_columns(stats: Any) -> dict[str, Any]:
@@ -378,16 +384,17 @@ def _case_row(record: CaseRecord, extras: dict[str, Any], source: str, index: in
         "family": record.family or workload_family(record.workload),  # older records lack the field
     }
     for name in (*MEMORY_COLUMNS, *_RECORD_FACTS):
-        row[name] = getattr(record, name)
+        row[name] = getattr(record.memory if hasattr(record.memory, name) else record, name)
     for category in CATEGORIES:
-        row[f"breakdown_{category}"] = record.breakdown.get(category)
-    # The record carries timing from the timed rounds; the benchmark's own stats fill what it lacks (max).
-    row["time_median_s"] = record.time_median_s
-    row["time_mean_s"] = record.time_mean_s
-    row["time_min_s"] = record.time_min_s
-    row["time_max_s"] = None
-    row["time_stddev_s"] = record.time_stddev_s
-    row["rounds"] = record.rounds or None
+        row[f"breakdown_{category}"] = record.memory.breakdown.get(category)
+    # The record carries timing from the timed rounds; the benchmark's own stats fill what it lacks.
+    timing = record.timing
+    row["time_median_s"] = timing.time_median_s
+    row["time_mean_s"] = timing.time_mean_s
+    row["time_min_s"] = timing.time_min_s
+    row["time_max_s"] = timing.time_max_s
+    row["time_stddev_s"] = timing.time_stddev_s
+    row["rounds"] = timing.rounds or None
     row["device_name"] = record.device_name
     row["runner_label"] = record.runner_label
     for key, value in extras.items():

@@ -1,283 +1,48 @@
-"""DP-SGD methods behind one registry.
-
-Each method family lives in its own file and registers :class:`DPMethod` subclasses with
-:func:`register_method`. A method offers two things:
-
-* ``build(...) -> DPStep``: the *fused* step the bench measures — forward → per-sample gradients or norms →
-  flat clipping → Gaussian noise (σ·C, once per logical batch) → optimizer update, in one call;
-* ``clipped_grad_sum(...)``: the noise-free Σ_i min(1, C/‖g_i‖)·g_i computed by the method's own machinery,
-  used by the equivalence tests.
+"""DP-SGD methods behind one registry (``bench.dp.base``), one file per family.
 
 Public API: :func:`available_methods`, :func:`get_method`, :func:`clipped_grad_sum`, :func:`build_step`,
-:func:`resolve_privacy`, :func:`make_optimizer`.
+:func:`make_optimizer`, :func:`resolve_privacy` (``bench.dp.privacy``), the phase channel
+(``bench.channel``) and the two errors (``bench.dp.errors``). Importing the package registers every method;
+the import order below is the display order: the baseline first, the naive reference last.
 """
 
-from __future__ import annotations
-
-import difflib
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-
-from ._common import (
-    PHASES,
-    DPConfigError,
-    MethodUnsupported,
-    PhaseMarker,
-    check_max_grad_norm,
-    no_mark,
-    set_noisy_grads,
-    trainable_parameters,
+# isort: off
+from .base import (
+    OPTIMIZERS,
+    ClippedSumStep,
+    DPMethod,
+    DPStep,
+    available_methods,
+    build_step,
+    clipped_grad_sum,
+    get_method,
+    make_optimizer,
+    register_method,
 )
+from bench.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
+from .errors import DPConfigError, MethodUnsupported
+from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy
+from . import nondp, opacus, bk, func, microbatch  # noqa: F401  (each registers its methods)
+# isort: on
 
 __all__ = [
+    "ACCOUNTANTS",
+    "OPTIMIZERS",
     "PHASES",
     "ClippedSumStep",
     "DPConfigError",
     "DPMethod",
     "DPStep",
     "MethodUnsupported",
+    "PhaseMarker",
     "PrivacyParams",
+    "annotate_dp_buffer",
     "available_methods",
     "build_step",
     "clipped_grad_sum",
     "get_method",
     "make_optimizer",
+    "no_mark",
     "register_method",
     "resolve_privacy",
 ]
-
-ACCOUNTANTS = ("prv", "rdp", "gdp")
-DEFAULT_SAMPLE_RATE = 0.01
-DEFAULT_STEPS = 1000
-DEFAULT_DELTA = 1e-5
-PRV_MIN_NOISE = 0.5  # below this σ, ε is computed with RDP instead of PRV (see resolve_privacy)
-
-
-@dataclass(frozen=True)
-class PrivacyParams:
-    """Resolved privacy settings of a run; all of them go into every result record."""
-
-    max_grad_norm: float
-    noise_multiplier: float
-    epsilon: float | None
-    delta: float | None
-    accountant: str
-    sample_rate: float
-    steps: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def resolve_privacy(
-    max_grad_norm: float = 1.0,
-    *,
-    noise_multiplier: float | None = None,
-    target_epsilon: float | None = None,
-    target_delta: float = DEFAULT_DELTA,
-    sample_rate: float = DEFAULT_SAMPLE_RATE,
-    steps: int = DEFAULT_STEPS,
-    accountant: str = "prv",
-) -> PrivacyParams:
-    """Resolve σ from a target (ε, δ) with Opacus' accountant, or ε from a given σ (default σ = 1.0).
-
-    ``sample_rate`` is the Poisson sampling rate q = B / N and ``steps`` the number of optimizer steps the
-    privacy guarantee covers; with σ = 0 the step is not private and ε is ``inf``. For σ < 0.5 the PRV
-    accountant is impractically slow, so ε is computed with RDP and ``accountant`` says ``"rdp"``."""
-    max_grad_norm = check_max_grad_norm(max_grad_norm, allow_inf=False)
-    if accountant not in ACCOUNTANTS:
-        raise DPConfigError(f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
-    if not (0 < sample_rate <= 1):
-        raise DPConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DPConfigError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (0 < target_delta < 1):
-        raise DPConfigError(f"delta must be in (0, 1), got {target_delta!r}")
-    if noise_multiplier is not None and target_epsilon is not None:
-        raise DPConfigError("give either noise_multiplier or target_epsilon, not both")
-
-    from opacus.accountants import create_accountant
-    from opacus.accountants.utils import get_noise_multiplier
-
-    if target_epsilon is not None:
-        if not (target_epsilon > 0) or math.isinf(target_epsilon):
-            raise DPConfigError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        )
-    else:
-        sigma = 1.0 if noise_multiplier is None else float(noise_multiplier)
-        if math.isnan(sigma) or sigma < 0 or math.isinf(sigma):
-            raise DPConfigError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    if sigma == 0:
-        epsilon = math.inf
-    else:
-        if accountant == "prv" and sigma < PRV_MIN_NOISE:
-            # Opacus' PRV accountant needs minutes and gigabytes for tiny σ (σ=0.1: >10 min, 8 GB), where ε is
-            # huge anyway; RDP gives a valid upper bound at once. The record names the accountant used.
-            accountant = "rdp"
-        acc = create_accountant(mechanism=accountant)
-        acc.history = [(sigma, sample_rate, steps)]
-        epsilon = float(acc.get_epsilon(delta=target_delta))
-    return PrivacyParams(max_grad_norm, sigma, epsilon, target_delta, accountant, sample_rate, steps)
-
-
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-}
-
-
-def make_optimizer(name: str, params, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """AdamW (DiT's and GPT-2's training optimizer, the default), Adam or SGD over ``params``."""
-    if name not in OPTIMIZERS:
-        raise DPConfigError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](list(params), lr)
-
-
-class DPStep:
-    """A fused DP training step. Call it with a :class:`models.Batch`; it returns the (detached) mean loss.
-
-    ``mark`` is called with each phase name of :data:`PHASES` as the phase begins and with ``"end"`` at the
-    end. The default does nothing (timed rounds); the memory sampler passes a recorder. ``close()`` removes
-    whatever the method attached to the model (hooks, wrappers)."""
-
-    def __init__(self, method: str, model: nn.Module, optimizer: torch.optim.Optimizer, privacy: PrivacyParams):
-        self.method = method
-        self.model = model
-        self.optimizer = optimizer
-        self.privacy = privacy
-
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class ClippedSumStep(DPStep):
-    """A fused step for methods that produce Σ_i min(1, C/‖g_i‖)·g_i themselves (bk, torch-func, microbatch):
-    they implement :meth:`clipped_sum` (marking forward/backward/clip); noise and the update are shared."""
-
-    def __init__(self, method, workload, model, optimizer, privacy, batch_size: int, noise_generator):
-        super().__init__(method, model, optimizer, privacy)
-        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
-
-    def clipped_sum(self, batch, mark: PhaseMarker) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
-        """(parameters, their clipped per-sample gradient sums, detached mean loss)."""
-        raise NotImplementedError
-
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        # No gradient may survive from a previous step: it would sit in memory through the whole pass.
-        self.optimizer.zero_grad(set_to_none=True)
-        params, sums, loss = self.clipped_sum(batch, mark)
-        mark("noise")
-        set_noisy_grads(
-            params,
-            sums,
-            self.privacy.noise_multiplier,
-            self.privacy.max_grad_norm,
-            self.batch_size,
-            self.noise_generator,
-        )
-        mark("optimizer")
-        self.optimizer.step()
-        mark("end")
-        return loss
-
-
-class DPMethod:
-    """One DP-SGD implementation. Subclasses set ``name``/``description`` and implement the two entry points."""
-
-    name: str = ""
-    family: str = ""
-    description: str = ""
-
-    def check(self, workload, model: nn.Module) -> None:
-        """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run."""
-
-    def build(
-        self,
-        workload,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        privacy: PrivacyParams,
-        batch_size: int,
-        noise_generator: torch.Generator | None,
-    ) -> DPStep:
-        raise NotImplementedError
-
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-
-_METHODS: dict[str, DPMethod] = {}
-
-
-def register_method(cls: type[DPMethod]) -> type[DPMethod]:
-    """Class decorator: instantiate and register a method under ``cls.name``."""
-    if not cls.name or cls.name in _METHODS:
-        raise DPConfigError(f"method name {cls.name!r} is empty or registered twice")
-    _METHODS[cls.name] = cls()
-    return cls
-
-
-def available_methods() -> list[str]:
-    """Registered method names, baseline first."""
-    return list(_METHODS)
-
-
-def get_method(name: str) -> DPMethod:
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DPConfigError(f"unknown DP method {name!r}{hint}; valid: {', '.join(_METHODS)}")
-    return _METHODS[name]
-
-
-def clipped_grad_sum(method: str, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
-    """Noise-free Σ_i min(1, C/‖g_i‖)·g_i by ``method``'s own machinery, keyed by trainable parameter name.
-
-    Leaves the model's weights (and, once it returns, its hooks) as they were."""
-    impl = get_method(method)
-    max_grad_norm = check_max_grad_norm(max_grad_norm)
-    impl.check(workload, model)
-    return impl.clipped_grad_sum(workload, model, batch, max_grad_norm)
-
-
-def build_step(
-    method: str,
-    workload,
-    model: nn.Module,
-    *,
-    privacy: PrivacyParams,
-    batch_size: int,
-    optimizer: str = "adamw",
-    lr: float = 1e-4,
-    noise_generator: torch.Generator | None = None,
-) -> DPStep:
-    """The fused DP step of ``method`` for ``model`` (its optimizer is built here, over trainable parameters)."""
-    impl = get_method(method)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DPConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    impl.check(workload, model)
-    opt = make_optimizer(optimizer, trainable_parameters(model).values(), lr)
-    return impl.build(workload, model, opt, privacy, batch_size, noise_generator)
-
-
-# Registration order is the display order: the baseline first, the naive reference last.
-# isort: off
-from . import nondp, opacus, bk, func, microbatch  # noqa: E402,F401
-# isort: on

@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-from . import MethodUnsupported, available_methods, clipped_grad_sum, get_method
-from ._common import DPConfigError
+from .base import available_methods, clipped_grad_sum, get_method
+from .errors import DPConfigError, MethodUnsupported
 
 DEFAULT_WORKLOADS = (
     "dit-tiny-cond",

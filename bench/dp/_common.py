@@ -1,41 +1,18 @@
-"""Pieces every DP method family shares: errors, per-sample losses, flat clipping, Gaussian noise, phase marks,
-buffer annotations.
+"""Pieces the DP method families share: per-sample losses, flat clipping, Gaussian noise, gradient bookkeeping.
 
-Measurement code never reaches into method files; methods only *announce* what they do through two neutral
-channels defined here: phase marks (``mark("backward")``) and :func:`annotate_dp_buffer`, which names a tensor
-as a per-sample gradient / norm buffer (the DP overhead) for whoever listens (the tensor tracker). With no
-listener both cost one Python call.
+Private to ``bench.dp``: method files import it; nothing outside the package does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-PHASES = ("forward", "backward", "clip", "noise", "optimizer")
-
-PhaseMarker = Callable[[str], None]
-
-
-def no_mark(phase: str) -> None:  # the marker of timed rounds: nothing, in particular no CUDA sync
-    return None
-
-
-class DPConfigError(ValueError):
-    """Invalid DP settings (clip norm, noise, epsilon, method name); the message is one line."""
-
-
-class MethodUnsupported(RuntimeError):
-    """A method cannot run on a model. ``reason`` is the library's real error, ``diagnosis`` one line of why."""
-
-    def __init__(self, method: str, reason: str, diagnosis: str = ""):
-        self.method, self.reason, self.diagnosis = method, reason, diagnosis
-        super().__init__(f"{method}: {reason}" + (f" — {diagnosis}" if diagnosis else ""))
-
+from .errors import DPConfigError
 
 # Opacus' flat clipping factor, min(1, C / (‖g_i‖ + 1e-6)); every method uses the same one so results agree.
 CLIP_EPS = 1e-6
@@ -104,27 +81,8 @@ def set_noisy_grads(
     """p.grad = (Σ_i clipped g_i + N(0, σ²C²)) / B — what Opacus' DPOptimizer does with loss_reduction='mean'."""
     std = noise_multiplier * max_grad_norm
     for p, g in zip(params, summed_clipped):
+        # In place: an out-of-place sum would keep the caller's noise-free g alive beside it until the
+        # optimizer step (a second parameter-sized copy); only one parameter's noise is transient at a time.
         if std > 0:
-            g = g + torch.normal(0.0, std, size=g.shape, device=g.device, dtype=g.dtype, generator=generator)
-        p.grad = g.div_(batch_size) if g.is_floating_point() else g / batch_size
-
-
-_annotation_listeners: list[Callable[[Tensor], None]] = []
-
-
-def annotate_dp_buffer(*tensors: Tensor | None) -> None:
-    """Announce tensors that exist only because of DP (per-sample gradients, norms, kept output gradients)."""
-    if _annotation_listeners:
-        for t in tensors:
-            if t is not None:
-                for listener in _annotation_listeners:
-                    listener(t)
-
-
-def add_annotation_listener(listener: Callable[[Tensor], None]) -> None:
-    _annotation_listeners.append(listener)
-
-
-def remove_annotation_listener(listener: Callable[[Tensor], None]) -> None:
-    if listener in _annotation_listeners:
-        _annotation_listeners.remove(listener)
+            g.add_(torch.normal(0.0, std, size=g.shape, device=g.device, dtype=g.dtype, generator=generator))
+        p.grad = g.div_(batch_size)

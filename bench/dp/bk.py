@@ -27,17 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
-from ._common import (
-    MethodUnsupported,
-    PhaseMarker,
-    annotate_dp_buffer,
-    checked_per_sample_losses,
-    clip_factors,
-    no_mark,
-    trainable_parameters,
-)
+from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+
+from ._common import checked_per_sample_losses, clip_factors, trainable_parameters
+from .base import ClippedSumStep, DPMethod, DPStep, register_method
 from .bk_layers import Factored, Instantiated, LayerRule, factored_inner, instantiated_inner, rule_for, supported_types
+from .errors import MethodUnsupported
+from .privacy import PrivacyParams
 
 __all__ = ["NORM_MODES", "BKMethod", "BKResult", "BKStep", "BKTiledMethod", "BookKeeping", "supported_layers"]
 
@@ -313,16 +309,15 @@ class BKStep(ClippedSumStep):
 
     def __init__(
         self,
-        method: str,
+        workload,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         privacy: PrivacyParams,
-        workload,
-        engine: BookKeeping,
         batch_size: int,
         noise_generator: torch.Generator | None,
+        engine: BookKeeping,
     ):
-        super().__init__(method, workload, model, optimizer, privacy, batch_size, noise_generator)
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
         self.engine = engine
 
     def clipped_sum(self, batch, mark: PhaseMarker):
@@ -334,7 +329,6 @@ class BKStep(ClippedSumStep):
 
 
 class _BookKeepingMethod(DPMethod):
-    family = "bk"
     tile_size: int | None = None
     norm_mode: str = "mixed"
 
@@ -351,7 +345,7 @@ class _BookKeepingMethod(DPMethod):
         supported_layers(model, self.name)
 
     def build(self, workload, model, optimizer, privacy, batch_size, noise_generator) -> DPStep:
-        return BKStep(self.name, model, optimizer, privacy, workload, self._engine(model), batch_size, noise_generator)
+        return BKStep(workload, model, optimizer, privacy, batch_size, noise_generator, self._engine(model))
 
     def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
         with self._engine(model) as engine:
@@ -360,12 +354,14 @@ class _BookKeepingMethod(DPMethod):
 
 @register_method
 class BKMethod(_BookKeepingMethod):
+    """Book-Keeping (Bu et al. 2023): one backward, mixed ghost-norm/instantiation per layer."""
+
     name = "bk"
-    description = "Book-Keeping (Bu et al. 2023): one backward, mixed ghost-norm/instantiation per layer"
 
 
 @register_method
 class BKTiledMethod(_BookKeepingMethod):
+    """Book-Keeping with ghost-norm Grams accumulated over T-tiles (tile_size=256)."""
+
     name = "bk-tiled"
     tile_size = DEFAULT_TILE_SIZE
-    description = f"Book-Keeping with ghost-norm Grams accumulated over T-tiles (tile_size={DEFAULT_TILE_SIZE})"

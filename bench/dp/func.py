@@ -14,17 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
-from ._common import (
-    MethodUnsupported,
-    PhaseMarker,
-    annotate_dp_buffer,
-    clip_factors,
-    no_mark,
-    stack_norms,
-    trainable_parameters,
-)
+from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+
+from ._common import clip_factors, stack_norms, trainable_parameters
+from .base import ClippedSumStep, DPMethod, DPStep, register_method
 from .diagnose import diagnose, error_text
+from .errors import MethodUnsupported
+from .privacy import PrivacyParams
 
 
 def per_sample_grad_fn(workload, model: nn.Module) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
@@ -74,7 +70,7 @@ def clipped_sum_by_vmap(
 
 class TorchFuncStep(ClippedSumStep):
     def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__("torch-func", workload, model, optimizer, privacy, batch_size, noise_generator)
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
         self.params = trainable_parameters(model)
 
     def clipped_sum(self, batch, mark: PhaseMarker):
@@ -84,9 +80,9 @@ class TorchFuncStep(ClippedSumStep):
 
 @register_method
 class TorchFunc(DPMethod):
+    """functional_call + vmap(grad(per-sample loss)) batching every input (x, t, y, ...)."""
+
     name = "torch-func"
-    family = "torch.func"
-    description = "functional_call + vmap(grad(per-sample loss)) batching every input (x, t, y, ...)"
 
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
         return TorchFuncStep(workload, model, optimizer, privacy, batch_size, noise_generator)

@@ -9,16 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ClippedSumStep, DPMethod, DPStep, PrivacyParams, register_method
-from ._common import (
-    PhaseMarker,
-    annotate_dp_buffer,
-    clip_factors,
-    no_mark,
-    per_sample_loss,
-    stack_norms,
-    trainable_parameters,
-)
+from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+
+from ._common import clip_factors, per_sample_loss, stack_norms, trainable_parameters
+from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .privacy import PrivacyParams
 
 
 def clipped_sum_by_loop(
@@ -47,7 +42,7 @@ def clipped_sum_by_loop(
 
 class MicrobatchStep(ClippedSumStep):
     def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__("microbatch", workload, model, optimizer, privacy, batch_size, noise_generator)
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
         self.params = list(trainable_parameters(model).values())
 
     def clipped_sum(self, batch, mark: PhaseMarker):
@@ -59,9 +54,9 @@ class MicrobatchStep(ClippedSumStep):
 
 @register_method
 class Microbatch(DPMethod):
+    """per-sample loop: B forward+backward passes of one sample, clip each, sum (naive reference)."""
+
     name = "microbatch"
-    family = "loop"
-    description = "per-sample loop: B forward+backward passes of one sample, clip each, sum (naive reference)"
 
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
         return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator)

@@ -12,13 +12,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import DPMethod, DPStep, PrivacyParams, register_method
-from ._common import MethodUnsupported, PhaseMarker, no_mark, per_sample_loss, preserved_grads, trainable_parameters
+from bench.channel import PhaseMarker, no_mark
+
+from ._common import per_sample_loss, preserved_grads, trainable_parameters
+from .base import DPMethod, DPStep, register_method
+from .errors import MethodUnsupported
+from .privacy import PrivacyParams
 
 
 class NonDPStep(DPStep):
     def __init__(self, workload, model, optimizer, privacy):
-        super().__init__("nondp", model, optimizer, privacy)
+        super().__init__(model, optimizer, privacy)
         self.workload = workload
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
@@ -38,9 +42,9 @@ class NonDPStep(DPStep):
 
 @register_method
 class NonDP(DPMethod):
+    """non-private step: mean loss, one backward, optimizer (the baseline)."""
+
     name = "nondp"
-    family = "baseline"
-    description = "non-private step: mean loss, one backward, optimizer (the baseline)"
 
     def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
         return NonDPStep(workload, model, optimizer, privacy)

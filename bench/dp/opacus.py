@@ -32,17 +32,13 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 
-from . import DPMethod, DPStep, PrivacyParams, register_method
-from ._common import (
-    MethodUnsupported,
-    PhaseMarker,
-    annotate_dp_buffer,
-    no_mark,
-    per_sample_loss,
-    preserved_grads,
-    trainable_parameters,
-)
+from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+
+from ._common import per_sample_loss, preserved_grads, trainable_parameters
+from .base import DPMethod, DPStep, register_method
 from .diagnose import diagnose, error_text
+from .errors import MethodUnsupported
+from .privacy import PrivacyParams
 
 # Opacus 1.6 warns about secure_mode / RNG on every DPOptimizer; those warnings say nothing about a benchmark.
 logging.getLogger("opacus").setLevel(logging.ERROR)
@@ -93,7 +89,6 @@ class _PerSampleCriterion:
 
 
 class _OpacusMethod(DPMethod):
-    family = "opacus"
     _probed: weakref.WeakKeyDictionary[nn.Module, set[str]]
 
     def __init__(self) -> None:
@@ -176,12 +171,12 @@ class _GradSampleMethod(_OpacusMethod):
             loss_reduction="mean",
             generator=noise_generator,
         )
-        return OpacusGradSampleStep(self.name, workload, model, wrapper, dp_optimizer, privacy)
+        return OpacusGradSampleStep(workload, model, wrapper, dp_optimizer, privacy)
 
 
 class OpacusGradSampleStep(DPStep):
-    def __init__(self, method, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy):
-        super().__init__(method, model, dp_optimizer, privacy)
+    def __init__(self, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy):
+        super().__init__(model, dp_optimizer, privacy)
         self.workload, self.wrapper, self.dp_optimizer = workload, wrapper, dp_optimizer
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
@@ -209,8 +204,9 @@ class OpacusGradSampleStep(DPStep):
 
 @register_method
 class OpacusHooks(_GradSampleMethod):
+    """Opacus GradSampleModule, per-layer grad samplers (p.grad_sample), DPOptimizer."""
+
     name = "opacus-hooks"
-    description = "Opacus GradSampleModule, per-layer grad samplers (p.grad_sample), DPOptimizer"
 
     def wrap(self, model):
         return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=False)
@@ -218,8 +214,9 @@ class OpacusHooks(_GradSampleMethod):
 
 @register_method
 class OpacusFunctorch(_GradSampleMethod):
+    """Opacus GradSampleModule(force_functorch=True): every layer's per-sample grads by vmap(grad)."""
+
     name = "opacus-functorch"
-    description = "Opacus GradSampleModule(force_functorch=True): every layer's per-sample grads by vmap(grad)"
 
     def wrap(self, model):
         return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=True)
@@ -227,8 +224,9 @@ class OpacusFunctorch(_GradSampleMethod):
 
 @register_method
 class OpacusEW(_GradSampleMethod):
+    """Opacus GradSampleModuleExpandedWeights (torch ExpandedWeights), DPOptimizer."""
+
     name = "opacus-ew"
-    description = "Opacus GradSampleModuleExpandedWeights (torch ExpandedWeights), DPOptimizer"
 
     def wrap(self, model):
         return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
@@ -240,8 +238,9 @@ class OpacusEW(_GradSampleMethod):
 
 @register_method
 class OpacusGhost(_OpacusMethod):
+    """Opacus fast gradient / ghost clipping: norms from the first backward, clipped sum from a second."""
+
     name = "opacus-ghost"
-    description = "Opacus fast gradient / ghost clipping: norms from the first backward, clipped sum from a second"
 
     @staticmethod
     def wrap(model: nn.Module, max_grad_norm: float):
@@ -286,7 +285,7 @@ class OpacusGhost(_OpacusMethod):
 
 class OpacusGhostStep(DPStep):
     def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy):
-        super().__init__("opacus-ghost", model, dp_optimizer, privacy)
+        super().__init__(model, dp_optimizer, privacy)
         self.workload, self.wrapper, self.dp_optimizer, self.criterion = workload, wrapper, dp_optimizer, criterion
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:

@@ -172,7 +172,6 @@ class NvmlResult:
     baseline_used_bytes: int | None = None
     peak_used_bytes: int | None = None
     peak_reserved_bytes: int | None = None  # v2 struct "reserved" (driver-reserved); None where absent
-    process_baseline_bytes: int | None = None
     process_peak_bytes: int | None = None
     samples: int = 0
     interval_s: float | None = None
@@ -182,12 +181,6 @@ class NvmlResult:
     probe_values: list[int] = field(default_factory=list)
     device: str = ""
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def peak_minus_baseline_bytes(self) -> int | None:
-        if self.peak_used_bytes is None or self.baseline_used_bytes is None:
-            return None
-        return self.peak_used_bytes - self.baseline_used_bytes
 
 
 def read_used_bytes(torch_index: int = 0, *, nvml: Any = None) -> tuple[int | None, list[str]]:
@@ -266,9 +259,14 @@ class NvmlSampler:
             return
         result.available = True
         result.baseline_used_bytes = used
-        result.process_baseline_bytes = self._read_process()
+        self._read_process()  # the PID check (and its note) before polling starts
         self._thread = threading.Thread(target=self._run, name="dpmem-nvml-sampler", daemon=True)
         self._thread.start()
+
+    @property
+    def result(self) -> NvmlResult:
+        """What was sampled so far (final once :meth:`stop` returned)."""
+        return self._result
 
     def stop(self) -> NvmlResult:
         """Stop polling, take one last reading (call after synchronising the device) and return the result."""

@@ -72,6 +72,11 @@ class RssSampler:
         except Exception as exc:
             self._result.notes.append(f"RSS: sampling stopped early ({type(exc).__name__}: {exc})")
 
+    @property
+    def result(self) -> RssResult:
+        """What was sampled so far (final once :meth:`stop` returned)."""
+        return self._result
+
     def stop(self) -> RssResult:
         self._stop.set()
         if self._thread is not None:

@@ -14,7 +14,7 @@ those are adopted into the baseline when first seen as an op input, since they w
 
 Categories (``record.CATEGORIES``), first match wins:
   parameters       storages of model parameters and buffers at the start
-  per_sample       storages announced by a DP method via ``bench.dp._common.annotate_dp_buffer`` (or found
+  per_sample       storages announced by a DP method via ``bench.channel.annotate_dp_buffer`` (or found
                    as Opacus' ``p.grad_sample`` / ``p._current_grad_sample``)
   gradients        storages seen as some ``p.grad`` (at the start, at every phase mark, at the end)
   optimizer_state  storages seen in ``optimizer.state`` (same times)
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.channel import listening
 from bench.record import CATEGORIES
 
 # Event codes of the log. Each event is a tuple (time, code, a, b).
@@ -61,14 +62,12 @@ class TensorReport:
     baseline_tensor_bytes: int
     breakdown: dict[str, int]  # CATEGORIES -> bytes live at the peak; sums to peak_tensor_bytes
     peak_phase: str | None  # phase mark in effect when the peak was reached (None: before the first mark)
-    peak_time_s: float  # perf_counter time of the peak (absolute)
     trace_t: list[float] = field(default_factory=list)  # perf_counter times of every alloc/free/resize
     trace_bytes: list[int] = field(default_factory=list)  # live bytes just after each of those events
     adopted_storages: int = 0  # pre-existing storages first seen as op inputs (counted in the baseline)
     adopted_bytes: int = 0
     unknown_annotations: int = 0  # annotated tensors whose storage the tracker did not know
     allocations: int = 0
-    largest_at_peak: list[tuple[str, str, int]] = field(default_factory=list)  # (op, category, bytes), top 8
 
 
 class TensorTracker(TorchDispatchMode):
@@ -89,7 +88,6 @@ class TensorTracker(TorchDispatchMode):
         self._adopted: dict[int, int] = {}  # sid -> bytes, pre-existing storages found during the step
         self._labels: dict[int, str] = {}  # sid -> explicit category
         self._created_phase: dict[int, str | None] = {}
-        self._created_by: dict[int, Any] = {}  # sid -> aten op that allocated it (diagnostics)
         self._phase: str | None = None
         self._recording = False
         self._finished = False
@@ -159,22 +157,19 @@ class TensorTracker(TorchDispatchMode):
     def __enter__(self):
         if self._finished:
             raise RuntimeError("a TensorTracker measures one step; create a new one")
-        from bench.dp._common import add_annotation_listener
-
-        add_annotation_listener(self._on_annotation)
+        self._listening = listening(self._on_annotation)
+        self._listening.__enter__()
         self._recording = True
         return super().__enter__()
 
     def __exit__(self, *exc_info):
-        from bench.dp._common import remove_annotation_listener
-
         try:
             if self._recording:
                 self._scan_state()
         finally:
             self._recording = False
             self._finished = True
-            remove_annotation_listener(self._on_annotation)
+            self._listening.__exit__(None, None, None)
             # Dropping the weakrefs also drops their callbacks: frees after the step are not logged.
             self._live.clear()
         return super().__exit__(*exc_info)
@@ -245,7 +240,6 @@ class TensorTracker(TorchDispatchMode):
         if entry is None:
             sid = self._new_entry(storage)
             self._created_phase[sid] = self._phase
-            self._created_by[sid] = func
             self._events.append((now, _ALLOC, sid, self._live[id(storage)][1]))
             return
         nbytes = storage.nbytes()
@@ -287,8 +281,7 @@ class TensorTracker(TorchDispatchMode):
         # Second pass up to the peak: which storages were live then, and in which phase.
         live_at_peak = dict(start_live)
         phase_at_peak: str | None = None
-        peak_time = self._events[0][0] if self._events else time.perf_counter()
-        for t, code, a, b in self._events[: peak_index + 1]:
+        for _, code, a, b in self._events[: peak_index + 1]:
             if code == _MARK:
                 phase_at_peak = a
             elif code == _ALLOC:
@@ -297,7 +290,6 @@ class TensorTracker(TorchDispatchMode):
                 live_at_peak.pop(a, None)
             else:
                 live_at_peak[a] = live_at_peak.get(a, 0) + b
-            peak_time = t
         if peak_index < 0:  # the peak is the baseline itself: phase is the first mark's
             phase_at_peak = next((a for _, code, a, _ in self._events if code == _MARK), None)
 
@@ -305,23 +297,17 @@ class TensorTracker(TorchDispatchMode):
         for sid, nbytes in live_at_peak.items():
             breakdown[self._category(sid)] += nbytes
         assert sum(breakdown.values()) == peak_bytes, "breakdown must sum to the peak"
-        largest = sorted(live_at_peak.items(), key=lambda item: -item[1])[:8]
-        largest_at_peak = [
-            (str(self._created_by.get(sid, "pre-existing")), self._category(sid), nbytes) for sid, nbytes in largest
-        ]
         return TensorReport(
             peak_tensor_bytes=peak_bytes,
             baseline_tensor_bytes=baseline_bytes,
             breakdown=breakdown,
             peak_phase=phase_at_peak,
-            peak_time_s=peak_time,
             trace_t=trace_t,
             trace_bytes=trace_bytes,
             adopted_storages=len(self._adopted),
             adopted_bytes=sum(self._adopted.values()),
             unknown_annotations=self._unknown_annotations,
             allocations=allocations,
-            largest_at_peak=largest_at_peak,
         )
 
     def _category(self, sid: int) -> str:

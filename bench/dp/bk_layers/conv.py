@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._common import annotate_dp_buffer
-from . import register_layer
+from bench.channel import annotate_dp_buffer
+
 from .factors import Factored, Instantiated
+from .registry import register_layer
 
 
 def _explicit_padding(module: nn.Conv2d) -> tuple[int, int] | None:

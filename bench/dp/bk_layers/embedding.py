@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import register_layer
 from .factors import Factored
+from .registry import register_layer
 
 
 @register_layer(nn.Embedding)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._common import annotate_dp_buffer
+from bench.channel import annotate_dp_buffer
 
 __all__ = ["Factored", "Instantiated", "factored_inner", "instantiated_inner"]
 

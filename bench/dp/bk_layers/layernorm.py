@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._common import annotate_dp_buffer
-from . import register_layer
+from bench.channel import annotate_dp_buffer
+
 from .factors import Instantiated
+from .registry import register_layer
 
 
 @register_layer(nn.LayerNorm)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import register_layer
 from .factors import Factored, Instantiated
+from .registry import register_layer
 
 
 @register_layer(nn.Linear)

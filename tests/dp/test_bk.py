@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.channel import listening
 from bench.dp import (
     MethodUnsupported,
     available_methods,
@@ -22,12 +23,7 @@ from bench.dp import (
     get_method,
     resolve_privacy,
 )
-from bench.dp._common import (
-    add_annotation_listener,
-    clip_factors,
-    remove_annotation_listener,
-    trainable_parameters,
-)
+from bench.dp._common import clip_factors, trainable_parameters
 from bench.dp.bk import BKMethod, BKTiledMethod, BookKeeping, supported_layers
 from models import Batch, Workload, get_workload
 
@@ -473,8 +469,7 @@ def test_annotated_buffers_include_output_gradients():
     def listener(t):
         shapes.append(tuple(t.shape))
 
-    add_annotation_listener(listener)
-    try:
+    with listening(listener):
         clipped_grad_sum("bk", workload, model, batch, 1.0)  # mixed rule: 2·7² ≥ 9·6, fc1 is instantiated
         assert (B, 7, 9) in shapes and (B, 7, 4) in shapes  # G of fc1 and fc2
         assert (B, 9, 6) in shapes and (B, 7, 7) not in shapes  # fc1's per-sample gradients, no Gram
@@ -483,8 +478,6 @@ def test_annotated_buffers_include_output_gradients():
         with BookKeeping(model, norm_mode="ghost") as engine:
             engine.run(workload, batch, 1.0)
         assert (B, 7, 7) in shapes and (B, 9, 6) not in shapes  # Grams instead
-    finally:
-        remove_annotation_listener(listener)
 
 
 def _hook_count(model):

@@ -77,6 +77,6 @@ def test_module_entry_point_exits_2_on_unknown_method():
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 2 and "unknown DP method 'nope'" in proc.stderr and proc.stdout == ""

@@ -3,129 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from bench import gpu_check
 from bench.memory.nvml import NvmlSampler, check_interval, resolve_handle
+from tests.memory.fake_nvml import FakeNvml
 
 MiB = 2**20
-
-
-class FakeNvml:
-    """Enough of pynvml for the sampler: devices by index/UUID, MIG instances, memory info v1/v2, processes."""
-
-    nvmlMemory_v2 = 0x2000028
-    NVML_DEVICE_MIG_ENABLE = 1
-
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_LibraryNotFound(NVMLError):
-        pass
-
-    class NVMLError_DriverNotLoaded(NVMLError):
-        pass
-
-    class NVMLError_NotSupported(NVMLError):
-        pass
-
-    def __init__(self, used_fn=None, *, n_gpus=2, pid=None, process_used=3 * MiB, init_error=None, v2=True):
-        # used_fn(seconds since the first memory read) -> used bytes of every device
-        self.used_fn = used_fn or (lambda s: 100 * MiB)
-        self.gpus = [
-            SimpleNamespace(kind="gpu", index=i, uuid=f"GPU-{i:04d}-aaaa", mig=False, instances=[])
-            for i in range(n_gpus)
-        ]
-        self.pid = os.getpid() if pid is None else pid
-        self.process_used = process_used
-        self.init_error = init_error
-        self.v2 = v2
-        self.t_first = None
-        self.memory_calls = 0
-        self.process_calls = 0
-        self.inits = self.shutdowns = 0
-
-    def add_mig(self, gpu_index: int, uuids: list[str]) -> None:
-        gpu = self.gpus[gpu_index]
-        gpu.mig = True
-        gpu.instances = [SimpleNamespace(kind="mig", index=k, uuid=u, parent=gpu) for k, u in enumerate(uuids)]
-
-    # --- the pynvml surface -----------------------------------------------------------------------------
-    def nvmlInit(self):
-        if self.init_error is not None:
-            raise self.init_error
-        self.inits += 1
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
-
-    def nvmlDeviceGetCount(self):
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        if not 0 <= index < len(self.gpus):
-            raise self.NVMLError("Invalid Argument")
-        return self.gpus[index]
-
-    def nvmlDeviceGetHandleByUUID(self, uuid):
-        for gpu in self.gpus:
-            if gpu.uuid == uuid:
-                return gpu
-            for mig in gpu.instances:
-                if mig.uuid == uuid:
-                    return mig
-        raise self.NVMLError("Not Found")
-
-    def nvmlDeviceGetHandleByPciBusId(self, bus):
-        raise self.NVMLError("Not Found")
-
-    def nvmlDeviceGetUUID(self, handle):
-        return handle.uuid
-
-    def nvmlDeviceGetName(self, handle):
-        return f"Fake GPU {handle.index}"
-
-    def nvmlDeviceGetMigMode(self, handle):
-        if handle.kind != "gpu":
-            raise self.NVMLError_NotSupported("Not Supported")
-        return (1, 1) if handle.mig else (0, 0)
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
-        return 7
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, index):
-        if index >= len(handle.instances):
-            raise self.NVMLError("Not Found")
-        return handle.instances[index]
-
-    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
-        if version is not None and not self.v2:
-            raise self.NVMLError_NotSupported("Function Not Found")
-        self.memory_calls += 1
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = now
-        used = int(self.used_fn(now - self.t_first))
-        offset = 7 if handle.kind == "mig" else 1000 * handle.index  # tells devices apart in the figures
-        return SimpleNamespace(total=80 * 2**30, used=used + offset, free=80 * 2**30 - used, reserved=5 * MiB)
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        self.process_calls += 1
-        return [
-            SimpleNamespace(pid=12345, usedGpuMemory=50 * MiB),
-            SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used),
-        ]
-
-    def nvmlSystemGetDriverVersion(self):
-        return "550.54.15"
-
-    def nvmlSystemGetCudaDriverVersion(self):
-        return 12040
 
 
 def run_sampler(fake, duration_s=0.06, **kwargs) -> tuple:
@@ -148,9 +35,8 @@ def test_peak_baseline_and_timestamps_follow_a_known_trajectory():
     assert result.available and result.device == "nvml index 0"
     assert result.baseline_used_bytes == 100 * MiB
     assert result.peak_used_bytes == 140 * MiB
-    assert result.peak_minus_baseline_bytes == 40 * MiB
     assert result.peak_reserved_bytes == 5 * MiB
-    assert result.process_peak_bytes == 3 * MiB and result.process_baseline_bytes == 3 * MiB
+    assert result.process_peak_bytes == 3 * MiB
     # 1 ms polling over ~80 ms: dozens of samples (not one per ms exactly: sleeps overshoot), in time order.
     assert 20 <= result.samples == len(result.times) == len(result.used_bytes) <= 100
     assert all(b >= a for a, b in zip(result.times, result.times[1:]))
@@ -179,7 +65,7 @@ def test_library_missing_gives_a_note_and_no_figures():
 def test_driver_not_loaded_gives_a_note():
     fake = FakeNvml(init_error=FakeNvml.NVMLError_DriverNotLoaded("Driver Not Loaded"))
     result, _ = run_sampler(fake, 0.005)
-    assert not result.available and result.peak_minus_baseline_bytes is None
+    assert not result.available and result.peak_used_bytes is None and result.baseline_used_bytes is None
     assert result.notes == ["NVML: NVIDIA driver not loaded; NVML figures skipped"]
 
 
@@ -334,13 +220,13 @@ def test_read_used_bytes_is_one_reading_with_the_samplers_handling():
     assert used is None and notes and "library not found" in notes[0]
 
 
-def test_peak_minus_baseline_uses_the_case_start_baseline_when_given():
+def test_peak_minus_baseline_is_taken_against_the_case_start_baseline_only():
     """The bench reads NVML at case start (context + other processes) and passes it to measure_step; the
-    reading just before the step (model, warm allocator cache) is kept as nvml_step_start_bytes."""
-    import torch
-
-    from bench.memory.measure import _assemble
+    reading just before the step (model, warm allocator cache) is kept as nvml_step_start_bytes. Without a
+    case-start reading the difference is None with a note: it never silently becomes peak − step start."""
+    from bench.memory.measure import add_nvml_figures
     from bench.memory.nvml import NvmlResult
+    from bench.record import StepMemory
 
     nvml = NvmlResult(
         available=True,
@@ -350,21 +236,14 @@ def test_peak_minus_baseline_uses_the_case_start_baseline_when_given():
         times=[0.0, 0.1, 0.2],
         used_bytes=[900 * MiB, 1000 * MiB, 950 * MiB],
     )
-    kwargs = dict(
-        t0=0.0,
-        stopped={"t_end": 0.2, "nvml": nvml, "rss": None},
-        tracker=None,
-        marks=[],
-        device=torch.device("cpu"),
-        notes=[],
-        snapshot_path=None,
-        interval_s=0.001,
-        alloc_at_start=None,
-    )
-    with_case = _assemble(**kwargs, nvml_baseline_bytes=500 * MiB)
-    assert with_case["nvml_baseline_bytes"] == 500 * MiB
-    assert with_case["nvml_step_start_bytes"] == 900 * MiB
-    assert with_case["nvml_peak_minus_baseline_bytes"] == 500 * MiB
-    alone = _assemble(**kwargs)
-    assert alone["nvml_baseline_bytes"] == alone["nvml_step_start_bytes"] == 900 * MiB
-    assert alone["nvml_peak_minus_baseline_bytes"] == 100 * MiB
+    with_case, notes = StepMemory(), []
+    traces = add_nvml_figures(with_case, nvml, 500 * MiB, None, notes)
+    assert with_case.nvml_baseline_bytes == 500 * MiB
+    assert with_case.nvml_step_start_bytes == 900 * MiB
+    assert with_case.nvml_peak_minus_baseline_bytes == 500 * MiB
+    assert notes == [] and traces["nvml_used_bytes"][1] == nvml.used_bytes
+    alone, notes = StepMemory(), []
+    add_nvml_figures(alone, nvml, None, None, notes)
+    assert alone.nvml_baseline_bytes is None and alone.nvml_step_start_bytes == 900 * MiB
+    assert alone.nvml_peak_minus_baseline_bytes is None
+    assert any("no case-start baseline" in note for note in notes)

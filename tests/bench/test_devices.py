@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_nvml import FakeNvml
 
 from bench.devices import resolve_device, visible_devices
 from bench.machine import device_facts, machine_info
+from tests.memory.fake_nvml import FakeNvml
 
 NO_GPU = not torch.cuda.is_available()
 

@@ -26,7 +26,7 @@ from bench.record import (
     to_jsonl_line,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
 GIB = 2**30
 
@@ -69,16 +69,16 @@ def make_case(
         record.reason = f"CUDA out of memory. Tried to allocate {per_sample // MIB} MiB"
         return record
     baseline = int(fixed * size * 0.6)
-    record.peak_tensor_bytes = peak_tensor
-    record.baseline_tensor_bytes = baseline
-    record.peak_allocated_bytes = int(peak_tensor * 1.02)
-    record.peak_reserved_bytes = int(peak_tensor * 1.10)
-    record.nvml_baseline_bytes = 520 * MIB
-    record.nvml_peak_used_bytes = record.peak_reserved_bytes + record.nvml_baseline_bytes
-    record.nvml_peak_minus_baseline_bytes = record.peak_reserved_bytes
-    record.nvml_samples = 40
+    record.memory.peak_tensor_bytes = peak_tensor
+    record.memory.baseline_tensor_bytes = baseline
+    record.memory.peak_allocated_bytes = int(peak_tensor * 1.02)
+    record.memory.peak_reserved_bytes = int(peak_tensor * 1.10)
+    record.memory.nvml_baseline_bytes = 520 * MIB
+    record.memory.nvml_peak_used_bytes = record.memory.peak_reserved_bytes + record.memory.nvml_baseline_bytes
+    record.memory.nvml_peak_minus_baseline_bytes = record.memory.peak_reserved_bytes
+    record.memory.nvml_samples = 40
     share = (peak_tensor - baseline) // 3
-    record.breakdown = {
+    record.memory.breakdown = {
         "parameters": baseline // 4,
         "gradients": baseline // 4,
         "optimizer_state": baseline // 2,
@@ -86,9 +86,9 @@ def make_case(
         "per_sample": 2 * share if method == "opacus-hooks" else 0,
         "other": 0,
     }
-    record.peak_phase = "backward"
+    record.memory.peak_phase = "backward"
     step = batch * time_factor * speed * size * 2e-3
-    record.phases = [
+    record.memory.phases = [
         Phase("forward", 0.0, 0.3 * step),
         Phase("backward", 0.3 * step, 0.8 * step),
         Phase("clip", 0.8 * step, 0.85 * step),
@@ -97,19 +97,19 @@ def make_case(
     ]
     t = [step * i / 20 for i in range(21)]
     shape = [baseline + (peak_tensor - baseline) * min(i, 20 - i) / 10 for i in range(21)]
-    record.timeline = Timeline(
+    record.memory.timeline = Timeline(
         t_s=t,
         tensor_bytes=[int(v) for v in shape],
         allocated_bytes=[int(v * 1.02) for v in shape],
         nvml_used_bytes=[int(v * 1.1) + 520 * MIB for v in shape],
     )
-    record.time_median_s, record.time_mean_s, record.time_min_s, record.time_stddev_s = (
+    record.timing.time_median_s, record.timing.time_mean_s, record.timing.time_min_s, record.timing.time_stddev_s = (
         step,
         step * 1.01,
         step * 0.98,
         step * 0.01,
     )
-    record.rounds = 5
+    record.timing.rounds = 5
     record.noise_multiplier, record.max_grad_norm, record.optimizer = 1.0, 1.0, "adamw"
     return record
 
@@ -119,27 +119,28 @@ def make_run(gpu: str, *, scale: float = 1.0) -> list[CaseRecord]:
 
 
 def benchmark_json(records: list[CaseRecord], gpu: str | None) -> dict:
-    """What pytest-benchmark writes with the dpmem machine_info hook: stats null for cases that were not timed."""
-    benchmarks = []
+    """What pytest-benchmark writes with the dpmem hooks: timed cases in benchmarks, the rest in dpmem_untimed."""
+    benchmarks, untimed = [], []
     for r in records:
         stats = None
-        if r.time_median_s is not None:
+        if r.timing.time_median_s is not None:
             stats = {
-                "median": r.time_median_s,
-                "mean": r.time_mean_s,
-                "min": r.time_min_s,
-                "max": r.time_median_s * 1.05,
-                "stddev": r.time_stddev_s,
-                "rounds": r.rounds,
+                "median": r.timing.time_median_s,
+                "mean": r.timing.time_mean_s,
+                "min": r.timing.time_min_s,
+                "max": r.timing.time_median_s * 1.05,
+                "stddev": r.timing.time_stddev_s,
+                "rounds": r.timing.rounds,
             }
-        benchmarks.append(
-            {
-                "name": f"test_dp_step[{r.workload}-{r.method}-{r.batch_size}-{r.device}]",
-                "params": {"workload": r.workload, "method": r.method, "batch_size": r.batch_size, "device": r.device},
-                "stats": stats,
-                "extra_info": r.to_dict(),
-            }
-        )
+        entry = {
+            "name": f"test_dp_step[{r.workload}-{r.method}-{r.batch_size}-{r.device}]",
+            "params": {"workload": r.workload, "method": r.method, "batch_size": r.batch_size, "device": r.device},
+            "extra_info": r.to_dict(),
+        }
+        if stats is None:
+            untimed.append(entry)
+        else:
+            benchmarks.append({**entry, "stats": stats})
     gpus = (
         [
             {
@@ -167,6 +168,7 @@ def benchmark_json(records: list[CaseRecord], gpu: str | None) -> dict:
         },
         "commit_info": {"id": "0" * 40},
         "benchmarks": benchmarks,
+        "dpmem_untimed": untimed,
         "datetime": "2025-01-01T00:00:00",
         "version": "5.3.0",
     }
@@ -211,9 +213,9 @@ def independent_ratios(benchmark_path: Path) -> dict[tuple, dict[str, object]]:
     data = json.loads(benchmark_path.read_text())
     label = data["machine_info"]["dpmem"]["runner_label"]
     by_case = {}
-    for bench in data["benchmarks"]:
+    for bench in [*data["benchmarks"], *data["dpmem_untimed"]]:
         e = bench["extra_info"]
-        median = bench["stats"]["median"] if bench["stats"] else None
+        median = bench["stats"]["median"] if "stats" in bench else None
         by_case[(e["workload"], e["batch_size"], e["method"])] = (e, median)
     out = {}
     for (workload, batch, method), (e, median) in by_case.items():
@@ -281,7 +283,7 @@ def test_load_both_formats_into_one_tidy_table(two_gpu_files):
         assert column in cases.columns
     assert set(cases["family"]) == {"dit", "gpt"}
     row = cases.iloc[0]
-    assert results.record(row).case_id.startswith(row["workload"])
+    assert results.record(row).workload == row["workload"]
 
 
 def test_same_run_in_both_formats_gives_one_row_per_case_with_timing(tmp_path):
@@ -497,7 +499,7 @@ def test_render_writes_every_figure_table_and_a_self_contained_report(tmp_path, 
 def test_figures_without_data_are_skipped_with_the_reason(tmp_path):
     only_dit = [r for r in make_run("a100") if r.workload == "dit-s-2-cond"]
     for r in only_dit:
-        r.breakdown = {}
+        r.memory.breakdown = {}
     path = write_jsonl(tmp_path / "dit.jsonl", only_dit)
     out = tmp_path / "r"
     assert main([str(path), "--out", str(out)]) == 0
@@ -534,7 +536,7 @@ def test_compare_identical_passes_and_exports_benchmark_action(tmp_path, two_gpu
     assert len({e["name"] for e in entries}) == len(entries)
     nondp = next(e for e in entries if e["name"] == "dit-s-2-cond/nondp/bs8/cuda:0 [a100] peak_reserved_bytes")
     assert nondp["value"] == pytest.approx(
-        make_case("dit-s-2-cond", "nondp", 8, "a100").peak_reserved_bytes / MIB, abs=1e-3
+        make_case("dit-s-2-cond", "nondp", 8, "a100").memory.peak_reserved_bytes / MIB, abs=1e-3
     )
     assert main(["export", str(bench), "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text()) == entries
@@ -545,7 +547,9 @@ def test_compare_fails_on_a_memory_regression_beyond_the_threshold(tmp_path, cap
     base = write_benchmark(tmp_path / "base.json", records, "a100")
     grown = [CaseRecord.from_dict(r.to_dict()) for r in records]
     target = next(r for r in grown if (r.workload, r.method, r.batch_size) == ("dit-s-2-cond", "bk", 16))
-    target.peak_reserved_bytes = int(target.peak_reserved_bytes * 1.10)  # one figure of one case grows 10 %
+    target.memory.peak_reserved_bytes = int(
+        target.memory.peak_reserved_bytes * 1.10
+    )  # one figure of one case grows 10 %
     new = write_jsonl(tmp_path / "new.jsonl", grown)
     assert main(["compare", str(base), str(new), "--max-regression", "5%"]) == 1
     out = capsys.readouterr().out

@@ -4,7 +4,6 @@ its behaviour when the step fails."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import sys
 import threading
@@ -17,13 +16,13 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import models
+from bench.channel import annotate_dp_buffer, has_listeners
 from bench.dp import PHASES, build_step, resolve_privacy
-from bench.dp._common import _annotation_listeners, annotate_dp_buffer
-from bench.memory import cuda
+from bench.memory import allocator
 from bench.memory.measure import build_timeline, measure_step
 from bench.memory.process import RssSampler
 from bench.memory.tensors import TensorTracker, optimizer_state_tensors, track_step
-from bench.record import CATEGORIES, CaseRecord
+from bench.record import CATEGORIES, CaseRecord, StepMemory, from_jsonl_line, to_jsonl_line
 
 F32 = 4
 
@@ -100,7 +99,7 @@ def test_annotation_after_creation_counts_as_per_sample_and_listener_is_removed(
 
     report = track_step(run)
     assert report.breakdown["per_sample"] == 240 and report.breakdown["other"] == 20
-    assert report.unknown_annotations == 0 and _annotation_listeners == []
+    assert report.unknown_annotations == 0 and not has_listeners()
 
 
 def test_autograd_backward_and_adamw_state_are_tracked_exactly():
@@ -156,7 +155,7 @@ def _linear_workload(d: int, p: int, tokens: int) -> models.Workload:
     )
 
 
-def _measure(workload, method: str, batch_size: int, optimizer: str = "sgd") -> dict:
+def _measure(workload, method: str, batch_size: int, optimizer: str = "sgd") -> StepMemory:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' secure-RNG and hook warnings
         model = workload.build_model()
@@ -166,7 +165,7 @@ def _measure(workload, method: str, batch_size: int, optimizer: str = "sgd") -> 
         batch = workload.make_batch(batch_size)
         try:
             step(batch)  # warm-up: optimizer state and the previous step's gradients exist, as in the bench
-            cuda.reset_between_cases("cpu")
+            allocator.reset_between_cases("cpu")
             return measure_step(
                 lambda mark: step(batch, mark), device="cpu", model=step.model, optimizer=step.optimizer
             )
@@ -185,27 +184,27 @@ def test_opacus_hooks_overhead_is_the_per_sample_gradient(linear_case):
     (B, T, d, p), figures = linear_case
     per_sample_bytes = B * p * d * F32
     # The stored per-sample gradient p.grad_sample is exactly B·p·d floats, and it is live at the peak.
-    assert figures["opacus-hooks"]["breakdown"]["per_sample"] == per_sample_bytes
-    assert figures["nondp"]["breakdown"]["per_sample"] == 0
+    assert figures["opacus-hooks"].breakdown["per_sample"] == per_sample_bytes
+    assert figures["nondp"].breakdown["per_sample"] == 0
     # The peak difference is TWICE that: Opacus 1.6 (create_or_accumulate_grad_sample) computes the
     # per-sample gradient with one einsum (B·p·d floats) and copies it into a zeroed p._current_grad_sample
     # (another B·p·d) while the einsum result is still alive. Slack: the two steps differ in when the d×p
     # weight gradient and the B·T·p output-gradient temporaries of the loss are live at their peaks,
     # so |Δ − 2·B·p·d·4| ≤ (p·d + 2·B·T·p)·4 bytes (= 98,304 here, 4.7 % of 2·B·p·d·4).
-    delta = figures["opacus-hooks"]["peak_tensor_bytes"] - figures["nondp"]["peak_tensor_bytes"]
+    delta = figures["opacus-hooks"].peak_tensor_bytes - figures["nondp"].peak_tensor_bytes
     slack = (p * d + 2 * B * T * p) * F32
     assert abs(delta - 2 * per_sample_bytes) <= slack, (delta, 2 * per_sample_bytes, slack)
 
 
 def test_bk_adds_no_per_sample_gradient_when_t_squared_is_small(linear_case):
     (B, T, d, p), figures = linear_case
-    delta = figures["bk"]["peak_tensor_bytes"] - figures["nondp"]["peak_tensor_bytes"]
+    delta = figures["bk"].peak_tensor_bytes - figures["nondp"].peak_tensor_bytes
     # Book-Keeping's extra memory: the Gaussian noise and the noisy sum (2·p·d floats, transient, independent
     # of B), the kept output gradients (B·T·p), the two Gram matrices (2·B·T²) and per-sample norms/factors.
     bound = (2 * p * d + B * T * p + 2 * B * T * T + 4 * B) * F32
     assert 0 <= delta <= bound, (delta, bound)
     assert delta < B * p * d * F32 / 3  # far below one per-sample gradient
-    assert figures["bk"]["breakdown"]["per_sample"] <= (B * T * p + 2 * B * T * T + 4 * B) * F32
+    assert figures["bk"].breakdown["per_sample"] <= (B * T * p + 2 * B * T * T + 4 * B) * F32
 
 
 # ---- the breakdown on the tiny DiT ---------------------------------------------------------------------------
@@ -221,13 +220,13 @@ def test_dit_tiny_breakdown_opacus_vs_nondp(dit_tiny):
     B = 4
     nondp = _measure(workload, "nondp", B, optimizer="adamw")
     hooks = _measure(workload, "opacus-hooks", B, optimizer="adamw")
-    assert nondp["breakdown"]["per_sample"] == 0
-    assert hooks["breakdown"]["per_sample"] >= B * trainable_bytes
+    assert nondp.breakdown["per_sample"] == 0
+    assert hooks.breakdown["per_sample"] >= B * trainable_bytes
     for figures in (nondp, hooks):
-        assert sum(figures["breakdown"].values()) == figures["peak_tensor_bytes"]
-        assert figures["breakdown"]["parameters"] >= trainable_bytes
-        assert figures["peak_phase"] in PHASES
-    assert hooks["peak_tensor_bytes"] - nondp["peak_tensor_bytes"] >= B * trainable_bytes
+        assert sum(figures.breakdown.values()) == figures.peak_tensor_bytes
+        assert figures.breakdown["parameters"] >= trainable_bytes
+        assert figures.peak_phase in PHASES
+    assert hooks.peak_tensor_bytes - nondp.peak_tensor_bytes >= B * trainable_bytes
 
 
 # ---- isolation -----------------------------------------------------------------------------------------------
@@ -237,7 +236,7 @@ def test_case_alone_and_after_a_larger_case_give_equal_tensor_figures(dit_tiny):
     _measure(workload, "opacus-hooks", 6)  # a larger case B in the same process
     after = _measure(workload, "opacus-hooks", 2)
     for key in ("peak_tensor_bytes", "baseline_tensor_bytes", "breakdown", "peak_phase"):
-        assert alone[key] == after[key], key
+        assert getattr(alone, key) == getattr(after, key), key
 
 
 # ---- measure_step --------------------------------------------------------------------------------------------
@@ -262,27 +261,26 @@ def _small_step():
     return model, optimizer, step
 
 
-def test_measure_step_returns_case_record_fields_phases_in_order_and_a_timeline():
+def test_measure_step_returns_step_memory_phases_in_order_and_a_timeline():
     model, optimizer, step = _small_step()
-    figures = measure_step(step, device="cpu", model=model, optimizer=optimizer)
-    names = {f.name for f in dataclasses.fields(CaseRecord)}
-    assert set(figures) <= names
-    record = CaseRecord(workload="small", method="nondp", batch_size=16, device="cpu", **figures)
-    assert CaseRecord.from_json(record.to_json()).peak_tensor_bytes == figures["peak_tensor_bytes"]
-    phases = figures["phases"]
+    notes: list[str] = []
+    figures = measure_step(step, device="cpu", model=model, optimizer=optimizer, notes=notes)
+    record = CaseRecord(workload="small", method="nondp", batch_size=16, device="cpu", memory=figures, notes=notes)
+    assert from_jsonl_line(to_jsonl_line(record)) == record
+    phases = figures.phases
     assert [ph.name for ph in phases] == list(PHASES)
     assert all(ph.end_s > ph.start_s >= 0 for ph in phases)
     assert all(a.end_s == b.start_s for a, b in itertools.pairwise(phases))
     # CPU: no allocator or NVML figures, RSS sampled, ru_maxrss noted
-    assert figures["peak_allocated_bytes"] is None and figures["nvml_peak_used_bytes"] is None
-    assert figures["nvml_samples"] == 0 and figures["nvml_interval_s"] is None
-    assert figures["peak_rss_bytes"] >= figures["baseline_rss_bytes"] > 0
-    assert any("ru_maxrss" in note and "lifetime" in note for note in figures["notes"])
-    timeline = figures["timeline"]
+    assert figures.peak_allocated_bytes is None and figures.nvml_peak_used_bytes is None
+    assert figures.nvml_samples == 0 and figures.nvml_interval_s is None
+    assert figures.peak_rss_bytes >= figures.baseline_rss_bytes > 0
+    assert any("ru_maxrss" in note and "lifetime" in note for note in notes)
+    timeline = figures.timeline
     assert 0 < len(timeline.t_s) <= 500
     assert len(timeline.tensor_bytes) == len(timeline.rss_bytes) == len(timeline.t_s)
     assert timeline.nvml_used_bytes == [] and timeline.allocated_bytes == []
-    assert max(timeline.tensor_bytes) == figures["peak_tensor_bytes"]  # bucket maxima keep the peak
+    assert max(timeline.tensor_bytes) == figures.peak_tensor_bytes  # bucket maxima keep the peak
 
 
 def test_rss_sampler_sees_a_large_allocation():
@@ -308,12 +306,12 @@ def test_out_of_memory_propagates_after_cleanup():
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as info:
         measure_step(failing, device="cpu", model=model, optimizer=optimizer)
     assert _get_current_dispatch_mode() is None  # tracker detached
-    assert _annotation_listeners == []
+    assert not has_listeners()
     assert sys.getswitchinterval() == old_switch
     assert not [t for t in threading.enumerate() if t.name.startswith("dpmem-")]
     partial = info.value.partial_measurement
-    assert partial["peak_tensor_bytes"] >= partial["baseline_tensor_bytes"] + 4000
-    assert [ph.name for ph in partial["phases"]] == ["forward"]
+    assert partial.peak_tensor_bytes >= partial.baseline_tensor_bytes + 4000
+    assert [ph.name for ph in partial.phases] == ["forward"]
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), 5.0])
@@ -331,13 +329,20 @@ def test_measure_step_rejects_a_missing_device():
 
 def test_measure_step_without_tracker_and_snapshot_on_cpu():
     model, optimizer, step = _small_step()
+    notes: list[str] = []
     figures = measure_step(
-        step, device="cpu", model=model, optimizer=optimizer, track_tensors=False, snapshot_path="/tmp/x.pickle"
+        step,
+        device="cpu",
+        model=model,
+        optimizer=optimizer,
+        track_tensors=False,
+        snapshot_path="/tmp/x.pickle",
+        notes=notes,
     )
-    assert figures["peak_tensor_bytes"] is None and figures["breakdown"] == {}
-    assert figures["snapshot_path"] is None
-    assert any(note.startswith("snapshot: ") for note in figures["notes"])
-    assert figures["timeline"].tensor_bytes == [] and len(figures["timeline"].rss_bytes) > 0
+    assert figures.peak_tensor_bytes is None and figures.breakdown == {}
+    assert figures.snapshot_path is None
+    assert any(note.startswith("snapshot: ") for note in notes)
+    assert figures.timeline.tensor_bytes == [] and len(figures.timeline.rss_bytes) > 0
 
 
 def test_build_timeline_buckets_keep_maxima_and_carry_values():
@@ -353,10 +358,10 @@ def test_build_timeline_buckets_keep_maxima_and_carry_values():
     assert build_timeline({}, 0.0, 1.0).t_s == []
 
 
-def test_cuda_helpers_are_no_ops_on_cpu():
-    cuda.reset_between_cases("cpu")
-    cuda.reset_peak("cpu")
-    assert cuda.peak_figures("cpu") == (None, None) and cuda.current_figures("cpu") == (None, None)
-    with cuda.memory_snapshot("cpu", None) as notes:
+def test_allocator_helpers_are_no_ops_on_cpu():
+    allocator.reset_between_cases("cpu")
+    allocator.reset_peak("cpu")
+    assert allocator.peak_figures("cpu") == (None, None) and allocator.current_figures("cpu") == (None, None)
+    with allocator.memory_snapshot("cpu", None) as notes:
         pass
     assert notes == []

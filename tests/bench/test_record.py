@@ -11,7 +11,9 @@ from bench.record import (
     MaxBatchRecord,
     Phase,
     RecordError,
+    StepMemory,
     Timeline,
+    Timing,
     from_jsonl_line,
     to_jsonl_line,
 )
@@ -23,10 +25,13 @@ def _record(**kw):
         method="bk",
         batch_size=4,
         device="cpu",
-        peak_tensor_bytes=123,
-        breakdown={"parameters": 100, "per_sample": 23},
-        phases=[Phase("forward", 0.0, 0.1)],
-        timeline=Timeline(t_s=[0.0, 0.1], tensor_bytes=[100, 123]),
+        memory=StepMemory(
+            peak_tensor_bytes=123,
+            breakdown={"parameters": 100, "per_sample": 23},
+            phases=[Phase("forward", 0.0, 0.1)],
+            timeline=Timeline(t_s=[0.0, 0.1], tensor_bytes=[100, 123]),
+        ),
+        timing=Timing(time_median_s=0.5, time_iqr_s=0.01, rounds=3, iterations=4, torch_threads=2),
         epsilon=math.inf,
         notes=["x"],
     )
@@ -40,7 +45,14 @@ def test_case_record_round_trips_through_strict_json():
     json.loads(line)  # strict JSON: inf written as a string
     assert '"inf"' in line
     assert from_jsonl_line(line) == record
-    assert CaseRecord.from_json(record.to_json()) == record
+
+
+def test_case_record_is_one_flat_json_object():
+    """The composed parts (memory, timing) are written beside the case's own keys, as the files always were."""
+    data = _record().to_dict()
+    assert "memory" not in data and "timing" not in data
+    assert data["peak_tensor_bytes"] == 123 and data["time_median_s"] == 0.5 and data["workload"] == "gpt-tiny"
+    assert data["phases"] == [{"name": "forward", "start_s": 0.0, "end_s": 0.1}]
 
 
 def test_max_batch_record_round_trips():
@@ -64,6 +76,7 @@ def test_max_batch_record_round_trips():
         ('{"workload": "w", "method": "m", "batch_size": 1, "device": "cpu", "status": "great"}', "status"),
         ('{"workload": "w", "method": "m", "batch_size": 1, "device": "cpu", "schema_version": 99}', "newer"),
         ('{"workload": "w", "method": "m", "batch_size": "1", "device": "cpu"}', "batch_size"),
+        ('{"workload": "w", "method": "m", "batch_size": 1, "device": "cpu", "schema_version": "1"}', "not an integer"),
     ],
 )
 def test_bad_lines_raise_one_line_record_error(line, message):

@@ -1,0 +1,120 @@
+"""pytest hooks of the dpmem benchmark (``pytest bench/ --benchmark-json=out.json``).
+
+The options (root ``conftest.py`` → ``bench/options.py``) resolve into one :class:`bench.config.BenchConfig`;
+the matrix of cases is parametrized from it in :func:`pytest_generate_tests`. Bad option values are usage
+errors (exit 4). Cases that pytest-benchmark did not time (OOM, unsupported, max-batch searches) are results
+too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's own tools read only
+``benchmarks``, so they keep working on our files) and into the JSON-lines results file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.case import CaseSpec
+from bench.config import BenchConfig, BenchUsageError
+from bench.results import ResultsWriter, ResultsWriterError
+
+BENCH_CONFIG = pytest.StashKey[BenchConfig]()
+UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
+RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        bench_config = BenchConfig.from_pytest(config)
+        writer = ResultsWriter(bench_config.results_path)  # checks the file is writable before any case runs
+    except (BenchUsageError, ResultsWriterError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if bench_config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(bench_config.torch_threads)
+    config.stash[BENCH_CONFIG] = bench_config
+    config.stash[RESULTS_WRITER] = writer
+    config.stash[UNTIMED_ENTRIES] = []
+
+
+@pytest.fixture(scope="session")
+def bench_cfg(pytestconfig) -> BenchConfig:
+    return pytestconfig.stash[BENCH_CONFIG]
+
+
+@pytest.fixture(scope="session")
+def results_writer(pytestconfig) -> ResultsWriter:
+    return pytestconfig.stash[RESULTS_WRITER]
+
+
+@pytest.fixture
+def record_untimed(request):
+    """``record_untimed(params, extra_info)``: keep a case that pytest-benchmark did not time in the JSON."""
+
+    def record(params: dict, extra_info: dict) -> None:
+        node = request.node
+        entry = {"name": node.name, "fullname": node.nodeid, "param": node.callspec.id, "params": params}
+        request.config.stash[UNTIMED_ENTRIES].append({**entry, "extra_info": extra_info})
+
+    return record
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cfg = metafunc.config.stash[BENCH_CONFIG]
+    if "dp_case" in metafunc.fixturenames:
+        # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
+        specs = [
+            CaseSpec(w, m, b, d)
+            for w in cfg.workloads
+            for m in cfg.methods
+            for d in cfg.devices
+            for b in sorted(cfg.batch_sizes)
+        ]
+        # Four parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params".
+        metafunc.parametrize(
+            "workload,method,batch_size,device",
+            [(s.workload, s.method, s.batch_size, s.device) for s in specs],
+            ids=[s.case_id for s in specs],
+        )
+    elif "max_batch_case" in metafunc.fixturenames:
+        cases = [(w, m, d) for w in cfg.workloads for m in cfg.methods for d in cfg.devices]
+        metafunc.parametrize("workload,method,device", cases, ids=[f"{w}-{m}-{d}" for w, m, d in cases])
+
+
+@pytest.fixture
+def dp_case(workload, method, batch_size, device) -> CaseSpec:
+    return CaseSpec(workload, method, batch_size, device)
+
+
+@pytest.fixture
+def max_batch_case(workload, method, device) -> tuple[str, str, str]:
+    return workload, method, device
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """`--max-batch` runs only the max-batch search; without it only the matrix runs (no skipped noise)."""
+    want = "max_batch_case" if config.stash[BENCH_CONFIG].max_batch else "dp_case"
+    deselected = [item for item in items if want not in getattr(item, "fixturenames", ())]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if want in getattr(item, "fixturenames", ())]
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    from bench.machine import machine_info as dpmem_machine_info
+
+    info = dpmem_machine_info()
+    label = config.stash[BENCH_CONFIG].runner_label
+    if label:
+        info["runner_label"] = label
+    machine_info["dpmem"] = info
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    output_json["dpmem_untimed"] = list(config.stash.get(UNTIMED_ENTRIES, []))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    writer = config.stash.get(RESULTS_WRITER, None)
+    if writer is not None and writer.count:
+        terminalreporter.write_line(f"dpmem: {writer.count} result record(s) appended to {Path(writer.path)}")

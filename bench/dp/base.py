@@ -1,0 +1,177 @@
+"""The DP-method registry and the two entry points every method offers.
+
+Each method family lives in its own file and registers :class:`DPMethod` subclasses with
+:func:`register_method`. A method offers
+
+* ``build(...) -> DPStep``: the *fused* step the bench measures — forward → per-sample gradients or norms →
+  flat clipping → Gaussian noise (σ·C, once per logical batch) → optimizer update, in one call;
+* ``clipped_grad_sum(...)``: the noise-free Σ_i min(1, C/‖g_i‖)·g_i computed by the method's own machinery,
+  used by the equivalence tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from bench.channel import PhaseMarker, no_mark
+
+from ._common import check_max_grad_norm, set_noisy_grads, trainable_parameters
+from .errors import DPConfigError
+from .privacy import PrivacyParams
+
+__all__ = [
+    "OPTIMIZERS",
+    "ClippedSumStep",
+    "DPMethod",
+    "DPStep",
+    "available_methods",
+    "build_step",
+    "clipped_grad_sum",
+    "get_method",
+    "make_optimizer",
+    "register_method",
+]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+}
+
+
+def make_optimizer(name: str, params, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """AdamW (DiT's and GPT-2's training optimizer, the default), Adam or SGD over ``params``."""
+    if name not in OPTIMIZERS:
+        raise DPConfigError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](list(params), lr)
+
+
+class DPStep:
+    """A fused DP training step. Call it with a :class:`models.Batch`; it returns the (detached) mean loss.
+
+    ``mark`` is called with each phase name of :data:`PHASES` as the phase begins and with ``"end"`` at the
+    end. The default does nothing (timed rounds); the memory sampler passes a recorder. ``close()`` removes
+    whatever the method attached to the model (hooks, wrappers)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, privacy: PrivacyParams):
+        self.model = model
+        self.optimizer = optimizer
+        self.privacy = privacy
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ClippedSumStep(DPStep):
+    """A fused step for methods that produce Σ_i min(1, C/‖g_i‖)·g_i themselves (bk, torch-func, microbatch):
+    they implement :meth:`clipped_sum` (marking forward/backward/clip); noise and the update are shared."""
+
+    def __init__(self, workload, model, optimizer, privacy, batch_size: int, noise_generator):
+        super().__init__(model, optimizer, privacy)
+        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+
+    def clipped_sum(self, batch, mark: PhaseMarker) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
+        """(parameters, their clipped per-sample gradient sums, detached mean loss)."""
+        raise NotImplementedError
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        # No gradient may survive from a previous step: it would sit in memory through the whole pass.
+        self.optimizer.zero_grad(set_to_none=True)
+        params, sums, loss = self.clipped_sum(batch, mark)
+        mark("noise")
+        set_noisy_grads(
+            params,
+            sums,
+            self.privacy.noise_multiplier,
+            self.privacy.max_grad_norm,
+            self.batch_size,
+            self.noise_generator,
+        )
+        mark("optimizer")
+        self.optimizer.step()
+        mark("end")
+        return loss
+
+
+class DPMethod:
+    """One DP-SGD implementation. Subclasses set ``name`` (the registry key) and implement the entry points."""
+
+    name: str = ""
+
+    def check(self, workload, model: nn.Module) -> None:
+        """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run."""
+
+    def build(
+        self,
+        workload,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        privacy: PrivacyParams,
+        batch_size: int,
+        noise_generator: torch.Generator | None,
+    ) -> DPStep:
+        raise NotImplementedError
+
+    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, DPMethod] = {}
+
+
+def register_method(cls: type[DPMethod]) -> type[DPMethod]:
+    """Class decorator: instantiate and register a method under ``cls.name``."""
+    if not cls.name or cls.name in _METHODS:
+        raise DPConfigError(f"method name {cls.name!r} is empty or registered twice")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, baseline first."""
+    return list(_METHODS)
+
+
+def get_method(name: str) -> DPMethod:
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.4)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DPConfigError(f"unknown DP method {name!r}{hint}; valid: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def clipped_grad_sum(method: str, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    """Noise-free Σ_i min(1, C/‖g_i‖)·g_i by ``method``'s own machinery, keyed by trainable parameter name.
+
+    Leaves the model's weights (and, once it returns, its hooks) as they were."""
+    impl = get_method(method)
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
+    impl.check(workload, model)
+    return impl.clipped_grad_sum(workload, model, batch, max_grad_norm)
+
+
+def build_step(
+    method: str,
+    workload,
+    model: nn.Module,
+    *,
+    privacy: PrivacyParams,
+    batch_size: int,
+    optimizer: str = "adamw",
+    lr: float = 1e-4,
+    noise_generator: torch.Generator | None = None,
+) -> DPStep:
+    """The fused DP step of ``method`` for ``model`` (its optimizer is built here, over trainable parameters)."""
+    impl = get_method(method)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DPConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    impl.check(workload, model)
+    opt = make_optimizer(optimizer, trainable_parameters(model).values(), lr)
+    return impl.build(workload, model, opt, privacy, batch_size, noise_generator)

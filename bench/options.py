@@ -1,0 +1,217 @@
+"""The bench's command-line options and their ``type=`` parsers (cheap: no torch, no registries).
+
+Each parser turns one option's text into a typed value or raises ``argparse.ArgumentTypeError`` with one line
+naming the problem; pytest reports it as a usage error (exit 4), e.g.
+``argument --batch-sizes: batch size must be >= 1, got 0``. Checks that need the registries (workload and
+method names, devices) happen once the values are typed, in :meth:`bench.config.BenchConfig.from_pytest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+from collections.abc import Sequence
+
+__all__ = [
+    "add_bench_options",
+    "batch_sizes",
+    "byte_size",
+    "byte_sizes",
+    "check_names",
+    "clip_norm",
+    "comma_list",
+    "positive_int",
+    "sample_interval",
+]
+
+BadValue = argparse.ArgumentTypeError
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` → ``("a", "b", "c")``; empty items are dropped, an empty list or a repeat is an error."""
+    items = tuple(s.strip() for s in str(text).split(",") if s.strip())
+    if not items:
+        raise BadValue("empty list")
+    repeated = sorted({s for s in items if items.count(s) > 1})
+    if repeated:
+        raise BadValue(f"{', '.join(repeated)} given more than once")
+    return items
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise BadValue(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise BadValue(f"must be >= 1, got {value}")
+    return value
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``"4,16"`` → ``(4, 16)``: integers >= 1, each once."""
+    sizes = []
+    for item in comma_list(text):
+        try:
+            value = int(item)
+        except ValueError:
+            raise BadValue(f"{item!r} is not an integer") from None
+        if value < 1:
+            raise BadValue(f"batch size must be >= 1, got {value}")
+        sizes.append(value)
+    return tuple(sizes)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def byte_size(text: str) -> int:
+    """``"8GiB"``, ``"512MB"``, ``"1e9"`` → bytes (>= 1)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BadValue(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value < 1:
+        raise BadValue(f"size must be >= 1 byte, got {text!r}")
+    return int(value)
+
+
+def byte_sizes(text: str) -> tuple[int, ...]:
+    return tuple(byte_size(item) for item in comma_list(text))
+
+
+def _number(text: str) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise BadValue(f"{text!r} is not a number") from None
+
+
+def sample_interval(text: str) -> float:
+    """Seconds in (0, 1]."""
+    value = _number(text)
+    if not (math.isfinite(value) and 0 < value <= 1.0):
+        raise BadValue(f"must be in (0, 1] seconds, got {text!r}")
+    return value
+
+
+def clip_norm(text: str) -> float:
+    """The per-sample clipping norm C: finite and > 0 (C = inf would mean no clipping, i.e. no privacy)."""
+    value = _number(text)
+    if math.isinf(value):
+        raise BadValue("must be finite: an infinite clipping norm clips nothing, so the step is not private")
+    if not value > 0:
+        raise BadValue(f"must be > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise BadValue(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise BadValue(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A probability in (0, 1] (the sampling rate) or (0, 1) for δ — the caller's check narrows it."""
+    value = _number(text)
+    if not (0 < value <= 1):
+        raise BadValue(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None:
+    """Raise ValueError (one line: the option, the bad name, close matches, the valid names) for an unknown name."""
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", ..."
+            raise ValueError(f"{option}: unknown value {name!r}{hint}; valid: {shown}")
+
+
+def add_bench_options(parser) -> None:
+    """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``)."""
+    g = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)")
+    add = g.addoption
+    add(
+        "--preset",
+        help="case matrix preset: cpu-smoke, gpu-small, gpu-full (default: gpu-small with a GPU, else cpu-smoke)",
+    )
+    add("--workloads", type=comma_list, help="comma list of workloads (replaces the preset's)")
+    add("--methods", type=comma_list, help="comma list of DP methods (replaces the preset's)")
+    add("--batch-sizes", type=batch_sizes, help="comma list of batch sizes (replaces the preset's)")
+    add("--devices", type=comma_list, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    add(
+        "--workload-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE, which registers workloads with models.register_workload (repeatable)",
+    )
+    add("--sample-interval", type=sample_interval, default=0.001, help="NVML/RSS sampling interval, s (default 0.001)")
+    add("--target-epsilon", type=positive_float, help="resolve the noise multiplier for this ε (Opacus accountant)")
+    add("--target-delta", type=unit_interval, default=1e-5, help="δ of the privacy guarantee (default 1e-5)")
+    add("--noise-multiplier", type=non_negative_float, help="noise multiplier σ (default 1.0 unless --target-epsilon)")
+    add("--accountant", default="prv", help="Opacus accountant: prv, rdp, gdp (default prv)")
+    add("--sample-rate", type=unit_interval, default=0.01, help="Poisson sampling rate q for the accountant (0.01)")
+    add("--privacy-steps", type=positive_int, default=1000, help="training steps the guarantee covers (default 1000)")
+    add("--max-grad-norm", type=clip_norm, default=1.0, help="per-sample clipping norm C (default 1.0)")
+    add("--optimizer", default="adamw", help="adamw (default), adam or sgd")
+    add("--rounds", type=positive_int, help="timed rounds per case (default: the preset's)")
+    add(
+        "--torch-threads",
+        type=positive_int,
+        help="pin torch's intra-op CPU threads for the run (default: torch's choice; recorded either way)",
+    )
+    add(
+        "--memory-cap",
+        type=byte_size,
+        help="CPU only: live tensor bytes above this are an OOM, e.g. 8GiB (default: 75%% of RAM)",
+    )
+    add("--results", help="JSON-lines file each finished case is appended to (default: results/dpmem-<time>.jsonl)")
+    add(
+        "--snapshot",
+        metavar="CASE_ID",
+        help="export a CUDA memory snapshot for this case id (e.g. dit-s-2-cond-bk-bs16-cuda:0) into --snapshot-dir",
+    )
+    add("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
+    add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
+    add("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
+    add(
+        "--max-batch",
+        action="store_true",
+        help="max-batch mode: per workload × method × device, find the largest batch that fits (doubling, then "
+        "bisection) and fit peak(B) = fixed + per_sample·B",
+    )
+    add("--max-batch-limit", type=positive_int, default=4096, help="largest batch size the max-batch search tries")
+    add(
+        "--predict-memory",
+        type=byte_sizes,
+        default=byte_sizes("16GiB,24GiB,40GiB,80GiB,141GiB"),
+        help="memory sizes the max-batch fit predicts a max batch for (comma list)",
+    )
