@@ -18,7 +18,7 @@ from models import Batch, Workload, WorkloadError, get_workload, list_workloads,
 from models.diffusion import alphas_cumprod, linear_beta_schedule
 from models.dit import DIT_CONFIGS, DiT, UnconditionalDiT, build_dit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny")
 
 
