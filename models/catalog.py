@@ -5,12 +5,14 @@ Names:
 * ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond}`` — DiT at 256 px (latent 4×32×32); the same with ``-512`` appended
   is the 512 px model (latent 4×64×64);
 * ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` — sequence length 1024, tied embeddings;
-* ``dit-tiny-cond``, ``dit-tiny-uncond``, ``gpt-tiny`` — a full step takes milliseconds on a CPU;
+* the tiny ones (:data:`TINY_WORKLOADS`) — a full step takes milliseconds on a CPU;
 * every GPT name also with ``-untied`` appended (a separate lm_head weight), e.g. ``gpt2-untied``.
 
-Every factory takes overrides of its config's fields (``get_workload("gpt2", tie_weights=False)``,
-``get_workload("dit-tiny-cond", learnable_pos_embed=True)``), GPT ones also ``seq_len``, all of them ``seed``.
-Building a Workload only builds a config: the model is made on demand by ``build_model``.
+Every factory takes overrides of its config's scalar fields (``get_workload("gpt2", tie_weights=False)``,
+``get_workload("dit-tiny-cond:learnable_pos_embed=True")``), GPT ones also ``seq_len``, all of them ``seed``;
+keys and value types are checked against the config dataclass, and a config's own check (``hidden_size`` a
+multiple of ``num_heads``, ...) comes out as a one-line WorkloadError naming the workload. Building a Workload
+only builds a config: the model is made on demand by ``build_model``.
 """
 
 from __future__ import annotations
@@ -20,29 +22,28 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import Workload, WorkloadError, register_workload
+from . import Workload, WorkloadError, check_overrides, override_types, register_workload
 from .diffusion import epsilon_mse_per_sample, make_dit_batch
 from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTConfig, build_dit, dit_config
 from .gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
 
-__all__ = ["TINY_DIT", "TINY_GPT", "dit_workload", "gpt_workload"]
+__all__ = ["TINY_DIT", "TINY_GPT", "TINY_WORKLOADS", "dit_workload", "gpt_workload"]
 
 # Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
 # init so that every trainable parameter gets a non-zero gradient on the first step.
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, zero_init=False)
 # Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 16 tokens.
 TINY_GPT = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
+# Every tiny workload (the CPU preset's and the tests'); unknown-name messages list them.
+TINY_WORKLOADS = ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny", "gpt-tiny-untied")
 
-_WORKLOAD_OVERRIDES = ("seed",)
+_WORKLOAD_OVERRIDES: dict[str, tuple[type, ...]] = {"seed": (int,)}
 
 
-def _split_overrides(name: str, overrides: dict[str, Any], allowed: set[str]) -> tuple[dict, dict]:
-    """(config overrides, workload overrides); an unknown key is a one-line WorkloadError naming it."""
-    unknown = sorted(set(overrides) - allowed - set(_WORKLOAD_OVERRIDES))
-    if unknown:
-        raise WorkloadError(
-            f"workload {name!r} takes no override(s) {unknown}; it accepts {sorted(allowed | set(_WORKLOAD_OVERRIDES))}"
-        )
+def _split_overrides(name: str, overrides: dict[str, Any], accepted: dict[str, tuple[type, ...]]) -> tuple[dict, dict]:
+    """(config overrides, workload overrides), after :func:`models.check_overrides` against ``accepted`` (the
+    config's keys and types) plus ``seed``."""
+    check_overrides(name, overrides, {**accepted, **_WORKLOAD_OVERRIDES})
     workload_kw = {k: v for k, v in overrides.items() if k in _WORKLOAD_OVERRIDES}
     config_kw = {k: v for k, v in overrides.items() if k not in _WORKLOAD_OVERRIDES}
     return config_kw, workload_kw
@@ -51,7 +52,7 @@ def _split_overrides(name: str, overrides: dict[str, Any], allowed: set[str]) ->
 def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
     try:
         return dataclasses.replace(config, **overrides)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # the config's __post_init__ checks (types were checked before)
         raise WorkloadError(f"workload {name!r}: {exc}") from exc
 
 
@@ -70,7 +71,6 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         class_dropout_prob=config.class_dropout_prob if conditional else 0.0,
     )
     latent = f"{config.in_channels}x{config.input_size}x{config.input_size}"
-    kind = "class-conditional" if conditional else "unconditional"
     info: dict[str, Any] = {
         "config": config_name,
         "image_size": image_size,
@@ -97,22 +97,21 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         family="dit",
         tokens_per_sample=config.num_tokens,
         input_names=("x_t", "t", "y") if conditional else ("x_t", "t"),
-        description=f"{config_name} {kind}, latent {latent}, {config.num_tokens} tokens"
-        + (f" ({image_size} px)" if image_size else ""),
         seed=seed,
         info=info,
     )
 
 
-_DIT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(DiTConfig)} - {"class_conditional"}
-_DIT_LABEL_FIELDS = {"num_classes", "class_dropout_prob"}
+# The variant is the name's (cond, uncond): its switch is not an override.
+_DIT_OVERRIDES = {k: v for k, v in override_types(DiTConfig).items() if k != "class_conditional"}
+_DIT_LABEL_FIELDS = ("num_classes", "class_dropout_prob")
 
 
 def _dit_factory(name: str, base: DiTConfig, config_name: str, image_size: int | None) -> Callable[..., Workload]:
-    allowed = _DIT_CONFIG_FIELDS if base.class_conditional else _DIT_CONFIG_FIELDS - _DIT_LABEL_FIELDS
+    accepted = {k: v for k, v in _DIT_OVERRIDES.items() if base.class_conditional or k not in _DIT_LABEL_FIELDS}
 
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, allowed)
+        config_kw, workload_kw = _split_overrides(name, overrides, accepted)
         config = _replace_config(name, base, config_kw)
         return dit_workload(name, config, config_name=config_name, image_size=image_size, **workload_kw)
 
@@ -155,9 +154,6 @@ def gpt_workload(
         family="gpt",
         tokens_per_sample=seq_len,
         input_names=("idx",),
-        description=f"{config_name} decoder, {config.n_layer} layers × {config.n_embd}, {seq_len} tokens, "
-        + ("tied" if config.tie_weights else "untied")
-        + " embeddings",
         seed=seed,
         info={
             "config": config_name,
@@ -173,12 +169,12 @@ def gpt_workload(
     )
 
 
-_GPT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
+_GPT_OVERRIDES = {**override_types(GPTConfig), "seq_len": (int,)}
 
 
 def _gpt_factory(name: str, base: GPTConfig, config_name: str) -> Callable[..., Workload]:
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_CONFIG_FIELDS | {"seq_len"})
+        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_OVERRIDES)
         seq_len = config_kw.pop("seq_len", None)
         config = _replace_config(name, base, config_kw)
         return gpt_workload(name, config, config_name=config_name, seq_len=seq_len, **workload_kw)

@@ -84,12 +84,16 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.input_size >= 1 and self.patch_size >= 1, "input_size and patch_size must be >= 1"),
+            (
+                min(self.input_size, self.patch_size, self.in_channels, self.hidden_size) >= 1,
+                "input_size, patch_size, in_channels and hidden_size must be >= 1",
+            ),
             (
                 self.input_size % self.patch_size == 0,
                 f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}",
             ),
             (self.depth >= 1 and self.num_heads >= 1, "depth and num_heads must be >= 1"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (
                 self.hidden_size % self.num_heads == 0,
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
