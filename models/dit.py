@@ -13,6 +13,10 @@ Two variants:
   done here: the batch factory (models/diffusion.py) draws it, so a step is a pure function of its batch.
 * :class:`UnconditionalDiT` — ``forward(x, t)``, no label table at all.
 
+Both cast their float inputs to their weight dtype where they enter (the latents at patchify, the timestep
+features at the timestep MLP): the batch factory draws fp32 tensors for every precision, so
+``model.to(torch.bfloat16)`` just works.
+
 DP-library shaping (each point was measured with Opacus 1.6):
 
 * every *trainable* parameter lives in a standard leaf module (Linear, Conv2d, Embedding) — Opacus replays a
@@ -148,7 +152,10 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
 
 
 def timestep_frequencies(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
-    """(B,) timesteps (int or float) -> (B, dim) features [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(-k/(dim/2))."""
+    """(B,) timesteps (int or float) -> (B, dim) features [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(-k/(dim/2)).
+
+    Computed in fp32 whatever the model's dtype: t reaches 999, and angles that large lose their phase in bf16
+    (8 mantissa bits). The timestep MLP casts the result to its own weight dtype."""
     half = dim // 2
     omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * omega[None, :]  # (B, dim/2)
@@ -174,7 +181,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_frequencies(t))  # (B, D)
+        # fp32 features, cast where they meet the weights (bf16 after model.to(torch.bfloat16)).
+        return self.mlp(timestep_frequencies(t).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -308,8 +316,9 @@ class _DiTBackbone(nn.Module):
         return self.pos_embedder(self.positions.expand(batch_size, -1).contiguous())  # (B, T, D)
 
     def _denoise(self, x: Tensor, c: Tensor) -> Tensor:
-        # x (B, C_in, H, W), c (B, D)
-        patches = self.x_embedder(x)  # (B, D, g, g)
+        # x (B, C_in, H, W), c (B, D). Batches are drawn in fp32 whatever the model's precision: cast x to the
+        # weights' dtype where it enters (a no-op for an fp32 model).
+        patches = self.x_embedder(x.to(self.x_embedder.weight.dtype))  # (B, D, g, g)
         if patches.requires_grad:
             # The token transpose below hands the Conv2d a non-contiguous output gradient, which torch's
             # ExpandedWeights conv rule (Opacus "ew" mode) cannot .view(); give it a contiguous one.
