@@ -91,7 +91,7 @@ class Workload:
     model_fn: Callable[[], nn.Module]
     batch_fn: Callable[[int, torch.Generator], Batch]
     loss_fn: Callable[[Tensor, Tensor], Tensor]
-    # "dit" or "gpt" for the built-ins; results record it (the GPT-vs-DiT proxy figure selects by it).
+    # "dit", "dit-plain", "gpt" for the built-ins; results record it (the GPT-vs-DiT proxy figure selects by it).
     family: str = "custom"
     tokens_per_sample: int | None = None
     input_names: tuple[str, ...] = ("x",)  # the positional inputs' names, shown by `python -m models`

@@ -2,8 +2,9 @@
 
 Names:
 
-* ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond}`` — DiT at 256 px (latent 4×32×32); the same with ``-512`` appended
-  is the 512 px model (latent 4×64×64);
+* ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond,plain}`` — DiT at 256 px (latent 4×32×32); the same with ``-512``
+  appended is the 512 px model (latent 4×64×64). ``-plain`` is the proxy with no timestep or adaLN
+  conditioning (models/dit.py :class:`PlainDiT`), family ``"dit-plain"`` so reports tell it from the DiTs;
 * ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` — sequence length 1024, tied embeddings;
 * the tiny ones (:data:`TINY_WORKLOADS`) — a full step takes milliseconds on a CPU;
 * every GPT name also with ``-untied`` appended (a separate lm_head weight), e.g. ``gpt2-untied``.
@@ -35,7 +36,7 @@ TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_he
 # Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 16 tokens.
 TINY_GPT = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
 # Every tiny workload (the CPU preset's and the tests'); unknown-name messages list them.
-TINY_WORKLOADS = ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny", "gpt-tiny-untied")
+TINY_WORKLOADS = ("dit-tiny-cond", "dit-tiny-uncond", "dit-tiny-plain", "gpt-tiny", "gpt-tiny-untied")
 
 _WORKLOAD_OVERRIDES: dict[str, tuple[type, ...]] = {"seed": (int,)}
 
@@ -61,7 +62,9 @@ def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: int | None, seed: int = 0) -> Workload:
-    """A DiT Workload for ``config``: synthetic latents, DDPM noising, ε-MSE on the first 4 channels."""
+    """A DiT Workload for ``config``: synthetic latents, DDPM noising, ε-MSE on the first 4 channels.
+
+    A plain config gets the same batches without the timestep input, and family ``"dit-plain"``."""
     conditional = config.class_conditional
     batch_fn = partial(
         make_dit_batch,
@@ -69,8 +72,15 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         input_size=config.input_size,
         num_classes=config.num_classes if conditional else None,
         class_dropout_prob=config.class_dropout_prob if conditional else 0.0,
+        timestep_input=not config.plain,
     )
     latent = f"{config.in_channels}x{config.input_size}x{config.input_size}"
+    if config.plain:
+        input_names, conditioning = ("x_t",), "none (plain pre-LN blocks)"
+    elif conditional:
+        input_names, conditioning = ("x_t", "t", "y"), "adaLN on t and y"
+    else:
+        input_names, conditioning = ("x_t", "t"), "adaLN on t"
     info: dict[str, Any] = {
         "config": config_name,
         "image_size": image_size,
@@ -80,6 +90,7 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
         "conditional": conditional,
+        "conditioning": conditioning,
         "learn_sigma": config.learn_sigma,
         "zero_init": config.zero_init,
         "learnable_pos_embed": config.learnable_pos_embed,
@@ -94,16 +105,16 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         model_fn=partial(build_dit, config),
         batch_fn=batch_fn,
         loss_fn=epsilon_mse_per_sample,
-        family="dit",
+        family="dit-plain" if config.plain else "dit",
         tokens_per_sample=config.num_tokens,
-        input_names=("x_t", "t", "y") if conditional else ("x_t", "t"),
+        input_names=input_names,
         seed=seed,
         info=info,
     )
 
 
-# The variant is the name's (cond, uncond): its switch is not an override.
-_DIT_OVERRIDES = {k: v for k, v in override_types(DiTConfig).items() if k != "class_conditional"}
+# The variant is the name's (cond, uncond, plain): its switches are not overrides.
+_DIT_OVERRIDES = {k: v for k, v in override_types(DiTConfig).items() if k not in ("class_conditional", "plain")}
 _DIT_LABEL_FIELDS = ("num_classes", "class_dropout_prob")
 
 
@@ -118,18 +129,25 @@ def _dit_factory(name: str, base: DiTConfig, config_name: str, image_size: int |
     return factory
 
 
+_DIT_VARIANTS = {
+    "cond": dict(class_conditional=True),
+    "uncond": dict(class_conditional=False),
+    "plain": dict(class_conditional=False, plain=True),
+}
+
+
 def _register_dits() -> None:
     for size in DIT_SIZES:
         for patch in PATCH_SIZES:
             for image_size in IMAGE_TO_LATENT:
                 suffix = "" if image_size == 256 else f"-{image_size}"
-                for variant, conditional in (("cond", True), ("uncond", False)):
+                for variant, switches in _DIT_VARIANTS.items():
                     name = f"dit-{size.lower()}-{patch}-{variant}{suffix}"
-                    base = dit_config(size, patch, image_size, class_conditional=conditional)
+                    base = dit_config(size, patch, image_size, **switches)
                     register_workload(_dit_factory(name, base, f"DiT-{size}/{patch}", image_size), name=name)
-    for variant, conditional in (("cond", True), ("uncond", False)):
+    for variant, switches in _DIT_VARIANTS.items():
         name = f"dit-tiny-{variant}"
-        base = dataclasses.replace(TINY_DIT, class_conditional=conditional)
+        base = dataclasses.replace(TINY_DIT, **switches)
         register_workload(_dit_factory(name, base, "DiT-tiny", None), name=name)
 
 

@@ -128,8 +128,10 @@ def test_unknown_keys_name_the_valid_ones():
         get_workload("gpt2:nonsense=1")
     with one_line_error(r"no override 'num_classes'; valid keys: input_size, .*pos_embed_in_submodule, seed$"):
         get_workload("dit-tiny-uncond:num_classes=5")
-    with one_line_error("takes no override"):
-        get_workload("dit-tiny-cond:class_conditional=False")  # the variant is the name's
+    # the variant is the name's: neither the label switch nor the plain switch is an override
+    for spec in ("dit-tiny-plain:num_classes=5", "dit-tiny-cond:class_conditional=False", "dit-tiny-uncond:plain=True"):
+        with one_line_error("takes no override"):
+            get_workload(spec)
     assert get_workload("dit-tiny-cond:seed=5").seed == 5
 
 
@@ -148,7 +150,7 @@ def test_unknown_name_points_to_the_listing_and_the_tiny_workloads():
     [
         ("dit-xl-2-cnd", "dit-xl-2-cond"),
         ("dit-tiny", "dit-tiny-cond"),
-        ("dit_tiny_uncond", "dit-tiny-uncond"),
+        ("dit_tiny_plain", "dit-tiny-plain"),
         ("tiny", "gpt-tiny-untied"),
         ("DiT-XL/2", "dit-xl-2-cond"),
         ("gpt-tiny-tied", "gpt-tiny"),

@@ -11,7 +11,7 @@ from torch import nn
 from models import Batch, Workload, WorkloadError, get_workload, list_workloads
 from models.catalog import TINY_WORKLOADS
 from models.diffusion import alphas_cumprod, linear_beta_schedule
-from models.dit import DIT_CONFIGS, DiT, UnconditionalDiT, build_dit
+from models.dit import DiT, PlainDiT, UnconditionalDiT, build_dit, dit_config
 
 TINY = TINY_WORKLOADS
 
@@ -58,12 +58,11 @@ def test_dit_xl2_trainable_count_excludes_fixed_pos_embed():
     assert not model.pos_embed.requires_grad and tuple(model.pos_embed.shape) == (1, 256, 1152)
 
 
-def test_dit_named_config_factories():
-    assert len(DIT_CONFIGS) == 12
-    config = DIT_CONFIGS["DiT-XL/2"]()
+def test_dit_paper_configs():
+    config = dit_config("XL", 2)
     assert (config.depth, config.hidden_size, config.num_heads, config.patch_size) == (28, 1152, 16, 2)
     assert config.num_tokens == 256 and config.out_channels == 8
-    assert DIT_CONFIGS["DiT-S/8"](image_size=512).num_tokens == 64
+    assert dit_config("S", 8, image_size=512).num_tokens == 64
 
 
 def test_512px_xl2_has_1024_tokens():
@@ -78,11 +77,11 @@ def test_catalog_names():
     names = set(list_workloads())
     for size in ("s", "b", "l", "xl"):
         for patch in (2, 4, 8):
-            for variant in ("cond", "uncond"):
+            for variant in ("cond", "uncond", "plain"):
                 assert f"dit-{size}-{patch}-{variant}" in names
                 assert f"dit-{size}-{patch}-{variant}-512" in names
     assert {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", *TINY} <= names
-    assert len(names) == 4 * 3 * 2 * 2 + len(TINY) + 4 * 2  # paper DiTs, the tiny ones, GPT-2s tied and untied
+    assert len(names) == 4 * 3 * 3 * 2 + len(TINY) + 4 * 2  # paper DiTs, the tiny ones, GPT-2s tied and untied
 
 
 # ------------------------------------------------------------------------------------------------ shapes and variants
@@ -361,8 +360,11 @@ def test_tiny_dits_run_under_opacus_expanded_weights():
 
 def test_build_dit_picks_the_variant():
     with torch.device("meta"):
-        assert isinstance(build_dit(DIT_CONFIGS["DiT-S/8"](class_conditional=False)), UnconditionalDiT)
-        assert isinstance(build_dit(DIT_CONFIGS["DiT-S/8"]()), DiT)
+        assert isinstance(build_dit(dit_config("S", 8, class_conditional=False)), UnconditionalDiT)
+        assert isinstance(build_dit(dit_config("S", 8)), DiT)
+        assert isinstance(build_dit(dit_config("S", 8, class_conditional=False, plain=True)), PlainDiT)
+    with pytest.raises(ValueError, match="plain"):
+        dit_config("S", 8, plain=True)  # a plain DiT takes no labels
 
 
 def test_pos_embed_in_submodule_is_the_777_fix_shape():
