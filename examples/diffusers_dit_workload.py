@@ -69,7 +69,6 @@ def diffusers_dit_workload(name: str, *, class_dropout_prob: float = 0.1, **conf
         family="dit",
         tokens_per_sample=(size // patch) ** 2,
         input_names=("x_t", "t", "y"),
-        description=f"diffusers DiTTransformer2DModel, latent {in_channels}x{size}x{size}, patch {patch}",
         info={"config": "diffusers DiT", "source": "diffusers.DiTTransformer2DModel", **config},
     )
 

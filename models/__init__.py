@@ -8,15 +8,23 @@ A :class:`Workload` is everything a DP method needs to run one training step:
 * ``loss_per_sample(output, target)`` returns a loss of shape ``[B]`` (DP clipping is per sample).
 
 Every input in ``Batch.inputs`` is batched on dim 0 and passed positionally: ``model(*batch.inputs)``.
+
+A *workload spec* names a registered workload with overrides: ``"gpt2-large:seq_len=128"``,
+``"dit-xl-2-cond:num_classes=10:learnable_pos_embed=True"``. :func:`get_workload` takes a spec wherever it
+takes a name, and the Workload it returns is named by its canonical spec (``name``), with the registered name
+(``base_name``) and the overrides (``overrides``) alongside, so results can record all three.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +35,19 @@ __all__ = [
     "Batch",
     "Workload",
     "WorkloadError",
+    "check_overrides",
+    "format_workload_spec",
     "get_workload",
     "list_workloads",
     "load_workload_module",
+    "override_types",
+    "parse_workload_spec",
     "register_workload",
 ]
 
 
 class WorkloadError(ValueError):
-    """A bad workload name, size or bring-your-own module; the message is one line naming the problem."""
+    """A bad workload name, spec, override, size or bring-your-own module; one line naming the problem."""
 
 
 @dataclass(frozen=True)
@@ -74,17 +86,26 @@ class Workload:
     draws a batch; ``loss_fn(output, target)`` returns the per-sample loss ``[B]``.
     """
 
+    # From get_workload: the canonical spec, e.g. "gpt2-large:seq_len=128" (the plain name without overrides).
     name: str
     model_fn: Callable[[], nn.Module]
     batch_fn: Callable[[int, torch.Generator], Batch]
     loss_fn: Callable[[Tensor, Tensor], Tensor]
+    # "dit", "dit-plain", "gpt" for the built-ins; results record it (the GPT-vs-DiT proxy figure selects by it).
     family: str = "custom"
     tokens_per_sample: int | None = None
-    input_names: tuple[str, ...] = ("x",)
-    description: str = ""
+    input_names: tuple[str, ...] = ("x",)  # the positional inputs' names, shown by `python -m models`
     seed: int = 0
-    # Free-form facts shown by `python -m models` and recorded with results (config name, image size, ...).
+    # Free-form facts (config name, image size, ...): `python -m models` shows info["config"]; nothing in
+    # bench/ or reports/ reads them, and they are not recorded with results.
     info: dict[str, Any] = field(default_factory=dict)
+    # From get_workload: the overrides in the spec, in the order given (empty for a plain name).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_name(self) -> str:
+        """The registered name: ``name`` without its overrides (registered names hold no ':')."""
+        return self.name.partition(":")[0]
 
     def build_model(self, device: torch.device | str | None = None) -> nn.Module:
         """A fresh model with deterministic weights (seeded by ``self.seed``); on ``device`` if given.
@@ -130,16 +151,16 @@ _MODULE_WORKLOADS: dict[str, list[str]] = {}  # bring-your-own module -> names i
 def register_workload(workload: Workload | WorkloadFactory, name: str | None = None, *, replace: bool = False) -> str:
     """Register a workload (or a factory ``f(**overrides) -> Workload``) under its name; returns the name.
 
-    A plain :class:`Workload` accepts overrides of its dataclass fields (e.g. ``seed``) in :func:`get_workload`.
+    A plain :class:`Workload` accepts overrides of its scalar fields (``seed``, ``family``,
+    ``tokens_per_sample``) in :func:`get_workload`, type-checked. A factory gets the overrides as keyword
+    arguments and should check them (:func:`check_overrides` does it against a dataclass's field types).
     """
     if isinstance(workload, Workload):
         instance = workload
         key = name or instance.name
 
         def factory(**overrides: Any) -> Workload:
-            bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(Workload)})
-            if bad:
-                raise WorkloadError(f"workload {key!r} takes no override(s) {bad}")
+            check_overrides(key, overrides, _WORKLOAD_OVERRIDE_TYPES)
             return dataclasses.replace(instance, **overrides)
 
     elif callable(workload):
@@ -148,8 +169,8 @@ def register_workload(workload: Workload | WorkloadFactory, name: str | None = N
         key, factory = name, workload
     else:
         raise WorkloadError(f"register_workload expects a Workload or a factory, got {type(workload).__name__}")
-    if not isinstance(key, str) or not key:
-        raise WorkloadError("a workload needs a non-empty string name")
+    if not isinstance(key, str) or not key or any(c in key for c in _SPEC_SEPARATORS):
+        raise WorkloadError(f"a workload needs a non-empty string name without ',', ':' or '=', got {key!r}")
     if key in _REGISTRY and not replace:
         raise WorkloadError(f"workload {key!r} is already registered (pass replace=True to override)")
     _REGISTRY[key] = factory
@@ -169,17 +190,161 @@ def list_workloads() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_workload(name: str, **overrides: Any) -> Workload:
-    """The workload registered as ``name``; ``overrides`` go to its factory (e.g. ``tie_weights=False``)."""
+def get_workload(spec: str, **overrides: Any) -> Workload:
+    """The workload a spec names: ``get_workload("gpt2-large:seq_len=128")``, or a registered name with keyword
+    overrides, ``get_workload("gpt2-large", seq_len=128)`` — the same workload, named ``"gpt2-large:seq_len=128"``.
+
+    Keyword overrides follow the spec's; a key may not come from both. Every override must be writable in a spec
+    (:func:`format_workload_spec`), so ``name`` always says how to get the workload again."""
     _ensure_builtins()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; run `python -m models` to list them"
-        raise WorkloadError(f"unknown workload {name!r}{hint}")
-    workload = _REGISTRY[name](**overrides)
+    base, spec_overrides = parse_workload_spec(spec)
+    twice = [key for key in overrides if key in spec_overrides]
+    if twice:
+        raise WorkloadError(f"workload {spec!r}: override(s) {twice} given both in the spec and as keywords")
+    merged = {**spec_overrides, **overrides}
+    if base not in _REGISTRY:
+        raise WorkloadError(_unknown_workload_message(base))
+    try:
+        workload = _REGISTRY[base](**merged)
+    except WorkloadError:
+        raise
+    except (TypeError, ValueError) as exc:  # a bring-your-own factory's own complaint, e.g. an unexpected keyword
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise WorkloadError(f"workload {base!r}: {type(exc).__name__}: {first_line}") from exc
     if not isinstance(workload, Workload):
-        raise WorkloadError(f"workload factory {name!r} returned {type(workload).__name__}, not Workload")
-    return workload
+        raise WorkloadError(f"workload factory {base!r} returned {type(workload).__name__}, not Workload")
+    return dataclasses.replace(workload, name=format_workload_spec(base, merged), overrides=merged)
+
+
+def _unknown_workload_message(name: str) -> str:
+    """One line: the closest registered names (spelling variants such as 'DiT-XL/2' normalised first), and
+    where to see them all, including the CPU-sized ones."""
+    from .catalog import TINY_WORKLOADS
+
+    names = list(_REGISTRY)
+    query = name.lower().replace("_", "-").replace("/", "-").replace(" ", "-")
+    # Names that contain the query ("tiny" -> every tiny one), then spelling neighbours, best first.
+    containing = sorted((n for n in names if query in n), key=len) if len(query) >= 3 else []
+    close = list(dict.fromkeys([*containing, *difflib.get_close_matches(query, names, n=6, cutoff=0.5)]))[:6]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return (
+        f"unknown workload {name!r}{hint} (`python -m models` lists all {len(names)}; "
+        f"the CPU-sized ones are {', '.join(TINY_WORKLOADS)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workload specs: "name:key=value:key=value"
+
+# ',' separates workloads in command-line lists, ':' separates a spec's parts, '=' a key from its value.
+_SPEC_SEPARATORS = (",", ":", "=")
+
+
+def _literal(text: str) -> Any:
+    """A Python literal if ``text`` is one (ast.literal_eval: nothing is executed), else ``text`` itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, RecursionError):
+        return text
+
+
+def parse_workload_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value:key=value"`` -> ``(name, {key: value, ...})``, keys in the order given.
+
+    A value is the Python literal it spells (``128``, ``False``, ``0.5``, ``None``, ``'128'``), else the plain
+    string (``bfloat16``). A spec holds no ',': commas separate workloads in command-line lists."""
+    if not isinstance(spec, str) or not spec:
+        raise WorkloadError(f"a workload spec is a non-empty string like 'gpt2-large:seq_len=128', got {spec!r}")
+    if "," in spec:
+        raise WorkloadError(f"workload spec {spec!r} contains ','; commas separate workloads in lists")
+    name, *pairs = spec.split(":")
+    if not name:
+        raise WorkloadError(f"workload spec {spec!r} has no name before ':'")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier() or not text:
+            raise WorkloadError(
+                f"bad override {pair!r} in workload spec {spec!r}; expected key=value, e.g. seq_len=128"
+            )
+        if key in overrides:
+            raise WorkloadError(f"override {key!r} appears twice in workload spec {spec!r}")
+        overrides[key] = _literal(text)
+    return name, overrides
+
+
+def format_workload_spec(name: str, overrides: Mapping[str, Any]) -> str:
+    """The canonical spec for ``name`` with ``overrides`` (in their order): what :func:`parse_workload_spec`
+    reads back to the same values. A string is written bare unless it is empty or would read as another
+    literal (``dtype=bfloat16``, but ``tag='128'`` and ``tag=''``); a value with no such spelling (a callable,
+    a tuple — it needs a ',' — or text containing ':') is a WorkloadError."""
+    parts = [name]
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) and value and _literal(value) == value else repr(value)
+        back = _literal(text)
+        if (
+            not key.isidentifier()
+            or any(c in text for c in (",", ":"))
+            or type(back) is not type(value)
+            or back != value
+        ):
+            raise WorkloadError(
+                f"workload {name!r}: override {key}={value!r} cannot be written in a workload spec "
+                "(values are literals or plain strings without ',' or ':')"
+            )
+        parts.append(f"{key}={text}")
+    return ":".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Override checking against a dataclass's field types
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def override_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The fields of dataclass ``cls`` a spec can set -> the types each accepts: those annotated with scalars
+    (bool, int, float, str, None, or a union of them). Callables, tuples and dicts are left out."""
+    hints = typing.get_type_hints(cls)
+    accepted = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if all(m in _SCALARS for m in members):
+            accepted[f.name] = members
+    return accepted
+
+
+def _type_names(accepted: tuple[type, ...]) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in accepted)
+
+
+def _accepts(accepted: tuple[type, ...], value: Any) -> bool:
+    # bool is an int subclass but never a valid int (seq_len=True); an int is a valid float (mlp_ratio=4).
+    if isinstance(value, bool):
+        return bool in accepted
+    if isinstance(value, int) and float in accepted:
+        return True
+    return isinstance(value, tuple(t for t in accepted if t is not bool))
+
+
+def check_overrides(name: str, overrides: Mapping[str, Any], accepted: Mapping[str, tuple[type, ...]]) -> None:
+    """A one-line WorkloadError for an override key not in ``accepted`` (naming the valid keys) or a value of
+    the wrong type (naming the type it needs); ``accepted`` maps key -> types, e.g. from :func:`override_types`."""
+    unknown = [key for key in overrides if key not in accepted]
+    if unknown:
+        raise WorkloadError(
+            f"workload {name!r} takes no override {', '.join(map(repr, unknown))}; valid keys: {', '.join(accepted)}"
+        )
+    for key, value in overrides.items():
+        if not _accepts(accepted[key], value):
+            raise WorkloadError(
+                f"workload {name!r}: override {key} must be {_type_names(accepted[key])}, got {value!r}"
+            )
+
+
+# A plain Workload's overridable fields: its scalar ones except the name (get_workload sets it from the spec).
+_WORKLOAD_OVERRIDE_TYPES = {k: v for k, v in override_types(Workload).items() if k != "name"}
 
 
 def load_workload_module(module_name: str) -> list[str]:

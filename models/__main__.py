@@ -1,7 +1,8 @@
-"""`python -m models [--filter SUBSTR] [--workload-module MOD ...]`: a table of the registered workloads.
+"""`python -m models [SPEC ...] [--filter SUBSTR] [--workload-module MOD ...]`: a table of workloads.
 
-Parameter counts come from models built on the meta device (shapes only, nothing allocated), so the whole
-table of paper-size models prints in a couple of seconds.
+Without SPECs, every registered workload; with them, just those, overrides included
+(``python -m models gpt2-large:seq_len=128 dit-xl-2-cond``). Parameter counts come from models built on the
+meta device (shapes only, nothing allocated), so the whole table of paper-size models prints in seconds.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def workload_rows(names: list[str]) -> list[dict[str, str]]:
+def workload_rows(specs: list[str]) -> list[dict[str, str]]:
     rows = []
-    for name in names:
-        workload = get_workload(name)
+    for spec in specs:
+        workload = get_workload(spec)
         total, trainable = parameter_counts(workload.build_model(device="meta"))
         rows.append(
             {
-                "workload": name,
+                "workload": workload.name,
                 "family": workload.family,
                 "config": str(workload.info.get("config", "")),
                 "total params": f"{total:,}",
@@ -52,7 +53,13 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description="List the registered workloads.")
+    parser = argparse.ArgumentParser(prog="python -m models", description="List workloads with parameter counts.")
+    parser.add_argument(
+        "specs",
+        nargs="*",
+        metavar="SPEC",
+        help="workloads to show, with overrides after colons (gpt2-large:seq_len=128); default: every registered one",
+    )
     parser.add_argument("--filter", default="", metavar="SUBSTR", help="only workloads whose name contains SUBSTR")
     parser.add_argument(
         "--workload-module",
@@ -65,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for module in args.workload_module:
             load_workload_module(module)
-        names = [n for n in list_workloads() if args.filter in n]
-        print(format_table(workload_rows(names)))
+        specs = [s for s in args.specs or list_workloads() if args.filter in s]
+        print(format_table(workload_rows(specs)))
     except WorkloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,15 +2,18 @@
 
 Names:
 
-* ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond}`` — DiT at 256 px (latent 4×32×32); the same with ``-512`` appended
-  is the 512 px model (latent 4×64×64);
+* ``dit-{s,b,l,xl}-{2,4,8}-{cond,uncond,plain}`` — DiT at 256 px (latent 4×32×32); the same with ``-512``
+  appended is the 512 px model (latent 4×64×64). ``-plain`` is the proxy with no timestep or adaLN
+  conditioning (models/dit.py :class:`PlainDiT`), family ``"dit-plain"`` so reports tell it from the DiTs;
 * ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` — sequence length 1024, tied embeddings;
-* ``dit-tiny-cond``, ``dit-tiny-uncond``, ``gpt-tiny`` — a full step takes milliseconds on a CPU;
+* the tiny ones (:data:`TINY_WORKLOADS`) — a full step takes milliseconds on a CPU;
 * every GPT name also with ``-untied`` appended (a separate lm_head weight), e.g. ``gpt2-untied``.
 
-Every factory takes overrides of its config's fields (``get_workload("gpt2", tie_weights=False)``,
-``get_workload("dit-tiny-cond", learnable_pos_embed=True)``), GPT ones also ``seq_len``, all of them ``seed``.
-Building a Workload only builds a config: the model is made on demand by ``build_model``.
+Every factory takes overrides of its config's scalar fields (``get_workload("gpt2", tie_weights=False)``,
+``get_workload("dit-tiny-cond:learnable_pos_embed=True")``), GPT ones also ``seq_len``, all of them ``seed``;
+keys and value types are checked against the config dataclass, and a config's own check (``hidden_size`` a
+multiple of ``num_heads``, ...) comes out as a one-line WorkloadError naming the workload. Building a Workload
+only builds a config: the model is made on demand by ``build_model``.
 """
 
 from __future__ import annotations
@@ -20,29 +23,28 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import Workload, WorkloadError, register_workload
+from . import Workload, WorkloadError, check_overrides, override_types, register_workload
 from .diffusion import epsilon_mse_per_sample, make_dit_batch
 from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTConfig, build_dit, dit_config
 from .gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
 
-__all__ = ["TINY_DIT", "TINY_GPT", "dit_workload", "gpt_workload"]
+__all__ = ["TINY_DIT", "TINY_GPT", "TINY_WORKLOADS", "dit_workload", "gpt_workload"]
 
 # Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
 # init so that every trainable parameter gets a non-zero gradient on the first step.
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, zero_init=False)
 # Tiny GPT: 2 layers, width 64, 4 heads, vocab 128, 16 tokens.
 TINY_GPT = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
+# Every tiny workload (the CPU preset's and the tests'); unknown-name messages list them.
+TINY_WORKLOADS = ("dit-tiny-cond", "dit-tiny-uncond", "dit-tiny-plain", "gpt-tiny", "gpt-tiny-untied")
 
-_WORKLOAD_OVERRIDES = ("seed",)
+_WORKLOAD_OVERRIDES: dict[str, tuple[type, ...]] = {"seed": (int,)}
 
 
-def _split_overrides(name: str, overrides: dict[str, Any], allowed: set[str]) -> tuple[dict, dict]:
-    """(config overrides, workload overrides); an unknown key is a one-line WorkloadError naming it."""
-    unknown = sorted(set(overrides) - allowed - set(_WORKLOAD_OVERRIDES))
-    if unknown:
-        raise WorkloadError(
-            f"workload {name!r} takes no override(s) {unknown}; it accepts {sorted(allowed | set(_WORKLOAD_OVERRIDES))}"
-        )
+def _split_overrides(name: str, overrides: dict[str, Any], accepted: dict[str, tuple[type, ...]]) -> tuple[dict, dict]:
+    """(config overrides, workload overrides), after :func:`models.check_overrides` against ``accepted`` (the
+    config's keys and types) plus ``seed``."""
+    check_overrides(name, overrides, {**accepted, **_WORKLOAD_OVERRIDES})
     workload_kw = {k: v for k, v in overrides.items() if k in _WORKLOAD_OVERRIDES}
     config_kw = {k: v for k, v in overrides.items() if k not in _WORKLOAD_OVERRIDES}
     return config_kw, workload_kw
@@ -51,7 +53,7 @@ def _split_overrides(name: str, overrides: dict[str, Any], allowed: set[str]) ->
 def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
     try:
         return dataclasses.replace(config, **overrides)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # the config's __post_init__ checks (types were checked before)
         raise WorkloadError(f"workload {name!r}: {exc}") from exc
 
 
@@ -60,7 +62,9 @@ def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: int | None, seed: int = 0) -> Workload:
-    """A DiT Workload for ``config``: synthetic latents, DDPM noising, ε-MSE on the first 4 channels."""
+    """A DiT Workload for ``config``: synthetic latents, DDPM noising, ε-MSE on the first 4 channels.
+
+    A plain config gets the same batches without the timestep input, and family ``"dit-plain"``."""
     conditional = config.class_conditional
     batch_fn = partial(
         make_dit_batch,
@@ -68,9 +72,15 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         input_size=config.input_size,
         num_classes=config.num_classes if conditional else None,
         class_dropout_prob=config.class_dropout_prob if conditional else 0.0,
+        timestep_input=not config.plain,
     )
     latent = f"{config.in_channels}x{config.input_size}x{config.input_size}"
-    kind = "class-conditional" if conditional else "unconditional"
+    if config.plain:
+        input_names, conditioning = ("x_t",), "none (plain pre-LN blocks)"
+    elif conditional:
+        input_names, conditioning = ("x_t", "t", "y"), "adaLN on t and y"
+    else:
+        input_names, conditioning = ("x_t", "t"), "adaLN on t"
     info: dict[str, Any] = {
         "config": config_name,
         "image_size": image_size,
@@ -80,6 +90,7 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
         "conditional": conditional,
+        "conditioning": conditioning,
         "learn_sigma": config.learn_sigma,
         "zero_init": config.zero_init,
         "learnable_pos_embed": config.learnable_pos_embed,
@@ -94,29 +105,35 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         model_fn=partial(build_dit, config),
         batch_fn=batch_fn,
         loss_fn=epsilon_mse_per_sample,
-        family="dit",
+        family="dit-plain" if config.plain else "dit",
         tokens_per_sample=config.num_tokens,
-        input_names=("x_t", "t", "y") if conditional else ("x_t", "t"),
-        description=f"{config_name} {kind}, latent {latent}, {config.num_tokens} tokens"
-        + (f" ({image_size} px)" if image_size else ""),
+        input_names=input_names,
         seed=seed,
         info=info,
     )
 
 
-_DIT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(DiTConfig)} - {"class_conditional"}
-_DIT_LABEL_FIELDS = {"num_classes", "class_dropout_prob"}
+# The variant is the name's (cond, uncond, plain): its switches are not overrides.
+_DIT_OVERRIDES = {k: v for k, v in override_types(DiTConfig).items() if k not in ("class_conditional", "plain")}
+_DIT_LABEL_FIELDS = ("num_classes", "class_dropout_prob")
 
 
 def _dit_factory(name: str, base: DiTConfig, config_name: str, image_size: int | None) -> Callable[..., Workload]:
-    allowed = _DIT_CONFIG_FIELDS if base.class_conditional else _DIT_CONFIG_FIELDS - _DIT_LABEL_FIELDS
+    accepted = {k: v for k, v in _DIT_OVERRIDES.items() if base.class_conditional or k not in _DIT_LABEL_FIELDS}
 
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, allowed)
+        config_kw, workload_kw = _split_overrides(name, overrides, accepted)
         config = _replace_config(name, base, config_kw)
         return dit_workload(name, config, config_name=config_name, image_size=image_size, **workload_kw)
 
     return factory
+
+
+_DIT_VARIANTS = {
+    "cond": dict(class_conditional=True),
+    "uncond": dict(class_conditional=False),
+    "plain": dict(class_conditional=False, plain=True),
+}
 
 
 def _register_dits() -> None:
@@ -124,13 +141,13 @@ def _register_dits() -> None:
         for patch in PATCH_SIZES:
             for image_size in IMAGE_TO_LATENT:
                 suffix = "" if image_size == 256 else f"-{image_size}"
-                for variant, conditional in (("cond", True), ("uncond", False)):
+                for variant, switches in _DIT_VARIANTS.items():
                     name = f"dit-{size.lower()}-{patch}-{variant}{suffix}"
-                    base = dit_config(size, patch, image_size, class_conditional=conditional)
+                    base = dit_config(size, patch, image_size, **switches)
                     register_workload(_dit_factory(name, base, f"DiT-{size}/{patch}", image_size), name=name)
-    for variant, conditional in (("cond", True), ("uncond", False)):
+    for variant, switches in _DIT_VARIANTS.items():
         name = f"dit-tiny-{variant}"
-        base = dataclasses.replace(TINY_DIT, class_conditional=conditional)
+        base = dataclasses.replace(TINY_DIT, **switches)
         register_workload(_dit_factory(name, base, "DiT-tiny", None), name=name)
 
 
@@ -155,9 +172,6 @@ def gpt_workload(
         family="gpt",
         tokens_per_sample=seq_len,
         input_names=("idx",),
-        description=f"{config_name} decoder, {config.n_layer} layers × {config.n_embd}, {seq_len} tokens, "
-        + ("tied" if config.tie_weights else "untied")
-        + " embeddings",
         seed=seed,
         info={
             "config": config_name,
@@ -173,12 +187,12 @@ def gpt_workload(
     )
 
 
-_GPT_CONFIG_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)}
+_GPT_OVERRIDES = {**override_types(GPTConfig), "seq_len": (int,)}
 
 
 def _gpt_factory(name: str, base: GPTConfig, config_name: str) -> Callable[..., Workload]:
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_CONFIG_FIELDS | {"seq_len"})
+        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_OVERRIDES)
         seq_len = config_kw.pop("seq_len", None)
         config = _replace_config(name, base, config_kw)
         return gpt_workload(name, config, config_name=config_name, seq_len=seq_len, **workload_kw)

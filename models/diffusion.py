@@ -45,6 +45,7 @@ def make_dit_batch(
     num_classes: int | None,
     class_dropout_prob: float = 0.1,
     num_timesteps: int = NUM_TIMESTEPS,
+    timestep_input: bool = True,
 ) -> Batch:
     """One DiT training batch drawn entirely from ``generator`` (on CPU).
 
@@ -52,8 +53,12 @@ def make_dit_batch(
     x0 are synthetic standard-normal latents (no dataset: the step's cost does not depend on the data).
     Conditional (``num_classes`` given): ``Batch(inputs=(x_t, t, y), target=ε)`` where a label is replaced by
     the null class ``num_classes`` with probability ``class_dropout_prob``. Unconditional (``num_classes``
-    None): ``Batch(inputs=(x_t, t), target=ε)``.
+    None): ``Batch(inputs=(x_t, t), target=ε)``. Plain (``timestep_input=False``, no classes): t is still drawn
+    and noises x_t — the same batch as the unconditional one for a seed — but the model is not given it:
+    ``Batch(inputs=(x_t,), target=ε)``.
     """
+    if not timestep_input and num_classes is not None:
+        raise ValueError("make_dit_batch: a batch without the timestep input has no labels either (num_classes=None)")
     B, C, S = batch_size, in_channels, input_size
     x0 = torch.randn(B, C, S, S, generator=generator)  # (B, C, H, W)
     t = torch.randint(0, num_timesteps, (B,), generator=generator)  # (B,) int64
@@ -61,7 +66,7 @@ def make_dit_batch(
     abar = alphas_cumprod(num_timesteps)[t]  # (B,) float64
     x_t = (abar.sqrt()[:, None, None, None] * x0 + (1 - abar).sqrt()[:, None, None, None] * noise).float()
     if num_classes is None:
-        return Batch(inputs=(x_t, t), target=noise)
+        return Batch(inputs=(x_t, t) if timestep_input else (x_t,), target=noise)
     y = torch.randint(0, num_classes, (B,), generator=generator)  # (B,) int64
     if class_dropout_prob > 0:
         drop = torch.rand(B, generator=generator) < class_dropout_prob  # (B,) bool

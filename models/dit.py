@@ -6,12 +6,20 @@ added, and a stack of adaLN-Zero transformer blocks is conditioned on c = embed(
 layer maps every token back to a p×p×out_channels patch; with ``learn_sigma`` the output has 8 channels
 (4 for the predicted noise, 4 for the variance interpolation).
 
-Two variants:
+Three variants:
 
 * :class:`DiT` — class-conditional, ``forward(x, t, y)``; the label table has ``num_classes + 1`` rows, the
   last one being the classifier-free-guidance *null class* (index ``num_classes``). Label dropout is *not*
   done here: the batch factory (models/diffusion.py) draws it, so a step is a pure function of its batch.
 * :class:`UnconditionalDiT` — ``forward(x, t)``, no label table at all.
+* :class:`PlainDiT` — ``forward(x)``: no timestep, no labels, no adaLN. The same patchify, position embedding
+  and widths, with standard pre-LN transformer blocks (affine LayerNorm) and a LayerNorm + Linear head. It is
+  the proxy the project's seed note proposed ("a simplified unconditional DiT with no timestep or adaLN
+  conditioning"): a vision transformer of DiT's shape that any DP library can take, to compare against.
+
+All three share :class:`PatchTransformer` (patchify, position embedding, unpatchify). Each casts its float
+inputs to its weight dtype where they enter (the latents at patchify, the timestep features at the timestep
+MLP): the batch factory draws fp32 tensors for every precision, so ``model.to(torch.bfloat16)`` just works.
 
 DP-library shaping (each point was measured with Opacus 1.6):
 
@@ -31,7 +39,6 @@ DP-library shaping (each point was measured with Opacus 1.6):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,12 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "DIT_CONFIGS",
     "DIT_SIZES",
     "IMAGE_TO_LATENT",
     "PATCH_SIZES",
     "DiT",
     "DiTConfig",
+    "PatchTransformer",
+    "PlainDiT",
     "UnconditionalDiT",
     "build_dit",
     "dit_config",
@@ -71,10 +79,13 @@ class DiTConfig:
     # Probability that make_batch replaces a label by the null class; > 0 adds the null row to the label table.
     class_dropout_prob: float = 0.1
     class_conditional: bool = True
+    # The plain proxy (PlainDiT): no timestep or label input and no adaLN; needs class_conditional=False.
+    plain: bool = False
     learn_sigma: bool = True
-    # adaLN-Zero: block adaLN outputs, final adaLN and final linear start at zero (the paper's init). At zero,
-    # the blocks' attention/MLP and everything upstream of the final linear get exactly zero gradient on the
-    # first step, so tiny test workloads turn this off to make per-parameter gradient checks meaningful.
+    # adaLN-Zero: block adaLN outputs, final adaLN and final linear start at zero (the paper's init; a plain DiT
+    # has only the final linear). At zero, the blocks' attention/MLP and everything upstream of the final linear
+    # get exactly zero gradient on the first step, so tiny test workloads turn this off to make per-parameter
+    # gradient checks meaningful.
     zero_init: bool = True
     # Make the position embedding a trainable parameter owned by the top-level module (reproduces Opacus #777).
     learnable_pos_embed: bool = False
@@ -84,12 +95,16 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.input_size >= 1 and self.patch_size >= 1, "input_size and patch_size must be >= 1"),
+            (
+                min(self.input_size, self.patch_size, self.in_channels, self.hidden_size) >= 1,
+                "input_size, patch_size, in_channels and hidden_size must be >= 1",
+            ),
             (
                 self.input_size % self.patch_size == 0,
                 f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}",
             ),
             (self.depth >= 1 and self.num_heads >= 1, "depth and num_heads must be >= 1"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (
                 self.hidden_size % self.num_heads == 0,
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
@@ -100,6 +115,7 @@ class DiTConfig:
                 f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}",
             ),
             (not self.class_conditional or self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
+            (not (self.plain and self.class_conditional), "a plain DiT takes no labels: needs class_conditional=False"),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,7 +160,10 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
 
 
 def timestep_frequencies(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
-    """(B,) timesteps (int or float) -> (B, dim) features [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(-k/(dim/2))."""
+    """(B,) timesteps (int or float) -> (B, dim) features [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(-k/(dim/2)).
+
+    Computed in fp32 whatever the model's dtype: t reaches 999, and angles that large lose their phase in bf16
+    (8 mantissa bits). The timestep MLP casts the result to its own weight dtype."""
     half = dim // 2
     omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * omega[None, :]  # (B, dim/2)
@@ -170,7 +189,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_frequencies(t))  # (B, D)
+        # fp32 features, cast where they meet the weights (bf16 after model.to(torch.bfloat16)).
+        return self.mlp(timestep_frequencies(t).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -235,6 +255,21 @@ class DiTBlock(nn.Module):
         return x
 
 
+class PlainBlock(nn.Module):
+    """Pre-LN transformer block with no conditioning: x + attn(LN(x)), then x + mlp(LN(x)); affine LayerNorms."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, T, D)
+        return x + self.mlp(self.norm2(x))
+
+
 class FinalLayer(nn.Module):
     """Non-affine LayerNorm, adaLN shift/scale from c, then Linear D -> p·p·out_channels per token."""
 
@@ -249,8 +284,21 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p·p·C_out)
 
 
-class _DiTBackbone(nn.Module):
-    """Everything but the label embedder: patchify, position embedding, timestep embedder, blocks, final layer."""
+class PlainFinalLayer(nn.Module):
+    """Affine LayerNorm, then Linear D -> p·p·out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm_final(x))  # (B, T, p·p·C_out)
+
+
+class PatchTransformer(nn.Module):
+    """What every DiT variant shares: patchify + position embedding (:meth:`embed`), :meth:`unpatchify`, and
+    the init of those and of every Linear. Subclasses add blocks and a final layer, then call ``_init_weights``."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -265,9 +313,6 @@ class _DiTBackbone(nn.Module):
             self.register_buffer("positions", torch.arange(config.num_tokens), persistent=False)  # (T,)
         else:
             self.pos_embed = nn.Parameter(table[None], requires_grad=config.learnable_pos_embed)  # (1, T, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
-        self.final_layer = FinalLayer(D, p, config.out_channels)
 
     def _init_weights(self) -> None:
         def xavier_linear(module: nn.Module) -> None:
@@ -280,15 +325,18 @@ class _DiTBackbone(nn.Module):
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        if self.config.zero_init:
-            for block in self.blocks:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Latents (B, C_in, H, W) -> tokens (B, T, D): patchify, then add the position embedding.
+
+        ``x`` is cast to the weights' dtype first: batches are drawn in fp32 whatever the model's precision,
+        and this is where they enter (a no-op for an fp32 model)."""
+        patches = self.x_embedder(x.to(self.x_embedder.weight.dtype))  # (B, D, g, g)
+        if patches.requires_grad:
+            # The token transpose below hands the Conv2d a non-contiguous output gradient, which torch's
+            # ExpandedWeights conv rule (Opacus "ew" mode) cannot .view(); give it a contiguous one.
+            patches.register_hook(torch.Tensor.contiguous)
+        return patches.flatten(2).transpose(1, 2) + self._position_embedding(x.shape[0])  # (B, T, D)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         """(B, T, p·p·C) -> (B, C, H, W), token i = row·grid + col holding a (p, p, C) patch."""
@@ -303,14 +351,34 @@ class _DiTBackbone(nn.Module):
         # Opacus' ghost norm .view()s it.
         return self.pos_embedder(self.positions.expand(batch_size, -1).contiguous())  # (B, T, D)
 
+
+class _DiTBackbone(PatchTransformer):
+    """The adaLN DiT without its label embedder: timestep embedder, adaLN-Zero blocks, adaLN final layer."""
+
+    def __init__(self, config: DiTConfig):
+        if config.plain:
+            raise ValueError(f"{type(self).__name__} needs plain=False; use PlainDiT")
+        super().__init__(config)
+        D = config.hidden_size
+        self.t_embedder = TimestepEmbedder(D)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+
+    def _init_weights(self) -> None:
+        super()._init_weights()
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.config.zero_init:
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
     def _denoise(self, x: Tensor, c: Tensor) -> Tensor:
         # x (B, C_in, H, W), c (B, D)
-        patches = self.x_embedder(x)  # (B, D, g, g)
-        if patches.requires_grad:
-            # The token transpose below hands the Conv2d a non-contiguous output gradient, which torch's
-            # ExpandedWeights conv rule (Opacus "ew" mode) cannot .view(); give it a contiguous one.
-            patches.register_hook(torch.Tensor.contiguous)
-        h = patches.flatten(2).transpose(1, 2) + self._position_embedding(x.shape[0])  # (B, T, D)
+        h = self.embed(x)  # (B, T, D)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
@@ -345,8 +413,35 @@ class UnconditionalDiT(_DiTBackbone):
         return self._denoise(x, self.t_embedder(t))
 
 
-def build_dit(config: DiTConfig) -> _DiTBackbone:
-    """The conditional or unconditional DiT for ``config``."""
+class PlainDiT(PatchTransformer):
+    """The plain proxy: ``forward(x (B,4,H,W)) -> (B, out_channels, H, W)``; no timestep, labels or adaLN."""
+
+    def __init__(self, config: DiTConfig):
+        if not config.plain:
+            raise ValueError("PlainDiT needs plain=True; use DiT or UnconditionalDiT")
+        super().__init__(config)
+        D = config.hidden_size
+        self.blocks = nn.ModuleList(PlainBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = PlainFinalLayer(D, config.patch_size, config.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        super()._init_weights()
+        if self.config.zero_init:
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)  # (B, T, D)
+        for block in self.blocks:
+            h = block(h)
+        return self.unpatchify(self.final_layer(h))  # (B, C_out, H, W)
+
+
+def build_dit(config: DiTConfig) -> PatchTransformer:
+    """The DiT variant ``config`` describes: plain, class-conditional or unconditional."""
+    if config.plain:
+        return PlainDiT(config)
     return DiT(config) if config.class_conditional else UnconditionalDiT(config)
 
 
@@ -372,16 +467,3 @@ def dit_config(size: str, patch: int, image_size: int = 256, **overrides) -> DiT
         input_size=IMAGE_TO_LATENT[image_size], patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads
     )
     return replace(base, **overrides)
-
-
-def _config_factory(size: str, patch: int) -> Callable[..., DiTConfig]:
-    def factory(image_size: int = 256, **overrides) -> DiTConfig:
-        return dit_config(size, patch, image_size, **overrides)
-
-    return factory
-
-
-# DiT-style names -> config factory(image_size=256, **overrides), e.g. DIT_CONFIGS["DiT-XL/2"](image_size=512).
-DIT_CONFIGS: dict[str, Callable[..., DiTConfig]] = {
-    f"DiT-{size}/{patch}": _config_factory(size, patch) for size in DIT_SIZES for patch in PATCH_SIZES
-}

@@ -38,7 +38,10 @@ class GPTConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}"),
-            (min(self.block_size, self.n_layer, self.n_head) >= 1, "block_size, n_layer and n_head must be >= 1"),
+            (
+                min(self.block_size, self.n_layer, self.n_head, self.n_embd) >= 1,
+                "block_size, n_layer, n_head and n_embd must be >= 1",
+            ),
             (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"),
         ]
         for ok, message in checks:

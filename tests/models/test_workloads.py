@@ -1,25 +1,19 @@
-"""Workloads: paper parameter counts, shapes, batch randomness, determinism, errors, bring-your-own modules."""
+"""Built-in workloads: paper parameter counts, shapes, batch randomness, determinism, DP-library shaping."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import time
-import types
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import models
-from models import Batch, Workload, WorkloadError, get_workload, list_workloads, load_workload_module
+from models import Batch, Workload, WorkloadError, get_workload, list_workloads
+from models.catalog import TINY_WORKLOADS
 from models.diffusion import alphas_cumprod, linear_beta_schedule
-from models.dit import DIT_CONFIGS, DiT, UnconditionalDiT, build_dit
+from models.dit import DiT, PlainDiT, UnconditionalDiT, build_dit, dit_config
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny")
+TINY = TINY_WORKLOADS
 
 
 def n_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -64,12 +58,11 @@ def test_dit_xl2_trainable_count_excludes_fixed_pos_embed():
     assert not model.pos_embed.requires_grad and tuple(model.pos_embed.shape) == (1, 256, 1152)
 
 
-def test_dit_named_config_factories():
-    assert len(DIT_CONFIGS) == 12
-    config = DIT_CONFIGS["DiT-XL/2"]()
+def test_dit_paper_configs():
+    config = dit_config("XL", 2)
     assert (config.depth, config.hidden_size, config.num_heads, config.patch_size) == (28, 1152, 16, 2)
     assert config.num_tokens == 256 and config.out_channels == 8
-    assert DIT_CONFIGS["DiT-S/8"](image_size=512).num_tokens == 64
+    assert dit_config("S", 8, image_size=512).num_tokens == 64
 
 
 def test_512px_xl2_has_1024_tokens():
@@ -84,17 +77,18 @@ def test_catalog_names():
     names = set(list_workloads())
     for size in ("s", "b", "l", "xl"):
         for patch in (2, 4, 8):
-            for variant in ("cond", "uncond"):
+            for variant in ("cond", "uncond", "plain"):
                 assert f"dit-{size}-{patch}-{variant}" in names
                 assert f"dit-{size}-{patch}-{variant}-512" in names
     assert {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", *TINY} <= names
+    assert len(names) == 4 * 3 * 3 * 2 + len(TINY) + 4 * 2  # paper DiTs, the tiny ones, GPT-2s tied and untied
 
 
 # ------------------------------------------------------------------------------------------------ shapes and variants
 
 
 def test_tiny_forward_shapes():
-    cond, uncond, gpt = (get_workload(n) for n in TINY)
+    cond, uncond, gpt = (get_workload(n) for n in ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"))
     g = torch.Generator().manual_seed(1)
     batch = cond.make_batch(5, g)
     x_t, t, y = batch.inputs
@@ -303,6 +297,19 @@ def test_untied_gpt_adds_one_vocab_by_width_matrix():
     assert untied_workload.info["tied"] is False and get_workload("gpt2").info["tied"] is True
 
 
+@pytest.mark.parametrize("size", [0, -1])
+def test_bad_batch_size(size):
+    with pytest.raises(WorkloadError, match="batch size"):
+        get_workload("dit-tiny-cond").make_batch(size)
+
+
+def test_paper_workloads_are_cheap_to_construct():
+    start = time.perf_counter()
+    for name in list_workloads():
+        get_workload(name)
+    assert time.perf_counter() - start < 1.0
+
+
 # ------------------------------------------------------------------------------------------------ DP-library shaping
 
 
@@ -351,188 +358,13 @@ def test_tiny_dits_run_under_opacus_expanded_weights():
         torch.testing.assert_close(model._module.x_embedder.weight.grad_sample[1], reference.x_embedder.weight.grad)
 
 
-# ------------------------------------------------------------------------------------------------ errors
-
-
-def test_unknown_workload_lists_close_names():
-    with pytest.raises(WorkloadError, match="dit-xl-2-cond") as info:
-        get_workload("dit-xl-2-cnd")
-    assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("size", [0, -1])
-def test_bad_batch_size(size):
-    with pytest.raises(WorkloadError, match="batch size"):
-        get_workload("dit-tiny-cond").make_batch(size)
-
-
-def test_unknown_override_is_named():
-    with pytest.raises(WorkloadError, match="nonsense"):
-        get_workload("gpt2", nonsense=1)
-    with pytest.raises(WorkloadError, match="hidden_size"):
-        get_workload("dit-tiny-cond", hidden_size=30)  # not a multiple of num_heads 4
-    assert get_workload("dit-tiny-cond", seed=5).seed == 5
-
-
-def test_paper_workloads_are_cheap_to_construct():
-    start = time.perf_counter()
-    for name in list_workloads():
-        get_workload(name)
-    assert time.perf_counter() - start < 1.0
-
-
-# ------------------------------------------------------------------------------------------------ bring your own
-
-
-@pytest.fixture
-def isolated_registry(monkeypatch):
-    """A private copy of the workload registry, so BYO modules register nothing outside the test."""
-    list_workloads()  # load the built-ins first
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
-
-
-def _write_module(tmp_path: Path, monkeypatch, name: str, source: str) -> str:
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    return name
-
-
-def test_byo_module_import_error_is_one_line(tmp_path, monkeypatch, isolated_registry):
-    name = _write_module(tmp_path, monkeypatch, "byo_broken_import", "import a_package_that_is_not_there_xyz\n")
-    with pytest.raises(WorkloadError, match="byo_broken_import") as info:
-        load_workload_module(name)
-    assert "\n" not in str(info.value) and "a_package_that_is_not_there_xyz" in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        "models.register_workload(42)\n",  # not a Workload at all
-        "models.register_workload(lambda **kw: 'not a workload', name='byo-bad')\n",  # factory returns junk
-    ],
-)
-def test_byo_module_registering_a_non_workload(tmp_path, monkeypatch, isolated_registry, body):
-    name = _write_module(tmp_path, monkeypatch, "byo_non_workload", "import models\n" + body)
-    with pytest.raises(WorkloadError, match="byo_non_workload") as info:
-        load_workload_module(name)
-    assert "\n" not in str(info.value)
-
-
-class _FakeLabelEmbedding(nn.Module):
-    """Like diffusers' LabelEmbedding: drops labels to the null row at random in training mode (0.1 there;
-    0.5 here, so a recipe that leaves it on is caught)."""
-
-    def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.5):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-
-    def forward(self, labels):
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0]) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding_table(labels)
-
-
-class _FakeDiTTransformer2DModel(nn.Module):
-    """A small stand-in with diffusers' DiT interface: keyword config, forward(...) -> object with .sample."""
-
-    def __init__(
-        self,
-        num_attention_heads,
-        attention_head_dim,
-        in_channels=4,
-        out_channels=None,
-        num_layers=28,
-        sample_size=32,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        **unused,
-    ):
-        super().__init__()
-        dim = num_attention_heads * attention_head_dim
-        self.patch, self.out_channels = patch_size, out_channels or in_channels
-        self.patchify = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self.time = nn.Linear(1, dim)
-        self.label = _FakeLabelEmbedding(num_embeds_ada_norm, dim)
-        self.out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
-
-    def forward(self, hidden_states, timestep=None, class_labels=None, return_dict=True):
-        B, _, H, W = hidden_states.shape
-        c = self.time(timestep.float()[:, None] / 1000) + self.label(class_labels)  # (B, D)
-        tokens = self.patchify(hidden_states).flatten(2).transpose(1, 2) + c[:, None]  # (B, T, D)
-        g, p = H // self.patch, self.patch
-        out = self.out(tokens).reshape(B, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return types.SimpleNamespace(sample=out.reshape(B, self.out_channels, H, W))
-
-
-def test_diffusers_recipe(monkeypatch, isolated_registry):
-    try:
-        import diffusers  # noqa: F401  (the real one, when installed)
-    except ImportError:
-        fake = types.SimpleNamespace(DiTTransformer2DModel=_FakeDiTTransformer2DModel)
-        monkeypatch.setitem(sys.modules, "diffusers", fake)
-    monkeypatch.syspath_prepend(str(REPO))
-    monkeypatch.delitem(sys.modules, "examples.diffusers_dit_workload", raising=False)
-    added = load_workload_module("examples.diffusers_dit_workload")
-    assert set(added) == {"diffusers-dit-tiny", "diffusers-dit-xl-2"}
-
-    workload = get_workload("diffusers-dit-tiny")
-    assert workload.tokens_per_sample == 16 and workload.input_names == ("x_t", "t", "y")
-    model = workload.build_model()
-    batch = workload.make_batch(32, torch.Generator().manual_seed(0))
-    torch.manual_seed(0)  # the fake's label dropout would draw from here if the recipe left it on
-    out = model(*batch.inputs)
-    assert isinstance(out, torch.Tensor) and out.shape == (32, 8, 8, 8)
-    assert torch.equal(out, model(*batch.inputs))  # in-model label dropout is off: all randomness is in the batch
-    loss = workload.loss_per_sample(out, batch.target)
-    assert loss.shape == (32,)
-    loss.mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
-    # the paper-size entry is only constructed, never built, unless asked
-    assert get_workload("diffusers-dit-xl-2").tokens_per_sample == 256
-
-
-def test_diffusers_recipe_without_diffusers_is_a_one_line_error(monkeypatch, isolated_registry):
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
-    monkeypatch.syspath_prepend(str(REPO))
-    monkeypatch.delitem(sys.modules, "examples.diffusers_dit_workload", raising=False)
-    with pytest.raises(WorkloadError, match=r"examples\.diffusers_dit_workload.*diffusers") as info:
-        load_workload_module("examples.diffusers_dit_workload")
-    assert "\n" not in str(info.value)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def test_cli_lists_workloads_with_counts():
-    result = subprocess.run(
-        [sys.executable, "-m", "models"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
-    )
-    line = next(text for text in result.stdout.splitlines() if text.startswith("dit-xl-2-cond "))
-    assert "675,129,632" in line and "674,834,720" in line and "x_t, t, y" in line
-    assert len(result.stdout.splitlines()) == 2 + len(list_workloads())
-
-
-def test_cli_filter(capsys):
-    from models.__main__ import main
-
-    assert main(["--filter", "gpt2-x"]) == 0
-    rows = capsys.readouterr().out.splitlines()[2:]
-    assert [r.split()[0] for r in rows] == ["gpt2-xl", "gpt2-xl-untied"]
-    assert "1,557,611,200" in rows[0]
-    # untied: one more vocab × width matrix (50257 × 1600) than tied
-    assert f"{1_557_611_200 + 50257 * 1600:,}" in rows[1]
-    assert main(["--workload-module", "no_such_module_xyz"]) == 2
-    assert "no_such_module_xyz" in capsys.readouterr().err
-
-
 def test_build_dit_picks_the_variant():
-    config = DIT_CONFIGS["DiT-S/8"](class_conditional=False)
     with torch.device("meta"):
-        assert isinstance(build_dit(config), UnconditionalDiT)
-        assert isinstance(build_dit(DIT_CONFIGS["DiT-S/8"]()), DiT)
+        assert isinstance(build_dit(dit_config("S", 8, class_conditional=False)), UnconditionalDiT)
+        assert isinstance(build_dit(dit_config("S", 8)), DiT)
+        assert isinstance(build_dit(dit_config("S", 8, class_conditional=False, plain=True)), PlainDiT)
+    with pytest.raises(ValueError, match="plain"):
+        dit_config("S", 8, plain=True)  # a plain DiT takes no labels
 
 
 def test_pos_embed_in_submodule_is_the_777_fix_shape():
