@@ -95,6 +95,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)
     record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
+    record.overrides = dict(workload.overrides)
     nvml_baseline = start_case(device, record.notes)  # before the case allocates anything
     step = model = batch = None
     try:

@@ -61,6 +61,16 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _checked_workload(spec: str) -> str:
+    """The canonical spec of ``spec`` (``name[:key=value...]``); ValueError naming the option when it is bad."""
+    import models
+
+    try:
+        return models.get_workload(spec).name
+    except models.WorkloadError as exc:
+        raise ValueError(f"--workloads: {exc}") from None
+
+
 def default_preset() -> str:
     return "gpu-small" if torch.cuda.is_available() else "cpu-smoke"
 
@@ -106,8 +116,7 @@ class BenchConfig:
             preset_name = option("--preset") or default_preset()
             check_names("--preset", [preset_name], list(PRESETS))
             preset = PRESETS[preset_name]
-            workloads = option("--workloads") or preset.workloads
-            check_names("--workloads", workloads, models.list_workloads())
+            workloads = tuple(_checked_workload(spec) for spec in option("--workloads") or preset.workloads)
             methods = option("--methods") or tuple(preset.methods or dp.available_methods())
             check_names("--methods", methods, dp.available_methods())
             devices = option("--devices") or tuple(visible_devices())

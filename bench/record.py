@@ -108,7 +108,7 @@ class CaseRecord:
     """Everything measured for one bench case (workload × method × batch size × device)."""
 
     # --- the case -------------------------------------------------------------------------------------
-    workload: str
+    workload: str  # the workload spec: registered name[:key=value...] (e.g. "gpt2-large:seq_len=128")
     method: str
     batch_size: int
     device: str
@@ -119,6 +119,7 @@ class CaseRecord:
     timing: Timing = field(default_factory=Timing)
 
     # --- privacy, optimizer and model facts ------------------------------------------------------------
+    overrides: dict[str, Any] = field(default_factory=dict)  # the spec's workload overrides, parsed
     noise_multiplier: float | None = None
     epsilon: float | None = None
     delta: float | None = None

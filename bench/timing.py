@@ -11,6 +11,7 @@ iteration count and torch's CPU thread count, so a reader can tell a ratio from 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,9 +21,12 @@ from bench.record import Timing
 __all__ = ["MIN_ROUND_S", "StepTimer", "benchmark_timer", "iterations_for"]
 
 MIN_ROUND_S = 0.05  # seconds a timed round lasts at least (a few OS scheduler quanta)
+# A first call slower than this needs no calibration call: even at 10× first-call overhead the steady step
+# would fill a round. Faster ones are timed once more, since a first call (lazy state, caches) says little.
+CALIBRATE_BELOW_S = 10 * MIN_ROUND_S
 
 # timer(step, one_call_s) -> Timing: time ``step`` (one call = one fused step, device synchronised); one_call_s
-# is the duration of a call seen before (the warm-up step), used to calibrate the iterations per round.
+# is the duration of a call seen before (the warm-up step), from which the iterations per round are calibrated.
 StepTimer = Callable[[Callable[[], None], float], Timing]
 
 
@@ -37,6 +41,10 @@ def benchmark_timer(benchmark, rounds: int, min_round_s: float = MIN_ROUND_S) ->
     """A :data:`StepTimer` that runs pytest-benchmark's ``pedantic`` mode with calibrated iterations."""
 
     def time_step(step: Callable[[], None], one_call_s: float) -> Timing:
+        if one_call_s < CALIBRATE_BELOW_S:
+            start = time.perf_counter()
+            step()
+            one_call_s = time.perf_counter() - start
         iterations = iterations_for(one_call_s, min_round_s)
         benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=0)
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)

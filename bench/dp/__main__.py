@@ -12,7 +12,6 @@ Workloads are registered names with optional overrides after colons: ``gpt-tiny:
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import sys
 import warnings
@@ -32,21 +31,6 @@ DEFAULT_WORKLOADS = (
 )
 REFERENCE = "microbatch"
 TOLERANCE = 1e-4
-
-
-def parse_workload_spec(spec: str) -> tuple[str, dict]:
-    """``"name:key=value:key=value"`` -> (name, overrides); values are Python literals or plain strings."""
-    name, *pairs = spec.split(":")
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise DPConfigError(f"bad workload override {pair!r} in {spec!r}; expected key=value")
-        try:
-            overrides[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            overrides[key] = raw
-    return name, overrides
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,8 +59,7 @@ def compatibility_rows(workload_specs, methods, batch_size: int = 4, device: str
     import models
 
     for spec in workload_specs:
-        name, overrides = parse_workload_spec(spec)
-        workload = models.get_workload(name, **overrides)
+        workload = models.get_workload(spec)
         model = workload.build_model(device)
         batch = workload.make_batch(batch_size, device=device)
         clip = median_sample_norm(workload, model, batch)
@@ -138,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             get_method(method)  # unknown name -> DPConfigError listing the valid ones
         specs = [s for s in args.workloads.split(",") if s]
         for spec in specs:
-            name, overrides = parse_workload_spec(spec)
-            models.get_workload(name, **overrides)
+            models.get_workload(spec)
         if args.batch_size < 2:
             raise DPConfigError(
                 f"--batch-size must be >= 2 (a median clip norm needs two samples), got {args.batch_size}"
