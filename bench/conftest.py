@@ -10,19 +10,25 @@ too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.case import CaseSpec
-from bench.config import BenchConfig, BenchUsageError
+from bench.options import did_you_mean
 from bench.results import ResultsWriter, ResultsWriterError
 
-BENCH_CONFIG = pytest.StashKey[BenchConfig]()
+if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, after the options parsed
+    from bench.case import CaseSpec
+    from bench.config import BenchConfig
+
+BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
 RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from bench.config import BenchConfig, BenchUsageError
+
     try:
         bench_config = BenchConfig.from_pytest(config)
         writer = ResultsWriter(bench_config.results_path)  # checks the file is writable before any case runs
@@ -60,6 +66,8 @@ def record_untimed(request):
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    from bench.case import CaseSpec
+
     cfg = metafunc.config.stash[BENCH_CONFIG]
     if "dp_case" in metafunc.fixturenames:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
@@ -83,6 +91,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def dp_case(workload, method, batch_size, device) -> CaseSpec:
+    from bench.case import CaseSpec
+
     return CaseSpec(workload, method, batch_size, device)
 
 
@@ -92,12 +102,19 @@ def max_batch_case(workload, method, device) -> tuple[str, str, str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """`--max-batch` runs only the max-batch search; without it only the matrix runs (no skipped noise)."""
-    want = "max_batch_case" if config.stash[BENCH_CONFIG].max_batch else "dp_case"
+    """`--max-batch` runs only the max-batch search; without it only the matrix runs (no skipped noise).
+    A ``--snapshot`` case id that names no case of the matrix is a usage error, before anything runs."""
+    cfg = config.stash[BENCH_CONFIG]
+    want = "max_batch_case" if cfg.max_batch else "dp_case"
     deselected = [item for item in items if want not in getattr(item, "fixturenames", ())]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if want in getattr(item, "fixturenames", ())]
+    if cfg.snapshot_case not in (None, "all"):
+        ids = [item.callspec.id for item in items if hasattr(item, "callspec")]
+        if cfg.snapshot_case not in ids:
+            hint = did_you_mean(cfg.snapshot_case, ids) or " (case ids look like dit-s-2-cond-bk-bs16-cuda:0)"
+            raise pytest.UsageError(f"--snapshot: no case of this run has id {cfg.snapshot_case!r}{hint}")
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "check_names",
     "clip_norm",
     "comma_list",
+    "did_you_mean",
     "positive_int",
     "sample_interval",
 ]
@@ -144,12 +145,17 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def did_you_mean(name: str, valid: Sequence[str], cutoff: float = 0.5) -> str:
+    """`` (did you mean a, b?)`` for the valid names close to ``name``; empty when none is."""
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=cutoff)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None:
     """Raise ValueError (one line: the option, the bad name, close matches, the valid names) for an unknown name."""
     for name in names:
         if name not in valid:
-            close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = did_you_mean(name, valid)
             shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", ..."
             raise ValueError(f"{option}: unknown value {name!r}{hint}; valid: {shown}")
 

@@ -361,7 +361,7 @@ def load_workload_module(module_name: str) -> list[str]:
         importlib.import_module(module_name)
     except WorkloadError as exc:
         raise WorkloadError(f"workload module {module_name!r}: {exc}") from exc
-    except Exception as exc:  # any import-time failure of user code
+    except (Exception, SystemExit) as exc:  # any import-time failure of user code, sys.exit() included
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise WorkloadError(
             f"workload module {module_name!r} failed to import: {type(exc).__name__}: {first_line}"

@@ -185,6 +185,11 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
         (["--sample-interval", "0"], "--sample-interval"),
         (["--noise-multiplier", "-1"], "--noise-multiplier"),
         (["--preset", "huge"], "cpu-smoke"),
+        (["--batch-sizes", "4,4"], "4 given more than once"),
+        (["--rounds", "0"], "--rounds: must be >= 1"),
+        (["--max-grad-norm", "inf"], "clips nothing"),
+        (["--results", "/"], "--results /: is a directory"),
+        (["--workloads", "gpt-tiny", "--snapshot", "gpt-tiny-nondp-bs3-cpu"], "did you mean gpt-tiny-nondp-bs4-cpu"),
     ],
 )
 def test_bad_options_are_one_line_usage_errors(tmp_path, args, message):

@@ -38,6 +38,12 @@ def test_byo_module_import_error_is_one_line(tmp_path, monkeypatch, isolated_reg
     assert "\n" not in str(info.value) and "a_package_that_is_not_there_xyz" in str(info.value)
 
 
+def test_byo_module_calling_sys_exit_is_a_one_line_error_not_an_exit(tmp_path, monkeypatch, isolated_registry):
+    name = _write_module(tmp_path, monkeypatch, "byo_exits", "import sys\nsys.exit('no GPU, giving up')\n")
+    with pytest.raises(WorkloadError, match=r"byo_exits.*SystemExit: no GPU, giving up"):
+        load_workload_module(name)
+
+
 @pytest.mark.parametrize(
     "body",
     [
