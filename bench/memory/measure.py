@@ -48,15 +48,18 @@ def measure_step(
     nvml_module: Any = None,
     process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S,
     nvml_baseline_bytes: int | None = None,
+    memory_cap_bytes: int | None = None,
     notes: list[str] | None = None,
 ) -> StepMemory:
     """Run ``run_step(mark)`` once under every source for ``device`` and return its figures.
 
     ``nvml_baseline_bytes``: device ``used`` read before the caller allocated anything for this case (CUDA
     context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
-    against it and is ``None`` without it. ``notes`` receives one line per source problem. An exception from
-    the step (out-of-memory included) propagates after every source is stopped and the tracker detached; the
-    figures gathered until then ride along as ``exc.partial_measurement`` (a StepMemory)."""
+    against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
+    :class:`~bench.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
+    cap). ``notes`` receives one line per source problem. An exception from the step (out-of-memory included)
+    propagates after every source is stopped and the tracker detached; the figures gathered until then ride
+    along as ``exc.partial_measurement`` (a StepMemory)."""
     interval_s = check_interval(sample_interval_s)
     process_interval_s = check_interval(process_interval_s, "process sample interval")
     device = resolve_device(device)
@@ -64,9 +67,11 @@ def measure_step(
     notes = [] if notes is None else notes
     marks: list[tuple[str, float]] = []
 
+    if memory_cap_bytes is not None and not track_tensors:
+        raise ValueError("a memory cap is enforced by the tensor tracker: it needs track_tensors=True")
     tracker: TensorTracker | None = None
     if track_tensors:
-        tracker = TensorTracker(device)
+        tracker = TensorTracker(device, cap_bytes=memory_cap_bytes)
         tracker.register_state(model, optimizer)
     alloc_at_start = None
     if is_cuda:
