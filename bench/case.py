@@ -13,6 +13,7 @@ on the cases that ran before it in the same process (tested in tests/bench/).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,16 @@ class CaseSpec:
     def case_id(self) -> str:
         """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
         return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+
+
+# Characters actions/upload-artifact (v4) refuses in a path, and path separators: replaced in snapshot file names.
+_UNSAFE_IN_FILE_NAMES = re.compile(r'[":<>|*?\\/\s]')
+
+
+def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
+    """Where ``--snapshot`` writes this case's allocator snapshot: the case id with ``:`` (``cuda:0``, workload
+    specs) and other characters CI artifact uploads refuse replaced by ``_``; the record names the case."""
+    return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -131,7 +142,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             optimizer=step.optimizer,
             sample_interval_s=config.sample_interval_s,
             nvml_baseline_bytes=nvml_baseline,
-            snapshot_path=f"{config.snapshot_dir}/{spec.case_id}.pickle" if snapshot else None,
+            snapshot_path=snapshot_path(config, spec) if snapshot else None,
             memory_cap_bytes=memory_cap_for(device, config),
             notes=record.notes,
         )
