@@ -269,8 +269,8 @@ class TensorTracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         if nbytes != entry[1]:  # resize_ / out= grew or shrank a known storage
             self._events.append((now, _RESIZE, entry[0], nbytes - entry[1]))
-            self._grow(nbytes - entry[1])
-            entry[1] = nbytes
+            grown, entry[1] = nbytes - entry[1], nbytes
+            self._grow(grown)
 
     def _grow(self, nbytes: int) -> None:
         self._delta_bytes += nbytes
@@ -281,7 +281,7 @@ class TensorTracker(TorchDispatchMode):
     def _check_cap(self) -> None:
         peak = self._start_bytes + self._delta_peak
         if self.cap_bytes is not None and peak > self.cap_bytes:
-            raise MemoryCapExceeded(f"memory cap exceeded: {peak} live tensor bytes > cap {self.cap_bytes}")
+            raise MemoryCapExceeded(f"memory cap exceeded: {peak} tracked tensor bytes > cap {self.cap_bytes}")
 
     def _on_free(self, key: int) -> None:
         entry = self._live.pop(key, None)

@@ -69,6 +69,14 @@ def test_tracker_cap_counts_pre_existing_state_and_late_adopted_inputs():
     assert tracker.report().peak_tensor_bytes == 1312
 
 
+def test_tracker_cap_sees_a_storage_grown_in_place():
+    tracker = TensorTracker("cpu", cap_bytes=100)
+    with pytest.raises(MemoryCapExceeded, match="120 tracked tensor bytes > cap 100"), tracker:
+        t = torch.empty(10)  # 40
+        t.resize_(30)  # 120
+    assert tracker.report().peak_tensor_bytes == 120
+
+
 def test_tracker_cap_must_be_positive_and_measure_step_needs_the_tracker_for_it():
     with pytest.raises(ValueError, match="memory cap"):
         TensorTracker("cpu", cap_bytes=0)
