@@ -1,9 +1,10 @@
 """Run one bench case (workload × method × batch size × device) and return its :class:`CaseRecord`.
 
-The order inside a case: build model, batch and fused step → one warm-up step → timed rounds (nothing
-attached) → one measured round (samplers and tensor tracker attached) → release everything. Out-of-memory
-and unsupported combinations are results, not exceptions; anything else is recorded as ``error`` and
-re-raised by the caller as a test failure.
+The order inside a case: build model, batch and fused step → one warm-up step → one measured round (samplers
+and tensor tracker attached) → timed rounds (nothing attached) → release everything. The measured round comes
+before the timed rounds so that a step over the CPU memory cap (enforced in the warm-up and the measured round)
+is an ``oom`` result before it is ever timed. Out-of-memory and unsupported combinations are results, not
+exceptions; anything else is recorded as ``error`` and re-raised by the caller as a test failure.
 
 Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
@@ -12,7 +13,7 @@ on the cases that ran before it in the same process (tested in tests/bench/).
 
 from __future__ import annotations
 
-import gc
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,9 +25,9 @@ from bench.config import BenchConfig
 from bench.devices import resolve_device
 from bench.dp.diagnose import error_text
 from bench.machine import device_facts
-from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
 from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
+from bench.memory.tensors import MemoryCapExceeded, TensorTracker
 from bench.record import CaseRecord
 from bench.timing import StepTimer
 
@@ -42,6 +43,16 @@ class CaseSpec:
     def case_id(self) -> str:
         """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
         return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+
+
+# Characters actions/upload-artifact (v4) refuses in a path, and path separators: replaced in snapshot file names.
+_UNSAFE_IN_FILE_NAMES = re.compile(r'[":<>|*?\\/\s]')
+
+
+def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
+    """Where ``--snapshot`` writes this case's allocator snapshot: the case id with ``:`` (``cuda:0``, workload
+    specs) and other characters CI artifact uploads refuse replaced by ``_``; the record names the case."""
+    return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -73,14 +84,21 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     )
 
 
+def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
+    """The live-tensor-byte cap of a case: ``--memory-cap`` on CPU; none on a GPU (its capacity decides)."""
+    return config.memory_cap_bytes if device.type == "cpu" else None
+
+
 def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> float:
     """One untimed step (allocator pools, cuBLAS workspaces, Opacus' lazy state); returns its duration. On CPU
-    with a memory cap it runs under the capped tensor count, so a case too large for the machine becomes
-    ``oom`` instead of taking the machine down."""
+    with a memory cap it runs under the capped tensor tracker (counting as the measured round counts), so a case
+    too large for the machine becomes ``oom`` instead of taking the machine down."""
+    cap = memory_cap_for(device, config)
     start = time.perf_counter()
-    if device.type == "cpu" and config.memory_cap_bytes is not None:
-        existing = sum(t.untyped_storage().nbytes() for t in (*step.model.parameters(), *step.model.buffers()))
-        with LiveBytesCap(config.memory_cap_bytes, baseline_bytes=existing):
+    if cap is not None:
+        tracker = TensorTracker(device, cap_bytes=cap)  # its figures are discarded: only the cap matters here
+        tracker.register_state(step.model, step.optimizer)
+        with tracker:
             step(batch)
     else:
         step(batch)
@@ -116,8 +134,6 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1),
         )
         one_call_s = _warm_up(step, batch, device, config)
-        if timer is not None:
-            record.timing = timer(lambda: (step(batch), _sync(device)), one_call_s)
         snapshot = config.snapshot_case in (spec.case_id, "all")
         record.memory = measure_step(
             lambda mark: step(batch, mark),
@@ -126,9 +142,12 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             optimizer=step.optimizer,
             sample_interval_s=config.sample_interval_s,
             nvml_baseline_bytes=nvml_baseline,
-            snapshot_path=f"{config.snapshot_dir}/{spec.case_id}.pickle" if snapshot else None,
+            snapshot_path=snapshot_path(config, spec) if snapshot else None,
+            memory_cap_bytes=memory_cap_for(device, config),
             notes=record.notes,
         )
+        if timer is not None:
+            record.timing = timer(lambda: (step(batch), _sync(device)), one_call_s)
     except dp.MethodUnsupported as exc:
         record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
@@ -141,6 +160,5 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         if step is not None:
             step.close()
         step = model = batch = None  # drop this case's tensors before the next case starts
-        gc.collect()
-        end_case(device)
+        end_case(device)  # collects garbage first
     return record

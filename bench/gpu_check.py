@@ -5,8 +5,10 @@
 Per case it prints NVML peak − baseline, max_memory_reserved and max_memory_allocated, and evaluates the goal
 "NVML peak within 2 % of reserved + non-allocator overhead", where the overhead (CUDA context, kernels, library
 workspaces outside the allocator, other processes) is estimated just before the measured step as NVML used
-minus torch's reserved. It then times N steps with the NVML sampler off and on, interleaved, and evaluates the
-goal "sampler overhead ≤ 1 %". Exits 2 on a machine without a GPU.
+minus torch's reserved. It then times N steps with the sampling off and on, interleaved, and evaluates the
+goal "sampler overhead ≤ 1 %". "On" is the measured round's own sampling context
+(:func:`bench.memory.measure.sampling`: NVML thread with the allocator probe, GIL switch interval lowered), so
+the check measures what the bench runs. Exits 2 on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,28 +72,41 @@ class GapCheck:
 
 def sampler_overhead(
     run_step: Callable[[], Any],
-    make_sampler: Callable[[], Any],
+    sampling: Callable[[], AbstractContextManager[Any]],
     steps: int,
     sync: Callable[[], None] = lambda: None,
 ) -> tuple[float, list[float], list[float]]:
-    """Median step time with a sampler running / without, minus one; steps alternate off/on to cancel drift."""
+    """Median step time inside a fresh ``sampling()`` context / outside it, minus one; steps alternate off/on to
+    cancel drift. Only the step is timed (device synchronised before and after); starting and stopping the
+    sampler is not. A step that raises leaves no sampler running."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     off: list[float] = []
     on: list[float] = []
+
+    def timed() -> float:
+        sync()
+        start = time.perf_counter()
+        run_step()
+        sync()
+        return time.perf_counter() - start
+
     for _ in range(steps):
-        for times, sampled in ((off, False), (on, True)):
-            sampler = make_sampler() if sampled else None
-            if sampler is not None:
-                sampler.start()
-            sync()
-            start = time.perf_counter()
-            run_step()
-            sync()
-            times.append(time.perf_counter() - start)
-            if sampler is not None:
-                sampler.stop()
+        off.append(timed())
+        with sampling():
+            on.append(timed())
     return statistics.median(on) / statistics.median(off) - 1.0, off, on
+
+
+def measured_sampling(device, interval_s: float, nvml_module: Any = None) -> Callable[[], AbstractContextManager]:
+    """A factory of the measured round's sampling context on ``device`` (one fresh sampler per call)."""
+    from bench.memory.measure import new_sampling_window, sampling
+
+    def enter() -> AbstractContextManager:
+        window = new_sampling_window(device, interval_s=interval_s, nvml_module=nvml_module)
+        return sampling(window, device, [])
+
+    return enter
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,7 +127,6 @@ def check_case(workload_name: str, method: str, batch_size: int, device, args) -
     from bench.dp import build_step, resolve_privacy
     from bench.memory import allocator
     from bench.memory.measure import measure_step
-    from bench.memory.nvml import NvmlSampler
 
     workload = models.get_workload(workload_name)
     model = workload.build_model(device)
@@ -142,7 +157,7 @@ def check_case(workload_name: str, method: str, batch_size: int, device, args) -
         )
         overhead, _, _ = sampler_overhead(
             lambda: step(batch),
-            lambda: NvmlSampler(device.index, interval_s=args.interval),
+            measured_sampling(device, args.interval),
             args.steps,
             sync=lambda: torch.cuda.synchronize(device),
         )

@@ -12,10 +12,12 @@ workspaces and optimizer state are then in the baseline, not in the step's peak)
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,15 +50,18 @@ def measure_step(
     nvml_module: Any = None,
     process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S,
     nvml_baseline_bytes: int | None = None,
+    memory_cap_bytes: int | None = None,
     notes: list[str] | None = None,
 ) -> StepMemory:
     """Run ``run_step(mark)`` once under every source for ``device`` and return its figures.
 
     ``nvml_baseline_bytes``: device ``used`` read before the caller allocated anything for this case (CUDA
     context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
-    against it and is ``None`` without it. ``notes`` receives one line per source problem. An exception from
-    the step (out-of-memory included) propagates after every source is stopped and the tracker detached; the
-    figures gathered until then ride along as ``exc.partial_measurement`` (a StepMemory)."""
+    against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
+    :class:`~bench.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
+    cap). ``notes`` receives one line per source problem. An exception from the step (out-of-memory included)
+    propagates after every source is stopped and the tracker detached; the figures gathered until then ride
+    along as ``exc.partial_measurement`` (a StepMemory)."""
     interval_s = check_interval(sample_interval_s)
     process_interval_s = check_interval(process_interval_s, "process sample interval")
     device = resolve_device(device)
@@ -64,23 +69,19 @@ def measure_step(
     notes = [] if notes is None else notes
     marks: list[tuple[str, float]] = []
 
+    if memory_cap_bytes is not None and not track_tensors:
+        raise ValueError("a memory cap is enforced by the tensor tracker: it needs track_tensors=True")
     tracker: TensorTracker | None = None
     if track_tensors:
-        tracker = TensorTracker(device)
+        tracker = TensorTracker(device, cap_bytes=memory_cap_bytes)
         tracker.register_state(model, optimizer)
     alloc_at_start = None
     if is_cuda:
         allocator.reset_peak(device)  # synchronises, so the first NVML reading sees a quiet device
         alloc_at_start, _ = allocator.current_figures(device)
-        sampler: NvmlSampler | RssSampler = NvmlSampler(
-            device.index,
-            interval_s=interval_s,
-            process_interval_s=process_interval_s,
-            nvml=nvml_module,
-            slow_probe=lambda: torch.cuda.memory_allocated(device),
-        )
-    else:
-        sampler = RssSampler(interval_s)
+    window = new_sampling_window(
+        device, interval_s=interval_s, process_interval_s=process_interval_s, nvml_module=nvml_module
+    )
 
     def mark(phase: str) -> None:
         if is_cuda:
@@ -89,28 +90,25 @@ def measure_step(
         if tracker is not None:
             tracker.mark(phase)
 
-    window: dict[str, float] = {}
-
     def figures() -> StepMemory:
         memory = StepMemory(nvml_interval_s=interval_s if is_cuda else None)
-        memory.phases = phases_from_marks(marks, window["t0"], window["t_end"])
+        memory.phases = phases_from_marks(marks, window.t0, window.t_end)
         traces: dict[str, Trace] = {}
         if tracker is not None:
             traces.update(add_tensor_figures(memory, tracker.report(), notes))
         if is_cuda:
             memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(device)
-            traces.update(add_nvml_figures(memory, sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
+            traces.update(add_nvml_figures(memory, window.sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
         else:
-            traces.update(add_rss_figures(memory, sampler.result, notes))
-        memory.timeline = build_timeline(traces, window["t0"], window["t_end"])
+            traces.update(add_rss_figures(memory, window.sampler.result, notes))
+        memory.timeline = build_timeline(traces, window.t0, window.t_end)
         return memory
 
     try:
         with ExitStack() as stack:
             # Entered outermost, so the snapshot is dumped after the samplers stopped (pickling is slow).
             snapshot_notes = stack.enter_context(allocator.memory_snapshot(device, snapshot_path))
-            stack.enter_context(_switch_interval(interval_s))
-            stack.enter_context(_sampling(sampler, device, window, notes))
+            stack.enter_context(sampling(window, device, notes))
             if tracker is not None:
                 stack.enter_context(tracker)
             run_step(mark)
@@ -126,32 +124,60 @@ def measure_step(
     return memory
 
 
+@dataclass
+class SamplingWindow:
+    """The sampler of one measured round and the ``perf_counter`` window it covered (set by :func:`sampling`)."""
+
+    sampler: NvmlSampler | RssSampler
+    interval_s: float
+    t0: float = math.nan
+    t_end: float = math.nan
+
+
+def new_sampling_window(
+    device: torch.device,
+    *,
+    interval_s: float = 0.001,
+    process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S,
+    nvml_module: Any = None,
+) -> SamplingWindow:
+    """The sampler the measured round runs on ``device``: NVML (with the allocator's ``memory_allocated`` as its
+    slow probe) on CUDA, process RSS elsewhere."""
+    if device.type == "cuda":
+        sampler: NvmlSampler | RssSampler = NvmlSampler(
+            device.index,
+            interval_s=interval_s,
+            process_interval_s=process_interval_s,
+            nvml=nvml_module,
+            slow_probe=lambda: torch.cuda.memory_allocated(device),
+        )
+    else:
+        sampler = RssSampler(interval_s)
+    return SamplingWindow(sampler, interval_s)
+
+
 @contextmanager
-def _switch_interval(interval_s: float) -> Iterator[None]:
-    """Let the sampler threads in at least every ``interval_s`` while the step runs Python."""
+def sampling(window: SamplingWindow, device: torch.device, notes: list[str]) -> Iterator[SamplingWindow]:
+    """Run ``window``'s sampler around the block exactly as the measured round does (``bench.gpu_check`` times
+    this same context): the GIL switch interval lowered to the sample interval so the sampler thread gets its
+    turn while the step runs Python, and on CUDA a device sync before the last reading."""
     old = sys.getswitchinterval()
-    sys.setswitchinterval(min(old, interval_s))
+    sys.setswitchinterval(min(old, window.interval_s))
     try:
-        yield
+        window.sampler.start()
+        window.t0 = time.perf_counter()
+        try:
+            yield window
+        finally:
+            if device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(device)
+                except Exception as exc:  # after a device error the sync may fail too; still stop the sampler
+                    notes.append(f"CUDA: synchronize after the step failed ({type(exc).__name__}: {exc})")
+            window.t_end = time.perf_counter()
+            window.sampler.stop()
     finally:
         sys.setswitchinterval(old)
-
-
-@contextmanager
-def _sampling(sampler, device: torch.device, window: dict[str, float], notes: list[str]) -> Iterator[None]:
-    """Run ``sampler`` around the block; its last reading comes after the device finished the step."""
-    sampler.start()
-    window["t0"] = time.perf_counter()
-    try:
-        yield
-    finally:
-        if device.type == "cuda":
-            try:
-                torch.cuda.synchronize(device)
-            except Exception as exc:  # after a device error the sync may fail too; still stop the sampler
-                notes.append(f"CUDA: synchronize after the step failed ({type(exc).__name__}: {exc})")
-        window["t_end"] = time.perf_counter()
-        sampler.stop()
 
 
 def add_tensor_figures(memory: StepMemory, report: TensorReport, notes: list[str]) -> dict[str, Trace]:

@@ -228,6 +228,7 @@ class NvmlSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid_missing = False
+        self._process_query_failed = False
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -317,12 +318,16 @@ class NvmlSampler:
         return time.perf_counter(), int(info.used), None
 
     def _read_process(self) -> int | None:
-        """This PID's usedGpuMemory, or None (not listed, not available, or the query unsupported)."""
+        """This PID's usedGpuMemory, or None (not listed, not available, or the query unsupported). A query
+        that failed once is not retried: its failures (NotSupported under vGPU, MIG, old drivers) are
+        permanent, and it costs milliseconds."""
+        if self._process_query_failed:
+            return None
         try:
             processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
         except Exception as exc:
-            if not any("compute-process" in n for n in self._result.notes):
-                self._result.notes.append(f"NVML: per-process memory unavailable ({type(exc).__name__}: {exc})")
+            self._process_query_failed = True
+            self._result.notes.append(f"NVML: per-process memory unavailable ({type(exc).__name__}: {exc})")
             return None
         for proc in processes:
             if int(proc.pid) == self.pid:

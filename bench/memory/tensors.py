@@ -21,6 +21,12 @@ Categories (``record.CATEGORIES``), first match wins:
   activations      allocated during the ``forward`` phase
   other            everything else (backward temporaries, noise, adopted inputs)
 
+With ``cap_bytes`` the tracker is also the CPU memory cap (``--memory-cap``): it keeps the running total the
+replay would find (start bytes + the highest cumulative allocation so far) and raises
+:class:`MemoryCapExceeded` inside the op whose result first takes it past the cap — a few integer operations
+per allocation. The bench runs the warm-up step and the measured round under it, so an ``ok`` case's tracked
+peak never exceeds the cap.
+
 Limits: tensors without a storage (sparse, nested) are skipped; allocations made inside one kernel and freed
 before it returns are invisible (they never reach Python); storages on another device than the tracked one
 are ignored (a CUDA step's CPU scalars do not count).
@@ -70,15 +76,28 @@ class TensorReport:
     allocations: int = 0
 
 
+class MemoryCapExceeded(MemoryError):
+    """Live tensor bytes passed the configured memory cap (the bench records status ``oom``)."""
+
+
 class TensorTracker(TorchDispatchMode):
     """Track live tensor storages on ``device`` while active (``with TensorTracker(...) as tr:``).
 
     Call :meth:`register_state` before entering to declare the pre-existing model/optimizer state, :meth:`mark`
-    at each phase start, and :meth:`report` after exiting."""
+    at each phase start, and :meth:`report` after exiting. With ``cap_bytes``, raise :class:`MemoryCapExceeded`
+    the moment the tracked live bytes (what :meth:`report` would give as the peak so far) pass it."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", cap_bytes: int | None = None):
         super().__init__()
+        if cap_bytes is not None and cap_bytes < 1:
+            raise ValueError(f"memory cap must be >= 1 byte, got {cap_bytes}")
         self.device = torch.device(device)
+        self.cap_bytes = cap_bytes
+        # Running figures for the cap: bytes live since the start (baseline + adopted) and the cumulative
+        # event sum with its running maximum; start + maximum is the replayed peak so far.
+        self._start_bytes = 0
+        self._delta_bytes = 0
+        self._delta_peak = 0
         self._events: list[tuple[float, int, Any, Any]] = []
         # id(untyped storage) -> [sid, nbytes, weakref]; ids are safe keys because the weakref callback
         # removes the entry while the storage object is being freed, before the id can be reused.
@@ -122,7 +141,8 @@ class TensorTracker(TorchDispatchMode):
         if entry is not None:
             return entry[0]
         sid = self._new_entry(storage)
-        self._baseline[sid] = self._live[id(storage)][1]
+        self._baseline[sid] = nbytes = self._live[id(storage)][1]
+        self._start_bytes += nbytes
         return sid
 
     def _scan_state(self, baseline: bool = False) -> None:
@@ -229,7 +249,9 @@ class TensorTracker(TorchDispatchMode):
         if storage is None or id(storage) in self._live:
             return
         sid = self._new_entry(storage)  # pre-existing but not declared: live since the start
-        self._adopted[sid] = self._live[id(storage)][1]
+        self._adopted[sid] = nbytes = self._live[id(storage)][1]
+        self._start_bytes += nbytes
+        self._check_cap()
 
     def _note_output(self, tensor: Tensor, func) -> None:
         storage = self._storage_on_device(tensor)
@@ -240,17 +262,32 @@ class TensorTracker(TorchDispatchMode):
         if entry is None:
             sid = self._new_entry(storage)
             self._created_phase[sid] = self._phase
-            self._events.append((now, _ALLOC, sid, self._live[id(storage)][1]))
+            nbytes = self._live[id(storage)][1]
+            self._events.append((now, _ALLOC, sid, nbytes))
+            self._grow(nbytes)
             return
         nbytes = storage.nbytes()
         if nbytes != entry[1]:  # resize_ / out= grew or shrank a known storage
             self._events.append((now, _RESIZE, entry[0], nbytes - entry[1]))
-            entry[1] = nbytes
+            grown, entry[1] = nbytes - entry[1], nbytes
+            self._grow(grown)
+
+    def _grow(self, nbytes: int) -> None:
+        self._delta_bytes += nbytes
+        if self._delta_bytes > self._delta_peak:
+            self._delta_peak = self._delta_bytes
+            self._check_cap()
+
+    def _check_cap(self) -> None:
+        peak = self._start_bytes + self._delta_peak
+        if self.cap_bytes is not None and peak > self.cap_bytes:
+            raise MemoryCapExceeded(f"memory cap exceeded: {peak} tracked tensor bytes > cap {self.cap_bytes}")
 
     def _on_free(self, key: int) -> None:
         entry = self._live.pop(key, None)
         if entry is not None and self._recording:
             self._events.append((time.perf_counter(), _FREE, entry[0], entry[1]))
+            self._delta_bytes -= entry[1]
 
     # ---- replay -------------------------------------------------------------------------------------------
     def report(self) -> TensorReport:

@@ -27,9 +27,22 @@ class FakeNvml:
     class NVMLError_NotSupported(NVMLError):
         pass
 
-    def __init__(self, used_fn=None, *, n_gpus=2, pid=None, process_used=3 * MiB, init_error=None, v2=True):
+    def __init__(
+        self,
+        used_fn=None,
+        *,
+        n_gpus=2,
+        pid=None,
+        process_used=3 * MiB,
+        init_error=None,
+        v2=True,
+        failing_memory_reads=0,
+        process_error=None,
+    ):
         # used_fn(seconds since the first memory read) -> used bytes of every device
         self.used_fn = used_fn or (lambda s: 100 * MiB)
+        self.failing_memory_reads = failing_memory_reads  # the first N memory-info calls raise NVMLError
+        self.process_error = process_error  # raised by every per-process query when set
         self.gpus = [
             SimpleNamespace(kind="gpu", index=i, uuid=f"GPU-{i:04d}-aaaa", mig=False, instances=[])
             for i in range(n_gpus)
@@ -100,6 +113,8 @@ class FakeNvml:
         if version is not None and not self.v2:
             raise self.NVMLError_NotSupported("Function Not Found")
         self.memory_calls += 1
+        if self.memory_calls <= self.failing_memory_reads:
+            raise self.NVMLError("Unknown Error")
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
@@ -109,6 +124,8 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         self.process_calls += 1
+        if self.process_error is not None:
+            raise self.process_error
         return [
             SimpleNamespace(pid=12345, usedGpuMemory=50 * MiB),
             SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used),

@@ -92,6 +92,15 @@ def test_pid_not_in_process_list_gives_note_and_no_process_figure():
     assert len(result.notes) == 1 and "not in the GPU's compute-process list" in result.notes[0]
 
 
+def test_failing_per_process_query_gives_exactly_one_note():
+    """It used to add one note per poll (every 20 ms) to the record."""
+    fake = FakeNvml(process_error=FakeNvml.NVMLError_NotSupported("Not Supported"))
+    result, _ = run_sampler(fake, 0.08, process_interval_s=0.01)
+    assert result.available and result.peak_used_bytes == 100 * MiB and result.process_peak_bytes is None
+    assert result.notes == ["NVML: per-process memory unavailable (NVMLError_NotSupported: Not Supported)"]
+    assert fake.process_calls == 1  # not retried: the failure is permanent and each query costs milliseconds
+
+
 def test_process_memory_not_available_is_none_without_pid_note():
     result, _ = run_sampler(FakeNvml(process_used=None), 0.03)  # MIG often reports NVML_VALUE_NOT_AVAILABLE
     assert result.process_peak_bytes is None and result.notes == []
@@ -191,19 +200,7 @@ def test_gap_check_arithmetic():
     assert over.relative_gap == pytest.approx(100 / 2600) and not over.ok and "OVER 2%" in over.line()
 
 
-def test_sampler_overhead_measures_on_and_off_alternately():
-    fake = FakeNvml()
-    calls = []
-
-    def step():
-        calls.append(len([t for t in threading.enumerate() if t.name == "dpmem-nvml-sampler"]))
-        time.sleep(0.003)
-
-    overhead, off, on = gpu_check.sampler_overhead(step, lambda: NvmlSampler(0, nvml=fake, visible_devices=""), steps=3)
-    assert calls == [0, 1] * 3 and len(off) == len(on) == 3
-    assert -0.5 < overhead < 2.0 and fake.memory_calls > 3
-    with pytest.raises(ValueError, match="steps"):
-        gpu_check.sampler_overhead(step, lambda: None, steps=0)
+# gpu_check's sampling arm: tests/memory/test_gpu_paths.py
 
 
 # ------------------------------------------------------------------------------------------------ case baseline
