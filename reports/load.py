@@ -38,7 +38,7 @@ from bench.record import (
     from_record_dict,
 )
 
-from .tables import affine_fit_table, overhead_table
+from .tables import affine_fit_table, first_line, overhead_table
 
 __all__ = [
     "CASE_KEY",
@@ -324,9 +324,9 @@ def load_file(path: str | Path) -> _Loaded:
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
-        whole = None
-    except RecursionError:
-        raise ReportInputError(f"{path}: JSON nested too deeply") from None
+        whole = None  # not one JSON document: JSON lines, or broken (said line by line below)
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit, nesting past the stack
+        raise ReportInputError(f"{path}: unreadable JSON: {first_line(exc) or 'nested too deeply'}") from None
     if isinstance(whole, dict) and "benchmarks" in whole:
         return _load_pytest_benchmark(path, whole)
     if whole is not None and not (isinstance(whole, dict) and ("record_type" in whole or "workload" in whole)):
@@ -434,8 +434,8 @@ def _load_jsonl(path: Path, text: str) -> _Loaded:
                 continue
             what = "not JSON" if number == 1 else f"line {number} is not JSON"
             raise ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-        except RecursionError:
-            raise ReportInputError(f"{path}: line {number}: JSON nested too deeply") from None
+        except (ValueError, RecursionError) as exc:
+            raise ReportInputError(f"{path}: line {number}: unreadable JSON: {first_line(exc)}") from None
         if not isinstance(data, dict) or not ("record_type" in data or "workload" in data):
             kind = type(data).__name__ if not isinstance(data, dict) else "object without record_type/workload"
             raise ReportInputError(f"{path}: line {number}: JSON {kind} is not a dpmem record (foreign JSON?)")

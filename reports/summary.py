@@ -13,6 +13,7 @@ from .tables import (
     TIME_RATIO,
     TIME_VERDICT,
     all_ok_batches,
+    first_line,
     fit_metric_for,
     present,
 )
@@ -22,11 +23,6 @@ __all__ = ["summary_lines"]
 # fit metric -> its ratio column in the overhead table, and its name in the headline sentence
 _RATIO_TITLE = {figure: title for title, figure in RATIO_COLUMNS.items()}
 _METRIC_WORDS = {"peak_reserved_bytes": "peak reserved", "peak_tensor_bytes": "peak live tensors"}
-
-
-def _first_line(text: object) -> str:
-    """The first non-blank line of a (possibly multi-line) message, e.g. a library's error."""
-    return (str(text).strip().splitlines() or [""])[0]
 
 
 def summary_lines(results: Results) -> list[str]:
@@ -103,7 +99,7 @@ def _method_lines(method: str, mrows: pd.DataFrame, where: str) -> list[str]:
         lines.append(f"On {where}, {method} runs out of memory " + ", ".join(oom_text) + ".")
     unsupported = mrows[mrows["status"] == "unsupported"]
     if len(unsupported):
-        reason = _first_line(unsupported["reason"].iloc[0])
+        reason = first_line(unsupported["reason"].iloc[0])
         workloads = ", ".join(sorted(unsupported["workload"].unique()))
         lines.append(f"On {where}, {method} is unsupported on {workloads}" + (f": {reason}" if reason else "") + ".")
     errors = mrows[mrows["status"] == "error"]

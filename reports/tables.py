@@ -27,6 +27,7 @@ __all__ = [
     "TIME_VERDICTS",
     "affine_fit_table",
     "all_ok_batches",
+    "first_line",
     "fit_display",
     "fit_metric_for",
     "format_number",
@@ -335,6 +336,11 @@ def format_number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
     return str(value)
+
+
+def first_line(text: object) -> str:
+    """The first non-blank line of a (possibly multi-line) message, e.g. a library's error."""
+    return (str(text).strip().splitlines() or [""])[0]
 
 
 def markdown_text(text: Any) -> str:

@@ -285,3 +285,16 @@ def test_max_batch_record_family_comes_from_the_name(tmp_path):
     search = MaxBatchRecord("dit-xl-2-plain:depth=2", "bk", "cuda:0", max_batch_measured=8, first_failing_batch=9)
     results = load_results([write_jsonl(tmp_path / "mb.jsonl", [search])])
     assert results.max_batches["family"].tolist() == ["dit-plain"]
+
+
+def test_json_that_python_cannot_read_is_one_line_bad_input(tmp_path):
+    record = make_case("dit-s-2-cond", "bk", 16, "a100")
+    text = json.dumps(benchmark_json([record], "a100")).replace(
+        f'"peak_tensor_bytes": {record.memory.peak_tensor_bytes}', '"peak_tensor_bytes": ' + "9" * 5000
+    )
+    for name, content in (("digits.json", text), ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")):
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(ReportInputError) as info:
+            load_results([path])
+        assert "\n" not in str(info.value) and str(path) in str(info.value) and "unreadable JSON" in str(info.value)
