@@ -1,31 +1,44 @@
 """`python -m reports`: render the report, compare two result sets, export or merge results.
 
     python -m reports RESULTS... --out DIR                 tables (md+csv), figures (png+svg), report.md/.html
-    python -m reports compare BASE NEW... --max-regression 5% [--export-benchmark-action FILE]
+    python -m reports compare BASE NEW... --max-regression 5% [--gate-figures A,B] [--allow-no-overlap]
+                                          [--export-benchmark-action FILE]
     python -m reports export RESULTS... --out FILE         github-action-benchmark customSmallerIsBetter JSON
     python -m reports merge RESULTS... --out FILE.jsonl    one JSON-lines file (e.g. a CI baseline)
 
-Exit status: 0 ok; 1 a regression (compare); 2 bad input or usage (one line on stderr).
+Exit status: 0 ok; 1 a regression (compare); 2 bad input, usage or an unwritable output (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from bench.record import to_jsonl_line
 
-from .compare import ThresholdError, benchmark_action_entries, compare_results, format_comparison, parse_threshold
+from .compare import (
+    GATED_BY_DEFAULT,
+    CompareUsageError,
+    benchmark_action_entries,
+    compare_results,
+    format_comparison,
+    parse_gate_figures,
+    parse_threshold,
+)
 from .figures import FigureOptions, render_figures
 from .html import ReportContent, ReportTable, write_html, write_markdown
-from .load import ReportInputError, Results, load_results
+from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
 from .summary import summary_lines
-from .tables import FIT_NOTES, OVERHEAD_NOTES, write_table
+from .tables import FIT_NOTES, OVERHEAD_NOTES, fit_display, overhead_display, overhead_warnings, write_table
 
 SUBCOMMANDS = ("render", "compare", "export", "merge")
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written; one line naming the option and the path."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -54,12 +67,25 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     compare = _OneLineParser(
         prog="python -m reports compare",
         parents=[common],
-        description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM.",
+        description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM, 2 on bad input.",
     )
     compare.add_argument("base", help="baseline result file")
     compare.add_argument("new", nargs="+", help="new result file(s)")
     compare.add_argument(
-        "--max-regression", default="5%", help='allowed peak-memory growth: "5%%" or "0.05" (default 5%%)'
+        "--max-regression",
+        default="5%",
+        help='allowed growth of a gated peak figure: a percentage "5%%" or a fraction <= 1 "0.05" (default 5%%)',
+    )
+    compare.add_argument(
+        "--gate-figures",
+        default=",".join(GATED_BY_DEFAULT),
+        help=f"comma list of the peak figures that fail the gate (default: the isolated ones, "
+        f"{','.join(GATED_BY_DEFAULT)}); the others are shown for information. Choose from {','.join(PEAK_COLUMNS)}",
+    )
+    compare.add_argument(
+        "--allow-no-overlap",
+        action="store_true",
+        help="exit 0 when BASE and NEW have no case in common (default: an error, exit 2)",
     )
     compare.add_argument(
         "--export-benchmark-action",
@@ -89,26 +115,81 @@ def render_report(results: Results, out_dir: Path, options: FigureOptions, title
     """Everything from saved results: tables (md+csv), figures (png+svg), report.md and report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = [
-        ReportTable("DP overhead over non-DP", OVERHEAD_NOTES, results.overhead, "overhead"),
-        ReportTable("Fixed and per-sample memory, max batch", FIT_NOTES, results.fits, "memory_fit"),
+        ReportTable(
+            "DP overhead over non-DP", OVERHEAD_NOTES, results.overhead, overhead_display(results.overhead), "overhead"
+        ),
+        ReportTable(
+            "Fixed and per-sample memory, max batch", FIT_NOTES, results.fits, fit_display(results.fits), "memory_fit"
+        ),
     ]
     written: list[Path] = []
     for table in tables:
-        written += write_table(table.table, out_dir, table.stem, table.notes)
+        written += write_table(table.table, table.display, out_dir, table.stem, table.notes)
     figures = render_figures(results, out_dir / "figures", options)
     written += [p for f in figures for p in f.paths]
-    content = ReportContent(title, results.sources, summary_lines(results), tables, figures, results.warnings)
+    warnings = [*results.warnings, *overhead_warnings(results.overhead)]
+    content = ReportContent(title, results.sources, summary_lines(results), tables, figures, warnings)
     written += [write_markdown(content, out_dir), write_html(content, out_dir)]
     return written
 
 
-def _load(paths: list[str], skip_bad: bool) -> Results:
-    return load_results(paths, skip_bad=skip_bad)
+def check_writable(path: Path, option: str, *, directory: bool) -> None:
+    """Raise :class:`OutputError` unless ``path`` (a directory or a file) can be created or written, before any
+    work is done, so a long render or a gate verdict is not lost to a bad output path."""
+    kind = "directory" if directory else "file"
+    if path.exists():
+        if directory != path.is_dir():
+            raise OutputError(f"{option} {path}: exists and is not a {kind}")
+        target = path if directory else path.parent
+        if not os.access(target, os.W_OK | os.X_OK) or (not directory and not os.access(path, os.W_OK)):
+            raise OutputError(f"{option} {path}: not writable")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: cannot create it ({ancestor} is not a writable directory)")
 
 
-def _write_json(path: str, payload) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+def _write_text(path: Path, option: str, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _render(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_writable(out, "--out", directory=True)
+    results = load_results(args.results, skip_bad=args.skip_bad)
+    options = FigureOptions(workload=args.workload, batch_size=args.batch_size)
+    try:
+        written = render_report(results, out, options, args.title)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    print(f"wrote {len(written)} file(s) to {out} (report.md, report.html)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    threshold = parse_threshold(args.max_regression)
+    gate_figures = parse_gate_figures(args.gate_figures)
+    export = Path(args.export_benchmark_action) if args.export_benchmark_action else None
+    if export is not None:
+        check_writable(export, "--export-benchmark-action", directory=False)
+    base = load_results([args.base], skip_bad=args.skip_bad)
+    new = load_results(args.new, skip_bad=args.skip_bad)
+    comparison = compare_results(base, new, threshold, gate_figures)
+    print(format_comparison(comparison))
+    if export is not None:
+        _write_text(export, "--export-benchmark-action", json.dumps(benchmark_action_entries(new), indent=2))
+    if not comparison.overlaps and not args.allow_no_overlap:
+        raise ReportInputError(
+            f"no case of {args.base} is in the new results: nothing was compared (check runner labels / GPU names "
+            "match, or pass --allow-no-overlap)"
+        )
+    return 1 if comparison.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,36 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parsers()[command].parse_args(argv)
     try:
         if command == "render":
-            results = _load(args.results, args.skip_bad)
-            options = FigureOptions(workload=args.workload, batch_size=args.batch_size)
-            written = render_report(results, Path(args.out), options, args.title)
-            print(f"wrote {len(written)} file(s) to {args.out} (report.md, report.html)")
-            return 0
+            return _render(args)
         if command == "compare":
-            threshold = parse_threshold(args.max_regression)
-            base = _load([args.base], args.skip_bad)
-            new = _load(args.new, args.skip_bad)
-            comparison = compare_results(base, new, threshold)
-            print(format_comparison(comparison))
-            if args.export_benchmark_action:
-                _write_json(args.export_benchmark_action, benchmark_action_entries(new))
-            return 1 if comparison.failed else 0
+            return _compare(args)
+        out = Path(args.out)
+        check_writable(out, "--out", directory=False)
+        results = load_results(args.results, skip_bad=args.skip_bad)
         if command == "export":
-            _write_json(args.out, benchmark_action_entries(_load(args.results, args.skip_bad)))
+            _write_text(out, "--out", json.dumps(benchmark_action_entries(results), indent=2))
             return 0
-        # merge: every record, with the machine facts the loader filled from pytest-benchmark's machine_info
-        results = _load(args.results, args.skip_bad)
-        lines = []
-        for _, row in results.cases.iterrows():
-            record = dataclasses.replace(
-                results.record(row), device_name=row["device_name"], runner_label=row["runner_label"]
-            )
-            lines.append(to_jsonl_line(record))
-        lines += [to_jsonl_line(r) for r in results.max_batch_records]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        # merge: every record as loaded, completed with the machine facts the loader read from machine_info
+        lines = [to_jsonl_line(case.completed_record()) for case in results.loaded_cases]
+        lines += [to_jsonl_line(record) for record in results.max_batch_records]
+        _write_text(out, "--out", "".join(line + "\n" for line in lines))
         return 0
-    except (ReportInputError, ThresholdError) as exc:
+    except (ReportInputError, CompareUsageError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

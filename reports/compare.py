@@ -1,8 +1,12 @@
 """Regression gate: compare two result sets case by case, and export memory for github-action-benchmark.
 
 Cases match on (workload, method, batch size, device) and machine (runner label, else GPU/CPU name). A case
-fails the gate when any peak figure present on both sides grew by more than the threshold, or when it went
-from ok to OOM. Step times are shown but never gate (they are too noisy across runs).
+fails the gate when a *gated* peak figure present on both sides grew by more than the threshold, or when it went
+from ok to OOM. By default only the figures that are isolated between cases are gated (:data:`GATED_BY_DEFAULT`:
+exact tensor bytes, the allocator's peaks, NVML's peak minus the case-start baseline); process RSS and NVML's
+device-wide or per-process peaks depend on what ran before in the same process or on the device, so they are
+shown for information and never fail the gate unless chosen with ``--gate-figures``. Step times are shown but
+never gate (too noisy across runs); comparing step times measured with different torch thread counts is warned.
 """
 
 from __future__ import annotations
@@ -14,45 +18,76 @@ from typing import Any
 import pandas as pd
 
 from .load import CASE_KEY, PEAK_COLUMNS, Results
-from .tables import MIB, present, to_markdown
+from .tables import MIB, format_number, present, to_markdown
 
 __all__ = [
+    "GATED_BY_DEFAULT",
+    "CompareUsageError",
     "Comparison",
-    "ThresholdError",
     "benchmark_action_entries",
     "compare_results",
     "format_comparison",
+    "parse_gate_figures",
     "parse_threshold",
 ]
 
+# Peak figures that do not depend on the cases run before (README "Isolation"); the gate's default.
+GATED_BY_DEFAULT = (
+    "peak_tensor_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_peak_minus_baseline_bytes",
+)
 
-class ThresholdError(ValueError):
-    """A --max-regression value that is not "5%" or "0.05" style; one line."""
+
+class CompareUsageError(ValueError):
+    """A bad ``--max-regression`` or ``--gate-figures`` value; one line naming the option and what is valid."""
 
 
 def parse_threshold(text: str) -> float:
-    """ "5%" → 0.05, "0.05" → 0.05; must be finite and ≥ 0."""
+    """ "5%" → 0.05, "0.05" → 0.05. A bare number must be a fraction ≤ 1: "5" is refused (did you mean 5%?)."""
     raw = str(text).strip()
+    option = f"--max-regression {text!r}"
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise ThresholdError(f"--max-regression {text!r} is not a fraction (0.05) or a percentage (5%)") from None
+        raise CompareUsageError(f"{option} is not a fraction (0.05) or a percentage (5%)") from None
     if not math.isfinite(value) or value < 0:
-        raise ThresholdError(f"--max-regression {text!r} must be a finite fraction >= 0")
+        raise CompareUsageError(f"{option} must be a finite fraction >= 0 or a percentage such as 5%")
+    if not raw.endswith("%") and value > 1:
+        raise CompareUsageError(f"{option}: a bare number is a fraction <= 1; write '{raw}%' for {raw} percent")
     return value
+
+
+def parse_gate_figures(text: str) -> tuple[str, ...]:
+    """ "peak_tensor_bytes,peak_reserved_bytes" → the figures the gate fails on (each one of PEAK_COLUMNS)."""
+    names = tuple(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
+    unknown = [n for n in names if n not in PEAK_COLUMNS]
+    if unknown or not names:
+        what = f"unknown figure(s) {', '.join(unknown)}" if unknown else "no figure given"
+        raise CompareUsageError(f"--gate-figures: {what}; choose from {', '.join(PEAK_COLUMNS)}")
+    return names
 
 
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per matched case: statuses, peak figures, deltas, time delta, verdict
+    # one row per matched case: statuses, peak tensor MiB, the worst gated and ungated changes (fractions), the
+    # step time change (fraction), the thread counts when they differ, and the verdict
+    table: pd.DataFrame
     failures: list[str] = field(default_factory=list)  # one line per failing case
     only_base: list[str] = field(default_factory=list)  # cases that disappeared
     only_new: list[str] = field(default_factory=list)
     threshold: float = 0.05
+    gate_figures: tuple[str, ...] = GATED_BY_DEFAULT
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
         return bool(self.failures)
+
+    @property
+    def overlaps(self) -> bool:
+        return len(self.table) > 0
 
 
 def _case_name(key: tuple) -> str:
@@ -60,72 +95,130 @@ def _case_name(key: tuple) -> str:
     return f"{workload}/{method}/bs{batch}/{device} [{machine}]"
 
 
-def compare_results(base: Results, new: Results, threshold: float) -> Comparison:
+_COLUMNS = [
+    "case",
+    "base status",
+    "new status",
+    "base peak MiB",
+    "new peak MiB",
+    "gated figure",
+    "gated change",
+    "ungated figure",
+    "ungated change",
+    "median step change",
+    "torch threads",
+    "verdict",
+]
+
+
+def _worst_change(base: pd.Series, new: pd.Series, figures: tuple[str, ...]) -> tuple[str | None, float]:
+    """(figure, new/base − 1) of the figure that grew most among ``figures`` present on both ok sides."""
+    worst: tuple[str | None, float] = (None, math.nan)
+    if not base["status"] == new["status"] == "ok":
+        return worst
+    for figure in figures:
+        if present(base[figure]) and present(new[figure]) and float(base[figure]) > 0:
+            change = float(new[figure]) / float(base[figure]) - 1.0
+            if worst[0] is None or change > worst[1]:
+                worst = (figure, change)
+    return worst
+
+
+def _compare_case(name: str, b: pd.Series, n: pd.Series, threshold: float, gated: tuple[str, ...]) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": name, "base status": b["status"], "new status": n["status"]}
+    row["base peak MiB"] = float(b["peak_tensor_bytes"]) / MIB if present(b["peak_tensor_bytes"]) else math.nan
+    row["new peak MiB"] = float(n["peak_tensor_bytes"]) / MIB if present(n["peak_tensor_bytes"]) else math.nan
+    row["gated figure"], row["gated change"] = _worst_change(b, n, gated)
+    ungated = tuple(f for f in PEAK_COLUMNS if f not in gated)
+    row["ungated figure"], row["ungated change"] = _worst_change(b, n, ungated)
+    time_b, time_n = b["time_median_s"], n["time_median_s"]
+    row["median step change"] = (
+        float(time_n) / float(time_b) - 1.0 if present(time_b) and present(time_n) and float(time_b) > 0 else math.nan
+    )
+    threads = b["torch_threads"], n["torch_threads"]
+    differ = all(present(t) for t in threads) and threads[0] != threads[1]
+    row["torch threads"] = f"{int(threads[0])}→{int(threads[1])}" if differ else None
+    problems = []
+    if b["status"] == "ok" and n["status"] == "oom":
+        problems.append("ok → OOM")
+    for figure in gated:
+        change = _worst_change(b, n, (figure,))[1]
+        if present(change) and change > threshold:
+            problems.append(f"{figure} +{change:.1%} (over {threshold:.1%})")
+    row["verdict"] = "FAIL: " + "; ".join(problems) if problems else "ok"
+    return row
+
+
+def compare_results(
+    base: Results, new: Results, threshold: float, gate_figures: tuple[str, ...] = GATED_BY_DEFAULT
+) -> Comparison:
     key = list(CASE_KEY)
     base_rows = {tuple(r[k] for k in key): r for _, r in base.cases.iterrows()}
     new_rows = {tuple(r[k] for k in key): r for _, r in new.cases.iterrows()}
-    rows, failures = [], []
-    for case in sorted(set(base_rows) & set(new_rows), key=str):
-        b, n = base_rows[case], new_rows[case]
-        row: dict[str, Any] = {"case": _case_name(case), "base status": b["status"], "new status": n["status"]}
-        problems = []
-        if b["status"] == "ok" and n["status"] == "oom":
-            problems.append("ok → OOM")
-        worst = None
-        for figure in PEAK_COLUMNS:
-            if not (b["status"] == n["status"] == "ok" and present(b[figure]) and present(n[figure])):
-                continue
-            if float(b[figure]) <= 0:
-                continue
-            change = float(n[figure]) / float(b[figure]) - 1.0
-            if worst is None or change > worst[1]:
-                worst = (figure, change)
-            if change > threshold:
-                problems.append(f"{figure} +{change:.1%} (> {threshold:.1%})")
-        row["base peak MiB"] = (
-            round(float(b["peak_tensor_bytes"]) / MIB, 2) if present(b["peak_tensor_bytes"]) else None
-        )
-        row["new peak MiB"] = round(float(n["peak_tensor_bytes"]) / MIB, 2) if present(n["peak_tensor_bytes"]) else None
-        row["worst memory change"] = f"{worst[0]} {worst[1]:+.1%}" if worst else "n/a"
-        time_b, time_n = b["time_median_s"], n["time_median_s"]
-        row["median step change"] = (
-            f"{float(time_n) / float(time_b) - 1.0:+.1%}"
-            if present(time_b) and present(time_n) and float(time_b) > 0
-            else "n/a"
-        )
-        row["verdict"] = "FAIL: " + "; ".join(problems) if problems else "ok"
-        if problems:
-            failures.append(f"{row['case']}: {'; '.join(problems)}")
-        rows.append(row)
-    columns = [
-        "case",
-        "base status",
-        "new status",
-        "base peak MiB",
-        "new peak MiB",
-        "worst memory change",
-        "median step change",
-        "verdict",
+    rows = [
+        _compare_case(_case_name(case), base_rows[case], new_rows[case], threshold, gate_figures)
+        for case in sorted(set(base_rows) & set(new_rows), key=str)
     ]
+    table = pd.DataFrame(rows, columns=_COLUMNS)
+    failures = [f"{r['case']}: {r['verdict'].removeprefix('FAIL: ')}" for r in rows if r["verdict"] != "ok"]
+    warnings = []
+    differing = [r for r in rows if r["torch threads"] is not None]
+    if differing:
+        pairs = ", ".join(sorted({r["torch threads"] for r in differing}))
+        warnings.append(
+            f"{len(differing)} case(s) were timed with different torch thread counts (base→new: {pairs}); "
+            "their step-time changes compare different settings"
+        )
     return Comparison(
-        table=pd.DataFrame(rows, columns=columns),
+        table=table,
         failures=failures,
         only_base=[_case_name(c) for c in sorted(set(base_rows) - set(new_rows), key=str)],
         only_new=[_case_name(c) for c in sorted(set(new_rows) - set(base_rows), key=str)],
         threshold=threshold,
+        gate_figures=tuple(gate_figures),
+        warnings=warnings,
+    )
+
+
+def _display(table: pd.DataFrame) -> pd.DataFrame:
+    """The comparison as text: MiB to 2 decimals, changes as signed percentages beside their figure."""
+
+    def change(figure: Any, value: Any) -> str:
+        return f"{figure} {value:+.1%}" if present(figure) and present(value) else "n/a"
+
+    return pd.DataFrame(
+        {
+            "case": table["case"],
+            "base status": table["base status"],
+            "new status": table["new status"],
+            "base peak MiB": [format_number(round(v, 2)) for v in table["base peak MiB"]],
+            "new peak MiB": [format_number(round(v, 2)) for v in table["new peak MiB"]],
+            "worst gated change": [change(f, v) for f, v in zip(table["gated figure"], table["gated change"])],
+            "not gated (information)": [change(f, v) for f, v in zip(table["ungated figure"], table["ungated change"])],
+            "median step change": [f"{v:+.1%}" if present(v) else "n/a" for v in table["median step change"]],
+            "torch threads": [t if present(t) else "" for t in table["torch threads"]],
+            "verdict": table["verdict"],
+        }
     )
 
 
 def format_comparison(comparison: Comparison) -> str:
-    lines = [f"Compared {len(comparison.table)} case(s); memory regression threshold {comparison.threshold:.1%}.", ""]
+    ungated = [f for f in PEAK_COLUMNS if f not in comparison.gate_figures]
+    lines = [
+        f"Compared {len(comparison.table)} case(s); memory regression threshold {comparison.threshold:.1%} on "
+        f"{', '.join(comparison.gate_figures)}"
+        + (f"; not gated (shown for information): {', '.join(ungated)}." if ungated else "."),
+        "",
+    ]
     if len(comparison.table):
-        lines.append(to_markdown(comparison.table))
+        lines.append(to_markdown(_display(comparison.table)))
     else:
         lines.append("No case is in both result sets (check the runner labels / GPU names match).")
     if comparison.only_base:
         lines.append(f"Only in base ({len(comparison.only_base)}): " + ", ".join(comparison.only_base))
     if comparison.only_new:
         lines.append(f"Only in new ({len(comparison.only_new)}): " + ", ".join(comparison.only_new))
+    lines += [f"warning: {w}" for w in comparison.warnings]
     if comparison.failures:
         lines.append(f"REGRESSION in {len(comparison.failures)} case(s):")
         lines.extend(f"  {line}" for line in comparison.failures)

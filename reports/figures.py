@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 from bench.record import CATEGORIES
 
 from .load import Results
-from .tables import all_ok_batches, fit_metric_for
+from .tables import LOWER_BOUND, all_ok_batches, fit_metric_for
 
 __all__ = ["FIGURES", "FigureOptions", "FigureResult", "SkipFigure", "choose_case", "render_figures"]
 
@@ -326,15 +326,6 @@ def _fits(results: Results) -> pd.DataFrame:
     return results.fits
 
 
-def _max_batch_value(value) -> tuple[float, bool]:
-    """(number, is_lower_bound) of a max-batch cell: 12, "≥12", or "n/a"/"none" (nan)."""
-    if isinstance(value, str):
-        if value.startswith("≥"):
-            return float(value[1:]), True
-        return math.nan, False
-    return (float(value), False) if value is not None else (math.nan, False)
-
-
 def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     fits = _fits(results)
     panels = list(fits.groupby("workload", sort=True))
@@ -346,18 +337,14 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
         width = 0.8 / (2 * len(machines))
         x = np.arange(len(methods))
         for i, machine in enumerate(machines):
-            mrows = rows[rows["machine"] == machine].set_index("method")
-            measured = [
-                _max_batch_value(mrows.loc[m, "measured max batch"]) if m in mrows.index else (math.nan, False)
-                for m in methods
-            ]
-            predicted = [
-                _max_batch_value(mrows.loc[m, "predicted max batch"])[0] if m in mrows.index else math.nan
-                for m in methods
-            ]
+            # one bar per method: a machine with several devices shows its first device's row
+            mrows = rows[rows["machine"] == machine].drop_duplicates("method").set_index("method").reindex(methods)
+            measured = mrows["measured max batch"].to_numpy(dtype=float, na_value=math.nan)
+            lower_bound = mrows[LOWER_BOUND].eq(True)  # False for a method this machine has no row for
+            predicted = mrows["predicted max batch"].to_numpy(dtype=float, na_value=math.nan)
             offset = x + (2 * i) * width
-            bars = ax.bar(offset, [v for v, _ in measured], width, color=cmap(i), label=f"{machine} measured")
-            for bar, (_, lower) in zip(bars, measured):
+            bars = ax.bar(offset, measured, width, color=cmap(i), label=f"{machine} measured")
+            for bar, lower in zip(bars, lower_bound):
                 if lower:
                     ax.annotate(
                         "≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
@@ -440,7 +427,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
         columns={"tokens_per_sample": "tokens"}
     )
     overhead = results.overhead.merge(facts, on=where, how="left")
-    numeric = overhead[overhead["peak tensor ×nondp"].map(lambda v: isinstance(v, float)) & overhead["tokens"].notna()]
+    numeric = overhead[overhead["peak tensor ×nondp"].notna() & overhead["tokens"].notna()]
     key = ["machine", "device", "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
     gpt = numeric[numeric["family"] == "gpt"]
@@ -458,24 +445,21 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         (axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"),
         (axes[1], "median step ×nondp", "step time ÷ non-DP"),
     ):
-        both = pairs[
-            pairs[f"{column}_dit"].map(lambda v: isinstance(v, float))
-            & pairs[f"{column}_gpt"].map(lambda v: isinstance(v, float))
-        ]
+        both = pairs[pairs[f"{column}_dit"].notna() & pairs[f"{column}_gpt"].notna()]
         if both.empty:
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(title)
             continue
         for method, rows in both.groupby("method"):
             ax.scatter(
-                rows[f"{column}_dit"].astype(float),
-                rows[f"{column}_gpt"].astype(float),
+                rows[f"{column}_dit"],
+                rows[f"{column}_gpt"],
                 color=colors[method],
                 label=method,
                 s=40,
             )
-        low = min(both[f"{column}_dit"].astype(float).min(), both[f"{column}_gpt"].astype(float).min())
-        high = max(both[f"{column}_dit"].astype(float).max(), both[f"{column}_gpt"].astype(float).max())
+        low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
+        high = max(both[f"{column}_dit"].max(), both[f"{column}_gpt"].max())
         pad = 0.05 * (high - low or 1.0)
         ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="GPT = DiT")
         ax.set_xlabel(f"DiT overhead ({title}) [×]")

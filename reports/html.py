@@ -1,4 +1,9 @@
-"""Write report.md and a self-contained report.html (figures inlined as base64 PNG, tables inline)."""
+"""Write report.md and a self-contained report.html (figures inlined as base64 PNG, tables inline).
+
+Text that comes from result files (workload, method and error strings in the summary, tables, captions and
+warnings) is escaped in both: HTML-escaped in report.html, and in report.md raw HTML and ``<!--`` comments are
+written as entities (:func:`reports.tables.markdown_text`), so a result name cannot inject markup.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from .figures import FigureResult
-from .tables import HELPER_COLUMNS, present, to_markdown
+from .tables import format_number, markdown_text, to_markdown
 
 __all__ = ["ReportContent", "ReportTable", "write_html", "write_markdown"]
 
@@ -19,7 +24,8 @@ __all__ = ["ReportContent", "ReportTable", "write_html", "write_markdown"]
 class ReportTable:
     title: str
     notes: str
-    table: pd.DataFrame
+    table: pd.DataFrame  # typed (numbers, NaN, status columns): the CSV
+    display: pd.DataFrame  # the same rows as text: the Markdown and HTML tables
     stem: str  # file stem of its .md/.csv next to the report
 
 
@@ -33,29 +39,45 @@ class ReportContent:
     warnings: list[str] = field(default_factory=list)
 
 
+def _source(path: str) -> str:
+    """An input path in report.md: a code span, or escaped text when it holds characters a code span would not
+    keep inert everywhere (markup, backticks, line breaks)."""
+    if any(c in path for c in "<>&`\r\n"):
+        return markdown_text(path)
+    return f"`{path}`"
+
+
 def write_markdown(content: ReportContent, out_dir: Path) -> Path:
     """report.md: summary, tables, figures (linked PNG files next to it), skipped figures with reasons."""
-    lines = [f"# {content.title}", "", "Inputs: " + ", ".join(f"`{s}`" for s in content.sources), "", "## Summary", ""]
-    lines += [f"- {line}" for line in content.summary] + [""]
+    esc = markdown_text
+    lines = [
+        f"# {esc(content.title)}",
+        "",
+        "Inputs: " + ", ".join(_source(s) for s in content.sources),
+        "",
+        "## Summary",
+        "",
+    ]
+    lines += [f"- {esc(line)}" for line in content.summary] + [""]
     if content.warnings:
-        lines += ["## Input warnings", ""] + [f"- {w}" for w in content.warnings] + [""]
+        lines += ["## Input warnings", ""] + [f"- {esc(w)}" for w in content.warnings] + [""]
     for table in content.tables:
-        lines += [f"## {table.title}", "", table.notes, "", f"(also `{table.stem}.csv`)", ""]
-        lines += [to_markdown(table.table) if len(table.table) else "_no rows_", ""]
+        lines += [f"## {esc(table.title)}", "", table.notes, "", f"(also `{table.stem}.csv`)", ""]
+        lines += [to_markdown(table.display) if len(table.display) else "_no rows_", ""]
     lines += ["## Figures", ""]
     for figure in content.figures:
         if figure.skipped is None and figure.png is not None:
             lines += [
-                f"### {figure.title}",
+                f"### {esc(figure.title)}",
                 "",
-                figure.caption,
+                esc(figure.caption),
                 "",
-                f"![{figure.title}]({_relative(figure.png, out_dir)})",
+                f"![{esc(figure.title)}]({_relative(figure.png, out_dir)})",
                 "",
             ]
     skipped = [f for f in content.figures if f.skipped is not None]
     if skipped:
-        lines += ["## Figures not produced", ""] + [f"- {f.title}: {f.skipped}" for f in skipped] + [""]
+        lines += ["## Figures not produced", ""] + [f"- {esc(f.title)}: {esc(f.skipped)}" for f in skipped] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -80,7 +102,7 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
     if content.warnings:
         parts.append("<h2>Input warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in content.warnings) + "</ul>")
     for table in content.tables:
-        parts += [f"<h2>{esc(table.title)}</h2>", f"<p class='note'>{esc(table.notes)}</p>", _html_table(table.table)]
+        parts += [f"<h2>{esc(table.title)}</h2>", f"<p class='note'>{esc(table.notes)}</p>", _html_table(table.display)]
     parts.append("<h2>Figures</h2>")
     for figure in content.figures:
         if figure.skipped is None and figure.png is not None:
@@ -103,22 +125,15 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
     return path
 
 
-def _html_table(table: pd.DataFrame, drop: tuple[str, ...] = HELPER_COLUMNS) -> str:
+def _html_table(table: pd.DataFrame) -> str:
     if table.empty:
         return "<p><em>no rows</em></p>"
-    shown = table[[c for c in table.columns if c not in drop]]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>"
-        for row in shown.itertuples(index=False)
+        "<tr>" + "".join(f"<td>{html.escape(format_number(v))}</td>" for v in row) + "</tr>"
+        for row in table.itertuples(index=False)
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _text(value) -> str:
-    if not present(value):
-        return ""
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _relative(path: Path, base: Path) -> str:

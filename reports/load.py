@@ -2,19 +2,25 @@
 
 Two formats, told apart by content (never by file name):
 
-* pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks``; each benchmark's ``extra_info``
-  is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing (seconds, or null when not timed);
+* pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks`` (the timed cases: each one's
+  ``extra_info`` is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing) and ``dpmem_untimed`` (OOM,
+  unsupported and max-batch results, kept out of ``benchmarks`` so pytest-benchmark's own tools read the file);
 * JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run may leave a truncated
   *last* line: it is skipped with a warning and every complete line is kept.
 
-Everything is parsed with :mod:`json` into the record classes; nothing from the input is evaluated or unpickled.
+Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`;
+nothing from the input is evaluated or unpickled. Every measured number is checked (finite, not negative, an
+int64 at most): a bad one is a one-line :class:`ReportInputError` naming the file, the case and the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,24 +30,26 @@ import pandas as pd
 
 from bench.record import (
     CATEGORIES,
-    SCHEMA_VERSION,
     CaseRecord,
     MaxBatchRecord,
     RecordError,
-    from_jsonl_line,
+    StepMemory,
+    Timing,
     from_record_dict,
 )
 
-from .tables import affine_fit_table, overhead_table
+from .tables import affine_fit_table, first_line, overhead_table
 
 __all__ = [
     "CASE_KEY",
     "MEMORY_COLUMNS",
     "PEAK_COLUMNS",
+    "LoadedCase",
     "ReportInputError",
     "Results",
     "load_file",
     "load_results",
+    "machine_label",
     "workload_family",
 ]
 
@@ -63,7 +71,7 @@ MEMORY_COLUMNS = (
     "baseline_rss_bytes",
 )
 
-# The peak figures a regression gate compares (any that both sides have).
+# Every peak figure of a case (the regression gate chooses which of them it gates: reports.compare).
 PEAK_COLUMNS = (
     "peak_tensor_bytes",
     "peak_allocated_bytes",
@@ -93,31 +101,63 @@ _RECORD_FACTS = (
     "device_memory_bytes",
     "snapshot_path",
 )
-_TIME_COLUMNS = ("time_median_s", "time_mean_s", "time_min_s", "time_max_s", "time_stddev_s", "rounds")
+_TIME_COLUMNS = tuple(f.name for f in dataclasses.fields(Timing))
 
 
 class ReportInputError(ValueError):
     """A result file the reports cannot use; the message is one line naming the file and the problem."""
 
 
+@dataclass(frozen=True)
+class LoadedCase:
+    """One case as loaded: the record as written, and the machine facts the loader completed it with.
+
+    ``device_name`` and ``runner_label`` are the record's own, else (pytest-benchmark JSON) the file's
+    ``machine_info``; ``timing`` was likewise completed from pytest-benchmark's ``stats`` where the record lacks
+    it (files written before records carried their timing)."""
+
+    record: CaseRecord
+    device_name: str | None
+    runner_label: str | None
+    source: str
+
+    @property
+    def machine(self) -> str:
+        return machine_label(self.runner_label, self.device_name, self.record.device)
+
+    @property
+    def key(self) -> tuple:
+        """The case's CASE_KEY values."""
+        r = self.record
+        return r.workload, r.method, r.batch_size, r.device, self.machine
+
+    @property
+    def timed(self) -> bool:
+        return self.record.timing.time_median_s is not None
+
+    def completed_record(self) -> CaseRecord:
+        """The record with the machine facts filled in (what ``python -m reports merge`` writes)."""
+        return dataclasses.replace(self.record, device_name=self.device_name, runner_label=self.runner_label)
+
+
 @dataclass
 class Results:
     """Loaded results: one row per case × machine in ``cases``, one per max-batch search in ``max_batches``.
 
-    ``case_records[i]`` is the full record of the row whose ``record_index`` is ``i`` (phases, timeline and
-    breakdown for the figures); ``max_batch_records`` likewise for ``max_batches``. ``overhead`` and ``fits`` are
-    the two derived tables, built once on first use and shared by the report, the summary and the figures (treat
-    them, like ``cases``, as read-only)."""
+    ``loaded_cases[i]`` is the typed case of the row whose ``record_index`` is ``i`` (phases, timeline and
+    breakdown for the figures, the completed record for ``merge``); ``max_batch_records`` likewise for
+    ``max_batches``. ``overhead`` and ``fits`` are the two derived tables, built once on first use and shared by
+    the report, the summary and the figures (treat them, like ``cases``, as read-only)."""
 
     cases: pd.DataFrame
     max_batches: pd.DataFrame
-    case_records: list[CaseRecord] = field(default_factory=list)
+    loaded_cases: list[LoadedCase] = field(default_factory=list)
     max_batch_records: list[MaxBatchRecord] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def record(self, row: pd.Series | dict[str, Any]) -> CaseRecord:
-        return self.case_records[int(row["record_index"])]
+        return self.loaded_cases[int(row["record_index"])].record
 
     @cached_property
     def overhead(self) -> pd.DataFrame:
@@ -131,13 +171,18 @@ class Results:
 
 
 def workload_family(name: str) -> str:
-    """ "dit" or "gpt" from a workload name (built-in names start with their family), else "other"; used for
+    """ "dit", "dit-plain" or "gpt" from a workload name or spec (built-in names start with their family; the
+    plain DiTs have a ``plain`` part: ``dit-xl-2-plain``, ``dit-tiny-plain:depth=4``), else "other"; used for
     records without a `family` field and for max-batch records."""
-    lowered = name.lower()
-    for family in ("dit", "gpt"):
-        if lowered.startswith(family):
-            return family
-    return "other"
+    base = name.split(":", 1)[0].lower()
+    if base.startswith("dit"):
+        return "dit-plain" if "plain" in base.split("-") else "dit"
+    return "gpt" if base.startswith("gpt") else "other"
+
+
+def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:
+    """The machine a row was measured on: the CI runner label if set, else the device's name, else the device."""
+    return runner_label or device_name or device
 
 
 def _warn_stderr(message: str) -> None:
@@ -145,11 +190,121 @@ def _warn_stderr(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Numbers from a file are checked before anything computes with them
+# ---------------------------------------------------------------------------------------------------------------
+_INT64_MAX = 2**63 - 1  # the largest integer a DataFrame column holds exactly
+
+
+def _number_problem(value: Any, *, signed: bool = False) -> str | None:
+    """Why ``value`` is not a usable measured number (None: the figure is absent, which is fine), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r:.40} is not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is {value}"
+    if abs(value) > _INT64_MAX:
+        return f"{len(str(int(value)))}-digit number is out of range" if isinstance(value, int) else "is out of range"
+    if value < 0 and not signed:
+        return f"{value} is negative"
+    return None
+
+
+def _case_numbers(record: CaseRecord) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every measured number of a case record: memory, timing, and the model/device counts."""
+    memory, timing = record.memory, record.timing
+    for f in dataclasses.fields(StepMemory):
+        if f.name in ("breakdown", "phases", "timeline", "peak_phase", "snapshot_path"):
+            continue
+        yield f.name, getattr(memory, f.name)
+    breakdown = memory.breakdown if isinstance(memory.breakdown, dict) else {"": "not an object"}
+    for category, value in breakdown.items():
+        yield f"breakdown.{category}", value
+    for i, phase in enumerate(memory.phases):
+        yield f"phases[{i}].start_s", phase.start_s
+        yield f"phases[{i}].end_s", phase.end_s
+    for f in dataclasses.fields(memory.timeline):
+        trace = getattr(memory.timeline, f.name)
+        for i, value in enumerate(trace if isinstance(trace, list) else [trace]):
+            yield f"timeline.{f.name}[{i}]", value
+    for f in dataclasses.fields(Timing):
+        yield f.name, getattr(timing, f.name)
+    for name in ("params_total", "params_trainable", "tokens_per_sample", "device_memory_bytes", "steps"):
+        yield name, getattr(record, name)
+
+
+def _check_texts(record: CaseRecord | MaxBatchRecord, names: tuple[str, ...]) -> None:
+    """RecordError unless each of ``names`` is a string (``device_name`` / ``runner_label`` may also be None)."""
+    for name in (*names, "device_name", "runner_label"):
+        value = getattr(record, name)
+        if not isinstance(value, str) and not (value is None and name in ("device_name", "runner_label")):
+            raise RecordError(f"{name} {value!r:.40} is not a string")
+
+
+def _check_case(record: CaseRecord) -> None:
+    """RecordError naming the key of the first unusable value of ``record``."""
+    _check_texts(record, ("workload", "method", "device", "reason"))
+    if not 1 <= record.batch_size <= _INT64_MAX:
+        raise RecordError(f"batch_size {str(record.batch_size)[:20]} is not a batch size (1 or more)")
+    for key, value in _case_numbers(record):
+        problem = _number_problem(value)
+        if problem is not None:
+            raise RecordError(f"{key} {problem}")
+
+
+def _check_max_batch(record: MaxBatchRecord) -> None:
+    """RecordError naming the key of the first unusable value of ``record``."""
+    _check_texts(record, ("workload", "method", "device", "fit_metric", "status", "reason"))
+    numbers: list[tuple[str, Any, bool]] = [
+        ("memory_limit_bytes", record.memory_limit_bytes, False),
+        ("max_batch_measured", record.max_batch_measured, False),
+        ("first_failing_batch", record.first_failing_batch, False),
+        ("fit_fixed_bytes", record.fit_fixed_bytes, True),  # a least-squares intercept may be negative
+        ("fit_per_sample_bytes", record.fit_per_sample_bytes, True),
+    ]
+    predicted = record.predicted_max_batch if isinstance(record.predicted_max_batch, dict) else {"": "not an object"}
+    numbers += [(f"predicted_max_batch.{k}", v, False) for k, v in predicted.items()]
+    for i, probe in enumerate(record.probes):
+        numbers += [
+            (f"probes[{i}].{f.name}", getattr(probe, f.name), False)
+            for f in dataclasses.fields(probe)
+            if f.name != "status"
+        ]
+    for key, value, signed in numbers:
+        problem = _number_problem(value, signed=signed)
+        if problem is not None:
+            raise RecordError(f"{key} {problem}")
+
+
+def _checked_record(data: Any, stats: Any = None) -> CaseRecord | MaxBatchRecord:
+    """The record of one parsed JSON object (a case's timing completed from pytest-benchmark ``stats`` where
+    given), every value checked; RecordError otherwise."""
+    record = from_record_dict(data)
+    if isinstance(record, CaseRecord):
+        if stats is not None:
+            record = dataclasses.replace(record, timing=_with_stats(record.timing, stats))
+        _check_case(record)
+    else:
+        _check_max_batch(record)
+    return record
+
+
+def _case_name(data: Any) -> str:
+    """ "workload/method/bsN/device" of a raw record object, as far as it has those keys (for messages)."""
+    if not isinstance(data, dict):
+        return "?"
+    parts = [data.get("workload"), data.get("method"), data.get("batch_size"), data.get("device")]
+    if parts[2] is not None:
+        parts[2] = f"bs{parts[2]}"
+    return "/".join(f"{p}"[:60] for p in parts if p is not None) or "?"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # One file
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Loaded:
-    cases: list[tuple[CaseRecord, dict[str, Any]]]  # record, extra columns (timing stats, machine facts)
+    cases: list[LoadedCase]
     max_batches: list[MaxBatchRecord]
     warnings: list[str]
     format: str  # "pytest-benchmark" or "jsonl"
@@ -169,7 +324,9 @@ def load_file(path: str | Path) -> _Loaded:
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
-        whole = None
+        whole = None  # not one JSON document: JSON lines, or broken (said line by line below)
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit, nesting past the stack
+        raise ReportInputError(f"{path}: unreadable JSON: {first_line(exc) or 'nested too deeply'}") from None
     if isinstance(whole, dict) and "benchmarks" in whole:
         return _load_pytest_benchmark(path, whole)
     if whole is not None and not (isinstance(whole, dict) and ("record_type" in whole or "workload" in whole)):
@@ -188,56 +345,69 @@ def _load_pytest_benchmark(path: Path, data: dict[str, Any]) -> _Loaded:
         raise ReportInputError(f"{path}: pytest-benchmark JSON whose 'benchmarks' or 'dpmem_untimed' is not a list")
     if not benchmarks and not untimed:
         raise ReportInputError(f"{path}: pytest-benchmark JSON with no benchmarks")
-    machine_info = data.get("machine_info") if isinstance(data.get("machine_info"), dict) else {}
-    dpmem_info = machine_info.get("dpmem") if isinstance(machine_info.get("dpmem"), dict) else {}
+    machine_info = _dict(data.get("machine_info"))
     cases, max_batches = [], []
     for position, bench in enumerate([*benchmarks, *untimed]):
-        name = bench.get("name", f"#{position}") if isinstance(bench, dict) else f"#{position}"
-        extra = bench.get("extra_info") if isinstance(bench, dict) else None
+        bench = _dict(bench)
+        name = bench.get("name", f"#{position}")
+        extra = bench.get("extra_info")
         if not isinstance(extra, dict) or "workload" not in extra:
             raise ReportInputError(f"{path}: benchmark {name!r} has no dpmem extra_info (not a dpmem result file?)")
         try:
-            record = from_record_dict(extra)
+            record = _checked_record(extra, bench.get("stats"))
         except RecordError as exc:
-            raise ReportInputError(f"{path}: benchmark {name!r}: {exc}") from None
+            raise ReportInputError(f"{path}: benchmark {name!r}: {_case_name(extra)}: {exc}") from None
         if isinstance(record, MaxBatchRecord):
             max_batches.append(record)
             continue
-        extras = _stats_columns(bench.get("stats"))
-        extras.update(_machine_columns(record, dpmem_info, machine_info))
-        cases.append((record, extras))
+        device_name, runner_label = _machine_facts(record, machine_info)
+        cases.append(LoadedCase(record, device_name, runner_label, str(path)))
     return _Loaded(cases, max_batches, [], "pytest-benchmark")
 
 
-def _stats_columns(stats: Any) -> dict[str, Any]:
-    if not isinstance(stats, dict):
-        return {}
-    mapping = {
-        "median": "time_median_s",
-        "mean": "time_mean_s",
-        "min": "time_min_s",
-        "max": "time_max_s",
-        "stddev": "time_stddev_s",
-        "rounds": "rounds",
-    }
-    return {column: stats[key] for key, column in mapping.items() if isinstance(stats.get(key), (int, float))}
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
-def _machine_columns(record: CaseRecord, dpmem_info: dict[str, Any], machine_info: dict[str, Any]) -> dict[str, Any]:
-    """Fill device name / runner label from the file's machine_info where the record itself lacks them."""
-    columns: dict[str, Any] = {}
-    gpus = dpmem_info.get("gpus") if isinstance(dpmem_info.get("gpus"), list) else []
-    if record.device_name is None:
-        if record.device.startswith("cuda") and gpus and isinstance(gpus[0], dict):
+# pytest-benchmark's stats key -> the Timing field it fills where the record has none
+_STATS_TIMING = {
+    "median": "time_median_s",
+    "mean": "time_mean_s",
+    "min": "time_min_s",
+    "max": "time_max_s",
+    "stddev": "time_stddev_s",
+    "iqr": "time_iqr_s",
+    "rounds": "rounds",
+    "iterations": "iterations",
+}
+
+
+def _with_stats(timing: Timing, stats: Any) -> Timing:
+    """``timing`` completed from pytest-benchmark's ``stats`` (then checked like the record's own numbers): all of
+    it for a record written before records carried their timing, else only the fields the record lacks."""
+    from_stats = {name: value for key, name in _STATS_TIMING.items() if (value := _dict(stats).get(key)) is not None}
+    if timing.time_median_s is not None:
+        from_stats = {name: value for name, value in from_stats.items() if getattr(timing, name) is None}
+    return dataclasses.replace(timing, **from_stats)
+
+
+def _machine_facts(record: CaseRecord, machine_info: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(device name, runner label): the record's own, else from the file's machine_info."""
+    dpmem_info = _dict(machine_info.get("dpmem"))
+    device_name = record.device_name
+    if device_name is None:
+        gpus = [_dict(g) for g in dpmem_info.get("gpus", [])] if isinstance(dpmem_info.get("gpus"), list) else []
+        if record.device.startswith("cuda") and gpus:
             index = _cuda_index(record.device)
-            gpu = gpus[index] if index < len(gpus) and isinstance(gpus[index], dict) else gpus[0]
-            columns["device_name"] = gpu.get("name")
+            device_name = (gpus[index] if index < len(gpus) else gpus[0]).get("name")
         elif record.device == "cpu":
-            generic_cpu = machine_info.get("cpu") if isinstance(machine_info.get("cpu"), dict) else {}
-            columns["device_name"] = dpmem_info.get("cpu") or generic_cpu.get("brand_raw")
-    if record.runner_label is None and dpmem_info.get("runner_label"):
-        columns["runner_label"] = dpmem_info["runner_label"]
-    return columns
+            device_name = dpmem_info.get("cpu") or _dict(machine_info.get("cpu")).get("brand_raw")
+    runner_label = record.runner_label or dpmem_info.get("runner_label")
+    return _text_or_none(device_name), _text_or_none(runner_label)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _cuda_index(device: str) -> int:
@@ -249,7 +419,7 @@ def _load_jsonl(path: Path, text: str) -> _Loaded:
     lines = text.splitlines()
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     last_number = numbered[-1][0]
-    cases: list[tuple[CaseRecord, dict[str, Any]]] = []
+    cases: list[LoadedCase] = []
     max_batches: list[MaxBatchRecord] = []
     warnings: list[str] = []
     for number, line in numbered:
@@ -264,21 +434,17 @@ def _load_jsonl(path: Path, text: str) -> _Loaded:
                 continue
             what = "not JSON" if number == 1 else f"line {number} is not JSON"
             raise ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:
+            raise ReportInputError(f"{path}: line {number}: unreadable JSON: {first_line(exc)}") from None
         if not isinstance(data, dict) or not ("record_type" in data or "workload" in data):
             kind = type(data).__name__ if not isinstance(data, dict) else "object without record_type/workload"
             raise ReportInputError(f"{path}: line {number}: JSON {kind} is not a dpmem record (foreign JSON?)")
         try:
-            record = from_jsonl_line(line)
+            record = _checked_record(data)
         except RecordError as exc:
-            raise ReportInputError(f"{path}: line {number}: {exc}") from None
-        if record.schema_version > SCHEMA_VERSION:
-            # MaxBatchRecord.from_dict does not check it; a newer schema must fail the same way for both.
-            raise ReportInputError(
-                f"{path}: line {number}: record schema_version {record.schema_version} is newer than this suite's "
-                f"({SCHEMA_VERSION}); update dpmem to read it"
-            )
+            raise ReportInputError(f"{path}: line {number}: {_case_name(data)}: {exc}") from None
         if isinstance(record, CaseRecord):
-            cases.append((record, {}))
+            cases.append(LoadedCase(record, record.device_name, record.runner_label, str(path)))
         else:
             max_batches.append(record)
     return _Loaded(cases, max_batches, warnings, "jsonl")
@@ -296,14 +462,13 @@ def load_results(
     """Load every file into one :class:`Results`.
 
     A bad file raises :class:`ReportInputError`, or with ``skip_bad`` is reported through ``warn`` and left out.
-    When the same case × machine appears more than once (e.g. both the .json and the .jsonl of one run), the row
-    with timing wins, then the one loaded last."""
+    When the same case × machine appears more than once (e.g. both the .json and the .jsonl of one run), the
+    timed one wins, then the one loaded last."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")
-    rows: list[dict[str, Any]] = []
-    case_records: list[CaseRecord] = []
-    mb_rows: list[dict[str, Any]] = []
+    chosen: dict[tuple, LoadedCase] = {}
+    per_format: Counter[tuple] = Counter()
     mb_records: list[MaxBatchRecord] = []
     warnings: list[str] = []
     sources: list[str] = []
@@ -323,33 +488,27 @@ def load_results(
         sources.append(str(path))
         for message in loaded.warnings:
             note(message)
-        for record, extras in loaded.cases:
-            rows.append({**_case_row(record, extras, str(path), len(case_records)), "_format": loaded.format})
-            case_records.append(record)
-        for record in loaded.max_batches:
-            mb_rows.append(_max_batch_row(record, str(path), len(mb_records)))
-            mb_records.append(record)
+        for case in loaded.cases:
+            per_format[(case.key, loaded.format)] += 1
+            previous = chosen.get(case.key)
+            if previous is None or case.timed or not previous.timed:
+                chosen[case.key] = case
+        mb_records += loaded.max_batches
     if not sources:
         raise ReportInputError("no usable result file (every input was skipped)")
-
-    cases = pd.DataFrame(rows, columns=[*_case_columns(), "_format"])
-    if not cases.empty:
-        cases["_order"] = range(len(cases))
-        cases["_timed"] = cases["time_median_s"].notna()
-        # A run's .json and .jsonl hold the same cases: expected, silent. The same case twice in one format
-        # (two runs of one machine) is a real conflict: said.
-        conflicts = int(cases.duplicated([*CASE_KEY, "_format"]).sum())
-        cases = cases.sort_values(["_timed", "_order"]).drop_duplicates(list(CASE_KEY), keep="last")
-        if conflicts:
-            note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
-        cases = (
-            cases.sort_values(["machine", "device", "workload", "method", "batch_size"])
-            .drop(columns=["_order", "_timed", "_format"])
-            .reset_index(drop=True)
-        )
-        cases["batch_size"] = cases["batch_size"].astype(int)
-    max_batches = pd.DataFrame(mb_rows, columns=_max_batch_columns())
-    return Results(cases, max_batches, case_records, mb_records, sources, warnings)
+    # A run's .json and .jsonl hold the same cases: expected, silent. The same case twice in one format (two runs
+    # of one machine) is a real conflict: said.
+    conflicts = sum(count - 1 for count in per_format.values())
+    if conflicts:
+        note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
+    loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *c.key[:3]))
+    rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
+    cases = pd.DataFrame(rows, columns=_case_columns())
+    cases["batch_size"] = cases["batch_size"].astype(int)
+    max_batches = pd.DataFrame(
+        [_max_batch_row(r, i) for i, r in enumerate(mb_records)], columns=list(_MAX_BATCH_COLUMNS)
+    )
+    return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
 
 
 def _case_columns() -> list[str]:
@@ -373,7 +532,8 @@ def _case_columns() -> list[str]:
     ]
 
 
-def _case_row(record: CaseRecord, extras: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
+    record = case.record
     row: dict[str, Any] = {
         "workload": record.workload,
         "method": record.method,
@@ -383,58 +543,42 @@ def _case_row(record: CaseRecord, extras: dict[str, Any], source: str, index: in
         "reason": record.reason,
         "family": record.family or workload_family(record.workload),  # older records lack the field
     }
-    for name in (*MEMORY_COLUMNS, *_RECORD_FACTS):
+    for name in MEMORY_COLUMNS:
+        row[name] = getattr(record.memory, name)
+    for name in _RECORD_FACTS:
         row[name] = getattr(record.memory if hasattr(record.memory, name) else record, name)
     for category in CATEGORIES:
         row[f"breakdown_{category}"] = record.memory.breakdown.get(category)
-    # The record carries timing from the timed rounds; the benchmark's own stats fill what it lacks.
-    timing = record.timing
-    row["time_median_s"] = timing.time_median_s
-    row["time_mean_s"] = timing.time_mean_s
-    row["time_min_s"] = timing.time_min_s
-    row["time_max_s"] = timing.time_max_s
-    row["time_stddev_s"] = timing.time_stddev_s
-    row["rounds"] = timing.rounds or None
-    row["device_name"] = record.device_name
-    row["runner_label"] = record.runner_label
-    for key, value in extras.items():
-        if row.get(key) is None:
-            row[key] = value
-    row["machine"] = machine_label(row["runner_label"], row["device_name"], record.device)
-    row["source"] = source
+    row.update(dataclasses.asdict(record.timing))
+    row["rounds"] = record.timing.rounds or None  # 0 rounds: not timed
+    row["device_name"], row["runner_label"], row["machine"] = case.device_name, case.runner_label, case.machine
+    row["source"] = case.source
     row["record_index"] = index
     return row
 
 
-def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:
-    """The machine a row was measured on: the CI runner label if set, else the device's name, else the device."""
-    return runner_label or device_name or device
+_MAX_BATCH_COLUMNS = (
+    "workload",
+    "method",
+    "device",
+    "status",
+    "reason",
+    "family",
+    "memory_limit_bytes",
+    "max_batch_measured",
+    "first_failing_batch",
+    "fit_metric",
+    "fit_fixed_bytes",
+    "fit_per_sample_bytes",
+    "predicted_max_batch",
+    "device_name",
+    "runner_label",
+    "machine",
+    "record_index",
+)
 
 
-def _max_batch_columns() -> list[str]:
-    return [
-        "workload",
-        "method",
-        "device",
-        "status",
-        "reason",
-        "family",
-        "memory_limit_bytes",
-        "max_batch_measured",
-        "first_failing_batch",
-        "fit_metric",
-        "fit_fixed_bytes",
-        "fit_per_sample_bytes",
-        "predicted_max_batch",
-        "device_name",
-        "runner_label",
-        "machine",
-        "source",
-        "record_index",
-    ]
-
-
-def _max_batch_row(record: MaxBatchRecord, source: str, index: int) -> dict[str, Any]:
+def _max_batch_row(record: MaxBatchRecord, index: int) -> dict[str, Any]:
     predicted = None
     if record.predicted_max_batch:
         # The prediction for the memory the search ran under; else the largest memory size given.
@@ -459,7 +603,6 @@ def _max_batch_row(record: MaxBatchRecord, source: str, index: int) -> dict[str,
         "device_name": record.device_name,
         "runner_label": record.runner_label,
         "machine": machine_label(record.runner_label, record.device_name, record.device),
-        "source": source,
         "record_index": index,
     }
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pandas as pd
 
 from .load import Results
-from .tables import BASELINE_METHOD, RATIO_COLUMNS, all_ok_batches, fit_metric_for
+from .tables import (
+    BASELINE_METHOD,
+    MIN_NOISE_ROUNDS,
+    RATIO_COLUMNS,
+    TIME_NOISE,
+    TIME_RATIO,
+    TIME_VERDICT,
+    all_ok_batches,
+    first_line,
+    fit_metric_for,
+    present,
+)
 
 __all__ = ["summary_lines"]
 
@@ -16,7 +27,8 @@ _METRIC_WORDS = {"peak_reserved_bytes": "peak reserved", "peak_tensor_bytes": "p
 
 def summary_lines(results: Results) -> list[str]:
     """Sentences like "On NVIDIA A100 (a100), at dit-xl-2-cond batch 64 (peak reserved): bk costs 1.03× non-DP
-    memory and 1.20× its step time; ...".
+    memory and 1.20× its step time; ...". A time ratio is stated only when it is beyond its noise; otherwise the
+    sentence says "within noise" (or why it cannot tell).
 
     Per machine: the overhead of every DP method at the headline case (the largest DiT with a batch at which
     every method and nondp ran ok, else the largest workload with one), then per method where it ran out of
@@ -47,15 +59,26 @@ def _headline_lines(overhead: pd.DataFrame, machine: str, rows: pd.DataFrame, wh
     ]
     parts = []
     for _, row in table.iterrows():
-        memory, time = row[column], row["median step ×nondp"]
-        if isinstance(memory, float):
-            text = f"{row['method']} costs {memory:.2f}× non-DP memory"
-            if isinstance(time, float):
-                text += f" and {time:.2f}× its step time"
-            parts.append(text)
+        memory = row[column]
+        if present(memory):
+            parts.append(f"{row['method']} costs {memory:.2f}× non-DP memory" + _time_words(row))
     if not parts:
         return []
     return [f"On {where}, at {workload} batch {batch} ({_METRIC_WORDS[metric]}): " + "; ".join(parts) + "."]
+
+
+def _time_words(row: pd.Series) -> str:
+    """The step-time part of a headline: the ratio only when it is beyond its noise (tables.OVERHEAD_NOTES)."""
+    verdict = row[TIME_VERDICT]
+    if not present(row[TIME_RATIO]):
+        return ""
+    if verdict == "beyond noise":
+        return f" and {row[TIME_RATIO]:.2f}× its step time"
+    if verdict == "within noise":
+        return f", its step time within noise of non-DP's (±{row[TIME_NOISE]:.0%})"
+    if verdict == "threads differ":
+        return ", its step time not comparable (timed with different torch thread counts)"
+    return f", its step time noise unknown (fewer than {MIN_NOISE_ROUNDS} timed rounds, or no IQR)"
 
 
 def _method_lines(method: str, mrows: pd.DataFrame, where: str) -> list[str]:
@@ -76,7 +99,7 @@ def _method_lines(method: str, mrows: pd.DataFrame, where: str) -> list[str]:
         lines.append(f"On {where}, {method} runs out of memory " + ", ".join(oom_text) + ".")
     unsupported = mrows[mrows["status"] == "unsupported"]
     if len(unsupported):
-        reason = (str(unsupported["reason"].iloc[0]).strip().splitlines() or [""])[0]
+        reason = first_line(unsupported["reason"].iloc[0])
         workloads = ", ".join(sorted(unsupported["workload"].unique()))
         lines.append(f"On {where}, {method} is unsupported on {workloads}" + (f": {reason}" if reason else "") + ".")
     errors = mrows[mrows["status"] == "error"]

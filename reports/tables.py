@@ -1,8 +1,10 @@
 """Tables from the loaded results: DP overhead over non-DP, and the affine memory fit per method.
 
-Both tables are plain DataFrames (written as Markdown and CSV by :func:`write_table`). A cell that cannot hold a
-number says why: "OOM", "unsupported", "error" (the DP case), "nondp OOM" (its baseline), "no nondp", or "n/a"
-(the figure does not exist on that device, e.g. allocator figures on CPU).
+Both tables are typed DataFrames: a figure is a number, or NaN / <NA> where it does not exist, and explicit
+columns say why (``status`` and ``nondp status`` of the overhead table, ``max batch is lower bound`` of the fit
+table). Text such as "OOM", "nondp OOM", "≥12" or "n/a" is produced only when a table is written out, by
+:func:`overhead_display` / :func:`fit_display` (Markdown and HTML). The CSV files hold the typed table: numbers
+(empty where there is none) beside the status columns, so a spreadsheet or ``pandas.read_csv`` gets numbers.
 """
 
 from __future__ import annotations
@@ -18,25 +20,31 @@ from bench.maxbatch import affine_fit, predict_max_batch  # the one fit, shared 
 __all__ = [
     "BASELINE_METHOD",
     "FIT_NOTES",
-    "HELPER_COLUMNS",
     "MIB",
+    "MIN_NOISE_ROUNDS",
     "OVERHEAD_NOTES",
     "RATIO_COLUMNS",
-    "affine_fit",
+    "TIME_VERDICTS",
     "affine_fit_table",
     "all_ok_batches",
+    "first_line",
+    "fit_display",
     "fit_metric_for",
+    "format_number",
+    "markdown_text",
+    "overhead_display",
     "overhead_table",
+    "overhead_warnings",
     "present",
     "status_label",
+    "time_noise",
+    "time_verdict",
     "to_markdown",
     "write_table",
 ]
 
 BASELINE_METHOD = "nondp"
 MIB = 2**20
-# Raw-byte columns of the fit table kept for code (figures), left out of the Markdown and HTML tables.
-HELPER_COLUMNS = ("fixed_bytes", "per_sample_bytes")
 
 # Ratio columns of the overhead table: column title -> the record's figure it divides.
 RATIO_COLUMNS = {
@@ -45,19 +53,33 @@ RATIO_COLUMNS = {
     "peak reserved ×nondp": "peak_reserved_bytes",
     "median step ×nondp": "time_median_s",
 }
+TIME_RATIO = "median step ×nondp"
+TIME_NOISE = "step time noise"  # combined relative IQR of the two sides (a fraction)
+TIME_VERDICT = "time vs noise"  # one of TIME_VERDICTS, or missing where there is no time ratio
+
+# A quartile of fewer timed rounds says nothing about the spread (pytest-benchmark's IQR of 1 round is 0).
+MIN_NOISE_ROUNDS = 3
+TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ")
 
 OVERHEAD_NOTES = (
     "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device and "
     "machine. `peak tensor` = peak live tensor bytes (exact tracker, every device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
-    "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes."
+    "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes. "
+    "`step time noise` = √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (the relative "
+    "interquartile ranges combined in quadrature); `time vs noise` says whether the time ratio can be trusted: "
+    "`beyond noise` when |ratio − 1| > noise, `within noise` otherwise (the DP and non-DP step times cannot be "
+    f"told apart), `noise unknown` when a side has fewer than {MIN_NOISE_ROUNDS} timed rounds or no IQR, "
+    "`threads differ` when the two sides were timed with different torch CPU thread counts. The CSV holds the "
+    "numbers (empty where there is none) and the `status` / `nondp status` columns that say why."
 )
 
 FIT_NOTES = (
     "Affine fit peak(B) = fixed + per_sample · B of each method's peak memory over the batch sizes that ran "
     "(`fit metric`: peak_reserved_bytes on CUDA where every point has it, else peak_tensor_bytes). "
     "`predicted max batch` is the largest B with peak(B) ≤ `memory`; `measured max batch` is the largest batch "
-    'that ran ok ("≥" when no larger batch failed).'
+    'that ran ok ("≥" when no larger batch failed). The CSV holds the numbers (empty where there is none) and a '
+    '`max batch is lower bound` column for the "≥".'
 )
 
 _STATUS_LABELS = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
@@ -68,8 +90,10 @@ def status_label(status: str) -> str:
 
 
 def present(value: Any) -> bool:
-    """True unless ``value`` is None or a float NaN (how a missing figure reaches a DataFrame cell)."""
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    """True unless ``value`` is None, NaN or pandas' <NA> (how a missing figure reaches a DataFrame cell)."""
+    if value is None or value is pd.NA:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
 
 
 def all_ok_batches(rows: pd.DataFrame) -> list[int]:
@@ -88,53 +112,110 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
     """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES)."""
     group_key = ["machine", "device", "workload", "batch_size"]
-    columns = [*group_key, "method", "status", "peak tensor MiB", "nondp peak tensor MiB", *RATIO_COLUMNS]
+    columns = [
+        *group_key,
+        "method",
+        "status",
+        "nondp status",
+        "peak tensor MiB",
+        "nondp peak tensor MiB",
+        *RATIO_COLUMNS,
+        TIME_NOISE,
+        TIME_VERDICT,
+    ]
     rows = []
     for _, group in cases.groupby(group_key, sort=True):
         baselines = group[group["method"] == BASELINE_METHOD]
         baseline = baselines.iloc[0] if len(baselines) else None
+        base_ok = baseline is not None and baseline["status"] == "ok"
         for _, case in group[group["method"] != BASELINE_METHOD].sort_values("method").iterrows():
+            both_ok = base_ok and case["status"] == "ok"
             row = {k: case[k] for k in group_key}
             row["method"] = case["method"]
             row["status"] = case["status"]
-            row["peak tensor MiB"] = (
-                _mib(case["peak_tensor_bytes"]) if case["status"] == "ok" else status_label(case["status"])
-            )
-            row["nondp peak tensor MiB"] = _baseline_problem(baseline) or _mib(baseline["peak_tensor_bytes"])
+            row["nondp status"] = "missing" if baseline is None else baseline["status"]
+            row["peak tensor MiB"] = _mib(case["peak_tensor_bytes"]) if case["status"] == "ok" else math.nan
+            row["nondp peak tensor MiB"] = _mib(baseline["peak_tensor_bytes"]) if base_ok else math.nan
             for title, figure in RATIO_COLUMNS.items():
-                row[title] = _ratio_cell(case, baseline, figure)
+                row[title] = _ratio(case[figure], baseline[figure]) if both_ok else math.nan
+            row[TIME_NOISE] = time_noise(case, baseline) if both_ok else math.nan
+            row[TIME_VERDICT] = time_verdict(row[TIME_RATIO], row[TIME_NOISE], case, baseline) if both_ok else None
             rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    for column in ("peak tensor MiB", "nondp peak tensor MiB", *RATIO_COLUMNS, TIME_NOISE):
+        table[column] = table[column].astype(float)
+    return table
 
 
-def _baseline_problem(baseline: pd.Series | None) -> str | None:
-    """Why the nondp baseline gives no number ("no nondp", "nondp OOM", ...), or None when it ran ok."""
-    if baseline is None:
-        return "no nondp"
-    if baseline["status"] != "ok":
-        return f"nondp {status_label(baseline['status'])}"
-    return None
-
-
-def _ratio_cell(case: pd.Series, baseline: pd.Series | None, figure: str) -> float | str:
-    if case["status"] != "ok":
-        return status_label(case["status"])
-    problem = _baseline_problem(baseline)
-    if problem is not None:
-        return problem
-    numerator, denominator = case[figure], baseline[figure]
+def _ratio(numerator: Any, denominator: Any) -> float:
     if not (present(numerator) and present(denominator)) or float(denominator) <= 0:
-        return "n/a"
+        return math.nan
     return round(float(numerator) / float(denominator), 3)
 
 
-def _mib(value: Any) -> float | str:
-    return round(float(value) / MIB, 2) if present(value) else "n/a"
+def _mib(value: Any) -> float:
+    return round(float(value) / MIB, 2) if present(value) else math.nan
+
+
+def _relative_iqr(row: pd.Series) -> float:
+    """IQR / median of one side's timed rounds; NaN when it says nothing (too few rounds, no IQR)."""
+    median, iqr, rounds = row.get("time_median_s"), row.get("time_iqr_s"), row.get("rounds")
+    if not (present(median) and present(iqr) and present(rounds)) or rounds < MIN_NOISE_ROUNDS or median <= 0:
+        return math.nan
+    return float(iqr) / float(median)
+
+
+def time_noise(case: pd.Series, baseline: pd.Series) -> float:
+    """The relative spread of a time ratio: both sides' IQR/median combined in quadrature (NaN if unknown)."""
+    return round(math.hypot(_relative_iqr(case), _relative_iqr(baseline)), 4)
+
+
+def time_verdict(ratio: float, noise: float, case: pd.Series, baseline: pd.Series) -> str | None:
+    """Whether a time ratio can be trusted (one of TIME_VERDICTS; None when there is no ratio)."""
+    if not present(ratio):
+        return None
+    threads = case.get("torch_threads"), baseline.get("torch_threads")
+    if all(present(t) for t in threads) and threads[0] != threads[1]:
+        return "threads differ"
+    if not present(noise):
+        return "noise unknown"
+    return "beyond noise" if abs(ratio - 1.0) > noise else "within noise"
+
+
+def overhead_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The overhead table as text: a missing number says why (case status, nondp's status, or n/a)."""
+    shown = table.drop(columns=["nondp status"]).astype(object)
+    for i, row in table.iterrows():
+        case_problem = None if row["status"] == "ok" else status_label(row["status"])
+        base_problem = _baseline_problem(row["nondp status"])
+        shown.at[i, "peak tensor MiB"] = _number_or(row["peak tensor MiB"], case_problem or "n/a")
+        shown.at[i, "nondp peak tensor MiB"] = _number_or(row["nondp peak tensor MiB"], base_problem or "n/a")
+        for title in RATIO_COLUMNS:
+            shown.at[i, title] = _number_or(row[title], case_problem or base_problem or "n/a")
+        noise = row[TIME_NOISE]
+        shown.at[i, TIME_NOISE] = f"±{noise:.1%}" if present(noise) else ""
+        shown.at[i, TIME_VERDICT] = row[TIME_VERDICT] if present(row[TIME_VERDICT]) else ""
+    return shown
+
+
+def _baseline_problem(nondp_status: str) -> str | None:
+    """Why the nondp baseline gives no number ("no nondp", "nondp OOM", ...), or None when it ran ok."""
+    if nondp_status == "missing":
+        return "no nondp"
+    return None if nondp_status == "ok" else f"nondp {status_label(nondp_status)}"
+
+
+def _number_or(value: Any, reason: str) -> str:
+    return format_number(value) if present(value) else reason
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Affine fit: fixed + per-sample memory, predicted max batch
 # ---------------------------------------------------------------------------------------------------------------
+FIT_INT_COLUMNS = ("points", "measured max batch", "first failing batch", "predicted max batch")
+LOWER_BOUND = "max batch is lower bound"
+
+
 def fit_metric_for(rows: pd.DataFrame) -> str:
     """The peak figure to fit/plot for these rows: allocator reserved on CUDA where every ok row has it."""
     ok = rows[rows["status"] == "ok"]
@@ -158,6 +239,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
         "per-sample MiB",
         "memory GiB",
         "measured max batch",
+        LOWER_BOUND,
         "first failing batch",
         "predicted max batch",
         "fixed_bytes",
@@ -166,84 +248,133 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     rows: dict[tuple, dict[str, Any]] = {}
     if max_batches is not None and len(max_batches):
         for _, mb in max_batches.iterrows():
-            if not (present(mb["fit_fixed_bytes"]) and present(mb["fit_per_sample_bytes"])):
-                continue
-            measured = mb["max_batch_measured"]
-            rows[tuple(mb[k] for k in key)] = {
-                **{k: mb[k] for k in key},
-                "source": "max-batch search",
-                "fit metric": mb["fit_metric"],
-                "points": None,
-                "fixed_bytes": float(mb["fit_fixed_bytes"]),
-                "per_sample_bytes": float(mb["fit_per_sample_bytes"]),
-                "memory_bytes": mb["memory_limit_bytes"],
-                "measured max batch": int(measured) if present(measured) else "none",
-                "first failing batch": int(mb["first_failing_batch"]) if present(mb["first_failing_batch"]) else None,
-                "predicted max batch": int(mb["predicted_max_batch"]) if present(mb["predicted_max_batch"]) else None,
-            }
+            if present(mb["fit_fixed_bytes"]) and present(mb["fit_per_sample_bytes"]):
+                rows[tuple(mb[k] for k in key)] = _search_fit_row(mb, key)
     for group_key, group in cases.groupby(key, sort=True):
-        if group_key in rows:
-            continue
-        metric = fit_metric_for(group)
-        ok = group[(group["status"] == "ok") & group[metric].notna()]
-        if ok["batch_size"].nunique() < 2:
-            continue
-        fixed, per_sample = affine_fit(list(zip(ok["batch_size"].astype(int), ok[metric].astype(float))))
-        largest_ok = int(ok["batch_size"].max())
-        failing = group[(group["status"] == "oom") & (group["batch_size"] > largest_ok)]["batch_size"]
-        memory = group["device_memory_bytes"].dropna()
-        memory_bytes = float(memory.iloc[0]) if len(memory) else None
-        rows[group_key] = {
-            **dict(zip(key, group_key)),
-            "source": "fit to cases",
-            "fit metric": metric,
-            "points": len(ok),
-            "fixed_bytes": fixed,
-            "per_sample_bytes": per_sample,
-            "memory_bytes": memory_bytes,
-            "measured max batch": largest_ok if len(failing) else f"≥{largest_ok}",
-            "first failing batch": int(failing.min()) if len(failing) else None,
-            "predicted max batch": predict_max_batch(fixed, per_sample, memory_bytes) if memory_bytes else None,
-        }
-    out = []
+        if group_key not in rows:
+            row = _case_fit_row(group)
+            if row is not None:
+                rows[group_key] = {**dict(zip(key, group_key)), **row}
     for row in rows.values():
         row["fixed MiB"] = round(row["fixed_bytes"] / MIB, 2)
         row["per-sample MiB"] = round(row["per_sample_bytes"] / MIB, 3)
         memory = row.pop("memory_bytes")
-        row["memory GiB"] = round(float(memory) / 2**30, 2) if present(memory) else "n/a"
-        if row["predicted max batch"] is None:
-            row["predicted max batch"] = "n/a"
-        if row["first failing batch"] is None:
-            row["first failing batch"] = "none"
-        out.append(row)
-    table = pd.DataFrame(out, columns=columns)
+        row["memory GiB"] = round(float(memory) / 2**30, 2) if present(memory) else math.nan
+    table = pd.DataFrame(list(rows.values()), columns=columns)
+    for column in FIT_INT_COLUMNS:
+        table[column] = pd.array([int(v) if present(v) else pd.NA for v in table[column]], dtype="Int64")
+    table[LOWER_BOUND] = table[LOWER_BOUND].astype(bool)
     return table.sort_values(key).reset_index(drop=True) if len(table) else table
+
+
+def _search_fit_row(mb: pd.Series, key: list[str]) -> dict[str, Any]:
+    """A fit-table row from a max-batch search record (the search found the max batch itself)."""
+    return {
+        **{k: mb[k] for k in key},
+        "source": "max-batch search",
+        "fit metric": mb["fit_metric"],
+        "points": None,
+        "fixed_bytes": float(mb["fit_fixed_bytes"]),
+        "per_sample_bytes": float(mb["fit_per_sample_bytes"]),
+        "memory_bytes": mb["memory_limit_bytes"],
+        "measured max batch": mb["max_batch_measured"],
+        # the search stopped at its limit without a failure: the true max batch may be larger
+        LOWER_BOUND: present(mb["max_batch_measured"]) and not present(mb["first_failing_batch"]),
+        "first failing batch": mb["first_failing_batch"],
+        "predicted max batch": mb["predicted_max_batch"],
+    }
+
+
+def _case_fit_row(group: pd.DataFrame) -> dict[str, Any] | None:
+    """A fit-table row from one method's case rows (None with fewer than two ok batch sizes)."""
+    metric = fit_metric_for(group)
+    ok = group[(group["status"] == "ok") & group[metric].notna()]
+    if ok["batch_size"].nunique() < 2:
+        return None
+    fixed, per_sample = affine_fit(list(zip(ok["batch_size"].astype(int), ok[metric].astype(float))))
+    largest_ok = int(ok["batch_size"].max())
+    failing = group[(group["status"] == "oom") & (group["batch_size"] > largest_ok)]["batch_size"]
+    memory = group["device_memory_bytes"].dropna()
+    memory_bytes = float(memory.iloc[0]) if len(memory) else None
+    return {
+        "source": "fit to cases",
+        "fit metric": metric,
+        "points": len(ok),
+        "fixed_bytes": fixed,
+        "per_sample_bytes": per_sample,
+        "memory_bytes": memory_bytes,
+        "measured max batch": largest_ok,
+        LOWER_BOUND: not len(failing),
+        "first failing batch": int(failing.min()) if len(failing) else None,
+        "predicted max batch": predict_max_batch(fixed, per_sample, memory_bytes) if memory_bytes else None,
+    }
+
+
+def fit_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The fit table as text: "≥N" for a lower bound, "none" / "n/a" where there is no number."""
+    shown = table.drop(columns=[LOWER_BOUND, "fixed_bytes", "per_sample_bytes"]).astype(object)
+    for i, row in table.iterrows():
+        measured = row["measured max batch"]
+        if present(measured):
+            shown.at[i, "measured max batch"] = f"≥{measured}" if row[LOWER_BOUND] else str(measured)
+        else:
+            shown.at[i, "measured max batch"] = "none"
+        shown.at[i, "first failing batch"] = _number_or(row["first failing batch"], "none")
+        shown.at[i, "predicted max batch"] = _number_or(row["predicted max batch"], "n/a")
+        shown.at[i, "memory GiB"] = _number_or(row["memory GiB"], "n/a")
+        shown.at[i, "points"] = _number_or(row["points"], "")
+    return shown
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------
-def to_markdown(table: pd.DataFrame, *, drop: tuple[str, ...] = HELPER_COLUMNS) -> str:
-    """A GitHub Markdown table (no dependency on ``tabulate``); raw-byte helper columns are left out."""
-    shown = table[[c for c in table.columns if c not in drop]]
-    header = "| " + " | ".join(str(c) for c in shown.columns) + " |"
-    rule = "|" + "|".join("---" for _ in shown.columns) + "|"
-    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
-def _cell(value: Any) -> str:
+def format_number(value: Any) -> str:
+    """A cell as text: "" when missing, floats in %g (tiny ones in e-notation), anything else with str()."""
     if not present(value):
         return ""
     if isinstance(value, float):
         return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value)
 
 
-def write_table(table: pd.DataFrame, out_dir: Path, stem: str, notes: str) -> list[Path]:
-    """Write ``stem``.md (notes + table) and ``stem``.csv; returns both paths."""
+def first_line(text: object) -> str:
+    """The first non-blank line of a (possibly multi-line) message, e.g. a library's error."""
+    return (str(text).strip().splitlines() or [""])[0]
+
+
+def markdown_text(text: Any) -> str:
+    """Text safe inside Markdown: raw HTML (tags, ``<!--`` comments) and entities escaped, one line, no `|`
+    cell breaks. Result names (workloads, methods, error messages) come from input files."""
+    escaped = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table of ``table`` (a display frame, or any frame: cells via :func:`format_number`)."""
+    header = "| " + " | ".join(markdown_text(c) for c in table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = [
+        "| " + " | ".join(markdown_text(format_number(v)) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def write_table(table: pd.DataFrame, display: pd.DataFrame, out_dir: Path, stem: str, notes: str) -> list[Path]:
+    """Write ``stem``.md (notes + the display table) and ``stem``.csv (the typed table); returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    md_path.write_text(f"{notes}\n\n{to_markdown(table)}", encoding="utf-8")
+    md_path.write_text(f"{notes}\n\n{to_markdown(display)}", encoding="utf-8")
     table.to_csv(csv_path, index=False)
     return [md_path, csv_path]
+
+
+def overhead_warnings(table: pd.DataFrame) -> list[str]:
+    """Report warnings about the overhead table: time ratios across different torch thread counts."""
+    differ = table[table[TIME_VERDICT] == "threads differ"]
+    if differ.empty:
+        return []
+    return [
+        f"{len(differ)} time ratio(s) divide step times timed with different torch CPU thread counts (e.g. results "
+        "merged from different runs); they are marked `threads differ` and not stated in the summary"
+    ]
