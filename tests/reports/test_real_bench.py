@@ -6,13 +6,12 @@ Two ``pytest bench/`` subprocesses, shared by every test of this module:
   timed cases, ``unsupported`` ones (ghost clipping refuses the tied GPT embedding) and OOMs (batch 1024), with
   ``--benchmark-autosave``. Its first case is nondp at batch 2: run before any other case of the process;
 * run B — nondp at batch 1024 (no cap), *then* nondp at batch 2 in the same process, with
-  ``--benchmark-compare`` against A's saved run (and ``--benchmark-histogram`` where pygal is installed).
+  ``--benchmark-compare`` against A's saved run and ``--benchmark-histogram`` (pygal: the [histogram] extra).
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +25,6 @@ from reports.__main__ import main
 from reports.load import load_results
 from tests.reports.fakes import ROOT
 
-HAS_PYGAL = importlib.util.find_spec("pygal") is not None
 BIG = 1024  # gpt-tiny nondp at batch 1024: ~160 MiB of live tensors, over the 40 MiB cap of run A
 
 
@@ -37,7 +35,7 @@ class RealRuns:
     b_json: Path
     b_output: str  # run B's stdout (pytest-benchmark's comparison table)
     storage: Path
-    histogram: Path | None
+    histogram: Path
 
 
 def _env() -> dict:
@@ -74,7 +72,7 @@ def real_runs(tmp_path_factory) -> RealRuns:
             f"--benchmark-storage=file://{storage}",
         ]
     )
-    histogram = out / "hist" / "b" if HAS_PYGAL else None
+    histogram = out / "hist" / "b"
     proc = _pytest_bench(
         [
             # node ids in this order: pytest runs them as given, the larger case first
@@ -90,7 +88,7 @@ def real_runs(tmp_path_factory) -> RealRuns:
             f"--results={out / 'b.jsonl'}",
             f"--benchmark-storage=file://{storage}",
             "--benchmark-compare",
-            *([f"--benchmark-histogram={histogram}"] if histogram else []),
+            f"--benchmark-histogram={histogram}",
         ]
     )
     return RealRuns(out / "a.json", out / "a.jsonl", out / "b.json", proc.stdout, storage, histogram)
@@ -198,8 +196,7 @@ def test_pytest_benchmark_own_tools_read_our_json(tmp_path, real_runs):
     # --benchmark-compare in run B read A's saved run and compared
     assert "Failed to load" not in real_runs.b_output and "0001" in real_runs.b_output
     assert "test_dp_step[gpt-tiny-nondp-bs2-cpu] (0001" in real_runs.b_output
-    if real_runs.histogram is not None:
-        assert real_runs.histogram.with_suffix(".svg").stat().st_size > 0
+    assert real_runs.histogram.with_suffix(".svg").stat().st_size > 0
 
 
 def test_reports_read_the_autosaved_run_too(real_runs):
