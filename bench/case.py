@@ -3,7 +3,8 @@
 The order inside a case: build model, batch and fused step → one warm-up step → timed rounds (nothing
 attached) → one measured round (samplers and tensor tracker attached) → release everything. Out-of-memory
 and unsupported combinations are results, not exceptions; anything else is recorded as ``error`` and
-re-raised by the caller as a test failure.
+re-raised by the caller as a test failure. A workload that breaks the workload contract (models/contract.py)
+is an ``error`` named once, before any method runs.
 
 Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
@@ -29,6 +30,7 @@ from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
 from bench.record import CaseRecord
 from bench.timing import StepTimer
+from models.contract import check_workload_contract
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         record.params_total = sum(p.numel() for p in model.parameters())
         record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        check_workload_contract(workload, model, device)  # the user's bug, named once, before any method runs
         generator = torch.Generator().manual_seed(config.seed)
         batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
         step = dp.build_step(
