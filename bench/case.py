@@ -3,8 +3,9 @@
 The order inside a case: build model, batch and fused step → one warm-up step → timed rounds (nothing
 attached) → one measured round (samplers and tensor tracker attached) → release everything. Out-of-memory
 and unsupported combinations are results, not exceptions; anything else is recorded as ``error`` and
-re-raised by the caller as a test failure. A workload that breaks the workload contract (models/contract.py)
-is an ``error`` named once, before any method runs.
+re-raised by the caller as a test failure. An out-of-memory error counts wherever it sits in an exception's
+chain, so no method's own error handling can turn it into ``unsupported``; a workload that breaks the
+workload contract (models/contract.py) is an ``error`` named once, before any method runs.
 
 Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
@@ -23,9 +24,9 @@ import models
 from bench import dp
 from bench.config import BenchConfig
 from bench.devices import resolve_device
-from bench.dp.diagnose import error_text
+from bench.dp.errors import error_text, exception_chain, out_of_memory_in
 from bench.machine import device_facts
-from bench.memory.cap import LiveBytesCap, MemoryCapExceeded
+from bench.memory.cap import LiveBytesCap
 from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
 from bench.record import CaseRecord
@@ -44,14 +45,6 @@ class CaseSpec:
     def case_id(self) -> str:
         """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
         return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM, the CPU memory cap, or the CPU allocator failing."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryCapExceeded)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _sync(device: torch.device) -> None:
@@ -132,14 +125,16 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             snapshot_path=f"{config.snapshot_dir}/{spec.case_id}.pickle" if snapshot else None,
             notes=record.notes,
         )
-    except dp.MethodUnsupported as exc:
-        record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
-        if is_out_of_memory(exc):
-            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(exc)}"
+        oom = out_of_memory_in(exc)  # first: an OOM wins over any method's own wrapping of it
+        if oom is not None:
+            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(oom)}"
+        elif isinstance(exc, dp.MethodUnsupported):
+            record.status, record.reason = "unsupported", str(exc)
         else:
             record.status, record.reason = "error", error_text(exc)
-        exc.__traceback__ = None
+        for link in exception_chain(exc):
+            link.__traceback__ = None
     finally:
         if step is not None:
             step.close()

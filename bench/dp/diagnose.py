@@ -39,12 +39,6 @@ _EW_SUPPORTED = (
 )
 
 
-def error_text(exc: BaseException) -> str:
-    """``"<ExcType>: <first line of the library's message>"``."""
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first_line}"
-
-
 def _module_label(model: nn.Module, path: str) -> str:
     return f"'{path}'" if path else f"top-level {type(model).__name__}"
 
