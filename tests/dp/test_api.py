@@ -1,4 +1,5 @@
-"""The DP registry's public API on bad input, privacy resolution, phase marks and clean-up of Opacus wrappers."""
+"""The DP registry's public API on bad input, privacy resolution, phase marks, clean-up of Opacus wrappers and
+the diagnoses of its refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from opacus.accountants.utils import get_noise_multiplier
 import models
 from bench import dp
 from bench.dp import DPConfigError, MethodUnsupported
+from bench.dp.__main__ import median_sample_norm
 from bench.dp.diagnose import FIX_777, diagnose, params_without_grad_sampler, tied_parameters
+
+from .custom_workloads import mlp_workload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -175,3 +179,44 @@ def test_diagnose_finds_parameters_outside_grad_samplers():
 def test_tied_parameters_are_found():
     assert tied_parameters(models.get_workload("gpt-tiny").build_model()) == [["lm_head.weight", "wte.weight"]]
     assert tied_parameters(models.get_workload("gpt-tiny", tie_weights=False).build_model()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ghost clipping's "Parameter tying" refusal: a layer called twice is named as such, a real tie as a tie
+
+
+class _LayerCalledTwice(torch.nn.Module):
+    """One Linear applied twice per forward, as diffusers' DiT runs block 0's embedder again for its final layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.head(self.shared(h))
+
+
+def test_ghost_refusal_names_the_layer_called_twice():
+    workload = mlp_workload("byo-layer-called-twice", model_fn=_LayerCalledTwice)
+    model, batch = workload.build_model(), workload.make_batch(4)
+    with pytest.raises(MethodUnsupported) as info:
+        dp.clipped_grad_sum("opacus-ghost", workload, model, batch, 1.0)
+    assert info.value.reason == "NotImplementedError: Parameter tying is not supported with Ghost Clipping"
+    assert info.value.diagnosis.startswith("byo-layer-called-twice calls layer 'shared' (Linear) 2 times per forward")
+    assert "ties" not in info.value.diagnosis
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # the probe's hooks are gone
+    # ... while Book-Keeping sums both calls' contributions, cross terms included: it matches the per-sample loop
+    clip = median_sample_norm(workload, model, batch)  # some samples clipped, some not
+    ref = dp.clipped_grad_sum("microbatch", workload, model, batch, clip)
+    got = dp.clipped_grad_sum("bk", workload, model, batch, clip)
+    difference = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
+    assert difference.norm() <= 1e-4 * torch.cat([r.flatten() for r in ref.values()]).norm()
+
+
+def test_ghost_refusal_of_a_real_tie_names_the_tie():
+    workload = models.get_workload("gpt-tiny")
+    with pytest.raises(MethodUnsupported) as info:
+        dp.clipped_grad_sum("opacus-ghost", workload, workload.build_model(), workload.make_batch(2), 1.0)
+    assert info.value.diagnosis.startswith("gpt-tiny ties lm_head.weight = wte.weight")
+    assert "times per forward" not in info.value.diagnosis
