@@ -1,9 +1,13 @@
-"""The DP registry's public API on bad input, privacy resolution, phase marks, clean-up of Opacus wrappers and
-the diagnoses of its refusals."""
+"""The DP registry's public API on bad input, privacy resolution (unreachable budgets included), phase marks,
+clean-up of Opacus wrappers and the diagnoses of its refusals."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +224,50 @@ def test_ghost_refusal_of_a_real_tie_names_the_tie():
         dp.clipped_grad_sum("opacus-ghost", workload, workload.build_model(), workload.make_batch(2), 1.0)
     assert info.value.diagnosis.startswith("gpt-tiny ties lm_head.weight = wte.weight")
     assert "times per forward" not in info.value.diagnosis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# privacy budgets the accountant cannot certify: one line naming the option, the floor and Opacus' own words
+
+
+def _floor(accountant: str) -> float:
+    """ε the accountant gives at Opacus' largest searched σ (its floor: no σ certifies less)."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(MAX_SIGMA, 0.01, 1000)]
+    return acc.get_epsilon(delta=1e-5)
+
+
+@pytest.mark.parametrize("accountant, target", [("prv", 1e-3), ("rdp", 0.05)])
+def test_an_unreachable_target_epsilon_is_one_line_naming_the_floor(accountant, target):
+    floor = _floor(accountant)
+    assert floor > target  # the premise: below the accountant's floor
+    with pytest.raises(DPConfigError) as info:
+        dp.resolve_privacy(1.0, target_epsilon=target, sample_rate=0.01, steps=1000, accountant=accountant)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"target ε {target:g} (--target-epsilon) is unreachable with the {accountant} accountant")
+    assert f"certifies only ε = {floor:.3g}" in message and f"raise --target-epsilon above {floor:.3g}" in message
+    assert "(Opacus: ValueError: The privacy budget is too low.)" in message
+
+
+def test_an_epsilon_the_accountant_cannot_compute_is_one_line():
+    with pytest.raises(DPConfigError) as info:
+        dp.resolve_privacy(1.0, noise_multiplier=1e7, accountant="gdp")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("ε of noise multiplier 1e+07 (--noise-multiplier) cannot be")
+    assert "(Opacus: ValueError:" in message and "--accountant (valid: prv, rdp, gdp)" in message
+
+
+def test_bench_refuses_an_unreachable_target_epsilon_with_one_usage_line(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--collect-only"]
+    cmd += ["--target-epsilon", "1e-3", f"--results={tmp_path / 'r.jsonl'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("ERROR: usage:")]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and "target ε 0.001 (--target-epsilon) is unreachable" in errors[0], proc.stderr
+    assert "Optimal order is the largest alpha" not in proc.stderr  # Opacus' per-σ warning no longer buries it
