@@ -94,8 +94,8 @@ def repeated_layer_calls(workload, model: nn.Module) -> list[tuple[str, str, int
     finally:
         for handle in handles:
             handle.remove()
-    types = {path: type(module).__name__ for path, module in model.named_modules()}
-    return [(path, types[path], n) for path, n in calls.items() if n > 1]
+    kinds = {path: type(module).__name__ for path, module in model.named_modules()}
+    return [(path, kinds[path], n) for path, n in calls.items() if n > 1]
 
 
 def _parameter_used_twice(workload, model: nn.Module) -> str:
