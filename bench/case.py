@@ -4,7 +4,10 @@ The order inside a case: build model, batch and fused step → one warm-up step 
 and tensor tracker attached) → timed rounds (nothing attached) → release everything. The measured round comes
 before the timed rounds so that a step over the CPU memory cap (enforced in the warm-up and the measured round)
 is an ``oom`` result before it is ever timed. Out-of-memory and unsupported combinations are results, not
-exceptions; anything else is recorded as ``error`` and re-raised by the caller as a test failure.
+exceptions; anything else is recorded as ``error`` and re-raised by the caller as a test failure. An
+out-of-memory error counts wherever it sits in an exception's chain, so no method's own error handling can turn
+it into ``unsupported``; a workload that breaks the workload contract (models/contract.py) is an ``error`` named
+once, before any method runs.
 
 Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
@@ -23,13 +26,14 @@ import models
 from bench import dp
 from bench.config import BenchConfig
 from bench.devices import resolve_device
-from bench.dp.diagnose import error_text
+from bench.dp.errors import error_text, exception_chain, out_of_memory_in
 from bench.machine import device_facts
 from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
-from bench.memory.tensors import MemoryCapExceeded, TensorTracker
+from bench.memory.tensors import TensorTracker
 from bench.record import CaseRecord
 from bench.timing import StepTimer
+from models.contract import check_workload_contract
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,6 @@ def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
     """Where ``--snapshot`` writes this case's allocator snapshot: the case id with ``:`` (``cuda:0``, workload
     specs) and other characters CI artifact uploads refuse replaced by ``_``; the record names the case."""
     return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA OOM, the CPU memory cap, or the CPU allocator failing."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryCapExceeded)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _sync(device: torch.device) -> None:
@@ -121,6 +117,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         record.params_total = sum(p.numel() for p in model.parameters())
         record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        check_workload_contract(workload, model, device)  # the user's bug, named once, before any method runs
         generator = torch.Generator().manual_seed(config.seed)
         batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
         step = dp.build_step(
@@ -148,14 +145,16 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         )
         if timer is not None:
             record.timing = timer(lambda: (step(batch), _sync(device)), one_call_s)
-    except dp.MethodUnsupported as exc:
-        record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
-        if is_out_of_memory(exc):
-            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(exc)}"
+        oom = out_of_memory_in(exc)  # first: an OOM wins over any method's own wrapping of it
+        if oom is not None:
+            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(oom)}"
+        elif isinstance(exc, dp.MethodUnsupported):
+            record.status, record.reason = "unsupported", str(exc)
         else:
             record.status, record.reason = "error", error_text(exc)
-        exc.__traceback__ = None
+        for link in exception_chain(exc):
+            link.__traceback__ = None
     finally:
         if step is not None:
             step.close()

@@ -20,7 +20,7 @@ from .base import (
     register_method,
 )
 from bench.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
-from .errors import DPConfigError, MethodUnsupported
+from .errors import DPConfigError, MethodUnsupported, is_out_of_memory
 from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy
 from . import nondp, opacus, bk, func, microbatch  # noqa: F401  (each registers its methods)
 # isort: on
@@ -41,6 +41,7 @@ __all__ = [
     "build_step",
     "clipped_grad_sum",
     "get_method",
+    "is_out_of_memory",
     "make_optimizer",
     "no_mark",
     "register_method",

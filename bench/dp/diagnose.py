@@ -7,17 +7,23 @@ The rules encode what was measured with Opacus 1.6 (see the README's compatibili
   through functorch with only its first forward input — for a top-level DiT that owns a learnable position
   embedding this is ``DiT.forward(x)``, hence ``TypeError: missing ... 't' and 'y'``. Multi-input forwards are
   not the problem; a parameter in the wrong place is.
-* **ghost + tied weights**: Opacus' ghost norm is computed per layer, so one parameter used by two layers
-  (GPT-2's wte/lm_head) would need cross terms it does not compute; Opacus refuses.
+* **ghost + a parameter used twice**: Opacus' ghost norm is computed per layer call, so a parameter used by two
+  calls needs cross terms it does not compute; Opacus refuses with "Parameter tying is not supported" whether
+  the parameter is tied between two layers (GPT-2's wte/lm_head) or one layer is *called twice* per forward
+  (diffusers' DiT runs block 0's timestep/label embedder again for the final layer). The diagnosis counts the
+  calls of every layer in one probe forward to tell the two apart.
 * **ew (ExpandedWeights)**: only the weights of linear/conv/embedding/norm calls can be expanded, and an
   embedding input needs a batch dimension *and* a second dimension.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
+import torch
 from torch import nn
+
+from .errors import is_out_of_memory
 
 FIX_777 = (
     "move the parameter into a submodule with a grad sampler, e.g. an nn.Embedding/nn.Linear, "
@@ -37,12 +43,6 @@ _EW_SUPPORTED = (
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
 )
-
-
-def error_text(exc: BaseException) -> str:
-    """``"<ExcType>: <first line of the library's message>"``."""
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first_line}"
 
 
 def _module_label(model: nn.Module, path: str) -> str:
@@ -74,6 +74,56 @@ def tied_parameters(model: nn.Module) -> list[list[str]]:
     return [sorted(set(names)) for names in owners.values() if len(set(names)) > 1]
 
 
+def repeated_layer_calls(workload, model: nn.Module) -> list[tuple[str, str, int]]:
+    """(module path, type name, calls) of every layer with a ghost-norm sampler and a trainable parameter of its
+    own that one forward calls more than once (a probe forward of one sample, no gradients, global RNG kept)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+    calls: Counter[str] = Counter()
+    handles = [
+        module.register_forward_pre_hook(lambda _module, _args, path=path: calls.update([path]))
+        for path, module in model.named_modules()
+        if type(module) in samplers and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model(*workload.make_batch(1, device=device).inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kinds = {path: type(module).__name__ for path, module in model.named_modules()}
+    return [(path, kinds[path], n) for path, n in calls.items() if n > 1]
+
+
+def _parameter_used_twice(workload, model: nn.Module) -> str:
+    """Why Opacus' ghost clipping saw one parameter in two layer calls: a layer called twice, or a tie."""
+    name = getattr(workload, "name", "the workload")
+    try:
+        repeated = repeated_layer_calls(workload, model)
+    except Exception as exc:  # the probe is only for the wording; running out of memory is never hidden
+        if is_out_of_memory(exc):
+            raise
+        repeated = []
+    if repeated:
+        path, kind, n = repeated[0]
+        more = f" (and {len(repeated) - 1} more layer(s))" if len(repeated) > 1 else ""
+        return (
+            f"{name} calls layer '{path}' ({kind}) {n} times per forward{more}: Opacus' ghost clipping computes one "
+            f"gradient norm per layer call and cannot add the cross terms of a layer used twice (its message says "
+            f"'tying'); call each layer once per forward, or use opacus-hooks / Book-Keeping"
+        )
+    groups = tied_parameters(model)
+    tied = " = ".join(groups[0]) if groups else "a shared parameter"
+    return (
+        f"{name} ties {tied}: Opacus' ghost clipping computes one gradient norm per layer and cannot add "
+        f"the cross term of a parameter used by two layers; untie it (e.g. tie_weights=False) or use "
+        f"opacus-hooks / Book-Keeping"
+    )
+
+
 def _params_outside_ew_layers(model: nn.Module) -> list[str]:
     return [
         f"{path}.{pname}" if path else pname
@@ -90,13 +140,7 @@ def diagnose(method: str, workload, model: nn.Module, exc: BaseException) -> str
     name = getattr(workload, "name", "the workload")
     if method.startswith("opacus") and method != "opacus-ew":
         if "Parameter tying is not supported" in message:
-            groups = tied_parameters(model)
-            tied = " = ".join(groups[0]) if groups else "a shared parameter"
-            return (
-                f"{name} ties {tied}: Opacus' ghost clipping computes one gradient norm per layer and cannot add "
-                f"the cross term of a parameter used by two layers; untie it (e.g. tie_weights=False) or use "
-                f"opacus-hooks / Book-Keeping"
-            )
+            return _parameter_used_twice(workload, model)
         if "view size is not compatible" in message:
             return (
                 "Opacus' ghost nn.Embedding norm sampler calls input_ids.view(-1, 1), which fails on a non-contiguous "

@@ -18,8 +18,8 @@ from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
 from ._common import clip_factors, stack_norms, trainable_parameters
 from .base import ClippedSumStep, DPMethod, DPStep, register_method
-from .diagnose import diagnose, error_text
-from .errors import MethodUnsupported
+from .diagnose import diagnose
+from .errors import MethodUnsupported, error_text, is_out_of_memory
 from .privacy import PrivacyParams
 
 
@@ -56,6 +56,8 @@ def clipped_sum_by_vmap(
     try:
         per_sample_grads, losses = per_sample_grad_fn(workload, model)(params, *batch.inputs, batch.target)
     except Exception as exc:  # vmap's limits (data-dependent control flow, .item(), in-place on inputs) surface here
+        if is_out_of_memory(exc):  # B per-sample gradients at once: a result of its own, never "unsupported"
+            raise
         raise MethodUnsupported("torch-func", error_text(exc), diagnose("torch-func", workload, model, exc)) from exc
     # Forward and backward happen inside one vmapped grad call: the backward mark can only follow it.
     mark("backward")

@@ -13,7 +13,8 @@ The DPOptimizer is built directly (noise_multiplier, max_grad_norm, expected_bat
 add_noise, scale_grad, the wrapped optimizer's step) — exactly what ``DPOptimizer.step()`` does — so that each
 phase can be marked. Any exception the library raises while wrapping the model (``build``) or running and
 clipping it (``check``, ``clipped_grad_sum``) becomes :class:`MethodUnsupported` with the library's own text and
-a one-line diagnosis (bench/dp/diagnose.py); the fused step itself lets errors through unchanged.
+a one-line diagnosis (bench/dp/diagnose.py) — except running out of memory, which is re-raised unchanged; the
+fused step itself lets errors through unchanged.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
 from ._common import per_sample_loss, preserved_grads, trainable_parameters
 from .base import DPMethod, DPStep, register_method
-from .diagnose import diagnose, error_text
-from .errors import MethodUnsupported
+from .diagnose import diagnose
+from .errors import MethodUnsupported, error_text, is_out_of_memory
 from .privacy import PrivacyParams
 
 # Opacus 1.6 warns about secure_mode / RNG on every DPOptimizer; those warnings say nothing about a benchmark.
@@ -109,6 +110,8 @@ class _OpacusMethod(DPMethod):
             return wrap()
         except Exception as exc:
             _release(None, model)
+            if is_out_of_memory(exc):
+                raise
             raise self._unsupported(workload, model, exc) from exc
 
     def check(self, workload, model: nn.Module) -> None:
@@ -125,7 +128,9 @@ class _OpacusMethod(DPMethod):
                 return self._noise_free_sum(workload, model, batch, max_grad_norm)
             except MethodUnsupported:
                 raise
-            except Exception as exc:  # the library's own failure on this model
+            except Exception as exc:  # the library's own failure on this model, unless memory ran out
+                if is_out_of_memory(exc):
+                    raise
                 raise self._unsupported(workload, model, exc) from exc
 
 

@@ -1,8 +1,13 @@
-"""The DP registry's public API on bad input, privacy resolution, phase marks and clean-up of Opacus wrappers."""
+"""The DP registry's public API on bad input, privacy resolution (unreachable budgets included), phase marks,
+clean-up of Opacus wrappers and the diagnoses of its refusals."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +17,10 @@ from opacus.accountants.utils import get_noise_multiplier
 import models
 from bench import dp
 from bench.dp import DPConfigError, MethodUnsupported
+from bench.dp.__main__ import median_sample_norm
 from bench.dp.diagnose import FIX_777, diagnose, params_without_grad_sampler, tied_parameters
+
+from .custom_workloads import mlp_workload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -175,3 +183,91 @@ def test_diagnose_finds_parameters_outside_grad_samplers():
 def test_tied_parameters_are_found():
     assert tied_parameters(models.get_workload("gpt-tiny").build_model()) == [["lm_head.weight", "wte.weight"]]
     assert tied_parameters(models.get_workload("gpt-tiny", tie_weights=False).build_model()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ghost clipping's "Parameter tying" refusal: a layer called twice is named as such, a real tie as a tie
+
+
+class _LayerCalledTwice(torch.nn.Module):
+    """One Linear applied twice per forward, as diffusers' DiT runs block 0's embedder again for its final layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.head(self.shared(h))
+
+
+def test_ghost_refusal_names_the_layer_called_twice():
+    workload = mlp_workload("byo-layer-called-twice", model_fn=_LayerCalledTwice)
+    model, batch = workload.build_model(), workload.make_batch(4)
+    with pytest.raises(MethodUnsupported) as info:
+        dp.clipped_grad_sum("opacus-ghost", workload, model, batch, 1.0)
+    assert info.value.reason == "NotImplementedError: Parameter tying is not supported with Ghost Clipping"
+    assert info.value.diagnosis.startswith("byo-layer-called-twice calls layer 'shared' (Linear) 2 times per forward")
+    assert "ties" not in info.value.diagnosis
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # the probe's hooks are gone
+    # ... while Book-Keeping sums both calls' contributions, cross terms included: it matches the per-sample loop
+    clip = median_sample_norm(workload, model, batch)  # some samples clipped, some not
+    ref = dp.clipped_grad_sum("microbatch", workload, model, batch, clip)
+    got = dp.clipped_grad_sum("bk", workload, model, batch, clip)
+    difference = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
+    assert difference.norm() <= 1e-4 * torch.cat([r.flatten() for r in ref.values()]).norm()
+
+
+def test_ghost_refusal_of_a_real_tie_names_the_tie():
+    workload = models.get_workload("gpt-tiny")
+    with pytest.raises(MethodUnsupported) as info:
+        dp.clipped_grad_sum("opacus-ghost", workload, workload.build_model(), workload.make_batch(2), 1.0)
+    assert info.value.diagnosis.startswith("gpt-tiny ties lm_head.weight = wte.weight")
+    assert "times per forward" not in info.value.diagnosis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# privacy budgets the accountant cannot certify: one line naming the option, the floor and Opacus' own words
+
+
+def _floor(accountant: str) -> float:
+    """ε the accountant gives at Opacus' largest searched σ (its floor: no σ certifies less)."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(MAX_SIGMA, 0.01, 1000)]
+    return acc.get_epsilon(delta=1e-5)
+
+
+@pytest.mark.parametrize("accountant, target", [("prv", 1e-3), ("rdp", 0.05)])
+def test_an_unreachable_target_epsilon_is_one_line_naming_the_floor(accountant, target):
+    floor = _floor(accountant)
+    assert floor > target  # the premise: below the accountant's floor
+    with pytest.raises(DPConfigError) as info:
+        dp.resolve_privacy(1.0, target_epsilon=target, sample_rate=0.01, steps=1000, accountant=accountant)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"target ε {target:g} (--target-epsilon) is unreachable with the {accountant} accountant")
+    assert f"certifies only ε = {floor:.3g}" in message and f"raise --target-epsilon above {floor:.3g}" in message
+    assert "(Opacus: ValueError: The privacy budget is too low.)" in message
+
+
+def test_an_epsilon_the_accountant_cannot_compute_is_one_line():
+    with pytest.raises(DPConfigError) as info:
+        dp.resolve_privacy(1.0, noise_multiplier=1e7, accountant="gdp")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("ε of noise multiplier 1e+07 (--noise-multiplier) cannot be")
+    assert "(Opacus: ValueError:" in message and "--accountant (valid: prv, rdp, gdp)" in message
+
+
+def test_bench_refuses_an_unreachable_target_epsilon_with_one_usage_line(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--collect-only"]
+    cmd += ["--target-epsilon", "1e-3", f"--results={tmp_path / 'r.jsonl'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("ERROR: usage:")]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and "target ε 0.001 (--target-epsilon) is unreachable" in errors[0], proc.stderr
+    assert "Optimal order is the largest alpha" not in proc.stderr  # Opacus' per-σ warning no longer buries it

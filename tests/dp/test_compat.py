@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.dp.__main__ import main, render_matrix
+from bench.dp.__main__ import DEFAULT_WORKLOADS, main, render_matrix
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -33,6 +33,12 @@ def test_matrix_shows_the_learnable_pos_embed_failures(capsys):
     out = capsys.readouterr().out
     assert "| `dit-tiny-cond:learnable_pos_embed=True` | unsupported [1] | ok |" in out
     assert "missing 2 required positional arguments: 't' and 'y'" in out and "'pos_embed'" in out
+
+
+def test_the_default_matrix_covers_every_tiny_workload():
+    from models.catalog import TINY_WORKLOADS
+
+    assert set(TINY_WORKLOADS) <= set(DEFAULT_WORKLOADS)
 
 
 def test_render_marks_mismatches_and_numbers_notes():

@@ -25,8 +25,9 @@ TOL = 1e-4
 WORKLOADS = {
     "dit-tiny-cond": ("dit-tiny-cond", {}),
     "dit-tiny-uncond": ("dit-tiny-uncond", {}),
+    "dit-tiny-plain": ("dit-tiny-plain", {}),
     "gpt-tiny": ("gpt-tiny", {}),
-    "gpt-tiny-untied": ("gpt-tiny", {"tie_weights": False}),
+    "gpt-tiny-untied": ("gpt-tiny-untied", {}),
     # the #777 fix: the learnable position table in an nn.Embedding submodule — every method must handle it
     "dit-tiny-cond-pos-submodule": ("dit-tiny-cond", {"learnable_pos_embed": True, "pos_embed_in_submodule": True}),
 }
@@ -96,6 +97,12 @@ def cases() -> dict[str, Case]:
             clipped_grad_sum("microbatch", workload, model, batch, math.inf),
         )
     return out
+
+
+def test_every_tiny_workload_is_covered():
+    from models.catalog import TINY_WORKLOADS
+
+    assert set(TINY_WORKLOADS) <= {name for name, overrides in WORKLOADS.values() if not overrides}
 
 
 def test_the_reference_clips_some_samples_and_not_others(cases):
