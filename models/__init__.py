@@ -101,6 +101,9 @@ class Workload:
     info: dict[str, Any] = field(default_factory=dict)
     # From get_workload: the overrides in the spec, in the order given (empty for a plain name).
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The module types activation checkpointing wraps (`--checkpointing blocks`, models/checkpointing.py): the
+    # transformer block class(es). Empty: the workload names none, and a checkpointed case is unsupported.
+    checkpoint_module_types: tuple[type[nn.Module], ...] = ()
 
     @property
     def base_name(self) -> str:

@@ -25,8 +25,8 @@ from typing import Any
 
 from . import Workload, WorkloadError, check_overrides, override_types, register_workload
 from .diffusion import epsilon_mse_per_sample, make_dit_batch
-from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTConfig, build_dit, dit_config
-from .gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
+from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTBlock, DiTConfig, PlainBlock, build_dit, dit_config
+from .gpt import GPT, GPT_PRESETS, Block, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
 
 __all__ = ["TINY_DIT", "TINY_GPT", "TINY_WORKLOADS", "dit_workload", "gpt_workload"]
 
@@ -110,6 +110,7 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         input_names=input_names,
         seed=seed,
         info=info,
+        checkpoint_module_types=(PlainBlock,) if config.plain else (DiTBlock,),
     )
 
 
@@ -173,6 +174,7 @@ def gpt_workload(
         tokens_per_sample=seq_len,
         input_names=("idx",),
         seed=seed,
+        checkpoint_module_types=(Block,),
         info={
             "config": config_name,
             "n_layer": config.n_layer,

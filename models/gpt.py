@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import Batch
 
-__all__ = ["GPT", "GPT_PRESETS", "GPTConfig", "gpt_config", "make_token_batch", "next_token_ce_per_sample"]
+__all__ = ["GPT", "GPT_PRESETS", "Block", "GPTConfig", "gpt_config", "make_token_batch", "next_token_ce_per_sample"]
 
 
 @dataclass(frozen=True)
