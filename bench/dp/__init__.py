@@ -1,8 +1,9 @@
 """DP-SGD methods behind one registry (``bench.dp.base``), one file per family.
 
 Public API: :func:`available_methods`, :func:`get_method`, :func:`clipped_grad_sum`, :func:`build_step`,
-:func:`make_optimizer`, :func:`resolve_privacy` (``bench.dp.privacy``), the phase channel
-(``bench.channel``) and the two errors (``bench.dp.errors``). Importing the package registers every method;
+:func:`make_optimizer`, the training modes (:class:`TrainingMode`, :func:`prepare_model`; ``bench.dp.modes``),
+:func:`resolve_privacy` (``bench.dp.privacy``), the phase channel (``bench.channel``) and the errors
+(``bench.dp.errors``). Importing the package registers every method;
 the import order below is the display order: the baseline first, the naive reference last.
 """
 
@@ -20,22 +21,28 @@ from .base import (
     register_method,
 )
 from bench.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
-from .errors import DPConfigError, MethodUnsupported, is_out_of_memory
+from .errors import DPConfigError, MethodUnsupported, ModeUnsupported, is_out_of_memory
+from .modes import CHECKPOINTINGS, DEFAULT_MODE, PRECISIONS, TrainingMode, prepare_model
 from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy
 from . import nondp, opacus, bk, func, microbatch  # noqa: F401  (each registers its methods)
 # isort: on
 
 __all__ = [
     "ACCOUNTANTS",
+    "CHECKPOINTINGS",
+    "DEFAULT_MODE",
     "OPTIMIZERS",
     "PHASES",
+    "PRECISIONS",
     "ClippedSumStep",
     "DPConfigError",
     "DPMethod",
     "DPStep",
     "MethodUnsupported",
+    "ModeUnsupported",
     "PhaseMarker",
     "PrivacyParams",
+    "TrainingMode",
     "annotate_dp_buffer",
     "available_methods",
     "build_step",
@@ -44,6 +51,7 @@ __all__ = [
     "is_out_of_memory",
     "make_optimizer",
     "no_mark",
+    "prepare_model",
     "register_method",
     "resolve_privacy",
 ]

@@ -6,7 +6,7 @@ Private to ``bench.dp``: method files import it; nothing outside the package doe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -65,24 +65,69 @@ def preserved_grads(model: nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
+def sample_norms(per_sample: Tensor) -> Tensor:
+    """‖g_i‖ over all but dim 0 of ``per_sample`` (B, ...), accumulated and returned in float32 whatever its dtype:
+    a bf16 or fp16 norm would round to 8 or 11 bits and move samples across the clipping threshold."""
+    return torch.linalg.vector_norm(per_sample.reshape(per_sample.shape[0], -1), 2, dim=1, dtype=torch.float32)
+
+
 def stack_norms(per_param_norms: list[Tensor]) -> Tensor:
-    """Global per-sample norms ``[B]`` from a list of per-parameter per-sample norms (each ``[B]``)."""
-    return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+    """Global per-sample norms ``[B]`` (float32) from a list of per-parameter per-sample norms (each ``[B]``)."""
+    return torch.stack([n.float() for n in per_param_norms], dim=1).norm(2, dim=1)
 
 
-def set_noisy_grads(
+def model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def unscaled(norms: Tensor, loss_scale: Tensor | None) -> Tensor:
+    """Per-sample norms of gradients taken from a loss multiplied by ``loss_scale``, divided back by it: the
+    clipping norm of a GradScaler'd step must not include the scale."""
+    return norms if loss_scale is None else norms / loss_scale
+
+
+def scaled(loss: Tensor, loss_scale: Tensor | None) -> Tensor:
+    return loss if loss_scale is None else loss * loss_scale
+
+
+# GradScaler halves its scale after a step whose gradients overflowed (its default backoff_factor); from 2^16,
+# 24 halvings reach 2^-8: an fp16 backward still overflowing there would overflow unscaled too.
+_MAX_BACKOFFS = 24
+
+
+def noise_free_sums(mode, device: torch.device, compute: Callable[[Tensor | None], dict[str, Tensor]]):
+    """``compute(loss_scale)`` — clipped sums by name from a backward on the loss times ``loss_scale`` — as the
+    noise-free API returns them: unscaled. Without loss scaling, ``compute(None)``. With it, the first scale is
+    a fresh GradScaler's and, as the fused step's GradScaler does over its first steps, it is halved while the
+    sums hold an inf or nan (an overflowed fp16 backward)."""
+    loss_scale = mode.initial_loss_scale(device)
+    if loss_scale is None:
+        return compute(None)
+    for _ in range(_MAX_BACKOFFS):
+        sums = compute(loss_scale)
+        if all(bool(torch.isfinite(g).all()) for g in sums.values()):
+            break
+        loss_scale = loss_scale * 0.5
+    for g in sums.values():
+        g.div_(loss_scale)
+    return sums
+
+
+def noise_and_average(
     params: Iterable[nn.Parameter],
-    summed_clipped: Iterable[Tensor],
     noise_multiplier: float,
     max_grad_norm: float,
     batch_size: int,
     generator: torch.Generator | None,
 ) -> None:
-    """p.grad = (Σ_i clipped g_i + N(0, σ²C²)) / B — what Opacus' DPOptimizer does with loss_reduction='mean'."""
+    """p.grad ← (p.grad + N(0, σ²C²)) / B in place, p.grad holding Σ_i clipped g_i — what Opacus' DPOptimizer
+    does with loss_reduction='mean'."""
     std = noise_multiplier * max_grad_norm
-    for p, g in zip(params, summed_clipped):
-        # In place: an out-of-place sum would keep the caller's noise-free g alive beside it until the
-        # optimizer step (a second parameter-sized copy); only one parameter's noise is transient at a time.
+    for p in params:
+        g = p.grad
+        # In place: an out-of-place sum would keep the noise-free sum alive beside it until the optimizer step
+        # (a second parameter-sized copy); only one parameter's noise is transient at a time.
         if std > 0:
             g.add_(torch.normal(0.0, std, size=g.shape, device=g.device, dtype=g.dtype, generator=generator))
-        p.grad = g.div_(batch_size)
+        g.div_(batch_size)

@@ -7,6 +7,10 @@ Each method family lives in its own file and registers :class:`DPMethod` subclas
   flat clipping → Gaussian noise (σ·C, once per logical batch) → optimizer update, in one call;
 * ``clipped_grad_sum(...)``: the noise-free Σ_i min(1, C/‖g_i‖)·g_i computed by the method's own machinery,
   used by the equivalence tests.
+
+Both take a :class:`~bench.dp.modes.TrainingMode` (precision, activation checkpointing); the model must have
+been prepared for it (:func:`bench.dp.modes.prepare_model`). A method that cannot train in a mode raises
+:class:`MethodUnsupported` from ``check`` or while running, with the library's real error.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
 
-from ._common import check_max_grad_norm, set_noisy_grads, trainable_parameters
+from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
 from .errors import DPConfigError
+from .modes import DEFAULT_MODE, TrainingMode, check_prepared
 from .privacy import PrivacyParams
 
 __all__ = [
@@ -71,31 +76,48 @@ class DPStep:
 
 class ClippedSumStep(DPStep):
     """A fused step for methods that produce Σ_i min(1, C/‖g_i‖)·g_i themselves (bk, torch-func, microbatch):
-    they implement :meth:`clipped_sum` (marking forward/backward/clip); noise and the update are shared."""
+    they implement :meth:`clipped_sum` (marking forward/backward/clip); noise, loss scaling and the update are
+    shared."""
 
-    def __init__(self, workload, model, optimizer, privacy, batch_size: int, noise_generator):
+    def __init__(
+        self, workload, model, optimizer, privacy, batch_size: int, noise_generator, mode: TrainingMode = DEFAULT_MODE
+    ):
         super().__init__(model, optimizer, privacy)
-        self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
+        self.workload, self.batch_size, self.noise_generator, self.mode = workload, batch_size, noise_generator, mode
+        self.device = model_device(model)
+        self.scaler = mode.new_scaler(self.device)  # amp-fp16: dynamic loss scaling, torch's GradScaler
 
-    def clipped_sum(self, batch, mark: PhaseMarker) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
-        """(parameters, their clipped per-sample gradient sums, detached mean loss)."""
+    def clipped_sum(
+        self, batch, mark: PhaseMarker, loss_scale: Tensor | None
+    ) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
+        """(parameters, their clipped per-sample gradient sums, detached mean loss). With ``loss_scale`` (a 0-d
+        tensor) the backward runs on the loss times the scale and the sums come out multiplied by it, like the
+        gradients of any GradScaler'd backward, while the clip factors are those of the unscaled gradients."""
         raise NotImplementedError
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         # No gradient may survive from a previous step: it would sit in memory through the whole pass.
         self.optimizer.zero_grad(set_to_none=True)
-        params, sums, loss = self.clipped_sum(batch, mark)
+        scaler = self.scaler
+        loss_scale = None if scaler is None else scaler.scale(torch.ones((), device=self.device))  # no host sync
+        params, sums, loss = self.clipped_sum(batch, mark, loss_scale)
         mark("noise")
-        set_noisy_grads(
-            params,
-            sums,
-            self.privacy.noise_multiplier,
-            self.privacy.max_grad_norm,
-            self.batch_size,
-            self.noise_generator,
+        for p, g in zip(params, sums):
+            p.grad = g
+        del sums
+        if scaler is not None:
+            # p.grad /= scale, and an inf/nan anywhere (an overflowed backward) makes step() skip the update;
+            # the noise is added to the unscaled sums, after the check.
+            scaler.unscale_(self.optimizer)
+        noise_and_average(
+            params, self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.batch_size, self.noise_generator
         )
         mark("optimizer")
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+            scaler.update()
         mark("end")
         return loss
 
@@ -105,8 +127,9 @@ class DPMethod:
 
     name: str = ""
 
-    def check(self, workload, model: nn.Module) -> None:
-        """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run."""
+    def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
+        """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run in
+        ``mode``."""
 
     def build(
         self,
@@ -116,10 +139,13 @@ class DPMethod:
         privacy: PrivacyParams,
         batch_size: int,
         noise_generator: torch.Generator | None,
+        mode: TrainingMode = DEFAULT_MODE,
     ) -> DPStep:
         raise NotImplementedError
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
@@ -147,14 +173,19 @@ def get_method(name: str) -> DPMethod:
     return _METHODS[name]
 
 
-def clipped_grad_sum(method: str, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
-    """Noise-free Σ_i min(1, C/‖g_i‖)·g_i by ``method``'s own machinery, keyed by trainable parameter name.
+def clipped_grad_sum(
+    method: str, workload, model: nn.Module, batch, max_grad_norm: float, *, mode: TrainingMode = DEFAULT_MODE
+) -> dict[str, Tensor]:
+    """Noise-free Σ_i min(1, C/‖g_i‖)·g_i by ``method``'s own machinery, keyed by trainable parameter name, in
+    ``mode`` (``model`` prepared for it). Under amp-fp16 the one backward runs with a fresh GradScaler's initial
+    scale and the sums are divided back by it.
 
     Leaves the model's weights (and, once it returns, its hooks) as they were."""
     impl = get_method(method)
     max_grad_norm = check_max_grad_norm(max_grad_norm)
-    impl.check(workload, model)
-    return impl.clipped_grad_sum(workload, model, batch, max_grad_norm)
+    check_prepared(model, mode)
+    impl.check(workload, model, mode)
+    return impl.clipped_grad_sum(workload, model, batch, max_grad_norm, mode)
 
 
 def build_step(
@@ -167,11 +198,14 @@ def build_step(
     optimizer: str = "adamw",
     lr: float = 1e-4,
     noise_generator: torch.Generator | None = None,
+    mode: TrainingMode = DEFAULT_MODE,
 ) -> DPStep:
-    """The fused DP step of ``method`` for ``model`` (its optimizer is built here, over trainable parameters)."""
+    """The fused DP step of ``method`` for ``model`` in ``mode`` (its optimizer is built here, over trainable
+    parameters; ``model`` prepared for ``mode`` by :func:`bench.dp.modes.prepare_model`)."""
     impl = get_method(method)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DPConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    impl.check(workload, model)
+    check_prepared(model, mode)
+    impl.check(workload, model, mode)
     opt = make_optimizer(optimizer, trainable_parameters(model).values(), lr)
-    return impl.build(workload, model, opt, privacy, batch_size, noise_generator)
+    return impl.build(workload, model, opt, privacy, batch_size, noise_generator, mode)

@@ -15,6 +15,14 @@ One forward and *one* backward pass per step:
 5. C_i = min(1, C/(‖g_i‖+1e-6)) and the clipped sum Σ_i C_i g_i per parameter by one matmul / index_add
    (a weighted sum of the per-sample gradients where those were instantiated).
 
+Training modes (bench/dp/modes.py): the forward runs under the mode's autocast, so a layer's kept input A and
+its output gradient G can differ in dtype (fp32 input, bf16 output gradient): every product of the two is taken
+in their common dtype, and every Gram and norm is accumulated in float32 (a 16-bit Gram would round each entry
+to 8 or 11 bits, an fp16 one of a loss-scaled G overflows). With a loss scale the backward runs on the scaled
+loss and the norms are divided back before clipping. Under activation checkpointing a block's layers run again
+in the backward (the recompute); the hooks record each layer call of the forward only, so every layer is seen
+once per step, its G taken at the output of the forward's call — the graph the loss hangs from.
+
 Public API: :func:`supported_layers`, :class:`BookKeeping` (``run(...) -> BKResult``), :class:`BKStep`, and the
 registered methods ``bk`` (:class:`BKMethod`) and ``bk-tiled`` (:class:`BKTiledMethod`, ``tile_size`` = 256).
 """
@@ -28,11 +36,21 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from models.checkpointing import checkpoint_pass
 
-from ._common import checked_per_sample_losses, clip_factors, trainable_parameters
+from ._common import (
+    checked_per_sample_losses,
+    clip_factors,
+    model_device,
+    noise_free_sums,
+    scaled,
+    trainable_parameters,
+    unscaled,
+)
 from .base import ClippedSumStep, DPMethod, DPStep, register_method
 from .bk_layers import Factored, Instantiated, LayerRule, factored_inner, instantiated_inner, rule_for, supported_types
 from .errors import MethodUnsupported
+from .modes import DEFAULT_MODE, TrainingMode
 from .privacy import PrivacyParams
 
 __all__ = ["NORM_MODES", "BKMethod", "BKResult", "BKStep", "BKTiledMethod", "BookKeeping", "supported_layers"]
@@ -117,12 +135,20 @@ class BookKeeping:
     ``tile_size``: None forms whole T×T Grams; an int accumulates them over tile × tile blocks.
     Use as a context manager or call :meth:`close` to remove the hooks. Hooks record only inside :meth:`run`."""
 
-    def __init__(self, model: nn.Module, *, norm_mode: str = "mixed", tile_size: int | None = None, method: str = "bk"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm_mode: str = "mixed",
+        tile_size: int | None = None,
+        method: str = "bk",
+        mode: TrainingMode = DEFAULT_MODE,
+    ):
         if norm_mode not in NORM_MODES:
             raise ValueError(f"norm_mode must be one of {', '.join(NORM_MODES)}, got {norm_mode!r}")
         if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1):
             raise ValueError(f"tile_size must be None or an integer >= 1, got {tile_size!r}")
-        self.model, self.norm_mode, self.tile_size, self.method = model, norm_mode, tile_size, method
+        self.model, self.norm_mode, self.tile_size, self.method, self.mode = model, norm_mode, tile_size, method, mode
         self.params = trainable_parameters(model)
         self._param_names = {id(p): name for name, p in self.params.items()}
         self._uses: list[_Use] | None = None  # a list only while run() is inside the model's forward
@@ -137,7 +163,9 @@ class BookKeeping:
     def _make_hook(self, rule: LayerRule):
         def record_use(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             uses = self._uses
-            if uses is None:
+            # Outside run()'s forward (a recompute happens in the backward, after it) nothing is recorded; the
+            # explicit check keeps it so should a recompute ever run inside the forward.
+            if uses is None or checkpoint_pass() == "recompute":
                 return
             if not torch.is_grad_enabled():
                 # e.g. reentrant activation checkpointing: the call would get no per-sample gradient at all.
@@ -170,19 +198,30 @@ class BookKeeping:
 
     # -- the pass -------------------------------------------------------------------------------------------
 
-    def run(self, workload, batch, max_grad_norm: float, mark: PhaseMarker = no_mark) -> BKResult:
-        """Forward, one backward to the layer outputs, per-sample norms, clip factors and clipped sums."""
+    def run(
+        self,
+        workload,
+        batch,
+        max_grad_norm: float,
+        mark: PhaseMarker = no_mark,
+        loss_scale: Tensor | None = None,
+    ) -> BKResult:
+        """Forward, one backward to the layer outputs, per-sample norms, clip factors and clipped sums.
+
+        With ``loss_scale`` the backward runs on the scaled loss: the clipped sums come out multiplied by it (as
+        any GradScaler'd backward's gradients), norms and clip factors are those of the unscaled gradients."""
         if not self._handles and self.params:
             raise RuntimeError(f"{self.method}: BookKeeping.run after close()")
         mark("forward")
         uses: list[_Use] = []
         self._uses = uses
+        B = batch.batch_size
         try:
-            output = self.model(*batch.inputs)
+            with self.mode.forward_context(model_device(self.model)):
+                output = self.model(*batch.inputs)
+                losses = checked_per_sample_losses(workload, workload.loss_per_sample(output, batch.target), B)
         finally:
             self._uses = None
-        B = batch.batch_size
-        losses = checked_per_sample_losses(workload, workload.loss_per_sample(output, batch.target), B)  # (B,)
         del output
 
         self._check_no_hidden_uses(losses, uses)
@@ -192,7 +231,8 @@ class BookKeeping:
             # Differentiate w.r.t. the layer *outputs*, not the parameters: autograd then skips every
             # weight-gradient matmul of the ordinary backward and never allocates p.grad (a full copy of the
             # weights); BK forms the weight gradients itself, once, already clipped, from A and G.
-            grads = list(torch.autograd.grad(losses.sum(), [u.edge for u in uses], allow_unused=True))
+            total = scaled(losses.sum(), loss_scale)
+            grads = list(torch.autograd.grad(total, [u.edge for u in uses], allow_unused=True))
             annotate_dp_buffer(*grads)
         else:
             grads = []
@@ -204,7 +244,7 @@ class BookKeeping:
         del uses, grads
         kinds = {name: _norm_kind(entry) for name, entry in terms.items()}
         squared = self._squared_norms(terms, B)  # (B,) float32
-        norms = squared.sqrt()
+        norms = unscaled(squared.sqrt(), loss_scale)
         factors = clip_factors(norms, max_grad_norm)
         annotate_dp_buffer(squared, norms, factors)
         sums = {}
@@ -260,7 +300,7 @@ class BookKeeping:
                 name = self._param_names[id(getattr(use.module, attr))]
                 entry = terms.setdefault(name, _ParamTerms())
                 if isinstance(contribution, Factored) and self._instantiates(contribution):
-                    contribution = Instantiated(contribution.instantiate())
+                    contribution = Instantiated(contribution.instantiate(self.params[name].dtype))
                 if isinstance(contribution, Factored):
                     entry.factored.append(contribution)
                     continue
@@ -299,7 +339,7 @@ class BookKeeping:
             S = entry.per_sample
             total = (factors.to(S.dtype) @ S.reshape(S.shape[0], -1)).view(param.shape)  # (numel,) -> param shape
         for use in entry.factored:
-            part = use.weighted_sum(factors).view(param.shape)
+            part = use.weighted_sum(factors, param.dtype).view(param.shape)
             total = part if total is None else total + part
         return total.to(param.dtype)
 
@@ -317,11 +357,11 @@ class BKStep(ClippedSumStep):
         noise_generator: torch.Generator | None,
         engine: BookKeeping,
     ):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, engine.mode)
         self.engine = engine
 
-    def clipped_sum(self, batch, mark: PhaseMarker):
-        result = self.engine.run(self.workload, batch, self.privacy.max_grad_norm, mark)
+    def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
+        result = self.engine.run(self.workload, batch, self.privacy.max_grad_norm, mark, loss_scale)
         return list(self.engine.params.values()), list(result.clipped_sums.values()), result.loss
 
     def close(self) -> None:
@@ -338,18 +378,25 @@ class _BookKeepingMethod(DPMethod):
         if norm_mode is not None:
             self.norm_mode = norm_mode
 
-    def _engine(self, model: nn.Module) -> BookKeeping:
-        return BookKeeping(model, norm_mode=self.norm_mode, tile_size=self.tile_size, method=self.name)
+    def _engine(self, model: nn.Module, mode: TrainingMode) -> BookKeeping:
+        return BookKeeping(model, norm_mode=self.norm_mode, tile_size=self.tile_size, method=self.name, mode=mode)
 
-    def check(self, workload, model: nn.Module) -> None:
+    def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         supported_layers(model, self.name)
 
-    def build(self, workload, model, optimizer, privacy, batch_size, noise_generator) -> DPStep:
-        return BKStep(workload, model, optimizer, privacy, batch_size, noise_generator, self._engine(model))
+    def build(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE) -> DPStep:
+        engine = self._engine(model, mode)
+        return BKStep(workload, model, optimizer, privacy, batch_size, noise_generator, engine)
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
-        with self._engine(model) as engine:
-            return engine.run(workload, batch, max_grad_norm).clipped_sums
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
+        with self._engine(model, mode) as engine:
+
+            def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
+                return engine.run(workload, batch, max_grad_norm, no_mark, loss_scale).clipped_sums
+
+            return noise_free_sums(mode, model_device(model), compute)
 
 
 @register_method

@@ -14,11 +14,19 @@ The rules encode what was measured with Opacus 1.6 (see the README's compatibili
   calls of every layer in one probe forward to tell the two apart.
 * **ew (ExpandedWeights)**: only the weights of linear/conv/embedding/norm calls can be expanded, and an
   embedding input needs a batch dimension *and* a second dimension.
+* **training modes** (bench/dp/modes.py): under autocast a layer's output gradient is 16-bit while its input
+  can be fp32, and a library that multiplies the two without casting fails with a dtype mismatch (ew: its
+  per-sample rules run in the backward, outside autocast) — the diagnosis names the two dtypes and the rule's
+  file; activation checkpointing works through saved-tensor hooks, which torch.func's transforms refuse, and
+  ExpandedWeights fails torch's recompute check (``CheckpointError``).
 """
 
 from __future__ import annotations
 
+import re
+import traceback
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -134,10 +142,63 @@ def _params_outside_ew_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def diagnose(method: str, workload, model: nn.Module, exc: BaseException) -> str:
-    """One line saying why ``method`` failed on ``model`` with ``exc`` and how to fix it."""
+_DTYPE_MISMATCH = re.compile(
+    r"(?:same dtype, but got:?|expected scalar type|expected both inputs to have same dtype, but found)\s*"
+    r"(?:c10::)?(\w+)(?: != | but found | and )(?:c10::)?(\w+)",
+    re.IGNORECASE,
+)
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "half": "fp16", "float": "fp32", "float16": "fp16", "float32": "fp32"}
+
+
+def _library_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame of ``exc`` inside torch or opacus, as ``package/…/file.py``."""
+    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+    for filename in reversed(frames):
+        parts = Path(filename).parts
+        for package in ("opacus", "torch"):
+            if package in parts:
+                return "/".join(parts[len(parts) - 1 - parts[::-1].index(package) :])
+    return None
+
+
+def _mode_diagnosis(method: str, mode, exc: BaseException) -> str | None:
+    """Why ``method`` failed in a training mode, for the failures the modes cause; None for anything else."""
+    message = str(exc)
+    precision = getattr(mode, "precision", "fp32")
+    mismatch = _DTYPE_MISMATCH.search(message)
+    if mismatch and precision != "fp32":
+        a, b = (_DTYPE_NAMES.get(t.lower(), t) for t in mismatch.groups())
+        where = _library_frame(exc)
+        return (
+            f"under {precision} a {a} and a {b} tensor meet in one product"
+            + (f" in {where}" if where else "")
+            + f": {method} multiplies a layer's output gradient (autocast's dtype) with its kept input (fp32) "
+            "without casting — it has no autocast support; use opacus-hooks/functorch/ghost or bk"
+        )
+    if "saved tensor hooks" in message:
+        return (
+            "activation checkpointing (non-reentrant) runs through saved-tensor hooks, which torch.func's grad "
+            "transform does not support: torch-func cannot train a checkpointed model; use bk or microbatch"
+        )
+    if type(exc).__name__ == "CheckpointError":
+        return (
+            f"{method}'s autograd functions save more tensors when torch's checkpoint recomputes a block in the "
+            "backward than in its forward, which the checkpoint refuses: it cannot train a checkpointed model; "
+            "use opacus-hooks/functorch/ghost or bk"
+        )
+    return None
+
+
+def diagnose(method: str, workload, model: nn.Module, exc: BaseException, mode=None) -> str:
+    """One line saying why ``method`` failed on ``model`` with ``exc`` (in training ``mode``, if given) and how to
+    fix it."""
     message = str(exc)
     name = getattr(workload, "name", "the workload")
+    for_mode = _mode_diagnosis(method, mode, exc)
+    if for_mode is not None:
+        return for_mode
     if method.startswith("opacus") and method != "opacus-ew":
         if "Parameter tying is not supported" in message:
             return _parameter_used_twice(workload, model)

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "DPConfigError",
     "MethodUnsupported",
+    "ModeUnsupported",
     "error_text",
     "exception_chain",
     "is_out_of_memory",
@@ -31,6 +32,15 @@ class MethodUnsupported(RuntimeError):
     def __init__(self, method: str, reason: str, diagnosis: str = ""):
         self.method, self.reason, self.diagnosis = method, reason, diagnosis
         super().__init__(f"{method}: {reason}" + (f" — {diagnosis}" if diagnosis else ""))
+
+
+class ModeUnsupported(RuntimeError):
+    """A device or workload cannot train in a mode (precision, checkpointing) at all, whatever the method: a result
+    (``unsupported``), not an error. ``reason`` says what is missing, ``diagnosis`` what to do."""
+
+    def __init__(self, reason: str, diagnosis: str = ""):
+        self.reason, self.diagnosis = reason, diagnosis
+        super().__init__(reason + (f" — {diagnosis}" if diagnosis else ""))
 
 
 def error_text(exc: BaseException) -> str:

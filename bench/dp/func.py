@@ -16,27 +16,42 @@ from torch.func import functional_call, grad, vmap
 
 from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
-from ._common import clip_factors, stack_norms, trainable_parameters
+from ._common import (
+    clip_factors,
+    model_device,
+    noise_free_sums,
+    sample_norms,
+    scaled,
+    stack_norms,
+    trainable_parameters,
+    unscaled,
+)
 from .base import ClippedSumStep, DPMethod, DPStep, register_method
 from .diagnose import diagnose
 from .errors import MethodUnsupported, error_text, is_out_of_memory
+from .modes import DEFAULT_MODE, TrainingMode
 from .privacy import PrivacyParams
 
 
-def per_sample_grad_fn(workload, model: nn.Module) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+def per_sample_grad_fn(
+    workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE, loss_scale: Tensor | None = None
+) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``f(params, *inputs, target) -> (per-sample grads {name: (B, *shape)}, per-sample losses (B,))``.
 
     ``params`` are the trainable parameters by name; the rest of the model's state (frozen parameters, buffers)
-    is read from the module at call time and passed unbatched."""
+    is read from the module at call time and passed unbatched. The forward runs in ``mode``'s context; with
+    ``loss_scale`` the gradients are those of the scaled loss (the returned losses are not scaled)."""
     trainable = set(trainable_parameters(model))
+    device = model_device(model)
 
     def one_sample_loss(params: dict[str, Tensor], *sample: Tensor) -> tuple[Tensor, Tensor]:
         *inputs, target = (t.unsqueeze(0) for t in sample)  # re-add a batch dim of 1 for the model
         frozen = {n: p for n, p in model.named_parameters() if n not in trainable}
         buffers = dict(model.named_buffers())
-        output = functional_call(model, (params, frozen, buffers), tuple(inputs))
-        loss = workload.loss_per_sample(output, target)[0]
-        return loss, loss.detach()
+        with mode.forward_context(device):
+            output = functional_call(model, (params, frozen, buffers), tuple(inputs))
+            loss = workload.loss_per_sample(output, target)[0]
+        return scaled(loss, loss_scale), loss.detach()
 
     grad_and_loss = grad(one_sample_loss, has_aux=True)
 
@@ -48,35 +63,46 @@ def per_sample_grad_fn(workload, model: nn.Module) -> Callable[..., tuple[dict[s
 
 
 def clipped_sum_by_vmap(
-    workload, model: nn.Module, batch, max_grad_norm: float, mark: PhaseMarker = no_mark
+    workload,
+    model: nn.Module,
+    batch,
+    max_grad_norm: float,
+    mark: PhaseMarker = no_mark,
+    mode: TrainingMode = DEFAULT_MODE,
+    loss_scale: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """(Σ_i min(1, C/‖g_i‖)·g_i by parameter name, mean loss); forward and backward are one vmapped call."""
+    """(Σ_i min(1, C/‖g_i‖)·g_i by parameter name, mean loss); forward and backward are one vmapped call. With
+    ``loss_scale`` the sums come out scaled (clip factors from the unscaled norms)."""
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     mark("forward")
     try:
-        per_sample_grads, losses = per_sample_grad_fn(workload, model)(params, *batch.inputs, batch.target)
+        grad_fn = per_sample_grad_fn(workload, model, mode, loss_scale)
+        per_sample_grads, losses = grad_fn(params, *batch.inputs, batch.target)
     except Exception as exc:  # vmap's limits (data-dependent control flow, .item(), in-place on inputs) surface here
         if is_out_of_memory(exc):  # B per-sample gradients at once: a result of its own, never "unsupported"
             raise
-        raise MethodUnsupported("torch-func", error_text(exc), diagnose("torch-func", workload, model, exc)) from exc
+        diagnosis = diagnose("torch-func", workload, model, exc, mode)
+        raise MethodUnsupported("torch-func", error_text(exc), diagnosis) from exc
     # Forward and backward happen inside one vmapped grad call: the backward mark can only follow it.
     mark("backward")
     annotate_dp_buffer(*per_sample_grads.values())
     mark("clip")
-    norms = stack_norms([g.flatten(1).norm(2, dim=1) for g in per_sample_grads.values()])  # (B,)
+    norms = unscaled(stack_norms([sample_norms(g) for g in per_sample_grads.values()]), loss_scale)  # (B,) fp32
     annotate_dp_buffer(norms)
     factors = clip_factors(norms, max_grad_norm)  # (B,)
-    summed = {n: torch.einsum("i,i...->...", factors, g) for n, g in per_sample_grads.items()}
+    summed = {n: torch.einsum("i,i...->...", factors.to(g.dtype), g) for n, g in per_sample_grads.items()}
     return summed, losses.mean()
 
 
 class TorchFuncStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
+    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
         self.params = trainable_parameters(model)
 
-    def clipped_sum(self, batch, mark: PhaseMarker):
-        summed, loss = clipped_sum_by_vmap(self.workload, self.model, batch, self.privacy.max_grad_norm, mark)
+    def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
+        summed, loss = clipped_sum_by_vmap(
+            self.workload, self.model, batch, self.privacy.max_grad_norm, mark, self.mode, loss_scale
+        )
         return list(self.params.values()), [summed[n] for n in self.params], loss
 
 
@@ -86,9 +112,15 @@ class TorchFunc(DPMethod):
 
     name = "torch-func"
 
-    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        return TorchFuncStep(workload, model, optimizer, privacy, batch_size, noise_generator)
+    def build(
+        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
+    ) -> DPStep:
+        return TorchFuncStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
-        summed, _ = clipped_sum_by_vmap(workload, model, batch, max_grad_norm)
-        return summed
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
+        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
+            return clipped_sum_by_vmap(workload, model, batch, max_grad_norm, no_mark, mode, loss_scale)[0]
+
+        return noise_free_sums(mode, model_device(model), compute)

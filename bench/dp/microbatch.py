@@ -11,43 +11,65 @@ from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
-from ._common import clip_factors, per_sample_loss, stack_norms, trainable_parameters
+from ._common import (
+    clip_factors,
+    model_device,
+    noise_free_sums,
+    per_sample_loss,
+    sample_norms,
+    scaled,
+    stack_norms,
+    trainable_parameters,
+    unscaled,
+)
 from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .modes import DEFAULT_MODE, TrainingMode
 from .privacy import PrivacyParams
 
 
 def clipped_sum_by_loop(
-    workload, model: nn.Module, batch, params: list[nn.Parameter], max_grad_norm: float, mark: PhaseMarker = no_mark
+    workload,
+    model: nn.Module,
+    batch,
+    params: list[nn.Parameter],
+    max_grad_norm: float,
+    mark: PhaseMarker = no_mark,
+    mode: TrainingMode = DEFAULT_MODE,
+    loss_scale: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """(Σ_i min(1, C/‖g_i‖)·g_i per parameter, mean loss) by a loop over the samples of ``batch``.
+    """(Σ_i min(1, C/‖g_i‖)·g_i per parameter, mean loss) by a loop over the samples of ``batch``, in ``mode``.
+    With ``loss_scale`` each backward runs on the scaled loss and the sums come out scaled (clip factors from
+    the unscaled norms).
 
     The loop interleaves the phases, so the marks forward → backward → clip repeat once per sample."""
+    device = model_device(model)
     summed = [torch.zeros_like(p) for p in params]
     losses = []
     for i in range(batch.batch_size):
         mark("forward")
-        loss = per_sample_loss(workload, model, batch.select(i))[0]
+        with mode.forward_context(device):
+            loss = per_sample_loss(workload, model, batch.select(i))[0]
         mark("backward")
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(scaled(loss, loss_scale), params, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         annotate_dp_buffer(*grads)
         mark("clip")
-        norm = stack_norms([g.reshape(1, -1).norm(2, dim=1) for g in grads])  # (1,)
+        norm = unscaled(stack_norms([sample_norms(g.unsqueeze(0)) for g in grads]), loss_scale)  # (1,) float32
         factor = clip_factors(norm, max_grad_norm)[0]
         for acc, g in zip(summed, grads):
-            acc.add_(g * factor)  # factor stays a tensor: no host sync
-        losses.append(loss.detach())
+            acc.add_(g * factor.to(g.dtype))  # factor stays a tensor: no host sync
+        losses.append(loss.detach().float())
     return summed, torch.stack(losses).mean()
 
 
 class MicrobatchStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator)
+    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
+        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
         self.params = list(trainable_parameters(model).values())
 
-    def clipped_sum(self, batch, mark: PhaseMarker):
+    def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
         summed, loss = clipped_sum_by_loop(
-            self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark
+            self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark, self.mode, loss_scale
         )
         return self.params, summed, loss
 
@@ -58,10 +80,18 @@ class Microbatch(DPMethod):
 
     name = "microbatch"
 
-    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator)
+    def build(
+        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
+    ) -> DPStep:
+        return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
         params = trainable_parameters(model)
-        summed, _ = clipped_sum_by_loop(workload, model, batch, list(params.values()), max_grad_norm)
-        return dict(zip(params, summed))
+
+        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
+            args = (workload, model, batch, list(params.values()), max_grad_norm, no_mark, mode, loss_scale)
+            return dict(zip(params, clipped_sum_by_loop(*args)[0]))
+
+        return noise_free_sums(mode, model_device(model), compute)

@@ -14,28 +14,36 @@ from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
 
-from ._common import per_sample_loss, preserved_grads, trainable_parameters
+from ._common import model_device, noise_free_sums, per_sample_loss, preserved_grads, scaled, trainable_parameters
 from .base import DPMethod, DPStep, register_method
 from .errors import MethodUnsupported
+from .modes import DEFAULT_MODE, TrainingMode
 from .privacy import PrivacyParams
 
 
 class NonDPStep(DPStep):
-    def __init__(self, workload, model, optimizer, privacy):
+    def __init__(self, workload, model, optimizer, privacy, mode: TrainingMode = DEFAULT_MODE):
         super().__init__(model, optimizer, privacy)
-        self.workload = workload
+        self.workload, self.mode = workload, mode
+        self.device = model_device(model)
+        self.scaler = mode.new_scaler(self.device)
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
-        loss = per_sample_loss(self.workload, self.model, batch).mean()
+        with self.mode.forward_context(self.device):
+            loss = per_sample_loss(self.workload, self.model, batch).mean()
         mark("backward")
-        loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         # No clipping and no noise: the two phases are empty but marked so every method has the same timeline.
         mark("clip")
         mark("noise")
         mark("optimizer")
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # the usual AMP step: unscale p.grad, skip the update on inf/nan, adapt the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         mark("end")
         return loss.detach()
 
@@ -46,10 +54,14 @@ class NonDP(DPMethod):
 
     name = "nondp"
 
-    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        return NonDPStep(workload, model, optimizer, privacy)
+    def build(
+        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
+    ) -> DPStep:
+        return NonDPStep(workload, model, optimizer, privacy, mode)
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
         if not math.isinf(max_grad_norm):
             raise MethodUnsupported(
                 self.name,
@@ -57,10 +69,17 @@ class NonDP(DPMethod):
                 f"max_grad_norm={max_grad_norm} needs a DP method; nondp only gives Σ_i g_i (max_grad_norm=inf)",
             )
         params = trainable_parameters(model)
-        with preserved_grads(model):
-            # Σ_i g_i is the gradient of the summed per-sample loss.
-            total = per_sample_loss(workload, model, batch).sum()
-            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-        return {
-            name: (g if g is not None else torch.zeros_like(p)).detach() for (name, p), g in zip(params.items(), grads)
-        }
+        device = model_device(model)
+
+        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
+            with preserved_grads(model):
+                # Σ_i g_i is the gradient of the summed per-sample loss.
+                with mode.forward_context(device):
+                    total = per_sample_loss(workload, model, batch).sum()
+                grads = torch.autograd.grad(scaled(total, loss_scale), list(params.values()), allow_unused=True)
+            return {
+                name: (g if g is not None else torch.zeros_like(p)).detach()
+                for (name, p), g in zip(params.items(), grads)
+            }
+
+        return noise_free_sums(mode, device, compute)

@@ -15,6 +15,23 @@ phase can be marked. Any exception the library raises while wrapping the model (
 clipping it (``check``, ``clipped_grad_sum``) becomes :class:`MethodUnsupported` with the library's own text and
 a one-line diagnosis (bench/dp/diagnose.py) — except running out of memory, which is re-raised unchanged; the
 fused step itself lets errors through unchanged.
+
+Training modes (bench/dp/modes.py):
+
+* **autocast** (amp-bf16): the forward runs under the mode's autocast, as a user would write it. hooks, functorch
+  and ghost run; ew fails in the backward (ExpandedWeights computes a per-sample gradient from the layer's fp32
+  input and bf16 output gradient) and is ``unsupported`` with torch's error.
+* **loss scaling** (amp-fp16) is refused up front: Opacus 1.6 has no GradScaler support. Its DPOptimizer clips
+  ``p.grad_sample``, which ``GradScaler.unscale_`` never touches (it unscales ``p.grad``), and ghost clipping
+  takes its norms from the scaled output gradients, so the clipping norm would include the loss scale (2^16 at
+  the first step: every sample clipped to C/2^16) — a silently wrong step (shown in tests/dp/test_modes.py).
+* **activation checkpointing**: Opacus' forward hook captures a layer's input on every call, so a checkpointed
+  block captures twice — in the forward and again when the backward recomputes it — while the backward hook
+  runs once: per-sample gradients are then "not initialized" (hooks, functorch) or the layer looks tied
+  (ghost: "Parameter tying is not supported"). The wrapped modules here skip the capture in the original
+  forward of a checkpointed block (models.checkpointing.checkpoint_pass() == "forward") and capture in the
+  recompute, which runs the whole block (``early_stop=False``) just before the backward reaches it: each layer
+  is captured once, with the same input. ew uses no hooks and fails in torch's checkpoint (``CheckpointError``).
 """
 
 from __future__ import annotations
@@ -34,11 +51,13 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from models.checkpointing import checkpoint_pass
 
-from ._common import per_sample_loss, preserved_grads, trainable_parameters
+from ._common import model_device, per_sample_loss, preserved_grads, trainable_parameters
 from .base import DPMethod, DPStep, register_method
 from .diagnose import diagnose
 from .errors import MethodUnsupported, error_text, is_out_of_memory
+from .modes import DEFAULT_MODE, TrainingMode
 from .privacy import PrivacyParams
 
 # Opacus 1.6 warns about secure_mode / RNG on every DPOptimizer; those warnings say nothing about a benchmark.
@@ -70,9 +89,37 @@ def _release(wrapper, model: nn.Module) -> None:
                 delattr(p, attr)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+class _CaptureOncePerStep:
+    """Opacus' activation capture, skipped in the original forward of a checkpointed block: the recompute
+    during the backward captures the same input again, just before the layer's backward hook consumes it."""
+
+    def capture_activations_hook(self, module, forward_input, _forward_output):
+        if checkpoint_pass() == "forward":
+            return
+        super().capture_activations_hook(module, forward_input, _forward_output)
+
+
+class _GradSampleModule(_CaptureOncePerStep, GradSampleModule):
+    pass
+
+
+class _GhostClippingModule(_CaptureOncePerStep, GradSampleModuleFastGradientClipping):
+    pass
+
+
+LOSS_SCALING_REASON = "Opacus 1.6 has no loss-scaling (GradScaler) support"
+
+
+def _loss_scaling_diagnosis(method: str) -> str:
+    what = (
+        "its ghost norms come from the scaled output gradients"
+        if method == "opacus-ghost"
+        else "DPOptimizer clips p.grad_sample, which GradScaler.unscale_ never divides by the scale"
+    )
+    return (
+        f"{what}, so the clipping norm would include the loss scale (2^16 at the first step) and clip every "
+        "sample to C/2^16, silently; use amp-bf16 (no loss scaling) or bk / microbatch with amp-fp16"
+    )
 
 
 class _PerSampleCriterion:
@@ -97,14 +144,18 @@ class _OpacusMethod(DPMethod):
         self._probed = weakref.WeakKeyDictionary()
 
     # -- to implement -------------------------------------------------------------------------------------------
-    def _noise_free_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    def _noise_free_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------------------
-    def _unsupported(self, workload, model: nn.Module, exc: BaseException) -> MethodUnsupported:
-        return MethodUnsupported(self.name, error_text(exc), diagnose(self.name, workload, model, exc))
+    def _unsupported(self, workload, model: nn.Module, exc: BaseException, mode: TrainingMode) -> MethodUnsupported:
+        return MethodUnsupported(self.name, error_text(exc), diagnose(self.name, workload, model, exc, mode))
 
-    def _wrap_for_step(self, workload, model: nn.Module, wrap: Callable[[], nn.Module]) -> nn.Module:
+    def _wrap_for_step(
+        self, workload, model: nn.Module, wrap: Callable[[], nn.Module], mode: TrainingMode
+    ) -> nn.Module:
         """``wrap()``; on the library's failure, a clean model and :class:`MethodUnsupported`."""
         try:
             return wrap()
@@ -112,26 +163,32 @@ class _OpacusMethod(DPMethod):
             _release(None, model)
             if is_out_of_memory(exc):
                 raise
-            raise self._unsupported(workload, model, exc) from exc
+            raise self._unsupported(workload, model, exc, mode) from exc
 
-    def check(self, workload, model: nn.Module) -> None:
-        key = getattr(workload, "name", "")
+    def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
+        if mode.loss_scaling:
+            raise MethodUnsupported(self.name, LOSS_SCALING_REASON, _loss_scaling_diagnosis(self.name))
+        key = (getattr(workload, "name", ""), mode)
         if key in self._probed.get(model, set()):
             return
-        probe = workload.make_batch(_PROBE_BATCH, device=_model_device(model))
-        self.clipped_grad_sum(workload, model, probe, 1.0)  # raises MethodUnsupported with the real error
+        probe = workload.make_batch(_PROBE_BATCH, device=model_device(model))
+        self.clipped_grad_sum(workload, model, probe, 1.0, mode)  # raises MethodUnsupported with the real error
         self._probed.setdefault(model, set()).add(key)
 
-    def clipped_grad_sum(self, workload, model: nn.Module, batch, max_grad_norm: float) -> dict[str, Tensor]:
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
+        if mode.loss_scaling:
+            raise MethodUnsupported(self.name, LOSS_SCALING_REASON, _loss_scaling_diagnosis(self.name))
         with preserved_grads(model):
             try:
-                return self._noise_free_sum(workload, model, batch, max_grad_norm)
+                return self._noise_free_sum(workload, model, batch, max_grad_norm, mode)
             except MethodUnsupported:
                 raise
             except Exception as exc:  # the library's own failure on this model, unless memory ran out
                 if is_out_of_memory(exc):
                     raise
-                raise self._unsupported(workload, model, exc) from exc
+                raise self._unsupported(workload, model, exc, mode) from exc
 
 
 def _summed_grads(model: nn.Module) -> dict[str, Tensor]:
@@ -147,11 +204,13 @@ class _GradSampleMethod(_OpacusMethod):
     def wrap(self, model: nn.Module):
         raise NotImplementedError
 
-    def _noise_free_sum(self, workload, model, batch, max_grad_norm):
+    def _noise_free_sum(self, workload, model, batch, max_grad_norm, mode):
         wrapper = None
         try:
             wrapper = self.wrap(model)
-            per_sample_loss(workload, wrapper, batch).mean().backward()
+            with mode.forward_context(model_device(model)):
+                loss = per_sample_loss(workload, wrapper, batch).mean()
+            loss.backward()
             params = list(trainable_parameters(model).values())
             optimizer = DPOptimizer(
                 torch.optim.SGD(params, lr=0.0),
@@ -166,8 +225,10 @@ class _GradSampleMethod(_OpacusMethod):
         finally:
             _release(wrapper, model)
 
-    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model))
+    def build(
+        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
+    ) -> DPStep:
+        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model), mode)
         dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=privacy.noise_multiplier,
@@ -176,19 +237,21 @@ class _GradSampleMethod(_OpacusMethod):
             loss_reduction="mean",
             generator=noise_generator,
         )
-        return OpacusGradSampleStep(workload, model, wrapper, dp_optimizer, privacy)
+        return OpacusGradSampleStep(workload, model, wrapper, dp_optimizer, privacy, mode)
 
 
 class OpacusGradSampleStep(DPStep):
-    def __init__(self, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy):
+    def __init__(self, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy, mode=DEFAULT_MODE):
         super().__init__(model, dp_optimizer, privacy)
-        self.workload, self.wrapper, self.dp_optimizer = workload, wrapper, dp_optimizer
+        self.workload, self.wrapper, self.dp_optimizer, self.mode = workload, wrapper, dp_optimizer, mode
+        self.device = model_device(model)
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         opt = self.dp_optimizer
         mark("forward")
         opt.zero_grad(set_to_none=True)  # p.grad, p.grad_sample and p.summed_grad of the previous step
-        loss = per_sample_loss(self.workload, self.wrapper, batch).mean()
+        with self.mode.forward_context(self.device):
+            loss = per_sample_loss(self.workload, self.wrapper, batch).mean()
         mark("backward")
         loss.backward()
         annotate_dp_buffer(*(p.grad_sample for p in opt.params))
@@ -214,7 +277,7 @@ class OpacusHooks(_GradSampleMethod):
     name = "opacus-hooks"
 
     def wrap(self, model):
-        return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=False)
+        return _GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=False)
 
 
 @register_method
@@ -224,7 +287,7 @@ class OpacusFunctorch(_GradSampleMethod):
     name = "opacus-functorch"
 
     def wrap(self, model):
-        return GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=True)
+        return _GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=True)
 
 
 @register_method
@@ -249,7 +312,7 @@ class OpacusGhost(_OpacusMethod):
 
     @staticmethod
     def wrap(model: nn.Module, max_grad_norm: float):
-        return GradSampleModuleFastGradientClipping(
+        return _GhostClippingModule(
             model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
         )
 
@@ -264,40 +327,45 @@ class OpacusGhost(_OpacusMethod):
             generator=generator,
         )
 
-    def _noise_free_sum(self, workload, model, batch, max_grad_norm):
+    def _noise_free_sum(self, workload, model, batch, max_grad_norm, mode):
         wrapper = None
         try:
             wrapper = self.wrap(model, max_grad_norm)
             params = list(trainable_parameters(model).values())
             optimizer = self._optimizer(torch.optim.SGD(params, lr=0.0), 0.0, max_grad_norm, batch.batch_size, None)
             criterion = DPLossFastGradientClipping(wrapper, optimizer, _PerSampleCriterion(workload), "mean")
-            # Opacus' own packaged double backward: p.grad = Σ_i c_i g_i.
-            criterion(wrapper(*batch.inputs), batch.target).backward()
+            with mode.forward_context(model_device(model)):
+                loss = criterion(wrapper(*batch.inputs), batch.target)
+            loss.backward()  # Opacus' own packaged double backward: p.grad = Σ_i c_i g_i.
             annotate_dp_buffer(wrapper.per_sample_gradient_norms)
             optimizer.accumulate()  # p.summed_grad = p.grad
             return _summed_grads(model)
         finally:
             _release(wrapper, model)
 
-    def build(self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator) -> DPStep:
-        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model, privacy.max_grad_norm))
+    def build(
+        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
+    ) -> DPStep:
+        wrapper = self._wrap_for_step(workload, model, lambda: self.wrap(model, privacy.max_grad_norm), mode)
         dp_optimizer = self._optimizer(
             optimizer, privacy.noise_multiplier, privacy.max_grad_norm, batch_size, noise_generator
         )
         criterion = DPLossFastGradientClipping(wrapper, dp_optimizer, _PerSampleCriterion(workload), "mean")
-        return OpacusGhostStep(workload, model, wrapper, dp_optimizer, criterion, privacy)
+        return OpacusGhostStep(workload, model, wrapper, dp_optimizer, criterion, privacy, mode)
 
 
 class OpacusGhostStep(DPStep):
-    def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy):
+    def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy, mode=DEFAULT_MODE):
         super().__init__(model, dp_optimizer, privacy)
         self.workload, self.wrapper, self.dp_optimizer, self.criterion = workload, wrapper, dp_optimizer, criterion
+        self.mode, self.device = mode, model_device(model)
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         opt, wrapper = self.dp_optimizer, self.wrapper
         mark("forward")
         opt.zero_grad(set_to_none=True)
-        losses = self.criterion(wrapper(*batch.inputs), batch.target).loss_per_sample  # (B,)
+        with self.mode.forward_context(self.device):
+            losses = self.criterion(wrapper(*batch.inputs), batch.target).loss_per_sample  # (B,)
         # DPTensorFastGradientClipping.backward(), split at the phase boundary: the first backward (hooks on)
         # yields per-sample norms; the second (hooks off) backpropagates Σ_i c_i·loss_i into p.grad.
         mark("backward")

@@ -53,5 +53,5 @@ class Conv2dRule:
             G = grad_out.flatten(2).transpose(1, 2)  # (B, L, out)
             out["weight"] = Factored(left=G, right=patches.transpose(1, 2), rows=module.out_channels)
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = Instantiated(grad_out.sum(dim=(2, 3)))  # (B, out)
+            out["bias"] = Instantiated(grad_out.sum(dim=(2, 3), dtype=module.bias.dtype))  # (B, out)
         return out

@@ -14,6 +14,13 @@ Inner products of per-sample gradients never need g_i when both sides are factor
 That one formula gives the ghost norm of a use (L' = L) and the cross term of two uses of a tied parameter
 (an Embedding and a Linear head, or two Linears). Passing ``tile`` accumulates it block by block over
 (tile × tile) pieces, so no B × T × T' tensor is ever built.
+
+Dtypes (mixed precision): the two factors of a use can differ — under autocast a Linear keeps its fp32 input
+while its output gradient is bf16 — so a product of the two is taken in their common (wider) dtype, widened to
+the parameter's (``dtype``: an fp32 weight's per-sample gradient or clipped sum is formed in fp32, as autograd
+accumulates p.grad; in fp16 a loss-scaled sum over tokens or samples overflows), and every
+Gram, inner product and norm is accumulated in float32 from float32 copies of the operands, one tile at a time
+(a 16-bit Gram would round each entry to 8 or 11 bits; an fp16 Gram of a loss-scaled G overflows).
 """
 
 from __future__ import annotations
@@ -26,6 +33,18 @@ from torch import Tensor
 from bench.channel import annotate_dp_buffer
 
 __all__ = ["Factored", "Instantiated", "factored_inner", "instantiated_inner"]
+
+
+def _common(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` in the dtype promoted from theirs and ``dtype`` (copies only where a dtype differs)."""
+    common = torch.promote_types(a.dtype, b.dtype) if dtype is None else torch.promote_types(a.dtype, dtype)
+    common = torch.promote_types(common, b.dtype)
+    return a.to(common), b.to(common)
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """``t`` as a float32 copy if it is a 16-bit float (itself otherwise): Grams and norms accumulate in fp32."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 @dataclass
@@ -62,29 +81,34 @@ class Factored:
         """The mixed rule (Bu et al.): two T×T Grams are cheaper to hold than one rows×cols gradient per sample."""
         return 2 * self.tokens**2 < self.rows * self.cols
 
-    def instantiate(self) -> Tensor:
-        """Per-sample gradients (B, rows, cols)."""
+    def instantiate(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Per-sample gradients (B, rows, cols), in the factors' common dtype widened to ``dtype``."""
         B, T, cols = self.right.shape
         if self.is_index:
-            out = self.right.new_zeros(B, self.rows, cols)
-            out.scatter_add_(1, self.left.unsqueeze(-1).expand(B, T, cols), self.right)
+            right = self.right if dtype is None else self.right.to(torch.promote_types(self.right.dtype, dtype))
+            out = right.new_zeros(B, self.rows, cols)
+            out.scatter_add_(1, self.left.unsqueeze(-1).expand(B, T, cols), right)
         else:
-            out = torch.bmm(self.left.transpose(1, 2), self.right)  # (B, rows, cols)
+            left, right = _common(self.left, self.right, dtype)
+            out = torch.bmm(left.transpose(1, 2), right)  # (B, rows, cols)
         annotate_dp_buffer(out)
         return out
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        """Σ_i w_i g_i (rows, cols) by one matmul (or one index_add): no per-sample gradient is built."""
+    def weighted_sum(self, weights: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Σ_i w_i g_i (rows, cols) by one matmul (or one index_add), in the factors' common dtype widened to
+        ``dtype``: no per-sample gradient is built."""
         B, T, cols = self.right.shape
-        w = weights.to(self.right.dtype)
         if self.is_index:
-            scaled = (self.right * w[:, None, None]).reshape(B * T, cols)
-            return self.right.new_zeros(self.rows, cols).index_add_(0, self.left.reshape(B * T), scaled)
+            right = self.right if dtype is None else self.right.to(torch.promote_types(self.right.dtype, dtype))
+            scaled = (right * weights.to(right.dtype)[:, None, None]).reshape(B * T, cols)
+            return right.new_zeros(self.rows, cols).index_add_(0, self.left.reshape(B * T), scaled)
+        left, right = _common(self.left, self.right, dtype)
+        w = weights.to(right.dtype)
         # Scale whichever factor is narrower: that is the cheaper elementwise product.
         if self.rows <= cols:
-            left, right = self.left * w[:, None, None], self.right
+            left = left * w[:, None, None]
         else:
-            left, right = self.left, self.right * w[:, None, None]
+            right = right * w[:, None, None]
         return left.reshape(B * T, self.rows).t() @ right.reshape(B * T, cols)
 
 
@@ -98,7 +122,7 @@ class Instantiated:
 def _batched_dot(x: Tensor, y: Tensor) -> Tensor:
     """Σ over all but dim 0 of x ⊙ y, in float32, (B,). (vecdot on flat views: einsum would copy both operands.)"""
     B = x.shape[0]
-    return torch.linalg.vecdot(x.reshape(B, -1).float(), y.reshape(B, -1).float())
+    return torch.linalg.vecdot(_fp32(x.reshape(B, -1)), _fp32(y.reshape(B, -1)))
 
 
 def _left_gram(u: Factored, v: Factored, tu: slice, tv: slice, dtype: torch.dtype) -> Tensor:
@@ -106,11 +130,11 @@ def _left_gram(u: Factored, v: Factored, tu: slice, tv: slice, dtype: torch.dtyp
     lu, lv = u.left[:, tu], v.left[:, tv]
     if u.is_index and v.is_index:  # token equality
         return (lu.unsqueeze(2) == lv.unsqueeze(1)).to(dtype)
-    if u.is_index:  # ⟨onehot(x_t), L_v[s]⟩ = L_v[s, x_t]
+    if u.is_index:  # ⟨onehot(x_t), L_v[s]⟩ = L_v[s, x_t] (a gather: exact in any dtype)
         return lv.gather(2, lu.unsqueeze(1).expand(-1, lv.shape[1], -1)).transpose(1, 2)
     if v.is_index:  # ⟨L_u[t], onehot(x_s)⟩ = L_u[t, x_s]
         return lu.gather(2, lv.unsqueeze(1).expand(-1, lu.shape[1], -1))
-    return torch.bmm(lu, lv.transpose(1, 2))
+    return torch.bmm(_fp32(lu), _fp32(lv).transpose(1, 2))
 
 
 def factored_inner(u: Factored, v: Factored, tile: int | None = None) -> Tensor:
@@ -125,7 +149,7 @@ def factored_inner(u: Factored, v: Factored, tile: int | None = None) -> Tensor:
         tu = slice(a, min(a + step_u, Tu))
         for b in range(a if symmetric else 0, Tv, step_v):
             tv = slice(b, min(b + step_v, Tv))
-            right_gram = torch.bmm(u.right[:, tu], v.right[:, tv].transpose(1, 2))  # (B, |tu|, |tv|)
+            right_gram = torch.bmm(_fp32(u.right[:, tu]), _fp32(v.right[:, tv]).transpose(1, 2))  # (B, |tu|, |tv|)
             left_gram = _left_gram(u, v, tu, tv, right_gram.dtype)  # (B, |tu|, |tv|)
             annotate_dp_buffer(right_gram, left_gram)
             block = _batched_dot(left_gram, right_gram)
@@ -140,5 +164,5 @@ def instantiated_inner(per_sample: Tensor, u: Factored) -> Tensor:
     if u.is_index:  # Σ_t ⟨S[x_t, :], R_t⟩
         picked = per_sample.gather(1, u.left.unsqueeze(-1).expand(B, T, cols))  # (B, T, cols)
         return _batched_dot(picked, u.right)
-    r_s = torch.bmm(u.right, per_sample.transpose(1, 2))  # (B, T, rows): Σ_c R_t[c]·S[r, c]
+    r_s = torch.bmm(_fp32(u.right), _fp32(per_sample).transpose(1, 2))  # (B, T, rows): Σ_c R_t[c]·S[r, c]
     return _batched_dot(r_s, u.left)

@@ -1,6 +1,7 @@
 """nn.LayerNorm with elementwise affine: weight g_i = Σ_t G_t ⊙ x̂_t, bias g_i = Σ_t G_t (instantiated, (B, *shape)).
 
-x̂ is recomputed from the kept input with the module's eps and normalized_shape, in float32.
+x̂ is recomputed from the kept input with the module's eps and normalized_shape, in float32; the per-sample
+gradients come out in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class LayerNormRule:
             var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
             x_hat = (x - mean) * torch.rsqrt(var + module.eps)  # (B, T, *shape)
             annotate_dp_buffer(x_hat)
-            out["weight"] = Instantiated((G.float() * x_hat).sum(dim=1).to(G.dtype))  # (B, *shape)
+            out["weight"] = Instantiated((G.float() * x_hat).sum(dim=1).to(module.weight.dtype))  # (B, *shape)
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = Instantiated(G.sum(dim=1))  # (B, *shape)
+            out["bias"] = Instantiated(G.sum(dim=1, dtype=module.bias.dtype))  # (B, *shape)
         return out

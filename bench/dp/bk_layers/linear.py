@@ -25,5 +25,5 @@ class LinearRule:
         if module.weight.requires_grad:
             out["weight"] = Factored(left=G, right=A, rows=module.out_features)
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = Instantiated(G.sum(dim=1))  # (B, p)
+            out["bias"] = Instantiated(G.sum(dim=1, dtype=module.bias.dtype))  # (B, p), summed in the bias's dtype
         return out

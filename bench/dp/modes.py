@@ -1,0 +1,176 @@
+"""Training modes: the precision and the activation checkpointing a step trains with.
+
+A :class:`TrainingMode` is two names:
+
+* ``precision`` (:data:`PRECISIONS`): ``fp32``; ``amp-bf16`` — fp32 weights, gradients and optimizer state, the
+  forward (loss included) under ``torch.autocast`` in bf16, the common choice; ``amp-fp16`` — the same in fp16
+  with a ``torch.amp.GradScaler`` (dynamic loss scaling: fp16 gradients underflow without it); ``bf16`` —
+  weights, gradients and optimizer state in bf16 (``model.to(torch.bfloat16)``), no autocast;
+* ``checkpointing`` (:data:`CHECKPOINTINGS`): ``none`` or ``blocks`` — every transformer block of the workload
+  (``Workload.checkpoint_module_types``) runs through non-reentrant activation checkpointing
+  (models/checkpointing.py).
+
+Two steps, kept apart so that every device gets the same treatment:
+
+1. :func:`prepare_model` (the case runner calls it once the model is built, on whatever device — meta
+   included): casts the weights for ``bf16`` and wraps the blocks for ``blocks``. It reads no tensor value.
+   A mode the device or the workload cannot run is :class:`ModeUnsupported` (a result, not an error).
+2. The DP methods run the forward under :meth:`TrainingMode.forward_context` and, for ``amp-fp16``, scale the
+   loss by the step's GradScaler and take every per-sample norm of the *unscaled* gradients (the scale must
+   never enter a clipping norm). :func:`check_prepared` makes sure a model handed to a method was prepared for
+   the mode it is run with.
+
+Devices: CPU runs every mode — torch 2.13's CPU autocast runs fp16 too, and its fp16 backward underflows like a
+GPU's, so the GradScaler does there what it does on a GPU (CPU fp16 kernels are slow: timings say nothing about
+a GPU). CUDA needs bf16 support for the bf16 modes. On ``meta`` autocast does nothing — ``torch.autocast``
+refuses the device type and CPU/CUDA autocast cast only their own device's tensors — so ``amp-*`` there would
+silently predict an fp32 forward: refused. ``bf16`` and ``blocks`` work on meta (dtypes and recompute are
+shapes, not values).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.checkpointing import CheckpointedBlocks, checkpoint_modules, checkpointed_modules
+
+from .errors import DPConfigError, ModeUnsupported
+
+__all__ = [
+    "CHECKPOINTINGS",
+    "DEFAULT_MODE",
+    "PRECISIONS",
+    "TrainingMode",
+    "check_prepared",
+    "prepare_model",
+]
+
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
+CHECKPOINTINGS = ("none", "blocks")
+
+_AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+_PARAM_DTYPES = {"bf16": torch.bfloat16}
+# The part a non-default value adds to a case id (fp32 and none add nothing: today's ids stay as they are).
+_CHECKPOINTING_ID_PARTS = {"blocks": "ckpt"}
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """How a step trains: ``precision`` in :data:`PRECISIONS`, ``checkpointing`` in :data:`CHECKPOINTINGS`."""
+
+    precision: str = "fp32"
+    checkpointing: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise DPConfigError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.checkpointing not in CHECKPOINTINGS:
+            raise DPConfigError(f"unknown checkpointing {self.checkpointing!r}; valid: {', '.join(CHECKPOINTINGS)}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the forward is autocast to, or None (no autocast)."""
+        return _AUTOCAST_DTYPES.get(self.precision)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the weights (and so of gradients and optimizer state)."""
+        return _PARAM_DTYPES.get(self.precision, torch.float32)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """True when the step scales its loss with a GradScaler (amp-fp16)."""
+        return self.precision == "amp-fp16"
+
+    @property
+    def id_parts(self) -> tuple[str, ...]:
+        """What the mode adds to a case id: nothing for fp32 without checkpointing, e.g. ("amp-bf16", "ckpt")."""
+        parts = () if self.precision == "fp32" else (self.precision,)
+        return parts + ((_CHECKPOINTING_ID_PARTS[self.checkpointing],) if self.checkpointing != "none" else ())
+
+    def forward_context(self, device: torch.device) -> AbstractContextManager:
+        """The context the forward and the loss run in: ``torch.autocast`` for amp-*, else nothing."""
+        dtype = self.autocast_dtype
+        return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+    def new_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """A fresh GradScaler (torch's defaults: initial scale 2^16, growth ×2 every 2000 steps) for amp-fp16."""
+        return torch.amp.GradScaler(device.type) if self.loss_scaling else None
+
+    def initial_loss_scale(self, device: torch.device) -> torch.Tensor | None:
+        """The loss scale a fresh GradScaler starts with, as a 0-d tensor (None without loss scaling): what the
+        noise-free ``clipped_grad_sum`` runs its one backward with."""
+        scaler = self.new_scaler(device)
+        return None if scaler is None else scaler.scale(torch.ones((), device=device))
+
+
+DEFAULT_MODE = TrainingMode()
+
+
+def _device_problem(mode: TrainingMode, device: torch.device) -> str | None:
+    if device.type == "meta" and mode.autocast_dtype is not None:
+        return (
+            f"{mode.precision} on meta: autocast does not apply to meta tensors (torch.autocast refuses device "
+            "type 'meta'; CPU and CUDA autocast cast only their own device's tensors), so the prediction would be "
+            "an fp32 forward; measure amp on a GPU or CPU (bf16 and checkpointing run on meta)"
+        )
+    bf16 = torch.bfloat16 in (mode.autocast_dtype, mode.param_dtype)
+    if device.type == "cuda" and bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{mode.precision} on {device}: this GPU has no native bf16 support"
+    return None
+
+
+def prepare_model(
+    model: nn.Module, workload, mode: TrainingMode, device: torch.device | str
+) -> CheckpointedBlocks | None:
+    """Prepare ``model`` (just built by ``workload``, on ``device``) in place for ``mode``: weights to the mode's
+    dtype, the workload's blocks checkpointed. Returns the checkpointing handle (``remove()`` unwraps), or None.
+
+    Reads no tensor value, so it works on meta. :class:`ModeUnsupported` when the device cannot run the mode
+    or the workload names no module to checkpoint (or none of its type is in the model)."""
+    device = torch.device(device)
+    problem = _device_problem(mode, device)
+    if problem:
+        raise ModeUnsupported(problem)
+    if mode.param_dtype != torch.float32:
+        model.to(mode.param_dtype)
+    if mode.checkpointing == "none":
+        return None
+    name = getattr(workload, "name", "the workload")
+    types = tuple(getattr(workload, "checkpoint_module_types", ()))
+    if not types:
+        raise ModeUnsupported(
+            f"checkpointing blocks: workload {name!r} names no module types to checkpoint",
+            "set Workload.checkpoint_module_types to its block class(es) (README, 'Bring your own model')",
+        )
+    handle = checkpoint_modules(model, types)
+    if not handle.modules:
+        kinds = ", ".join(t.__name__ for t in types)
+        raise ModeUnsupported(
+            f"checkpointing blocks: workload {name!r}: its model has no module of type {kinds}",
+            "Workload.checkpoint_module_types must name classes the model is built from",
+        )
+    return handle
+
+
+def check_prepared(model: nn.Module, mode: TrainingMode) -> None:
+    """DPConfigError (one line, naming the fix) unless ``model`` was prepared for ``mode``: a step run in one
+    mode on a model prepared for another would measure something else than it says."""
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+    if dtypes and dtypes != {mode.param_dtype}:
+        found = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise DPConfigError(
+            f"precision {mode.precision} trains {str(mode.param_dtype).replace('torch.', '')} weights but the "
+            f"model's are {found}; prepare it with bench.dp.prepare_model(model, workload, mode, device)"
+        )
+    checkpointed = bool(checkpointed_modules(model))
+    if checkpointed != (mode.checkpointing != "none"):
+        state = "is checkpointed" if checkpointed else "is not checkpointed"
+        raise DPConfigError(
+            f"checkpointing {mode.checkpointing!r} but the model {state}; prepare it with "
+            "bench.dp.prepare_model(model, workload, mode, device)"
+        )
