@@ -1,6 +1,8 @@
-"""Run one bench case (workload × method × batch size × device) and return its :class:`CaseRecord`.
+"""Run one bench case (workload × method × batch size × device × training mode) and return its :class:`CaseRecord`.
 
-The order inside a case: build model, batch and fused step → one warm-up step → one measured round (samplers
+The order inside a case: build model, prepare it for the training mode (``bench.dp.prepare_model``: bf16
+weights, checkpointed blocks — a mode the device or workload cannot run is ``unsupported``), batch and fused
+step → one warm-up step → one measured round (samplers
 and tensor tracker attached) → timed rounds (nothing attached) → release everything. The measured round comes
 before the timed rounds so that a step over the CPU memory cap (enforced in the warm-up and the measured round)
 is an ``oom`` result before it is ever timed. Out-of-memory and unsupported combinations are results, not
@@ -42,11 +44,19 @@ class CaseSpec:
     method: str
     batch_size: int
     device: str
+    precision: str = "fp32"
+    checkpointing: str = "none"
+
+    @property
+    def mode(self) -> dp.TrainingMode:
+        return dp.TrainingMode(self.precision, self.checkpointing)
 
     @property
     def case_id(self) -> str:
-        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
-        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a non-default
+        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``)."""
+        parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts)
+        return "-".join(parts)
 
 
 # Characters actions/upload-artifact (v4) refuses in a path, and path separators: replaced in snapshot file names.
@@ -72,6 +82,8 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         method=spec.method,
         batch_size=spec.batch_size,
         device=spec.device,
+        precision=spec.precision,
+        checkpointing=spec.checkpointing,
         **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
         optimizer=config.optimizer,
         device_name=device_name,
@@ -116,8 +128,9 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         model = workload.build_model(device)
         record.params_total = sum(p.numel() for p in model.parameters())
         record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         check_workload_contract(workload, model, device)  # the user's bug, named once, before any method runs
+        dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
+        record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         generator = torch.Generator().manual_seed(config.seed)
         batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
         step = dp.build_step(
@@ -129,6 +142,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             optimizer=config.optimizer,
             lr=config.lr,
             noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1),
+            mode=spec.mode,
         )
         one_call_s = _warm_up(step, batch, device, config)
         snapshot = config.snapshot_case in (spec.case_id, "all")
@@ -149,7 +163,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         oom = out_of_memory_in(exc)  # first: an OOM wins over any method's own wrapping of it
         if oom is not None:
             record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(oom)}"
-        elif isinstance(exc, dp.MethodUnsupported):
+        elif isinstance(exc, (dp.MethodUnsupported, dp.ModeUnsupported)):
             record.status, record.reason = "unsupported", str(exc)
         else:
             record.status, record.reason = "error", error_text(exc)

@@ -32,6 +32,8 @@ class Preset:
     methods: tuple[str, ...] | None  # None: every registered method
     batch_sizes: tuple[int, ...]
     rounds: int  # timed rounds per case
+    precisions: tuple[str, ...] = ("fp32",)  # bench.dp.PRECISIONS
+    checkpointings: tuple[str, ...] = ("none",)  # bench.dp.CHECKPOINTINGS
 
 
 _GPU_WORKLOADS = (
@@ -51,13 +53,36 @@ _GPU_WORKLOADS = (
 )
 
 PRESETS: dict[str, Preset] = {
-    # tiny workloads, every method, two batch sizes (the default without a GPU)
-    "cpu-smoke": Preset(("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"), None, (4, 16), rounds=3),
+    # tiny workloads, every method, two batch sizes, fp32 and amp-bf16, with and without activation
+    # checkpointing (the default without a GPU)
+    "cpu-smoke": Preset(
+        ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"),
+        None,
+        (4, 16),
+        rounds=3,
+        precisions=("fp32", "amp-bf16"),
+        checkpointings=("none", "blocks"),
+    ),
     # paper-size DiT-S/B/L/XL-2 (256 px, cond + uncond), DiT-XL/2 512 px, gpt2(-medium) tied + untied;
-    # batch 1..256 by ×4 until OOM (the default with a GPU)
-    "gpu-small": Preset(_GPU_WORKLOADS, None, (1, 4, 16, 64, 256), rounds=5),
+    # batch 1..256 by ×4 until OOM; fp32, amp-bf16 and bf16, with and without activation checkpointing
+    # (the default with a GPU)
+    "gpu-small": Preset(
+        _GPU_WORKLOADS,
+        None,
+        (1, 4, 16, 64, 256),
+        rounds=5,
+        precisions=("fp32", "amp-bf16", "bf16"),
+        checkpointings=("none", "blocks"),
+    ),
     # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
-    "gpu-full": Preset(_GPU_WORKLOADS, None, tuple(2**i for i in range(11)), rounds=10),
+    "gpu-full": Preset(
+        _GPU_WORKLOADS,
+        None,
+        tuple(2**i for i in range(11)),
+        rounds=10,
+        precisions=("fp32", "amp-bf16", "bf16"),
+        checkpointings=("none", "blocks"),
+    ),
 }
 
 
@@ -99,6 +124,8 @@ class BenchConfig:
     max_batch_limit: int = 4096
     predict_memory_bytes: tuple[int, ...] = ()
     torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
+    precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
+    checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> BenchConfig:
@@ -119,6 +146,10 @@ class BenchConfig:
             workloads = tuple(_checked_workload(spec) for spec in option("--workloads") or preset.workloads)
             methods = option("--methods") or tuple(preset.methods or dp.available_methods())
             check_names("--methods", methods, dp.available_methods())
+            precisions = option("--precision") or preset.precisions
+            check_names("--precision", precisions, dp.PRECISIONS)
+            checkpointings = option("--checkpointing") or preset.checkpointings
+            check_names("--checkpointing", checkpointings, dp.CHECKPOINTINGS)
             devices = option("--devices") or tuple(visible_devices())
             usable = list(dict.fromkeys([*visible_devices(), "cpu"]))
             for device in devices:
@@ -161,4 +192,6 @@ class BenchConfig:
             max_batch_limit=option("--max-batch-limit"),
             predict_memory_bytes=option("--predict-memory"),
             torch_threads=option("--torch-threads"),
+            precisions=tuple(precisions),
+            checkpointings=tuple(checkpointings),
         )

@@ -76,33 +76,53 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dp_case" in metafunc.fixturenames:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
         specs = [
-            CaseSpec(w, m, b, d)
+            CaseSpec(w, m, b, d, p, c)
             for w in cfg.workloads
             for m in cfg.methods
             for d in cfg.devices
+            for p in cfg.precisions
+            for c in cfg.checkpointings
             for b in sorted(cfg.batch_sizes)
         ]
-        # Four parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params".
+        # Six parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params" (the
+        # training mode's two always, so results group by them; ids name only non-default modes).
         metafunc.parametrize(
-            "workload,method,batch_size,device",
-            [(s.workload, s.method, s.batch_size, s.device) for s in specs],
+            "workload,method,batch_size,device,precision,checkpointing",
+            [(s.workload, s.method, s.batch_size, s.device, s.precision, s.checkpointing) for s in specs],
             ids=[s.case_id for s in specs],
         )
     elif "max_batch_case" in metafunc.fixturenames:
-        cases = [(w, m, d) for w in cfg.workloads for m in cfg.methods for d in cfg.devices]
-        metafunc.parametrize("workload,method,device", cases, ids=[f"{w}-{m}-{d}" for w, m, d in cases])
+        cases = [
+            CaseSpec(w, m, 0, d, p, c)
+            for w in cfg.workloads
+            for m in cfg.methods
+            for d in cfg.devices
+            for p in cfg.precisions
+            for c in cfg.checkpointings
+        ]
+        metafunc.parametrize(
+            "workload,method,device,precision,checkpointing",
+            [(s.workload, s.method, s.device, s.precision, s.checkpointing) for s in cases],
+            ids=["-".join((s.workload, s.method, s.device, *s.mode.id_parts)) for s in cases],
+        )
 
 
 @pytest.fixture
-def dp_case(workload, method, batch_size, device) -> CaseSpec:
+def dp_case(workload, method, batch_size, device, precision, checkpointing) -> CaseSpec:
     from bench.case import CaseSpec
 
-    return CaseSpec(workload, method, batch_size, device)
+    return CaseSpec(workload, method, batch_size, device, precision, checkpointing)
 
 
 @pytest.fixture
 def max_batch_case(workload, method, device) -> tuple[str, str, str]:
     return workload, method, device
+
+
+@pytest.fixture
+def max_batch_mode(precision, checkpointing) -> tuple[str, str]:
+    """The training mode (precision, checkpointing) every probe of a max-batch search runs in."""
+    return precision, checkpointing
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

@@ -173,6 +173,17 @@ def add_bench_options(parser) -> None:
     add("--batch-sizes", type=batch_sizes, help="comma list of batch sizes (replaces the preset's)")
     add("--devices", type=comma_list, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
     add(
+        "--precision",
+        type=comma_list,
+        help="comma list of precisions: fp32, amp-bf16 (autocast, fp32 weights), amp-fp16 (autocast + GradScaler), "
+        "bf16 (bf16 weights, gradients, optimizer state) (replaces the preset's)",
+    )
+    add(
+        "--checkpointing",
+        type=comma_list,
+        help="comma list: none, blocks (activation checkpointing of every transformer block) (replaces the preset's)",
+    )
+    add(
         "--workload-module",
         action="append",
         default=[],

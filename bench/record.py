@@ -105,13 +105,15 @@ class Timing:
 
 @dataclass
 class CaseRecord:
-    """Everything measured for one bench case (workload × method × batch size × device)."""
+    """Everything measured for one bench case (workload × method × batch size × device × training mode)."""
 
     # --- the case -------------------------------------------------------------------------------------
     workload: str  # the workload spec: registered name[:key=value...] (e.g. "gpt2-large:seq_len=128")
     method: str
     batch_size: int
     device: str
+    precision: str = "fp32"  # bench.dp.PRECISIONS: fp32, amp-bf16, amp-fp16 (with a GradScaler), bf16 (bf16 weights)
+    checkpointing: str = "none"  # bench.dp.CHECKPOINTINGS: none, blocks (activation checkpointing of every block)
     status: str = "ok"  # one of STATUSES
     reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
 
@@ -132,7 +134,7 @@ class CaseRecord:
     params_trainable: int | None = None
     tokens_per_sample: int | None = None
     family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights' dtype (bfloat16 under precision bf16)
 
     # --- provenance ------------------------------------------------------------------------------------
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
@@ -191,6 +193,8 @@ class MaxBatchRecord:
     workload: str
     method: str
     device: str
+    precision: str = "fp32"  # the training mode every probe ran in (as CaseRecord's)
+    checkpointing: str = "none"
     memory_limit_bytes: int | None = None  # what "fits" meant: device capacity or the CPU memory cap
     max_batch_measured: int | None = None  # largest ok batch size (None: even batch 1 failed)
     first_failing_batch: int | None = None  # smallest batch that failed (OOM), if one was reached

@@ -1,4 +1,5 @@
-"""The benchmark matrix: one pytest-benchmark case per workload × DP method × batch size × device.
+"""The benchmark matrix: one pytest-benchmark case per workload × DP method × batch size × device × training mode
+(precision × activation checkpointing).
 
 `pytest bench/ --benchmark-json=out.json` times each fused DP step (pytest-benchmark's rounds), measures one
 more step with every memory source (bench.memory), and stores the result record in ``extra_info`` and, at
@@ -12,7 +13,7 @@ import pytest
 from bench.case import CaseSpec, new_record, run_case
 from bench.timing import MIN_ROUND_S, benchmark_timer
 
-# (workload, method, device) -> smallest batch size that ran out of memory in this session.
+# (workload, method, device, precision, checkpointing) -> smallest batch size that ran out of memory so far.
 _OOM_AT: dict[tuple[str, str, str], int] = {}
 
 
@@ -22,7 +23,7 @@ _OOM_AT: dict[tuple[str, str, str], int] = {}
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
 def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record_untimed, pytestconfig):
-    key = (dp_case.workload, dp_case.method, dp_case.device)
+    key = (dp_case.workload, dp_case.method, dp_case.device, dp_case.precision, dp_case.checkpointing)
     if key in _OOM_AT and dp_case.batch_size > _OOM_AT[key]:
         # A larger batch of the same case cannot fit; recorded as OOM without spending minutes proving it.
         record = new_record(dp_case, bench_cfg)
@@ -38,6 +39,7 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record
     results_writer.append(record)
     if record.timing.rounds == 0:
         params = {"workload": dp_case.workload, "method": dp_case.method, "batch_size": dp_case.batch_size}
-        record_untimed({**params, "device": dp_case.device}, record.to_dict())
+        mode = {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
+        record_untimed({**params, "device": dp_case.device, **mode}, record.to_dict())
     if record.status == "error":
         pytest.fail(f"{dp_case.case_id}: {record.reason}", pytrace=False)

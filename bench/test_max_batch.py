@@ -13,9 +13,10 @@ from bench.case import CaseSpec, run_case
 from bench.record import BatchProbe
 
 
-def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, record_untimed):
+def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):
     cfg = bench_cfg
     workload, method, device = max_batch_case
+    precision, checkpointing = max_batch_mode
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
@@ -28,7 +29,7 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, reco
     records = []
 
     def probe(batch_size: int) -> BatchProbe:
-        record = run_case(CaseSpec(workload, method, batch_size, device), cfg, timer=None)
+        record = run_case(CaseSpec(workload, method, batch_size, device, precision, checkpointing), cfg, timer=None)
         records.append(record)
         memory = record.memory
         return BatchProbe(
@@ -50,11 +51,14 @@ def test_max_batch(max_batch_case, pytestconfig, bench_cfg, results_writer, reco
     )
     result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
     result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
+    result.precision, result.checkpointing = precision, checkpointing
     say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
 
     results_writer.append(result)
+    params = {"workload": workload, "method": method, "device": device}
     record_untimed(
-        {"workload": workload, "method": method, "device": device}, {"record_type": "max_batch", **result.to_dict()}
+        {**params, "precision": precision, "checkpointing": checkpointing},
+        {"record_type": "max_batch", **result.to_dict()},
     )
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)

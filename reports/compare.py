@@ -1,12 +1,13 @@
 """Regression gate: compare two result sets case by case, and export memory for github-action-benchmark.
 
-Cases match on (workload, method, batch size, device) and machine (runner label, else GPU/CPU name). A case
-fails the gate when a *gated* peak figure present on both sides grew by more than the threshold, or when it went
-from ok to OOM. By default only the figures that are isolated between cases are gated (:data:`GATED_BY_DEFAULT`:
-exact tensor bytes, the allocator's peaks, NVML's peak minus the case-start baseline); process RSS and NVML's
-device-wide or per-process peaks depend on what ran before in the same process or on the device, so they are
-shown for information and never fail the gate unless chosen with ``--gate-figures``. Step times are shown but
-never gate (too noisy across runs); comparing step times measured with different torch thread counts is warned.
+Cases match on (workload, method, batch size, device, precision, checkpointing) and machine (runner label, else
+GPU/CPU name). A case fails the gate when a *gated* peak figure present on both sides grew by more than the
+threshold, or when it went from ok to OOM. By default only the figures that are isolated between cases are gated
+(:data:`GATED_BY_DEFAULT`: exact tensor bytes, the allocator's peaks, NVML's peak minus the case-start baseline);
+process RSS and NVML's device-wide or per-process peaks depend on what ran before in the same process or on the
+device, so they are shown for information and never fail the gate unless chosen with ``--gate-figures``. Step times
+are shown but never gate (too noisy across runs); comparing step times measured with different torch thread counts
+is warned.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class Comparison:
 
 
 def _case_name(key: tuple) -> str:
-    workload, method, batch, device, machine = key
-    return f"{workload}/{method}/bs{batch}/{device} [{machine}]"
+    workload, method, batch, device, precision, checkpointing, machine = key
+    mode = "".join(f"/{part}" for part, default in ((precision, "fp32"), (checkpointing, "none")) if part != default)
+    return f"{workload}/{method}/bs{batch}/{device}{mode} [{machine}]"
 
 
 _COLUMNS = [

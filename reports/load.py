@@ -53,8 +53,9 @@ __all__ = [
     "workload_family",
 ]
 
-# Columns that identify one case on one machine; a result set has at most one row per key.
-CASE_KEY = ("workload", "method", "batch_size", "device", "machine")
+# Columns that identify one case on one machine; a result set has at most one row per key. The training mode
+# (precision, checkpointing) is part of the case: records older than it read as fp32 without checkpointing.
+CASE_KEY = ("workload", "method", "batch_size", "device", "precision", "checkpointing", "machine")
 
 # Every byte figure of a CaseRecord that becomes a column (breakdown categories are added as breakdown_<cat>).
 MEMORY_COLUMNS = (
@@ -129,7 +130,7 @@ class LoadedCase:
     def key(self) -> tuple:
         """The case's CASE_KEY values."""
         r = self.record
-        return r.workload, r.method, r.batch_size, r.device, self.machine
+        return r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing, self.machine
 
     @property
     def timed(self) -> bool:
@@ -517,6 +518,8 @@ def _case_columns() -> list[str]:
         "method",
         "batch_size",
         "device",
+        "precision",
+        "checkpointing",
         "status",
         "reason",
         "family",
@@ -539,6 +542,8 @@ def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
         "method": record.method,
         "batch_size": record.batch_size,
         "device": record.device,
+        "precision": record.precision,
+        "checkpointing": record.checkpointing,
         "status": record.status,
         "reason": record.reason,
         "family": record.family or workload_family(record.workload),  # older records lack the field

@@ -62,8 +62,9 @@ MIN_NOISE_ROUNDS = 3
 TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ")
 
 OVERHEAD_NOTES = (
-    "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device and "
-    "machine. `peak tensor` = peak live tensor bytes (exact tracker, every device); `peak allocated` / "
+    "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device, "
+    "machine, precision and activation checkpointing. `peak tensor` = peak live tensor bytes (exact tracker, "
+    "every device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
     "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes. "
     "`step time noise` = √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (the relative "
@@ -111,7 +112,8 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
     """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES)."""
-    group_key = ["machine", "device", "workload", "batch_size"]
+    # nondp of the same training mode: a ratio across precisions or checkpointing would measure the mode too
+    group_key = ["machine", "device", "workload", "batch_size", "precision", "checkpointing"]
     columns = [
         *group_key,
         "method",

@@ -47,6 +47,10 @@ RECORD_KEYS = {
 }
 
 
+# The default preset (cpu-smoke) also runs amp-bf16 and checkpointed blocks; these tests are about the rest.
+FP32_ONLY = ("--precision", "fp32", "--checkpointing", "none")
+
+
 def _env() -> dict:
     # One intra-op thread: results do not depend on it, and it keeps a busy 2-core machine from thrashing.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -68,6 +72,7 @@ def _bench(
         "1",
         f"--benchmark-json={out_json}",
         f"--results={out_jsonl}",
+        *FP32_ONLY,
         *args,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -92,7 +97,8 @@ def test_matrix_writes_a_record_for_every_case_in_both_formats(tmp_path):
     expected = {f"{w}-{m}-bs2-cpu" for w in ("gpt-tiny", "dit-tiny-cond") for m in ("nondp", "bk", "opacus-ghost")}
     assert set(entries) == expected
     for case_id, entry in entries.items():
-        assert set(entry["params"]) == {"workload", "method", "batch_size", "device"}
+        assert set(entry["params"]) == {"workload", "method", "batch_size", "device", "precision", "checkpointing"}
+        assert (entry["params"]["precision"], entry["params"]["checkpointing"]) == ("fp32", "none")
         assert set(entry["extra_info"]) >= RECORD_KEYS
         record = CaseRecord.from_dict(entry["extra_info"])
         assert _case_id(record) == case_id
@@ -147,6 +153,7 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
         "gpt-tiny,dit-tiny-cond,dit-tiny-uncond",
         "--batch-sizes",
         "2,4",
+        *FP32_ONLY,
         f"--benchmark-json={tmp_path / 'killed.json'}",
         f"--results={jsonl}",
     ]

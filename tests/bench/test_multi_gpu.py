@@ -101,6 +101,10 @@ def test_multi_gpu_launcher_runs_one_process_per_gpu(tmp_path):
         "1",
         "--runner-label",
         "ci",
+        "--precision",
+        "fp32",
+        "--checkpointing",
+        "none",
     ]
     # The parent sees two GPUs by UUID and ordinal; a parent label in the environment is overridden by the option.
     env = {

@@ -67,6 +67,9 @@ def test_cpu_smoke_preset_is_the_issue_matrix():
     smoke = PRESETS["cpu-smoke"]
     assert smoke.workloads == ("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny")
     assert smoke.methods is None and len(smoke.batch_sizes) == 2
+    assert smoke.precisions == ("fp32", "amp-bf16") and smoke.checkpointings == ("none", "blocks")
     for name in ("gpu-small", "gpu-full"):
         assert "dit-xl-2-cond-512" in PRESETS[name].workloads
         assert PRESETS[name].batch_sizes[0] == 1
+        assert PRESETS[name].precisions == ("fp32", "amp-bf16", "bf16")
+        assert PRESETS[name].checkpointings == ("none", "blocks")

@@ -156,6 +156,7 @@ def _bench(tmp_path: Path, name: str, *args: str) -> list:
     jsonl = tmp_path / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1"]
     cmd += [f"--benchmark-json={tmp_path / f'{name}.json'}", f"--results={jsonl}", *args]
+    cmd += ["--precision", "fp32", "--checkpointing", "none"]  # the default preset has more modes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -46,6 +46,7 @@ def _env() -> dict:
 
 def _pytest_bench(args: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pytest", *args, "--preset", "cpu-smoke", "-p", "no:cacheprovider", "-q"]
+    command += ["--precision", "fp32", "--checkpointing", "none"]  # cpu-smoke also has amp-bf16 and checkpointing
     proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
