@@ -7,6 +7,11 @@ median per-sample gradient norm (so some samples clip and some do not; nondp is 
 when the method raised :class:`MethodUnsupported` (footnote n gives the library's error and the diagnosis).
 
 Workloads are registered names with optional overrides after colons: ``gpt-tiny:tie_weights=False``.
+
+``--modes`` prints the second matrix: per workload, every method × training mode (precision + activation
+checkpointing, bench/dp/modes.py), each compared with the fp32 per-sample loop without checkpointing within the
+precision's tolerance (``EQUIVALENCE_TOLERANCE``) at a clip norm in the middle of the largest gap between two
+per-sample norms (so a 16-bit norm cannot move a sample across it); a cell shows the relative error.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import warnings
 import torch
 
 from .base import available_methods, clipped_grad_sum, get_method
-from .errors import DPConfigError, MethodUnsupported
+from .errors import DPConfigError, MethodUnsupported, ModeUnsupported
+from .modes import CHECKPOINTINGS, EQUIVALENCE_TOLERANCE, PRECISIONS, TrainingMode, prepare_model
 
 # Every tiny workload (models.catalog.TINY_WORKLOADS, tested), plus the Opacus #777 reproduction and its fix.
 DEFAULT_WORKLOADS = (
@@ -31,6 +37,9 @@ DEFAULT_WORKLOADS = (
     "gpt-tiny",
     "gpt-tiny-untied",
 )
+# The modes matrix: a DiT, the untied GPT (every method's comparable case) and the tied one (BK's cross terms).
+DEFAULT_MODE_WORKLOADS = ("dit-tiny-cond", "gpt-tiny-untied", "gpt-tiny")
+ALL_MODES = tuple(TrainingMode(p, c) for p in PRECISIONS for c in CHECKPOINTINGS)
 REFERENCE = "microbatch"
 TOLERANCE = 1e-4
 
@@ -47,13 +56,103 @@ def relative_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -
     return float((a - b).norm() / b.norm())
 
 
+def refusal_note(exc: MethodUnsupported | ModeUnsupported) -> str:
+    """A refusal's footnote: the library's error, then the diagnosis where there is one."""
+    return exc.reason + (f" — {exc.diagnosis}" if exc.diagnosis else "")
+
+
 def median_sample_norm(workload, model, batch) -> float:
     """Median over the batch of the per-sample gradient norm ‖g_i‖ (by the loop, unclipped)."""
-    norms = [
-        _flat(clipped_grad_sum(REFERENCE, workload, model, batch.select(i), math.inf)).norm()
-        for i in range(batch.batch_size)
-    ]
-    return float(torch.stack(norms).median())
+    return float(per_sample_norms(workload, model, batch).median())
+
+
+def per_sample_norms(workload, model, batch) -> torch.Tensor:
+    """‖g_i‖ of every sample of the batch (by the loop, unclipped), float64."""
+    return torch.stack(
+        [
+            _flat(clipped_grad_sum(REFERENCE, workload, model, batch.select(i), math.inf)).norm()
+            for i in range(batch.batch_size)
+        ]
+    )
+
+
+def gap_clip_norm(norms: torch.Tensor) -> float:
+    """A clip norm in the (geometric) middle of the largest gap between two adjacent per-sample norms: some
+    samples clip, some do not, and each is as far from C as the batch allows."""
+    ordered = norms.sort().values
+    k = int((ordered[1:] / ordered[:-1]).argmax())
+    return float((ordered[k] * ordered[k + 1]).sqrt())
+
+
+def parse_modes(text: str) -> list[TrainingMode]:
+    """``"all"`` or a comma list of mode labels (``fp32``, ``amp-bf16+blocks``); DPConfigError if one is bad."""
+    if text == "all":
+        return list(ALL_MODES)
+    modes = []
+    for label in (s.strip() for s in text.split(",") if s.strip()):
+        precision, _, checkpointing = label.partition("+")
+        modes.append(TrainingMode(precision, checkpointing or "none"))
+    return modes
+
+
+def mode_rows(workload_specs, methods, modes, batch_size: int = 4, device: str = "cpu"):
+    """Yield (spec, method, mode label, cell, footnote or None) for every workload × mode × method."""
+    import models
+
+    for spec in workload_specs:
+        workload = models.get_workload(spec)
+        reference_model = workload.build_model(device)
+        batch = workload.make_batch(batch_size, device=device)
+        clip = gap_clip_norm(per_sample_norms(workload, reference_model, batch))
+        references = {
+            clip: clipped_grad_sum(REFERENCE, workload, reference_model, batch, clip),
+            math.inf: clipped_grad_sum(REFERENCE, workload, reference_model, batch, math.inf),
+        }
+        for mode in modes:
+            model = workload.build_model(device)
+            try:
+                prepare_model(model, workload, mode, device)
+            except ModeUnsupported as exc:
+                for method in methods:
+                    yield spec, method, mode.label, "unsupported", refusal_note(exc)
+                continue
+            for method in methods:
+                norm = math.inf if method == "nondp" else clip
+                try:
+                    got = clipped_grad_sum(method, workload, model, batch, norm, mode=mode)
+                except MethodUnsupported as exc:
+                    yield spec, method, mode.label, "unsupported", refusal_note(exc)
+                    continue
+                err = relative_error({n: got[n] for n in references[norm]}, references[norm])
+                verdict = "ok" if err <= EQUIVALENCE_TOLERANCE[mode.precision] else "MISMATCH"
+                yield spec, method, mode.label, f"{verdict} ({err:.0e})", None
+
+
+def render_mode_matrix(rows, workload_specs, methods, modes) -> str:
+    """One Markdown table per workload (methods × modes), then the numbered footnotes of all of them."""
+    cells: dict[tuple[str, str, str], str] = {}
+    numbers: dict[str, int] = {}  # one footnote per distinct text: a refusal repeats across modes and workloads
+    note_methods: dict[str, list[str]] = {}
+    for spec, method, label, cell, note in rows:
+        if note is not None:
+            number = numbers.setdefault(note, len(numbers) + 1)
+            if method not in note_methods.setdefault(note, []):
+                note_methods[note].append(method)
+            cell = f"{cell} [{number}]"
+        cells[spec, method, label] = cell
+    notes = [f"{n}. {', '.join(f'`{m}`' for m in note_methods[text])}: {text}" for text, n in numbers.items()]
+    labels = [mode.label for mode in modes]
+    lines: list[str] = []
+    for spec in workload_specs:
+        lines += [
+            f"`{spec}`",
+            "",
+            "| method | " + " | ".join(f"`{label}`" for label in labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        lines += [f"| `{m}` | " + " | ".join(cells[spec, m, label] for label in labels) + " |" for m in methods]
+        lines.append("")
+    return "\n".join(lines + notes).rstrip("\n")
 
 
 def compatibility_rows(workload_specs, methods, batch_size: int = 4, device: str = "cpu"):
@@ -74,8 +173,7 @@ def compatibility_rows(workload_specs, methods, batch_size: int = 4, device: str
             try:
                 got = clipped_grad_sum(method, workload, model, batch, norm)
             except MethodUnsupported as exc:
-                note = exc.reason + (f" — {exc.diagnosis}" if exc.diagnosis else "")
-                yield spec, method, "unsupported", note
+                yield spec, method, "unsupported", refusal_note(exc)
                 continue
             if method == REFERENCE:
                 yield spec, method, "ok (reference)", None
@@ -107,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dp", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workloads",
-        default=",".join(DEFAULT_WORKLOADS),
-        help="comma-separated workload names, overrides after colons (gpt-tiny:tie_weights=False)",
+        default=None,
+        help="comma-separated workload names, overrides after colons (gpt-tiny:tie_weights=False); default: every "
+        "tiny workload and the #777 pair, or with --modes " + ", ".join(DEFAULT_MODE_WORKLOADS),
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="?",
+        const="all",
+        default=None,
+        help="print the training-mode matrix instead: 'all' (default) or a comma list like fp32+blocks,amp-bf16",
     )
     parser.add_argument("--methods", default=None, help="comma-separated DP methods (default: all registered)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -121,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = available_methods() if args.methods is None else [m for m in args.methods.split(",") if m]
         for method in methods:
             get_method(method)  # unknown name -> DPConfigError listing the valid ones
-        specs = [s for s in args.workloads.split(",") if s]
+        default_specs = DEFAULT_MODE_WORKLOADS if args.modes is not None else DEFAULT_WORKLOADS
+        specs = [s for s in args.workloads.split(",") if s] if args.workloads is not None else list(default_specs)
         for spec in specs:
             models.get_workload(spec)
+        modes = parse_modes(args.modes) if args.modes is not None else None
         if args.batch_size < 2:
             raise DPConfigError(
                 f"--batch-size must be >= 2 (a median clip norm needs two samples), got {args.batch_size}"
@@ -133,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
+    if modes is not None:
+        rows = mode_rows(specs, methods, modes, args.batch_size, args.device)
+        print(render_mode_matrix(rows, specs, methods, modes))
+        return 0
     rows = compatibility_rows(specs, methods, args.batch_size, args.device)
     print(render_matrix(rows, specs, methods))
     return 0

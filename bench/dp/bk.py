@@ -15,13 +15,13 @@ One forward and *one* backward pass per step:
 5. C_i = min(1, C/(‖g_i‖+1e-6)) and the clipped sum Σ_i C_i g_i per parameter by one matmul / index_add
    (a weighted sum of the per-sample gradients where those were instantiated).
 
-Training modes (bench/dp/modes.py): the forward runs under the mode's autocast, so a layer's kept input A and
-its output gradient G can differ in dtype (fp32 input, bf16 output gradient): every product of the two is taken
-in their common dtype, and every Gram and norm is accumulated in float32 (a 16-bit Gram would round each entry
-to 8 or 11 bits, an fp16 one of a loss-scaled G overflows). With a loss scale the backward runs on the scaled
-loss and the norms are divided back before clipping. Under activation checkpointing a block's layers run again
-in the backward (the recompute); the hooks record each layer call of the forward only, so every layer is seen
-once per step, its G taken at the output of the forward's call — the graph the loss hangs from.
+Training modes (bench/dp/modes.py): the forward runs under the mode's autocast, so a layer's kept input A and its
+output gradient G can differ in dtype (fp32 input, bf16 output gradient): every product of the two is taken in
+their common dtype widened to the parameter's, and every Gram and norm is accumulated in float32 (a 16-bit Gram
+would round each entry to 8 or 11 bits, an fp16 one of a loss-scaled G overflows). With a loss scale the backward
+runs on the scaled loss and the norms are divided back before clipping. Under activation checkpointing a block's
+layers run again in the backward (the recompute); the hooks record each layer call of the forward only, so every
+layer is seen once per step, its G taken at the output of the forward's call — the graph the loss hangs from.
 
 Public API: :func:`supported_layers`, :class:`BookKeeping` (``run(...) -> BKResult``), :class:`BKStep`, and the
 registered methods ``bk`` (:class:`BKMethod`) and ``bk-tiled`` (:class:`BKTiledMethod`, ``tile_size`` = 256).
@@ -215,13 +215,15 @@ class BookKeeping:
         mark("forward")
         uses: list[_Use] = []
         self._uses = uses
-        B = batch.batch_size
+        device = model_device(self.model)
         try:
-            with self.mode.forward_context(model_device(self.model)):
+            with self.mode.forward_context(device):
                 output = self.model(*batch.inputs)
-                losses = checked_per_sample_losses(workload, workload.loss_per_sample(output, batch.target), B)
         finally:
             self._uses = None
+        B = batch.batch_size
+        with self.mode.forward_context(device):
+            losses = checked_per_sample_losses(workload, workload.loss_per_sample(output, batch.target), B)  # (B,)
         del output
 
         self._check_no_hidden_uses(losses, uses)

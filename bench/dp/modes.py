@@ -43,6 +43,7 @@ from .errors import DPConfigError, ModeUnsupported
 __all__ = [
     "CHECKPOINTINGS",
     "DEFAULT_MODE",
+    "EQUIVALENCE_TOLERANCE",
     "PRECISIONS",
     "TrainingMode",
     "check_prepared",
@@ -54,6 +55,15 @@ CHECKPOINTINGS = ("none", "blocks")
 
 _AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 _PARAM_DTYPES = {"bf16": torch.bfloat16}
+# How far a method's noise-free clipped sum in a precision may be from the fp32 per-sample loop's (relative error
+# in global norm), and why: fp32 (checkpointed or not) runs the same fp32 kernels — 1e-5 leaves two orders of
+# magnitude over the summation-order differences measured (≤ 3e-7); fp16 and bf16 round every autocast matmul's
+# inputs and outputs (pure bf16 also the weights and gradients) — about 8 unit roundoffs, u = 2^-12 for fp16 and
+# 2^-9 for bf16 (measured on the tiny workloads: 3.5e-4 … 7e-4 and 3e-3 … 7.6e-3). A layer counted twice or
+# missed, or a loss scale in the clipping norm, is off by O(1). tests/dp/test_modes.py and `python -m bench.dp
+# --modes` judge by it.
+EQUIVALENCE_TOLERANCE = {"fp32": 1e-5, "amp-fp16": 2e-3, "amp-bf16": 1.6e-2, "bf16": 1.6e-2}
+
 # The part a non-default value adds to a case id (fp32 and none add nothing: today's ids stay as they are).
 _CHECKPOINTING_ID_PARTS = {"blocks": "ckpt"}
 
@@ -85,6 +95,11 @@ class TrainingMode:
     def loss_scaling(self) -> bool:
         """True when the step scales its loss with a GradScaler (amp-fp16)."""
         return self.precision == "amp-fp16"
+
+    @property
+    def label(self) -> str:
+        """``fp32``, ``amp-bf16+blocks``, ...: the mode in one word (tables, messages)."""
+        return self.precision + ("" if self.checkpointing == "none" else f"+{self.checkpointing}")
 
     @property
     def id_parts(self) -> tuple[str, ...]:
@@ -161,7 +176,10 @@ def check_prepared(model: nn.Module, mode: TrainingMode) -> None:
     """DPConfigError (one line, naming the fix) unless ``model`` was prepared for ``mode``: a step run in one
     mode on a model prepared for another would measure something else than it says."""
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
-    if dtypes and dtypes != {mode.param_dtype}:
+    # A 16-bit precision needs every trainable weight in its dtype; the others any weights but 16-bit ones (a
+    # float64 model is the user's choice, a bf16 one was prepared for another mode).
+    wrong = dtypes - {mode.param_dtype} if mode.param_dtype.itemsize == 2 else {d for d in dtypes if d.itemsize == 2}
+    if wrong:
         found = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         raise DPConfigError(
             f"precision {mode.precision} trains {str(mode.param_dtype).replace('torch.', '')} weights but the "

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.dp.__main__ import DEFAULT_WORKLOADS, main, render_matrix
+from bench.dp.__main__ import DEFAULT_WORKLOADS, main, render_matrix, render_mode_matrix
+from bench.dp.modes import TrainingMode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -53,6 +54,33 @@ def test_render_marks_mismatches_and_numbers_notes():
     assert text.endswith("1. `b` × `w`: E: x — y\n2. `b` × `v`: E: z")
 
 
+def test_mode_matrix_shows_what_runs_and_why_the_rest_is_refused(capsys):
+    argv = ["--modes", "fp32+blocks,amp-bf16", "--workloads", "gpt-tiny-untied", "--methods", "bk,torch-func,opacus-ew"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "`gpt-tiny-untied`" and lines[2] == "| method | `fp32+blocks` | `amp-bf16` |"
+    assert lines[4].startswith("| `bk` | ok (") and lines[4].count("ok (") == 2
+    assert lines[5].startswith("| `torch-func` | unsupported [1] | ok (")
+    assert lines[6] == "| `opacus-ew` | unsupported [2] | unsupported [3] |"
+    assert "1. `torch-func`: RuntimeError: torch.func" in out and "saved tensor hooks" in out
+    assert "2. `opacus-ew`: CheckpointError:" in out
+    assert "3. `opacus-ew`: RuntimeError: expected m1 and m2 to have the same dtype" in out and "bf16 and a fp32" in out
+
+
+def test_render_mode_matrix_numbers_a_repeated_refusal_once():
+    modes = [TrainingMode(), TrainingMode("amp-fp16")]
+    rows = [
+        ("w", "a", "fp32", "ok (1e-07)", None),
+        ("w", "a", "amp-fp16", "unsupported", "E: no scaler"),
+        ("w", "b", "fp32", "MISMATCH (3e-01)", None),
+        ("w", "b", "amp-fp16", "unsupported", "E: no scaler"),
+    ]
+    text = render_mode_matrix(rows, ["w"], ["a", "b"], modes)
+    assert "| `a` | ok (1e-07) | unsupported [1] |" in text and "| `b` | MISMATCH (3e-01) | unsupported [1] |" in text
+    assert text.endswith("1. `a`, `b`: E: no scaler")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -61,6 +89,8 @@ def test_render_marks_mismatches_and_numbers_notes():
         (["--workloads", "gpt-tiny:tie_weights"], "bad override"),
         (["--workloads", "gpt-tiny:colour=1"], "takes no override 'colour'; valid keys"),
         (["--batch-size", "1"], "--batch-size must be >= 2"),
+        (["--modes", "fp8"], "unknown precision 'fp8'; valid: fp32, amp-bf16, amp-fp16, bf16"),
+        (["--modes", "bf16+all"], "unknown checkpointing 'all'; valid: none, blocks"),
     ],
 )
 def test_bad_names_are_one_line_errors_with_exit_2(capsys, argv, message):

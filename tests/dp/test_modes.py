@@ -9,12 +9,14 @@ from C.
 
 Tolerances, relative error of the clipped sum in global norm, and why:
 
-* fp32 with checkpointing: ``TOL_FP32`` = 1e-5 — the recompute runs the same fp32 kernels on the same inputs
-  (measured: the same error as without checkpointing, ≤ 3e-7, all of it the methods' own summation order);
-* amp-fp16: ``TOL_FP16`` = 2e-3 ≈ 8 u with u = 2^-12, fp16's unit roundoff — autocast rounds every matmul's
-  inputs and outputs to fp16 in the forward and the backward (measured 3.5e-4 … 7e-4);
-* amp-bf16 and bf16: ``TOL_BF16`` = 1.6e-2 ≈ 8 u with u = 2^-9, bf16's (measured 3e-3 … 7.6e-3; pure bf16 also
-  rounds the weights and the gradients).
+* fp32 with checkpointing: 1e-5 — the recompute runs the same fp32 kernels on the same inputs (measured: the
+  same error as without checkpointing, ≤ 3e-7, all of it the methods' own summation order);
+* amp-fp16: 2e-3 ≈ 8 u with u = 2^-12, fp16's unit roundoff — autocast rounds every matmul's inputs and outputs
+  to fp16 in the forward and the backward (measured 3.5e-4 … 7e-4);
+* amp-bf16 and bf16: 1.6e-2 ≈ 8 u with u = 2^-9, bf16's (measured 3e-3 … 7.6e-3; pure bf16 also rounds the
+  weights and the gradients).
+
+(``bench.dp.modes.EQUIVALENCE_TOLERANCE``, which ``python -m bench.dp --modes`` judges by too.)
 
 What these catch: a layer seen twice or missed in a recomputed block, or a loss scale in the clipping norm
 (2^16), changes the sum by O(1). A sample clipped that should not be (or the reverse) changes it by about
@@ -45,6 +47,7 @@ from bench.dp import DPConfigError, MethodUnsupported, ModeUnsupported, Training
 from bench.dp._common import clip_factors
 from bench.dp.bk import BookKeeping
 from bench.dp.bk_layers import Factored, factored_inner
+from bench.dp.modes import EQUIVALENCE_TOLERANCE
 from models.checkpointing import checkpoint_modules, checkpoint_pass, checkpointed_modules
 
 from .custom_workloads import mlp_workload
@@ -52,10 +55,8 @@ from .custom_workloads import mlp_workload
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 BATCH = 4
-TOL_FP32 = 1e-5
-TOL_FP16 = 2e-3
-TOL_BF16 = 1.6e-2
-TOLERANCE = {"fp32": TOL_FP32, "amp-fp16": TOL_FP16, "amp-bf16": TOL_BF16, "bf16": TOL_BF16}
+TOLERANCE = EQUIVALENCE_TOLERANCE
+TOL_FP16 = TOLERANCE["amp-fp16"]
 FACTOR_TOL = 1e-2  # recovered clip factors: measured ≤ 6.5e-3 in bf16, ≤ 1.3e-4 in fp16, ≤ 7e-8 in fp32
 MIN_MARGIN = 0.03  # every per-sample norm at least 3 % from C (bf16 norms are off by 0.2–0.4 %)
 # batch seed per workload: one whose sorted per-sample norms have a gap of ≥ 2·MIN_MARGIN (checked below)
@@ -368,6 +369,11 @@ def test_a_model_prepared_for_another_mode_is_a_usage_error(references):
         clipped_grad_sum("bk", ref.workload, plain, ref.batch, 1.0, mode=TrainingMode("bf16"))
     with pytest.raises(DPConfigError, match="checkpointing 'blocks' but the model is not checkpointed"):
         dp.build_step("bk", ref.workload, plain, privacy=privacy, batch_size=2, mode=TrainingMode("fp32", "blocks"))
+    cast = ref.workload.build_model().to(torch.bfloat16)
+    with pytest.raises(DPConfigError, match="precision amp-bf16 trains float32 weights but the model's are bfloat16"):
+        clipped_grad_sum("bk", ref.workload, cast, ref.batch, 1.0, mode=TrainingMode("amp-bf16"))
+    assert clipped_grad_sum("bk", ref.workload, plain.double(), ref.batch, 1.0)  # float64 is the user's choice
+    plain.float()
     checkpoint_modules(plain, ref.workload.checkpoint_module_types)
     with pytest.raises(DPConfigError, match="checkpointing 'none' but the model is checkpointed"):
         dp.build_step("nondp", ref.workload, plain, privacy=privacy, batch_size=2)
