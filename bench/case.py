@@ -40,13 +40,17 @@ from models.contract import check_workload_contract
 class CaseSpec:
     workload: str
     method: str
-    batch_size: int
-    device: str
+    batch_size: int  # the global logical batch (split evenly over the ranks when world_size > 1)
+    device: str  # with world_size > 1: "cpu" or "cuda" (rank r uses its node's GPU LOCAL_RANK)
+    world_size: int = 1
+    parallel: str | None = None  # "ddp" or "fsdp" when world_size > 1 (bench/ranks)
 
     @property
     def case_id(self) -> str:
-        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``."""
-        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}"
+        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a case on many
+        ranks ends with its strategy and world size, e.g. ``-ddp2``."""
+        ranks = f"-{self.parallel}{self.world_size}" if self.world_size > 1 else ""
+        return f"{self.workload}-{self.method}-bs{self.batch_size}-{self.device}{ranks}"
 
 
 # Characters actions/upload-artifact (v4) refuses in a path, and path separators: replaced in snapshot file names.
@@ -77,6 +81,8 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         device_name=device_name,
         device_memory_bytes=device_memory,
         runner_label=config.runner_label,
+        world_size=spec.world_size,
+        parallel=spec.parallel,
     )
 
 
@@ -104,7 +110,12 @@ def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> float:
 
 def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> CaseRecord:
     """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search); never raises for OOM or
-    unsupported (the status says so); any other failure is recorded with status 'error'."""
+    unsupported (the status says so); any other failure is recorded with status 'error'. A case on many ranks
+    is launched by torchrun (bench/ranks), whose ranks time themselves."""
+    if spec.world_size > 1:
+        from bench.ranks.launch import run_ranked_case
+
+        return run_ranked_case(spec, config)
     record = new_record(spec, config)
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)

@@ -99,6 +99,19 @@ class BenchConfig:
     max_batch_limit: int = 4096
     predict_memory_bytes: tuple[int, ...] = ()
     torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
+    workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
+    # --- many ranks (bench/ranks) ---
+    world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
+    parallel: tuple[str, ...] = ("ddp", "fsdp")  # strategies of the cases with world size > 1
+    rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
+    nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
+    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
+
+    def case_strategies(self) -> list[tuple[int, str | None]]:
+        """(world size, strategy) of every case kind: (1, None) for one process, one per strategy otherwise."""
+        return [(w, None) for w in self.world_sizes if w == 1] + [
+            (w, p) for w in self.world_sizes if w > 1 for p in self.parallel
+        ]
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> BenchConfig:
@@ -137,6 +150,8 @@ class BenchConfig:
             )
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
+        world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
+        _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"))
         memory_cap = option("--memory-cap")
         if memory_cap is None:  # 75 % of RAM; no cap where RAM cannot be read
             ram = ram_bytes()
@@ -161,4 +176,32 @@ class BenchConfig:
             max_batch_limit=option("--max-batch-limit"),
             predict_memory_bytes=option("--predict-memory"),
             torch_threads=option("--torch-threads"),
+            workload_modules=tuple(option("--workload-module")),
+            world_sizes=world_sizes,
+            parallel=option("--parallel") or ("ddp", "fsdp"),
+            rank_timeout_s=option("--rank-timeout"),
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv,
         )
+
+
+def _check_ranks(
+    world_sizes: tuple[int, ...], nnodes: int, rdzv: str | None, devices: tuple[str, ...], max_batch: bool
+) -> None:
+    """BenchUsageError for a many-rank setting that cannot run here: nodes without a rendezvous, a world size
+    the nodes do not divide, more ranks per node than GPUs, or the max-batch search (one process only)."""
+    ranked = [w for w in world_sizes if w > 1]
+    if ranked and max_batch:
+        raise BenchUsageError("--max-batch searches one process; run it without --world-sizes above 1")
+    if nnodes > 1 and rdzv is None:
+        raise BenchUsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    for w in ranked:
+        if w % nnodes:
+            raise BenchUsageError(f"--world-sizes: {w} ranks do not split evenly over --nnodes {nnodes}")
+    if ranked and any(d.startswith("cuda") for d in devices):
+        per_node, gpus = max(ranked) // nnodes, torch.cuda.device_count()
+        if per_node > gpus:
+            raise BenchUsageError(
+                f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) need {per_node} GPUs per node (one per "
+                f"rank), this node has {gpus}"
+            )

@@ -76,16 +76,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dp_case" in metafunc.fixturenames:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
         specs = [
-            CaseSpec(w, m, b, d)
+            CaseSpec(w, m, b, d, world_size, parallel)
             for w in cfg.workloads
             for m in cfg.methods
-            for d in cfg.devices
+            for world_size, parallel in cfg.case_strategies()
+            for d in _devices_of(cfg.devices, world_size)
             for b in sorted(cfg.batch_sizes)
         ]
-        # Four parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params".
+        # Separate parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params".
+        # world_size and parallel only when some case has many ranks (they default to 1 and None).
+        names = ["workload", "method", "batch_size", "device"]
+        if any(s.world_size > 1 for s in specs):
+            names += ["world_size", "parallel"]
         metafunc.parametrize(
-            "workload,method,batch_size,device",
-            [(s.workload, s.method, s.batch_size, s.device) for s in specs],
+            ",".join(names),
+            [tuple(getattr(s, n) for n in names) for s in specs],
             ids=[s.case_id for s in specs],
         )
     elif "max_batch_case" in metafunc.fixturenames:
@@ -93,11 +98,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("workload,method,device", cases, ids=[f"{w}-{m}-{d}" for w, m, d in cases])
 
 
+def _devices_of(devices: tuple[str, ...], world_size: int) -> list[str]:
+    """The devices of the cases with ``world_size`` ranks: as given for one process; for many, each device type
+    once ("cuda": rank r runs on its node's GPU LOCAL_RANK)."""
+    if world_size == 1:
+        return list(devices)
+    return list(dict.fromkeys("cuda" if d.startswith("cuda") else d for d in devices))
+
+
 @pytest.fixture
-def dp_case(workload, method, batch_size, device) -> CaseSpec:
+def world_size() -> int:
+    return 1  # parametrized when the run has cases on many ranks
+
+
+@pytest.fixture
+def parallel() -> str | None:
+    return None
+
+
+@pytest.fixture
+def dp_case(workload, method, batch_size, device, world_size, parallel) -> CaseSpec:
     from bench.case import CaseSpec
 
-    return CaseSpec(workload, method, batch_size, device)
+    return CaseSpec(workload, method, batch_size, device, world_size, parallel)
 
 
 @pytest.fixture
@@ -133,6 +156,31 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     output_json["dpmem_untimed"] = list(config.stash.get(UNTIMED_ENTRIES, []))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write ``--benchmark-json`` when pytest-benchmark would not: it saves nothing without a timed case, but a
+    run of untimed cases only (all OOM or unsupported, or every case on many ranks, which time themselves) has
+    results too. Runs after pytest-benchmark's own sessionfinish, through its own hooks, so the file has its
+    format (an empty ``benchmarks`` list) and our ``dpmem_untimed``."""
+    config = session.config
+    bench_session = getattr(config, "_benchmarksession", None)
+    if bench_session is None or not bench_session.json or bench_session.benchmarks:
+        return
+    if not config.stash.get(UNTIMED_ENTRIES, []):
+        return
+    hook = config.hook
+    commit_info = hook.pytest_benchmark_generate_commit_info(config=config)
+    hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
+    output_json = hook.pytest_benchmark_generate_json(
+        config=config,
+        benchmarks=[],
+        include_data=True,
+        machine_info=bench_session.get_machine_info(),
+        commit_info=commit_info,
+    )
+    hook.pytest_benchmark_update_json(config=config, benchmarks=[], output_json=output_json)
+    bench_session.save_json(output_json)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

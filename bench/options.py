@@ -23,8 +23,11 @@ __all__ = [
     "clip_norm",
     "comma_list",
     "did_you_mean",
+    "parallel_strategies",
     "positive_int",
+    "rendezvous_endpoint",
     "sample_interval",
+    "world_sizes",
 ]
 
 BadValue = argparse.ArgumentTypeError
@@ -96,6 +99,37 @@ def byte_size(text: str) -> int:
 
 def byte_sizes(text: str) -> tuple[int, ...]:
     return tuple(byte_size(item) for item in comma_list(text))
+
+
+def world_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,8"`` → ``(1, 2, 8)``: ranks per case, integers >= 1, each once (1: one process, no strategy)."""
+    sizes = []
+    for item in comma_list(text):
+        try:
+            value = int(item)
+        except ValueError:
+            raise BadValue(f"{item!r} is not an integer") from None
+        if value < 1:
+            raise BadValue(f"world size must be >= 1, got {value}")
+        sizes.append(value)
+    return tuple(sizes)
+
+
+def parallel_strategies(text: str) -> tuple[str, ...]:
+    """``"ddp,fsdp"``: the data-parallel strategies of the cases with a world size > 1."""
+    items = comma_list(text)
+    for item in items:
+        if item not in ("ddp", "fsdp"):
+            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, ('ddp', 'fsdp'))}; valid: ddp, fsdp")
+    return items
+
+
+def rendezvous_endpoint(text: str) -> str:
+    """``HOST:PORT`` of torchrun's c10d rendezvous (the node every node can reach)."""
+    host, _, port = str(text).strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadValue(f"{text!r} is not HOST:PORT (e.g. node0.cluster:29500)")
+    return f"{host}:{port}"
 
 
 def _number(text: str) -> float:
@@ -208,6 +242,29 @@ def add_bench_options(parser) -> None:
     add("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
     add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
     add("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
+    add(
+        "--world-sizes",
+        type=world_sizes,
+        help="comma list of ranks per case, e.g. 1,2,8 (default 1); a case with more is launched by torchrun, "
+        "batch sizes are global (split evenly over the ranks)",
+    )
+    add(
+        "--parallel",
+        type=parallel_strategies,
+        help="strategies of the cases with world size > 1: ddp, fsdp (default both)",
+    )
+    add(
+        "--rank-timeout",
+        type=positive_float,
+        default=900.0,
+        help="seconds a many-rank case may take before its ranks are killed and it is an error (default 900)",
+    )
+    add("--nnodes", type=positive_int, default=1, help="nodes a many-rank case spans (torchrun --nnodes; default 1)")
+    add(
+        "--rdzv-endpoint",
+        type=rendezvous_endpoint,
+        help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
+    )
     add(
         "--max-batch",
         action="store_true",

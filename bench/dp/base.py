@@ -73,6 +73,10 @@ class ClippedSumStep(DPStep):
     """A fused step for methods that produce Σ_i min(1, C/‖g_i‖)·g_i themselves (bk, torch-func, microbatch):
     they implement :meth:`clipped_sum` (marking forward/backward/clip); noise and the update are shared."""
 
+    # Set by data-parallel ranks (bench/dp/parallel.py): sums the clipped sums over the ranks, in place, before
+    # the noise, so the noise is added once to the global sum (``batch_size`` is then the global batch).
+    reduce_clipped_sums: Callable[[list[Tensor]], None] | None = None
+
     def __init__(self, workload, model, optimizer, privacy, batch_size: int, noise_generator):
         super().__init__(model, optimizer, privacy)
         self.workload, self.batch_size, self.noise_generator = workload, batch_size, noise_generator
@@ -85,6 +89,8 @@ class ClippedSumStep(DPStep):
         # No gradient may survive from a previous step: it would sit in memory through the whole pass.
         self.optimizer.zero_grad(set_to_none=True)
         params, sums, loss = self.clipped_sum(batch, mark)
+        if self.reduce_clipped_sums is not None:
+            self.reduce_clipped_sums(sums)
         mark("noise")
         set_noisy_grads(
             params,

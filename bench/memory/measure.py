@@ -52,6 +52,7 @@ def measure_step(
     nvml_baseline_bytes: int | None = None,
     memory_cap_bytes: int | None = None,
     notes: list[str] | None = None,
+    extra_state: Sequence[torch.Tensor] = (),
 ) -> StepMemory:
     """Run ``run_step(mark)`` once under every source for ``device`` and return its figures.
 
@@ -59,9 +60,10 @@ def measure_step(
     context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
     against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
     :class:`~bench.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
-    cap). ``notes`` receives one line per source problem. An exception from the step (out-of-memory included)
-    propagates after every source is stopped and the tracker detached; the figures gathered until then ride
-    along as ``exc.partial_measurement`` (a StepMemory)."""
+    cap). ``extra_state``: more tensors that exist before the step (e.g. the batch), declared to the tracker so
+    that only storages made outside its view are adopted. ``notes`` receives one line per source problem. An
+    exception from the step (out-of-memory included) propagates after every source is stopped and the tracker
+    detached; the figures gathered until then ride along as ``exc.partial_measurement`` (a StepMemory)."""
     interval_s = check_interval(sample_interval_s)
     process_interval_s = check_interval(process_interval_s, "process sample interval")
     device = resolve_device(device)
@@ -74,7 +76,7 @@ def measure_step(
     tracker: TensorTracker | None = None
     if track_tensors:
         tracker = TensorTracker(device, cap_bytes=memory_cap_bytes)
-        tracker.register_state(model, optimizer)
+        tracker.register_state(model, optimizer, extra=extra_state)
     alloc_at_start = None
     if is_cuda:
         allocator.reset_peak(device)  # synchronises, so the first NVML reading sees a quiet device
@@ -186,6 +188,7 @@ def add_tensor_figures(memory: StepMemory, report: TensorReport, notes: list[str
     memory.baseline_tensor_bytes = report.baseline_tensor_bytes
     memory.breakdown = report.breakdown
     memory.peak_phase = report.peak_phase
+    memory.adopted_tensor_bytes = report.adopted_bytes
     if report.adopted_storages:
         notes.append(
             f"tensors: {report.adopted_storages} pre-existing storage(s) first seen as op inputs "
