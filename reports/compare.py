@@ -91,8 +91,9 @@ class Comparison:
 
 
 def _case_name(key: tuple) -> str:
-    workload, method, batch, device, machine = key
-    return f"{workload}/{method}/bs{batch}/{device} [{machine}]"
+    workload, method, batch, device, world_size, parallel, machine = key
+    ranks = f"/{parallel}{world_size}" if world_size > 1 else ""
+    return f"{workload}/{method}/bs{batch}/{device}{ranks} [{machine}]"
 
 
 _COLUMNS = [

@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 from bench.record import CATEGORIES
 
 from .load import Results
-from .tables import LOWER_BOUND, all_ok_batches, fit_metric_for
+from .tables import LOWER_BOUND, ONE_PROCESS, all_ok_batches, fit_metric_for
 
 __all__ = ["FIGURES", "FigureOptions", "FigureResult", "SkipFigure", "choose_case", "render_figures"]
 
@@ -107,14 +107,19 @@ def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
     return fig, flat[:n]
 
 
+def _one_process(cases: pd.DataFrame) -> pd.DataFrame:
+    """The one-process rows (world size 1): the figures about one device; cases on many ranks have their own."""
+    return cases[cases["world_size"] == 1]
+
+
 def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int]:
     """(machine, workload, batch) for the breakdown and timeline figures.
 
     Given workload/batch are used as they are; the default batch is the largest one at which every method of
     that workload ran ok, the default workload the one with the most methods (then by name)."""
-    cases = results.cases
+    cases = _one_process(results.cases)
     if cases.empty:
-        raise SkipFigure("no case rows in the input")
+        raise SkipFigure("no one-process case rows in the input")
     pool = cases if options.workload is None else cases[cases["workload"] == options.workload]
     if pool.empty:
         raise SkipFigure(f"workload {options.workload!r} is not in the results")
@@ -140,7 +145,7 @@ def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int
 
 
 def _case_rows(results: Results, machine: str, workload: str, batch: int) -> pd.DataFrame:
-    c = results.cases
+    c = _one_process(results.cases)
     return c[(c["machine"] == machine) & (c["workload"] == workload) & (c["batch_size"] == batch)].sort_values("method")
 
 
@@ -148,9 +153,10 @@ def _case_rows(results: Results, machine: str, workload: str, batch: int) -> pd.
 # 1. Peak memory vs batch size
 # ---------------------------------------------------------------------------------------------------------------
 def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    cases = results.cases[results.cases["status"].isin(["ok", "oom"])]
+    cases = _one_process(results.cases)
+    cases = cases[cases["status"].isin(["ok", "oom"])]
     if cases.empty:
-        raise SkipFigure("no ok or OOM cases")
+        raise SkipFigure("no one-process ok or OOM cases")
     panels = list(cases.groupby(["machine", "workload"], sort=True))
     colors = _method_colors(results)
     fig, axes = _grid(len(panels))
@@ -283,7 +289,7 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     machines = sorted(cases["machine"].unique())
     if len(machines) < 2:
         raise SkipFigure(f"results come from one machine only ({machines[0] if machines else 'none'})")
-    key = ["workload", "method", "batch_size", "device"]
+    key = ["workload", "method", "batch_size", "device", "world_size", "parallel"]
     shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
     if shared.empty:
         raise SkipFigure("no case ran ok on two or more machines")
@@ -293,7 +299,8 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
         else shared.groupby("workload").size().sort_values(ascending=False).index[0]
     )
     shared = shared[shared["workload"] == workload]
-    labels = sorted({(m, b) for m, b in zip(shared["method"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
+    shared = shared.assign(label=shared["method"] + _ranks_suffix(shared))  # e.g. "bk (fsdp8)" on many ranks
+    labels = sorted({(m, b) for m, b in zip(shared["label"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
     labels = labels[-MAX_COMPARED_CASES:]  # the largest batches read best when there are many
     metric = fit_metric_for(shared)
     scale, unit = byte_unit(float(shared[metric].max()))
@@ -301,7 +308,7 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     width = 0.8 / len(machines)
     x = np.arange(len(labels))
     for i, machine in enumerate(machines):
-        rows = shared[shared["machine"] == machine].set_index(["method", "batch_size"])
+        rows = shared[shared["machine"] == machine].set_index(["label", "batch_size"])
         memory = [rows.loc[lab, metric] / scale if lab in rows.index else np.nan for lab in labels]
         times = [rows.loc[lab, "time_median_s"] * 1e3 if lab in rows.index else np.nan for lab in labels]
         ax_mem.bar(x + i * width, memory, width, label=machine)
@@ -314,7 +321,16 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     ax_time.set_ylabel("median step time [ms]")
     ax_mem.set_title(f"Same cases across machines — {workload}")
     fig.tight_layout()
-    return fig, f"Cases of {workload} that ran ok on several machines (GPU / runner label), side by side."
+    return fig, (
+        f"Cases of {workload} that ran ok on several machines (GPU / runner label), side by side; a case on many "
+        "ranks shows its per-rank peak, labelled with its strategy and world size."
+    )
+
+
+def _ranks_suffix(cases: pd.DataFrame) -> pd.Series:
+    """ " (ddp8)" for a case on 8 ranks under DDP, "" for one process."""
+    many = cases["world_size"] > 1
+    return (" (" + cases["parallel"] + cases["world_size"].astype(str) + ")").where(many, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,8 +432,9 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
 # 6. Proxy validity: GPT proxy vs DiT overhead at matched batch and tokens per sample
 # ---------------------------------------------------------------------------------------------------------------
 def proxy_pairs(results: Results) -> pd.DataFrame:
-    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method."""
-    cases = results.cases
+    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method (one
+    process)."""
+    cases = _one_process(results.cases)
     families = set(cases["family"])
     missing = [name for fam, name in (("dit", "DiT"), ("gpt", "GPT proxy")) if fam not in families]
     if missing:
@@ -426,7 +443,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
     facts = cases.drop_duplicates(where)[[*where, "family", "tokens_per_sample"]].rename(
         columns={"tokens_per_sample": "tokens"}
     )
-    overhead = results.overhead.merge(facts, on=where, how="left")
+    overhead = results.overhead[results.overhead["world_size"] == 1].merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].notna() & overhead["tokens"].notna()]
     key = ["machine", "device", "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
@@ -476,6 +493,58 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Many ranks: per-rank peak vs world size
+# ---------------------------------------------------------------------------------------------------------------
+STRATEGY_STYLES = {"ddp": "-", "fsdp": "--"}
+
+
+def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    """Per workload × machine at one global batch: each rank's peak (the highest rank's) and ×nondp at the same
+    world size and strategy, against the world size; one process is world size 1 of every strategy's line."""
+    cases = results.cases[results.cases["status"] == "ok"]
+    ranked = cases[cases["world_size"] > 1]
+    if ranked.empty:
+        raise SkipFigure("no case ran ok on many ranks (--world-sizes above 1)")
+    # the global batch with the most many-rank cases (then the largest) per workload and machine
+    chosen = ranked.groupby(["machine", "workload", "batch_size"]).size().reset_index(name="n")
+    chosen = chosen.sort_values(["n", "batch_size"]).groupby(["machine", "workload"]).tail(1)
+    colors = _method_colors(results)
+    overhead = results.overhead
+    fig, axes = plt.subplots(2, len(chosen), figsize=(5.2 * len(chosen), 7.2), squeeze=False)
+    for column, (_, panel) in enumerate(chosen.iterrows()):
+        machine, workload, batch = panel["machine"], panel["workload"], panel["batch_size"]
+        at = cases[(cases["machine"] == machine) & (cases["workload"] == workload) & (cases["batch_size"] == batch)]
+        ratios = overhead[
+            (overhead["machine"] == machine) & (overhead["workload"] == workload) & (overhead["batch_size"] == batch)
+        ]
+        scale, unit = byte_unit(float(at["peak_tensor_bytes"].max()))
+        ax_peak, ax_ratio = axes[0][column], axes[1][column]
+        for method, parallel in sorted({(m, p) for m, p in zip(at["method"], at["parallel"]) if p != ONE_PROCESS}):
+            line = dict(color=colors[method], linestyle=STRATEGY_STYLES[parallel], marker="o")
+            rows = at[(at["method"] == method) & at["parallel"].isin([ONE_PROCESS, parallel])].sort_values("world_size")
+            ax_peak.plot(rows["world_size"], rows["peak_tensor_bytes"] / scale, label=f"{method} {parallel}", **line)
+            mine = ratios[(ratios["method"] == method) & ratios["parallel"].isin([ONE_PROCESS, parallel])]
+            mine = mine[mine["peak tensor ×nondp"].notna()].sort_values("world_size")
+            ax_ratio.plot(mine["world_size"], mine["peak tensor ×nondp"], **line)
+        ax_peak.set_title(f"{workload} — B={batch} global — {machine}", fontsize=10)
+        ax_peak.set_ylabel(f"per-rank peak live tensors [{unit}]")
+        ax_ratio.set_ylabel("per-rank peak ×nondp (same strategy)")
+        for ax in (ax_peak, ax_ratio):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("world size (ranks)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    bottom = _legend_below(fig, handles, labels, ncol=6)
+    fig.suptitle("Per-rank peak memory vs world size (solid: DDP, dashed: FSDP)")
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
+    return fig, (
+        "Each rank measures its own step; the figure is the highest rank's peak live tensor bytes at a fixed "
+        "global batch (split over the ranks). World size 1 is the one-process case. Bottom: over nondp's per-rank "
+        "peak at the same world size and strategy."
+    )
+
+
 # name -> (title, function); the order is the report's order.
 FIGURES: dict[str, tuple[str, Callable[[Results, FigureOptions], tuple[plt.Figure, str]]]] = {
     "peak_vs_batch": ("Peak memory vs batch size", fig_peak_vs_batch),
@@ -485,6 +554,7 @@ FIGURES: dict[str, tuple[str, Callable[[Results, FigureOptions], tuple[plt.Figur
     "max_batch": ("Max batch per method", fig_max_batch),
     "proxy_validity": ("Proxy validity (GPT vs DiT)", fig_proxy_validity),
     "fixed_vs_per_sample": ("Fixed vs per-sample memory", fig_fixed_vs_per_sample),
+    "per_rank_peak": ("Per-rank peak vs world size", fig_per_rank_peak),
 }
 
 

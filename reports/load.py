@@ -35,10 +35,11 @@ from bench.record import (
     RecordError,
     StepMemory,
     Timing,
+    combine_rank_records,
     from_record_dict,
 )
 
-from .tables import affine_fit_table, first_line, overhead_table
+from .tables import ONE_PROCESS, affine_fit_table, first_line, overhead_table
 
 __all__ = [
     "CASE_KEY",
@@ -53,8 +54,10 @@ __all__ = [
     "workload_family",
 ]
 
-# Columns that identify one case on one machine; a result set has at most one row per key.
-CASE_KEY = ("workload", "method", "batch_size", "device", "machine")
+# Columns that identify one case on one machine; a result set has at most one row per key. ``world_size`` and
+# ``parallel`` (the strategy, ONE_PROCESS = "none" for one process) tell a case on many ranks from the one-process
+# case.
+CASE_KEY = ("workload", "method", "batch_size", "device", "world_size", "parallel", "machine")
 
 # Every byte figure of a CaseRecord that becomes a column (breakdown categories are added as breakdown_<cat>).
 MEMORY_COLUMNS = (
@@ -129,7 +132,7 @@ class LoadedCase:
     def key(self) -> tuple:
         """The case's CASE_KEY values."""
         r = self.record
-        return r.workload, r.method, r.batch_size, r.device, self.machine
+        return r.workload, r.method, r.batch_size, r.device, r.world_size, r.parallel or ONE_PROCESS, self.machine
 
     @property
     def timed(self) -> bool:
@@ -463,7 +466,8 @@ def load_results(
 
     A bad file raises :class:`ReportInputError`, or with ``skip_bad`` is reported through ``warn`` and left out.
     When the same case × machine appears more than once (e.g. both the .json and the .jsonl of one run), the
-    timed one wins, then the one loaded last."""
+    timed one wins, then the one loaded last — except a many-rank case's records that hold different ranks (one
+    file per node): they are combined into one record of every rank (:func:`bench.record.combine_rank_records`)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")
@@ -489,8 +493,12 @@ def load_results(
         for message in loaded.warnings:
             note(message)
         for case in loaded.cases:
-            per_format[(case.key, loaded.format)] += 1
             previous = chosen.get(case.key)
+            if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
+                combined = combine_rank_records([previous.record, case.record])
+                chosen[case.key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
+                continue
+            per_format[(case.key, loaded.format)] += 1
             if previous is None or case.timed or not previous.timed:
                 chosen[case.key] = case
         mb_records += loaded.max_batches
@@ -511,12 +519,21 @@ def load_results(
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
 
 
+def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
+    """Whether two records of one many-rank case hold disjoint ranks (two nodes' shares)."""
+    mine = {r.rank for r in previous.record.ranks}
+    theirs = {r.rank for r in case.record.ranks}
+    return previous.record.world_size > 1 and bool(mine) and bool(theirs) and not mine & theirs
+
+
 def _case_columns() -> list[str]:
     return [
         "workload",
         "method",
         "batch_size",
         "device",
+        "world_size",
+        "parallel",
         "status",
         "reason",
         "family",
@@ -539,6 +556,8 @@ def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
         "method": record.method,
         "batch_size": record.batch_size,
         "device": record.device,
+        "world_size": record.world_size,
+        "parallel": record.parallel or ONE_PROCESS,
         "status": record.status,
         "reason": record.reason,
         "family": record.family or workload_family(record.workload),  # older records lack the field

@@ -33,9 +33,11 @@ def summary_lines(results: Results) -> list[str]:
     Per machine: the overhead of every DP method at the headline case (the largest DiT with a batch at which
     every method and nondp ran ok, else the largest workload with one), then per method where it ran out of
     memory, where it was unsupported and how often it failed with an error."""
-    cases = results.cases
-    if cases.empty:
+    if results.cases.empty:
         return ["The input holds no case rows."]
+    cases = results.cases[results.cases["world_size"] == 1]  # cases on many ranks: their own figure
+    if cases.empty:
+        return ["Every case ran on many ranks: see the per-rank figure."]
     lines = []
     for machine, rows in cases.groupby("machine", sort=True):
         names = sorted(set(rows["device_name"].dropna()))
@@ -55,7 +57,10 @@ def _headline_lines(overhead: pd.DataFrame, machine: str, rows: pd.DataFrame, wh
     metric = fit_metric_for(rows[(rows["workload"] == workload) & (rows["batch_size"] == batch)])
     column = _RATIO_TITLE[metric]
     table = overhead[
-        (overhead["machine"] == machine) & (overhead["workload"] == workload) & (overhead["batch_size"] == batch)
+        (overhead["machine"] == machine)
+        & (overhead["workload"] == workload)
+        & (overhead["batch_size"] == batch)
+        & (overhead["world_size"] == 1)
     ]
     parts = []
     for _, row in table.iterrows():

@@ -62,8 +62,9 @@ MIN_NOISE_ROUNDS = 3
 TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ")
 
 OVERHEAD_NOTES = (
-    "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device and "
-    "machine. `peak tensor` = peak live tensor bytes (exact tracker, every device); `peak allocated` / "
+    "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device, "
+    "machine, world size and strategy (`parallel`; a case on many ranks compares per-rank peaks, the batch is "
+    "global). `peak tensor` = peak live tensor bytes (exact tracker, every device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
     "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes. "
     "`step time noise` = √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (the relative "
@@ -81,6 +82,8 @@ FIT_NOTES = (
     'that ran ok ("≥" when no larger batch failed). The CSV holds the numbers (empty where there is none) and a '
     '`max batch is lower bound` column for the "≥".'
 )
+
+ONE_PROCESS = "none"  # the `parallel` column of a one-process case (world size 1)
 
 _STATUS_LABELS = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
 
@@ -109,9 +112,18 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Overhead over non-DP
 # ---------------------------------------------------------------------------------------------------------------
+def with_rank_columns(cases: pd.DataFrame) -> pd.DataFrame:
+    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS where a frame built without them lacks
+    them: every such row is a one-process case)."""
+    missing = {k: v for k, v in (("world_size", 1), ("parallel", ONE_PROCESS)) if k not in cases}
+    return cases.assign(**missing) if missing else cases
+
+
 def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
-    """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES)."""
-    group_key = ["machine", "device", "workload", "batch_size"]
+    """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES) at
+    the same world size and strategy (a case on many ranks: per-rank peak over nondp's per-rank peak)."""
+    cases = with_rank_columns(cases)
+    group_key = ["machine", "device", "workload", "batch_size", "world_size", "parallel"]
     columns = [
         *group_key,
         "method",
@@ -228,8 +240,11 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     """Per machine × device × workload × method: the affine fit and max batch (measured vs predicted).
 
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
-    ok batch sizes) and the measured max batch is the largest ok batch among them."""
+    ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
+    max-batch search runs one process, and a many-rank case's batch is split over its ranks."""
     key = ["machine", "device", "workload", "method"]
+    cases = with_rank_columns(cases)
+    cases = cases[cases["world_size"] == 1]
     columns = [
         *key,
         "source",

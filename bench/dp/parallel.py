@@ -46,7 +46,7 @@ from .nondp import NonDPStep
 from .opacus import OpacusGhostStep, OpacusGradSampleStep, _GradSampleMethod, _PerSampleCriterion, _release
 from .privacy import PrivacyParams
 
-__all__ = ["STRATEGIES", "build_parallel_step", "shard_model"]
+__all__ = ["STRATEGIES", "build_parallel_step", "refusal", "shard_model"]
 
 STRATEGIES = ("ddp", "fsdp")
 _CLIPPED_SUM_METHODS = ("bk", "bk-tiled", "torch-func", "microbatch")
@@ -61,6 +61,18 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def refusal(method: str, parallel: str) -> MethodUnsupported | None:
+    """dpmem's own refusal of a pair, known without running anything (the launcher records it without ranks)."""
+    if parallel == "fsdp" and method in _CLIPPED_SUM_METHODS:
+        return MethodUnsupported(
+            method,
+            f"{method} under FSDP is not implemented by dpmem",
+            "it forms each parameter's whole clipped sum outside autograd, which FSDP's reduce-scatter never "
+            "sees; run it with --parallel ddp",
+        )
+    return None
 
 
 def build_parallel_step(
@@ -87,6 +99,9 @@ def build_parallel_step(
     if batch_size % world_size:
         raise ValueError(f"batch {batch_size} does not split evenly over {world_size} ranks")
     local_batch = batch_size // world_size
+    refused = refusal(method, parallel)
+    if refused is not None:
+        raise refused
     impl.check(workload, model)  # one process, one sample: the library's refusals of the model itself
     if parallel == "fsdp":
         return _fsdp_step(
@@ -257,13 +272,6 @@ def _fsdp_step(method, workload, sharded, privacy, local_batch, optimizer, lr, n
         return NonDPStep(workload, sharded, opt, privacy)
     if method == "opacus-ghost":
         return _fsdp_ghost_step(workload, sharded, opt, privacy, local_batch, noise_generator)
-    if method in _CLIPPED_SUM_METHODS:
-        raise MethodUnsupported(
-            method,
-            f"{method} under FSDP is not implemented by dpmem",
-            "it forms each parameter's whole clipped sum outside autograd, which FSDP's reduce-scatter never "
-            "sees; run it with --parallel ddp",
-        )
     raise _opacus_fsdp_refusal(method, workload, sharded, opt, privacy, local_batch)
 
 

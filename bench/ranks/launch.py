@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.case import CaseSpec, new_record
 from bench.config import BenchConfig
+from bench.dp.parallel import refusal
 from bench.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
 
 from .job import RankJob
@@ -49,6 +50,10 @@ def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
             f"batch {spec.batch_size} does not split evenly over {spec.world_size} ranks (batch sizes are the "
             f"global logical batch; choose a multiple of {spec.world_size})"
         )
+        return base
+    refused = refusal(spec.method, spec.parallel)
+    if refused is not None:  # dpmem's own refusal: no ranks needed to know it
+        base.status, base.reason = "unsupported", str(refused)
         return base
     nproc = spec.world_size // config.nnodes
     job = job_for(spec, config, nproc)

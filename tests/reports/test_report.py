@@ -16,7 +16,7 @@ from reports.html import ReportContent, ReportTable, write_html, write_markdown
 from reports.load import load_results
 from reports.summary import summary_lines
 from reports.tables import OVERHEAD_NOTES, overhead_display, overhead_warnings, to_markdown, write_table
-from tests.reports.fakes import make_run, write_jsonl, write_two_gpu_files
+from tests.reports.fakes import make_ranked_case, make_run, write_jsonl, write_two_gpu_files
 from tests.reports.test_load import write_bad
 
 SKIPPED_INPUTS = ("empty.json", "truncated.json", "foreign.json")
@@ -27,6 +27,8 @@ def rendered(tmp_path_factory) -> tuple[Path, list[Path], tuple[Path, Path]]:
     """One full render (every figure) of the two-GPU run, with three bad files skipped by --skip-bad."""
     folder = tmp_path_factory.mktemp("rendered")
     files = write_two_gpu_files(folder)
+    ranked = [make_ranked_case(m, w, "ddp", mib / w) for m, mib in (("nondp", 2000), ("bk", 2100)) for w in (2, 4)]
+    files = (*files, write_jsonl(folder / "ranks.jsonl", ranked))  # cases on many ranks: the per-rank figure
     bad = [write_bad(folder, name) for name in SKIPPED_INPUTS]
     out = folder / "report"
     assert main([*map(str, bad), *map(str, files), "--skip-bad", "--out", str(out)]) == 0
