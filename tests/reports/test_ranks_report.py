@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import matplotlib.pyplot as plt
+import pytest
+
 from bench.record import RankFigures, StepMemory, combine_rank_records
 from reports.compare import compare_results
-from reports.figures import FigureOptions, render_figures
+from reports.figures import FigureOptions, SkipFigure, fig_peak_vs_batch, fig_per_rank_peak
 from reports.load import load_results
 from tests.reports.fakes import MIB, make_case, make_ranked_case, write_jsonl
 
@@ -69,12 +72,23 @@ def test_per_rank_peak_figure_is_drawn_from_cases_on_many_ranks(tmp_path):
         _ranked(m, w, p, mib / w) for m, mib in (("nondp", 1600), ("bk", 1800)) for w in (2, 4) for p in ("ddp", "fsdp")
     ]
     results = load_results([write_jsonl(tmp_path / "r.jsonl", records)], warn=print)
-    figures = {f.name: f for f in render_figures(results, tmp_path / "fig", FigureOptions())}
-    assert figures["per_rank_peak"].skipped is None and figures["per_rank_peak"].png.stat().st_size > 0
-    assert figures["peak_vs_batch"].skipped is None  # the one-process figures still use the one-process rows
+    fig, _ = fig_per_rank_peak(results, FigureOptions())
+    try:
+        peak_axes, ratio_axes = fig.axes[0], fig.axes[1]
+        lines = {line.get_label(): line for line in peak_axes.get_lines()}
+        assert set(lines) == {"nondp ddp", "nondp fsdp", "bk ddp", "bk fsdp"}
+        # world size 1 (the one-process case) starts every strategy's line; peaks in GiB: the highest rank's
+        assert list(lines["bk fsdp"].get_xdata()) == [1, 2, 4]
+        assert [y * 1024 for y in lines["bk fsdp"].get_ydata()] == [1100, 1800 / 2 + 1, 1800 / 4 + 3]
+        ratios = [list(line.get_ydata()) for line in ratio_axes.get_lines()]
+        assert [1.1, round(901 / 801, 3), round(453 / 403, 3)] in ratios  # bk over nondp, same strategy and size
+    finally:
+        plt.close(fig)
+    one_process, _ = fig_peak_vs_batch(results, FigureOptions())  # the one-process figures keep their rows
+    plt.close(one_process)
     alone = load_results([write_jsonl(tmp_path / "one.jsonl", records[:2])], warn=print)
-    skipped = {f.name: f for f in render_figures(alone, tmp_path / "fig1", FigureOptions())}["per_rank_peak"]
-    assert skipped.skipped == "no case ran ok on many ranks (--world-sizes above 1)"
+    with pytest.raises(SkipFigure, match=r"no case ran ok on many ranks \(--world-sizes above 1\)"):
+        fig_per_rank_peak(alone, FigureOptions())
 
 
 def test_a_rank_without_figures_still_loads(tmp_path):
