@@ -53,9 +53,19 @@ class ReportContent:
 # ---------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------
+def shown_path(path: str) -> str:
+    """An input path as the report names it: relative to the working directory when it lies below it (what was
+    typed, not where this machine keeps the checkout), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return path
+
+
 def _source(path: str) -> str:
     """An input path in report.md: a code span, or escaped text when it holds characters a code span would not
     keep inert everywhere (markup, backticks, line breaks)."""
+    path = shown_path(path)
     if any(c in path for c in "<>&`\r\n"):
         return markdown_text(path)
     return f"`{path}`"
@@ -245,7 +255,7 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
         "</head><body>",
         f"<h1>{esc(content.title)}</h1>",
         f"<p class='sub'>{esc(content.subtitle)} Inputs: "
-        + ", ".join(f"<code>{esc(s)}</code>" for s in content.sources)
+        + ", ".join(f"<code>{esc(shown_path(s))}</code>" for s in content.sources)
         + "</p>",
         f"<nav>{nav}</nav>",
     ]
