@@ -332,12 +332,12 @@ def matrix_grid(matrix: Matrix) -> Grid:
 class MaxBatchEntry:
     method: str
     largest_run: int | None  # the largest batch that ran ok (measured, or predicted on a predicted block)
-    exact: bool  # a larger batch failed: largest_run is the max batch itself
+    next_failed: bool  # the next batch tried failed: largest_run is the measured max batch
     predicted: int | None  # the affine fit's max batch in the device's memory
 
     @property
     def rank_value(self) -> float:
-        if self.exact and self.largest_run is not None:
+        if self.next_failed and self.largest_run is not None:
             return float(self.largest_run)
         if self.predicted is not None:
             return float(self.predicted)
@@ -364,7 +364,7 @@ def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchE
         entries[fit["method"]] = MaxBatchEntry(
             method=fit["method"],
             largest_run=int(measured) if present(measured) else None,
-            exact=present(measured) and not fit[LOWER_BOUND],
+            next_failed=present(measured) and not fit[LOWER_BOUND],
             predicted=int(predicted) if present(predicted) else None,
         )
     return entries
@@ -403,8 +403,11 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
 
 
 def _max_batch_text(entry: MaxBatchEntry) -> tuple[str, str, str]:
-    """(text, style, hover) of a max batch: measured exact "600", predicted "~619", extrapolated "> 64"."""
-    if entry.exact:
+    """(text, style, hover) of a max batch: measured "600" (the next batch failed), predicted "~619", beyond the
+    extrapolation limit "> 64", measured lower bound "≥16"."""
+    if entry.largest_run is None:
+        return "none ran", "", "no batch ran ok"
+    if entry.next_failed:
         return f"{entry.largest_run}", "", f"measured: batch {entry.largest_run} ran ok, the next one tried failed"
     factor = extrapolation_factor(entry.predicted, entry.largest_run)
     if entry.predicted is not None and factor is None:

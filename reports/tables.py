@@ -47,7 +47,8 @@ __all__ = [
 BASELINE_METHOD = "nondp"
 MIB = 2**20
 # A max-batch prediction above this multiple of the largest batch that ran is an extrapolation: written as a
-# bound ("> N (extrapolated ×K)"), drawn capped, never as a bare number (a 3 MiB model "fits" 166692 samples).
+# bound ("> N (extrapolated ×K)"), drawn capped, never as a bare number (bk's fit on dit-tiny-cond, 5.4 MiB at
+# batch 16, "fits" 119024 samples in 23.5 GiB of RAM).
 EXTRAPOLATION_LIMIT = 4
 
 # Ratio columns of the overhead table: column title -> the record's figure it divides.

@@ -25,7 +25,7 @@ from reports.load import is_predicted, load_results
 from reports.pivots import time_pivot
 from reports.summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary, short_reason
 from reports.tables import EXTRAPOLATION_LIMIT, affine_fit_table, fit_display, predicted_max_batch_text
-from tests.reports.fakes import copy_record, make_run, write_jsonl, write_two_gpu_files
+from tests.reports.fakes import GPUS, METHODS, copy_record, make_run, write_jsonl, write_two_gpu_files
 
 
 def _meta_copy(record):
@@ -189,3 +189,23 @@ def test_markdown_report_has_the_same_structure_as_the_html(with_meta, tmp_path)
     positions = [md.index(heading) for heading in order]
     assert positions == sorted(positions)
     assert pd.Series(positions).is_unique
+
+
+def test_ranked_largest_batch_tells_measured_predicted_and_extrapolated_apart(tmp_path):
+    """A100 (40 GiB): opacus-hooks ran at 32 and failed at 64 — measured 32. H100 (80 GiB): nothing failed; the fit
+    of peak reserved (1.10 × the fakes' fixed + per_sample · B) predicts ~N within 4× batch 64, and beyond it only
+    "> 256"."""
+    results = load_results(write_two_gpu_files(tmp_path))
+    rows = {}
+    for matrix in overview(results):
+        grid = ranked_grid(matrix.block, ranked_summary(results, matrix))
+        column = grid.header.index(next(h for h in grid.header if h.startswith("largest batch in")))
+        rows[matrix.block.machine] = {row[0].text: row[column] for row in grid.rows}
+    fixed, per_sample, _ = METHODS["opacus-hooks"]
+    predicted = int((GPUS["h100"][1] - 1.10 * fixed) // (1.10 * per_sample))
+    assert predicted <= EXTRAPOLATION_LIMIT * 64
+    a100, h100 = rows["a100"]["dit-s-2-cond"], rows["h100"]["dit-s-2-cond"]
+    assert "opacus-hooks 32" in a100.text and "bk > 256" in a100.text
+    assert dict(a100.spans)["opacus-hooks 32"] == "" and dict(a100.spans)["bk > 256"] == "extrap"
+    assert f"opacus-hooks ~{predicted}" in h100.text and dict(h100.spans)[f"opacus-hooks ~{predicted}"] == "pred"
+    assert "the fit predicts" in h100.hover and "an extrapolation beyond 4×" in h100.hover
