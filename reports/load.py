@@ -47,6 +47,7 @@ __all__ = [
     "LoadedCase",
     "ReportInputError",
     "Results",
+    "is_predicted",
     "load_file",
     "load_results",
     "machine_label",
@@ -178,6 +179,14 @@ def workload_family(name: str) -> str:
     if base.startswith("dit"):
         return "dit-plain" if "plain" in base.split("-") else "dit"
     return "gpt" if base.startswith("gpt") else "other"
+
+
+def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) -> bool:
+    """True when a row's figures are *predicted* (exact tensor bytes computed on the meta device, nothing
+    allocated or timed), False when they were measured. Every report, table and figure asks this one function, so
+    that when records carry their own field for it only this body changes. Today: the device is ``meta``."""
+    device = row["device"] if isinstance(row, (dict, pd.Series)) else row.device
+    return str(device) == "meta"
 
 
 def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:
