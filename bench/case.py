@@ -117,7 +117,8 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         record.params_total = sum(p.numel() for p in model.parameters())
         record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        check_workload_contract(workload, model, device)  # the user's bug, named once, before any method runs
+        # the user's bug, named once, before any method runs; checked where the model lives
+        check_workload_contract(workload, model, next(model.parameters()).device)
         generator = torch.Generator().manual_seed(config.seed)
         batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
         step = dp.build_step(
