@@ -69,6 +69,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for m in cfg.methods
             for d in cfg.devices
             for b in sorted(cfg.batch_sizes)
+            if cfg.includes(m, b)
         ]
         # Four parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params".
         metafunc.parametrize(
@@ -98,6 +99,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if want in getattr(item, "fixturenames", ())]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Options that meta cases ignore, said once at the top of the run (nothing fails because of them)."""
+    cfg = config.stash.get(BENCH_CONFIG, None)
+    return [f"dpmem: {note}" for note in cfg.meta_notes] if cfg is not None else []
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -4,10 +4,11 @@
                                  optimizer=step.optimizer, notes=record.notes)
 
 Sources: the tensor tracker (any device), the CUDA allocator peaks and the NVML sampler (CUDA), process RSS
-(CPU). The measured round is not a timed round: on CUDA its marks synchronise the device so phase times are
-true, the tracker slows every op, and the GIL switch interval is shortened so the sampler threads get their
-turn while the main thread runs Python. Run one warm-up step before it (lazy kernel loading, cuBLAS
-workspaces and optimizer state are then in the baseline, not in the step's peak).
+(CPU); on meta the tracker alone (nothing is resident). The measured round is not a timed round: on CUDA its
+marks synchronise the device so phase times are true, the tracker slows every op, and the GIL switch interval
+is shortened so the sampler threads get their turn while the main thread runs Python. Run one warm-up step
+before it (lazy kernel loading, cuBLAS workspaces and optimizer state are then in the baseline, not in the
+step's peak).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def measure_step(
         tracker = TensorTracker(device)
         tracker.register_state(model, optimizer)
     alloc_at_start = None
+    sampler: NvmlSampler | RssSampler | None = None  # meta: nothing resident to sample, the tracker is all
     if is_cuda:
         allocator.reset_peak(device)  # synchronises, so the first NVML reading sees a quiet device
         alloc_at_start, _ = allocator.current_figures(device)
@@ -79,7 +81,7 @@ def measure_step(
             nvml=nvml_module,
             slow_probe=lambda: torch.cuda.memory_allocated(device),
         )
-    else:
+    elif device.type != "meta":
         sampler = RssSampler(interval_s)
 
     def mark(phase: str) -> None:
@@ -100,7 +102,7 @@ def measure_step(
         if is_cuda:
             memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(device)
             traces.update(add_nvml_figures(memory, sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
-        else:
+        elif sampler is not None:
             traces.update(add_rss_figures(memory, sampler.result, notes))
         memory.timeline = build_timeline(traces, window["t0"], window["t_end"])
         return memory
@@ -139,8 +141,9 @@ def _switch_interval(interval_s: float) -> Iterator[None]:
 
 @contextmanager
 def _sampling(sampler, device: torch.device, window: dict[str, float], notes: list[str]) -> Iterator[None]:
-    """Run ``sampler`` around the block; its last reading comes after the device finished the step."""
-    sampler.start()
+    """Run ``sampler`` (if any) around the block; its last reading comes after the device finished the step."""
+    if sampler is not None:
+        sampler.start()
     window["t0"] = time.perf_counter()
     try:
         yield
@@ -151,7 +154,8 @@ def _sampling(sampler, device: torch.device, window: dict[str, float], notes: li
             except Exception as exc:  # after a device error the sync may fail too; still stop the sampler
                 notes.append(f"CUDA: synchronize after the step failed ({type(exc).__name__}: {exc})")
         window["t_end"] = time.perf_counter()
-        sampler.stop()
+        if sampler is not None:
+            sampler.stop()
 
 
 def add_tensor_figures(memory: StepMemory, report: TensorReport, notes: list[str]) -> dict[str, Trace]:
