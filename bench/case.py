@@ -200,6 +200,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     if on_meta:
         record.measurement = "predicted"
         record.notes.append("meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS")
+        record.notes.extend(config.meta_notes)
     # Before the case allocates anything. Meta cases hold nothing resident, so they skip the boundaries' full
     # garbage collections (~0.3 s each with torch imported: most of a small meta case).
     nvml_baseline = start_case(device, record.notes) if not on_meta else None

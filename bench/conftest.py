@@ -9,6 +9,8 @@ too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from bench.results import ResultsWriter, ResultsWriterError
 
 BENCH_CONFIG = pytest.StashKey[BenchConfig]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
+SESSION_START = pytest.StashKey[float]()
 RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
 
 
@@ -35,6 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[BENCH_CONFIG] = bench_config
     config.stash[RESULTS_WRITER] = writer
     config.stash[UNTIMED_ENTRIES] = []
+    config.stash[SESSION_START] = time.time()
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +125,29 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     output_json["dpmem_untimed"] = list(config.stash.get(UNTIMED_ENTRIES, []))
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """pytest-benchmark writes no ``--benchmark-json`` when nothing was timed (a meta run, a max-batch search, a
+    run where every case ran out of memory); write it then, with the untimed results, so a report can be made
+    from it as from any run."""
+    path, entries = config.getoption("benchmark_json", None), config.stash.get(UNTIMED_ENTRIES, [])
+    if path is None or not entries:
+        return
+    path = Path(path)
+    if path.exists() and path.stat().st_mtime >= config.stash[SESSION_START]:
+        return  # pytest-benchmark wrote it (with our untimed entries)
+    from bench.machine import machine_info
+
+    label = config.stash[BENCH_CONFIG].runner_label
+    info = {**machine_info(), **({"runner_label": label} if label else {})}
+    data = {"machine_info": {"dpmem": info}, "benchmarks": [], "dpmem_untimed": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, allow_nan=False))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    cfg = config.stash.get(BENCH_CONFIG, None)
+    for note in cfg.meta_notes if cfg is not None else ():
+        terminalreporter.write_line(f"dpmem: {note}")
     writer = config.stash.get(RESULTS_WRITER, None)
     if writer is not None and writer.count:
         terminalreporter.write_line(f"dpmem: {writer.count} result record(s) appended to {Path(writer.path)}")

@@ -124,9 +124,10 @@ class _BudgetSearch:
 
     def between(self, lo: int, hi: int, budget: int) -> int:
         """Where the line through the probes at ``lo`` and ``hi`` crosses the budget (within (lo, hi))."""
-        capacity = self.overhead.tensor_capacity(budget)
-        rise = self.peak(hi) - self.peak(lo)
-        guess = lo + math.floor((capacity - self.peak(lo)) * (hi - lo) / rise) if lo and rise > 0 else (lo + hi) // 2
+        rise = self.peak(hi) - self.peak(lo) if lo else 0
+        if rise <= 0:
+            return (lo + hi) // 2
+        guess = lo + math.floor((self.overhead.tensor_capacity(budget) - self.peak(lo)) * (hi - lo) / rise)
         return min(max(guess, lo + 1), hi - 1)
 
     def answer(self, budget: int) -> BudgetAnswer:
@@ -163,6 +164,13 @@ class _BudgetSearch:
             answer.device_bytes = self.overhead.device_bytes(result.peak_tensor_bytes)
             answer.breakdown = dict(breakdown)
         return answer
+
+
+def non_allocator_bytes(baselines: list[int | None]) -> int | None:
+    """The memory a GPU case could not give its allocator: the median NVML reading at case start (the CUDA
+    context and other processes) over the search's probes; None when none was read."""
+    read = sorted(b for b in baselines if b is not None)
+    return read[len(read) // 2] if read else None
 
 
 def search_budgets(

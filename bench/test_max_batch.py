@@ -7,8 +7,6 @@ answers every ``--memory-budget`` exactly under the overhead model (``maxbatch.s
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 
 from bench import maxbatch
@@ -60,8 +58,8 @@ def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBat
     """cpu / cuda: grow and bisect until out of memory; fit; predict for every size less what is not the
     allocator's (CUDA: the NVML reading at case start)."""
     max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
-    baselines = [r.memory.nvml_baseline_bytes for r in records if r.memory.nvml_baseline_bytes is not None]
-    non_allocator = int(statistics.median(baselines)) if device.startswith("cuda") and baselines else None
+    cuda = device.startswith("cuda")
+    non_allocator = maxbatch.non_allocator_bytes([r.memory.nvml_baseline_bytes for r in records]) if cuda else None
     result = maxbatch.build_record(
         workload,
         method,
@@ -69,7 +67,7 @@ def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBat
         probes,
         max_ok,
         first_fail,
-        fit_metric="peak_reserved_bytes" if device.startswith("cuda") else "peak_tensor_bytes",
+        fit_metric="peak_reserved_bytes" if cuda else "peak_tensor_bytes",
         memory_limit_bytes=cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes,
         predict_for=list(cfg.predict_memory_bytes),
         capacity=lambda size: size - (non_allocator or 0),
