@@ -90,7 +90,8 @@ def _fresh(template: Any) -> Any:
 # the cases before it learnt); it is emptied when it grows past this many entries.
 _MAX_TEMPLATES = 200_000
 _SHARED_TEMPLATES: dict[tuple, Any] = {}
-_SHARED_KINDS: dict[Any, str | None] = {}
+_SHARED_KINDS: dict[int, str | None] = {}
+_UNKNOWN = object()
 
 
 class MetaOpCache(TorchDispatchMode):
@@ -108,10 +109,12 @@ class MetaOpCache(TorchDispatchMode):
         self.failed_op: str | None = None
 
     def _kind(self, func) -> str | None:
-        """ "functional", "inplace" (mutates only its first argument, returns it or nothing), or None."""
-        if func not in self._kinds:
-            self._kinds[func] = _op_kind(func)
-        return self._kinds[func]
+        """ "functional", "inplace" (mutates only its first argument, returns it or nothing), or None. Keyed by
+        ``id``: an OpOverload's ``__hash__`` is Python code, and overloads live as long as the process."""
+        kind = self._kinds.get(id(func), _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = self._kinds[id(func)] = _op_kind(func)
+        return kind
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,7 +122,7 @@ class MetaOpCache(TorchDispatchMode):
         key = None
         if kind is not None:
             try:
-                key = (func, _layout_key(args), _layout_key(tuple(sorted(kwargs.items()))))
+                key = (id(func), _layout_key(args), _layout_key(tuple(sorted(kwargs.items()))))
             except _Uncacheable:
                 key = None
         if key is not None and key in self._templates:
