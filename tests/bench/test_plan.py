@@ -129,3 +129,21 @@ def test_plan_argument_errors_exit_2():
         timeout=120,
     )
     assert proc.returncode == 2 and "--memory" in proc.stderr and "is not a size" in proc.stderr
+
+
+def test_plan_calibrates_from_gpu_results(tmp_path, capsys):
+    from bench.record import to_jsonl_line
+
+    gpu = "NVIDIA A100-SXM4-80GB"
+    records = [_cuda_record(gpu, t, MIB + int(1.2 * t), 600 * MIB) for t in (2 * GIB, 6 * GIB)]
+    path = tmp_path / "a100.jsonl"
+    path.write_text("".join(to_jsonl_line(r) + "\n" for r in records))
+    argv = ["gpt-tiny", "--memory", "700MiB", "--methods", "nondp", "--calibrate", str(path)]
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "0.59 GiB + 20.0% of tensor bytes (calibrated on 2 NVIDIA A100-SXM4-80GB record(s)" in out
+    best = int(next(line for line in out.splitlines() if line.startswith("| nondp |")).split("|")[2])
+    model = calibrate(records)
+    assert _fits("gpt-tiny", "nondp", best, 700 * MIB, model) and not _fits(
+        "gpt-tiny", "nondp", best + 1, 700 * MIB, model
+    )
