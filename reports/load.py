@@ -183,9 +183,15 @@ def workload_family(name: str) -> str:
 
 def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) -> bool:
     """True when a row's figures are *predicted* (exact tensor bytes computed on the meta device, nothing
-    allocated or timed), False when they were measured. Every report, table and figure asks this one function, so
-    that when records carry their own field for it only this body changes. Today: the device is ``meta``."""
-    device = row["device"] if isinstance(row, (dict, pd.Series)) else row.device
+    allocated or timed), False when they were measured. Every report, table and figure asks this one function:
+    the record's ``measurement`` field where the row has it, else (a row built from a device name alone) whether
+    the device is ``meta``."""
+    if isinstance(row, (dict, pd.Series)):
+        measurement, device = row.get("measurement"), row.get("device")
+    else:
+        measurement, device = row.measurement, row.device
+    if isinstance(measurement, str):
+        return measurement == "predicted"
     return str(device) == "meta"
 
 

@@ -32,6 +32,7 @@ def _meta_copy(record):
     """A measured CUDA record as the meta device would predict it: exact tensor bytes only, nothing timed."""
     meta = copy_record(record)
     meta.device, meta.device_name, meta.device_memory_bytes = "meta", None, None
+    meta.measurement = "predicted"
     memory = meta.memory
     memory.peak_allocated_bytes = memory.peak_reserved_bytes = None
     memory.nvml_peak_used_bytes = memory.nvml_baseline_bytes = memory.nvml_peak_minus_baseline_bytes = None
@@ -49,11 +50,14 @@ def with_meta(tmp_path_factory):
     return load_results([path]), measured
 
 
-def test_is_predicted_is_true_for_meta_rows_records_and_dicts_only(with_meta):
+def test_is_predicted_follows_the_measurement_field_else_the_meta_device(with_meta):
     results, measured = with_meta
     meta_record = _meta_copy(measured[0])
     assert is_predicted(meta_record) and not is_predicted(measured[0])
     assert is_predicted({"device": "meta"}) and not is_predicted({"device": "cpu"})
+    # the record's own field decides where a row has it
+    assert is_predicted({"device": "cpu", "measurement": "predicted"})
+    assert not is_predicted({"device": "meta", "measurement": "measured"})
     by_device = {device: rows.apply(is_predicted, axis=1).all() for device, rows in results.cases.groupby("device")}
     assert by_device == {"cuda:0": False, "meta": True}
 
