@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bench.overhead import DEFAULT_OVERHEAD, OverheadModel
+
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
     import pytest
 
@@ -32,6 +34,9 @@ class Preset:
     methods: tuple[str, ...] | None  # None: every registered method
     batch_sizes: tuple[int, ...]
     rounds: int  # timed rounds per case
+    devices: tuple[str, ...] | None = None  # None: every visible GPU, else cpu
+    # (method, largest batch size) pairs: the method's cases above that size are left out of the matrix
+    batch_caps: tuple[tuple[str, int], ...] = ()
 
 
 _GPU_WORKLOADS = (
@@ -50,6 +55,21 @@ _GPU_WORKLOADS = (
     "gpt2-medium-untied",
 )
 
+_PAPER_WORKLOADS = (
+    *_GPU_WORKLOADS[:9],
+    "gpt2",
+    "gpt2-untied",
+    "gpt2-medium",
+    "gpt2-medium-untied",
+    "gpt2-large",
+    "gpt2-large-untied",
+    "gpt2-xl",
+    "gpt2-xl-untied",
+)
+# The per-sample loop runs B forward+backward passes; on meta each costs as much as a whole batched step, so its
+# paper-preset cases stop at 16 (README, "Paper-scale answers without a GPU").
+PAPER_MICROBATCH_CAP = 16
+
 PRESETS: dict[str, Preset] = {
     # tiny workloads, every method, two batch sizes (the default without a GPU)
     "cpu-smoke": Preset(("dit-tiny-cond", "dit-tiny-uncond", "gpt-tiny"), None, (4, 16), rounds=3),
@@ -58,7 +78,22 @@ PRESETS: dict[str, Preset] = {
     "gpu-small": Preset(_GPU_WORKLOADS, None, (1, 4, 16, 64, 256), rounds=5),
     # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
     "gpu-full": Preset(_GPU_WORKLOADS, None, tuple(2**i for i in range(11)), rounds=10),
+    # paper-size models on the meta device (predicted tensor bytes, nothing allocated): DiT-S/B/L/XL-2 cond and
+    # uncond at 256 px, DiT-XL/2 at 512 px, GPT-2 S/M/L/XL tied and untied; every method, batch 1..256 by ×4
+    "paper": Preset(
+        _PAPER_WORKLOADS,
+        None,
+        (1, 4, 16, 64, 256),
+        rounds=1,
+        devices=("meta",),
+        batch_caps=(("microbatch", PAPER_MICROBATCH_CAP),),
+    ),
 }
+
+
+GIB = 2**30
+# Meta max-batch budgets by default: the memory of the common 24, 40, 80 and 141 GB cards (bench/gpus.py).
+DEFAULT_MEMORY_BUDGETS = (24 * GIB, 40 * GIB, 80 * GIB, 141 * GIB)
 
 
 def _checked_workload(spec: str) -> str:
@@ -106,6 +141,17 @@ class BenchConfig:
     rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
     nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
     rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
+    attention: str = "auto"  # SDPA kernel (bench/attention.py)
+    attention_sm: tuple[int, int] = (8, 0)  # meta: compute capability of the GPU whose auto choice is emulated
+    optimizer_impl: str = "auto"  # torch.optim implementation: auto, foreach, for-loop
+    memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
+    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/overhead.py)
+    batch_caps: tuple[tuple[str, int], ...] = ()  # the preset's per-method largest batch sizes
+    meta_notes: tuple[str, ...] = ()  # options that have no effect on meta cases (shown in the run's header)
+
+    def includes(self, method: str, batch_size: int) -> bool:
+        """Whether the matrix has this method at this batch size (the preset's per-method caps)."""
+        return all(batch_size <= cap for name, cap in self.batch_caps if name == method)
 
     def case_strategies(self) -> list[tuple[int, str | None]]:
         """(world size, strategy) of every case kind: (1, None) for one process, one per strategy otherwise."""
@@ -132,8 +178,8 @@ class BenchConfig:
             workloads = tuple(_checked_workload(spec) for spec in option("--workloads") or preset.workloads)
             methods = option("--methods") or tuple(preset.methods or dp.available_methods())
             check_names("--methods", methods, dp.available_methods())
-            devices = option("--devices") or tuple(visible_devices())
-            usable = list(dict.fromkeys([*visible_devices(), "cpu"]))
+            devices = option("--devices") or preset.devices or tuple(visible_devices())
+            usable = list(dict.fromkeys(["cpu", "meta", *visible_devices()]))
             for device in devices:
                 if device not in usable:
                     raise ValueError(f"--devices: {device!r} does not exist here; visible devices: {', '.join(usable)}")
@@ -148,6 +194,7 @@ class BenchConfig:
                 sample_rate=option("--sample-rate"),
                 steps=option("--privacy-steps"),
             )
+            overhead = resolve_overhead(option("--budget-overhead"), option("--calibrate"), option("--calibrate-gpu"))
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
         world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
@@ -182,6 +229,12 @@ class BenchConfig:
             rank_timeout_s=option("--rank-timeout"),
             nnodes=nnodes,
             rdzv_endpoint=rdzv,
+            attention=option("--attention"),
+            optimizer_impl=option("--optimizer-impl"),
+            memory_budgets=option("--memory-budget") or DEFAULT_MEMORY_BUDGETS,
+            overhead=overhead,
+            batch_caps=preset.batch_caps if not option("--methods") and not option("--batch-sizes") else (),
+            meta_notes=_meta_notes(config, devices),
         )
 
 
@@ -205,3 +258,40 @@ def _check_ranks(
                 f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) need {per_node} GPUs per node (one per "
                 f"rank), this node has {gpus}"
             )
+
+
+def resolve_overhead(given: OverheadModel | None, calibration_files, gpu: str | None) -> OverheadModel:
+    """--budget-overhead, or the model fitted from --calibrate files, or the default; ValueError names the problem."""
+    if given is not None and calibration_files:
+        raise ValueError("--budget-overhead and --calibrate: give one of them")
+    if gpu is not None and not calibration_files:
+        raise ValueError("--calibrate-gpu needs --calibrate FILES")
+    if not calibration_files:
+        return given or DEFAULT_OVERHEAD
+    from bench.overhead import calibrate
+    from reports.load import ReportInputError, load_file
+
+    records = []
+    for path in calibration_files:
+        try:
+            records.extend(case.record for case in load_file(path).cases)
+        except ReportInputError as exc:
+            raise ValueError(f"--calibrate: {exc}") from None
+    return calibrate(records, gpu)
+
+
+def _meta_notes(config: pytest.Config, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """One line per given option that a meta case ignores (nothing fails because of them)."""
+    if "meta" not in devices:
+        return ()
+    notes = []
+    if config.getoption("--rounds"):
+        notes.append("--rounds: meta cases are not timed (no kernel runs on meta); they run one measured step")
+    if config.getoption("--snapshot"):
+        notes.append("--snapshot: meta cases allocate nothing, so they have no CUDA memory snapshot")
+    if any(w > 1 for w in config.getoption("--world-sizes") or ()):
+        notes.append(
+            "--world-sizes: meta cases run in one process (world size 1); predict a rank of many with "
+            "python -m bench.ranks.predict"
+        )
+    return tuple(notes)

@@ -15,7 +15,10 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
+    "ATTENTION_CHOICES",
+    "OPTIMIZER_IMPLS",
     "add_bench_options",
+    "attention_choice",
     "batch_sizes",
     "byte_size",
     "byte_sizes",
@@ -23,12 +26,20 @@ __all__ = [
     "clip_norm",
     "comma_list",
     "did_you_mean",
+    "optimizer_impl",
+    "overhead_model",
     "parallel_strategies",
     "positive_int",
     "rendezvous_endpoint",
     "sample_interval",
     "world_sizes",
 ]
+
+# --attention: the scaled-dot-product-attention kernel a step runs (bench/attention.py says what each means).
+ATTENTION_CHOICES = ("auto", "math", "efficient", "flash", "cudnn")
+# --optimizer-impl: torch.optim's per-parameter loop or its multi-tensor (foreach) kernels; auto = torch's default
+# for the device (foreach on CUDA, the loop on CPU; meta predicts CUDA, so foreach).
+OPTIMIZER_IMPLS = ("auto", "foreach", "for-loop")
 
 BadValue = argparse.ArgumentTypeError
 
@@ -185,6 +196,31 @@ def did_you_mean(name: str, valid: Sequence[str], cutoff: float = 0.5) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def _choice(text: str, valid: Sequence[str]) -> str:
+    value = str(text).strip()
+    if value not in valid:
+        raise BadValue(f"{text!r} is not one of {', '.join(valid)}")
+    return value
+
+
+def attention_choice(text: str) -> str:
+    return _choice(text, ATTENTION_CHOICES)
+
+
+def optimizer_impl(text: str) -> str:
+    return _choice(text, OPTIMIZER_IMPLS)
+
+
+def overhead_model(text: str):
+    """``"1GiB+10%"`` → :class:`bench.overhead.OverheadModel` (fixed bytes + a fraction of tensor bytes)."""
+    from bench.overhead import parse_overhead  # torch-free
+
+    try:
+        return parse_overhead(text)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
 def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None:
     """Raise ValueError (one line: the option, the bad name, close matches, the valid names) for an unknown name."""
     for name in names:
@@ -205,7 +241,12 @@ def add_bench_options(parser) -> None:
     add("--workloads", type=comma_list, help="comma list of workloads (replaces the preset's)")
     add("--methods", type=comma_list, help="comma list of DP methods (replaces the preset's)")
     add("--batch-sizes", type=batch_sizes, help="comma list of batch sizes (replaces the preset's)")
-    add("--devices", type=comma_list, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    add(
+        "--devices",
+        type=comma_list,
+        help="comma list of devices, e.g. cuda:0,cuda:1, cpu, or meta (predicted tensor bytes, nothing allocated) "
+        "(default: the preset's, else every GPU, else cpu)",
+    )
     add(
         "--workload-module",
         action="append",
@@ -222,6 +263,20 @@ def add_bench_options(parser) -> None:
     add("--privacy-steps", type=positive_int, default=1000, help="training steps the guarantee covers (default 1000)")
     add("--max-grad-norm", type=clip_norm, default=1.0, help="per-sample clipping norm C (default 1.0)")
     add("--optimizer", default="adamw", help="adamw (default), adam or sgd")
+    add(
+        "--optimizer-impl",
+        type=optimizer_impl,
+        default="auto",
+        help="torch.optim implementation: auto (torch's default for the device; foreach on cuda and meta, the "
+        "per-parameter loop on cpu), foreach or for-loop",
+    )
+    add(
+        "--attention",
+        type=attention_choice,
+        default="auto",
+        help="scaled-dot-product-attention kernel: auto (torch's choice; on meta what CUDA would pick: efficient for "
+        "fp32, flash for fp16/bf16), math, efficient, flash or cudnn",
+    )
     add("--rounds", type=positive_int, help="timed rounds per case (default: the preset's)")
     add(
         "--torch-threads",
@@ -272,6 +327,25 @@ def add_bench_options(parser) -> None:
         "bisection) and fit peak(B) = fixed + per_sample·B",
     )
     add("--max-batch-limit", type=positive_int, default=4096, help="largest batch size the max-batch search tries")
+    add(
+        "--memory-budget",
+        type=byte_sizes,
+        help="meta max-batch: memory sizes to find the exact largest batch for, e.g. 24GiB,40GiB,80GiB,141GiB "
+        "(default: those four)",
+    )
+    add(
+        "--budget-overhead",
+        type=overhead_model,
+        help="memory a GPU needs beyond tensor bytes, FIXED+PERCENT of tensor bytes (default 1GiB+10%%; see "
+        "bench/overhead.py)",
+    )
+    add(
+        "--calibrate",
+        type=comma_list,
+        metavar="FILES",
+        help="fit --budget-overhead from real GPU results (comma list of .json/.jsonl result files)",
+    )
+    add("--calibrate-gpu", metavar="NAME", help="with --calibrate: the GPU model to use (substring of its name)")
     add(
         "--predict-memory",
         type=byte_sizes,

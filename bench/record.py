@@ -18,6 +18,11 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "unsupported", "error")
+# How a record's figures were obtained (key ``measurement``): "measured" — the step ran on a real device (cpu,
+# cuda); "predicted" — it ran on the meta device (bench/meta.py): the tensor figures are the exact live tensor
+# bytes of the step's tensor traffic with nothing allocated, and there are no allocator, NVML, RSS or timing
+# figures; a max-batch answer on meta also rests on the overhead model (bench/overhead.py).
+MEASUREMENTS = ("measured", "predicted")
 
 # Breakdown categories of live tensor bytes at the peak (bench.memory.tensors).
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
@@ -201,6 +206,12 @@ class CaseRecord:
     tokens_per_sample: int | None = None
     family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
     dtype: str = "float32"
+    measurement: str = "measured"  # one of MEASUREMENTS: "predicted" for a meta-device case
+    attention: str = "auto"  # --attention: the SDPA kernel asked for (bench/attention.py)
+    # SDPA kernels that ran ("math", "efficient", "flash", "cudnn"): routed to, emulated on meta, or observed
+    # in the warm-up step for auto on cpu/cuda; [] when the model calls no scaled_dot_product_attention
+    attention_kernels: list[str] = field(default_factory=list)
+    optimizer_impl: str | None = None  # "foreach" or "for-loop": the torch.optim implementation the step used
 
     # --- provenance ------------------------------------------------------------------------------------
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
@@ -230,6 +241,8 @@ class CaseRecord:
             raise RecordError(f"malformed record: {exc}") from exc
         if record.status not in STATUSES:
             raise RecordError(f"record status {record.status!r} is not one of {STATUSES}")
+        if record.measurement not in MEASUREMENTS:
+            raise RecordError(f"record measurement {record.measurement!r} is not one of {MEASUREMENTS}")
         if not isinstance(record.batch_size, int) or isinstance(record.batch_size, bool):
             raise RecordError(f"record batch_size {record.batch_size!r} is not an integer")
         if not isinstance(record.world_size, int) or isinstance(record.world_size, bool) or record.world_size < 1:
@@ -286,6 +299,19 @@ class BatchProbe:
 
 
 @dataclass
+class BudgetAnswer:
+    """The exact largest batch that fits one memory budget (meta max-batch): the step's tracked peak tensor bytes,
+    taken through the overhead model to device bytes, at ``max_batch`` fit and at ``first_failing_batch`` do not."""
+
+    budget_bytes: int
+    max_batch: int | None = None  # None: not even batch 1 fits (or the method failed)
+    first_failing_batch: int | None = None  # None: the search limit fits too
+    peak_tensor_bytes: int | None = None  # at max_batch
+    device_bytes: int | None = None  # at max_batch: overhead model applied to peak_tensor_bytes
+    breakdown: dict[str, int] = field(default_factory=dict)  # at max_batch, CATEGORIES -> bytes
+
+
+@dataclass
 class MaxBatchRecord:
     """Result of the max-batch search for one workload × method × device.
 
@@ -308,6 +334,16 @@ class MaxBatchRecord:
     reason: str = ""
     device_name: str | None = None
     runner_label: str | None = None
+    # CUDA: NVML "used" at case start (CUDA context + other processes): not available to the allocator, so it
+    # is subtracted from every memory size before the fit predicts a max batch for it (None: not read)
+    non_allocator_bytes: int | None = None
+    # --- meta: exact answers per memory budget (bench/maxbatch.py, search_budgets) -----------------------
+    measurement: str = "measured"  # MEASUREMENTS; "predicted" on meta
+    attention: str = "auto"
+    budgets: list[BudgetAnswer] = field(default_factory=list)
+    overhead_fixed_bytes: int | None = None  # the overhead model the budgets were judged with (bench/overhead.py)
+    overhead_fraction: float | None = None
+    overhead_source: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +354,7 @@ class MaxBatchRecord:
         kwargs = _known_fields(cls, _checked("max-batch record", data, ("workload", "method", "device")))
         try:
             kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
+            kwargs["budgets"] = [BudgetAnswer(**b) for b in kwargs.get("budgets", [])]
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"malformed max-batch record: {exc}") from exc

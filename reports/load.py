@@ -48,6 +48,7 @@ __all__ = [
     "LoadedCase",
     "ReportInputError",
     "Results",
+    "is_predicted",
     "load_file",
     "load_results",
     "machine_label",
@@ -181,6 +182,20 @@ def workload_family(name: str) -> str:
     if base.startswith("dit"):
         return "dit-plain" if "plain" in base.split("-") else "dit"
     return "gpt" if base.startswith("gpt") else "other"
+
+
+def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) -> bool:
+    """True when a row's figures are *predicted* (exact tensor bytes computed on the meta device, nothing
+    allocated or timed), False when they were measured. Every report, table and figure asks this one function:
+    the record's ``measurement`` field where the row has it, else (a row built from a device name alone) whether
+    the device is ``meta``."""
+    if isinstance(row, (dict, pd.Series)):
+        measurement, device = row.get("measurement"), row.get("device")
+    else:
+        measurement, device = row.measurement, row.device
+    if isinstance(measurement, str):
+        return measurement == "predicted"
+    return str(device) == "meta"
 
 
 def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:

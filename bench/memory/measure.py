@@ -4,10 +4,11 @@
                                  optimizer=step.optimizer, notes=record.notes)
 
 Sources: the tensor tracker (any device), the CUDA allocator peaks and the NVML sampler (CUDA), process RSS
-(CPU). The measured round is not a timed round: on CUDA its marks synchronise the device so phase times are
-true, the tracker slows every op, and the GIL switch interval is shortened so the sampler threads get their
-turn while the main thread runs Python. Run one warm-up step before it (lazy kernel loading, cuBLAS
-workspaces and optimizer state are then in the baseline, not in the step's peak).
+(CPU); on meta the tracker alone (nothing is resident). The measured round is not a timed round: on CUDA its
+marks synchronise the device so phase times are true, the tracker slows every op, and the GIL switch interval
+is shortened so the sampler threads get their turn while the main thread runs Python. Run one warm-up step
+before it (lazy kernel loading, cuBLAS workspaces and optimizer state are then in the baseline, not in the
+step's peak).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def measure_step(
         if is_cuda:
             memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(device)
             traces.update(add_nvml_figures(memory, window.sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
-        else:
+        elif window.sampler is not None:
             traces.update(add_rss_figures(memory, window.sampler.result, notes))
         memory.timeline = build_timeline(traces, window.t0, window.t_end)
         return memory
@@ -130,7 +131,7 @@ def measure_step(
 class SamplingWindow:
     """The sampler of one measured round and the ``perf_counter`` window it covered (set by :func:`sampling`)."""
 
-    sampler: NvmlSampler | RssSampler
+    sampler: NvmlSampler | RssSampler | None  # meta: nothing resident to sample, the tracker is all
     interval_s: float
     t0: float = math.nan
     t_end: float = math.nan
@@ -144,15 +145,17 @@ def new_sampling_window(
     nvml_module: Any = None,
 ) -> SamplingWindow:
     """The sampler the measured round runs on ``device``: NVML (with the allocator's ``memory_allocated`` as its
-    slow probe) on CUDA, process RSS elsewhere."""
+    slow probe) on CUDA, none on meta, process RSS elsewhere."""
     if device.type == "cuda":
-        sampler: NvmlSampler | RssSampler = NvmlSampler(
+        sampler: NvmlSampler | RssSampler | None = NvmlSampler(
             device.index,
             interval_s=interval_s,
             process_interval_s=process_interval_s,
             nvml=nvml_module,
             slow_probe=lambda: torch.cuda.memory_allocated(device),
         )
+    elif device.type == "meta":
+        sampler = None
     else:
         sampler = RssSampler(interval_s)
     return SamplingWindow(sampler, interval_s)
@@ -166,7 +169,8 @@ def sampling(window: SamplingWindow, device: torch.device, notes: list[str]) -> 
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, window.interval_s))
     try:
-        window.sampler.start()
+        if window.sampler is not None:
+            window.sampler.start()
         window.t0 = time.perf_counter()
         try:
             yield window
@@ -177,7 +181,8 @@ def sampling(window: SamplingWindow, device: torch.device, notes: list[str]) -> 
                 except Exception as exc:  # after a device error the sync may fail too; still stop the sampler
                     notes.append(f"CUDA: synchronize after the step failed ({type(exc).__name__}: {exc})")
             window.t_end = time.perf_counter()
-            window.sampler.stop()
+            if window.sampler is not None:
+                window.sampler.stop()
     finally:
         sys.setswitchinterval(old)
 

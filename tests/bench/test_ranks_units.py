@@ -132,6 +132,8 @@ def test_case_ids_are_unchanged_for_one_process_and_name_strategy_and_ranks_othe
     ]
     assert _devices_of(("cuda:0", "cuda:1", "cpu"), 1) == ["cuda:0", "cuda:1", "cpu"]
     assert _devices_of(("cuda:0", "cuda:1", "cpu"), 4) == ["cuda", "cpu"]  # ranks take GPUs 0..n-1 of each node
+    assert _devices_of(("cpu", "meta"), 1) == ["cpu", "meta"]
+    assert _devices_of(("cpu", "meta"), 2) == ["cpu"]  # meta runs one process; the run's header says so
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_unsupported_without_a_launch():
