@@ -10,8 +10,9 @@ left: both belong to the overhead model's fixed part (bench/overhead.py), and ``
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
+
+from bench.options import did_you_mean
 
 __all__ = ["GPUS", "Gpu", "get_gpu"]
 
@@ -56,6 +57,4 @@ def get_gpu(name: str) -> Gpu:
     key = name.strip().lower()
     if key in GPUS:
         return GPUS[key]
-    close = difflib.get_close_matches(key, list(GPUS), n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ValueError(f"unknown GPU {name!r}{hint}; known: {', '.join(GPUS)}")
+    raise ValueError(f"unknown GPU {name!r}{did_you_mean(key, list(GPUS))}; known: {', '.join(GPUS)}")

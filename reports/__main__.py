@@ -51,6 +51,16 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _files_to_one_output(
+    name: str, common: argparse.ArgumentParser, description: str, output_kind: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads result files and writes one ``--out`` file."""
+    parser = _OneLineParser(prog=f"python -m reports {name}", parents=[common], description=description)
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--out", required=True, help=f"output {output_kind} file")
+    return parser
+
+
 def build_parsers() -> dict[str, argparse.ArgumentParser]:
     """One parser per subcommand (render is the default when the first argument is not a subcommand)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -96,21 +106,12 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON",
     )
 
-    export = _OneLineParser(
-        prog="python -m reports export",
-        parents=[common],
-        description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.",
+    export = _files_to_one_output(
+        "export", common, "Write memory figures as github-action-benchmark customSmallerIsBetter JSON.", "JSON"
     )
-    export.add_argument("results", nargs="+")
-    export.add_argument("--out", required=True, help="output JSON file")
-
-    merge = _OneLineParser(
-        prog="python -m reports merge",
-        parents=[common],
-        description="Merge result files into one JSON-lines file (e.g. a CI baseline).",
+    merge = _files_to_one_output(
+        "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
     )
-    merge.add_argument("results", nargs="+")
-    merge.add_argument("--out", required=True, help="output .jsonl file")
     return {"render": render, "compare": compare, "export": export, "merge": merge}
 
 

@@ -11,13 +11,13 @@ Each method family lives in its own file and registers :class:`DPMethod` subclas
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
+from bench.options import did_you_mean
 
 from ._common import check_max_grad_norm, set_noisy_grads, trainable_parameters
 from .errors import DPConfigError
@@ -147,8 +147,7 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> DPMethod:
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        hint = did_you_mean(name, list(_METHODS), cutoff=0.4)
         raise DPConfigError(f"unknown DP method {name!r}{hint}; valid: {', '.join(_METHODS)}")
     return _METHODS[name]
 
