@@ -14,18 +14,30 @@ once, before any method runs.
 Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
 on the cases that ran before it in the same process (tested in tests/bench/).
+
+On the meta device (bench/meta.py) the same steps run on meta tensors: the model is a copy of one built on
+meta, the batch is drawn on CPU with the seeded generator and moved to meta, the DP step draws its noise
+without a generator (meta tensors hold no values), there are no timed rounds and no samplers — the measured
+round's tensor tracker gives the record's figures, marked ``measurement: "predicted"``. The warm-up step still
+runs: it creates the optimizer state (AdamW's moments) and whatever a method builds lazily (Opacus), which the
+measured step must find as in a real run. Every step runs under the ``--attention`` choice (bench/attention.py)
+and the ``--optimizer-impl`` one.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 import models
 from bench import dp
+from bench.attention import AttentionUnsupported, attention_in_forward
+from bench.channel import PhaseMarker, no_mark
 from bench.config import BenchConfig
 from bench.devices import resolve_device
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
@@ -33,6 +45,7 @@ from bench.machine import device_facts
 from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
 from bench.memory.tensors import TensorTracker
+from bench.meta import MetaOpCache, meta_model, unsupported_reason
 from bench.record import CaseRecord
 from bench.timing import StepTimer
 from models.contract import check_workload_contract
@@ -42,8 +55,10 @@ from models.contract import check_workload_contract
 class CaseSpec:
     workload: str
     method: str
-    batch_size: int
-    device: str
+    batch_size: int  # the global logical batch (split evenly over the ranks when world_size > 1)
+    device: str  # with world_size > 1: "cpu" or "cuda" (rank r uses its node's GPU LOCAL_RANK)
+    world_size: int = 1
+    parallel: str | None = None  # "ddp" or "fsdp" when world_size > 1 (bench/ranks)
     precision: str = "fp32"
     checkpointing: str = "none"
 
@@ -54,8 +69,10 @@ class CaseSpec:
     @property
     def case_id(self) -> str:
         """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a non-default
-        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``)."""
-        parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts)
+        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``), and a case on many ranks
+        ends with its strategy and world size, e.g. ``-ddp2``."""
+        ranks = [f"{self.parallel}{self.world_size}"] if self.world_size > 1 else []
+        parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
         return "-".join(parts)
 
 
@@ -74,6 +91,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torch.device) -> str | None:
+    """Make ``optimizer`` use ``impl`` ("foreach", "for-loop" or "auto") and return the one it will run.
+
+    ``auto`` keeps torch's default for the device (``_default_to_fused_or_foreach``: foreach when every parameter
+    is on CUDA, the per-parameter loop on CPU), except on meta, where it is CUDA's: the prediction is for a GPU,
+    and foreach AdamW holds a parameter-sized temporary (its ``_foreach_sqrt`` of the second moments) that the
+    loop does not. Opacus' DPOptimizer is unwrapped to the optimizer that steps. None: not a torch.optim one."""
+    while hasattr(optimizer, "original_optimizer"):
+        optimizer = optimizer.original_optimizer
+    groups = [g for g in optimizer.param_groups if "foreach" in g]
+    if not groups:
+        return None
+    if impl == "auto" and device.type != "meta":
+        from torch.optim.optimizer import _default_to_fused_or_foreach  # torch's own rule (private, stable API)
+
+        params = [p for g in groups for p in g["params"]]
+        foreach = all(g["foreach"] for g in groups if g["foreach"] is not None) and (
+            any(g["foreach"] for g in groups) or _default_to_fused_or_foreach(params, False, False)[1]
+        )
+    else:
+        foreach = impl in ("auto", "foreach")  # auto on meta: CUDA's default
+        for group in groups:
+            group["foreach"] = foreach
+    return "foreach" if foreach else "for-loop"
+
+
 def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
     device_name, device_memory = device_facts(spec.device)
@@ -89,89 +132,175 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         device_name=device_name,
         device_memory_bytes=device_memory,
         runner_label=config.runner_label,
+        world_size=spec.world_size,
+        parallel=spec.parallel,
     )
 
 
 def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
-    """The live-tensor-byte cap of a case: ``--memory-cap`` on CPU; none on a GPU (its capacity decides)."""
+    """The live-tensor-byte cap of a case: ``--memory-cap`` on CPU; none on a GPU (its capacity decides) or meta."""
     return config.memory_cap_bytes if device.type == "cpu" else None
 
 
-def _warm_up(step, batch, device: torch.device, config: BenchConfig) -> float:
-    """One untimed step (allocator pools, cuBLAS workspaces, Opacus' lazy state); returns its duration. On CPU
-    with a memory cap it runs under the capped tensor tracker (counting as the measured round counts), so a case
-    too large for the machine becomes ``oom`` instead of taking the machine down."""
+def _warm_up(run: Callable[..., object], step, device: torch.device, config: BenchConfig) -> float:
+    """One untimed step (allocator pools, cuBLAS workspaces, optimizer state, Opacus' lazy state; the attention
+    kernel observed); returns its duration. On CPU with a memory cap it runs under the capped tensor tracker
+    (counting as the measured round counts), so a case too large for the machine becomes ``oom`` instead of
+    taking the machine down."""
     cap = memory_cap_for(device, config)
     start = time.perf_counter()
     if cap is not None:
         tracker = TensorTracker(device, cap_bytes=cap)  # its figures are discarded: only the cap matters here
         tracker.register_state(step.model, step.optimizer)
         with tracker:
-            step(batch)
+            run(observe=True)
     else:
-        step(batch)
+        run(observe=True)
     _sync(device)
     return time.perf_counter() - start
 
 
+# Methods whose first step builds state of its own (Opacus wraps the model and its optimizer and fills them
+# lazily): on meta they get the full warm-up step. Every other method's step leaves only what the optimizer
+# holds and the gradients it was given, which _meta_state_warm_up recreates without running the model
+# (tests/bench/test_meta.py checks, for every other registered method, that both warm-ups give the same record).
+FULL_WARM_UP_ON_META = ("opacus-hooks", "opacus-functorch", "opacus-ew", "opacus-ghost")
+
+
+def _meta_state_warm_up(step) -> None:
+    """What a warm-up step leaves behind, without running the model: every trainable parameter holds a
+    gradient and the optimizer has stepped once on it (AdamW's moments exist). On meta the values do not exist,
+    so only the tensors' existence and shapes matter; this costs one optimizer step instead of a whole DP step
+    (for the per-sample loop, instead of B forward/backward passes)."""
+    optimizer = step.optimizer
+    while hasattr(optimizer, "original_optimizer"):
+        optimizer = optimizer.original_optimizer
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
+class _AttentionRun:
+    """``step(batch, mark)`` under the ``--attention`` choice; remembers the kernels that ran."""
+
+    def __init__(self, step, batch, config: BenchConfig, device: torch.device):
+        self.step, self.batch, self.device = step, batch, device
+        self.choice, self.sm = config.attention, config.attention_sm
+        self.kernels: set[str] = set()
+
+    def __call__(self, mark: PhaseMarker = no_mark, observe: bool = False):
+        with attention_in_forward(self.step.model, self.choice, self.device.type, observe=observe, sm=self.sm) as mode:
+            out = self.step(self.batch, mark)
+        if mode is not None:
+            self.kernels |= mode.kernels
+        return out
+
+
+def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, record: CaseRecord):
+    """(batch, fused step) of the case, on ``device``; the record gets the model's facts."""
+    model = meta_model(workload) if device.type == "meta" else workload.build_model(device)
+    record.params_total = sum(p.numel() for p in model.parameters())
+    record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the user's bug, named once, before any method runs; checked where the model lives
+    check_workload_contract(workload, model, next(model.parameters()).device)
+    dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
+    record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    generator = torch.Generator().manual_seed(config.seed)
+    batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
+    step = dp.build_step(
+        spec.method,
+        workload,
+        model,
+        privacy=config.privacy,
+        batch_size=spec.batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made, and counted)
+        noise_generator=None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.seed + 1),
+        mode=spec.mode,
+    )
+    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.optimizer_impl, device)
+    return batch, step
+
+
 def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> CaseRecord:
-    """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search); never raises for OOM or
-    unsupported (the status says so); any other failure is recorded with status 'error'."""
+    """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search, or on meta); never
+    raises for OOM or unsupported (the status says so); any other failure is recorded with status 'error'. A case
+    on many ranks is launched by torchrun (bench/ranks), whose ranks time themselves."""
+    if spec.world_size > 1 and spec.mode != dp.DEFAULT_MODE:
+        # bench/ranks' workers build their own model and step: they would run fp32 without checkpointing
+        record = new_record(spec, config)
+        record.status = "unsupported"
+        record.reason = f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
+        return record
+    if spec.world_size > 1:
+        from bench.ranks.launch import run_ranked_case
+
+        return run_ranked_case(spec, config)
     record = new_record(spec, config)
     device = resolve_device(spec.device)
+    on_meta = device.type == "meta"
     workload = models.get_workload(spec.workload)
     record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
     record.overrides = dict(workload.overrides)
-    nvml_baseline = start_case(device, record.notes)  # before the case allocates anything
-    step = model = batch = None
+    record.attention = config.attention
+    if on_meta:
+        record.measurement = "predicted"
+        record.notes.append("meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS")
+        record.notes.extend(config.meta_notes)
+    # Before the case allocates anything. Meta cases hold nothing resident, so they skip the boundaries' full
+    # garbage collections (~0.3 s each with torch imported: most of a small meta case).
+    nvml_baseline = start_case(device, record.notes) if not on_meta else None
+    step = batch = run = None
+    op_cache = MetaOpCache() if on_meta else None
     try:
-        model = workload.build_model(device)
-        record.params_total = sum(p.numel() for p in model.parameters())
-        record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        check_workload_contract(workload, model, device)  # the user's bug, named once, before any method runs
-        dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
-        record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        generator = torch.Generator().manual_seed(config.seed)
-        batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
-        step = dp.build_step(
-            spec.method,
-            workload,
-            model,
-            privacy=config.privacy,
-            batch_size=spec.batch_size,
-            optimizer=config.optimizer,
-            lr=config.lr,
-            noise_generator=torch.Generator(device=device).manual_seed(config.seed + 1),
-            mode=spec.mode,
-        )
-        one_call_s = _warm_up(step, batch, device, config)
-        snapshot = config.snapshot_case in (spec.case_id, "all")
-        record.memory = measure_step(
-            lambda mark: step(batch, mark),
-            device=device,
-            model=step.model,
-            optimizer=step.optimizer,
-            sample_interval_s=config.sample_interval_s,
-            nvml_baseline_bytes=nvml_baseline,
-            snapshot_path=snapshot_path(config, spec) if snapshot else None,
-            memory_cap_bytes=memory_cap_for(device, config),
-            notes=record.notes,
-        )
-        if timer is not None:
-            record.timing = timer(lambda: (step(batch), _sync(device)), one_call_s)
+        with op_cache if op_cache is not None else nullcontext():
+            batch, step = _build(spec, config, workload, device, record)
+            run = _AttentionRun(step, batch, config, device)
+            if on_meta and spec.method not in FULL_WARM_UP_ON_META:
+                _meta_state_warm_up(step)
+                one_call_s = 0.0
+            else:
+                one_call_s = _warm_up(run, step, device, config)
+            snapshot = config.snapshot_case in (spec.case_id, "all")
+            record.memory = measure_step(
+                run,
+                device=device,
+                model=step.model,
+                optimizer=step.optimizer,
+                sample_interval_s=config.sample_interval_s,
+                nvml_baseline_bytes=nvml_baseline,
+                snapshot_path=snapshot_path(config, spec) if snapshot else None,
+                memory_cap_bytes=memory_cap_for(device, config),
+                notes=record.notes,
+            )
+            record.attention_kernels = sorted(run.kernels)
+            if timer is not None and not on_meta:
+                record.timing = timer(lambda: (run(), _sync(device)), one_call_s)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
-        oom = out_of_memory_in(exc)  # first: an OOM wins over any method's own wrapping of it
-        if oom is not None:
-            record.status, record.reason = "oom", f"batch {spec.batch_size}: {error_text(oom)}"
-        elif isinstance(exc, (dp.MethodUnsupported, dp.ModeUnsupported)):
-            record.status, record.reason = "unsupported", str(exc)
-        else:
-            record.status, record.reason = "error", error_text(exc)
+        record.status, record.reason = _failure(exc, spec, op_cache)
         for link in exception_chain(exc):
             link.__traceback__ = None
     finally:
         if step is not None:
             step.close()
-        step = model = batch = None  # drop this case's tensors before the next case starts
-        end_case(device)  # collects garbage first
+        step = batch = run = None  # drop this case's tensors before the next case starts
+        if not on_meta:
+            end_case(device)  # collects garbage first
     return record
+
+
+def _failure(exc: BaseException, spec: CaseSpec, op_cache: MetaOpCache | None) -> tuple[str, str]:
+    """(status, reason) of a case that raised: oom (first: an OOM wins over any method's own wrapping of it),
+    unsupported (the method's, the training mode's or attention's refusal, or a value-dependent op on meta),
+    else error."""
+    oom = out_of_memory_in(exc)
+    if oom is not None:
+        return "oom", f"batch {spec.batch_size}: {error_text(oom)}"
+    if isinstance(exc, (dp.MethodUnsupported, dp.ModeUnsupported, AttentionUnsupported)):
+        return "unsupported", str(exc)
+    meta_reason = unsupported_reason(exc, op_cache.failed_op) if op_cache is not None else None
+    if meta_reason is not None:
+        return "unsupported", meta_reason
+    return "error", error_text(exc)

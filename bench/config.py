@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bench.overhead import DEFAULT_OVERHEAD, OverheadModel
+
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
     import pytest
 
@@ -34,6 +36,9 @@ class Preset:
     rounds: int  # timed rounds per case
     precisions: tuple[str, ...] = ("fp32",)  # bench.dp.PRECISIONS
     checkpointings: tuple[str, ...] = ("none",)  # bench.dp.CHECKPOINTINGS
+    devices: tuple[str, ...] | None = None  # None: every visible GPU, else cpu
+    # (method, largest batch size) pairs: the method's cases above that size are left out of the matrix
+    batch_caps: tuple[tuple[str, int], ...] = ()
 
 
 _GPU_WORKLOADS = (
@@ -51,6 +56,21 @@ _GPU_WORKLOADS = (
     "gpt2-medium",
     "gpt2-medium-untied",
 )
+
+_PAPER_WORKLOADS = (
+    *_GPU_WORKLOADS[:9],
+    "gpt2",
+    "gpt2-untied",
+    "gpt2-medium",
+    "gpt2-medium-untied",
+    "gpt2-large",
+    "gpt2-large-untied",
+    "gpt2-xl",
+    "gpt2-xl-untied",
+)
+# The per-sample loop runs B forward+backward passes; on meta each costs as much as a whole batched step, so its
+# paper-preset cases stop at 16 (README, "Paper-scale answers without a GPU").
+PAPER_MICROBATCH_CAP = 16
 
 PRESETS: dict[str, Preset] = {
     # tiny workloads, every method, two batch sizes, fp32 and amp-bf16, with and without activation
@@ -83,7 +103,22 @@ PRESETS: dict[str, Preset] = {
         precisions=("fp32", "amp-bf16", "bf16"),
         checkpointings=("none", "blocks"),
     ),
+    # paper-size models on the meta device (predicted tensor bytes, nothing allocated): DiT-S/B/L/XL-2 cond and
+    # uncond at 256 px, DiT-XL/2 at 512 px, GPT-2 S/M/L/XL tied and untied; every method, batch 1..256 by ×4
+    "paper": Preset(
+        _PAPER_WORKLOADS,
+        None,
+        (1, 4, 16, 64, 256),
+        rounds=1,
+        devices=("meta",),
+        batch_caps=(("microbatch", PAPER_MICROBATCH_CAP),),
+    ),
 }
+
+
+GIB = 2**30
+# Meta max-batch budgets by default: the memory of the common 24, 40, 80 and 141 GB cards (bench/gpus.py).
+DEFAULT_MEMORY_BUDGETS = (24 * GIB, 40 * GIB, 80 * GIB, 141 * GIB)
 
 
 def _checked_workload(spec: str) -> str:
@@ -126,6 +161,30 @@ class BenchConfig:
     torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
     precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
     checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
+    workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
+    # --- many ranks (bench/ranks) ---
+    world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
+    parallel: tuple[str, ...] = ("ddp", "fsdp")  # strategies of the cases with world size > 1
+    rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
+    nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
+    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
+    attention: str = "auto"  # SDPA kernel (bench/attention.py)
+    attention_sm: tuple[int, int] = (8, 0)  # meta: compute capability of the GPU whose auto choice is emulated
+    optimizer_impl: str = "auto"  # torch.optim implementation: auto, foreach, for-loop
+    memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
+    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/overhead.py)
+    batch_caps: tuple[tuple[str, int], ...] = ()  # the preset's per-method largest batch sizes
+    meta_notes: tuple[str, ...] = ()  # options that have no effect on meta cases (shown in the run's header)
+
+    def includes(self, method: str, batch_size: int) -> bool:
+        """Whether the matrix has this method at this batch size (the preset's per-method caps)."""
+        return all(batch_size <= cap for name, cap in self.batch_caps if name == method)
+
+    def case_strategies(self) -> list[tuple[int, str | None]]:
+        """(world size, strategy) of every case kind: (1, None) for one process, one per strategy otherwise."""
+        return [(w, None) for w in self.world_sizes if w == 1] + [
+            (w, p) for w in self.world_sizes if w > 1 for p in self.parallel
+        ]
 
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> BenchConfig:
@@ -150,8 +209,8 @@ class BenchConfig:
             check_names("--precision", precisions, dp.PRECISIONS)
             checkpointings = option("--checkpointing") or preset.checkpointings
             check_names("--checkpointing", checkpointings, dp.CHECKPOINTINGS)
-            devices = option("--devices") or tuple(visible_devices())
-            usable = list(dict.fromkeys([*visible_devices(), "cpu"]))
+            devices = option("--devices") or preset.devices or tuple(visible_devices())
+            usable = list(dict.fromkeys(["cpu", "meta", *visible_devices()]))
             for device in devices:
                 if device not in usable:
                     raise ValueError(f"--devices: {device!r} does not exist here; visible devices: {', '.join(usable)}")
@@ -166,8 +225,11 @@ class BenchConfig:
                 sample_rate=option("--sample-rate"),
                 steps=option("--privacy-steps"),
             )
+            overhead = resolve_overhead(option("--budget-overhead"), option("--calibrate"), option("--calibrate-gpu"))
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
+        world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
+        _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"))
         memory_cap = option("--memory-cap")
         if memory_cap is None:  # 75 % of RAM; no cap where RAM cannot be read
             ram = ram_bytes()
@@ -194,4 +256,75 @@ class BenchConfig:
             torch_threads=option("--torch-threads"),
             precisions=tuple(precisions),
             checkpointings=tuple(checkpointings),
+            workload_modules=tuple(option("--workload-module")),
+            world_sizes=world_sizes,
+            parallel=option("--parallel") or ("ddp", "fsdp"),
+            rank_timeout_s=option("--rank-timeout"),
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv,
+            attention=option("--attention"),
+            optimizer_impl=option("--optimizer-impl"),
+            memory_budgets=option("--memory-budget") or DEFAULT_MEMORY_BUDGETS,
+            overhead=overhead,
+            batch_caps=preset.batch_caps if not option("--methods") and not option("--batch-sizes") else (),
+            meta_notes=_meta_notes(config, devices),
         )
+
+
+def _check_ranks(
+    world_sizes: tuple[int, ...], nnodes: int, rdzv: str | None, devices: tuple[str, ...], max_batch: bool
+) -> None:
+    """BenchUsageError for a many-rank setting that cannot run here: nodes without a rendezvous, a world size
+    the nodes do not divide, more ranks per node than GPUs, or the max-batch search (one process only)."""
+    ranked = [w for w in world_sizes if w > 1]
+    if ranked and max_batch:
+        raise BenchUsageError("--max-batch searches one process; run it without --world-sizes above 1")
+    if nnodes > 1 and rdzv is None:
+        raise BenchUsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    for w in ranked:
+        if w % nnodes:
+            raise BenchUsageError(f"--world-sizes: {w} ranks do not split evenly over --nnodes {nnodes}")
+    if ranked and any(d.startswith("cuda") for d in devices):
+        per_node, gpus = max(ranked) // nnodes, torch.cuda.device_count()
+        if per_node > gpus:
+            raise BenchUsageError(
+                f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) need {per_node} GPUs per node (one per "
+                f"rank), this node has {gpus}"
+            )
+
+
+def resolve_overhead(given: OverheadModel | None, calibration_files, gpu: str | None) -> OverheadModel:
+    """--budget-overhead, or the model fitted from --calibrate files, or the default; ValueError names the problem."""
+    if given is not None and calibration_files:
+        raise ValueError("--budget-overhead and --calibrate: give one of them")
+    if gpu is not None and not calibration_files:
+        raise ValueError("--calibrate-gpu needs --calibrate FILES")
+    if not calibration_files:
+        return given or DEFAULT_OVERHEAD
+    from bench.overhead import calibrate
+    from reports.load import ReportInputError, load_file
+
+    records = []
+    for path in calibration_files:
+        try:
+            records.extend(case.record for case in load_file(path).cases)
+        except ReportInputError as exc:
+            raise ValueError(f"--calibrate: {exc}") from None
+    return calibrate(records, gpu)
+
+
+def _meta_notes(config: pytest.Config, devices: tuple[str, ...]) -> tuple[str, ...]:
+    """One line per given option that a meta case ignores (nothing fails because of them)."""
+    if "meta" not in devices:
+        return ()
+    notes = []
+    if config.getoption("--rounds"):
+        notes.append("--rounds: meta cases are not timed (no kernel runs on meta); they run one measured step")
+    if config.getoption("--snapshot"):
+        notes.append("--snapshot: meta cases allocate nothing, so they have no CUDA memory snapshot")
+    if any(w > 1 for w in config.getoption("--world-sizes") or ()):
+        notes.append(
+            "--world-sizes: meta cases run in one process (world size 1); predict a rank of many with "
+            "python -m bench.ranks.predict"
+        )
+    return tuple(notes)

@@ -10,6 +10,8 @@ too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's
 from __future__ import annotations
 
 import gc
+import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, 
 
 BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
+SESSION_START = pytest.StashKey[float]()
 RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
 
 
@@ -45,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[BENCH_CONFIG] = bench_config
     config.stash[RESULTS_WRITER] = writer
     config.stash[UNTIMED_ENTRIES] = []
+    config.stash[SESSION_START] = time.time()
 
 
 @pytest.fixture(scope="session")
@@ -76,24 +80,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dp_case" in metafunc.fixturenames:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
         specs = [
-            CaseSpec(w, m, b, d, p, c)
+            CaseSpec(w, m, b, d, world_size, parallel, precision=p, checkpointing=c)
             for w in cfg.workloads
             for m in cfg.methods
-            for d in cfg.devices
+            for world_size, parallel in cfg.case_strategies()
+            for d in _devices_of(cfg.devices, world_size)
             for p in cfg.precisions
             for c in cfg.checkpointings
             for b in sorted(cfg.batch_sizes)
+            if cfg.includes(m, b)
         ]
-        # Six parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params" (the
-        # training mode's two always, so results group by them; ids name only non-default modes).
+        # Separate parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params" (the
+        # training mode's two always, so results group by them; ids name only non-default modes). world_size and
+        # parallel only when some case has many ranks (they default to 1 and None).
+        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing"]
+        if any(s.world_size > 1 for s in specs):
+            names += ["world_size", "parallel"]
         metafunc.parametrize(
-            "workload,method,batch_size,device,precision,checkpointing",
-            [(s.workload, s.method, s.batch_size, s.device, s.precision, s.checkpointing) for s in specs],
+            ",".join(names),
+            [tuple(getattr(s, n) for n in names) for s in specs],
             ids=[s.case_id for s in specs],
         )
     elif "max_batch_case" in metafunc.fixturenames:
         cases = [
-            CaseSpec(w, m, 0, d, p, c)
+            CaseSpec(w, m, 0, d, precision=p, checkpointing=c)
             for w in cfg.workloads
             for m in cfg.methods
             for d in cfg.devices
@@ -107,11 +117,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+def _devices_of(devices: tuple[str, ...], world_size: int) -> list[str]:
+    """The devices of the cases with ``world_size`` ranks: as given for one process; for many, each device type
+    once ("cuda": rank r runs on its node's GPU LOCAL_RANK) and never meta (one process predicts many ranks:
+    ``python -m bench.ranks.predict``; the run's header says so)."""
+    if world_size == 1:
+        return list(devices)
+    return list(dict.fromkeys("cuda" if d.startswith("cuda") else d for d in devices if d != "meta"))
+
+
 @pytest.fixture
-def dp_case(workload, method, batch_size, device, precision, checkpointing) -> CaseSpec:
+def world_size() -> int:
+    return 1  # parametrized when the run has cases on many ranks
+
+
+@pytest.fixture
+def parallel() -> str | None:
+    return None
+
+
+@pytest.fixture
+def dp_case(workload, method, batch_size, device, world_size, parallel, precision, checkpointing) -> CaseSpec:
     from bench.case import CaseSpec
 
-    return CaseSpec(workload, method, batch_size, device, precision, checkpointing)
+    return CaseSpec(workload, method, batch_size, device, world_size, parallel, precision, checkpointing)
 
 
 @pytest.fixture
@@ -141,6 +170,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             raise pytest.UsageError(f"--snapshot: no case of this run has id {cfg.snapshot_case!r}{hint}")
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Options that meta cases ignore, said once at the top of the run (nothing fails because of them)."""
+    cfg = config.stash.get(BENCH_CONFIG, None)
+    return [f"dpmem: {note}" for note in cfg.meta_notes] if cfg is not None else []
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from bench.machine import machine_info as dpmem_machine_info
 
@@ -155,7 +190,29 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     output_json["dpmem_untimed"] = list(config.stash.get(UNTIMED_ENTRIES, []))
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """pytest-benchmark writes no ``--benchmark-json`` when nothing was timed (a meta run, a max-batch search, a
+    run where every case ran out of memory); write it then, with the untimed results, so a report can be made
+    from it as from any run."""
+    path, entries = config.getoption("benchmark_json", None), config.stash.get(UNTIMED_ENTRIES, [])
+    if path is None or not entries:
+        return
+    path = Path(path)
+    if path.exists() and path.stat().st_mtime >= config.stash[SESSION_START]:
+        return  # pytest-benchmark wrote it (with our untimed entries)
+    from bench.machine import machine_info
+
+    label = config.stash[BENCH_CONFIG].runner_label
+    info = {**machine_info(), **({"runner_label": label} if label else {})}
+    data = {"machine_info": {"dpmem": info}, "benchmarks": [], "dpmem_untimed": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, allow_nan=False))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    cfg = config.stash.get(BENCH_CONFIG, None)
+    for note in cfg.meta_notes if cfg is not None else ():
+        terminalreporter.write_line(f"dpmem: {note}")
     writer = config.stash.get(RESULTS_WRITER, None)
     if writer is not None and writer.count:
         terminalreporter.write_line(f"dpmem: {writer.count} result record(s) appended to {Path(writer.path)}")

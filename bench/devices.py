@@ -1,4 +1,7 @@
-"""Which devices this process can measure on, and strict parsing of device strings."""
+"""Which devices this process can measure on, and strict parsing of device strings.
+
+``meta`` is always valid: a case there runs on meta tensors (shapes, no data) and *predicts* the exact live
+tensor bytes of the step with nothing allocated (bench/meta.py; README, "Paper-scale answers without a GPU")."""
 
 from __future__ import annotations
 
@@ -13,20 +16,20 @@ def visible_devices() -> list[str]:
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:
-    """Parse ``spec`` ("cpu", "cuda", "cuda:1" or a torch.device) into a device that exists here.
+    """Parse ``spec`` ("cpu", "meta", "cuda", "cuda:1" or a torch.device) into a device that exists here.
 
-    "cpu" is always valid; "cuda" means the current CUDA device. Anything else (a missing GPU index, CUDA on a
-    machine without it, another backend) raises ValueError naming the visible devices."""
+    "cpu" and "meta" are always valid; "cuda" means the current CUDA device. Anything else (a missing GPU index,
+    CUDA on a machine without it, another backend) raises ValueError naming the visible devices."""
     visible = visible_devices()
-    listing = ", ".join(["cpu"] + [d for d in visible if d != "cpu"])
+    listing = ", ".join(["cpu", "meta"] + [d for d in visible if d != "cpu"])
     try:
         device = spec if isinstance(spec, torch.device) else torch.device(str(spec).strip())
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"unknown device {spec!r}; visible devices: {listing}") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
+    if device.type in ("cpu", "meta"):
+        return torch.device(device.type)
     if device.type != "cuda":
-        raise ValueError(f"device {spec!r} is not supported (cpu or cuda only); visible devices: {listing}")
+        raise ValueError(f"device {spec!r} is not supported (cpu, meta or cuda only); visible devices: {listing}")
     if not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} is not available: no CUDA GPU visible; visible devices: {listing}")
     index = torch.cuda.current_device() if device.index is None else device.index

@@ -138,8 +138,11 @@ def machine_info(nvml_module: Any = None) -> dict[str, Any]:
 
 
 def device_facts(device: torch.device | str) -> tuple[str, int | None]:
-    """(device_name, device_memory_bytes): the GPU's name and total memory, or the CPU model and RAM."""
+    """(device_name, device_memory_bytes): the GPU's name and total memory, the CPU model and RAM, or for meta
+    ("meta", None) — a prediction is the same on every machine, so results compare across machines."""
     device = torch.device(device)
+    if device.type == "meta":
+        return "meta", None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
         return props.name, int(props.total_memory)

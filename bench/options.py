@@ -15,7 +15,10 @@ import re
 from collections.abc import Sequence
 
 __all__ = [
+    "ATTENTION_CHOICES",
+    "OPTIMIZER_IMPLS",
     "add_bench_options",
+    "attention_choice",
     "batch_sizes",
     "byte_size",
     "byte_sizes",
@@ -23,9 +26,20 @@ __all__ = [
     "clip_norm",
     "comma_list",
     "did_you_mean",
+    "optimizer_impl",
+    "overhead_model",
+    "parallel_strategies",
     "positive_int",
+    "rendezvous_endpoint",
     "sample_interval",
+    "world_sizes",
 ]
+
+# --attention: the scaled-dot-product-attention kernel a step runs (bench/attention.py says what each means).
+ATTENTION_CHOICES = ("auto", "math", "efficient", "flash", "cudnn")
+# --optimizer-impl: torch.optim's per-parameter loop or its multi-tensor (foreach) kernels; auto = torch's default
+# for the device (foreach on CUDA, the loop on CPU; meta predicts CUDA, so foreach).
+OPTIMIZER_IMPLS = ("auto", "foreach", "for-loop")
 
 BadValue = argparse.ArgumentTypeError
 
@@ -98,6 +112,37 @@ def byte_sizes(text: str) -> tuple[int, ...]:
     return tuple(byte_size(item) for item in comma_list(text))
 
 
+def world_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,8"`` → ``(1, 2, 8)``: ranks per case, integers >= 1, each once (1: one process, no strategy)."""
+    sizes = []
+    for item in comma_list(text):
+        try:
+            value = int(item)
+        except ValueError:
+            raise BadValue(f"{item!r} is not an integer") from None
+        if value < 1:
+            raise BadValue(f"world size must be >= 1, got {value}")
+        sizes.append(value)
+    return tuple(sizes)
+
+
+def parallel_strategies(text: str) -> tuple[str, ...]:
+    """``"ddp,fsdp"``: the data-parallel strategies of the cases with a world size > 1."""
+    items = comma_list(text)
+    for item in items:
+        if item not in ("ddp", "fsdp"):
+            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, ('ddp', 'fsdp'))}; valid: ddp, fsdp")
+    return items
+
+
+def rendezvous_endpoint(text: str) -> str:
+    """``HOST:PORT`` of torchrun's c10d rendezvous (the node every node can reach)."""
+    host, _, port = str(text).strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadValue(f"{text!r} is not HOST:PORT (e.g. node0.cluster:29500)")
+    return f"{host}:{port}"
+
+
 def _number(text: str) -> float:
     try:
         return float(str(text).strip())
@@ -151,6 +196,31 @@ def did_you_mean(name: str, valid: Sequence[str], cutoff: float = 0.5) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def _choice(text: str, valid: Sequence[str]) -> str:
+    value = str(text).strip()
+    if value not in valid:
+        raise BadValue(f"{text!r} is not one of {', '.join(valid)}")
+    return value
+
+
+def attention_choice(text: str) -> str:
+    return _choice(text, ATTENTION_CHOICES)
+
+
+def optimizer_impl(text: str) -> str:
+    return _choice(text, OPTIMIZER_IMPLS)
+
+
+def overhead_model(text: str):
+    """``"1GiB+10%"`` → :class:`bench.overhead.OverheadModel` (fixed bytes + a fraction of tensor bytes)."""
+    from bench.overhead import parse_overhead  # torch-free
+
+    try:
+        return parse_overhead(text)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
 def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None:
     """Raise ValueError (one line: the option, the bad name, close matches, the valid names) for an unknown name."""
     for name in names:
@@ -171,7 +241,12 @@ def add_bench_options(parser) -> None:
     add("--workloads", type=comma_list, help="comma list of workloads (replaces the preset's)")
     add("--methods", type=comma_list, help="comma list of DP methods (replaces the preset's)")
     add("--batch-sizes", type=batch_sizes, help="comma list of batch sizes (replaces the preset's)")
-    add("--devices", type=comma_list, help="comma list of devices, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    add(
+        "--devices",
+        type=comma_list,
+        help="comma list of devices, e.g. cuda:0,cuda:1, cpu, or meta (predicted tensor bytes, nothing allocated) "
+        "(default: the preset's, else every GPU, else cpu)",
+    )
     add(
         "--precision",
         type=comma_list,
@@ -199,6 +274,20 @@ def add_bench_options(parser) -> None:
     add("--privacy-steps", type=positive_int, default=1000, help="training steps the guarantee covers (default 1000)")
     add("--max-grad-norm", type=clip_norm, default=1.0, help="per-sample clipping norm C (default 1.0)")
     add("--optimizer", default="adamw", help="adamw (default), adam or sgd")
+    add(
+        "--optimizer-impl",
+        type=optimizer_impl,
+        default="auto",
+        help="torch.optim implementation: auto (torch's default for the device; foreach on cuda and meta, the "
+        "per-parameter loop on cpu), foreach or for-loop",
+    )
+    add(
+        "--attention",
+        type=attention_choice,
+        default="auto",
+        help="scaled-dot-product-attention kernel: auto (torch's choice; on meta what CUDA would pick: efficient for "
+        "fp32, flash for fp16/bf16), math, efficient, flash or cudnn",
+    )
     add("--rounds", type=positive_int, help="timed rounds per case (default: the preset's)")
     add(
         "--torch-threads",
@@ -220,12 +309,54 @@ def add_bench_options(parser) -> None:
     add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
     add("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
     add(
+        "--world-sizes",
+        type=world_sizes,
+        help="comma list of ranks per case, e.g. 1,2,8 (default 1); a case with more is launched by torchrun, "
+        "batch sizes are global (split evenly over the ranks)",
+    )
+    add(
+        "--parallel",
+        type=parallel_strategies,
+        help="strategies of the cases with world size > 1: ddp, fsdp (default both)",
+    )
+    add(
+        "--rank-timeout",
+        type=positive_float,
+        default=900.0,
+        help="seconds a many-rank case may take before its ranks are killed and it is an error (default 900)",
+    )
+    add("--nnodes", type=positive_int, default=1, help="nodes a many-rank case spans (torchrun --nnodes; default 1)")
+    add(
+        "--rdzv-endpoint",
+        type=rendezvous_endpoint,
+        help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
+    )
+    add(
         "--max-batch",
         action="store_true",
         help="max-batch mode: per workload × method × device, find the largest batch that fits (doubling, then "
         "bisection) and fit peak(B) = fixed + per_sample·B",
     )
     add("--max-batch-limit", type=positive_int, default=4096, help="largest batch size the max-batch search tries")
+    add(
+        "--memory-budget",
+        type=byte_sizes,
+        help="meta max-batch: memory sizes to find the exact largest batch for, e.g. 24GiB,40GiB,80GiB,141GiB "
+        "(default: those four)",
+    )
+    add(
+        "--budget-overhead",
+        type=overhead_model,
+        help="memory a GPU needs beyond tensor bytes, FIXED+PERCENT of tensor bytes (default 1GiB+10%%; see "
+        "bench/overhead.py)",
+    )
+    add(
+        "--calibrate",
+        type=comma_list,
+        metavar="FILES",
+        help="fit --budget-overhead from real GPU results (comma list of .json/.jsonl result files)",
+    )
+    add("--calibrate-gpu", metavar="NAME", help="with --calibrate: the GPU model to use (substring of its name)")
     add(
         "--predict-memory",
         type=byte_sizes,

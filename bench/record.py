@@ -18,6 +18,11 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "unsupported", "error")
+# How a record's figures were obtained (key ``measurement``): "measured" — the step ran on a real device (cpu,
+# cuda); "predicted" — it ran on the meta device (bench/meta.py): the tensor figures are the exact live tensor
+# bytes of the step's tensor traffic with nothing allocated, and there are no allocator, NVML, RSS or timing
+# figures; a max-batch answer on meta also rests on the overhead model (bench/overhead.py).
+MEASUREMENTS = ("measured", "predicted")
 
 # Breakdown categories of live tensor bytes at the peak (bench.memory.tensors).
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
@@ -62,6 +67,9 @@ class StepMemory:
     baseline_tensor_bytes: int | None = None  # live bytes when the step started (params, grads, opt state)
     breakdown: dict[str, int] = field(default_factory=dict)  # CATEGORIES -> bytes live at the peak
     peak_phase: str | None = None  # phase during which peak_tensor_bytes was reached
+    # of baseline_tensor_bytes: storages the tracker first saw as op inputs during the step, declared nowhere
+    # (the batch in a one-process case; on CPU ranks, gloo's own copies made in its thread), counted from the start
+    adopted_tensor_bytes: int | None = None
 
     # --- torch CUDA caching allocator (bench.memory.allocator) -----------------------------------------
     peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the step
@@ -103,9 +111,65 @@ class Timing:
     torch_threads: int | None = None  # torch.get_num_threads() while timing (intra-op CPU threads)
 
 
+# Per-rank figures of a case run on many ranks (``RankFigures``), summarised over the ranks in ``rank_max`` and
+# ``rank_mean`` (the ranks that reported the figure).
+RANK_FIGURES = (
+    "peak_tensor_bytes",
+    "baseline_tensor_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "nvml_peak_minus_baseline_bytes",
+    "nvml_process_peak_bytes",
+    "peak_rss_bytes",
+    "time_median_s",
+)
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class RankFigures:
+    """What one rank of a many-rank case measured on its own step (bench/ranks): its device's figures only.
+
+    ``status``/``reason`` are that rank's; byte figures as in :class:`StepMemory` (None where the source does
+    not apply or the rank failed), ``time_median_s`` from the rank's own timed rounds."""
+
+    rank: int  # global rank (0 … world_size − 1)
+    status: str = "ok"
+    reason: str = ""
+    host: str | None = None  # the node it ran on (socket.gethostname())
+    device: str | None = None  # its device, e.g. "cuda:3" (LOCAL_RANK) or "cpu"
+    peak_tensor_bytes: int | None = None
+    baseline_tensor_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    nvml_peak_minus_baseline_bytes: int | None = None
+    nvml_process_peak_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    time_median_s: float | None = None
+
+
+def summarize_ranks(ranks: list[RankFigures]) -> tuple[dict[str, int | float], dict[str, float]]:
+    """(max, mean) of every :data:`RANK_FIGURES` figure over the ranks that have it (a figure no rank has is left
+    out of both)."""
+    maxima: dict[str, int | float] = {}
+    means: dict[str, float] = {}
+    for name in RANK_FIGURES:
+        values = [v for v in (getattr(r, name) for r in ranks) if v is not None]
+        if values:
+            maxima[name] = max(values)
+            means[name] = sum(values) / len(values)
+    return maxima, means
+
+
 @dataclass
 class CaseRecord:
-    """Everything measured for one bench case (workload × method × batch size × device × training mode)."""
+    """Everything measured for one bench case (workload × method × batch size × device × training mode [×
+    world size × parallel strategy]).
+
+    A case on many ranks (``world_size`` > 1, bench/ranks) holds one :class:`RankFigures` per rank in
+    ``ranks``; its ``memory`` and ``timing`` are those of ``peak_rank``, the rank with the highest peak tensor
+    bytes (its breakdown, phases and timeline belong together), so ``peak_tensor_bytes`` is the per-rank peak
+    that decides whether the case fits."""
 
     # --- the case -------------------------------------------------------------------------------------
     workload: str  # the workload spec: registered name[:key=value...] (e.g. "gpt2-large:seq_len=128")
@@ -119,6 +183,15 @@ class CaseRecord:
 
     memory: StepMemory = field(default_factory=StepMemory)
     timing: Timing = field(default_factory=Timing)
+
+    # --- many ranks (bench/ranks; README "Many ranks (torchrun)") ---------------------------------------
+    world_size: int = 1  # ranks the case ran on; 1: one process, no parallel strategy
+    parallel: str | None = None  # PARALLEL_STRATEGIES: "ddp" or "fsdp" (None when world_size == 1)
+    # batch_size is the *global* logical batch: each rank steps on batch_size / world_size samples
+    ranks: list[RankFigures] = field(default_factory=list)  # one per rank that reported, by rank
+    rank_max: dict[str, int | float] = field(default_factory=dict)  # RANK_FIGURES name -> max over ranks
+    rank_mean: dict[str, float] = field(default_factory=dict)  # RANK_FIGURES name -> mean over ranks
+    peak_rank: int | None = None  # the rank whose memory and timing the record carries
 
     # --- privacy, optimizer and model facts ------------------------------------------------------------
     overrides: dict[str, Any] = field(default_factory=dict)  # the spec's workload overrides, parsed
@@ -135,6 +208,12 @@ class CaseRecord:
     tokens_per_sample: int | None = None
     family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
     dtype: str = "float32"  # the weights' dtype (bfloat16 under precision bf16)
+    measurement: str = "measured"  # one of MEASUREMENTS: "predicted" for a meta-device case
+    attention: str = "auto"  # --attention: the SDPA kernel asked for (bench/attention.py)
+    # SDPA kernels that ran ("math", "efficient", "flash", "cudnn"): routed to, emulated on meta, or observed
+    # in the warm-up step for auto on cpu/cuda; [] when the model calls no scaled_dot_product_attention
+    attention_kernels: list[str] = field(default_factory=list)
+    optimizer_impl: str | None = None  # "foreach" or "for-loop": the torch.optim implementation the step used
 
     # --- provenance ------------------------------------------------------------------------------------
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
@@ -148,7 +227,7 @@ class CaseRecord:
         the strings "inf"/"nan" so strict JSON parsers read it."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _PARTS}
         flat = {**own, **dataclasses.asdict(self.memory), **dataclasses.asdict(self.timing)}
-        return _jsonable({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in flat.items()})
+        return _jsonable({k: _plain(v) for k, v in flat.items()})
 
     @classmethod
     def from_dict(cls, data: Any) -> CaseRecord:
@@ -158,17 +237,56 @@ class CaseRecord:
             memory["phases"] = [Phase(**p) for p in memory.get("phases", [])]
             memory["timeline"] = Timeline(**memory.get("timeline", {}))
             own = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
+            own["ranks"] = [RankFigures(**r) for r in own.get("ranks", [])]
             record = cls(**own, memory=StepMemory(**memory), timing=Timing(**_known_fields(Timing, data)))
         except TypeError as exc:
             raise RecordError(f"malformed record: {exc}") from exc
         if record.status not in STATUSES:
             raise RecordError(f"record status {record.status!r} is not one of {STATUSES}")
+        if record.measurement not in MEASUREMENTS:
+            raise RecordError(f"record measurement {record.measurement!r} is not one of {MEASUREMENTS}")
         if not isinstance(record.batch_size, int) or isinstance(record.batch_size, bool):
             raise RecordError(f"record batch_size {record.batch_size!r} is not an integer")
+        if not isinstance(record.world_size, int) or isinstance(record.world_size, bool) or record.world_size < 1:
+            raise RecordError(f"record world_size {record.world_size!r} is not an integer >= 1")
+        if record.parallel not in (None, *PARALLEL_STRATEGIES):
+            raise RecordError(f"record parallel {record.parallel!r} is not one of {PARALLEL_STRATEGIES}")
         return record
 
 
 _PARTS = ("memory", "timing")  # CaseRecord fields written flat, their keys beside the record's own
+
+# Which status a many-rank case takes from its ranks: the worst one.
+_SEVERITY = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
+
+
+def combine_rank_records(parts: list[CaseRecord]) -> CaseRecord:
+    """One record of a many-rank case from records that each hold some of its ranks: one per rank (the
+    launcher), or one per node (``python -m reports`` merging the nodes' result files).
+
+    ``ranks`` is the union, by rank; the status is the worst rank's (error > oom > unsupported > ok) with its
+    reason as ``"rank r: ..."``; ``memory``, ``timing`` and the model facts are those of the part holding the
+    rank with the highest peak tensor bytes (``peak_rank``); ``rank_max``/``rank_mean`` are recomputed; notes
+    are kept once each."""
+    if not parts:
+        raise ValueError("no records to combine")
+    ranks = sorted({r.rank: r for part in parts for r in part.ranks}.values(), key=lambda r: r.rank)
+    worst = max(ranks, key=lambda r: _SEVERITY.get(r.status, 3), default=None)
+    measured = [r for r in ranks if r.peak_tensor_bytes is not None]
+    peak = max(measured, key=lambda r: (r.peak_tensor_bytes, -r.rank), default=None)
+    holder = next((p for p in parts if peak is not None and any(r.rank == peak.rank for r in p.ranks)), parts[0])
+    maxima, means = summarize_ranks(ranks)
+    status = worst.status if worst is not None else holder.status
+    return dataclasses.replace(
+        holder,
+        status=status,
+        reason=f"rank {worst.rank}: {worst.reason}" if worst is not None and status != "ok" else "",
+        ranks=ranks,
+        rank_max=maxima,
+        rank_mean=means,
+        peak_rank=peak.rank if peak is not None else None,
+        notes=list(dict.fromkeys(note for part in parts for note in part.notes)),
+    )
 
 
 @dataclass
@@ -180,6 +298,19 @@ class BatchProbe:
     peak_tensor_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     peak_rss_bytes: int | None = None
+
+
+@dataclass
+class BudgetAnswer:
+    """The exact largest batch that fits one memory budget (meta max-batch): the step's tracked peak tensor bytes,
+    taken through the overhead model to device bytes, at ``max_batch`` fit and at ``first_failing_batch`` do not."""
+
+    budget_bytes: int
+    max_batch: int | None = None  # None: not even batch 1 fits (or the method failed)
+    first_failing_batch: int | None = None  # None: the search limit fits too
+    peak_tensor_bytes: int | None = None  # at max_batch
+    device_bytes: int | None = None  # at max_batch: overhead model applied to peak_tensor_bytes
+    breakdown: dict[str, int] = field(default_factory=dict)  # at max_batch, CATEGORIES -> bytes
 
 
 @dataclass
@@ -207,6 +338,16 @@ class MaxBatchRecord:
     reason: str = ""
     device_name: str | None = None
     runner_label: str | None = None
+    # CUDA: NVML "used" at case start (CUDA context + other processes): not available to the allocator, so it
+    # is subtracted from every memory size before the fit predicts a max batch for it (None: not read)
+    non_allocator_bytes: int | None = None
+    # --- meta: exact answers per memory budget (bench/maxbatch.py, search_budgets) -----------------------
+    measurement: str = "measured"  # MEASUREMENTS; "predicted" on meta
+    attention: str = "auto"
+    budgets: list[BudgetAnswer] = field(default_factory=list)
+    overhead_fixed_bytes: int | None = None  # the overhead model the budgets were judged with (bench/overhead.py)
+    overhead_fraction: float | None = None
+    overhead_source: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +358,7 @@ class MaxBatchRecord:
         kwargs = _known_fields(cls, _checked("max-batch record", data, ("workload", "method", "device")))
         try:
             kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
+            kwargs["budgets"] = [BudgetAnswer(**b) for b in kwargs.get("budgets", [])]
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"malformed max-batch record: {exc}") from exc
@@ -274,6 +416,15 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 _FLOAT_FIELDS = {"noise_multiplier", "epsilon", "delta", "max_grad_norm", "sample_rate"}
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass (or a list of them, e.g. ``ranks``) as plain dicts; anything else unchanged."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

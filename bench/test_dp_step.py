@@ -13,8 +13,9 @@ import pytest
 from bench.case import CaseSpec, new_record, run_case
 from bench.timing import MIN_ROUND_S, benchmark_timer
 
-# (workload, method, device, precision, checkpointing) -> smallest batch size that ran out of memory so far.
-_OOM_AT: dict[tuple[str, str, str], int] = {}
+# (workload, method, device, precision, checkpointing, world size, strategy) -> smallest batch size that ran
+# out of memory in this session.
+_OOM_AT: dict[tuple[str, str, str, str, str, int, str | None], int] = {}
 
 
 # OOM and unsupported cases are never timed; they reach the JSON through the record_untimed fixture.
@@ -23,7 +24,8 @@ _OOM_AT: dict[tuple[str, str, str], int] = {}
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
 def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record_untimed, pytestconfig):
-    key = (dp_case.workload, dp_case.method, dp_case.device, dp_case.precision, dp_case.checkpointing)
+    mode = (dp_case.precision, dp_case.checkpointing)
+    key = (dp_case.workload, dp_case.method, dp_case.device, *mode, dp_case.world_size, dp_case.parallel)
     if key in _OOM_AT and dp_case.batch_size > _OOM_AT[key]:
         # A larger batch of the same case cannot fit; recorded as OOM without spending minutes proving it.
         record = new_record(dp_case, bench_cfg)
@@ -37,9 +39,11 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record
 
     benchmark.extra_info.update(record.to_dict())
     results_writer.append(record)
-    if record.timing.rounds == 0:
+    if record.timing.rounds == 0 or dp_case.world_size > 1:  # many ranks time themselves, not pytest-benchmark
         params = {"workload": dp_case.workload, "method": dp_case.method, "batch_size": dp_case.batch_size}
-        mode = {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
-        record_untimed({**params, "device": dp_case.device, **mode}, record.to_dict())
+        params |= {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
+        if dp_case.world_size > 1:
+            params |= {"world_size": dp_case.world_size, "parallel": dp_case.parallel}
+        record_untimed({**params, "device": dp_case.device}, record.to_dict())
     if record.status == "error":
         pytest.fail(f"{dp_case.case_id}: {record.reason}", pytrace=False)

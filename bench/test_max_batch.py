@@ -1,7 +1,8 @@
 """Max-batch mode: `pytest bench/ --max-batch [--workloads ...] [--methods ...]` (see bench/maxbatch.py).
 
 One case per workload × method × device; each finished search is appended to the JSON-lines results file as
-a ``max_batch`` record and kept in the benchmark JSON's ``dpmem_untimed`` list.
+a ``max_batch`` record and kept in the benchmark JSON's ``dpmem_untimed`` list. On the meta device the search
+answers every ``--memory-budget`` exactly under the overhead model (``maxbatch.search_budgets``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 
 from bench import maxbatch
 from bench.case import CaseSpec, run_case
-from bench.record import BatchProbe
+from bench.record import BatchProbe, CaseRecord, MaxBatchRecord
 
 
 def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):
@@ -25,34 +26,29 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
             with capture.global_and_fixture_disabled():
                 reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
 
-    fit_metric = "peak_reserved_bytes" if device.startswith("cuda") else "peak_tensor_bytes"
-    records = []
+    records: list[CaseRecord] = []
 
     def probe(batch_size: int) -> BatchProbe:
-        record = run_case(CaseSpec(workload, method, batch_size, device, precision, checkpointing), cfg, timer=None)
+        record = run_case(
+            CaseSpec(workload, method, batch_size, device, precision=precision, checkpointing=checkpointing), cfg, None
+        )
         records.append(record)
         memory = record.memory
         return BatchProbe(
             batch_size, record.status, memory.peak_tensor_bytes, memory.peak_reserved_bytes, memory.peak_rss_bytes
         )
 
-    max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
-    limit = cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes
-    result = maxbatch.build_record(
-        workload,
-        method,
-        device,
-        probes,
-        max_ok,
-        first_fail,
-        fit_metric=fit_metric,
-        memory_limit_bytes=limit,
-        predict_for=list(cfg.predict_memory_bytes),
-    )
+    if device == "meta":
+        result = _meta_search(workload, method, cfg, probe, records, say)
+    else:
+        result = _device_search(workload, method, device, cfg, probe, records, say)
     result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
     result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
     result.precision, result.checkpointing = precision, checkpointing
-    say(f"max batch measured {max_ok}, first failing {first_fail}; predicted {result.predicted_max_batch}")
+    say(
+        f"max batch measured {result.max_batch_measured}, first failing {result.first_failing_batch}; "
+        f"predicted {result.predicted_max_batch}"
+    )
 
     results_writer.append(result)
     params = {"workload": workload, "method": method, "device": device}
@@ -62,3 +58,55 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
     )
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)
+
+
+def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBatchRecord:
+    """cpu / cuda: grow and bisect until out of memory; fit; predict for every size less what is not the
+    allocator's (CUDA: the NVML reading at case start)."""
+    max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
+    cuda = device.startswith("cuda")
+    non_allocator = maxbatch.non_allocator_bytes([r.memory.nvml_baseline_bytes for r in records]) if cuda else None
+    result = maxbatch.build_record(
+        workload,
+        method,
+        device,
+        probes,
+        max_ok,
+        first_fail,
+        fit_metric="peak_reserved_bytes" if cuda else "peak_tensor_bytes",
+        memory_limit_bytes=cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes,
+        predict_for=list(cfg.predict_memory_bytes),
+        capacity=lambda size: size - (non_allocator or 0),
+    )
+    result.non_allocator_bytes = non_allocator
+    return result
+
+
+def _meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
+    """meta: the exact largest batch per --memory-budget under the overhead model, then the fit as usual."""
+
+    def meta_probe(batch_size: int):
+        result = probe(batch_size)
+        return result, dict(records[-1].memory.breakdown)
+
+    answers, probes = maxbatch.search_budgets(
+        meta_probe, list(cfg.memory_budgets), cfg.overhead, cfg.max_batch_limit, say
+    )
+    ok = [p.batch_size for p in probes if p.status == "ok"]
+    largest = max(ok, default=None)
+    result = maxbatch.build_record(
+        workload,
+        method,
+        "meta",
+        probes,
+        largest,
+        min((a.first_failing_batch for a in answers if a.first_failing_batch), default=None),
+        fit_metric="peak_tensor_bytes",
+        memory_limit_bytes=None,
+        predict_for=list(cfg.predict_memory_bytes),
+        capacity=cfg.overhead.tensor_capacity,
+    )
+    result.measurement, result.attention, result.budgets = "predicted", cfg.attention, answers
+    result.overhead_fixed_bytes, result.overhead_fraction = cfg.overhead.fixed_bytes, cfg.overhead.fraction
+    result.overhead_source = cfg.overhead.source
+    return result

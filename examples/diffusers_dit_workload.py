@@ -84,14 +84,7 @@ TINY = dict(
     num_embeds_ada_norm=10,
 )
 XL_2 = dict(
-    num_attention_heads=16,
-    attention_head_dim=72,
-    in_channels=4,
-    out_channels=8,
-    num_layers=28,
-    sample_size=32,
-    patch_size=2,
-    num_embeds_ada_norm=1000,
+    TINY, num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32, num_embeds_ada_norm=1000
 )
 
 # replace=True: importing the module again (a second load) re-registers instead of failing.

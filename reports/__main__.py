@@ -12,6 +12,7 @@ Exit status: 0 ok; 1 a regression (compare); 2 bad input, usage or an unwritable
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,11 +29,13 @@ from .compare import (
     parse_gate_figures,
     parse_threshold,
 )
-from .figures import FigureOptions, render_figures
-from .html import ReportContent, ReportTable, write_html, write_markdown
+from .figures import FigureOptions, FigureResult, render_figures
+from .grid import compact, frame_grid, write_table
+from .html import ReportContent, Section, write_html, write_markdown
 from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
-from .summary import summary_lines
-from .tables import FIT_NOTES, OVERHEAD_NOTES, fit_display, overhead_display, overhead_warnings, write_table
+from .pivots import fit_grids, memory_pivot, time_pivot
+from .summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary
+from .tables import FIT_NOTES, OVERHEAD_NOTES, fit_display, overhead_display, overhead_warnings, status_label
 
 SUBCOMMANDS = ("render", "compare", "export", "merge")
 
@@ -46,6 +49,16 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _files_to_one_output(
+    name: str, common: argparse.ArgumentParser, description: str, output_kind: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads result files and writes one ``--out`` file."""
+    parser = _OneLineParser(prog=f"python -m reports {name}", parents=[common], description=description)
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--out", required=True, help=f"output {output_kind} file")
+    return parser
 
 
 def build_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -93,42 +106,100 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON",
     )
 
-    export = _OneLineParser(
-        prog="python -m reports export",
-        parents=[common],
-        description="Write memory figures as github-action-benchmark customSmallerIsBetter JSON.",
+    export = _files_to_one_output(
+        "export", common, "Write memory figures as github-action-benchmark customSmallerIsBetter JSON.", "JSON"
     )
-    export.add_argument("results", nargs="+")
-    export.add_argument("--out", required=True, help="output JSON file")
-
-    merge = _OneLineParser(
-        prog="python -m reports merge",
-        parents=[common],
-        description="Merge result files into one JSON-lines file (e.g. a CI baseline).",
+    merge = _files_to_one_output(
+        "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
     )
-    merge.add_argument("results", nargs="+")
-    merge.add_argument("--out", required=True, help="output .jsonl file")
     return {"render": render, "compare": compare, "export": export, "merge": merge}
+
+
+# Which figures illustrate which section (reports.figures.FIGURES names), in the order they are drawn.
+SECTION_FIGURES = {
+    "Peak memory": ("peak_vs_batch", "breakdown"),
+    "Step time": ("timeline",),
+    "Max batch: what fits": ("max_batch", "fixed_vs_per_sample"),
+    "Across machines and model families": ("gpu_comparison", "proxy_validity"),
+    "Many ranks: memory per rank": ("per_rank_peak",),
+}
+
+
+def report_content(results: Results, figures: list[FigureResult], title: str) -> ReportContent:
+    """The report's sections: the first screen (matrix and ranked summary per machine × device), then peak memory,
+    step time and max batch (tables next to their figures), then cross-machine figures and the definitions."""
+    produced = {f.name: f for f in figures if f.skipped is None and f.png is not None}
+    glance = []
+    for index, matrix in enumerate(overview(results)):
+        grids = [matrix_grid(matrix), ranked_grid(matrix.block, ranked_summary(results, matrix))]
+        glance += grids if index == 0 else [dataclasses.replace(g, legend="") for g in grids]  # legends once
+    block_rows = blocks(results)
+    grids = {
+        "Peak memory": [memory_pivot(block, rows, results.overhead) for block, rows in block_rows],
+        "Step time": [g for block, rows in block_rows if (g := time_pivot(block, rows, results.overhead))],
+        "Max batch: what fits": fit_grids(results),
+        "Across machines and model families": [],
+        "Many ranks: memory per rank": [],  # the per-rank rows are in overhead.csv / overhead.md
+    }
+    sections = [
+        Section(
+            "At a glance",
+            "Which DP method costs how much memory (and time) relative to non-DP, and what fits: one matrix and "
+            "one ranked summary per machine × device.",
+            glance,
+            empty="No case rows in the input (a max-batch run? see Max batch).",
+        )
+    ]
+    for name, section_grids in grids.items():
+        section_figures = [produced[f] for f in SECTION_FIGURES[name] if f in produced]
+        if section_grids or section_figures:
+            sections.append(Section(name, grids=section_grids, figures=section_figures))
+    sections.append(
+        Section(
+            "Definitions and full tables",
+            "Every case, long form: overhead.csv / overhead.md (ratios, timing noise, statuses) and "
+            "memory_fit.csv / memory_fit.md (the affine fit), next to this report.",
+            details=(OVERHEAD_NOTES, FIT_NOTES),
+        )
+    )
+    return ReportContent(
+        title,
+        results.sources,
+        _subtitle(results),
+        sections,
+        skipped=[f for f in figures if f.skipped is not None],
+        warnings=[*results.warnings, *overhead_warnings(results.overhead)],
+    )
+
+
+def _subtitle(results: Results) -> str:
+    """ "54 cases (52 ok, 2 unsupported): 3 workloads × 9 methods × 2 batch sizes on AMD EPYC · cpu." """
+    cases = results.cases
+    if cases.empty:
+        return f"{len(results.max_batches)} max-batch search(es), no case rows."
+    counts = cases["status"].value_counts()
+    statuses = ", ".join(f"{counts[s]} {status_label(s)}" for s in ("ok", "oom", "unsupported", "error") if s in counts)
+    where = "; ".join(dict.fromkeys(f"{b.machine} · {b.device}" for b, _ in blocks(results)))
+    return (
+        f"{len(cases)} cases ({statuses}): {cases['workload'].nunique()} workloads × {cases['method'].nunique()} "
+        f"methods × {cases['batch_size'].nunique()} batch sizes on {where}."
+    )
 
 
 def render_report(results: Results, out_dir: Path, options: FigureOptions, title: str) -> list[Path]:
     """Everything from saved results: tables (md+csv), figures (png+svg), report.md and report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = [
-        ReportTable(
-            "DP overhead over non-DP", OVERHEAD_NOTES, results.overhead, overhead_display(results.overhead), "overhead"
-        ),
-        ReportTable(
-            "Fixed and per-sample memory, max batch", FIT_NOTES, results.fits, fit_display(results.fits), "memory_fit"
-        ),
+    long_tables = [
+        ("overhead", "DP overhead over non-DP, every case", OVERHEAD_NOTES, results.overhead, overhead_display),
+        ("memory_fit", "Fixed and per-sample memory, max batch", FIT_NOTES, results.fits, fit_display),
     ]
     written: list[Path] = []
-    for table in tables:
-        written += write_table(table.table, table.display, out_dir, table.stem, table.notes)
+    for stem, table_title, notes, table, display in long_tables:
+        grid = frame_grid(display(table), table, table_title, "One row per case; CSV: the numbers and statuses.")
+        written += write_table(compact(grid), out_dir, stem, notes, table)
     figures = render_figures(results, out_dir / "figures", options)
     written += [p for f in figures for p in f.paths]
-    warnings = [*results.warnings, *overhead_warnings(results.overhead)]
-    content = ReportContent(title, results.sources, summary_lines(results), tables, figures, warnings)
+    content = report_content(results, figures, title)
     written += [write_markdown(content, out_dir), write_html(content, out_dir)]
     return written
 

@@ -92,9 +92,10 @@ class Comparison:
 
 
 def _case_name(key: tuple) -> str:
-    workload, method, batch, device, precision, checkpointing, machine = key
+    workload, method, batch, device, precision, checkpointing, world_size, parallel, machine = key
     mode = "".join(f"/{part}" for part, default in ((precision, "fp32"), (checkpointing, "none")) if part != default)
-    return f"{workload}/{method}/bs{batch}/{device}{mode} [{machine}]"
+    ranks = f"/{parallel}{world_size}" if world_size > 1 else ""
+    return f"{workload}/{method}/bs{batch}/{device}{mode}{ranks} [{machine}]"
 
 
 _COLUMNS = [

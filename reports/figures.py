@@ -22,8 +22,16 @@ from matplotlib.patches import Patch
 
 from bench.record import CATEGORIES
 
-from .load import Results
-from .tables import LOWER_BOUND, all_ok_batches, fit_metric_for
+from .load import Results, is_predicted
+from .tables import (
+    EXTRAPOLATION_LIMIT,
+    LOWER_BOUND,
+    ONE_PROCESS,
+    all_ok_batches,
+    extrapolation_factor,
+    fit_metric_for,
+    one_process,
+)
 
 __all__ = ["FIGURES", "FigureOptions", "FigureResult", "SkipFigure", "choose_case", "render_figures"]
 
@@ -107,27 +115,57 @@ def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
     return fig, flat[:n]
 
 
-def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int]:
-    """(machine, workload, batch) for the breakdown and timeline figures.
+def where_label(machine: str, device: str, predicted: bool) -> str:
+    """ "a100 · cuda:0", "AMD EPYC · cpu", "runner · meta (predicted)": how a figure names a panel or a series, so
+    GPU, CPU and predicted figures are never drawn unnamed on one axis."""
+    where = " · ".join(dict.fromkeys([str(machine), str(device)]))
+    return f"{where} (predicted)" if predicted else where
+
+
+def _measured(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` that were measured (not :func:`reports.load.is_predicted`)."""
+    if frame.empty:
+        return frame
+    return frame[~frame.apply(is_predicted, axis=1)]
+
+
+@dataclass(frozen=True)
+class ChosenCase:
+    machine: str
+    device: str
+    workload: str
+    batch: int
+    predicted: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload}, batch {self.batch}, {where_label(self.machine, self.device, self.predicted)}"
+
+
+def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
+    """The machine × device, workload and batch of the breakdown and timeline figures (measured cases first;
+    predicted ones only when nothing was measured).
 
     Given workload/batch are used as they are; the default batch is the largest one at which every method of
     that workload ran ok, the default workload the one with the most methods (then by name)."""
-    cases = results.cases
+    cases = one_process(results.cases)
     if cases.empty:
-        raise SkipFigure("no case rows in the input")
-    pool = cases if options.workload is None else cases[cases["workload"] == options.workload]
+        raise SkipFigure("no one-process case rows in the input")
+    measured = _measured(cases)
+    pool = measured if len(measured) else cases
+    pool = pool if options.workload is None else pool[pool["workload"] == options.workload]
     if pool.empty:
         raise SkipFigure(f"workload {options.workload!r} is not in the results")
     candidates = []
-    for (machine, workload), group in pool.groupby(["machine", "workload"], sort=True):
+    for (machine, device, workload), group in pool.groupby(["machine", "device", "workload"], sort=True):
         methods = group["method"].nunique()
         if options.batch_size is not None:
             if (group["batch_size"] == options.batch_size).any():
-                candidates.append((-methods, workload, machine, options.batch_size))
+                candidates.append((-methods, workload, machine, device, options.batch_size))
             continue
         all_ok = all_ok_batches(group)
         if all_ok:
-            candidates.append((-methods, workload, machine, max(all_ok)))
+            candidates.append((-methods, workload, machine, device, max(all_ok)))
     if not candidates:
         what = (
             f"batch {options.batch_size}"
@@ -135,40 +173,45 @@ def choose_case(results: Results, options: FigureOptions) -> tuple[str, str, int
             else "a batch size at which every method ran ok"
         )
         raise SkipFigure(f"no workload has {what}")
-    _, workload, machine, batch = sorted(candidates)[0]
-    return machine, workload, int(batch)
+    _, workload, machine, device, batch = sorted(candidates)[0]
+    return ChosenCase(machine, device, workload, int(batch), is_predicted({"device": device}))
 
 
-def _case_rows(results: Results, machine: str, workload: str, batch: int) -> pd.DataFrame:
-    c = results.cases
-    return c[(c["machine"] == machine) & (c["workload"] == workload) & (c["batch_size"] == batch)].sort_values("method")
+def _case_rows(results: Results, chosen: ChosenCase) -> pd.DataFrame:
+    c = one_process(results.cases)
+    at = (c["machine"] == chosen.machine) & (c["device"] == chosen.device) & (c["workload"] == chosen.workload)
+    return c[at & (c["batch_size"] == chosen.batch)].sort_values("method")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Peak memory vs batch size
 # ---------------------------------------------------------------------------------------------------------------
 def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    cases = results.cases[results.cases["status"].isin(["ok", "oom"])]
+    cases = one_process(results.cases)
+    cases = cases[cases["status"].isin(["ok", "oom"])]
     if cases.empty:
-        raise SkipFigure("no ok or OOM cases")
-    panels = list(cases.groupby(["machine", "workload"], sort=True))
+        raise SkipFigure("no one-process ok or OOM cases")
+    panels = list(cases.groupby(["machine", "device", "workload"], sort=True))
     colors = _method_colors(results)
     fig, axes = _grid(len(panels))
-    any_oom = False
-    for ax, ((machine, workload), rows) in zip(axes, panels):
+    any_oom = any_predicted = False
+    for ax, ((machine, device, workload), rows) in zip(axes, panels):
+        predicted = is_predicted(rows.iloc[0])
+        any_predicted |= predicted
         metric = fit_metric_for(rows)
         ok = rows[rows["status"] == "ok"]
         top = float(ok[metric].max()) if ok[metric].notna().any() else 2.0**20
         scale, unit = byte_unit(top)
         for method, mrows in rows.groupby("method", sort=True):
             good = mrows[(mrows["status"] == "ok") & mrows[metric].notna()].sort_values("batch_size")
-            ax.plot(good["batch_size"], good[metric] / scale, marker="o", color=colors[method], label=method)
+            style = {"linestyle": "--", "markerfacecolor": "none"} if predicted else {}
+            ax.plot(good["batch_size"], good[metric] / scale, marker="o", color=colors[method], label=method, **style)
             oom = mrows[mrows["status"] == "oom"]
             if len(oom):
                 any_oom = True
                 ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=colors[method])
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{workload} — {machine}", fontsize=10)
+        ax.set_title(f"{workload} — {where_label(machine, device, predicted)}", fontsize=10)
         ax.set_xlabel("batch size")
         ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
         ax.grid(alpha=0.3)
@@ -179,23 +222,28 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
             seen.setdefault(lab, h)
     if any_oom:
         seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
+    if any_predicted:
+        seen["predicted (meta device, dashed)"] = plt.Line2D([], [], marker="o", linestyle="--", color="k", mfc="none")
     bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=6)
     fig.suptitle("Peak memory vs batch size, by method")
     fig.tight_layout(rect=(0, bottom, 1, 0.96))
-    return fig, "One panel per workload and machine; × marks a batch size that ran out of memory."
+    return fig, (
+        "Look at the slopes: the memory each method adds per sample; the steepest line runs out of memory first. "
+        "One panel per workload and machine · device; × = OOM" + ("; dashed = predicted." if any_predicted else ".")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Breakdown at the peak
 # ---------------------------------------------------------------------------------------------------------------
 def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    machine, workload, batch = choose_case(results, options)
-    rows = _case_rows(results, machine, workload, batch)
+    chosen = choose_case(results, options)
+    rows = _case_rows(results, chosen)
     rows = rows[(rows["status"] == "ok")]
     records = [results.record(r) for _, r in rows.iterrows()]
     records = [r for r in records if r.memory.breakdown]
     if not records:
-        raise SkipFigure(f"no breakdown at peak recorded for {workload} batch {batch}")
+        raise SkipFigure(f"no breakdown at peak recorded for {chosen.workload} batch {chosen.batch}")
     scale, unit = byte_unit(max(sum(r.memory.breakdown.values()) for r in records))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(records) + 2), 4.5))
     x = np.arange(len(records))
@@ -207,23 +255,28 @@ def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure,
         bottom += heights
     ax.set_xticks(x, [r.method for r in records], rotation=20, ha="right")
     ax.set_ylabel(f"live tensor bytes at peak [{unit}]")
-    ax.set_title(f"Memory at the peak by category — {workload}, batch {batch}, {machine}")
+    ax.set_title(f"Memory at the peak by category — {chosen.label}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return fig, f"Live tensor bytes at each method's peak, by category ({workload}, batch {batch}, {machine})."
+    return fig, (
+        f"What fills memory at each method's peak ({chosen.label}): compare the per-sample and activation bars, "
+        "the part DP adds."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Step timeline
 # ---------------------------------------------------------------------------------------------------------------
 def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    machine, workload, batch = choose_case(results, options)
-    rows = _case_rows(results, machine, workload, batch)
+    chosen = choose_case(results, options)
+    if chosen.predicted:
+        raise SkipFigure("only predicted (meta device) cases: a predicted step has no time axis")
+    rows = _case_rows(results, chosen)
     records = [results.record(r) for _, r in rows[rows["status"] == "ok"].iterrows()]
     records = [r for r in records if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)]
     if not records:
-        raise SkipFigure(f"no timeline recorded for {workload} batch {batch}")
+        raise SkipFigure(f"no timeline recorded for {chosen.workload} batch {chosen.batch}")
 
     def axis_unit(keys):
         return byte_unit(max(max(max(getattr(r.memory.timeline, k) or [0]) for k in keys) for r in records))
@@ -264,11 +317,12 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     for name in phases:
         handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
     bottom = _legend_below(fig, list(handles.values()), list(handles.keys()), ncol=5)
-    fig.suptitle(f"One DP step over time — {workload}, batch {batch}, {machine}")
+    fig.suptitle(f"One DP step over time — {chosen.label}")
     fig.tight_layout(rect=(0, bottom, 1, 0.95))
     return fig, (
-        "Memory traces of the measured step; shaded bands are the step's phases. Solid lines (left axis): the "
-        "step's own tensors; dashed lines (right axis): whole process (RSS) or whole device (NVML)."
+        "Where in the step the peak happens: shaded bands are the phases (forward, backward, clip, noise, "
+        "optimizer). Solid lines (left axis): the step's own tensors; dashed (right axis): whole process (RSS) or "
+        "whole device (NVML)."
     )
 
 
@@ -279,11 +333,11 @@ MAX_COMPARED_CASES = 24
 
 
 def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    cases = results.cases[results.cases["status"] == "ok"]
+    cases = _measured(results.cases[results.cases["status"] == "ok"])  # predictions do not depend on the machine
     machines = sorted(cases["machine"].unique())
     if len(machines) < 2:
         raise SkipFigure(f"results come from one machine only ({machines[0] if machines else 'none'})")
-    key = ["workload", "method", "batch_size", "device"]
+    key = ["workload", "method", "batch_size", "device", "world_size", "parallel"]
     shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
     if shared.empty:
         raise SkipFigure("no case ran ok on two or more machines")
@@ -293,7 +347,13 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
         else shared.groupby("workload").size().sort_values(ascending=False).index[0]
     )
     shared = shared[shared["workload"] == workload]
-    labels = sorted({(m, b) for m, b in zip(shared["method"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
+    # one device per figure (a GPU's and a CPU's bars on one axis would compare devices, not machines): the GPU
+    # with the most shared cases, else the device with the most
+    counts = shared.groupby("device").size()
+    device = max(counts.index, key=lambda d: (str(d).startswith("cuda"), counts[d], str(d)))
+    shared = shared[shared["device"] == device]
+    shared = shared.assign(label=shared["method"] + _ranks_suffix(shared))  # e.g. "bk (fsdp8)" on many ranks
+    labels = sorted({(m, b) for m, b in zip(shared["label"], shared["batch_size"])}, key=lambda mb: (mb[1], mb[0]))
     labels = labels[-MAX_COMPARED_CASES:]  # the largest batches read best when there are many
     metric = fit_metric_for(shared)
     scale, unit = byte_unit(float(shared[metric].max()))
@@ -301,7 +361,7 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     width = 0.8 / len(machines)
     x = np.arange(len(labels))
     for i, machine in enumerate(machines):
-        rows = shared[shared["machine"] == machine].set_index(["method", "batch_size"])
+        rows = shared[shared["machine"] == machine].set_index(["label", "batch_size"])
         memory = [rows.loc[lab, metric] / scale if lab in rows.index else np.nan for lab in labels]
         times = [rows.loc[lab, "time_median_s"] * 1e3 if lab in rows.index else np.nan for lab in labels]
         ax_mem.bar(x + i * width, memory, width, label=machine)
@@ -312,9 +372,19 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
         ax.legend(fontsize=8)
     ax_mem.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
     ax_time.set_ylabel("median step time [ms]")
-    ax_mem.set_title(f"Same cases across machines — {workload}")
+    ax_mem.set_title(f"Same cases across machines — {workload} on {device}")
     fig.tight_layout()
-    return fig, f"Cases of {workload} that ran ok on several machines (GPU / runner label), side by side."
+    return fig, (
+        f"The same measured cases of {workload} on {device} of each machine (GPU / runner label), side by side: "
+        "the bars of one case differ only by the machine; a case on many ranks shows its per-rank peak, "
+        "labelled with its strategy and world size."
+    )
+
+
+def _ranks_suffix(cases: pd.DataFrame) -> pd.Series:
+    """ " (ddp8)" for a case on 8 ranks under DDP, "" for one process."""
+    many = cases["world_size"] > 1
+    return (" (" + cases["parallel"] + cases["world_size"].astype(str) + ")").where(many, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,57 +396,86 @@ def _fits(results: Results) -> pd.DataFrame:
     return results.fits
 
 
+def _with_where(fits: pd.DataFrame) -> pd.DataFrame:
+    """``fits`` with a ``where`` column (machine · device, "(predicted)" for predicted rows)."""
+    predicted = fits.apply(is_predicted, axis=1) if len(fits) else pd.Series([], dtype=bool)
+    labels = [where_label(m, d, p) for m, d, p in zip(fits["machine"], fits["device"], predicted)]
+    return fits.assign(where=labels, predicted=predicted.to_numpy())
+
+
+def _max_batch_bars(ax, rows: pd.DataFrame, offset: np.ndarray, width: float, color, where: str) -> tuple[bool, float]:
+    """One machine · device's bars of a max-batch panel: the largest batch run (≥ where nothing larger failed) and
+    the fit's prediction, hatched, capped at EXTRAPOLATION_LIMIT × the largest batch run and labelled "> N" beyond
+    it. Returns (a prediction was capped, the tallest bar)."""
+    measured = rows["measured max batch"].to_numpy(dtype=float, na_value=math.nan)
+    predicted = rows["predicted max batch"].to_numpy(dtype=float, na_value=math.nan)
+    caps = EXTRAPOLATION_LIMIT * measured
+    capped = predicted > caps
+    drawn = np.where(capped, caps, predicted)
+    run_words = "largest batch run" if where.endswith("(predicted)") else "measured"
+    bars = ax.bar(offset, measured, width, color=color, label=f"{where}: {run_words}")
+    for bar, lower in zip(bars, rows[LOWER_BOUND].eq(True)):  # False for a method with no row here
+        if lower:
+            ax.annotate("≥", (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    label = f"{where}: predicted (fit)"
+    predicted_bars = ax.bar(offset + width, drawn, width, color=color, alpha=0.45, hatch="//", label=label)
+    for bar, cap, is_capped in zip(predicted_bars, caps, capped):
+        if is_capped:
+            at = (bar.get_x() + width / 2, cap)
+            ax.annotate(f"> {cap:.0f}", at, ha="center", va="bottom", fontsize=7, rotation=90)
+    return bool(capped.any()), float(np.nanmax([1.0, *measured, *drawn]))
+
+
 def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    fits = _fits(results)
+    fits = _with_where(_fits(results))
+    factors = [extrapolation_factor(p, m) for p, m in zip(fits["predicted max batch"], fits["measured max batch"])]
+    informative = [f is None and pd.notna(p) for f, p in zip(factors, fits["predicted max batch"])]
+    if not any(informative) and fits[LOWER_BOUND].all():
+        raise SkipFigure(
+            "every measured max batch is a lower bound (no batch failed) and every prediction extrapolates beyond "
+            f"{EXTRAPOLATION_LIMIT}× the largest batch run: the table says all there is"
+        )
     panels = list(fits.groupby("workload", sort=True))
     fig, axes = _grid(len(panels), ncols=2, size=(6.5, 3.8))
     cmap = plt.get_cmap("tab10")
+    wheres = sorted(fits["where"].unique())
+    width = 0.8 / (2 * len(wheres))
+    any_capped = False
     for ax, (workload, rows) in zip(axes, panels):
         methods = sorted(rows["method"].unique())
-        machines = sorted(rows["machine"].unique())
-        width = 0.8 / (2 * len(machines))
         x = np.arange(len(methods))
-        for i, machine in enumerate(machines):
-            # one bar per method: a machine with several devices shows its first device's row
-            mrows = rows[rows["machine"] == machine].drop_duplicates("method").set_index("method").reindex(methods)
-            measured = mrows["measured max batch"].to_numpy(dtype=float, na_value=math.nan)
-            lower_bound = mrows[LOWER_BOUND].eq(True)  # False for a method this machine has no row for
-            predicted = mrows["predicted max batch"].to_numpy(dtype=float, na_value=math.nan)
-            offset = x + (2 * i) * width
-            bars = ax.bar(offset, measured, width, color=cmap(i), label=f"{machine} measured")
-            for bar, lower in zip(bars, lower_bound):
-                if lower:
-                    ax.annotate(
-                        "≥", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
-                    )
-            ax.bar(
-                offset + width,
-                predicted,
-                width,
-                color=cmap(i),
-                alpha=0.45,
-                hatch="//",
-                label=f"{machine} predicted (affine fit)",
-            )
-        ax.set_xticks(x + width * (2 * len(machines) - 1) / 2, methods, rotation=20, ha="right", fontsize=8)
+        tallest = 1.0
+        for i, where in enumerate(wheres):
+            wrows = rows[rows["where"] == where].set_index("method").reindex(methods)
+            capped, top = _max_batch_bars(ax, wrows, x + 2 * i * width, width, cmap(i), where)
+            any_capped, tallest = any_capped or capped, max(tallest, top)
+        ax.set_xticks(x + width * (2 * len(wheres) - 1) / 2, methods, rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log", base=2)
-        ax.set_ylim(bottom=0.5)  # bars start below batch 1 so every bar is visible on the log axis
+        # bars start below batch 1 so every bar is visible on the log axis; room above for the "> N" labels
+        ax.set_ylim(0.5, tallest * 16)
         ax.set_ylabel("max batch size")
         ax.set_title(workload, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    bottom = _legend_below(fig, handles, labels, ncol=4)
     fig.suptitle("Max batch per method: measured vs predicted from peak(B) = fixed + per_sample·B")
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
     sources = ", ".join(sorted(fits["source"].unique()))
-    return (
-        fig,
-        f"Measured bars: largest batch that ran ok (≥: no larger batch failed); hatched: prediction ({sources}).",
+    capped_words = (
+        f"; a prediction beyond {EXTRAPOLATION_LIMIT}× the largest batch run is drawn capped there, labelled > N"
+        if any_capped
+        else ""
+    )
+    return fig, (
+        "Where measured and predicted bars agree, the affine fit can be trusted for larger memories. Solid: largest "
+        f"batch that ran ok (≥: no larger batch failed); hatched: the fit's prediction ({sources}){capped_words}."
     )
 
 
 def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    fits = _fits(results)
-    fits = fits.assign(series=fits["workload"] + (" — " + fits["machine"] if fits["machine"].nunique() > 1 else ""))
+    fits = _with_where(_fits(results))
+    several = fits["where"].nunique() > 1
+    fits = fits.assign(series=fits["workload"] + (" — " + fits["where"] if several else ""))
     series = sorted(fits["series"].unique())
     methods = sorted(fits["method"].unique())
     colors = _method_colors(results)
@@ -392,7 +491,8 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
         for i, method in enumerate(methods):
             rows = fits[fits["method"] == method].set_index("series")
             heights = [max(rows.loc[s, column], 0) / scale if s in rows.index else np.nan for s in series]
-            ax.bar(x + i * width, heights, width, color=colors[method], label=method)
+            hatches = ["//" if s in rows.index and rows.loc[s, "predicted"] else "" for s in series]
+            ax.bar(x + i * width, heights, width, color=colors[method], label=method, hatch=hatches)
         ax.set_xticks(x + width * (len(methods) - 1) / 2, series, rotation=20, ha="right", fontsize=8)
         positive = values[values > 0]
         if len(positive) and positive.max() / positive.min() > 100:
@@ -401,14 +501,17 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
+    if fits["predicted"].any():
+        handles.append(Patch(facecolor="white", edgecolor="k", hatch="//"))
+        labels.append("predicted (meta device)")
     bottom = _legend_below(fig, handles, labels, ncol=6)
     fig.suptitle("Affine fit peak(B) = fixed + per_sample·B, per method")
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     metrics = ", ".join(sorted(fits["fit metric"].unique()))
     return (
         fig,
-        f"Fixed (batch-independent) and per-sample memory from the affine fit of {metrics}; "
-        "negative fits are drawn at 0.",
+        "Per-sample memory decides how far the batch can grow; fixed memory is paid once. From the affine fit of "
+        f"{metrics}; negative fits are drawn at 0" + ("; hatched = predicted." if fits["predicted"].any() else "."),
     )
 
 
@@ -416,8 +519,9 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
 # 6. Proxy validity: GPT proxy vs DiT overhead at matched batch and tokens per sample
 # ---------------------------------------------------------------------------------------------------------------
 def proxy_pairs(results: Results) -> pd.DataFrame:
-    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method."""
-    cases = results.cases
+    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method (one
+    process)."""
+    cases = one_process(results.cases)
     families = set(cases["family"])
     missing = [name for fam, name in (("dit", "DiT"), ("gpt", "GPT proxy")) if fam not in families]
     if missing:
@@ -426,7 +530,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
     facts = cases.drop_duplicates(where)[[*where, "family", "tokens_per_sample"]].rename(
         columns={"tokens_per_sample": "tokens"}
     )
-    overhead = results.overhead.merge(facts, on=where, how="left")
+    overhead = one_process(results.overhead).merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].notna() & overhead["tokens"].notna()]
     key = ["machine", "device", "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
@@ -439,6 +543,11 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
 
 def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     pairs = proxy_pairs(results)
+    predicted = pairs.apply(is_predicted, axis=1)
+    pairs = pairs.assign(where=[where_label(m, d, p) for m, d, p in zip(pairs["machine"], pairs["device"], predicted)])
+    wheres = sorted(pairs["where"].unique())
+    # one marker shape per machine · device, hollow when predicted: ratios from different devices are told apart
+    shapes = {w: "osDv^<>"[i % 7] for i, w in enumerate(wheres)}
     colors = _method_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, column, title in (
@@ -450,12 +559,15 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(title)
             continue
-        for method, rows in both.groupby("method"):
+        for (method, where), rows in both.groupby(["method", "where"]):
+            hollow = where.endswith("(predicted)")
             ax.scatter(
                 rows[f"{column}_dit"],
                 rows[f"{column}_gpt"],
-                color=colors[method],
-                label=method,
+                marker=shapes[where],
+                facecolors="none" if hollow else colors[method],
+                edgecolors=colors[method],
+                label=method if len(wheres) == 1 else f"{method} — {where}",
                 s=40,
             )
         low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
@@ -471,9 +583,77 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return (
         fig,
-        f"{len(pairs)} matched (method, batch, tokens) pair(s); "
-        "points on the dashed line mean the proxy predicts DiT's overhead.",
+        "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead. "
+        f"{len(pairs)} matched (method, batch, tokens) pair(s) from {'; '.join(wheres)}"
+        + (" (one marker shape each, hollow = predicted)." if len(wheres) > 1 else "."),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Many ranks: per-rank peak vs world size
+# ---------------------------------------------------------------------------------------------------------------
+STRATEGY_STYLES = {"ddp": "-", "fsdp": "--"}
+
+
+def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
+    """Per workload × machine at one global batch: each rank's peak (the highest rank's) and ×nondp at the same
+    world size and strategy, against the world size; one process is world size 1 of every strategy's line."""
+    # measured only (a meta prediction is one process), by device kind: rank r of a "cuda" case is on cuda:r
+    cases = _measured(results.cases[results.cases["status"] == "ok"])
+    cases = cases.assign(kind=_device_kind(cases["device"]))
+    ranked = cases[cases["world_size"] > 1]
+    if ranked.empty:
+        raise SkipFigure("no case ran ok on many ranks (--world-sizes above 1)")
+    # the global batch with the most many-rank cases (then the largest) per workload, machine and device kind
+    chosen = ranked.groupby(["machine", "kind", "workload", "batch_size"]).size().reset_index(name="n")
+    chosen = chosen.sort_values(["n", "batch_size"]).groupby(["machine", "kind", "workload"]).tail(1)
+    colors = _method_colors(results)
+    overhead = results.overhead.assign(kind=_device_kind(results.overhead["device"]))
+    fig, axes = plt.subplots(2, len(chosen), figsize=(5.2 * len(chosen), 7.2), squeeze=False)
+    for column, (_, panel) in enumerate(chosen.iterrows()):
+        machine, kind, workload, batch = panel["machine"], panel["kind"], panel["workload"], panel["batch_size"]
+        at = cases[
+            (cases["machine"] == machine)
+            & (cases["kind"] == kind)
+            & (cases["workload"] == workload)
+            & (cases["batch_size"] == batch)
+        ]
+        ratios = overhead[
+            (overhead["machine"] == machine)
+            & (overhead["kind"] == kind)
+            & (overhead["workload"] == workload)
+            & (overhead["batch_size"] == batch)
+        ]
+        scale, unit = byte_unit(float(at["peak_tensor_bytes"].max()))
+        ax_peak, ax_ratio = axes[0][column], axes[1][column]
+        for method, parallel in sorted({(m, p) for m, p in zip(at["method"], at["parallel"]) if p != ONE_PROCESS}):
+            line = dict(color=colors[method], linestyle=STRATEGY_STYLES[parallel], marker="o")
+            rows = at[(at["method"] == method) & at["parallel"].isin([ONE_PROCESS, parallel])].sort_values("world_size")
+            ax_peak.plot(rows["world_size"], rows["peak_tensor_bytes"] / scale, label=f"{method} {parallel}", **line)
+            mine = ratios[(ratios["method"] == method) & ratios["parallel"].isin([ONE_PROCESS, parallel])]
+            mine = mine[mine["peak tensor ×nondp"].notna()].sort_values("world_size")
+            ax_ratio.plot(mine["world_size"], mine["peak tensor ×nondp"], **line)
+        ax_peak.set_title(f"{workload} — B={batch} global — {where_label(machine, kind, False)}", fontsize=10)
+        ax_peak.set_ylabel(f"per-rank peak live tensors [{unit}]")
+        ax_ratio.set_ylabel("per-rank peak ×nondp (same strategy)")
+        for ax in (ax_peak, ax_ratio):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("world size (ranks)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    bottom = _legend_below(fig, handles, labels, ncol=6)
+    fig.suptitle("Per-rank peak memory vs world size (solid: DDP, dashed: FSDP)")
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
+    return fig, (
+        "Each rank measures its own step; the figure is the highest rank's peak live tensor bytes at a fixed "
+        "global batch (split over the ranks). World size 1 is the one-process case. Bottom: over nondp's per-rank "
+        "peak at the same world size and strategy."
+    )
+
+
+def _device_kind(devices: pd.Series) -> pd.Series:
+    """ "cuda" for every GPU ("cuda:0" of a one-process case, "cuda" of a many-rank one), else the device."""
+    return devices.astype(str).where(~devices.astype(str).str.startswith("cuda"), "cuda")
 
 
 # name -> (title, function); the order is the report's order.
@@ -485,6 +665,7 @@ FIGURES: dict[str, tuple[str, Callable[[Results, FigureOptions], tuple[plt.Figur
     "max_batch": ("Max batch per method", fig_max_batch),
     "proxy_validity": ("Proxy validity (GPT vs DiT)", fig_proxy_validity),
     "fixed_vs_per_sample": ("Fixed vs per-sample memory", fig_fixed_vs_per_sample),
+    "per_rank_peak": ("Per-rank peak vs world size", fig_per_rank_peak),
 }
 
 

@@ -35,10 +35,11 @@ from bench.record import (
     RecordError,
     StepMemory,
     Timing,
+    combine_rank_records,
     from_record_dict,
 )
 
-from .tables import affine_fit_table, first_line, overhead_table
+from .tables import ONE_PROCESS, affine_fit_table, first_line, overhead_table
 
 __all__ = [
     "CASE_KEY",
@@ -47,6 +48,7 @@ __all__ = [
     "LoadedCase",
     "ReportInputError",
     "Results",
+    "is_predicted",
     "load_file",
     "load_results",
     "machine_label",
@@ -55,7 +57,19 @@ __all__ = [
 
 # Columns that identify one case on one machine; a result set has at most one row per key. The training mode
 # (precision, checkpointing) is part of the case: records older than it read as fp32 without checkpointing.
-CASE_KEY = ("workload", "method", "batch_size", "device", "precision", "checkpointing", "machine")
+# ``world_size`` and ``parallel`` (the strategy, ONE_PROCESS = "none" for one process) tell a case on many ranks
+# from the one-process case.
+CASE_KEY = (
+    "workload",
+    "method",
+    "batch_size",
+    "device",
+    "precision",
+    "checkpointing",
+    "world_size",
+    "parallel",
+    "machine",
+)
 
 # Every byte figure of a CaseRecord that becomes a column (breakdown categories are added as breakdown_<cat>).
 MEMORY_COLUMNS = (
@@ -130,7 +144,8 @@ class LoadedCase:
     def key(self) -> tuple:
         """The case's CASE_KEY values."""
         r = self.record
-        return r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing, self.machine
+        case = (r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing)
+        return *case, r.world_size, r.parallel or ONE_PROCESS, self.machine
 
     @property
     def timed(self) -> bool:
@@ -179,6 +194,20 @@ def workload_family(name: str) -> str:
     if base.startswith("dit"):
         return "dit-plain" if "plain" in base.split("-") else "dit"
     return "gpt" if base.startswith("gpt") else "other"
+
+
+def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) -> bool:
+    """True when a row's figures are *predicted* (exact tensor bytes computed on the meta device, nothing
+    allocated or timed), False when they were measured. Every report, table and figure asks this one function:
+    the record's ``measurement`` field where the row has it, else (a row built from a device name alone) whether
+    the device is ``meta``."""
+    if isinstance(row, (dict, pd.Series)):
+        measurement, device = row.get("measurement"), row.get("device")
+    else:
+        measurement, device = row.measurement, row.device
+    if isinstance(measurement, str):
+        return measurement == "predicted"
+    return str(device) == "meta"
 
 
 def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:
@@ -464,7 +493,8 @@ def load_results(
 
     A bad file raises :class:`ReportInputError`, or with ``skip_bad`` is reported through ``warn`` and left out.
     When the same case × machine appears more than once (e.g. both the .json and the .jsonl of one run), the
-    timed one wins, then the one loaded last."""
+    timed one wins, then the one loaded last — except a many-rank case's records that hold different ranks (one
+    file per node): they are combined into one record of every rank (:func:`bench.record.combine_rank_records`)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")
@@ -490,8 +520,12 @@ def load_results(
         for message in loaded.warnings:
             note(message)
         for case in loaded.cases:
-            per_format[(case.key, loaded.format)] += 1
             previous = chosen.get(case.key)
+            if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
+                combined = combine_rank_records([previous.record, case.record])
+                chosen[case.key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
+                continue
+            per_format[(case.key, loaded.format)] += 1
             if previous is None or case.timed or not previous.timed:
                 chosen[case.key] = case
         mb_records += loaded.max_batches
@@ -512,6 +546,13 @@ def load_results(
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
 
 
+def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
+    """Whether two records of one many-rank case hold disjoint ranks (two nodes' shares)."""
+    mine = {r.rank for r in previous.record.ranks}
+    theirs = {r.rank for r in case.record.ranks}
+    return previous.record.world_size > 1 and bool(mine) and bool(theirs) and not mine & theirs
+
+
 def _case_columns() -> list[str]:
     return [
         "workload",
@@ -520,6 +561,8 @@ def _case_columns() -> list[str]:
         "device",
         "precision",
         "checkpointing",
+        "world_size",
+        "parallel",
         "status",
         "reason",
         "family",
@@ -544,6 +587,8 @@ def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
         "device": record.device,
         "precision": record.precision,
         "checkpointing": record.checkpointing,
+        "world_size": record.world_size,
+        "parallel": record.parallel or ONE_PROCESS,
         "status": record.status,
         "reason": record.reason,
         "family": record.family or workload_family(record.workload),  # older records lack the field

@@ -1,126 +1,503 @@
-"""The short auto-written summary at the top of the report: a few plain sentences per machine."""
+"""The report's first screen: per machine × device, a workload × method matrix and a ranked summary.
+
+The matrix answers "which DP method, how much memory": one row per workload at one stated batch (the largest at
+which ``nondp`` ran ok), one column per DP method, the cell its peak memory ×nondp (and step time ×nondp only where
+that ratio is beyond its timing noise), OOM / unsupported cells marked with their reason. The ranked summary
+answers "what is best, what fits" per workload: lowest memory, fastest DP step, largest batch in the device's
+memory, what ran out of memory and what is unsupported. Measured and predicted (meta device,
+:func:`reports.load.is_predicted`) results are separate blocks, never mixed in one table.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
 import pandas as pd
 
-from .load import Results
+from .grid import Cell, Grid, compact, ratio_colour
+from .load import Results, is_predicted
 from .tables import (
     BASELINE_METHOD,
-    MIN_NOISE_ROUNDS,
+    EXTRAPOLATION_LIMIT,
+    LOWER_BOUND,
     RATIO_COLUMNS,
     TIME_NOISE,
     TIME_RATIO,
     TIME_VERDICT,
-    all_ok_batches,
+    extrapolation_factor,
     first_line,
     fit_metric_for,
+    one_process,
     present,
+    status_label,
 )
 
-__all__ = ["summary_lines"]
+__all__ = [
+    "METRIC_WORDS",
+    "RATIO_TITLE",
+    "Block",
+    "Matrix",
+    "MatrixCell",
+    "MatrixRow",
+    "MaxBatchEntry",
+    "Ranked",
+    "blocks",
+    "byte_text",
+    "matrix_grid",
+    "overview",
+    "ranked_grid",
+    "ranked_summary",
+    "short_reason",
+    "time_text",
+    "workload_order",
+]
 
-# fit metric -> its ratio column in the overhead table, and its name in the headline sentence
-_RATIO_TITLE = {figure: title for title, figure in RATIO_COLUMNS.items()}
-_METRIC_WORDS = {"peak_reserved_bytes": "peak reserved", "peak_tensor_bytes": "peak live tensors"}
+# fit metric -> its ratio column in the overhead table, and how captions name it
+RATIO_TITLE = {figure: title for title, figure in RATIO_COLUMNS.items()}
+METRIC_WORDS = {
+    "peak_reserved_bytes": "peak reserved (CUDA caching allocator)",
+    "peak_tensor_bytes": "peak live tensor bytes",
+}
+FAMILY_ORDER = ("dit", "dit-plain", "gpt", "other")
+RANKED = 3  # entries per ranked column; the matrix holds every method
 
 
-def summary_lines(results: Results) -> list[str]:
-    """Sentences like "On NVIDIA A100 (a100), at dit-xl-2-cond batch 64 (peak reserved): bk costs 1.03× non-DP
-    memory and 1.20× its step time; ...". A time ratio is stated only when it is beyond its noise; otherwise the
-    sentence says "within noise" (or why it cannot tell).
-
-    Per machine: the overhead of every DP method at the headline case (the largest DiT with a batch at which
-    every method and nondp ran ok, else the largest workload with one), then per method where it ran out of
-    memory, where it was unsupported and how often it failed with an error."""
-    cases = results.cases
-    if cases.empty:
-        return ["The input holds no case rows."]
-    lines = []
-    for machine, rows in cases.groupby("machine", sort=True):
-        names = sorted(set(rows["device_name"].dropna()))
-        where = f"{', '.join(names)} ({machine})" if names and names != [machine] else machine
-        lines += _headline_lines(results.overhead, machine, rows, where)
-        for method, mrows in rows[rows["method"] != BASELINE_METHOD].groupby("method", sort=True):
-            lines += _method_lines(method, mrows, where)
-    return lines or ["No DP method has a non-DP baseline to compare with."]
+def time_text(seconds: float) -> str:
+    """A step time as "63.6 ms" / "1.43 s" (3 significant digits)."""
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
-def _headline_lines(overhead: pd.DataFrame, machine: str, rows: pd.DataFrame, where: str) -> list[str]:
-    """The one overhead sentence of a machine at its headline case (none when it has no such case)."""
-    headline = _headline_case(rows)
-    if headline is None:
-        return []
-    workload, batch = headline
-    metric = fit_metric_for(rows[(rows["workload"] == workload) & (rows["batch_size"] == batch)])
-    column = _RATIO_TITLE[metric]
-    table = overhead[
-        (overhead["machine"] == machine) & (overhead["workload"] == workload) & (overhead["batch_size"] == batch)
-    ]
-    parts = []
-    for _, row in table.iterrows():
-        memory = row[column]
-        if present(memory):
-            parts.append(f"{row['method']} costs {memory:.2f}× non-DP memory" + _time_words(row))
+def byte_text(value: float) -> str:
+    """Bytes as "5.16 MiB" / "1.2 GiB" (3 significant digits)."""
+    if value >= 2**30:
+        return f"{value / 2**30:.3g} GiB"
+    return f"{value / 2**20:.3g} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks: one machine × device, measured or predicted
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """The unit every first-screen table and pivot is drawn for: one machine's results on one device."""
+
+    machine: str
+    device: str
+    device_names: tuple[str, ...]
+    predicted: bool
+    metric: str  # the peak figure its memory ratios compare (reports.tables.fit_metric_for)
+    memory_bytes: float | None  # the device's (GPU) or machine's (CPU) memory
+
+    @property
+    def title(self) -> str:
+        names = [n for n in self.device_names if n != self.machine]
+        where = " · ".join(dict.fromkeys([self.machine, self.device]))
+        kind = "predicted: exact tensor bytes, nothing allocated or timed" if self.predicted else "measured"
+        named = f" ({', '.join(names)})" if names else ""
+        return f"{where}{named} — {kind}"
+
+
+def blocks(results: Results) -> list[tuple[Block, pd.DataFrame]]:
+    """Each machine × device with its one-process case rows (cases on many ranks have their own figure):
+    measured before predicted, GPUs before CPUs, then by name."""
+    found = []
+    for (machine, device), rows in one_process(results.cases).groupby(["machine", "device"], sort=True):
+        memory = rows["device_memory_bytes"].dropna()
+        block = Block(
+            machine=str(machine),
+            device=str(device),
+            device_names=tuple(sorted(set(rows["device_name"].dropna()))),
+            predicted=is_predicted(rows.iloc[0]),
+            metric=fit_metric_for(rows),
+            memory_bytes=float(memory.iloc[0]) if len(memory) else None,
+        )
+        found.append(((block.predicted, not block.device.startswith("cuda"), block.machine, block.device), block, rows))
+    return [(block, rows) for _, block, rows in sorted(found, key=lambda f: f[0])]
+
+
+def workload_order(rows: pd.DataFrame) -> list[str]:
+    """Workloads by family (DiT, plain DiT, GPT, other), then size (parameters), then name."""
+
+    def key(workload: str) -> tuple:
+        wrows = rows[rows["workload"] == workload]
+        family = wrows["family"].iloc[0]
+        params = wrows["params_total"].max()
+        rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+        return rank, params if present(params) else 0, workload
+
+    return sorted(rows["workload"].unique(), key=key)
+
+
+def short_reason(reason: str, method: str) -> str:
+    """The gist of a failure reason: the library's message without the method prefix, the exception class and
+    the diagnosis after " — " (the hover and footnotes keep the whole first line)."""
+    text = first_line(reason)
+    if text.startswith(f"{method}: "):
+        text = text[len(method) + 2 :]
+    text = re.sub(r"^[A-Za-z_.]*(Error|Exception|Unsupported|Warning): ", "", text.split(" — ", 1)[0])
+    return text if len(text) <= 70 else text[:69] + "…"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The matrix
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatrixCell:
+    status: str  # the DP case at the row's batch: ok / oom / unsupported / error, or "not run"
+    memory_ratio: float  # the block's peak figure ÷ nondp's (NaN unless both ran ok)
+    peak_bytes: float  # NaN unless ok
+    time_ratio: float  # NaN unless both ran ok and were timed
+    time_noise: float
+    time_verdict: str | None  # reports.tables.TIME_VERDICTS
+    reason: str
+    largest_ok_batch: int | None  # of this method on this workload (an OOM cell says up to where it ran)
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    workload: str
+    batch_size: int
+    nondp_ok: bool  # False: no batch of this workload has an ok nondp case (no ratios in this row)
+    nondp_peak_bytes: float
+    nondp_time_s: float
+    cells: dict[str, MatrixCell]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    block: Block
+    methods: tuple[str, ...]
+    rows: tuple[MatrixRow, ...]
+
+
+def _shown_batch(wrows: pd.DataFrame) -> tuple[int, bool]:
+    """(batch, nondp ran ok there): the largest batch where nondp ran ok, else the largest where any method did,
+    else the largest tried."""
+    base_ok = wrows[(wrows["method"] == BASELINE_METHOD) & (wrows["status"] == "ok")]["batch_size"]
+    if len(base_ok):
+        return int(base_ok.max()), True
+    any_ok = wrows[wrows["status"] == "ok"]["batch_size"]
+    return int((any_ok if len(any_ok) else wrows["batch_size"]).max()), False
+
+
+def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, mrows: pd.DataFrame) -> MatrixCell:
+    ok_batches = mrows[mrows["status"] == "ok"]["batch_size"]
+    largest_ok = int(ok_batches.max()) if len(ok_batches) else None
+    if case is None:
+        return MatrixCell("not run", math.nan, math.nan, math.nan, math.nan, None, "", largest_ok)
+    ok = case["status"] == "ok"
+    return MatrixCell(
+        status=str(case["status"]),
+        memory_ratio=float(ratios[RATIO_TITLE[metric]]) if ratios is not None else math.nan,
+        peak_bytes=float(case[metric]) if ok and present(case[metric]) else math.nan,
+        time_ratio=float(ratios[TIME_RATIO]) if ratios is not None else math.nan,
+        time_noise=float(ratios[TIME_NOISE]) if ratios is not None else math.nan,
+        time_verdict=ratios[TIME_VERDICT] if ratios is not None and present(ratios[TIME_VERDICT]) else None,
+        reason=str(case["reason"] or ""),
+        largest_ok_batch=largest_ok,
+    )
+
+
+def overview(results: Results) -> list[Matrix]:
+    """One matrix per machine × device (see the module docstring)."""
+    matrices = []
+    for block, rows in blocks(results):
+        overhead = one_process(results.overhead)
+        overhead = overhead[(overhead["machine"] == block.machine) & (overhead["device"] == block.device)]
+        methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}))
+        matrix_rows = []
+        for workload in workload_order(rows):
+            wrows = rows[rows["workload"] == workload]
+            batch, nondp_ok = _shown_batch(wrows)
+            at = wrows[wrows["batch_size"] == batch].set_index("method")
+            ratios = overhead[(overhead["workload"] == workload) & (overhead["batch_size"] == batch)]
+            ratios = ratios.set_index("method")
+            cells = {
+                m: _matrix_cell(
+                    at.loc[m] if m in at.index else None,
+                    ratios.loc[m] if m in ratios.index else None,
+                    block.metric,
+                    wrows[wrows["method"] == m],
+                )
+                for m in methods
+            }
+            base = at.loc[BASELINE_METHOD] if nondp_ok else None
+            matrix_rows.append(
+                MatrixRow(
+                    workload=workload,
+                    batch_size=batch,
+                    nondp_ok=nondp_ok,
+                    nondp_peak_bytes=float(base[block.metric]) if base is not None else math.nan,
+                    nondp_time_s=float(base["time_median_s"]) if base is not None else math.nan,
+                    cells=cells,
+                )
+            )
+        if methods:
+            matrices.append(Matrix(block, methods, tuple(matrix_rows)))
+    return matrices
+
+
+def _time_sub(cell: MatrixCell) -> tuple[str, str]:
+    """(the cell's step-time line, its hover): the ratio only when beyond its noise."""
+    if not present(cell.time_ratio):
+        return "", "step time: not timed"
+    noise = f"±{cell.time_noise:.0%}" if present(cell.time_noise) else "unknown"
+    raw = f"median step {cell.time_ratio:.2f}× nondp, noise {noise}"
+    if cell.time_verdict == "beyond noise":
+        return f"t {cell.time_ratio:.2f}×", f"{raw}: beyond noise"
+    if cell.time_verdict == "within noise":
+        return "t ~", f"{raw}: within noise, the step times cannot be told apart"
+    return "t ?", f"{raw}: {cell.time_verdict or 'noise unknown'}, not compared"
+
+
+def _matrix_cell_grid(cell: MatrixCell, method: str, row: MatrixRow, block: Block, best: bool) -> Cell:
+    where = f"{method} on {row.workload} at batch {row.batch_size}"
+    if cell.status == "not run":
+        return Cell("—", hover=f"{where}: not run")
+    if cell.status != "ok":
+        ran = f"ran ok up to batch {cell.largest_ok_batch}" if cell.largest_ok_batch else "no batch ran ok"
+        footnote = f"{where}: {status_label(cell.status)}: {first_line(cell.reason) or 'no reason recorded'}"
+        return Cell(status_label(cell.status), style=cell.status, footnote=footnote, hover=ran)
+    if not present(cell.memory_ratio):
+        peak = byte_text(cell.peak_bytes) if present(cell.peak_bytes) else "n/a"
+        return Cell("no nondp", style="untrusted", hover=f"{where}: {peak}, no ok nondp case to divide by")
+    sub, time_hover = ("", "") if block.predicted else _time_sub(cell)
+    hover = (
+        f"{where}: {METRIC_WORDS[block.metric]} {byte_text(cell.peak_bytes)} = {cell.memory_ratio:.3f}× nondp "
+        f"({byte_text(row.nondp_peak_bytes)})" + (f"; {time_hover}" if time_hover else "")
+    )
+    styles = " ".join(s for s in ("best" if best else "", "pred" if block.predicted else "") if s)
+    return Cell(
+        f"{cell.memory_ratio:.2f}×",
+        cell.memory_ratio,
+        style=styles,
+        hover=hover,
+        color=ratio_colour(cell.memory_ratio),
+        sub=sub,
+    )
+
+
+def matrix_grid(matrix: Matrix) -> Grid:
+    """The matrix as a table: a row label with the batch and nondp's figures, one coloured cell per method."""
+    block = matrix.block
+    rows = []
+    for row in matrix.rows:
+        label_sub = f"B={row.batch_size}"
+        if row.nondp_ok:
+            label_sub += f" · nondp {byte_text(row.nondp_peak_bytes)}"
+            if present(row.nondp_time_s) and not block.predicted:
+                label_sub += f", {time_text(row.nondp_time_s)}"
+        else:
+            label_sub += " · nondp did not run ok"
+        label = Cell(row.workload, style="label", sub=label_sub)
+        ratios = [c.memory_ratio for c in row.cells.values() if c.status == "ok" and present(c.memory_ratio)]
+        lowest = min(ratios) if ratios else None
+        rows.append(
+            [label]
+            + [
+                _matrix_cell_grid(row.cells[m], m, row, block, best=row.cells[m].memory_ratio == lowest)
+                for m in matrix.methods
+            ]
+        )
+    time_words = (
+        ""
+        if block.predicted
+        else (
+            " t = median step time ×nondp, shown only beyond its timing noise (t ~: within noise; t ?: noise unknown "
+            "or different thread counts)."
+        )
+    )
+    return Grid(
+        title=block.title,
+        caption=(
+            f"{METRIC_WORDS[block.metric]} ×nondp at the batch in the row label (the largest at which nondp ran ok); "
+            "lower is better, outlined = lowest of the row."
+        ),
+        header=["workload · batch", *matrix.methods],
+        rows=rows,
+        kind="matrix",
+        legend=(
+            "Colour: blue below 1× (less memory than non-DP), red above, log scale saturating at ¼× and 4×."
+            + time_words
+            + " OOM / unsupported: the reason is in the footnote (hover in the HTML)."
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ranked summary
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaxBatchEntry:
+    method: str
+    largest_run: int | None  # the largest batch that ran ok (measured, or predicted on a predicted block)
+    next_failed: bool  # the next batch tried failed: largest_run is the measured max batch
+    predicted: int | None  # the affine fit's max batch in the device's memory
+
+    @property
+    def rank_value(self) -> float:
+        if self.next_failed and self.largest_run is not None:
+            return float(self.largest_run)
+        if self.predicted is not None:
+            return float(self.predicted)
+        return float(self.largest_run or 0)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    workload: str
+    batch_size: int
+    lowest_memory: tuple[tuple[str, float], ...]  # (method, memory ratio), lowest first
+    fastest: tuple[tuple[str, float], ...]  # (method, time ratio) beyond noise only, fastest first
+    untimed: tuple[str, ...]  # methods ok whose time ratio is not beyond noise (not ranked)
+    largest_batch: tuple[MaxBatchEntry, ...]  # DP methods, largest first
+    nondp_batch: MaxBatchEntry | None
+    oom: tuple[tuple[str, int | None], ...]  # (method, largest ok batch) OOM at the shown batch
+    failed: tuple[tuple[str, str, str], ...]  # (method, status, reason) unsupported / error on this workload
+
+
+def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchEntry]:
+    entries = {}
+    for _, fit in fits[fits["workload"] == workload].iterrows():
+        measured, predicted = fit["measured max batch"], fit["predicted max batch"]
+        entries[fit["method"]] = MaxBatchEntry(
+            method=fit["method"],
+            largest_run=int(measured) if present(measured) else None,
+            next_failed=present(measured) and not fit[LOWER_BOUND],
+            predicted=int(predicted) if present(predicted) else None,
+        )
+    return entries
+
+
+def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
+    """Per workload row of ``matrix``: the methods ranked by memory, by trusted step time and by max batch."""
+    block = matrix.block
+    fits = results.fits
+    fits = fits[(fits["machine"] == block.machine) & (fits["device"] == block.device)] if len(fits) else fits
+    cases = one_process(results.cases)
+    cases = cases[(cases["machine"] == block.machine) & (cases["device"] == block.device)]
+    ranked = []
+    for row in matrix.rows:
+        ok = {m: c for m, c in row.cells.items() if c.status == "ok"}
+        memory = sorted((c.memory_ratio, m) for m, c in ok.items() if present(c.memory_ratio))
+        trusted = sorted((c.time_ratio, m) for m, c in ok.items() if c.time_verdict == "beyond noise")
+        entries = _max_batch_entries(fits, row.workload) if len(fits) else {}
+        dp_entries = [e for m, e in entries.items() if m != BASELINE_METHOD]
+        wcases = cases[(cases["workload"] == row.workload) & cases["status"].isin(["unsupported", "error"])]
+        failed = {(c["method"], c["status"]): first_line(c["reason"] or "") for _, c in wcases.iterrows()}
+        ranked.append(
+            Ranked(
+                workload=row.workload,
+                batch_size=row.batch_size,
+                lowest_memory=tuple((m, r) for r, m in memory),
+                fastest=tuple((m, r) for r, m in trusted),
+                untimed=tuple(sorted(set(ok) - {m for _, m in trusted})),
+                largest_batch=tuple(sorted(dp_entries, key=lambda e: (-e.rank_value, e.method))),
+                nondp_batch=entries.get(BASELINE_METHOD),
+                oom=tuple((m, c.largest_ok_batch) for m, c in sorted(row.cells.items()) if c.status == "oom"),
+                failed=tuple((m, s, reason) for (m, s), reason in sorted(failed.items())),
+            )
+        )
+    return ranked
+
+
+def _max_batch_text(entry: MaxBatchEntry) -> tuple[str, str, str]:
+    """(text, style, hover) of a max batch: measured "600" (the next batch failed), predicted "~619", beyond the
+    extrapolation limit "> 64", measured lower bound "≥16"."""
+    if entry.largest_run is None:
+        return "none ran", "", "no batch ran ok"
+    if entry.next_failed:
+        return f"{entry.largest_run}", "", f"measured: batch {entry.largest_run} ran ok, the next one tried failed"
+    factor = extrapolation_factor(entry.predicted, entry.largest_run)
+    if entry.predicted is not None and factor is None:
+        return f"~{entry.predicted}", "pred", f"predicted by the affine fit (largest batch run: {entry.largest_run})"
+    if entry.predicted is not None and entry.largest_run:
+        bound = EXTRAPOLATION_LIMIT * entry.largest_run
+        return (
+            f"> {bound}",
+            "extrap",
+            f"the fit predicts {entry.predicted} (×{factor:.0f} the largest batch run, {entry.largest_run}): an "
+            f"extrapolation beyond {EXTRAPOLATION_LIMIT}×, shown only as a bound",
+        )
+    return f"≥{entry.largest_run}", "", "measured lower bound: no larger batch was tried or failed"
+
+
+def _entries_cell(parts: list[tuple[str, str, str]], empty: str, footnote: str = "") -> Cell:
+    """A ranked cell: "a 1.02× · b 1.05× · c 1.3×" (top RANKED), the hovers joined."""
     if not parts:
-        return []
-    return [f"On {where}, at {workload} batch {batch} ({_METRIC_WORDS[metric]}): " + "; ".join(parts) + "."]
+        return Cell(empty, style="untrusted" if empty else "", footnote=footnote)
+    shown = parts[:RANKED]
+    styles = {s for _, s, _ in shown}
+    hover = "; ".join(f"{t}: {h}" for t, _, h in parts if h)
+    return Cell(
+        " · ".join(p[0] for p in shown),
+        style=styles.pop() if len(styles) == 1 else "",
+        hover=hover,
+        footnote=footnote,
+        spans=tuple((t, s) for t, s, _ in shown) if len(styles) > 1 else (),
+    )
 
 
-def _time_words(row: pd.Series) -> str:
-    """The step-time part of a headline: the ratio only when it is beyond its noise (tables.OVERHEAD_NOTES)."""
-    verdict = row[TIME_VERDICT]
-    if not present(row[TIME_RATIO]):
-        return ""
-    if verdict == "beyond noise":
-        return f" and {row[TIME_RATIO]:.2f}× its step time"
-    if verdict == "within noise":
-        return f", its step time within noise of non-DP's (±{row[TIME_NOISE]:.0%})"
-    if verdict == "threads differ":
-        return ", its step time not comparable (timed with different torch thread counts)"
-    return f", its step time noise unknown (fewer than {MIN_NOISE_ROUNDS} timed rounds, or no IQR)"
+def _batch_cell(r: Ranked) -> Cell:
+    """The "largest batch" cell: the DP methods by max batch (top RANKED), nondp's below; when every one is the
+    same extrapolated bound, that bound once (a ranking of extrapolations would say nothing)."""
+    texts = {e.method: _max_batch_text(e) for e in (*r.largest_batch, *([r.nondp_batch] if r.nondp_batch else []))}
+    if not texts:
+        return Cell("")
+    if len({(text, style) for text, style, _ in texts.values()}) == 1 and next(iter(texts.values()))[1] == "extrap":
+        text, _, _ = next(iter(texts.values()))
+        hover = "; ".join(f"{m}: {h}" for m, (_, _, h) in texts.items())
+        return Cell(f"every method {text}", style="extrap", hover=hover, sub="fit extrapolated: not ranked")
+    cell = _entries_cell([(f"{e.method} {texts[e.method][0]}", *texts[e.method][1:]) for e in r.largest_batch], "")
+    if r.nondp_batch is None:
+        return cell
+    return dataclasses.replace(cell, sub=f"nondp {texts[r.nondp_batch.method][0]}")
 
 
-def _method_lines(method: str, mrows: pd.DataFrame, where: str) -> list[str]:
-    """Where one DP method ran out of memory, was unsupported or failed, on one machine."""
-    lines = []
-    oom_text = []
-    for workload, wrows in mrows.groupby("workload", sort=True):
-        ooms = wrows[wrows["status"] == "oom"]["batch_size"]
-        if len(ooms):
-            ok = wrows[wrows["status"] == "ok"]["batch_size"]
-            below = ok[ok < ooms.min()]
-            oom_text.append(
-                f"above batch {int(below.max())} on {workload}"
-                if len(below)
-                else f"at every batch tried (from {int(ooms.min())}) on {workload}"
-            )
-    if oom_text:
-        lines.append(f"On {where}, {method} runs out of memory " + ", ".join(oom_text) + ".")
-    unsupported = mrows[mrows["status"] == "unsupported"]
-    if len(unsupported):
-        reason = first_line(unsupported["reason"].iloc[0])
-        workloads = ", ".join(sorted(unsupported["workload"].unique()))
-        lines.append(f"On {where}, {method} is unsupported on {workloads}" + (f": {reason}" if reason else "") + ".")
-    errors = mrows[mrows["status"] == "error"]
-    if len(errors):
-        lines.append(f"On {where}, {method} failed with an error in {len(errors)} case(s) (see the tables).")
-    return lines
-
-
-def _headline_case(rows: pd.DataFrame) -> tuple[str, int] | None:
-    """(workload, batch) for the headline sentence: prefer DiT, then the most parameters, then the largest batch."""
-    candidates = []
-    for workload, wrows in rows.groupby("workload"):
-        if BASELINE_METHOD not in set(wrows["method"]):
-            continue
-        good = all_ok_batches(wrows)
-        if good:
-            params = wrows["params_total"].max()
-            candidates.append(
-                (wrows["family"].iloc[0] == "dit", params if pd.notna(params) else 0, max(good), workload)
-            )
-    if not candidates:
-        return None
-    *_, batch, workload = max(candidates)
-    return workload, int(batch)
+def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
+    """The ranked summary as a table, one row per workload; empty columns left out (named in the caption)."""
+    memory_title = f"largest batch in {byte_text(block.memory_bytes)}" if block.memory_bytes else "largest batch"
+    header = ["workload · batch", "lowest memory (×nondp)", "fastest DP step (×nondp)", memory_title]
+    header += ["OOM at this batch", "unsupported / error"]
+    rows = []
+    for r in ranked:
+        memory = [(f"{m} {v:.2f}×", "", "") for m, v in r.lowest_memory]
+        fastest = [(f"{m} {v:.2f}×", "", "beyond timing noise") for m, v in r.fastest]
+        untimed = f"{len(r.untimed)} within noise or not comparable: {', '.join(r.untimed)}" if r.untimed else ""
+        batch_cell = _batch_cell(r)
+        oom = [(f"{m} (ok ≤ {b})" if b else f"{m} (no batch ok)", "oom", "") for m, b in r.oom]
+        by_reason: dict[str, list[str]] = {}
+        for method, status, reason in r.failed:
+            gist = short_reason(reason, method) if status == "unsupported" else "error"
+            by_reason.setdefault(gist, []).append(method)
+        failed = [(f"{', '.join(ms)}: {gist}", "unsupported", "") for gist, ms in by_reason.items()]
+        footnotes = "; ".join(f"{m} ({s}): {reason}" for m, s, reason in r.failed)
+        rows.append(
+            [
+                Cell(r.workload, style="label", sub=f"B={r.batch_size}"),
+                _entries_cell(memory, "no ratio"),
+                _entries_cell(fastest, "none beyond timing noise", footnote=untimed if not fastest else ""),
+                batch_cell,
+                _entries_cell(oom, ""),
+                Cell(" · ".join(t for t, _, _ in failed), style="unsupported" if failed else "", footnote=footnotes),
+            ]
+        )
+    if block.predicted:  # nothing was timed
+        header.pop(2)
+        rows = [row[:2] + row[3:] for row in rows]
+    grid = Grid(
+        title=f"Ranked per workload — {block.title}",
+        caption=f"Top {RANKED} per column at the matrix's batch; ratios of {METRIC_WORDS[block.metric]}.",
+        header=header,
+        rows=rows,
+        kind="ranked",
+        legend=(
+            "Largest batch: N measured (the next batch tried failed) · ≥N measured, nothing larger tried · ~N "
+            "predicted by the affine fit peak(B) = fixed + per_sample·B · > N the fit predicts more than "
+            f"{EXTRAPOLATION_LIMIT}× the largest batch run: an extrapolation, shown only as that bound."
+        ),
+    )
+    return compact(grid, keep=tuple(header[:-2]))  # the ranked columns stay even when they read the same

@@ -10,7 +10,6 @@ table). Text such as "OOM", "nondp OOM", "≥12" or "n/a" is produced only when 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,6 +18,7 @@ from bench.maxbatch import affine_fit, predict_max_batch  # the one fit, shared 
 
 __all__ = [
     "BASELINE_METHOD",
+    "EXTRAPOLATION_LIMIT",
     "FIT_NOTES",
     "MIB",
     "MIN_NOISE_ROUNDS",
@@ -27,6 +27,7 @@ __all__ = [
     "TIME_VERDICTS",
     "affine_fit_table",
     "all_ok_batches",
+    "extrapolation_factor",
     "first_line",
     "fit_display",
     "fit_metric_for",
@@ -35,16 +36,20 @@ __all__ = [
     "overhead_display",
     "overhead_table",
     "overhead_warnings",
+    "predicted_max_batch_text",
     "present",
     "status_label",
     "time_noise",
     "time_verdict",
     "to_markdown",
-    "write_table",
 ]
 
 BASELINE_METHOD = "nondp"
 MIB = 2**20
+# A max-batch prediction above this multiple of the largest batch that ran is an extrapolation: written as a
+# bound ("> N (extrapolated ×K)"), drawn capped, never as a bare number (bk's fit on dit-tiny-cond, 5.4 MiB at
+# batch 16, "fits" 119024 samples in 23.5 GiB of RAM).
+EXTRAPOLATION_LIMIT = 4
 
 # Ratio columns of the overhead table: column title -> the record's figure it divides.
 RATIO_COLUMNS = {
@@ -63,8 +68,9 @@ TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads diffe
 
 OVERHEAD_NOTES = (
     "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device, "
-    "machine, precision and activation checkpointing. `peak tensor` = peak live tensor bytes (exact tracker, "
-    "every device); `peak allocated` / "
+    "machine, precision, activation checkpointing, world size and strategy (`parallel`; a case on many ranks "
+    "compares per-rank peaks, the batch is global). `peak tensor` = peak live tensor bytes (exact tracker, every "
+    "device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
     "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes. "
     "`step time noise` = √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (the relative "
@@ -79,9 +85,14 @@ FIT_NOTES = (
     "Affine fit peak(B) = fixed + per_sample · B of each method's peak memory over the batch sizes that ran "
     "(`fit metric`: peak_reserved_bytes on CUDA where every point has it, else peak_tensor_bytes). "
     "`predicted max batch` is the largest B with peak(B) ≤ `memory`; `measured max batch` is the largest batch "
-    'that ran ok ("≥" when no larger batch failed). The CSV holds the numbers (empty where there is none) and a '
+    'that ran ok ("≥" when no larger batch failed). A prediction above '
+    f"{EXTRAPOLATION_LIMIT}× the measured max batch is an extrapolation of the fit far outside the batches it saw: "
+    'it is written "> N (extrapolated ×K)", N being that limit and K the prediction over the measured max batch. '
+    "The CSV holds the numbers (the prediction as computed, empty where there is none) and a "
     '`max batch is lower bound` column for the "≥".'
 )
+
+ONE_PROCESS = "none"  # the `parallel` column of a one-process case (world size 1)
 
 _STATUS_LABELS = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
 
@@ -110,10 +121,24 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Overhead over non-DP
 # ---------------------------------------------------------------------------------------------------------------
+def with_rank_columns(cases: pd.DataFrame) -> pd.DataFrame:
+    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS where a frame built without them lacks
+    them: every such row is a one-process case)."""
+    missing = {k: v for k, v in (("world_size", 1), ("parallel", ONE_PROCESS)) if k not in cases}
+    return cases.assign(**missing) if missing else cases
+
+
+def one_process(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` (cases or overhead) of one process, world size 1: the views of one device."""
+    return frame[frame["world_size"] == 1]
+
+
 def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
-    """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES)."""
-    # nondp of the same training mode: a ratio across precisions or checkpointing would measure the mode too
-    group_key = ["machine", "device", "workload", "batch_size", "precision", "checkpointing"]
+    """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES) at
+    the same training mode (a ratio across precisions or checkpointing would measure the mode too), world size and
+    strategy (a case on many ranks: per-rank peak over nondp's per-rank peak)."""
+    cases = with_rank_columns(cases)
+    group_key = ["machine", "device", "workload", "batch_size", "precision", "checkpointing", "world_size", "parallel"]
     columns = [
         *group_key,
         "method",
@@ -230,8 +255,10 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     """Per machine × device × workload × method: the affine fit and max batch (measured vs predicted).
 
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
-    ok batch sizes) and the measured max batch is the largest ok batch among them."""
+    ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
+    max-batch search runs one process, and a many-rank case's batch is split over its ranks."""
     key = ["machine", "device", "workload", "method"]
+    cases = one_process(with_rank_columns(cases))
     columns = [
         *key,
         "source",
@@ -322,10 +349,34 @@ def fit_display(table: pd.DataFrame) -> pd.DataFrame:
         else:
             shown.at[i, "measured max batch"] = "none"
         shown.at[i, "first failing batch"] = _number_or(row["first failing batch"], "none")
-        shown.at[i, "predicted max batch"] = _number_or(row["predicted max batch"], "n/a")
+        shown.at[i, "predicted max batch"] = predicted_max_batch_text(row["predicted max batch"], measured)
         shown.at[i, "memory GiB"] = _number_or(row["memory GiB"], "n/a")
         shown.at[i, "points"] = _number_or(row["points"], "")
     return shown
+
+
+def extrapolation_factor(predicted: Any, largest_run: Any) -> float | None:
+    """predicted / largest_run when the prediction lies beyond EXTRAPOLATION_LIMIT × the largest batch that ran
+    (an extrapolation), else None (no prediction, or one within the limit)."""
+    if not present(predicted):
+        return None
+    if not present(largest_run) or int(largest_run) <= 0:
+        return math.inf  # nothing ran: every prediction is an extrapolation
+    factor = float(predicted) / float(largest_run)
+    return factor if factor > EXTRAPOLATION_LIMIT else None
+
+
+def predicted_max_batch_text(predicted: Any, largest_run: Any) -> str:
+    """A predicted max batch as text: "619"; "> 64 (extrapolated ×7439)" beyond the extrapolation limit (64 =
+    EXTRAPOLATION_LIMIT × the largest batch that ran); "n/a" without a prediction."""
+    if not present(predicted):
+        return "n/a"
+    factor = extrapolation_factor(predicted, largest_run)
+    if factor is None:
+        return str(int(predicted))
+    if math.isinf(factor):
+        return "n/a (no batch ran)"
+    return f"> {EXTRAPOLATION_LIMIT * int(largest_run)} (extrapolated ×{factor:.0f})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,15 +411,6 @@ def to_markdown(table: pd.DataFrame) -> str:
         "| " + " | ".join(markdown_text(format_number(v)) for v in row) + " |" for row in table.itertuples(index=False)
     ]
     return "\n".join([header, rule, *body]) + "\n"
-
-
-def write_table(table: pd.DataFrame, display: pd.DataFrame, out_dir: Path, stem: str, notes: str) -> list[Path]:
-    """Write ``stem``.md (notes + the display table) and ``stem``.csv (the typed table); returns both paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    md_path.write_text(f"{notes}\n\n{to_markdown(display)}", encoding="utf-8")
-    table.to_csv(csv_path, index=False)
-    return [md_path, csv_path]
 
 
 def overhead_warnings(table: pd.DataFrame) -> list[str]:

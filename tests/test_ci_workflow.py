@@ -62,7 +62,7 @@ def test_workflow_is_yaml_with_a_gpu_matrix_of_runner_labels():
     uploads = [s for s in bench["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
     assert uploads and uploads[0]["if"] == "always()"  # a killed run still uploads its JSON-lines file
     report = data["jobs"]["report"]
-    assert report["needs"] == "bench"
+    assert report["needs"] == ["bench", "bench-ranks"]
     assert any(str(s.get("uses", "")).startswith("actions/download-artifact") for s in report["steps"])
     compare_step = _steps("report")["Compare with the baseline"]
     assert "if [ -f baseline/gpu-bench.json ]" in compare_step["run"]  # skips cleanly without a baseline
@@ -95,21 +95,17 @@ def test_workflow_reports_commands_use_real_subcommands_and_options():
 
 
 def test_bench_runs_the_venvs_pytest_as_a_module_on_one_gpu():
-    """A bare `pytest` can be the runner's system pytest, which does not see the venv's packages."""
-    (command,) = [t for t in _workflow_commands() if "pytest" in t[:3]]
-    assert command[:3] == [".venv/bin/python", "-m", "pytest"]
-    tokens = command[2:]
-    assert tokens[tokens.index("--devices") + 1] == "cuda:0"  # the case set does not depend on the GPU count
+    """A bare `pytest` can be the runner's system pytest, which does not see the venv's packages. Both bench
+    jobs (one GPU per runner; the optional many-rank one) run it so."""
+    commands = [t for t in _workflow_commands() if "pytest" in t[:3]]
+    assert len(commands) == 2
+    for command in commands:
+        assert command[:3] == [".venv/bin/python", "-m", "pytest"]
+        tokens = command[2:]
+        assert tokens[tokens.index("--devices") + 1] == "cuda:0"  # the one-process cases: the first GPU
 
 
-def test_workflow_pytest_command_names_real_paths_and_options():
-    (tokens,) = _pytest_commands()
-    paths = [
-        t
-        for prev, t in itertools.pairwise(tokens)
-        if not t.startswith("-") and not (prev.startswith("--") and "=" not in prev)
-    ]
-    assert paths == ["bench/"] and (ROOT / "bench" / "test_dp_step.py").is_file()
+def test_workflow_pytest_commands_name_real_paths_and_options():
     help_text = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/", "--help", "-p", "no:cacheprovider"],
         cwd=ROOT,
@@ -118,18 +114,44 @@ def test_workflow_pytest_command_names_real_paths_and_options():
         timeout=120,
     ).stdout
     known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
-    for token in tokens[1:]:
-        if token.startswith("--"):
-            assert token.split("=", 1)[0] in known, f"workflow passes unknown pytest option {token}"
     from bench.config import PRESETS
 
-    assert tokens[tokens.index("--preset") + 1] in PRESETS
+    for tokens in _pytest_commands():
+        paths = [
+            t
+            for prev, t in itertools.pairwise(tokens)
+            if not t.startswith("-") and not (prev.startswith("--") and "=" not in prev)
+        ]
+        assert paths == ["bench/"] and (ROOT / "bench" / "test_dp_step.py").is_file()
+        for token in tokens[1:]:
+            if token.startswith("--"):
+                assert token.split("=", 1)[0] in known, f"workflow passes unknown pytest option {token}"
+        assert tokens[tokens.index("--preset") + 1] in PRESETS
 
 
-def test_install_pins_the_runners_torch_for_every_pip_install(tmp_path):
-    """pip must keep the runner's CUDA torch or fail, never replace it: every pip install in the bench job runs
+def test_many_rank_job_is_optional_and_its_ranks_fit_its_runner():
+    """The multi-GPU entry runs only when asked (a dispatch input or a repository variable), on the runner
+    labelled multi-gpu, whose install checks it has the GPUs the largest world size needs (one per rank)."""
+    from bench.options import parallel_strategies, world_sizes
+
+    data = _workflow()
+    job = data["jobs"]["bench-ranks"]
+    assert "inputs.multi_gpu" in job["if"] and "vars.DPMEM_MULTI_GPU" in job["if"]
+    assert data[True]["workflow_dispatch"]["inputs"]["multi_gpu"]["default"] is False  # YAML reads `on` as True
+    assert job["runs-on"] == ["self-hosted", "multi-gpu"]
+    (tokens,) = [t for t in _pytest_commands() if "--world-sizes" in t]
+    sizes = world_sizes(tokens[tokens.index("--world-sizes") + 1])
+    assert parallel_strategies(tokens[tokens.index("--parallel") + 1]) == ("ddp", "fsdp")
+    install = {s["name"]: s for s in job["steps"] if "name" in s}["Install (keeping the runner's CUDA torch)"]
+    assert f"device_count() >= {max(sizes)}" in install["run"]
+    assert job["steps"][-1]["if"] == "always()" and job["steps"][-1]["with"]["name"] == "results-multi-gpu"
+
+
+@pytest.mark.parametrize("job", ["bench", "bench-ranks"])
+def test_install_pins_the_runners_torch_for_every_pip_install(tmp_path, job):
+    """pip must keep the runner's CUDA torch or fail, never replace it: every pip install in a bench job runs
     under a constraint file holding torch==<the installed version>, written by a command that works here."""
-    script = _steps("bench")["Install (keeping the runner's CUDA torch)"]["run"]
+    script = _steps(job)["Install (keeping the runner's CUDA torch)"]["run"]
     lines = [shlex.split(line, comments=True) for line in script.splitlines()]
     writers = [t for t in lines if ">" in t and t[t.index(">") + 1] == "$RUNNER_TEMP/torch-constraint.txt"]
     (writer,) = writers

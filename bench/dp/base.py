@@ -15,13 +15,13 @@ been prepared for it (:func:`bench.dp.modes.prepare_model`). A method that canno
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
+from bench.options import did_you_mean
 
 from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
 from .errors import DPConfigError
@@ -79,6 +79,10 @@ class ClippedSumStep(DPStep):
     they implement :meth:`clipped_sum` (marking forward/backward/clip); noise, loss scaling and the update are
     shared."""
 
+    # Set by data-parallel ranks (bench/dp/parallel.py): sums the clipped sums over the ranks, in place, before
+    # the noise, so the noise is added once to the global sum (``batch_size`` is then the global batch).
+    reduce_clipped_sums: Callable[[list[Tensor]], None] | None = None
+
     def __init__(
         self, workload, model, optimizer, privacy, batch_size: int, noise_generator, mode: TrainingMode = DEFAULT_MODE
     ):
@@ -101,6 +105,8 @@ class ClippedSumStep(DPStep):
         scaler = self.scaler
         loss_scale = None if scaler is None else scaler.scale(torch.ones((), device=self.device))  # no host sync
         params, sums, loss = self.clipped_sum(batch, mark, loss_scale)
+        if self.reduce_clipped_sums is not None:
+            self.reduce_clipped_sums(sums)
         mark("noise")
         for p, g in zip(params, sums):
             p.grad = g
@@ -167,8 +173,7 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> DPMethod:
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.4)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        hint = did_you_mean(name, list(_METHODS), cutoff=0.4)
         raise DPConfigError(f"unknown DP method {name!r}{hint}; valid: {', '.join(_METHODS)}")
     return _METHODS[name]
 

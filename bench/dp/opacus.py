@@ -154,7 +154,7 @@ class _OpacusMethod(DPMethod):
         return MethodUnsupported(self.name, error_text(exc), diagnose(self.name, workload, model, exc, mode))
 
     def _wrap_for_step(
-        self, workload, model: nn.Module, wrap: Callable[[], nn.Module], mode: TrainingMode
+        self, workload, model: nn.Module, wrap: Callable[[], nn.Module], mode: TrainingMode = DEFAULT_MODE
     ) -> nn.Module:
         """``wrap()``; on the library's failure, a clean model and :class:`MethodUnsupported`."""
         try:

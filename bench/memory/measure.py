@@ -4,10 +4,11 @@
                                  optimizer=step.optimizer, notes=record.notes)
 
 Sources: the tensor tracker (any device), the CUDA allocator peaks and the NVML sampler (CUDA), process RSS
-(CPU). The measured round is not a timed round: on CUDA its marks synchronise the device so phase times are
-true, the tracker slows every op, and the GIL switch interval is shortened so the sampler threads get their
-turn while the main thread runs Python. Run one warm-up step before it (lazy kernel loading, cuBLAS
-workspaces and optimizer state are then in the baseline, not in the step's peak).
+(CPU); on meta the tracker alone (nothing is resident). The measured round is not a timed round: on CUDA its
+marks synchronise the device so phase times are true, the tracker slows every op, and the GIL switch interval
+is shortened so the sampler threads get their turn while the main thread runs Python. Run one warm-up step
+before it (lazy kernel loading, cuBLAS workspaces and optimizer state are then in the baseline, not in the
+step's peak).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def measure_step(
     nvml_baseline_bytes: int | None = None,
     memory_cap_bytes: int | None = None,
     notes: list[str] | None = None,
+    extra_state: Sequence[torch.Tensor] = (),
 ) -> StepMemory:
     """Run ``run_step(mark)`` once under every source for ``device`` and return its figures.
 
@@ -59,9 +61,10 @@ def measure_step(
     context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
     against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
     :class:`~bench.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
-    cap). ``notes`` receives one line per source problem. An exception from the step (out-of-memory included)
-    propagates after every source is stopped and the tracker detached; the figures gathered until then ride
-    along as ``exc.partial_measurement`` (a StepMemory)."""
+    cap). ``extra_state``: more tensors that exist before the step (e.g. the batch), declared to the tracker so
+    that only storages made outside its view are adopted. ``notes`` receives one line per source problem. An
+    exception from the step (out-of-memory included) propagates after every source is stopped and the tracker
+    detached; the figures gathered until then ride along as ``exc.partial_measurement`` (a StepMemory)."""
     interval_s = check_interval(sample_interval_s)
     process_interval_s = check_interval(process_interval_s, "process sample interval")
     device = resolve_device(device)
@@ -74,7 +77,7 @@ def measure_step(
     tracker: TensorTracker | None = None
     if track_tensors:
         tracker = TensorTracker(device, cap_bytes=memory_cap_bytes)
-        tracker.register_state(model, optimizer)
+        tracker.register_state(model, optimizer, extra=extra_state)
     alloc_at_start = None
     if is_cuda:
         allocator.reset_peak(device)  # synchronises, so the first NVML reading sees a quiet device
@@ -99,7 +102,7 @@ def measure_step(
         if is_cuda:
             memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(device)
             traces.update(add_nvml_figures(memory, window.sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
-        else:
+        elif window.sampler is not None:
             traces.update(add_rss_figures(memory, window.sampler.result, notes))
         memory.timeline = build_timeline(traces, window.t0, window.t_end)
         return memory
@@ -128,7 +131,7 @@ def measure_step(
 class SamplingWindow:
     """The sampler of one measured round and the ``perf_counter`` window it covered (set by :func:`sampling`)."""
 
-    sampler: NvmlSampler | RssSampler
+    sampler: NvmlSampler | RssSampler | None  # meta: nothing resident to sample, the tracker is all
     interval_s: float
     t0: float = math.nan
     t_end: float = math.nan
@@ -142,15 +145,17 @@ def new_sampling_window(
     nvml_module: Any = None,
 ) -> SamplingWindow:
     """The sampler the measured round runs on ``device``: NVML (with the allocator's ``memory_allocated`` as its
-    slow probe) on CUDA, process RSS elsewhere."""
+    slow probe) on CUDA, none on meta, process RSS elsewhere."""
     if device.type == "cuda":
-        sampler: NvmlSampler | RssSampler = NvmlSampler(
+        sampler: NvmlSampler | RssSampler | None = NvmlSampler(
             device.index,
             interval_s=interval_s,
             process_interval_s=process_interval_s,
             nvml=nvml_module,
             slow_probe=lambda: torch.cuda.memory_allocated(device),
         )
+    elif device.type == "meta":
+        sampler = None
     else:
         sampler = RssSampler(interval_s)
     return SamplingWindow(sampler, interval_s)
@@ -164,7 +169,8 @@ def sampling(window: SamplingWindow, device: torch.device, notes: list[str]) -> 
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, window.interval_s))
     try:
-        window.sampler.start()
+        if window.sampler is not None:
+            window.sampler.start()
         window.t0 = time.perf_counter()
         try:
             yield window
@@ -175,7 +181,8 @@ def sampling(window: SamplingWindow, device: torch.device, notes: list[str]) -> 
                 except Exception as exc:  # after a device error the sync may fail too; still stop the sampler
                     notes.append(f"CUDA: synchronize after the step failed ({type(exc).__name__}: {exc})")
             window.t_end = time.perf_counter()
-            window.sampler.stop()
+            if window.sampler is not None:
+                window.sampler.stop()
     finally:
         sys.setswitchinterval(old)
 
@@ -186,6 +193,7 @@ def add_tensor_figures(memory: StepMemory, report: TensorReport, notes: list[str
     memory.baseline_tensor_bytes = report.baseline_tensor_bytes
     memory.breakdown = report.breakdown
     memory.peak_phase = report.peak_phase
+    memory.adopted_tensor_bytes = report.adopted_bytes
     if report.adopted_storages:
         notes.append(
             f"tensors: {report.adopted_storages} pre-existing storage(s) first seen as op inputs "

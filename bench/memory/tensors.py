@@ -27,6 +27,13 @@ replay would find (start bytes + the highest cumulative allocation so far) and r
 per allocation. The bench runs the warm-up step and the measured round under it, so an ``ok`` case's tracked
 peak never exceeds the cap.
 
+Storages resized outside dispatch: FSDP2 allocates and frees its all-gathered (unsharded) parameters with
+``UntypedStorage.resize_``, which is no aten op. While a tracker records, that method is wrapped (restored
+when the last tracker exits), so such a resize is an allocation, a free or a resize in the log like any other;
+a storage first seen there with bytes already in it is adopted at those bytes. A wrapper tensor subclass
+(DTensor: FSDP2's sharded parameters, gradients and optimizer state) is counted by its inner tensor's
+storage, the local shard; its own ``untyped_storage()`` is a placeholder sized like the global tensor.
+
 Limits: tensors without a storage (sparse, nested) are skipped; allocations made inside one kernel and freed
 before it returns are invisible (they never reach Python); storages on another device than the tracked one
 are ignored (a CUDA step's CPU scalars do not count).
@@ -42,7 +49,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from bench.channel import listening
 from bench.record import CATEGORIES
@@ -55,6 +62,32 @@ _MARK = 3  # a = phase name
 
 # Ops whose input is a tensor created outside dispatch just before (torch.tensor / as_tensor from data).
 _FRESH_OPS = (torch.ops.aten.lift_fresh.default,)
+
+# Trackers recording now; UntypedStorage.resize_ is wrapped while this list is not empty.
+_RESIZE_LISTENERS: list[TensorTracker] = []
+_ORIGINAL_RESIZE = torch.UntypedStorage.resize_
+
+
+def _resize_and_tell(storage, size):
+    before = storage.nbytes()
+    result = _ORIGINAL_RESIZE(storage, size)
+    for tracker in list(_RESIZE_LISTENERS):
+        tracker._on_storage_resize(storage, before)
+    return result
+
+
+def _listen_to_resizes(tracker: TensorTracker) -> None:
+    if not _RESIZE_LISTENERS:
+        torch.UntypedStorage.resize_ = _resize_and_tell
+    _RESIZE_LISTENERS.append(tracker)
+
+
+def _stop_listening_to_resizes(tracker: TensorTracker) -> None:
+    if tracker in _RESIZE_LISTENERS:
+        _RESIZE_LISTENERS.remove(tracker)
+    if not _RESIZE_LISTENERS:
+        torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE
+
 
 # Attributes under which Opacus keeps per-sample gradients on a parameter.
 _PER_SAMPLE_ATTRS = ("grad_sample", "_current_grad_sample")
@@ -113,6 +146,9 @@ class TensorTracker(TorchDispatchMode):
         self._unknown_annotations = 0
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        # Devices of the storages behind the tracked device's tensors: the device itself, or "meta" for the
+        # FakeTensors of a FakeTensorMode (a storage resized outside dispatch is matched by its own device).
+        self._storage_devices: set[torch.device] = {self.device}
 
     # ---- declaring the pre-existing state -----------------------------------------------------------------
     def register_state(
@@ -179,6 +215,7 @@ class TensorTracker(TorchDispatchMode):
             raise RuntimeError("a TensorTracker measures one step; create a new one")
         self._listening = listening(self._on_annotation)
         self._listening.__enter__()
+        _listen_to_resizes(self)
         self._recording = True
         return super().__enter__()
 
@@ -189,6 +226,7 @@ class TensorTracker(TorchDispatchMode):
         finally:
             self._recording = False
             self._finished = True
+            _stop_listening_to_resizes(self)
             self._listening.__exit__(None, None, None)
             # Dropping the weakrefs also drops their callbacks: frees after the step are not logged.
             self._live.clear()
@@ -229,12 +267,15 @@ class TensorTracker(TorchDispatchMode):
         return out
 
     def _storage_on_device(self, tensor: Tensor):
-        if tensor.device != self.device:
+        tensor = _inner_tensor(tensor)
+        if tensor is None or tensor.device != self.device:
             return None
         try:
-            return tensor.untyped_storage()
+            storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, storage-less subclasses
             return None
+        self._storage_devices.add(storage.device)
+        return storage
 
     def _new_entry(self, storage) -> int:
         sid = self._next_sid
@@ -248,15 +289,23 @@ class TensorTracker(TorchDispatchMode):
         storage = self._storage_on_device(tensor)
         if storage is None or id(storage) in self._live:
             return
-        sid = self._new_entry(storage)  # pre-existing but not declared: live since the start
-        self._adopted[sid] = nbytes = self._live[id(storage)][1]
+        self._adopt(storage, storage.nbytes())
+
+    def _adopt(self, storage, nbytes: int) -> list:
+        """A pre-existing storage the tracker was not told about: live since the start, at ``nbytes``."""
+        sid = self._new_entry(storage)
+        self._live[id(storage)][1] = self._adopted[sid] = nbytes
         self._start_bytes += nbytes
         self._check_cap()
+        return self._live[id(storage)]
 
     def _note_output(self, tensor: Tensor, func) -> None:
         storage = self._storage_on_device(tensor)
-        if storage is None:
-            return
+        if storage is not None:
+            self._note_storage(storage)
+
+    def _note_storage(self, storage) -> None:
+        """An op (or a resize) returned ``storage``: a new one is an allocation, a known one may have been resized."""
         entry = self._live.get(id(storage))
         now = time.perf_counter()
         if entry is None:
@@ -271,6 +320,15 @@ class TensorTracker(TorchDispatchMode):
             self._events.append((now, _RESIZE, entry[0], nbytes - entry[1]))
             grown, entry[1] = nbytes - entry[1], nbytes
             self._grow(grown)
+
+    def _on_storage_resize(self, storage, before: int) -> None:
+        """``storage.resize_`` ran outside dispatch (FSDP2's unsharded parameters): log it like an op's result.
+        A storage first seen here was allocated by the resize (empty before) or pre-existed at ``before`` bytes."""
+        if not self._recording or storage.device not in self._storage_devices:
+            return
+        if id(storage) not in self._live and before > 0:
+            self._adopt(storage, before)
+        self._note_storage(storage)
 
     def _grow(self, nbytes: int) -> None:
         self._delta_bytes += nbytes
@@ -374,6 +432,19 @@ def optimizer_state_tensors(optimizer: Any) -> list[Tensor]:
         values = state.values() if isinstance(state, dict) else (state,)
         tensors.extend(v for v in values if isinstance(v, Tensor))
     return tensors
+
+
+def _inner_tensor(tensor: Tensor) -> Tensor | None:
+    """The tensor that holds ``tensor``'s memory: a wrapper subclass such as DTensor owns no storage of its own
+    (its ``untyped_storage()`` is a placeholder sized like the *global* tensor), its one inner tensor does (the
+    local shard). None for a wrapper of several inner tensors (not counted)."""
+    while is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()  # DTensor: ["_local_tensor", "device_mesh"] (a mesh is no tensor)
+        inner = [t for t in (getattr(tensor, name) for name in names) if isinstance(t, Tensor)]
+        if len(inner) != 1:
+            return None
+        tensor = inner[0]
+    return tensor
 
 
 def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:

@@ -25,7 +25,12 @@ def test_cpu_resolves():
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("spec", ["cuda:7", "tpu", "mps", "cuda:-1", "", "gpu0", "meta"])
+def test_meta_resolves():
+    assert resolve_device("meta") == torch.device("meta")
+    assert resolve_device(torch.device("meta")) == torch.device("meta")
+
+
+@pytest.mark.parametrize("spec", ["cuda:7", "tpu", "mps", "cuda:-1", "", "gpu0", "meta:1x"])
 def test_bad_devices_raise_naming_the_visible_ones(spec):
     if spec == "cuda:7" and not NO_GPU and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")

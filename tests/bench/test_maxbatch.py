@@ -77,3 +77,89 @@ def test_build_record_unsupported_has_no_fit():
         "w", "m", "cpu", probes, None, 1, fit_metric="peak_tensor_bytes", memory_limit_bytes=10, predict_for=[]
     )
     assert record.status == "unsupported" and record.fit_fixed_bytes is None
+
+
+def test_cuda_predictions_leave_out_what_the_allocator_never_had():
+    """Issue #9 item 9: a GPU's capacity for the allocator is its total memory less the NVML case-start reading
+    (CUDA context, other processes); the fit of peak reserved bytes is only valid against that."""
+    gib = 2**30
+    # reserved(B) = 2 GiB + 0.5 GiB·B; an 80 GiB card that already shows 3 GiB used at case start
+    probes = [BatchProbe(b, "ok", peak_reserved_bytes=2 * gib + b * gib // 2) for b in (1, 2, 4, 8)]
+    baseline = maxbatch.non_allocator_bytes([3 * gib, None, 3 * gib + 10, 3 * gib - 10])
+    assert baseline == 3 * gib
+    record = maxbatch.build_record(
+        "w",
+        "m",
+        "cuda:0",
+        probes,
+        8,
+        None,
+        fit_metric="peak_reserved_bytes",
+        memory_limit_bytes=80 * gib,
+        predict_for=[40 * gib],
+        capacity=lambda size: size - baseline,
+    )
+    assert record.predicted_max_batch == {str(40 * gib): 70, str(80 * gib): 150}  # (M − 3 − 2) / 0.5
+    unadjusted = maxbatch.build_record(
+        "w",
+        "m",
+        "cuda:0",
+        probes,
+        8,
+        None,
+        fit_metric="peak_reserved_bytes",
+        memory_limit_bytes=80 * gib,
+        predict_for=[],
+        capacity=float,
+    )
+    assert unadjusted.predicted_max_batch[str(80 * gib)] == 156  # what ignoring the context claimed
+    assert maxbatch.non_allocator_bytes([None]) is None
+
+
+def _piecewise_meta_probe(calls: list, fixed: int = 5_000, per_sample: int = 100, flat: int = 20_000):
+    """A step whose peak is the optimizer's (flat) at small B and the backward's (affine) at large B."""
+
+    def probe(b: int):
+        calls.append(b)
+        peak = max(flat, fixed + per_sample * b)
+        return BatchProbe(b, "ok", peak_tensor_bytes=peak), {"activations": peak - fixed, "parameters": fixed}
+
+    return probe
+
+
+@pytest.mark.parametrize("start", [1, 8])
+@pytest.mark.parametrize("fixed_overhead, fraction", [(0, 0.0), (1_000, 0.1)])
+def test_meta_search_is_exact_for_every_budget(start, fixed_overhead, fraction):
+    from bench.overhead import OverheadModel
+
+    overhead = OverheadModel(fixed_overhead, fraction)
+    budgets = [10_000, 25_000, 60_000, 123_456, 10**9]
+    calls: list[int] = []
+    answers, probes = maxbatch.search_budgets(_piecewise_meta_probe(calls), budgets, overhead, 4096, start=start)
+
+    def fits(b):
+        return overhead.device_bytes(max(20_000, 5_000 + 100 * b))
+
+    for budget, answer in zip(sorted(budgets), answers):
+        brute = max((b for b in range(1, 4097) if fits(b) <= budget), default=None)
+        assert answer.budget_bytes == budget and answer.max_batch == brute
+        if brute is None:
+            assert answer.first_failing_batch == 1
+        elif brute == 4096:
+            assert answer.first_failing_batch is None
+        else:
+            assert answer.first_failing_batch == brute + 1
+            assert {brute, brute + 1} <= set(calls)  # both sides of the boundary really ran
+            assert answer.device_bytes == fits(brute) and answer.breakdown["parameters"] == 5_000
+    assert len(calls) == len(set(calls)) == len(probes)  # no batch probed twice
+    assert len(calls) <= 4 * len(budgets) + 4
+
+
+def test_meta_search_stops_at_an_unsupported_probe():
+    def probe(b):
+        return BatchProbe(b, "unsupported"), {}
+
+    answers, probes = maxbatch.search_budgets(
+        probe, [10, 20], __import__("bench.overhead").overhead.DEFAULT_OVERHEAD, 64
+    )
+    assert len(probes) == 1 and all(a.max_batch is None and a.first_failing_batch is None for a in answers)

@@ -7,12 +7,13 @@ in ``benchmarks`` and untimed ones in ``dpmem_untimed``, and JSON lines).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.record import CaseRecord, Phase, Timeline, to_jsonl_line
+from bench.record import CaseRecord, Phase, RankFigures, Timeline, combine_rank_records, to_jsonl_line
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -100,6 +101,23 @@ def make_case(
     timing.rounds, timing.torch_threads = 5, 8
     record.noise_multiplier, record.max_grad_norm, record.optimizer = 1.0, 1.0, "adamw"
     return record
+
+
+def make_ranked_case(
+    method: str, world: int, parallel: str, per_rank_mib: float, *, batch: int = 16, gpu: str = "a100", ranks=None
+) -> CaseRecord:
+    """A case of ``world`` ranks on ``gpu`` (all of them, or the given ``ranks``: one node's share); rank r peaks at
+    ``per_rank_mib`` + r MiB."""
+    base = make_case("dit-s-2-cond", method, batch, gpu)
+    parts = []
+    for rank in ranks if ranks is not None else range(world):
+        peak = int((per_rank_mib + rank) * MIB)
+        memory = dataclasses.replace(base.memory, peak_tensor_bytes=peak, breakdown={"other": peak})
+        part = dataclasses.replace(base, device="cuda", world_size=world, parallel=parallel, memory=memory)
+        part.ranks = [RankFigures(rank=rank, device=f"cuda:{rank % 8}", peak_tensor_bytes=peak)]
+        part.peak_rank = rank
+        parts.append(part)
+    return combine_rank_records(parts)
 
 
 def make_run(gpu: str, *, scale: float = 1.0) -> list[CaseRecord]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,11 +112,26 @@ def test_real_bench_renders_and_ratios_match_raw_json(tmp_path, real_runs):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "Proxy validity (GPT vs DiT): the data lack the DiT family" in md
-    # the untimed cases, kept out of pytest-benchmark's list, are in the report
-    assert "opacus-ghost is unsupported on gpt-tiny: " in md and "tying" in md.lower()
-    assert "bk runs out of memory above batch 4 on gpt-tiny" in md
+    # the first screen: the matrix at batch 4 (the largest where nondp ran ok; BIG ran out of the 40 MiB cap)
+    glance = md[md.index("## At a glance") : md.index("## Peak memory")]
+    assert "| workload · batch | bk | opacus-ghost | opacus-hooks |" in glance
+    row = next(line for line in glance.splitlines() if line.startswith("| gpt-tiny (B=4 · nondp "))
+    assert re.search(r"\| \*?\*?\d\.\d\d×", row) and "| unsupported¹ |" in row
+    # the untimed cases, kept out of pytest-benchmark's list, are in the report: the reason in the ranked summary
+    ranked = next(line for line in glance.splitlines() if line.startswith("| gpt-tiny (B=4)"))
+    assert "opacus-ghost: Parameter tying is not supported with Ghost Clipping" in ranked
+    memory = md[md.index("## Peak memory") : md.index("## Step time")]
+    assert "workload: gpt-tiny" in memory  # one workload: in the caption, not on every row
+    bk = next(line for line in memory.splitlines() if line.startswith("| bk |"))
+    assert bk.endswith("| OOM² |")  # batch BIG, over the cap (footnote ¹: nondp at BIG)
     overhead_md = (out / "overhead.md").read_text()
     assert "| unsupported |" in overhead_md and "| OOM |" in overhead_md
+    # a 40 MiB-capped model's fit, predicted for the machine's RAM: an extrapolation, written as a bound
+    assert re.search(r"\| &gt; 16 \(extrapolated ×\d+\) \|", (out / "memory_fit.md").read_text())
+    page = (out / "report.html").read_text()
+    assert page.index("class='sortable matrix'") < page.index("class='sortable ranked'") < page.index("<img")
+    assert "<figcaption>" in page and "<script>" in page and "table.sortable" in page
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)|https?://""", page)  # works offline
     # the overhead ratios, recomputed from the raw pytest-benchmark JSON with the json module
     cases = _entries(real_runs.a_json)
     assert {m for m, _ in cases} == {"nondp", "bk", "opacus-hooks"} and {b for _, b in cases} == {2, 4}

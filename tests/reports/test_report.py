@@ -1,4 +1,4 @@
-"""The rendered report (``python -m reports``): files, self-contained HTML, summary sentences, escaping."""
+"""The rendered report (``python -m reports``): files, first screen, self-contained HTML, noise rule, escaping."""
 
 from __future__ import annotations
 
@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 
 from bench.record import CaseRecord
-from reports.__main__ import main
+from reports.__main__ import main, report_content
 from reports.figures import FIGURES, FigureResult
-from reports.html import ReportContent, ReportTable, write_html, write_markdown
+from reports.grid import frame_grid, grid_markdown, write_table
+from reports.html import ReportContent, Section, write_html, write_markdown
 from reports.load import load_results
-from reports.summary import summary_lines
-from reports.tables import OVERHEAD_NOTES, overhead_display, overhead_warnings, to_markdown, write_table
-from tests.reports.fakes import make_run, write_jsonl, write_two_gpu_files
+from reports.pivots import memory_pivot
+from reports.summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary
+from reports.tables import OVERHEAD_NOTES, overhead_display, to_markdown
+from tests.reports.fakes import METHODS, make_ranked_case, make_run, write_jsonl, write_two_gpu_files
 from tests.reports.test_load import write_bad
 
 SKIPPED_INPUTS = ("empty.json", "truncated.json", "foreign.json")
+EXTERNAL = re.compile(r"""(src|href)\s*=\s*["'](?!data:|#)|https?://|@import|url\(""")
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +30,19 @@ def rendered(tmp_path_factory) -> tuple[Path, list[Path], tuple[Path, Path]]:
     """One full render (every figure) of the two-GPU run, with three bad files skipped by --skip-bad."""
     folder = tmp_path_factory.mktemp("rendered")
     files = write_two_gpu_files(folder)
+    ranked = [make_ranked_case(m, w, "ddp", mib / w) for m, mib in (("nondp", 2000), ("bk", 2100)) for w in (2, 4)]
+    files = (*files, write_jsonl(folder / "ranks.jsonl", ranked))  # cases on many ranks: the per-rank figure
     bad = [write_bad(folder, name) for name in SKIPPED_INPUTS]
     out = folder / "report"
     assert main([*map(str, bad), *map(str, files), "--skip-bad", "--out", str(out)]) == 0
     return out, bad, files
+
+
+def _memory_ratio(method: str, batch: int) -> float:
+    """The fakes' memory model: peak = fixed + per_sample · B (reserved = 1.10 × that on both sides)."""
+    fixed, per_sample, _ = METHODS[method]
+    base_fixed, base_per_sample, _ = METHODS["nondp"]
+    return (fixed + per_sample * batch) / (base_fixed + base_per_sample * batch)
 
 
 def test_render_writes_every_figure_table_and_a_self_contained_report(rendered):
@@ -43,14 +55,53 @@ def test_render_writes_every_figure_table_and_a_self_contained_report(rendered):
         assert (out / name).stat().st_size > 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
-    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the file
-    assert "<table>" in page and "Figures not produced" not in page
+    assert not EXTERNAL.search(page)  # nothing outside the file: it works offline
+    assert "Figures not produced" not in page
+    overhead_md = (out / "overhead.md").read_text()  # the long form, every case, lives in overhead.md
+    assert "| step time noise | time vs noise |" in overhead_md and "| ±2.8% | beyond noise |" in overhead_md
+
+
+def test_first_screen_is_the_matrix_then_the_ranked_summary(rendered):
+    """At a glance, per GPU: workloads × methods at the largest batch where nondp ran ok (64), cell = peak reserved
+    ×nondp and the step time ratio (2 % IQR per side: beyond noise); the OOM cell names its reason."""
+    out, _, _ = rendered
     md = (out / "report.md").read_text()
-    assert "bk costs 1.02× non-DP memory" in md  # A100, dit-s-2-cond, batch 32 (largest batch where all are ok)
-    assert "bk costs 1.02× non-DP memory and 1.18× its step time" in md  # 2 % IQR per side: beyond noise
-    assert "opacus-hooks runs out of memory above batch 32 on dit-s-2-cond" in md
-    assert "NVIDIA H100 80GB HBM3 (h100)" in md
-    assert "| step time noise | time vs noise |" in md and "| ±2.8% | beyond noise |" in md
+    glance = md[md.index("## At a glance") : md.index("## Peak memory")]
+    assert md.index("## At a glance") < md.index("![")  # the answer before any figure
+    a100 = glance[glance.index("### a100 · cuda:0 (NVIDIA A100-SXM4-40GB) — measured") :]
+    assert "| workload · batch | bk | opacus-ghost | opacus-hooks |" in a100
+    row = next(line for line in a100.splitlines() if line.startswith("| dit-s-2-cond (B=64"))
+    assert f"**{_memory_ratio('bk', 64):.2f}× · t 1.18×**" in row  # lowest of the row: bold (outlined in HTML)
+    assert f"{_memory_ratio('opacus-ghost', 64):.2f}× · t 1.60×" in row
+    assert "| OOM¹ |" in row and "¹ opacus-hooks on dit-s-2-cond at batch 64: OOM: CUDA out of memory" in a100
+    ranked = a100[a100.index("### Ranked per workload — a100") :]
+    ranked_row = next(line for line in ranked.splitlines() if line.startswith("| dit-s-2-cond (B=64)"))
+    assert f"bk {_memory_ratio('bk', 64):.2f}× · opacus-ghost {_memory_ratio('opacus-ghost', 64):.2f}×" in ranked_row
+    assert "bk 1.18× · opacus-ghost 1.60×" in ranked_row and "opacus-hooks (ok ≤ 32)" in ranked_row
+    assert "### h100 · cuda:0 (NVIDIA H100 80GB HBM3) — measured" in glance
+    page = (out / "report.html").read_text()
+    first_image = page.index("<img")
+    matrix, ranked_table = page.index("class='sortable matrix'"), page.index("class='sortable ranked'")
+    assert page.index("id='at-a-glance'") < matrix < ranked_table < first_image
+    assert "<script>" in page and "table.sortable" in page and "addEventListener" in page
+    assert re.search(r'<td class="oom" title="[^"]*CUDA out of memory', page)  # the reason on hover
+    best = f'<td class="best" data-v="{_memory_ratio("bk", 64):.3f}" title="'  # the number behind the text
+    assert re.search(re.escape(best) + r'[^"]*" style="background:#', page)
+
+
+def test_long_tables_are_pivoted_and_fitted_to_their_data(rendered):
+    """Batch sizes as columns; machine and device in the block title, not repeated on every row; the long form
+    (every case, every column) only in the CSV."""
+    out, _, _ = rendered
+    md = (out / "report.md").read_text()
+    memory = md[md.index("## Peak memory") : md.index("## Step time")]
+    assert "| workload | method | B=8 | B=16 | B=32 | B=64 |" in memory
+    assert "| machine |" not in md and "| device |" not in md
+    assert "| dit-s-2-cond | opacus-hooks |" in memory and "| OOM¹ |" in memory
+    fit_md = (out / "memory_fit.md").read_text()
+    assert "source: fit to cases" in fit_md.splitlines()[2]  # the same on every row: moved into the caption
+    header = next(line for line in fit_md.splitlines() if line.startswith("| "))
+    assert "| source |" not in header and "| machine |" in header  # two machines: a column
 
 
 def test_skip_bad_lists_what_it_skipped(rendered):
@@ -79,31 +130,42 @@ def _run_with_time_spread(base_iqr: float) -> list[CaseRecord]:
     return records
 
 
-def test_summary_states_a_time_ratio_only_beyond_its_noise(tmp_path):
-    noisy = load_results([write_jsonl(tmp_path / "noisy.jsonl", _run_with_time_spread(base_iqr=0.9))])
-    line = next(s for s in summary_lines(noisy) if "costs" in s)
-    assert "bk costs 1.02× non-DP memory, its step time within noise of non-DP's (±90%)" in line
-    assert "× its step time" not in line
-    steady = load_results([write_jsonl(tmp_path / "steady.jsonl", _run_with_time_spread(base_iqr=0.02))])
-    assert "bk costs 1.02× non-DP memory and 1.18× its step time" in summary_lines(steady)[0]
+def _first_screen(path: Path) -> tuple[list[str], list[str]]:
+    """The matrix row and the ranked row of the one workload in ``path``, as Markdown table lines."""
+    results = load_results([path])
+    (matrix,) = overview(results)
+    matrix_md = "\n".join(grid_markdown(matrix_grid(matrix)))
+    ranked_md = "\n".join(grid_markdown(ranked_grid(matrix.block, ranked_summary(results, matrix))))
+    return matrix_md.splitlines(), ranked_md.splitlines()
+
+
+def test_first_screen_states_a_time_ratio_only_beyond_its_noise(tmp_path):
+    """1.18× with a 2 % spread per side is stated; with ±90 % on nondp's side it is "t ~" and not ranked."""
+    steady = _first_screen(write_jsonl(tmp_path / "steady.jsonl", _run_with_time_spread(base_iqr=0.02)))
+    assert any("| 1.0" in line and "t 1.18×" in line for line in steady[0])
+    assert any("bk 1.18× · opacus-hooks 1.35× · opacus-ghost 1.60×" in line for line in steady[1])
+    noisy = _first_screen(write_jsonl(tmp_path / "noisy.jsonl", _run_with_time_spread(base_iqr=0.9)))
+    row = next(line for line in noisy[0] if line.startswith("| dit-s-2-cond"))
+    assert row.count("t ~") == 3 and "t 1." not in row
+    assert any("none beyond timing noise" in line for line in noisy[1])
+    assert any("3 within noise or not comparable: bk, opacus-ghost, opacus-hooks" in line for line in noisy[1])
     records = _run_with_time_spread(base_iqr=0.02)
     for r in records:
         r.timing.rounds = 2
-    few = load_results([write_jsonl(tmp_path / "few.jsonl", records)])
-    assert "its step time noise unknown (fewer than 3 timed rounds, or no IQR)" in summary_lines(few)[0]
+    few = _first_screen(write_jsonl(tmp_path / "few.jsonl", records))
+    assert next(line for line in few[0] if line.startswith("| dit-s-2-cond")).count("t ?") == 3
 
 
 def test_different_thread_counts_in_one_ratio_are_a_report_warning(tmp_path):
     records = _run_with_time_spread(base_iqr=0.02)
     next(r for r in records if r.method == "bk").timing.torch_threads = 1
     results = load_results([write_jsonl(tmp_path / "mixed.jsonl", records)])
-    assert "bk costs 1.02× non-DP memory, its step time not comparable" in summary_lines(results)[0]
-    out = tmp_path / "r"
-    content = ReportContent("t", results.sources, summary_lines(results), [], [], [])
-    content.warnings += overhead_warnings(results.overhead)
-    assert "1 time ratio(s) divide step times timed with different torch CPU thread counts" in (
-        write_markdown(content, _mkdir(out)).read_text()
-    )
+    (matrix,) = overview(results)
+    assert matrix.rows[0].cells["bk"].time_verdict == "threads differ"
+    out = _mkdir(tmp_path / "r")
+    md = write_markdown(report_content(results, [], "t"), out).read_text()
+    assert "1 time ratio(s) divide step times timed with different torch CPU thread counts" in md
+    assert "t ?" in next(line for line in md.splitlines() if line.startswith("| dit-s-2-cond (B=32"))
 
 
 def _mkdir(path: Path) -> Path:
@@ -124,23 +186,35 @@ def test_result_names_cannot_inject_markup_into_report_md_or_html(tmp_path):
     source = write_jsonl(tmp_path / f"run{HOSTILE.replace('/', '_')}.jsonl", records)
     results = load_results([source])
     assert results.cases["workload"].eq(f"dit-{HOSTILE}").all()
-    tables = [ReportTable("DP overhead", "notes", results.overhead, overhead_display(results.overhead), "overhead")]
     figures = [
         FigureResult("breakdown", "Breakdown", skipped=f"workload {HOSTILE!r} is not in the results"),
         FigureResult("timeline", "Timeline", [tmp_path / "t.png"], caption=f"traces of {HOSTILE}"),
     ]
     (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n")
+    (matrix,) = overview(results)
+    ((block, rows),) = blocks(results)
+    grids = [
+        matrix_grid(matrix),
+        ranked_grid(block, ranked_summary(results, matrix)),
+        memory_pivot(block, rows, results.overhead),
+    ]
     content = ReportContent(
-        f"title {HOSTILE}", results.sources, summary_lines(results), tables, figures, [f"warned {HOSTILE}"]
+        f"title {HOSTILE}",
+        results.sources,
+        f"subtitle {HOSTILE}",
+        [Section("At a glance", grids=grids, figures=[figures[1]])],
+        skipped=[figures[0]],
+        warnings=[f"warned {HOSTILE}"],
     )
     out = _mkdir(tmp_path / "out")
     md = write_markdown(content, out).read_text()
     page = write_html(content, out).read_text()
-    assert HOSTILE in "".join(summary_lines(results))  # the raw name reaches the report's text...
-    for text in (md, page):  # ...and is written escaped: no tag, no comment opener
-        assert "<script" not in text and "<!--" not in text
-    assert md.count("&lt;script&gt;x&lt;/script&gt;&lt;!--") >= 5  # summary, table, caption, skip reason, warning
-    assert page.count(html.escape(HOSTILE)) >= 5
+    assert page.count("<script") == 1 and page.rindex("<script>") > page.rindex("</table>")  # only ours, at the end
+    for text in (md, page):  # the raw name is written escaped: no tag, no comment opener
+        assert "<script>x" not in text and "<!--" not in text
+    # title, subtitle, matrix, ranked and pivot rows, footnotes, caption, skip reason, warning
+    assert md.count("&lt;script&gt;x&lt;/script&gt;&lt;!--") >= 10
+    assert page.count(html.escape(HOSTILE)) >= 10
     assert "<" not in to_markdown(overhead_display(results.overhead))
 
 
@@ -161,6 +235,7 @@ def test_hostile_workload_reaches_csv_unchanged(tmp_path):
     for r in records:
         r.workload = HOSTILE
     results = load_results([write_jsonl(tmp_path / "r.jsonl", records)])
-    md, csv_path = write_table(results.overhead, overhead_display(results.overhead), tmp_path, "o", OVERHEAD_NOTES)
+    grid = frame_grid(overhead_display(results.overhead), results.overhead, "overhead", "every case")
+    md, csv_path = write_table(grid, tmp_path, "o", OVERHEAD_NOTES, results.overhead)
     assert {r["workload"] for r in csv.DictReader(csv_path.open())} == {HOSTILE}
     assert "<!--" not in md.read_text() and "&lt;!--" in md.read_text()

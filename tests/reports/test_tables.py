@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.record import BatchProbe, MaxBatchRecord
+from reports.grid import compact, frame_grid, write_table
 from reports.load import load_results
 from reports.tables import (
     OVERHEAD_NOTES,
@@ -16,7 +17,6 @@ from reports.tables import (
     fit_display,
     overhead_display,
     overhead_table,
-    write_table,
 )
 from tests.reports.fakes import (
     BATCHES,
@@ -42,7 +42,8 @@ def two_gpu(tmp_path_factory):
 
 def test_overhead_csv_holds_numbers_and_statuses_matching_ratios_recomputed_from_raw_json(tmp_path, two_gpu):
     (bench_path, _), results = two_gpu
-    write_table(results.overhead, overhead_display(results.overhead), tmp_path, "overhead", OVERHEAD_NOTES)
+    grid = compact(frame_grid(overhead_display(results.overhead), results.overhead, "overhead", "every case"))
+    write_table(grid, tmp_path, "overhead", OVERHEAD_NOTES, results.overhead)
     expected = independent_ratios(bench_path)
     rows = {
         (r["machine"], r["workload"], int(r["batch_size"]), r["method"]): r
@@ -99,6 +100,8 @@ def _timed(method: str, median: float, iqr: float | None, rounds: int = 5, threa
         "device": "cpu",
         "workload": "w",
         "batch_size": 4,
+        "precision": "fp32",
+        "checkpointing": "none",
         "method": method,
         "status": "ok",
         "peak_tensor_bytes": 100.0,

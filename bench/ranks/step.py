@@ -1,0 +1,217 @@
+"""One rank's share of a many-rank case: the same order as a one-process case (bench/case.py), on this rank.
+
+Build the model (equal on every rank: seeded by the workload) → draw the *global* batch from the case's seed
+and keep this rank's contiguous ``batch_size / world_size`` samples (rank r holds samples r·n … r·n + n − 1, so
+the ranks together step on exactly the one-process batch) → the parallel step (bench/dp/parallel.py) → two
+warm-up steps (DDP rebuilds its gradient buckets at the second step; the measured one is the steady state) →
+one measured round (bench.memory.measure_step: tensor tracker, allocator and NVML for this rank's GPU, RSS on
+CPU) → timed rounds. The result is a :class:`CaseRecord` of this rank alone (``ranks`` holds its one
+:class:`RankFigures`); the launcher combines the ranks' records (bench.record.combine_rank_records).
+
+Under a FakeTensorMode (``fake_mode``; bench/ranks/predict.py) the same code runs on fake tensors with a fake
+process group: no values, no kernels, no timing — the tracker's exact tensor bytes of this rank.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+import models
+from bench.dp.errors import MethodUnsupported, error_text, exception_chain, out_of_memory_in
+from bench.dp.parallel import build_parallel_step
+from bench.machine import device_facts
+from bench.memory.isolation import end_case, start_case
+from bench.memory.measure import measure_step
+from bench.memory.tensors import TensorTracker
+from bench.record import CaseRecord, RankFigures, Timing
+from bench.timing import MIN_ROUND_S, iterations_for
+
+from .job import RankJob
+
+WARM_UP_STEPS = 2
+
+
+def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_mode=None) -> CaseRecord:
+    """This rank's record of ``job``; never raises for OOM, unsupported or a failed step (the status says so)."""
+    record = _rank_record(job, device)
+    workload = models.get_workload(job.workload)
+    record.tokens_per_sample, record.family, record.overrides = (
+        workload.tokens_per_sample,
+        workload.family,
+        dict(workload.overrides),
+    )
+    nvml_baseline = start_case(device, record.notes) if fake_mode is None else None
+    step = batch = None
+    try:
+        with fake_mode if fake_mode is not None else nullcontext():
+            # Under a FakeTensorMode the model is built where the mode makes fake tensors (on the CPU type).
+            model = workload.build_model(device if fake_mode is None else None)
+            record.params_total = sum(p.numel() for p in model.parameters())
+            record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+            batch = local_batch(workload, job, rank, device, fake_mode)
+            step = build_parallel_step(
+                job.method,
+                job.parallel,
+                workload,
+                model,
+                privacy=job.privacy,
+                batch_size=job.batch_size,
+                optimizer=job.optimizer,
+                lr=job.lr,
+                # The same seed on every rank: the clipped-sum methods draw identical noise after the all-reduce.
+                noise_generator=torch.Generator(device=device).manual_seed(job.seed + 1),
+                mesh=mesh,
+                device_ids=[device.index] if device.type == "cuda" else None,
+            )
+            model = None
+            one_call_s = min(_warm_up(step, batch, device, job) for _ in range(WARM_UP_STEPS))
+            record.memory = measure_step(
+                lambda mark: step(batch, mark),
+                device=device,
+                model=step.model,
+                optimizer=step.optimizer,
+                sample_interval_s=job.sample_interval_s,
+                nvml_baseline_bytes=nvml_baseline,
+                memory_cap_bytes=job.memory_cap_bytes if device.type == "cpu" else None,
+                notes=record.notes,
+                extra_state=(*batch.inputs, batch.target),
+            )
+            if fake_mode is None and job.rounds:
+                record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s)
+    except Exception as exc:  # classified as bench/case.py does; the traceback must not keep tensors alive
+        oom = out_of_memory_in(exc)
+        if oom is not None:
+            record.status, record.reason = (
+                "oom",
+                f"batch {job.batch_size} ({job.local_batch_size} per rank): " + (error_text(oom)),
+            )
+        elif isinstance(exc, MethodUnsupported):
+            record.status, record.reason = "unsupported", str(exc)
+        else:
+            record.status, record.reason = "error", error_text(exc)
+        for link in exception_chain(exc):
+            link.__traceback__ = None
+    finally:
+        if step is not None:
+            step.close()
+        step = batch = None
+        if fake_mode is None:
+            end_case(device)
+    record.ranks = [rank_figures(record, rank)]
+    record.peak_rank = rank
+    return record
+
+
+def _rank_record(job: RankJob, device: torch.device) -> CaseRecord:
+    name, memory = device_facts(device)
+    return CaseRecord(
+        workload=job.workload,
+        method=job.method,
+        batch_size=job.batch_size,
+        device=job.device,
+        world_size=job.world_size,
+        parallel=job.parallel,
+        **job.privacy.to_dict(),
+        optimizer=job.optimizer,
+        device_name=name,
+        device_memory_bytes=memory,
+        runner_label=job.runner_label,
+    )
+
+
+def rank_figures(record: CaseRecord, rank: int) -> RankFigures:
+    """The per-rank summary of this rank's own record."""
+    memory = record.memory
+    return RankFigures(
+        rank=rank,
+        status=record.status,
+        reason=record.reason,
+        host=socket.gethostname(),
+        device=_rank_device_name(record),
+        peak_tensor_bytes=memory.peak_tensor_bytes,
+        baseline_tensor_bytes=memory.baseline_tensor_bytes,
+        peak_allocated_bytes=memory.peak_allocated_bytes,
+        peak_reserved_bytes=memory.peak_reserved_bytes,
+        nvml_peak_minus_baseline_bytes=memory.nvml_peak_minus_baseline_bytes,
+        nvml_process_peak_bytes=memory.nvml_process_peak_bytes,
+        peak_rss_bytes=memory.peak_rss_bytes,
+        time_median_s=record.timing.time_median_s,
+    )
+
+
+def _rank_device_name(record: CaseRecord) -> str:
+    if record.device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return record.device
+
+
+def local_batch(workload, job: RankJob, rank: int, device: torch.device, fake_mode=None) -> models.Batch:
+    """Rank ``rank``'s contiguous share of the case's global batch, in storages of its own (a view would keep
+    the whole global batch alive and counted); fake tensors under ``fake_mode``."""
+    n = job.local_batch_size
+    with _real_tensors(fake_mode):
+        whole = workload.make_batch(job.batch_size, generator=torch.Generator().manual_seed(job.seed))
+        share = whole.select(slice(rank * n, (rank + 1) * n))
+        own = models.Batch(tuple(t.clone() for t in share.inputs), share.target.clone())
+    if fake_mode is not None:
+        return models.Batch(tuple(fake_mode.from_tensor(t) for t in own.inputs), fake_mode.from_tensor(own.target))
+    return own.to(device)
+
+
+def _real_tensors(fake_mode):
+    """A context where factories make real tensors even inside ``fake_mode`` (the batch's values are drawn)."""
+    if fake_mode is None:
+        return nullcontext()
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm_up(step, batch, device: torch.device, job: RankJob) -> float:
+    """One untimed step, under the CPU memory cap where there is one; returns its duration."""
+    start = time.perf_counter()
+    if device.type == "cpu" and job.memory_cap_bytes is not None:
+        tracker = TensorTracker(device, cap_bytes=job.memory_cap_bytes)
+        tracker.register_state(step.model, step.optimizer, extra=(*batch.inputs, batch.target))
+        with tracker:
+            step(batch)
+    else:
+        step(batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float) -> Timing:
+    """``rounds`` timed rounds of ``run`` (each repeated until it lasts MIN_ROUND_S, as bench/timing.py does
+    for pytest-benchmark); times are per call. A rank has no pytest-benchmark: it times itself."""
+    iterations = iterations_for(one_call_s, MIN_ROUND_S)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            run()
+        times.append((time.perf_counter() - start) / iterations)
+    quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return Timing(
+        time_median_s=statistics.median(times),
+        time_mean_s=statistics.fmean(times),
+        time_min_s=min(times),
+        time_max_s=max(times),
+        time_stddev_s=statistics.stdev(times) if len(times) > 1 else 0.0,
+        time_iqr_s=quartiles[2] - quartiles[0],
+        rounds=rounds,
+        iterations=iterations,
+        torch_threads=torch.get_num_threads(),
+    )

@@ -1,0 +1,198 @@
+"""The report's detail tables, one per machine × device block, pivoted so they fit the data.
+
+Peak memory and step time: one row per workload × method, one column per batch size (the long form, one row per
+case, stays in ``overhead.csv`` / ``overhead.md``). The max-batch table: one row per workload × method. Every
+table is :func:`reports.grid.compact`-ed: a column with the same value on every row moves into the caption.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .grid import Cell, Grid, compact
+from .load import Results, is_predicted
+from .summary import METRIC_WORDS, RATIO_TITLE, Block, blocks, byte_text, workload_order
+from .tables import (
+    BASELINE_METHOD,
+    EXTRAPOLATION_LIMIT,
+    LOWER_BOUND,
+    TIME_NOISE,
+    TIME_RATIO,
+    TIME_VERDICT,
+    extrapolation_factor,
+    first_line,
+    one_process,
+    predicted_max_batch_text,
+    present,
+    status_label,
+)
+
+__all__ = ["fit_grids", "memory_pivot", "time_pivot"]
+
+
+def _method_order(rows: pd.DataFrame) -> list[str]:
+    """nondp first (the baseline every ratio divides by), then the DP methods by name."""
+    methods = sorted(rows["method"].unique())
+    return [m for m in methods if m == BASELINE_METHOD] + [m for m in methods if m != BASELINE_METHOD]
+
+
+def _failed_cell(case: pd.Series) -> Cell:
+    where = f"{case['method']} on {case['workload']} at batch {case.name}"
+    reason = first_line(case["reason"] or "") or "no reason recorded"
+    return Cell(status_label(case["status"]), style=case["status"], footnote=f"{where}: {reason}")
+
+
+def _pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame, cell_of) -> list[list[Cell]]:
+    """Rows workload × method, a column per batch size; ``cell_of(case, ratios)`` makes an ok case's cell."""
+    batches = sorted(rows["batch_size"].unique())
+    overhead = one_process(overhead)
+    overhead = overhead[(overhead["machine"] == block.machine) & (overhead["device"] == block.device)]
+    ratios = overhead.set_index(["workload", "method", "batch_size"])
+    grid_rows = []
+    for workload in workload_order(rows):
+        wrows = rows[rows["workload"] == workload]
+        for method in _method_order(wrows):
+            by_batch = wrows[wrows["method"] == method].set_index("batch_size")
+            line = [Cell(workload, style="label"), Cell(method, style="label")]
+            for batch in batches:
+                if batch not in by_batch.index:
+                    line.append(Cell("", hover="not run"))
+                    continue
+                case = by_batch.loc[batch]
+                if case["status"] != "ok":
+                    line.append(_failed_cell(case))
+                    continue
+                key = (workload, method, batch)
+                line.append(cell_of(case, ratios.loc[key] if key in ratios.index else None))
+            grid_rows.append(line)
+    return grid_rows
+
+
+def memory_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid:
+    """Peak memory of every case of ``block``: absolute (the unit in the caption) and ×nondp."""
+    metric = block.metric
+    peaks = rows.loc[rows["status"] == "ok", metric].dropna()
+    scale, unit = (2.0**30, "GiB") if len(peaks) and peaks.max() >= 2**30 else (2.0**20, "MiB")
+
+    def cell(case: pd.Series, ratios: pd.Series | None) -> Cell:
+        peak = case[metric]
+        if not present(peak):
+            return Cell("n/a", hover=f"{metric} not recorded")
+        ratio = ratios[RATIO_TITLE[metric]] if ratios is not None else None
+        text = f"{peak / scale:.3g}" + (f" ({ratio:.2f}×)" if ratio is not None and present(ratio) else "")
+        return Cell(text, float(peak) / scale, style="pred" if block.predicted else "")
+
+    batches = sorted(rows["batch_size"].unique())
+    grid = Grid(
+        title=f"Peak memory — {block.title}",
+        caption=(
+            f"{METRIC_WORDS[metric]} [{unit}] (×nondp at the same batch): read along a row for how memory grows "
+            "with the batch; click a header to sort."
+        ),
+        header=["workload", "method", *(f"B={b}" for b in batches)],
+        rows=_pivot(block, rows, overhead, cell),
+    )
+    return compact(grid, keep=("method",))
+
+
+def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid | None:
+    """Median step time of every timed case of ``block`` and its ratio to nondp where beyond noise (None for a
+    predicted block or one without timings)."""
+    if block.predicted or rows["time_median_s"].dropna().empty:
+        return None
+
+    def cell(case: pd.Series, ratios: pd.Series | None) -> Cell:
+        median = case["time_median_s"]
+        if not present(median):
+            return Cell("not timed")
+        ms = float(median) * 1e3
+        if ratios is None or not present(ratios[TIME_RATIO]):
+            return Cell(f"{ms:.3g}", ms)
+        ratio, verdict = ratios[TIME_RATIO], ratios[TIME_VERDICT]
+        noise = f"±{ratios[TIME_NOISE]:.0%}" if present(ratios[TIME_NOISE]) else "unknown"
+        hover = f"{ratio:.2f}× nondp, noise {noise}: {verdict}"
+        if verdict == "beyond noise":
+            return Cell(f"{ms:.3g} ({ratio:.2f}×)", ms, hover=hover)
+        return Cell(f"{ms:.3g} (~, {noise})" if verdict == "within noise" else f"{ms:.3g} (?)", ms, "untrusted", hover)
+
+    batches = sorted(rows["batch_size"].unique())
+    grid = Grid(
+        title=f"Step time — {block.title}",
+        caption=(
+            "median seconds per fused DP step [ms] (×nondp where beyond the timing noise; grey ~: within noise, "
+            "?: noise unknown or different thread counts)."
+        ),
+        header=["workload", "method", *(f"B={b}" for b in batches)],
+        rows=_pivot(block, rows, overhead, cell),
+    )
+    return compact(grid, keep=("method",))
+
+
+def fit_grids(results: Results) -> list[Grid]:
+    """One max-batch table per machine × device of the fit table (case fits and max-batch searches), in the
+    order of the first screen's blocks."""
+    fits = results.fits
+    if fits.empty:
+        return []
+    known = {(b.machine, b.device): b for b, _ in blocks(results)}
+    order = list(known)
+    grids = []
+    groups = sorted(fits.groupby(["machine", "device"]), key=lambda g: order.index(g[0]) if g[0] in known else 99)
+    for (machine, device), block_fits in groups:
+        block = known.get((machine, device)) or Block(
+            str(machine), str(device), (), is_predicted(block_fits.iloc[0]), str(block_fits["fit metric"].iloc[0]), None
+        )
+        grids.append(_fit_grid(block, block_fits))
+    return grids
+
+
+def _fit_grid(block: Block, fits: pd.DataFrame) -> Grid:
+    """Fixed and per-sample memory and the max batch of each method of ``block``: measured and predicted in
+    separate columns, predictions beyond the extrapolation limit written as bounds."""
+    measured_words = "largest batch run (predicted)" if block.predicted else "measured max batch"
+    header = ["workload", "method", "fixed [MiB]", "per sample [MiB]", measured_words, "first failing batch"]
+    header += ["predicted max batch", "memory", "fit of", "from"]
+    rows = []
+    for _, fit in fits.iterrows():
+        measured, predicted = fit["measured max batch"], fit["predicted max batch"]
+        if present(measured):
+            measured_cell = Cell(f"≥{measured}" if fit[LOWER_BOUND] else str(measured), float(measured))
+        else:
+            measured_cell = Cell("none", hover="no batch ran ok")
+        if present(predicted):
+            factor = extrapolation_factor(predicted, measured)
+            text = predicted_max_batch_text(predicted, measured)
+            style = "extrap" if factor is not None else "pred"
+            hover = f"the fit predicts {predicted}" + (
+                f", ×{factor:.0f} the largest batch run: beyond {EXTRAPOLATION_LIMIT}×, an extrapolation"
+                if factor is not None
+                else ""
+            )
+            predicted_cell = Cell(text if factor is not None else f"~{text}", float(predicted), style, hover)
+        else:
+            predicted_cell = Cell("n/a")
+        failing = fit["first failing batch"]
+        rows.append(
+            [
+                Cell(fit["workload"], style="label"),
+                Cell(fit["method"], style="label"),
+                Cell(f"{fit['fixed MiB']:g}", float(fit["fixed MiB"]), "pred" if block.predicted else ""),
+                Cell(f"{fit['per-sample MiB']:g}", float(fit["per-sample MiB"]), "pred" if block.predicted else ""),
+                measured_cell,
+                Cell(str(failing), float(failing)) if present(failing) else Cell("none"),
+                predicted_cell,
+                Cell(byte_text(fit["memory GiB"] * 2**30) if present(fit["memory GiB"]) else "n/a"),
+                Cell(METRIC_WORDS.get(fit["fit metric"], fit["fit metric"])),
+                Cell(fit["source"]),
+            ]
+        )
+    grid = Grid(
+        title=f"Max batch — {block.title}",
+        caption=(
+            "affine fit peak(B) = fixed + per_sample·B; compare the measured and the predicted max batch "
+            f"(~N: predicted; > N: the fit's prediction lies beyond {EXTRAPOLATION_LIMIT}× the largest batch run)."
+        ),
+        header=header,
+        rows=rows,
+    )
+    return compact(grid, keep=("method",))

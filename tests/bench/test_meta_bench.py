@@ -1,0 +1,145 @@
+"""`pytest bench/ --devices meta` end to end, as a user runs it: the matrix, the max-batch mode, the paper preset
+and the options that make no sense on meta (a note, nothing fails)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import options
+from bench.record import CaseRecord, MaxBatchRecord, from_jsonl_line
+from tests.bench.test_matrix import REPO, _bench, _env
+
+
+def test_meta_matrix_is_predicted_untimed_and_reports_read_it(tmp_path):
+    proc, out_json, out_jsonl = _bench(
+        tmp_path,
+        "--devices",
+        "meta",
+        "--workloads",
+        "dit-tiny-cond",
+        "--methods",
+        "nondp,opacus-functorch",
+        "--batch-sizes",
+        "2",
+        "--snapshot",
+        "all",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # --rounds (given by _bench) and --snapshot do nothing on meta: one line each on the terminal and in records
+    assert "dpmem: --rounds: meta cases are not timed" in proc.stdout
+    assert "dpmem: --snapshot: meta cases allocate nothing" in proc.stdout
+    records = [from_jsonl_line(line) for line in out_jsonl.read_text().splitlines()]
+    assert [(r.method, r.status) for r in records] == [("nondp", "ok"), ("opacus-functorch", "unsupported")]
+    nondp = records[0]
+    assert isinstance(nondp, CaseRecord) and nondp.measurement == "predicted" and nondp.device == "meta"
+    assert nondp.timing.rounds == 0 and nondp.memory.peak_tensor_bytes > 0 and nondp.memory.snapshot_path is None
+    assert any("--snapshot" in n for n in nondp.notes) and any("--rounds" in n for n in nondp.notes)
+    untimed = json.loads(out_json.read_text())["dpmem_untimed"]
+    assert {e["params"]["method"] for e in untimed} == {"nondp", "opacus-functorch"}
+    compare = subprocess.run(
+        [sys.executable, "-m", "reports", "compare", str(out_jsonl), str(out_json), "--max-regression", "1%"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compare.returncode == 0 and "No memory regression" in compare.stdout, compare.stdout + compare.stderr
+
+
+def test_meta_max_batch_answers_every_budget(tmp_path):
+    proc, _, out_jsonl = _bench(
+        tmp_path,
+        "--max-batch",
+        "--devices",
+        "meta",
+        "--workloads",
+        "gpt-tiny",
+        "--methods",
+        "nondp",
+        "--memory-budget",
+        "6MiB,12MiB",
+        "--budget-overhead",
+        "512KiB+5%",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = [from_jsonl_line(line) for line in out_jsonl.read_text().splitlines()]
+    assert isinstance(record, MaxBatchRecord) and record.measurement == "predicted"
+    assert (record.overhead_fixed_bytes, record.overhead_fraction) == (512 * 1024, 0.05)
+    peaks = {p.batch_size: p.peak_tensor_bytes for p in record.probes}
+    for answer, budget in zip(record.budgets, (6 * 2**20, 12 * 2**20)):
+        assert answer.budget_bytes == budget and answer.first_failing_batch == answer.max_batch + 1
+        assert answer.device_bytes == 512 * 1024 + -(-peaks[answer.max_batch] * 105 // 100) <= budget
+        assert 512 * 1024 + peaks[answer.first_failing_batch] * 1.05 > budget
+    assert record.budgets[1].max_batch > record.budgets[0].max_batch
+
+
+def test_paper_preset_runs_every_method_on_meta_with_microbatch_capped(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/",
+            "--preset",
+            "paper",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--results={tmp_path / 'x.jsonl'}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ids = [line for line in proc.stdout.splitlines() if line.startswith("bench/test_dp_step.py::")]
+    assert ids and all(i.endswith("-meta]") for i in ids)
+    assert len([i for i in ids if "-microbatch-" in i]) == 17 * 3  # batch 1, 4, 16
+    assert len(ids) == 17 * (8 * 5 + 3)
+    assert any("dit-xl-2-cond-512-bk-bs256-meta" in i for i in ids) and any("gpt2-xl-untied-" in i for i in ids)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory-budget", "0"], "--memory-budget"),  # a type= parser (argparse)
+        (["--calibrate-gpu", "h100"], "--calibrate-gpu needs --calibrate"),  # the config's check
+    ],
+)
+def test_bad_meta_options_are_one_line_usage_errors(tmp_path, args, message):
+    proc, _, _ = _bench(tmp_path, "--devices", "meta", *args, "--collect-only")
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("ERROR: usage:")]
+    error_lines = [line for line in lines if "error" in line.lower()]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "parser, text, message",
+    [
+        (options.attention_choice, "fast", "auto, math, efficient, flash, cudnn"),
+        (options.optimizer_impl, "fused", "auto, foreach, for-loop"),
+        (options.overhead_model, "10%", "FIXED+PERCENT"),
+        (options.byte_sizes, "24GiB,0", "size must be >= 1 byte"),
+    ],
+)
+def test_meta_option_parsers_reject_bad_values_in_one_line(parser, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message.replace("+", "\\+")) as info:
+        parser(text)
+    assert "\n" not in str(info.value)
+
+
+def test_meta_option_parsers_accept_good_values():
+    assert options.attention_choice(" flash ") == "flash"
+    assert options.optimizer_impl("for-loop") == "for-loop"
+    assert options.overhead_model("2GiB+7.5%").fraction == 0.075
+    assert options.byte_sizes("24GiB,40GiB") == (24 * 2**30, 40 * 2**30)
