@@ -115,11 +115,21 @@ def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
     return fig, flat[:n]
 
 
-def where_label(machine: str, device: str, predicted: bool) -> str:
-    """ "a100 · cuda:0", "AMD EPYC · cpu", "runner · meta (predicted)": how a figure names a panel or a series, so
-    GPU, CPU and predicted figures are never drawn unnamed on one axis."""
-    where = " · ".join(dict.fromkeys([str(machine), str(device)]))
+def where_label(
+    machine: str, device: str, predicted: bool, precision: str = "fp32", checkpointing: str = "none"
+) -> str:
+    """ "a100 · cuda:0", "AMD EPYC · cpu · amp-bf16+blocks", "runner · meta (predicted)": how a figure names a panel
+    or a series, so GPU, CPU, predicted figures and training modes are never drawn unnamed on one axis."""
+    mode = mode_label(precision, checkpointing)
+    where = " · ".join(dict.fromkeys([str(machine), str(device), *([mode] if mode else [])]))
     return f"{where} (predicted)" if predicted else where
+
+
+def mode_label(precision: str, checkpointing: str) -> str:
+    """ "" for fp32 without checkpointing (every figure's default), else e.g. "amp-bf16+blocks"."""
+    if (precision, checkpointing) == ("fp32", "none"):
+        return ""
+    return str(precision) + ("" if checkpointing == "none" else f"+{checkpointing}")
 
 
 def _measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -136,10 +146,13 @@ class ChosenCase:
     workload: str
     batch: int
     predicted: bool
+    precision: str = "fp32"
+    checkpointing: str = "none"
 
     @property
     def label(self) -> str:
-        return f"{self.workload}, batch {self.batch}, {where_label(self.machine, self.device, self.predicted)}"
+        where = where_label(self.machine, self.device, self.predicted, self.precision, self.checkpointing)
+        return f"{self.workload}, batch {self.batch}, {where}"
 
 
 def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
@@ -157,15 +170,18 @@ def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
     if pool.empty:
         raise SkipFigure(f"workload {options.workload!r} is not in the results")
     candidates = []
-    for (machine, device, workload), group in pool.groupby(["machine", "device", "workload"], sort=True):
+    keys = ["machine", "device", "workload", "precision", "checkpointing"]
+    for (machine, device, workload, precision, checkpointing), group in pool.groupby(keys, sort=True):
         methods = group["method"].nunique()
+        # fp32 without checkpointing first, then the other modes by name
+        where = (workload, machine, device, bool(mode_label(precision, checkpointing)), precision, checkpointing)
         if options.batch_size is not None:
             if (group["batch_size"] == options.batch_size).any():
-                candidates.append((-methods, workload, machine, device, options.batch_size))
+                candidates.append((-methods, *where, options.batch_size))
             continue
         all_ok = all_ok_batches(group)
         if all_ok:
-            candidates.append((-methods, workload, machine, device, max(all_ok)))
+            candidates.append((-methods, *where, max(all_ok)))
     if not candidates:
         what = (
             f"batch {options.batch_size}"
@@ -173,13 +189,14 @@ def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
             else "a batch size at which every method ran ok"
         )
         raise SkipFigure(f"no workload has {what}")
-    _, workload, machine, device, batch = sorted(candidates)[0]
-    return ChosenCase(machine, device, workload, int(batch), is_predicted({"device": device}))
+    _, workload, machine, device, _, precision, checkpointing, batch = sorted(candidates)[0]
+    return ChosenCase(machine, device, workload, int(batch), is_predicted({"device": device}), precision, checkpointing)
 
 
 def _case_rows(results: Results, chosen: ChosenCase) -> pd.DataFrame:
     c = one_process(results.cases)
     at = (c["machine"] == chosen.machine) & (c["device"] == chosen.device) & (c["workload"] == chosen.workload)
+    at &= (c["precision"] == chosen.precision) & (c["checkpointing"] == chosen.checkpointing)
     return c[at & (c["batch_size"] == chosen.batch)].sort_values("method")
 
 
@@ -191,11 +208,11 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     cases = cases[cases["status"].isin(["ok", "oom"])]
     if cases.empty:
         raise SkipFigure("no one-process ok or OOM cases")
-    panels = list(cases.groupby(["machine", "device", "workload"], sort=True))
+    panels = list(cases.groupby(["machine", "device", "precision", "checkpointing", "workload"], sort=True))
     colors = _method_colors(results)
     fig, axes = _grid(len(panels))
     any_oom = any_predicted = False
-    for ax, ((machine, device, workload), rows) in zip(axes, panels):
+    for ax, ((machine, device, precision, checkpointing, workload), rows) in zip(axes, panels):
         predicted = is_predicted(rows.iloc[0])
         any_predicted |= predicted
         metric = fit_metric_for(rows)
@@ -211,7 +228,7 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
                 any_oom = True
                 ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=colors[method])
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{workload} — {where_label(machine, device, predicted)}", fontsize=10)
+        ax.set_title(f"{workload} — {where_label(machine, device, predicted, precision, checkpointing)}", fontsize=10)
         ax.set_xlabel("batch size")
         ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
         ax.grid(alpha=0.3)
@@ -229,7 +246,8 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     fig.tight_layout(rect=(0, bottom, 1, 0.96))
     return fig, (
         "Look at the slopes: the memory each method adds per sample; the steepest line runs out of memory first. "
-        "One panel per workload and machine · device; × = OOM" + ("; dashed = predicted." if any_predicted else ".")
+        "One panel per workload, machine · device and training mode; × = OOM"
+        + ("; dashed = predicted." if any_predicted else ".")
     )
 
 
@@ -337,6 +355,10 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     machines = sorted(cases["machine"].unique())
     if len(machines) < 2:
         raise SkipFigure(f"results come from one machine only ({machines[0] if machines else 'none'})")
+    # machines compared in one training mode: fp32 without checkpointing where it ran on several
+    modes = cases.groupby(["precision", "checkpointing"]).size()
+    precision, checkpointing = ("fp32", "none") if ("fp32", "none") in modes.index else modes.idxmax()
+    cases = cases[(cases["precision"] == precision) & (cases["checkpointing"] == checkpointing)]
     key = ["workload", "method", "batch_size", "device", "world_size", "parallel"]
     shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
     if shared.empty:
@@ -399,7 +421,10 @@ def _fits(results: Results) -> pd.DataFrame:
 def _with_where(fits: pd.DataFrame) -> pd.DataFrame:
     """``fits`` with a ``where`` column (machine · device, "(predicted)" for predicted rows)."""
     predicted = fits.apply(is_predicted, axis=1) if len(fits) else pd.Series([], dtype=bool)
-    labels = [where_label(m, d, p) for m, d, p in zip(fits["machine"], fits["device"], predicted)]
+    labels = [
+        where_label(m, d, p, pr, c)
+        for m, d, p, pr, c in zip(fits["machine"], fits["device"], predicted, fits["precision"], fits["checkpointing"])
+    ]
     return fits.assign(where=labels, predicted=predicted.to_numpy())
 
 
@@ -519,8 +544,8 @@ def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[p
 # 6. Proxy validity: GPT proxy vs DiT overhead at matched batch and tokens per sample
 # ---------------------------------------------------------------------------------------------------------------
 def proxy_pairs(results: Results) -> pd.DataFrame:
-    """DiT and GPT DP-overhead ratios at the same machine, device, batch size, tokens per sample and method (one
-    process)."""
+    """DiT and GPT DP-overhead ratios at the same machine, device, training mode, batch size, tokens per sample and
+    method (one process)."""
     cases = one_process(results.cases)
     families = set(cases["family"])
     missing = [name for fam, name in (("dit", "DiT"), ("gpt", "GPT proxy")) if fam not in families]
@@ -532,7 +557,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
     )
     overhead = one_process(results.overhead).merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].notna() & overhead["tokens"].notna()]
-    key = ["machine", "device", "batch_size", "tokens", "method"]
+    key = ["machine", "device", "precision", "checkpointing", "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
     gpt = numeric[numeric["family"] == "gpt"]
     pairs = dit.merge(gpt, on=key, suffixes=("_dit", "_gpt"))
@@ -544,7 +569,8 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
 def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     pairs = proxy_pairs(results)
     predicted = pairs.apply(is_predicted, axis=1)
-    pairs = pairs.assign(where=[where_label(m, d, p) for m, d, p in zip(pairs["machine"], pairs["device"], predicted)])
+    facts = zip(pairs["machine"], pairs["device"], predicted, pairs["precision"], pairs["checkpointing"])
+    pairs = pairs.assign(where=[where_label(*fact) for fact in facts])
     wheres = sorted(pairs["where"].unique())
     # one marker shape per machine · device, hollow when predicted: ratios from different devices are told apart
     shapes = {w: "osDv^<>"[i % 7] for i, w in enumerate(wheres)}

@@ -46,7 +46,7 @@ def _pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame, cell_of) ->
     """Rows workload × method, a column per batch size; ``cell_of(case, ratios)`` makes an ok case's cell."""
     batches = sorted(rows["batch_size"].unique())
     overhead = one_process(overhead)
-    overhead = overhead[(overhead["machine"] == block.machine) & (overhead["device"] == block.device)]
+    overhead = block.rows_of(overhead)
     ratios = overhead.set_index(["workload", "method", "batch_size"])
     grid_rows = []
     for workload in workload_order(rows):
@@ -129,18 +129,26 @@ def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid
 
 
 def fit_grids(results: Results) -> list[Grid]:
-    """One max-batch table per machine × device of the fit table (case fits and max-batch searches), in the
-    order of the first screen's blocks."""
+    """One max-batch table per machine × device × training mode of the fit table (case fits and max-batch
+    searches), in the order of the first screen's blocks."""
     fits = results.fits
     if fits.empty:
         return []
-    known = {(b.machine, b.device): b for b, _ in blocks(results)}
+    key = ["machine", "device", "precision", "checkpointing"]
+    known = {(b.machine, b.device, b.precision, b.checkpointing): b for b, _ in blocks(results)}
     order = list(known)
     grids = []
-    groups = sorted(fits.groupby(["machine", "device"]), key=lambda g: order.index(g[0]) if g[0] in known else 99)
-    for (machine, device), block_fits in groups:
-        block = known.get((machine, device)) or Block(
-            str(machine), str(device), (), is_predicted(block_fits.iloc[0]), str(block_fits["fit metric"].iloc[0]), None
+    groups = sorted(fits.groupby(key), key=lambda g: order.index(g[0]) if g[0] in known else 99)
+    for (machine, device, precision, checkpointing), block_fits in groups:
+        block = known.get((machine, device, precision, checkpointing)) or Block(
+            str(machine),
+            str(device),
+            (),
+            is_predicted(block_fits.iloc[0]),
+            str(block_fits["fit metric"].iloc[0]),
+            None,
+            precision=str(precision),
+            checkpointing=str(checkpointing),
         )
         grids.append(_fit_grid(block, block_fits))
     return grids

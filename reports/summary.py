@@ -63,6 +63,10 @@ METRIC_WORDS = {
 }
 FAMILY_ORDER = ("dit", "dit-plain", "gpt", "other")
 RANKED = 3  # entries per ranked column; the matrix holds every method
+# Blocks of one machine × device in this order (bench.dp.modes' PRECISIONS and CHECKPOINTINGS; not imported:
+# reports load no DP library)
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
+CHECKPOINTINGS = ("none", "blocks")
 
 
 def time_text(seconds: float) -> str:
@@ -90,11 +94,26 @@ class Block:
     predicted: bool
     metric: str  # the peak figure its memory ratios compare (reports.tables.fit_metric_for)
     memory_bytes: float | None  # the device's (GPU) or machine's (CPU) memory
+    # the training mode: a ratio or a fit across modes would measure the mode too (bench.dp.modes)
+    precision: str = "fp32"
+    checkpointing: str = "none"
+
+    @property
+    def mode_label(self) -> str:
+        """ "" for fp32 without checkpointing, else e.g. "amp-bf16 + blocks checkpointed"."""
+        parts = [self.precision] if self.precision != "fp32" or self.checkpointing != "none" else []
+        return " + ".join(parts + ([f"{self.checkpointing} checkpointed"] if self.checkpointing != "none" else []))
+
+    def rows_of(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of ``frame`` (cases, overhead, fits) that belong to this block."""
+        mask = (frame["machine"] == self.machine) & (frame["device"] == self.device)
+        mask &= (frame["precision"] == self.precision) & (frame["checkpointing"] == self.checkpointing)
+        return frame[mask]
 
     @property
     def title(self) -> str:
         names = [n for n in self.device_names if n != self.machine]
-        where = " · ".join(dict.fromkeys([self.machine, self.device]))
+        where = " · ".join(dict.fromkeys([self.machine, self.device, *([self.mode_label] if self.mode_label else [])]))
         kind = "predicted: exact tensor bytes, nothing allocated or timed" if self.predicted else "measured"
         named = f" ({', '.join(names)})" if names else ""
         return f"{where}{named} — {kind}"
@@ -102,9 +121,11 @@ class Block:
 
 def blocks(results: Results) -> list[tuple[Block, pd.DataFrame]]:
     """Each machine × device with its one-process case rows (cases on many ranks have their own figure):
-    measured before predicted, GPUs before CPUs, then by name."""
+    measured before predicted, GPUs before CPUs, then by name, then by training mode (fp32 before the other
+    precisions, no checkpointing before blocks)."""
     found = []
-    for (machine, device), rows in one_process(results.cases).groupby(["machine", "device"], sort=True):
+    key = ["machine", "device", "precision", "checkpointing"]
+    for (machine, device, precision, checkpointing), rows in one_process(results.cases).groupby(key, sort=True):
         memory = rows["device_memory_bytes"].dropna()
         block = Block(
             machine=str(machine),
@@ -113,9 +134,17 @@ def blocks(results: Results) -> list[tuple[Block, pd.DataFrame]]:
             predicted=is_predicted(rows.iloc[0]),
             metric=fit_metric_for(rows),
             memory_bytes=float(memory.iloc[0]) if len(memory) else None,
+            precision=str(precision),
+            checkpointing=str(checkpointing),
         )
-        found.append(((block.predicted, not block.device.startswith("cuda"), block.machine, block.device), block, rows))
+        where = (block.predicted, not block.device.startswith("cuda"), block.machine, block.device)
+        mode = (_rank(PRECISIONS, block.precision), _rank(CHECKPOINTINGS, block.checkpointing))
+        found.append(((*where, *mode), block, rows))
     return [(block, rows) for _, block, rows in sorted(found, key=lambda f: f[0])]
+
+
+def _rank(order: tuple[str, ...], value: str) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), value)
 
 
 def workload_order(rows: pd.DataFrame) -> list[str]:
@@ -202,11 +231,10 @@ def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, 
 
 
 def overview(results: Results) -> list[Matrix]:
-    """One matrix per machine × device (see the module docstring)."""
+    """One matrix per machine × device × training mode (see the module docstring)."""
     matrices = []
     for block, rows in blocks(results):
-        overhead = one_process(results.overhead)
-        overhead = overhead[(overhead["machine"] == block.machine) & (overhead["device"] == block.device)]
+        overhead = block.rows_of(one_process(results.overhead))
         methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}))
         matrix_rows = []
         for workload in workload_order(rows):
@@ -376,9 +404,8 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
     """Per workload row of ``matrix``: the methods ranked by memory, by trusted step time and by max batch."""
     block = matrix.block
     fits = results.fits
-    fits = fits[(fits["machine"] == block.machine) & (fits["device"] == block.device)] if len(fits) else fits
-    cases = one_process(results.cases)
-    cases = cases[(cases["machine"] == block.machine) & (cases["device"] == block.device)]
+    fits = block.rows_of(fits) if len(fits) else fits
+    cases = block.rows_of(one_process(results.cases))
     ranked = []
     for row in matrix.rows:
         ok = {m: c for m, c in row.cells.items() if c.status == "ok"}

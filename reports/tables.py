@@ -252,12 +252,13 @@ def fit_metric_for(rows: pd.DataFrame) -> str:
 
 
 def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per machine × device × workload × method: the affine fit and max batch (measured vs predicted).
+    """Per machine × device × training mode × workload × method: the affine fit and max batch (measured vs
+    predicted).
 
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
     ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
     max-batch search runs one process, and a many-rank case's batch is split over its ranks."""
-    key = ["machine", "device", "workload", "method"]
+    key = ["machine", "device", "precision", "checkpointing", "workload", "method"]
     cases = one_process(with_rank_columns(cases))
     columns = [
         *key,

@@ -127,3 +127,25 @@ def test_max_batch_searches_once_per_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "test_max_batch[" in line]
     assert ids == ["gpt-tiny-nondp-cpu", "gpt-tiny-nondp-cpu-bf16"]
+
+
+def test_the_report_draws_one_block_per_training_mode(run):
+    from reports.load import load_results
+    from reports.summary import overview
+
+    _, _, out = run
+    matrices = overview(load_results([out / "run.json"]))
+    # fp32 without checkpointing first, then the others in bench.dp's order; every ratio within one mode
+    assert [(m.block.precision, m.block.checkpointing) for m in matrices] == [
+        ("fp32", "none"),
+        ("fp32", "blocks"),
+        ("bf16", "none"),
+        ("bf16", "blocks"),
+    ]
+    assert "·" in matrices[0].block.title and "checkpointed" not in matrices[0].block.title
+    assert "bf16 + blocks checkpointed" in matrices[3].block.title
+    for matrix in matrices:
+        (row,) = matrix.rows
+        assert row.workload == "dit-tiny-cond" and set(row.cells) == {"bk", "opacus-ew", "torch-func"}
+        blocks = matrix.block.checkpointing == "blocks"
+        assert row.cells["torch-func"].status == ("unsupported" if blocks else "ok")
