@@ -240,7 +240,22 @@ class _GradSampleMethod(_OpacusMethod):
         return OpacusGradSampleStep(workload, model, wrapper, dp_optimizer, privacy, mode)
 
 
-class OpacusGradSampleStep(DPStep):
+class _OpacusStep(DPStep):
+    """What the Opacus steps share: the noise phase and giving the model back unwrapped."""
+
+    wrapper: nn.Module
+
+    def noise(self, opt) -> None:
+        """The noise phase: N(0, σ²C²) on the clipped sums, then the 1/B scaling (the end of Opacus' pre_step;
+        the distributed steps add their reduction here)."""
+        opt.add_noise()
+        opt.scale_grad()
+
+    def close(self) -> None:
+        _release(self.wrapper, self.model)
+
+
+class OpacusGradSampleStep(_OpacusStep):
     def __init__(self, workload, model, wrapper, dp_optimizer: DPOptimizer, privacy, mode=DEFAULT_MODE):
         super().__init__(model, dp_optimizer, privacy)
         self.workload, self.wrapper, self.dp_optimizer, self.mode = workload, wrapper, dp_optimizer, mode
@@ -259,15 +274,11 @@ class OpacusGradSampleStep(DPStep):
         mark("clip")
         opt.clip_and_accumulate()
         mark("noise")
-        opt.add_noise()
-        opt.scale_grad()
+        self.noise(opt)
         mark("optimizer")
         opt.original_optimizer.step()
         mark("end")
         return loss.detach()
-
-    def close(self) -> None:
-        _release(self.wrapper, self.model)
 
 
 @register_method
@@ -354,7 +365,7 @@ class OpacusGhost(_OpacusMethod):
         return OpacusGhostStep(workload, model, wrapper, dp_optimizer, criterion, privacy, mode)
 
 
-class OpacusGhostStep(DPStep):
+class OpacusGhostStep(_OpacusStep):
     def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy, mode=DEFAULT_MODE):
         super().__init__(model, dp_optimizer, privacy)
         self.workload, self.wrapper, self.dp_optimizer, self.criterion = workload, wrapper, dp_optimizer, criterion
@@ -382,12 +393,8 @@ class OpacusGhostStep(DPStep):
         # DPOptimizerFastGradientClipping.step() = pre_step (accumulate, add_noise, scale_grad) + wrapped step.
         opt.accumulate()
         mark("noise")
-        opt.add_noise()
-        opt.scale_grad()
+        self.noise(opt)
         mark("optimizer")
         opt.original_optimizer.step()
         mark("end")
         return losses.detach().mean()
-
-    def close(self) -> None:
-        _release(self.wrapper, self.model)

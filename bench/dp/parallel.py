@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from bench.channel import PhaseMarker, no_mark
 
 from ._common import per_sample_loss, trainable_parameters
 from .base import DPStep, get_method, make_optimizer
@@ -175,24 +175,9 @@ class DistributedOpacusStep(OpacusGradSampleStep):
     """``DistributedDPOptimizer.step()`` in phases: clip the local per-sample gradients, noise on rank 0 only,
     scale by the local batch, then all-reduce (sum / world) — inside the noise phase."""
 
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        opt = self.dp_optimizer
-        mark("forward")
-        opt.zero_grad(set_to_none=True)
-        loss = per_sample_loss(self.workload, self.wrapper, batch).mean()
-        mark("backward")
-        loss.backward()
-        annotate_dp_buffer(*(p.grad_sample for p in opt.params))
-        mark("clip")
-        opt.clip_and_accumulate()
-        mark("noise")
-        opt.add_noise()
-        opt.scale_grad()
+    def noise(self, opt) -> None:
+        super().noise(opt)
         opt.reduce_gradients()
-        mark("optimizer")
-        opt.original_optimizer.step()
-        mark("end")
-        return loss.detach()
 
 
 def _ddp_ghost_step(impl, workload, model, opt, privacy, local_batch, noise_generator) -> DPStep:
@@ -227,7 +212,7 @@ def _noise_replicated(opt) -> None:
 
 
 class DistributedGhostStep(OpacusGhostStep):
-    """Ghost clipping on ranks: the two backward passes on the local samples, then ``finish_noise(opt)`` after
+    """Ghost clipping on ranks: the two backward passes on the local samples, then ``after_noise(opt)`` after
     the noise — DPDDP all-reduces the sums, ghost_fsdp's sharded gradients were reduce-scattered by FSDP."""
 
     def __init__(self, workload, model, wrapper, dp_optimizer, criterion, privacy, after_noise, noise=None):
@@ -235,31 +220,10 @@ class DistributedGhostStep(OpacusGhostStep):
         self.after_noise: Callable = after_noise
         self.add_noise: Callable = noise or (lambda opt: opt.add_noise())
 
-    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
-        opt, wrapper = self.dp_optimizer, self.wrapper
-        mark("forward")
-        opt.zero_grad(set_to_none=True)
-        losses = self.criterion(wrapper(*batch.inputs), batch.target).loss_per_sample  # (B_local,)
-        mark("backward")
-        losses.mean().backward(retain_graph=True)
-        mark("clip")
-        opt.zero_grad()
-        coeff = wrapper.get_clipping_coef()
-        annotate_dp_buffer(wrapper.per_sample_gradient_norms, coeff)
-        wrapper.disable_hooks()
-        try:
-            (coeff.to(losses.device) * losses).sum().backward()
-        finally:
-            wrapper.enable_hooks()
-        opt.accumulate()
-        mark("noise")
+    def noise(self, opt) -> None:
         self.add_noise(opt)
         opt.scale_grad()
         self.after_noise(opt)
-        mark("optimizer")
-        opt.original_optimizer.step()
-        mark("end")
-        return losses.detach().mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
