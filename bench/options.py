@@ -65,18 +65,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def batch_sizes(text: str) -> tuple[int, ...]:
-    """``"4,16"`` → ``(4, 16)``: integers >= 1, each once."""
-    sizes = []
+def _positive_ints(text: str, what: str) -> tuple[int, ...]:
+    """``"4,16"`` → ``(4, 16)``: integers >= 1 (``what`` names them in the error)."""
+    values = []
     for item in comma_list(text):
         try:
             value = int(item)
         except ValueError:
             raise BadValue(f"{item!r} is not an integer") from None
         if value < 1:
-            raise BadValue(f"batch size must be >= 1, got {value}")
-        sizes.append(value)
-    return tuple(sizes)
+            raise BadValue(f"{what} must be >= 1, got {value}")
+        values.append(value)
+    return tuple(values)
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``"4,16"`` → ``(4, 16)``: integers >= 1, each once."""
+    return _positive_ints(text, "batch size")
 
 
 _UNITS = {
@@ -114,16 +119,7 @@ def byte_sizes(text: str) -> tuple[int, ...]:
 
 def world_sizes(text: str) -> tuple[int, ...]:
     """``"1,2,8"`` → ``(1, 2, 8)``: ranks per case, integers >= 1, each once (1: one process, no strategy)."""
-    sizes = []
-    for item in comma_list(text):
-        try:
-            value = int(item)
-        except ValueError:
-            raise BadValue(f"{item!r} is not an integer") from None
-        if value < 1:
-            raise BadValue(f"world size must be >= 1, got {value}")
-        sizes.append(value)
-    return tuple(sizes)
+    return _positive_ints(text, "world size")
 
 
 def parallel_strategies(text: str) -> tuple[str, ...]:

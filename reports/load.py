@@ -555,14 +555,7 @@ def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
 
 def _case_columns() -> list[str]:
     return [
-        "workload",
-        "method",
-        "batch_size",
-        "device",
-        "precision",
-        "checkpointing",
-        "world_size",
-        "parallel",
+        *(key for key in CASE_KEY if key != "machine"),
         "status",
         "reason",
         "family",

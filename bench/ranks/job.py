@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dp.privacy import PrivacyParams
+from bench.record import CaseRecord
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,18 @@ class RankJob:
     @property
     def local_batch_size(self) -> int:
         return self.batch_size // self.world_size
+
+    def new_record(self, **fields: Any) -> CaseRecord:
+        """A record of this job's case (identity and ranks), with ``fields`` set (status, privacy, device facts)."""
+        return CaseRecord(
+            workload=self.workload,
+            method=self.method,
+            batch_size=self.batch_size,
+            device=self.device,
+            world_size=self.world_size,
+            parallel=self.parallel,
+            **fields,
+        )
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

@@ -116,16 +116,7 @@ NOT_PREDICTABLE = {
 
 
 def _not_predictable(job: RankJob, rank: int, why: str) -> CaseRecord:
-    record = CaseRecord(
-        workload=job.workload,
-        method=job.method,
-        batch_size=job.batch_size,
-        device=job.device,
-        world_size=job.world_size,
-        parallel=job.parallel,
-        status="unsupported",
-        reason=f"not predictable on fake tensors: {why}",
-    )
+    record = job.new_record(status="unsupported", reason=f"not predictable on fake tensors: {why}")
     record.ranks = [RankFigures(rank=rank, status=record.status, reason=record.reason)]
     return record
 

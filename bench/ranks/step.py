@@ -111,13 +111,7 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
 
 def _rank_record(job: RankJob, device: torch.device) -> CaseRecord:
     name, memory = device_facts(device)
-    return CaseRecord(
-        workload=job.workload,
-        method=job.method,
-        batch_size=job.batch_size,
-        device=job.device,
-        world_size=job.world_size,
-        parallel=job.parallel,
+    return job.new_record(
         **job.privacy.to_dict(),
         optimizer=job.optimizer,
         device_name=name,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import models
+from bench.dp.errors import error_text
 from bench.record import CaseRecord
 from bench.record import to_jsonl_line as record_line
 
@@ -61,16 +62,7 @@ def main(argv: list[str]) -> int:
 
 def _failed(job: RankJob, rank: int, exc: BaseException) -> CaseRecord:
     traceback.print_exc()
-    record = CaseRecord(
-        workload=job.workload,
-        method=job.method,
-        batch_size=job.batch_size,
-        device=job.device,
-        world_size=job.world_size,
-        parallel=job.parallel,
-        status="error",
-        reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-    )
+    record = job.new_record(status="error", reason=error_text(exc))
     record.ranks = [rank_figures(record, rank)]
     record.peak_rank = rank
     return record
