@@ -279,7 +279,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             if timer is not None and not on_meta:
                 record.timing = timer(lambda: (run(), _sync(device)), one_call_s)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
-        record.status, record.reason = _failure(exc, spec, op_cache)
+        record.status, record.reason = failure_status(exc, f"batch {spec.batch_size}", op_cache)
         for link in exception_chain(exc):
             link.__traceback__ = None
     finally:
@@ -291,13 +291,13 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     return record
 
 
-def _failure(exc: BaseException, spec: CaseSpec, op_cache: MetaOpCache | None) -> tuple[str, str]:
-    """(status, reason) of a case that raised: oom (first: an OOM wins over any method's own wrapping of it),
-    unsupported (the method's, the training mode's or attention's refusal, or a value-dependent op on meta),
-    else error."""
+def failure_status(exc: BaseException, batch: str, op_cache: MetaOpCache | None = None) -> tuple[str, str]:
+    """(status, reason) of a case that raised: oom (first: an OOM wins over any method's own wrapping of it;
+    ``batch`` says which batch), unsupported (the method's, the training mode's or attention's refusal, or a
+    value-dependent op on meta), else error. Shared with the ranks of a many-rank case (bench/ranks/step.py)."""
     oom = out_of_memory_in(exc)
     if oom is not None:
-        return "oom", f"batch {spec.batch_size}: {error_text(oom)}"
+        return "oom", f"{batch}: {error_text(oom)}"
     if isinstance(exc, (dp.MethodUnsupported, dp.ModeUnsupported, AttentionUnsupported)):
         return "unsupported", str(exc)
     meta_reason = unsupported_reason(exc, op_cache.failed_op) if op_cache is not None else None

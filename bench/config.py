@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -191,8 +192,6 @@ class BenchConfig:
         """The session's settings from pytest's parsed options; :class:`BenchUsageError` names a bad value."""
         import models
         from bench import dp
-        from bench.devices import visible_devices
-        from bench.machine import ram_bytes
         from bench.options import check_names
 
         option = config.getoption
@@ -209,31 +208,14 @@ class BenchConfig:
             check_names("--precision", precisions, dp.PRECISIONS)
             checkpointings = option("--checkpointing") or preset.checkpointings
             check_names("--checkpointing", checkpointings, dp.CHECKPOINTINGS)
-            devices = option("--devices") or preset.devices or tuple(visible_devices())
-            usable = list(dict.fromkeys(["cpu", "meta", *visible_devices()]))
-            for device in devices:
-                if device not in usable:
-                    raise ValueError(f"--devices: {device!r} does not exist here; visible devices: {', '.join(usable)}")
+            devices = _checked_devices(option("--devices") or preset.devices)
             check_names("--optimizer", [option("--optimizer")], list(dp.OPTIMIZERS))
-            check_names("--accountant", [option("--accountant")], list(dp.ACCOUNTANTS))
-            privacy = dp.resolve_privacy(
-                option("--max-grad-norm"),
-                noise_multiplier=option("--noise-multiplier"),
-                target_epsilon=option("--target-epsilon"),
-                target_delta=option("--target-delta"),
-                accountant=option("--accountant"),
-                sample_rate=option("--sample-rate"),
-                steps=option("--privacy-steps"),
-            )
+            privacy = _privacy(option)
             overhead = resolve_overhead(option("--budget-overhead"), option("--calibrate"), option("--calibrate-gpu"))
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
         world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
         _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"))
-        memory_cap = option("--memory-cap")
-        if memory_cap is None:  # 75 % of RAM; no cap where RAM cannot be read
-            ram = ram_bytes()
-            memory_cap = int(ram * 0.75) if ram else None
         return cls(
             preset=preset_name,
             workloads=tuple(workloads),
@@ -244,7 +226,7 @@ class BenchConfig:
             privacy=privacy,
             sample_interval_s=option("--sample-interval"),
             optimizer=option("--optimizer"),
-            memory_cap_bytes=memory_cap,
+            memory_cap_bytes=_memory_cap(option("--memory-cap")),
             snapshot_case=option("--snapshot"),
             snapshot_dir=option("--snapshot-dir"),
             results_path=option("--results") or f"results/dpmem-{time.strftime('%Y%m%d-%H%M%S')}.jsonl",
@@ -269,6 +251,45 @@ class BenchConfig:
             batch_caps=preset.batch_caps if not option("--methods") and not option("--batch-sizes") else (),
             meta_notes=_meta_notes(config, devices),
         )
+
+
+def _checked_devices(given: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``--devices`` (default: every visible device); ValueError for one that does not exist here."""
+    from bench.devices import visible_devices
+
+    devices = given or tuple(visible_devices())
+    usable = list(dict.fromkeys(["cpu", "meta", *visible_devices()]))
+    for device in devices:
+        if device not in usable:
+            raise ValueError(f"--devices: {device!r} does not exist here; visible devices: {', '.join(usable)}")
+    return tuple(devices)
+
+
+def _privacy(option: Callable[[str], Any]) -> PrivacyParams:
+    """The privacy options resolved (σ from a target ε where one is given); DPConfigError names a bad value."""
+    from bench import dp
+    from bench.options import check_names
+
+    check_names("--accountant", [option("--accountant")], list(dp.ACCOUNTANTS))
+    return dp.resolve_privacy(
+        option("--max-grad-norm"),
+        noise_multiplier=option("--noise-multiplier"),
+        target_epsilon=option("--target-epsilon"),
+        target_delta=option("--target-delta"),
+        accountant=option("--accountant"),
+        sample_rate=option("--sample-rate"),
+        steps=option("--privacy-steps"),
+    )
+
+
+def _memory_cap(given: int | None) -> int | None:
+    """``--memory-cap``, else 75 % of RAM; no cap where RAM cannot be read."""
+    from bench.machine import ram_bytes
+
+    if given is not None:
+        return given
+    ram = ram_bytes()
+    return int(ram * 0.75) if ram else None
 
 
 def _check_ranks(

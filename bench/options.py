@@ -228,11 +228,19 @@ def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None
 
 def add_bench_options(parser) -> None:
     """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``)."""
-    g = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)")
-    add = g.addoption
+    add = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)").addoption
+    _matrix_options(add)
+    _step_options(add)
+    _measurement_options(add)
+    _ranks_options(add)
+    _max_batch_options(add)
+
+
+def _matrix_options(add) -> None:
+    """Options of the case matrix: what runs (workloads, methods, batch sizes, devices, modes)."""
     add(
         "--preset",
-        help="case matrix preset: cpu-smoke, gpu-small, gpu-full (default: gpu-small with a GPU, else cpu-smoke)",
+        help="case matrix preset: cpu-smoke, gpu-small, gpu-full, paper (default: gpu-small with a GPU; cpu-smoke)",
     )
     add("--workloads", type=comma_list, help="comma list of workloads (replaces the preset's)")
     add("--methods", type=comma_list, help="comma list of DP methods (replaces the preset's)")
@@ -261,7 +269,10 @@ def add_bench_options(parser) -> None:
         metavar="MODULE",
         help="import MODULE, which registers workloads with models.register_workload (repeatable)",
     )
-    add("--sample-interval", type=sample_interval, default=0.001, help="NVML/RSS sampling interval, s (default 0.001)")
+
+
+def _step_options(add) -> None:
+    """Options of how a step runs: privacy, optimizer, attention kernel."""
     add("--target-epsilon", type=positive_float, help="resolve the noise multiplier for this ε (Opacus accountant)")
     add("--target-delta", type=unit_interval, default=1e-5, help="δ of the privacy guarantee (default 1e-5)")
     add("--noise-multiplier", type=non_negative_float, help="noise multiplier σ (default 1.0 unless --target-epsilon)")
@@ -284,6 +295,11 @@ def add_bench_options(parser) -> None:
         help="scaled-dot-product-attention kernel: auto (torch's choice; on meta what CUDA would pick: efficient for "
         "fp32, flash for fp16/bf16), math, efficient, flash or cudnn",
     )
+
+
+def _measurement_options(add) -> None:
+    """Options of timing, memory sources and where results go."""
+    add("--sample-interval", type=sample_interval, default=0.001, help="NVML/RSS sampling interval, s (default 0.001)")
     add("--rounds", type=positive_int, help="timed rounds per case (default: the preset's)")
     add(
         "--torch-threads",
@@ -304,6 +320,10 @@ def add_bench_options(parser) -> None:
     add("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
     add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
     add("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
+
+
+def _ranks_options(add) -> None:
+    """Options of cases on many ranks (torchrun)."""
     add(
         "--world-sizes",
         type=world_sizes,
@@ -327,6 +347,10 @@ def add_bench_options(parser) -> None:
         type=rendezvous_endpoint,
         help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
     )
+
+
+def _max_batch_options(add) -> None:
+    """Options of the max-batch search and memory budgets."""
     add(
         "--max-batch",
         action="store_true",

@@ -23,7 +23,8 @@ from contextlib import nullcontext
 import torch
 
 import models
-from bench.dp.errors import MethodUnsupported, error_text, exception_chain, out_of_memory_in
+from bench.case import failure_status
+from bench.dp.errors import exception_chain
 from bench.dp.parallel import build_parallel_step
 from bench.machine import device_facts
 from bench.memory.isolation import end_case, start_case
@@ -86,16 +87,8 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
             if fake_mode is None and job.rounds:
                 record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s)
     except Exception as exc:  # classified as bench/case.py does; the traceback must not keep tensors alive
-        oom = out_of_memory_in(exc)
-        if oom is not None:
-            record.status, record.reason = (
-                "oom",
-                f"batch {job.batch_size} ({job.local_batch_size} per rank): " + (error_text(oom)),
-            )
-        elif isinstance(exc, MethodUnsupported):
-            record.status, record.reason = "unsupported", str(exc)
-        else:
-            record.status, record.reason = "error", error_text(exc)
+        batch_text = f"batch {job.batch_size} ({job.local_batch_size} per rank)"
+        record.status, record.reason = failure_status(exc, batch_text)
         for link in exception_chain(exc):
             link.__traceback__ = None
     finally:
