@@ -45,6 +45,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from models.checkpointing import also_in_recompute
+
 __all__ = [
     "ATTENTION_CHOICES",
     "KERNELS",
@@ -256,8 +258,10 @@ def attention_in_forward(
     entered by a forward pre-hook on the top-level module and left by a forward hook that runs even when the
     forward raises; both are removed when the block ends. Attention is called inside the forward (also when a
     method calls the model through ``torch.func.functional_call`` or a wrapper), and the kernels' backward
-    formulas need no mode. Nothing is installed where there is nothing to do (``auto`` on a real device without
-    observation: torch's own choice, no per-op Python cost in timed rounds)."""
+    formulas need no mode — but a checkpointed block recomputes its forward inside the backward, so the mode is
+    entered around that recompute too (models.checkpointing.also_in_recompute). Nothing is installed where there
+    is nothing to do (``auto`` on a real device without observation: torch's own choice, no per-op Python cost in
+    timed rounds)."""
     if choice == "auto" and device_type != "meta" and not observe:
         yield None
         return
@@ -276,9 +280,18 @@ def attention_in_forward(
         if depth == 0:
             mode.__exit__(None, None, None)
 
+    @contextmanager
+    def in_recompute() -> Iterator[None]:  # a checkpointed block's recompute, inside the backward
+        enter(None, None)
+        try:
+            yield
+        finally:
+            leave(None, None, None)
+
     handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
     try:
-        yield mode
+        with also_in_recompute(in_recompute):
+            yield mode
     finally:
         for handle in handles:
             handle.remove()

@@ -68,7 +68,9 @@ class _Prober:
 
         key = (method, batch_size)
         if key not in self.records:
-            self.records[key] = run_case(CaseSpec(self.workload, method, batch_size, "meta"), self.config, None)
+            precision, checkpointing = self.config.precisions[0], self.config.checkpointings[0]
+            spec = CaseSpec(self.workload, method, batch_size, "meta", precision=precision, checkpointing=checkpointing)
+            self.records[key] = run_case(spec, self.config, None)
         return self.records[key]
 
 
@@ -116,9 +118,12 @@ def _gib(value: float | None) -> str:
 
 def format_plan(workload: str, budget_text: str, config, rows: list[PlanRow]) -> str:
     """The plan as a Markdown table plus the lines that say what it rests on."""
+    from bench.dp import TrainingMode
+
     nondp = next((r for r in rows if r.method == "nondp" and r.status == "ok"), None)
     lines = [
-        f"Capacity plan: {workload} on {budget_text} (predicted on the meta device; attention {config.attention})",
+        f"Capacity plan: {workload} on {budget_text} (predicted on the meta device; "
+        f"{TrainingMode(config.precisions[0], config.checkpointings[0]).label}; attention {config.attention})",
         f"Overhead model: {config.overhead.describe()}",
         "",
         "| method | max batch | × nondp batch | peak tensor GiB | device GiB | fixed GiB | per sample MiB "
@@ -157,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", type=comma_list, metavar="FILES", help="fit the overhead from GPU results")
     parser.add_argument("--calibrate-gpu", metavar="NAME", help="with --calibrate: the GPU model to use")
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
+    parser.add_argument(
+        "--precision", default="fp32", help="fp32 (default) or bf16 (weights, gradients, optimizer state in bf16)"
+    )
+    parser.add_argument("--checkpointing", default="none", help="none (default) or blocks (every block checkpointed)")
     parser.add_argument("--max-batch-limit", type=positive_int, default=4096, help="largest batch searched (4096)")
     parser.add_argument(
         "--microbatch-limit",
@@ -179,6 +188,13 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     check_names("--methods", methods, dp.available_methods())
     check_names("--attention", [args.attention], ATTENTION_CHOICES)
     check_names("--optimizer", [args.optimizer], list(dp.OPTIMIZERS))
+    check_names("--precision", [args.precision], dp.PRECISIONS)
+    check_names("--checkpointing", [args.checkpointing], dp.CHECKPOINTINGS)
+    if dp.TrainingMode(args.precision).autocast_dtype is not None:  # refused on meta: say so before any step runs
+        raise ValueError(
+            f"--precision {args.precision}: autocast does not run on the meta device, so a plan would predict an fp32 "
+            "forward; plan fp32 or bf16 (with or without --checkpointing blocks), measure amp on a GPU"
+        )
     given = overhead_model(args.budget_overhead) if args.budget_overhead else None
     return BenchConfig(
         preset="plan",
@@ -189,6 +205,8 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
         rounds=1,
         privacy=dp.resolve_privacy(1.0),
         optimizer=args.optimizer,
+        precisions=(args.precision,),
+        checkpointings=(args.checkpointing,),
         attention=args.attention,
         attention_sm=sm,
         overhead=resolve_overhead(given, args.calibrate, args.calibrate_gpu),

@@ -21,17 +21,25 @@ recompute, during the backward. A hook that must see each layer once asks :func:
 ``"forward"`` in the original forward of a checkpointed block (whose saved activations are about to be
 dropped), ``"recompute"`` while the backward recomputes it, ``None`` outside checkpointed blocks. The pass is
 tracked per thread: the recompute runs in whichever thread runs the backward, and so do the hooks it fires.
+
+A context that is active around a block's original forward (a torch-function mode that routes an op to
+another kernel, say) is not active in its recompute, which runs later, inside the backward: the recompute
+would take another path, save other tensors, and the checkpoint refuses it ("A different number of tensors
+was saved"). :func:`also_in_recompute` registers such a context: every block that runs its original forward
+while it is registered enters it again around its recompute.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from functools import partial
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CheckpointedBlocks", "checkpoint_modules", "checkpoint_pass", "checkpointed_modules"]
+__all__ = ["CheckpointedBlocks", "also_in_recompute", "checkpoint_modules", "checkpoint_pass", "checkpointed_modules"]
 
 _WRAPPER_FLAG = "_dpmem_checkpointed"  # set on the forward functions checkpoint_modules installs
 
@@ -39,6 +47,7 @@ _WRAPPER_FLAG = "_dpmem_checkpointed"  # set on the forward functions checkpoint
 class _PassState(threading.local):
     def __init__(self) -> None:
         self.stack: list[str] = []
+        self.recompute_contexts: list[Callable[[], AbstractContextManager]] = []
 
 
 _PASS = _PassState()
@@ -51,22 +60,41 @@ def checkpoint_pass() -> str | None:
 
 
 class _InPass:
-    """Marks this thread as inside ``kind`` while entered. Reusable: a graph kept for a second backward (Opacus'
-    ghost clipping) recomputes a block twice with the same context."""
+    """Marks this thread as inside ``kind`` while entered, inside ``contexts`` (each factory's context, entered
+    in order). Reusable: a graph kept for a second backward (Opacus' ghost clipping) recomputes a block twice
+    with the same context."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, contexts: tuple[Callable[[], AbstractContextManager], ...] = ()):
+        self.kind, self.contexts = kind, contexts
+        self._entered: list[ExitStack] = []
 
     def __enter__(self) -> None:
         _PASS.stack.append(self.kind)
+        stack = ExitStack()
+        for context in self.contexts:
+            stack.enter_context(context())
+        self._entered.append(stack)
 
     def __exit__(self, *exc) -> None:
+        self._entered.pop().close()
         _PASS.stack.pop()
 
 
 def _pass_contexts() -> tuple[_InPass, _InPass]:
-    """``context_fn`` of torch.utils.checkpoint: one context around the forward, one around the recompute."""
-    return _InPass("forward"), _InPass("recompute")
+    """``context_fn`` of torch.utils.checkpoint (called when the block's forward starts): one context around the
+    forward, one around the recompute — with the contexts registered by :func:`also_in_recompute` now."""
+    return _InPass("forward"), _InPass("recompute", tuple(_PASS.recompute_contexts))
+
+
+@contextmanager
+def also_in_recompute(context: Callable[[], AbstractContextManager]) -> Iterator[None]:
+    """While this block runs, a checkpointed block's recompute also runs inside ``context()`` (a fresh context
+    per recompute), so it takes the path its original forward took."""
+    _PASS.recompute_contexts.append(context)
+    try:
+        yield
+    finally:
+        _PASS.recompute_contexts.remove(context)
 
 
 def _checkpointed_forward(original, *args, **kwargs):

@@ -96,6 +96,25 @@ def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
     assert rows["opacus-ghost"][2].strip() == "unsupported" and "unique_dim" in rows["opacus-ghost"][9]
 
 
+def test_plan_in_bf16_with_checkpointed_blocks(capsys):
+    """The planner's cases run in the asked mode: bf16 weights, every block recomputed under the routed
+    attention kernel (an unrouted recompute saved other tensors and the checkpoint refused it)."""
+    argv = ["dit-tiny-cond", "--memory", "24MiB", "--budget-overhead", "1MiB+5%", "--methods", "nondp"]
+    assert plan.main([*argv, "--precision", "bf16", "--checkpointing", "blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16+blocks; attention auto" in out
+    best = int(next(line.split("|") for line in out.splitlines() if line.startswith("| nondp |"))[2])
+    overhead = parse_overhead("1MiB+5%")
+    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0), overhead=overhead)
+    small, fp32 = (
+        run_case(CaseSpec("dit-tiny-cond", "nondp", b, "meta", precision=p, checkpointing=c), config, None)
+        for b, p, c in ((best + 1, "bf16", "blocks"), (best + 1, "fp32", "none"))
+    )
+    assert small.status == fp32.status == "ok", (small.reason, fp32.reason)
+    assert not overhead.fits(small.memory.peak_tensor_bytes, 24 * MIB)  # the next batch does not fit: exact
+    assert small.memory.peak_tensor_bytes < 0.75 * fp32.memory.peak_tensor_bytes  # bf16 + blocks hold much less
+
+
 def test_plan_takes_a_workload_spec_and_a_gpu(capsys):
     assert plan.main(["gpt-tiny:seq_len=8", "--gpu", "l4-24gb", "--methods", "microbatch"]) == 0
     out = capsys.readouterr().out
@@ -112,6 +131,9 @@ def test_plan_takes_a_workload_spec_and_a_gpu(capsys):
         (["dit-tiny-cond", "--attention", "fast"], "--attention"),
         (["dit-tiny-cond", "--budget-overhead", "lots"], "FIXED+PERCENT"),
         (["dit-tiny-cond", "--calibrate", "/no/such/file.jsonl"], "no such file"),
+        (["dit-tiny-cond", "--precision", "fp16"], "did you mean"),
+        (["dit-tiny-cond", "--precision", "amp-bf16"], "autocast does not run on the meta device"),
+        (["dit-tiny-cond", "--checkpointing", "all"], "--checkpointing"),
     ],
 )
 def test_plan_usage_errors_are_one_line_exit_2(capsys, argv, message):
