@@ -180,9 +180,12 @@ def _subtitle(results: Results) -> str:
     counts = cases["status"].value_counts()
     statuses = ", ".join(f"{counts[s]} {status_label(s)}" for s in ("ok", "oom", "unsupported", "error") if s in counts)
     where = "; ".join(dict.fromkeys(f"{b.machine} · {b.device}" for b, _ in blocks(results)))
+    modes = len(cases[["precision", "checkpointing"]].drop_duplicates())
+    ranks = len(cases[["world_size", "parallel"]].drop_duplicates())
+    extra = (f" × {modes} training modes" if modes > 1 else "") + (f" × {ranks} rank settings" if ranks > 1 else "")
     return (
         f"{len(cases)} cases ({statuses}): {cases['workload'].nunique()} workloads × {cases['method'].nunique()} "
-        f"methods × {cases['batch_size'].nunique()} batch sizes on {where}."
+        f"methods × {cases['batch_size'].nunique()} batch sizes{extra} on {where}."
     )
 
 

@@ -149,3 +149,12 @@ def test_the_report_draws_one_block_per_training_mode(run):
         assert row.workload == "dit-tiny-cond" and set(row.cells) == {"bk", "opacus-ew", "torch-func"}
         blocks = matrix.block.checkpointing == "blocks"
         assert row.cells["torch-func"].status == ("unsupported" if blocks else "ok")
+
+
+def test_the_report_subtitle_counts_the_training_modes(run):
+    from reports.__main__ import _subtitle
+    from reports.load import load_results
+
+    _, _, out = run
+    subtitle = _subtitle(load_results([out / "run.json"]))
+    assert "1 workloads × 4 methods × 1 batch sizes × 4 training modes on" in subtitle, subtitle
