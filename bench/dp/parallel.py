@@ -155,19 +155,25 @@ class DDPNonDPStep(NonDPStep):
 # Opacus under DPDDP: per-sample work on the local samples; the optimizer all-reduces the clipped, noised sums
 
 
+def _rank_dp_optimizer(optimizer_class, opt, privacy, local_batch: int, noise_generator):
+    """One of Opacus' distributed DP optimizers around ``opt``. ``expected_batch_size`` is the per-rank batch:
+    Opacus' own rule (make_private divides the batch by the world size)."""
+    return optimizer_class(
+        opt,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=local_batch,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+
+
 def _ddp_grad_sample_step(impl, workload, model, opt, privacy, local_batch, noise_generator) -> DPStep:
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
     from opacus.optimizers import DistributedDPOptimizer
 
     wrapper = impl._wrap_for_step(workload, model, lambda: impl.wrap(DPDDP(model)))
-    dp_optimizer = DistributedDPOptimizer(
-        opt,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=local_batch,  # Opacus' rule: the per-rank batch (make_private divides by the world)
-        loss_reduction="mean",
-        generator=noise_generator,
-    )
+    dp_optimizer = _rank_dp_optimizer(DistributedDPOptimizer, opt, privacy, local_batch, noise_generator)
     return DistributedOpacusStep(workload, model, wrapper, dp_optimizer, privacy)
 
 
@@ -186,14 +192,8 @@ def _ddp_ghost_step(impl, workload, model, opt, privacy, local_batch, noise_gene
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     wrapper = impl._wrap_for_step(workload, model, lambda: impl.wrap(DPDDP(model), privacy.max_grad_norm))
-    dp_optimizer = DistributedDPOptimizerFastGradientClipping(
-        opt,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=local_batch,
-        loss_reduction="mean",
-        generator=noise_generator,
-    )
+    ghost_optimizer = DistributedDPOptimizerFastGradientClipping
+    dp_optimizer = _rank_dp_optimizer(ghost_optimizer, opt, privacy, local_batch, noise_generator)
     criterion = DPLossFastGradientClipping(wrapper, dp_optimizer, _PerSampleCriterion(workload), "mean")
     return DistributedGhostStep(workload, model, wrapper, dp_optimizer, criterion, privacy, _reduce_gradients)
 
@@ -254,14 +254,7 @@ def _fsdp_ghost_step(workload, sharded, opt, privacy, local_batch, noise_generat
             sharded, batch_first=True, loss_reduction="mean", max_grad_norm=privacy.max_grad_norm
         ),
     )
-    dp_optimizer = FSDPOptimizerFastGradientClipping(
-        opt,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=local_batch,
-        loss_reduction="mean",
-        generator=noise_generator,
-    )
+    dp_optimizer = _rank_dp_optimizer(FSDPOptimizerFastGradientClipping, opt, privacy, local_batch, noise_generator)
     criterion = DPLossFastGradientClipping(wrapper, dp_optimizer, _PerSampleCriterion(workload), "mean")
     return DistributedGhostStep(
         workload, sharded, wrapper, dp_optimizer, criterion, privacy, lambda opt: None, _noise_replicated
