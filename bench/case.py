@@ -224,15 +224,28 @@ def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, 
     return batch, step
 
 
+def _what_ranks_cannot_run(spec: CaseSpec, config: BenchConfig) -> str | None:
+    """Why a many-rank case cannot honour a setting, or None. bench/ranks' workers build their own model and
+    step: fp32 without checkpointing, torch's own attention kernel and optimizer implementation. Running the
+    case anyway would measure something other than what was asked."""
+    if spec.mode != dp.DEFAULT_MODE:
+        return f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
+    if config.attention != "auto" or config.optimizer_impl != "auto":
+        return (
+            f"--attention {config.attention} --optimizer-impl {config.optimizer_impl}: cases on many ranks run "
+            "torch's own attention kernel and optimizer implementation only (auto)"
+        )
+    return None
+
+
 def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> CaseRecord:
     """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search, or on meta); never
     raises for OOM or unsupported (the status says so); any other failure is recorded with status 'error'. A case
     on many ranks is launched by torchrun (bench/ranks), whose ranks time themselves."""
-    if spec.world_size > 1 and spec.mode != dp.DEFAULT_MODE:
-        # bench/ranks' workers build their own model and step: they would run fp32 without checkpointing
+    ranks_cannot = _what_ranks_cannot_run(spec, config) if spec.world_size > 1 else None
+    if ranks_cannot is not None:
         record = new_record(spec, config)
-        record.status = "unsupported"
-        record.reason = f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
+        record.status, record.reason = "unsupported", ranks_cannot
         return record
     if spec.world_size > 1:
         from bench.ranks.launch import run_ranked_case

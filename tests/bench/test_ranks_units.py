@@ -147,6 +147,22 @@ def test_dpmems_own_refusal_is_recorded_without_a_launch():
     assert record.status == "unsupported" and "bk under FSDP is not implemented by dpmem" in record.reason
 
 
+@pytest.mark.parametrize(
+    "spec, settings, message",
+    [
+        (CaseSpec("dit-tiny-cond", "bk", 4, "cpu", 2, "ddp", precision="bf16"), {}, "training mode bf16"),
+        (CaseSpec("dit-tiny-cond", "bk", 4, "cpu", 2, "ddp"), {"attention": "math"}, "--attention math"),
+        (CaseSpec("dit-tiny-cond", "bk", 4, "cpu", 2, "ddp"), {"optimizer_impl": "foreach"}, "--optimizer-impl"),
+    ],
+)
+def test_a_setting_the_ranks_cannot_honour_is_unsupported_without_a_launch(spec, settings, message):
+    from bench.case import run_case
+
+    record = run_case(spec, _config(**settings), timer=None)
+    assert record.status == "unsupported" and message in record.reason, record.reason
+    assert record.world_size == 2 and record.ranks == []
+
+
 def test_rank_job_round_trips_through_json_with_an_infinite_epsilon():
     job = RankJob("dit-tiny-cond", "bk", 4, "cpu", 2, "fsdp", resolve_privacy(1.0, noise_multiplier=0.0))
     assert math.isinf(job.privacy.epsilon)
