@@ -200,8 +200,7 @@ class _AttentionRun:
 def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, record: CaseRecord):
     """(batch, fused step) of the case, on ``device``; the record gets the model's facts."""
     model = meta_model(workload) if device.type == "meta" else workload.build_model(device)
-    record.params_total = sum(p.numel() for p in model.parameters())
-    record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record.params_total, record.params_trainable = models.parameter_counts(model)
     # the user's bug, named once, before any method runs; checked where the model lives
     check_workload_contract(workload, model, next(model.parameters()).device)
     dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta

@@ -41,6 +41,7 @@ __all__ = [
     "list_workloads",
     "load_workload_module",
     "override_types",
+    "parameter_counts",
     "parse_workload_spec",
     "register_workload",
 ]
@@ -191,6 +192,12 @@ def list_workloads() -> list[str]:
     """Every registered workload name, sorted."""
     _ensure_builtins()
     return sorted(_REGISTRY)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) element counts; a shared (tied) parameter counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def get_workload(spec: str, **overrides: Any) -> Workload:

@@ -10,13 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import WorkloadError, get_workload, list_workloads, load_workload_module
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    """(total, trainable) element counts; a shared (tied) parameter counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+from . import WorkloadError, get_workload, list_workloads, load_workload_module, parameter_counts
 
 
 def workload_rows(specs: list[str]) -> list[dict[str, str]]:

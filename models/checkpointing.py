@@ -69,11 +69,11 @@ class _InPass:
         self._entered: list[ExitStack] = []
 
     def __enter__(self) -> None:
+        with ExitStack() as stack:  # a context that fails to enter leaves the others and the pass as they were
+            for context in self.contexts:
+                stack.enter_context(context())
+            self._entered.append(stack.pop_all())
         _PASS.stack.append(self.kind)
-        stack = ExitStack()
-        for context in self.contexts:
-            stack.enter_context(context())
-        self._entered.append(stack)
 
     def __exit__(self, *exc) -> None:
         self._entered.pop().close()

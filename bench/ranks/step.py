@@ -53,8 +53,7 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
         with fake_mode if fake_mode is not None else nullcontext():
             # Under a FakeTensorMode the model is built where the mode makes fake tensors (on the CPU type).
             model = workload.build_model(device if fake_mode is None else None)
-            record.params_total = sum(p.numel() for p in model.parameters())
-            record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            record.params_total, record.params_trainable = models.parameter_counts(model)
             record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
             batch = local_batch(workload, job, rank, device, fake_mode)
             step = build_parallel_step(
