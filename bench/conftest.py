@@ -214,5 +214,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for note in cfg.meta_notes if cfg is not None else ():
         terminalreporter.write_line(f"dpmem: {note}")
     writer = config.stash.get(RESULTS_WRITER, None)
-    if writer is not None and writer.count:
-        terminalreporter.write_line(f"dpmem: {writer.count} result record(s) appended to {Path(writer.path)}")
+    for index, line in enumerate(writer.summary() if writer is not None else ()):
+        # the first line counts the records written whole; any further one is about records that failed
+        terminalreporter.write_line(f"dpmem: {line}", red=index > 0 or not writer.count)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bench.case import CaseSpec, new_record, run_case
+from bench.results import RecordNotWrittenError
 from bench.timing import MIN_ROUND_S, benchmark_timer
 
 # (workload, method, device, precision, checkpointing, world size, strategy) -> smallest batch size that ran
@@ -38,12 +39,15 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record
             _OOM_AT[key] = min(_OOM_AT.get(key, dp_case.batch_size), dp_case.batch_size)
 
     benchmark.extra_info.update(record.to_dict())
-    results_writer.append(record)
     if record.timing.rounds == 0 or dp_case.world_size > 1:  # many ranks time themselves, not pytest-benchmark
         params = {"workload": dp_case.workload, "method": dp_case.method, "batch_size": dp_case.batch_size}
         params |= {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
         if dp_case.world_size > 1:
             params |= {"world_size": dp_case.world_size, "parallel": dp_case.parallel}
         record_untimed({**params, "device": dp_case.device}, record.to_dict())
+    try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
+        results_writer.append(record)
+    except RecordNotWrittenError as exc:
+        pytest.fail(str(exc), pytrace=False)
     if record.status == "error":
         pytest.fail(f"{dp_case.case_id}: {record.reason}", pytrace=False)

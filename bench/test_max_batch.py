@@ -12,6 +12,7 @@ import pytest
 from bench import maxbatch
 from bench.case import CaseSpec, run_case
 from bench.record import BatchProbe, CaseRecord, MaxBatchRecord
+from bench.results import RecordNotWrittenError
 
 
 def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):
@@ -50,12 +51,15 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
         f"predicted {result.predicted_max_batch}"
     )
 
-    results_writer.append(result)
     params = {"workload": workload, "method": method, "device": device}
     record_untimed(
         {**params, "precision": precision, "checkpointing": checkpointing},
         {"record_type": "max_batch", **result.to_dict()},
     )
+    try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
+        results_writer.append(result)
+    except RecordNotWrittenError as exc:
+        pytest.fail(str(exc), pytrace=False)
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)
 

@@ -5,8 +5,9 @@ Two formats, told apart by content (never by file name):
 * pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks`` (the timed cases: each one's
   ``extra_info`` is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing) and ``dpmem_untimed`` (OOM,
   unsupported and max-batch results, kept out of ``benchmarks`` so pytest-benchmark's own tools read the file);
-* JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run may leave a truncated
-  *last* line: it is skipped with a warning and every complete line is kept.
+* JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run or a full disk may leave a
+  truncated line (the last one, or anywhere when later runs appended to the same file: the writer starts each
+  record on a new line): it is skipped with a warning naming its line and every complete line is kept.
 
 Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`;
 nothing from the input is evaluated or unpickled. Every measured number is checked (finite, not negative, an
@@ -448,22 +449,20 @@ def _cuda_index(device: str) -> int:
 def _load_jsonl(path: Path, text: str) -> _Loaded:
     lines = text.splitlines()
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    last_number = numbered[-1][0]
     cases: list[LoadedCase] = []
     max_batches: list[MaxBatchRecord] = []
     warnings: list[str] = []
+    cut: list[tuple[int, ReportInputError]] = []  # (line number, the error if the file holds nothing else)
     for number, line in numbered:
         try:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
-            if number == last_number and (cases or max_batches):
-                kept = len(cases) + len(max_batches)
-                warnings.append(
-                    f"{path}: last line {number} is truncated (killed run?); skipped it, kept {kept} record(s)"
-                )
-                continue
             what = "not JSON" if number == 1 else f"line {number} is not JSON"
-            raise ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+            error = ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})")
+            if not _is_cut_record(line, exc):
+                raise error from None
+            cut.append((number, error))
+            continue
         except (ValueError, RecursionError) as exc:
             raise ReportInputError(f"{path}: line {number}: unreadable JSON: {first_line(exc)}") from None
         if not isinstance(data, dict) or not ("record_type" in data or "workload" in data):
@@ -477,7 +476,24 @@ def _load_jsonl(path: Path, text: str) -> _Loaded:
             cases.append(LoadedCase(record, record.device_name, record.runner_label, str(path)))
         else:
             max_batches.append(record)
+    kept = len(cases) + len(max_batches)
+    if cut and not kept:
+        raise cut[0][1] from None
+    if cut:
+        which = f"line {cut[0][0]} is" if len(cut) == 1 else f"lines {', '.join(str(n) for n, _ in cut)} are"
+        warnings.append(
+            f"{path}: {which} truncated (a record cut by a killed run or a full disk); skipped, kept {kept} record(s)"
+        )
     return _Loaded(cases, max_batches, warnings, "jsonl")
+
+
+def _is_cut_record(line: str, exc: json.JSONDecodeError) -> bool:
+    """Whether a line that is not JSON is the start of a record whose write stopped partway: it opens an object
+    and either does not end it or ends where the parser ran out of text. The bench's writer starts every record
+    on a new line (bench.results), so a cut record stays alone on its line, wherever it is in the file; anything
+    else that is not JSON (two records glued together, foreign text) is an error."""
+    text = line.rstrip()
+    return text.startswith("{") and (exc.pos >= len(text) or not text.endswith("}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

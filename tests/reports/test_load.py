@@ -138,12 +138,43 @@ def test_truncated_last_jsonl_line_keeps_every_complete_case(tmp_path):
     assert len(warnings) == 1 and "killed.jsonl" in warnings[0] and "truncated" in warnings[0]
 
 
-def test_a_broken_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
-    lines = [to_jsonl_line(r) for r in make_run("h100")[:3]]
+def test_a_cut_line_in_the_middle_is_skipped_with_a_warning_naming_it(tmp_path):
+    """A killed run's cut record, then a later run's records appended to the same file (each on a new line)."""
+    records = make_run("h100")[:4]
+    lines = [to_jsonl_line(r) for r in records]
     lines[1] = lines[1][:40]
+    lines[2] = lines[2][:-1]  # cut just before its last "}"
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    warnings = []
+    results = load_results([path], warn=warnings.append)
+    assert list(results.cases["batch_size"]) == [records[0].batch_size, records[3].batch_size]
+    assert warnings == [
+        f"{path}: lines 2, 3 are truncated (a record cut by a killed run or a full disk); skipped, kept 2 record(s)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda line: line[:40] + line,  # a cut record with the next one glued on (an older writer)
+        lambda line: "this is not json",
+        lambda line: line.replace(": ", ": :", 1),  # broken inside, not cut
+    ],
+)
+def test_a_broken_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path, broken):
+    lines = [to_jsonl_line(r) for r in make_run("h100")[:3]]
+    lines[1] = broken(lines[1])
     path = tmp_path / "broken.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ReportInputError, match=r"broken\.jsonl: line 2 is not JSON"):
+        load_results([path])
+
+
+def test_a_file_of_only_a_cut_line_is_an_error(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(to_jsonl_line(make_run("h100")[0])[:100])
+    with pytest.raises(ReportInputError, match=r"cut\.jsonl: not JSON"):
         load_results([path])
 
 
