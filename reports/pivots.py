@@ -20,10 +20,10 @@ from .tables import (
     TIME_RATIO,
     TIME_VERDICT,
     extrapolation_factor,
-    first_line,
     one_process,
     predicted_max_batch_text,
     present,
+    reason_text,
     status_label,
 )
 
@@ -38,7 +38,7 @@ def _method_order(rows: pd.DataFrame) -> list[str]:
 
 def _failed_cell(case: pd.Series) -> Cell:
     where = f"{case['method']} on {case['workload']} at batch {case.name}"
-    reason = first_line(case["reason"] or "") or "no reason recorded"
+    reason = reason_text(case["reason"] or "") or "no reason recorded"
     return Cell(status_label(case["status"]), style=case["status"], footnote=f"{where}: {reason}")
 
 

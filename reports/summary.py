@@ -32,6 +32,7 @@ from .tables import (
     fit_metric_for,
     one_process,
     present,
+    reason_text,
     status_label,
 )
 
@@ -287,7 +288,7 @@ def _matrix_cell_grid(cell: MatrixCell, method: str, row: MatrixRow, block: Bloc
         return Cell("—", hover=f"{where}: not run")
     if cell.status != "ok":
         ran = f"ran ok up to batch {cell.largest_ok_batch}" if cell.largest_ok_batch else "no batch ran ok"
-        footnote = f"{where}: {status_label(cell.status)}: {first_line(cell.reason) or 'no reason recorded'}"
+        footnote = f"{where}: {status_label(cell.status)}: {reason_text(cell.reason) or 'no reason recorded'}"
         return Cell(status_label(cell.status), style=cell.status, footnote=footnote, hover=ran)
     if not present(cell.memory_ratio):
         peak = byte_text(cell.peak_bytes) if present(cell.peak_bytes) else "n/a"
@@ -414,7 +415,7 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
         entries = _max_batch_entries(fits, row.workload) if len(fits) else {}
         dp_entries = [e for m, e in entries.items() if m != BASELINE_METHOD]
         wcases = cases[(cases["workload"] == row.workload) & cases["status"].isin(["unsupported", "error"])]
-        failed = {(c["method"], c["status"]): first_line(c["reason"] or "") for _, c in wcases.iterrows()}
+        failed = {(c["method"], c["status"]): reason_text(c["reason"] or "") for _, c in wcases.iterrows()}
         ranked.append(
             Ranked(
                 workload=row.workload,

@@ -38,6 +38,7 @@ __all__ = [
     "overhead_warnings",
     "predicted_max_batch_text",
     "present",
+    "reason_text",
     "status_label",
     "time_noise",
     "time_verdict",
@@ -395,6 +396,20 @@ def format_number(value: Any) -> str:
 def first_line(text: object) -> str:
     """The first non-blank line of a (possibly multi-line) message, e.g. a library's error."""
     return (str(text).strip().splitlines() or [""])[0]
+
+
+# The most of a record's reason the report writes (a table's footnote and hover, compare's verdict): a library's
+# error is a few hundred characters, but nothing bounds it; the record keeps every byte.
+REASON_CHARS = 1000
+
+
+def reason_text(reason: object) -> str:
+    """A record's reason as the reports write it: its first line, cut at :data:`REASON_CHARS` characters with an
+    ellipsis and a note that the full text is in the result record."""
+    line = first_line(reason)
+    if len(line) <= REASON_CHARS:
+        return line
+    return f"{line[:REASON_CHARS]}… (cut at {REASON_CHARS:,} of {len(line):,} characters; full text in the record)"
 
 
 def markdown_text(text: Any) -> str:
