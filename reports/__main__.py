@@ -2,11 +2,13 @@
 
     python -m reports RESULTS... --out DIR                 tables (md+csv), figures (png+svg), report.md/.html
     python -m reports compare BASE NEW... --max-regression 5% [--gate-figures A,B] [--allow-no-overlap]
+                                          [--allow-status-change] [--allow-missing]
                                           [--export-benchmark-action FILE]
     python -m reports export RESULTS... --out FILE         github-action-benchmark customSmallerIsBetter JSON
     python -m reports merge RESULTS... --out FILE.jsonl    one JSON-lines file (e.g. a CI baseline)
 
-Exit status: 0 ok; 1 a regression (compare); 2 bad input, usage or an unwritable output (one line on stderr).
+Exit status: 0 ok; 1 the gate failed (compare: memory grew, a case broke or disappeared); 2 bad input, usage or
+an unwritable output (one line on stderr).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     compare = _OneLineParser(
         prog="python -m reports compare",
         parents=[common],
-        description="Compare NEW results with BASE; exit 1 on a memory regression or ok→OOM, 2 on bad input.",
+        description="Compare NEW results with BASE; exit 1 on a memory regression, a case that went from ok to "
+        "OOM, error or unsupported, or a case missing from NEW; 2 on bad input.",
     )
     compare.add_argument("base", help="baseline result file")
     compare.add_argument("new", nargs="+", help="new result file(s)")
@@ -99,6 +102,16 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         "--allow-no-overlap",
         action="store_true",
         help="exit 0 when BASE and NEW have no case in common (default: an error, exit 2)",
+    )
+    compare.add_argument(
+        "--allow-status-change",
+        action="store_true",
+        help="let a case that went from ok to error or unsupported pass (shown; ok→OOM still fails)",
+    )
+    compare.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="let a BASE case missing from NEW pass (shown); machines NEW does not hold are never compared",
     )
     compare.add_argument(
         "--export-benchmark-action",
@@ -254,7 +267,14 @@ def _compare(args: argparse.Namespace) -> int:
         check_writable(export, "--export-benchmark-action", directory=False)
     base = load_results([args.base], skip_bad=args.skip_bad)
     new = load_results(args.new, skip_bad=args.skip_bad)
-    comparison = compare_results(base, new, threshold, gate_figures)
+    comparison = compare_results(
+        base,
+        new,
+        threshold,
+        gate_figures,
+        allow_status_change=args.allow_status_change,
+        allow_missing=args.allow_missing,
+    )
     print(format_comparison(comparison))
     if export is not None:
         _write_text(export, "--export-benchmark-action", json.dumps(benchmark_action_entries(new), indent=2))

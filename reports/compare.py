@@ -2,24 +2,28 @@
 
 Cases match on (workload, method, batch size, device, precision, checkpointing) and machine (runner label, else
 GPU/CPU name). A case fails the gate when a *gated* peak figure present on both sides grew by more than the
-threshold, or when it went from ok to OOM. By default only the figures that are isolated between cases are gated
-(:data:`GATED_BY_DEFAULT`: exact tensor bytes, the allocator's peaks, NVML's peak minus the case-start baseline);
-process RSS and NVML's device-wide or per-process peaks depend on what ran before in the same process or on the
-device, so they are shown for information and never fail the gate unless chosen with ``--gate-figures``. Step times
-are shown but never gate (too noisy across runs); comparing step times measured with different torch thread counts
-is warned.
+threshold, when it went from ok to OOM, when it broke (ok to error or unsupported; ``allow_status_change`` lets it
+pass, shown), or when it disappeared: a base case missing from the new results of a machine they hold
+(``allow_missing`` lets it pass, shown; a machine the new results do not hold at all is said, not compared).
+Other status changes (unsupported to ok, say) are shown and pass. By default only the figures that are isolated
+between cases are gated (:data:`GATED_BY_DEFAULT`: exact tensor bytes, the allocator's peaks, NVML's peak minus
+the case-start baseline); process RSS and NVML's device-wide or per-process peaks depend on what ran before in the
+same process or on the device, so they are shown for information and never fail the gate unless chosen with
+``--gate-figures``. Step times are shown but never gate (too noisy across runs); comparing step times measured
+with different torch thread counts is warned.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from .load import CASE_KEY, PEAK_COLUMNS, Results
-from .tables import MIB, format_number, present, to_markdown
+from .tables import MIB, format_number, present, reason_text, status_label, to_markdown
 
 __all__ = [
     "GATED_BY_DEFAULT",
@@ -76,8 +80,11 @@ class Comparison:
     # step time change (fraction), the thread counts when they differ, and the verdict
     table: pd.DataFrame
     failures: list[str] = field(default_factory=list)  # one line per failing case
-    only_base: list[str] = field(default_factory=list)  # cases that disappeared
+    only_base: list[str] = field(default_factory=list)  # cases not in the new results (missing or not compared)
     only_new: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # base cases gone from a machine the new results hold
+    not_compared: list[str] = field(default_factory=list)  # base machines the new results do not hold, one line each
+    allowed: list[str] = field(default_factory=list)  # status changes and missing cases let pass by an --allow-*
     threshold: float = 0.05
     gate_figures: tuple[str, ...] = GATED_BY_DEFAULT
     warnings: list[str] = field(default_factory=list)
@@ -127,7 +134,11 @@ def _worst_change(base: pd.Series, new: pd.Series, figures: tuple[str, ...]) -> 
     return worst
 
 
-def _compare_case(name: str, b: pd.Series, n: pd.Series, threshold: float, gated: tuple[str, ...]) -> dict[str, Any]:
+def _compare_case(
+    name: str, b: pd.Series, n: pd.Series, threshold: float, gated: tuple[str, ...], allow_status_change: bool
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(the table row, what fails the gate, what an --allow-* let pass): each a short text, with the new
+    status's reason where a case broke."""
     row: dict[str, Any] = {"case": name, "base status": b["status"], "new status": n["status"]}
     row["base peak MiB"] = float(b["peak_tensor_bytes"]) / MIB if present(b["peak_tensor_bytes"]) else math.nan
     row["new peak MiB"] = float(n["peak_tensor_bytes"]) / MIB if present(n["peak_tensor_bytes"]) else math.nan
@@ -141,29 +152,60 @@ def _compare_case(name: str, b: pd.Series, n: pd.Series, threshold: float, gated
     threads = b["torch_threads"], n["torch_threads"]
     differ = all(present(t) for t in threads) and threads[0] != threads[1]
     row["torch threads"] = f"{int(threads[0])}→{int(threads[1])}" if differ else None
-    problems = []
+    problems, allowed, shown = [], [], []
+    change = f"{status_label(b['status'])} → {status_label(n['status'])}"
     if b["status"] == "ok" and n["status"] == "oom":
-        problems.append("ok → OOM")
+        problems.append(change)
+        shown.append(change)
+    elif b["status"] == "ok" and n["status"] != "ok":
+        broke = f"broke: {change}"
+        reason = reason_text(n["reason"]) or "no reason recorded"
+        (allowed if allow_status_change else problems).append(f"{broke} ({reason})")
+        shown.append(f"{broke} (allowed)" if allow_status_change else broke)
+    elif b["status"] != n["status"]:
+        shown.append(f"changed: {change}")
     for figure in gated:
-        change = _worst_change(b, n, (figure,))[1]
-        if present(change) and change > threshold:
-            problems.append(f"{figure} +{change:.1%} (over {threshold:.1%})")
-    row["verdict"] = "FAIL: " + "; ".join(problems) if problems else "ok"
-    return row
+        growth = _worst_change(b, n, (figure,))[1]
+        if present(growth) and growth > threshold:
+            problems.append(f"{figure} +{growth:.1%} (over {threshold:.1%})")
+            shown.append(problems[-1])
+    row["verdict"] = "; ".join(shown) or "ok"
+    if problems:
+        row["verdict"] = "FAIL: " + row["verdict"]
+    return row, problems, allowed
 
 
 def compare_results(
-    base: Results, new: Results, threshold: float, gate_figures: tuple[str, ...] = GATED_BY_DEFAULT
+    base: Results,
+    new: Results,
+    threshold: float,
+    gate_figures: tuple[str, ...] = GATED_BY_DEFAULT,
+    *,
+    allow_status_change: bool = False,
+    allow_missing: bool = False,
 ) -> Comparison:
     key = list(CASE_KEY)
     base_rows = {tuple(r[k] for k in key): r for _, r in base.cases.iterrows()}
     new_rows = {tuple(r[k] for k in key): r for _, r in new.cases.iterrows()}
-    rows = [
-        _compare_case(_case_name(case), base_rows[case], new_rows[case], threshold, gate_figures)
-        for case in sorted(set(base_rows) & set(new_rows), key=str)
-    ]
+    rows, failures, allowed = [], [], []
+    for case in sorted(set(base_rows) & set(new_rows), key=str):
+        name = _case_name(case)
+        row, problems, let_pass = _compare_case(
+            name, base_rows[case], new_rows[case], threshold, gate_figures, allow_status_change
+        )
+        rows.append(row)
+        failures += [f"{name}: {'; '.join(problems)}"] if problems else []
+        allowed += [f"{name}: {text} (--allow-status-change)" for text in let_pass]
     table = pd.DataFrame(rows, columns=_COLUMNS)
-    failures = [f"{r['case']}: {r['verdict'].removeprefix('FAIL: ')}" for r in rows if r["verdict"] != "ok"]
+    only_base = sorted(set(base_rows) - set(new_rows), key=str)
+    # The machine is the key's last part: a machine the new results hold lost these cases (crashed, killed, left
+    # out of the matrix); one they do not hold at all was not run (an optional runner), and is said once.
+    new_machines = {case[-1] for case in new_rows}
+    missing = [case for case in only_base if case[-1] in new_machines]
+    for case in missing:
+        line = f"{_case_name(case)}: disappeared: {status_label(base_rows[case]['status'])} → missing"
+        (allowed if allow_missing else failures).append(line + (" (--allow-missing)" if allow_missing else ""))
+    absent = Counter(case[-1] for case in only_base if case[-1] not in new_machines)
     warnings = []
     differing = [r for r in rows if r["torch threads"] is not None]
     if differing:
@@ -175,8 +217,11 @@ def compare_results(
     return Comparison(
         table=table,
         failures=failures,
-        only_base=[_case_name(c) for c in sorted(set(base_rows) - set(new_rows), key=str)],
+        only_base=[_case_name(c) for c in only_base],
         only_new=[_case_name(c) for c in sorted(set(new_rows) - set(base_rows), key=str)],
+        missing=[_case_name(c) for c in missing],
+        not_compared=[f"[{machine}]: {count} case(s) of the base" for machine, count in sorted(absent.items())],
+        allowed=allowed,
         threshold=threshold,
         gate_figures=tuple(gate_figures),
         warnings=warnings,
@@ -217,16 +262,21 @@ def format_comparison(comparison: Comparison) -> str:
         lines.append(to_markdown(_display(comparison.table)))
     else:
         lines.append("No case is in both result sets (check the runner labels / GPU names match).")
-    if comparison.only_base:
-        lines.append(f"Only in base ({len(comparison.only_base)}): " + ", ".join(comparison.only_base))
+    if comparison.missing:
+        lines.append(f"Missing from new ({len(comparison.missing)}): " + ", ".join(comparison.missing))
+    if comparison.not_compared:
+        lines.append("Not compared, no case of the machine in the new results: " + "; ".join(comparison.not_compared))
     if comparison.only_new:
         lines.append(f"Only in new ({len(comparison.only_new)}): " + ", ".join(comparison.only_new))
     lines += [f"warning: {w}" for w in comparison.warnings]
+    if comparison.allowed:
+        lines.append(f"Allowed ({len(comparison.allowed)}), would fail without the option:")
+        lines.extend(f"  {line}" for line in comparison.allowed)
     if comparison.failures:
         lines.append(f"REGRESSION in {len(comparison.failures)} case(s):")
         lines.extend(f"  {line}" for line in comparison.failures)
     else:
-        lines.append("No memory regression.")
+        lines.append("No memory regression, no case broken or missing.")
     return "\n".join(lines)
 
 

@@ -206,3 +206,82 @@ def test_merge_writes_one_jsonl_that_loads_back_with_the_machine_facts(tmp_path,
     timed = again.cases[again.cases["status"] == "ok"]
     assert timed["time_max_s"].notna().sum() == before.cases["time_max_s"].notna().sum()  # stats kept as timing
     assert main(["compare", str(merged), str(bench), str(jsonl)]) == 0
+
+
+def _with_status(records, case: tuple, status: str, reason: str = ""):
+    """Copies of ``records`` with one (workload, method, batch) case recorded as ``status`` with ``reason``."""
+    changed = [copy_record(r) for r in records]
+    target = next(r for r in changed if (r.workload, r.method, r.batch_size) == case)
+    target.status, target.reason = status, reason
+    return changed
+
+
+BK16 = ("dit-s-2-cond", "bk", 16)
+BK16_NAME = "dit-s-2-cond/bk/bs16/cuda:0 [a100]"
+
+
+@pytest.mark.parametrize("status", ["error", "unsupported"])
+def test_a_case_that_broke_fails_the_gate_with_its_reason_unless_allowed(tmp_path, capsys, status):
+    records = make_run("a100")
+    base = write_jsonl(tmp_path / "base.jsonl", records)
+    new = write_jsonl(tmp_path / "new.jsonl", _with_status(records, BK16, status, "bk: RuntimeError: boom\nTraceback"))
+    assert main(["compare", str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert f"REGRESSION in 1 case(s):\n  {BK16_NAME}: broke: ok → {status} (bk: RuntimeError: boom)" in out
+    assert f"FAIL: broke: ok → {status} |" in out  # the table's verdict
+    assert main(["compare", str(base), str(new), "--allow-status-change"]) == 0
+    out = capsys.readouterr().out
+    assert f"{BK16_NAME}: broke: ok → {status} (bk: RuntimeError: boom) (--allow-status-change)" in out
+    assert f"| broke: ok → {status} (allowed) |" in out and "REGRESSION" not in out
+
+
+def test_ok_to_oom_is_a_memory_regression_that_allow_status_change_does_not_pass(tmp_path, capsys):
+    records = make_run("a100")
+    base = write_jsonl(tmp_path / "base.jsonl", records)
+    new = write_jsonl(tmp_path / "new.jsonl", _with_status(records, BK16, "oom", "CUDA out of memory"))
+    assert main(["compare", str(base), str(new), "--allow-status-change"]) == 1
+    assert f"{BK16_NAME}: ok → OOM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("before", "after"), [("unsupported", "ok"), ("error", "ok"), ("unsupported", "error")])
+def test_other_status_changes_are_shown_and_pass(tmp_path, capsys, before, after):
+    records = make_run("a100")
+    base = write_jsonl(tmp_path / "base.jsonl", _with_status(records, BK16, before, "bk: why"))
+    new = write_jsonl(tmp_path / "new.jsonl", _with_status(records, BK16, after, "bk: why" if after != "ok" else ""))
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert f"| changed: {before} → {after} |" in out and "REGRESSION" not in out
+
+
+@pytest.mark.parametrize("status", ["ok", "unsupported"])
+def test_a_case_that_disappeared_fails_the_gate_unless_allowed(tmp_path, capsys, status):
+    records = _with_status(make_run("a100"), BK16, status, "bk: why" if status != "ok" else "")
+    base = write_jsonl(tmp_path / "base.jsonl", records)
+    new = write_jsonl(tmp_path / "new.jsonl", [r for r in records if (r.workload, r.method, r.batch_size) != BK16])
+    assert main(["compare", str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert f"Missing from new (1): {BK16_NAME}" in out
+    assert f"REGRESSION in 1 case(s):\n  {BK16_NAME}: disappeared: {status} → missing" in out
+    assert main(["compare", str(base), str(new), "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert f"{BK16_NAME}: disappeared: {status} → missing (--allow-missing)" in out and "REGRESSION" not in out
+
+
+def test_a_machine_the_new_results_do_not_hold_is_said_not_failed(tmp_path, capsys):
+    """An optional runner (the many-rank job) that did not run: its baseline cases are not compared."""
+    a100, h100 = make_run("a100"), make_run("h100")
+    base = write_jsonl(tmp_path / "base.jsonl", [*a100, *h100])
+    new = write_jsonl(tmp_path / "new.jsonl", a100)
+    assert main(["compare", str(base), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert f"Not compared, no case of the machine in the new results: [h100]: {len(h100)} case(s) of the base" in out
+    assert "Missing from new" not in out
+
+
+def test_a_huge_reason_is_cut_in_the_gate_verdict(tmp_path, capsys):
+    records = make_run("a100")
+    base = write_jsonl(tmp_path / "base.jsonl", records)
+    new = write_jsonl(tmp_path / "new.jsonl", _with_status(records, BK16, "error", "bk: " + "x" * 10_000_000))
+    assert main(["compare", str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert len(out) < 100_000 and "full text in the record" in out
