@@ -85,6 +85,7 @@ class Comparison:
     missing: list[str] = field(default_factory=list)  # base cases gone from a machine the new results hold
     not_compared: list[str] = field(default_factory=list)  # base machines the new results do not hold, one line each
     allowed: list[str] = field(default_factory=list)  # status changes and missing cases let pass by an --allow-*
+    hints: list[str] = field(default_factory=list)  # which --allow-* would let a failing case pass, when one would
     threshold: float = 0.05
     gate_figures: tuple[str, ...] = GATED_BY_DEFAULT
     warnings: list[str] = field(default_factory=list)
@@ -187,7 +188,8 @@ def compare_results(
     key = list(CASE_KEY)
     base_rows = {tuple(r[k] for k in key): r for _, r in base.cases.iterrows()}
     new_rows = {tuple(r[k] for k in key): r for _, r in new.cases.iterrows()}
-    rows, failures, allowed = [], [], []
+    rows, failures, allowed, hints = [], [], [], []
+    broke = False  # some case broke and failed the gate
     for case in sorted(set(base_rows) & set(new_rows), key=str):
         name = _case_name(case)
         row, problems, let_pass = _compare_case(
@@ -195,6 +197,7 @@ def compare_results(
         )
         rows.append(row)
         failures += [f"{name}: {'; '.join(problems)}"] if problems else []
+        broke = broke or any(p.startswith("broke: ") for p in problems)
         allowed += [f"{name}: {text} (--allow-status-change)" for text in let_pass]
     table = pd.DataFrame(rows, columns=_COLUMNS)
     only_base = sorted(set(base_rows) - set(new_rows), key=str)
@@ -205,6 +208,10 @@ def compare_results(
     for case in missing:
         line = f"{_case_name(case)}: disappeared: {status_label(base_rows[case]['status'])} → missing"
         (allowed if allow_missing else failures).append(line + (" (--allow-missing)" if allow_missing else ""))
+    if broke:
+        hints.append("--allow-status-change lets a case that broke pass (shown)")
+    if missing and not allow_missing:
+        hints.append("--allow-missing lets a case missing from NEW pass (shown), e.g. when NEW ran fewer cases")
     absent = Counter(case[-1] for case in only_base if case[-1] not in new_machines)
     warnings = []
     differing = [r for r in rows if r["torch threads"] is not None]
@@ -222,6 +229,7 @@ def compare_results(
         missing=[_case_name(c) for c in missing],
         not_compared=[f"[{machine}]: {count} case(s) of the base" for machine, count in sorted(absent.items())],
         allowed=allowed,
+        hints=hints,
         threshold=threshold,
         gate_figures=tuple(gate_figures),
         warnings=warnings,
@@ -275,6 +283,7 @@ def format_comparison(comparison: Comparison) -> str:
     if comparison.failures:
         lines.append(f"REGRESSION in {len(comparison.failures)} case(s):")
         lines.extend(f"  {line}" for line in comparison.failures)
+        lines += [f"hint: {hint}" for hint in comparison.hints]
     else:
         lines.append("No memory regression, no case broken or missing.")
     return "\n".join(lines)

@@ -229,6 +229,7 @@ def test_a_case_that_broke_fails_the_gate_with_its_reason_unless_allowed(tmp_pat
     out = capsys.readouterr().out
     assert f"REGRESSION in 1 case(s):\n  {BK16_NAME}: broke: ok → {status} (bk: RuntimeError: boom)" in out
     assert f"FAIL: broke: ok → {status} |" in out  # the table's verdict
+    assert "hint: --allow-status-change lets a case that broke pass" in out
     assert main(["compare", str(base), str(new), "--allow-status-change"]) == 0
     out = capsys.readouterr().out
     assert f"{BK16_NAME}: broke: ok → {status} (bk: RuntimeError: boom) (--allow-status-change)" in out
@@ -262,6 +263,7 @@ def test_a_case_that_disappeared_fails_the_gate_unless_allowed(tmp_path, capsys,
     out = capsys.readouterr().out
     assert f"Missing from new (1): {BK16_NAME}" in out
     assert f"REGRESSION in 1 case(s):\n  {BK16_NAME}: disappeared: {status} → missing" in out
+    assert "hint: --allow-missing lets a case missing from NEW pass" in out
     assert main(["compare", str(base), str(new), "--allow-missing"]) == 0
     out = capsys.readouterr().out
     assert f"{BK16_NAME}: disappeared: {status} → missing (--allow-missing)" in out and "REGRESSION" not in out
