@@ -10,11 +10,12 @@ left: both belong to the overhead model's fixed part (bench/overhead.py), and ``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from bench.options import did_you_mean
 
-__all__ = ["GPUS", "Gpu", "get_gpu"]
+__all__ = ["GPUS", "Gpu", "get_gpu", "matching_gpus"]
 
 GIB = 2**30
 
@@ -25,6 +26,11 @@ class Gpu:
     product: str  # the vendor's product name
     memory_bytes: int  # datasheet memory, read as GiB
     sm: tuple[int, int]  # CUDA compute capability
+
+    @property
+    def model(self) -> str:
+        """The model in the catalogue key, letters and digits only: "h100" (h100-80gb), "h100nvl", "rtxa6000"."""
+        return re.sub(r"[^a-z0-9]", "", re.sub(r"-[0-9]+gb$", "", self.name))
 
 
 def _gpu(name: str, product: str, gib: int, sm: tuple[int, int]) -> tuple[str, Gpu]:
@@ -58,3 +64,18 @@ def get_gpu(name: str) -> Gpu:
     if key in GPUS:
         return GPUS[key]
     raise ValueError(f"unknown GPU {name!r}{did_you_mean(key, list(GPUS))}; known: {', '.join(GPUS)}")
+
+
+def matching_gpus(device_name: str) -> list[Gpu]:
+    """The catalogue entries a CUDA device's name (NVML / ``torch.cuda.get_device_name``: "NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 80GB HBM3", "Tesla T4") may be: those of the longest catalogue model the name holds ("a100", not
+    "a10"; "h100nvl", not "h100"), of the memory the name states if it states one; [] when none."""
+    text = device_name.lower()
+    compact = re.sub(r"[^a-z0-9]", "", text)
+    held = [gpu for gpu in GPUS.values() if gpu.model in compact]
+    longest = max((len(gpu.model) for gpu in held), default=0)
+    held = [gpu for gpu in held if len(gpu.model) == longest]
+    stated = re.search(r"(?<![a-z0-9])([0-9]+)\s*gb\b", text)
+    if stated:
+        held = [gpu for gpu in held if gpu.memory_bytes == int(stated.group(1)) * GIB]
+    return held

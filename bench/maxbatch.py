@@ -12,7 +12,11 @@ a probe is a real tracked meta step, "fits" means the overhead model (bench/over
 bytes within the budget, and each budget's answer is exact under that model — the largest B that fits and
 B + 1 that does not were both probed. The affine fit of the probes so far only *guesses* where to probe next
 (two probes per budget when the peak is affine in B), bisection does the rest; the peak is assumed not to
-fall as B grows.
+fall as B grows. The batch itself is drawn on the host (CPU) before it moves to meta: a probe whose batch the host
+could not allocate (``HOST_OOM``) is the machine's limit, not a budget's. The search goes on below it (nothing at
+or above it is probed again), so a budget whose boundary lies below is still answered exactly, and one whose
+boundary the host cannot reach keeps the largest batch that fits as a lower bound, ``host_limit_batch`` saying
+where the host stopped it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from bench.overhead import OverheadModel
-from bench.record import BatchProbe, BudgetAnswer, MaxBatchRecord
+from bench.overhead import OverheadModel, size_text
+from bench.record import HOST_OOM, BatchProbe, BudgetAnswer, MaxBatchRecord
 
 Probe = Callable[[int], BatchProbe]
 # A meta probe: the batch's probe record and the breakdown of its peak (CATEGORIES -> bytes).
@@ -94,6 +98,7 @@ class _BudgetSearch:
         self.results: dict[int, tuple[BatchProbe, dict[str, int]]] = {}
         self.order: list[BatchProbe] = []
         self.failure: BatchProbe | None = None  # an unsupported / error probe stops the search
+        self.host_limit: int | None = None  # the smallest batch the host could not draw: probes stay below it
 
     def run(self, b: int) -> BatchProbe:
         if b not in self.results:
@@ -103,7 +108,14 @@ class _BudgetSearch:
             self.say(f"batch {b}: {result.status}, peak tensor bytes {result.peak_tensor_bytes}")
             if result.status in ("unsupported", "error"):
                 self.failure = result
+            elif result.status == HOST_OOM:
+                self.host_limit = min(b, self.host_limit or b)
         return self.results[b][0]
+
+    @property
+    def reachable(self) -> int:
+        """The largest batch the search may probe: its limit, or the last one below the host's limit."""
+        return self.limit if self.host_limit is None else min(self.limit, self.host_limit - 1)
 
     def fits(self, b: int, budget: int) -> bool:
         result = self.run(b)
@@ -137,10 +149,10 @@ class _BudgetSearch:
         if lo == 0 and hi is None:  # nothing known yet: start at a batch where the peak grows with B
             first = min(self.start, self.limit)
             lo, hi = (first, None) if self.fits(first, budget) else (0, first)
-        while hi is None and self.failure is None and lo < self.limit:  # grow until a batch does not fit
+        while hi is None and self.failure is None and lo < self.reachable:  # grow until a batch does not fit
             guess = self.guess(budget)
             target = guess + 1 if guess is not None and guess + 1 > lo else 8 * lo
-            step = min(max(target, lo + 1), self.limit)
+            step = min(max(target, lo + 1), self.reachable)
             if self.fits(step, budget):
                 lo = step
             else:
@@ -157,13 +169,38 @@ class _BudgetSearch:
             interpolate = not interpolate
         if self.failure is not None:
             return BudgetAnswer(budget)
+        if hi is not None and self.results[hi][0].status == HOST_OOM:
+            hi = None  # the host's limit, not the budget's: lo is a lower bound
         answer = BudgetAnswer(budget, max_batch=lo or None, first_failing_batch=hi)
+        if hi is None and lo < self.limit and self.host_limit is not None:
+            answer.host_limit_batch = self.host_limit
         if lo:
             result, breakdown = self.results[lo]
             answer.peak_tensor_bytes = result.peak_tensor_bytes
             answer.device_bytes = self.overhead.device_bytes(result.peak_tensor_bytes)
             answer.breakdown = dict(breakdown)
+        if hi is not None:
+            answer.first_failing_device_bytes = self.overhead.device_bytes(self.peak(hi))
         return answer
+
+
+def answer_text(answer: BudgetAnswer) -> str:
+    """One budget's answer for a reader: "22 in 6 MiB (batch 23 needs 6.02 MiB)", "nothing fits in 1 KiB: batch 1
+    needs 2.52 MiB", "≥4096 in 141 GiB (the search limit)", "≥39 in 80 GiB (host memory limit at batch 40)"."""
+    budget = size_text(answer.budget_bytes)
+    if answer.host_limit_batch is not None:
+        found = f"≥{answer.max_batch}" if answer.max_batch else "no batch found to fit"
+        return f"{found} in {budget} (host memory limit at batch {answer.host_limit_batch})"
+    if answer.first_failing_batch is None:
+        return f"≥{answer.max_batch} in {budget} (the search limit)" if answer.max_batch else f"none in {budget}"
+    needs = (
+        f"needs {size_text(answer.first_failing_device_bytes)}"
+        if answer.first_failing_device_bytes is not None
+        else "does not fit"
+    )
+    if answer.max_batch is None:
+        return f"nothing fits in {budget}: batch {answer.first_failing_batch} {needs}"
+    return f"{answer.max_batch} in {budget} (batch {answer.first_failing_batch} {needs})"
 
 
 def non_allocator_bytes(baselines: list[int | None]) -> int | None:
@@ -184,7 +221,8 @@ def search_budgets(
     """Exact largest batch per budget on meta (module docstring); returns (answers by budget, probes in the order
     run). The first probe is at ``start`` (then ×8 until one does not fit, or the fit's guess): past the smallest
     batches, where a step's peak is often its optimizer's and does not grow with B, the fit guesses well. Stops at
-    the first unsupported or error probe (every answer is then empty)."""
+    the first unsupported or error probe (every answer is then empty); stays below a batch the host could not
+    draw (``host_limit_batch``)."""
     if limit < 1:
         raise ValueError(f"max-batch limit must be >= 1, got {limit}")
     search = _BudgetSearch(probe, overhead, limit, say, start)

@@ -17,7 +17,8 @@ allocator's active peak; rounding and fragmentation are that order). ``--budget-
 them; :func:`calibrate` measures them from real GPU results instead: a least-squares line of the allocator's
 peak reserved bytes against the tracked peak tensor bytes over a GPU model's ``ok`` CUDA records gives the
 fraction (slope − 1) and the allocator's own constant (intercept), to which the median NVML case-start baseline
-(context + everything outside the allocator) is added as the fixed part.
+(context + everything outside the allocator) is added as the fixed part. A fit under which device bytes would not
+grow with tensor bytes (slope ≤ 0, a fraction of −100 % or below) is refused; the model names the GPU it came from.
 
 Torch-free on purpose (``bench/options.py`` parses ``--budget-overhead`` with :func:`parse_overhead`).
 """
@@ -36,9 +37,21 @@ __all__ = [
     "OverheadModel",
     "calibrate",
     "parse_overhead",
+    "size_text",
 ]
 
 GIB = 2**30
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def size_text(size_bytes: float) -> str:
+    """Bytes for a reader: "1 KiB", "2.52 MiB", "141 GiB" (the largest binary unit below the size, 3 significant
+    digits, an exact multiple without decimals)."""
+    value, unit = float(size_bytes), 0
+    while abs(value) >= 1024 and unit < len(_BINARY_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    number = f"{value:.0f}" if value == int(value) or abs(value) >= 999.5 else f"{value:.3g}"
+    return f"{number} {_BINARY_UNITS[unit]}"
 
 
 class CalibrationError(ValueError):
@@ -48,11 +61,13 @@ class CalibrationError(ValueError):
 @dataclass(frozen=True)
 class OverheadModel:
     """device bytes = ``fixed_bytes`` + (1 + ``fraction``) · tensor bytes; ``source`` says where the numbers
-    came from (recorded with every prediction)."""
+    came from (recorded with every prediction), ``gpu`` the GPU model whose records a calibrated model was fitted
+    to (None otherwise)."""
 
     fixed_bytes: int
     fraction: float
     source: str = "default"
+    gpu: str | None = None
 
     def device_bytes(self, tensor_bytes: int) -> int:
         return self.fixed_bytes + math.ceil((1.0 + self.fraction) * tensor_bytes)
@@ -146,9 +161,19 @@ def calibrate(records: Iterable, gpu: str | None = None) -> OverheadModel:
         intercept = mean_y - slope * mean_x
     else:  # one tensor size: all of the difference is proportional
         slope, intercept = statistics.fmean(y / x for x, y in zip(xs, ys)), 0.0
+    fit = (
+        f"calibrated on {len(chosen)} {models[0]} record(s): reserved = {intercept / GIB:+.3f} GiB + "
+        f"{slope:.4f} x tensor bytes"
+    )
+    if slope <= 0:  # a model under which a larger step needs less memory: every capacity it gave would be wrong
+        trend = "fall" if slope < 0 else "stay the same"
+        raise CalibrationError(
+            f"refused the fit {fit} (overhead fraction {slope - 1:.1%}): device bytes would {trend} as tensor "
+            "bytes grow; the records disagree (other runs, settings or cards mixed in?)"
+        )
     return OverheadModel(
         fixed_bytes=round(baseline + intercept),
         fraction=slope - 1.0,
-        source=f"calibrated on {len(chosen)} {models[0]} record(s): reserved = {intercept / GIB:+.3f} GiB + "
-        f"{slope:.4f} x tensor bytes, NVML case-start baseline {baseline / GIB:.3f} GiB",
+        source=f"{fit}, NVML case-start baseline {baseline / GIB:.3f} GiB",
+        gpu=models[0],
     )

@@ -16,6 +16,11 @@ The per-sample loop (``microbatch``) is the exception: it runs B forward/backwar
 as a whole batched step, and its peak grows only by the batch and one loss scalar per sample, so its search
 stops at ``--microbatch-limit`` (default 8) and reports "≥" that batch.
 
+``--format md`` (the default) prints the Markdown table, reasons in full as notes under it; ``json`` and ``csv``
+print the same plan for scripts: numbers as numbers (bytes, ratios), full reasons, the overhead model (and the
+GPU a calibrated one was fitted to) and the torch / opacus / dpmem versions. ``--calibrate`` records must come
+from the ``--gpu`` planned for; ``--calibrate-gpu NAME`` states their GPU explicitly and takes them anyway.
+
 Exit status: 0 the plan was printed (unsupported methods are part of it), 1 a method failed unexpectedly,
 2 a usage error (one line on stderr).
 """
@@ -23,18 +28,28 @@ Exit status: 0 the plan was printed (unsupported methods are part of it), 1 a me
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import importlib.metadata
+import io
+import json
+import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from bench.gpus import GPUS, get_gpu
+from bench.gpus import GPUS, Gpu, get_gpu, matching_gpus
 from bench.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
+from bench.overhead import OverheadModel
+from bench.record import CATEGORIES, HOST_OOM
 
 GIB = 2**30
 MIB = 2**20
 DEFAULT_GPU = "h100-80gb"
 DEFAULT_MICROBATCH_LIMIT = 8
+FORMATS = ("md", "json", "csv")
 
 
 @dataclass
@@ -46,14 +61,40 @@ class PlanRow:
     reason: str = ""
     max_batch: int | None = None
     at_limit: bool = False  # the search limit itself fits: the true max batch is at least max_batch
+    host_limit_batch: int | None = None  # the host could not draw this batch: max_batch is a lower bound
+    batch_over_nondp: float | None = None  # max_batch / non-DP's (None: either is a lower bound or missing)
     peak_tensor_bytes: int | None = None  # at max_batch
     device_bytes: int | None = None  # at max_batch, through the overhead model
     fixed_bytes: float | None = None  # the line through the probes at max_batch and max_batch + 1
     per_sample_bytes: float | None = None
     breakdown: dict[str, int] = field(default_factory=dict)
     nondp_peak_bytes: int | None = None  # non-DP's peak at the same batch
+    peak_over_nondp: float | None = None  # peak_tensor_bytes / nondp_peak_bytes
     probes: int = 0
     seconds: float = 0.0
+
+    @property
+    def lower_bound(self) -> bool:
+        """The true max batch may be larger: the search limit fits, or the host stopped the search."""
+        return self.at_limit or self.host_limit_batch is not None
+
+
+@dataclass
+class Plan:
+    """Everything a plan prints, in every format: what was planned, under which model, with what, and the rows."""
+
+    workload: str
+    memory_bytes: int
+    gpu: Gpu | None  # the catalogue GPU planned for (None: --memory)
+    training_mode: str  # bench.dp.TrainingMode label, e.g. "fp32", "bf16+blocks"
+    precision: str
+    checkpointing: str
+    attention: str
+    optimizer: str
+    overhead: OverheadModel
+    calibration_gpu_stated: str | None  # --calibrate-gpu: the source GPU the user stated
+    versions: dict[str, str | None]
+    rows: list[PlanRow]
 
 
 class _Prober:
@@ -84,25 +125,31 @@ def plan_method(prober: _Prober, method: str, budget: int, limit: int) -> PlanRo
 
     def probe(b: int):
         record = prober(method, b)
-        result = BatchProbe(b, record.status, record.memory.peak_tensor_bytes)
-        return result, dict(record.memory.breakdown)
+        status = HOST_OOM if record.status == "oom" else record.status  # nothing on meta runs out but the host
+        return BatchProbe(b, status, record.memory.peak_tensor_bytes), dict(record.memory.breakdown)
 
     (answer,), probes = maxbatch.search_budgets(probe, [budget], prober.config.overhead, limit)
     row.probes, row.seconds = len(probes), time.perf_counter() - start
-    failed = next((p for p in probes if p.status != "ok"), None)
+    failed = next((p for p in probes if p.status in ("unsupported", "error")), None)
     if failed is not None:
         record = prober(method, failed.batch_size)
         row.status, row.reason = record.status, record.reason
         return row
     row.max_batch, row.at_limit = answer.max_batch, answer.max_batch == limit and answer.first_failing_batch is None
+    row.host_limit_batch = answer.host_limit_batch
+    if answer.host_limit_batch is not None:
+        row.reason = maxbatch.answer_text(answer) + ": " + prober(method, answer.host_limit_batch).reason
     row.peak_tensor_bytes, row.device_bytes, row.breakdown = (
         answer.peak_tensor_bytes,
         answer.device_bytes,
         answer.breakdown,
     )
     if answer.max_batch is not None:
+        ran = prober.records
         near = [
-            b for b in (answer.max_batch - 1, answer.max_batch, answer.max_batch + 1) if (method, b) in prober.records
+            b
+            for b in (answer.max_batch - 1, answer.max_batch, answer.max_batch + 1)
+            if (method, b) in ran and ran[(method, b)].status == "ok"  # not a batch the host could not draw
         ]
         if len(near) >= 2:
             b0, b1 = near[-2], near[-1]
@@ -112,42 +159,180 @@ def plan_method(prober: _Prober, method: str, budget: int, limit: int) -> PlanRo
     return row
 
 
+def set_ratios(rows: list[PlanRow]) -> None:
+    """Each ok row's max batch over non-DP's (where neither is a lower bound) and peak over non-DP's peak at the
+    same batch (``nondp_peak_bytes``)."""
+    nondp = next((r for r in rows if r.method == "nondp" and r.status == "ok"), None)
+    for r in rows:
+        if nondp is not None and nondp.max_batch and r.max_batch and not (nondp.lower_bound or r.lower_bound):
+            r.batch_over_nondp = r.max_batch / nondp.max_batch
+        if r.peak_tensor_bytes is not None and r.nondp_peak_bytes:
+            r.peak_over_nondp = r.peak_tensor_bytes / r.nondp_peak_bytes
+
+
 def _gib(value: float | None) -> str:
     return "—" if value is None else f"{value / GIB:.2f}"
 
 
-def format_plan(workload: str, budget_text: str, config, rows: list[PlanRow]) -> str:
-    """The plan as a Markdown table plus the lines that say what it rests on."""
-    from bench.dp import TrainingMode
+def _ratio(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
-    nondp = next((r for r in rows if r.method == "nondp" and r.status == "ok"), None)
+
+def _one_line(text: str) -> str:
+    """A reason on one line (a library's message and its diagnosis may span several), in full."""
+    return " ".join(text.split())
+
+
+def _memory_text(plan: Plan) -> str:
+    if plan.gpu is not None:
+        return f"{plan.gpu.name} ({plan.gpu.memory_bytes / GIB:.0f} GiB)"
+    return f"{plan.memory_bytes / GIB:.2f} GiB"
+
+
+def _calibration_words(plan: Plan) -> str | None:
+    """Which GPU a calibrated overhead model was fitted to, and whether that was stated for another card."""
+    if plan.overhead.gpu is None:
+        return None
+    words = f"Calibrated on: {plan.overhead.gpu} records"
+    if plan.calibration_gpu_stated is not None:
+        words += f" (--calibrate-gpu {plan.calibration_gpu_stated}"
+        words += f"; the plan is for {plan.gpu.name})" if plan.gpu is not None else ")"
+    return words
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan as a Markdown table, the lines that say what it rests on above it and, under it, the notes: the
+    full reason of each row that has one (unsupported, error, the host's limit)."""
     lines = [
-        f"Capacity plan: {workload} on {budget_text} (predicted on the meta device; "
-        f"{TrainingMode(config.precisions[0], config.checkpointings[0]).label}; attention {config.attention})",
-        f"Overhead model: {config.overhead.describe()}",
+        f"Capacity plan: {plan.workload} on {_memory_text(plan)} (predicted on the meta device; "
+        f"{plan.training_mode}; attention {plan.attention})",
+        f"Overhead model: {plan.overhead.describe()}",
+        *([words] if (words := _calibration_words(plan)) else []),
         "",
         "| method | max batch | × nondp batch | peak tensor GiB | device GiB | fixed GiB | per sample MiB "
         "| peak × nondp @ batch | breakdown at max batch (GiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    notes: list[str] = []
+
+    def note(r: PlanRow) -> str:
+        reason = _one_line(r.reason)
+        notes.append(f"{len(notes) + 1}. " + (reason if reason.startswith(f"{r.method}:") else f"{r.method}: {reason}"))
+        return f"note {len(notes)}"
+
+    for r in plan.rows:
         if r.status != "ok":
-            lines.append(f"| {r.method} | {r.status} | | | | | | | {r.reason.splitlines()[0][:140]} |")
+            lines.append(f"| {r.method} | {r.status} | | | | | | | {note(r)} |")
             continue
-        batch = "none" if r.max_batch is None else (f"≥{r.max_batch}" if r.at_limit else str(r.max_batch))
-        ratio = (
-            f"{r.max_batch / nondp.max_batch:.2f}"
-            if nondp is not None and nondp.max_batch and r.max_batch and not (nondp.at_limit or r.at_limit)
-            else "—"
-        )
-        mem_ratio = f"{r.peak_tensor_bytes / r.nondp_peak_bytes:.3f}" if r.nondp_peak_bytes else "—"
+        batch = "none" if r.max_batch is None else (f"≥{r.max_batch}" if r.lower_bound else str(r.max_batch))
+        if r.reason:
+            batch += f" ({note(r)})"
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in r.breakdown.items() if v >= 0.005 * GIB)
         per_sample = "—" if r.per_sample_bytes is None else f"{r.per_sample_bytes / MIB:.1f}"
         lines.append(
-            f"| {r.method} | {batch} | {ratio} | {_gib(r.peak_tensor_bytes)} | {_gib(r.device_bytes)} "
-            f"| {_gib(r.fixed_bytes)} | {per_sample} | {mem_ratio} | {parts} |"
+            f"| {r.method} | {batch} | {_ratio(r.batch_over_nondp, 2)} | {_gib(r.peak_tensor_bytes)} "
+            f"| {_gib(r.device_bytes)} | {_gib(r.fixed_bytes)} | {per_sample} | {_ratio(r.peak_over_nondp, 3)} "
+            f"| {parts} |"
         )
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)
+
+
+def _row_fields(r: PlanRow) -> dict:
+    """A row's figures as JSON/CSV values: numbers stay numbers, the reason in full."""
+    fields = dataclasses.asdict(r)
+    fields["max_batch_is_lower_bound"] = r.lower_bound
+    fields["meta_steps"] = fields.pop("probes")
+    return fields
+
+
+def _plan_fields(plan: Plan) -> dict:
+    """What the plan rests on, as JSON values (``rows`` apart)."""
+    gpu = plan.gpu
+    return {
+        "workload": plan.workload,
+        "memory_bytes": plan.memory_bytes,
+        "gpu": None
+        if gpu is None
+        else {"name": gpu.name, "product": gpu.product, "memory_bytes": gpu.memory_bytes, "sm": list(gpu.sm)},
+        "measurement": "predicted",
+        "training_mode": plan.training_mode,
+        "precision": plan.precision,
+        "checkpointing": plan.checkpointing,
+        "attention": plan.attention,
+        "optimizer": plan.optimizer,
+        "overhead": {
+            "fixed_bytes": plan.overhead.fixed_bytes,
+            "fraction": plan.overhead.fraction,
+            "source": plan.overhead.source,
+            "calibration_gpu": plan.overhead.gpu,
+            "calibration_gpu_stated": plan.calibration_gpu_stated,
+        },
+        "versions": plan.versions,
+    }
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps({**_plan_fields(plan), "rows": [_row_fields(r) for r in plan.rows]}, indent=2)
+
+
+def plan_csv(plan: Plan) -> str:
+    """One CSV row per method: its figures (the breakdown as ``breakdown_<category>`` bytes), then the plan's facts
+    repeated on every row (``gpu_*``, ``overhead_*``, ``*_version``) so each row stands alone."""
+    facts = _plan_fields(plan)
+    gpu = facts.pop("gpu") or dict.fromkeys(("name", "product", "memory_bytes", "sm"))
+    overhead, versions = facts.pop("overhead"), facts.pop("versions")
+    common = {
+        **facts,
+        **{f"gpu_{k}": ".".join(map(str, v)) if k == "sm" and v else v for k, v in gpu.items()},
+        **{f"overhead_{k}": v for k, v in overhead.items()},
+        **{f"{name}_version": v for name, v in versions.items()},
+    }
+    rows = []
+    for r in plan.rows:
+        fields = _row_fields(r)
+        breakdown = fields.pop("breakdown")
+        rows.append({**fields, **{f"breakdown_{c}": breakdown.get(c) for c in CATEGORIES}, **common})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else list(common), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().rstrip("\n")
+
+
+PRINTERS = {"md": plan_markdown, "json": plan_json, "csv": plan_csv}
+
+
+def plan_versions() -> dict[str, str | None]:
+    """The torch, opacus and dpmem versions the plan was made with (dpmem from a source checkout's
+    pyproject.toml when it is not installed)."""
+    import torch
+
+    found: dict[str, str | None] = {"torch": torch.__version__}
+    for name in ("opacus", "dpmem"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    if found["dpmem"] is None:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        found["dpmem"] = match.group(1) if match else None
+    return found
+
+
+def check_calibration_gpu(gpu: Gpu | None, overhead: OverheadModel, stated: str | None) -> None:
+    """ValueError (one line) when a calibrated overhead model comes from another GPU than the one planned for,
+    unless ``--calibrate-gpu`` stated the source GPU."""
+    if gpu is None or overhead.gpu is None or stated is not None or gpu in matching_gpus(overhead.gpu):
+        return
+    theirs = matching_gpus(overhead.gpu)
+    instead = f"plan --gpu {theirs[0].name} with them, or " if len(theirs) == 1 else ""
+    raise ValueError(
+        f"--calibrate: the records are from {overhead.gpu}, not {gpu.name} ({gpu.product}); {instead}state their "
+        f"GPU with --calibrate-gpu NAME to plan {gpu.name} with them anyway"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,7 +345,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", default="auto", help=f"attention kernel: {', '.join(ATTENTION_CHOICES)}")
     parser.add_argument("--budget-overhead", help="FIXED+PERCENT beyond tensor bytes (default 1GiB+10%%)")
     parser.add_argument("--calibrate", type=comma_list, metavar="FILES", help="fit the overhead from GPU results")
-    parser.add_argument("--calibrate-gpu", metavar="NAME", help="with --calibrate: the GPU model to use")
+    parser.add_argument(
+        "--calibrate-gpu",
+        metavar="NAME",
+        help="with --calibrate: the GPU the records come from (a substring of its name); needed to use records "
+        "of another GPU than --gpu",
+    )
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
     parser.add_argument(
         "--precision", default="fp32", help="fp32 (default) or bf16 (weights, gradients, optimizer state in bf16)"
@@ -172,6 +362,12 @@ def _parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=DEFAULT_MICROBATCH_LIMIT,
         help=f"largest batch searched for the per-sample loop (default {DEFAULT_MICROBATCH_LIMIT})",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="md",
+        help="md: the Markdown table (default); json or csv: the same plan for scripts, numbers as numbers",
     )
     return parser
 
@@ -221,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpu = get_gpu(args.gpu or DEFAULT_GPU) if args.memory is None else None
         config = _config(args, gpu.sm if gpu else (8, 0))
+        check_calibration_gpu(gpu, config.overhead, args.calibrate_gpu)
     except (ValueError, argparse.ArgumentTypeError, models.WorkloadError, dp.DPConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     budget = gpu.memory_bytes if gpu else args.memory
-    budget_text = f"{gpu.name} ({gpu.memory_bytes / GIB:.0f} GiB)" if gpu else f"{budget / GIB:.2f} GiB"
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
     prober = _Prober(config.workloads[0], config)
     rows = []
@@ -237,7 +433,22 @@ def main(argv: list[str] | None = None) -> int:
         if row.status == "ok" and row.max_batch is not None:
             nondp = prober("nondp", row.max_batch)
             row.nondp_peak_bytes = nondp.memory.peak_tensor_bytes if nondp.status == "ok" else None
-    print(format_plan(config.workloads[0], budget_text, config, rows))
+    set_ratios(rows)
+    plan = Plan(
+        workload=config.workloads[0],
+        memory_bytes=budget,
+        gpu=gpu,
+        training_mode=dp.TrainingMode(config.precisions[0], config.checkpointings[0]).label,
+        precision=config.precisions[0],
+        checkpointing=config.checkpointings[0],
+        attention=config.attention,
+        optimizer=config.optimizer,
+        overhead=config.overhead,
+        calibration_gpu_stated=args.calibrate_gpu,
+        versions=plan_versions(),
+        rows=rows,
+    )
+    print(PRINTERS[args.format](plan))
     return 1 if any(r.status == "error" for r in rows) else 0
 
 

@@ -289,9 +289,15 @@ def combine_rank_records(parts: list[CaseRecord]) -> CaseRecord:
     )
 
 
+# A probe's status: a case status, or HOST_OOM — on meta, where the device never runs out of memory, the host
+# (the batch is drawn on CPU, then moved to meta) could not allocate the batch: the machine's limit, not the budget's.
+HOST_OOM = "host-oom"
+PROBE_STATUSES = (*STATUSES, HOST_OOM)
+
+
 @dataclass
 class BatchProbe:
-    """One batch size tried by the max-batch search: its status and peak figures."""
+    """One batch size tried by the max-batch search: its status (PROBE_STATUSES) and peak figures."""
 
     batch_size: int
     status: str
@@ -306,11 +312,15 @@ class BudgetAnswer:
     taken through the overhead model to device bytes, at ``max_batch`` fit and at ``first_failing_batch`` do not."""
 
     budget_bytes: int
-    max_batch: int | None = None  # None: not even batch 1 fits (or the method failed)
-    first_failing_batch: int | None = None  # None: the search limit fits too
+    max_batch: int | None = None  # None: not even batch 1 fits (or the method failed, or the host stopped it)
+    first_failing_batch: int | None = None  # None: the search limit fits too, or the host stopped the search
     peak_tensor_bytes: int | None = None  # at max_batch
     device_bytes: int | None = None  # at max_batch: overhead model applied to peak_tensor_bytes
     breakdown: dict[str, int] = field(default_factory=dict)  # at max_batch, CATEGORIES -> bytes
+    first_failing_device_bytes: int | None = None  # at first_failing_batch: what it would need ("batch 1 needs …")
+    # the host could not draw this batch (a HOST_OOM probe) and the search stopped there: max_batch is only the
+    # largest batch found to fit so far, a lower bound (None: the host never stopped the search)
+    host_limit_batch: int | None = None
 
 
 @dataclass

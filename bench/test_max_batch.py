@@ -2,16 +2,20 @@
 
 One case per workload × method × device; each finished search is appended to the JSON-lines results file as
 a ``max_batch`` record and kept in the benchmark JSON's ``dpmem_untimed`` list. On the meta device the search
-answers every ``--memory-budget`` exactly under the overhead model (``maxbatch.search_budgets``).
+answers every ``--memory-budget`` exactly under the overhead model (``maxbatch.search_budgets``); an out-of-memory
+there is the host's (the batch is drawn on CPU), a ``host-oom`` probe that stops the search.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from bench import maxbatch
 from bench.case import CaseSpec, run_case
-from bench.record import BatchProbe, CaseRecord, MaxBatchRecord
+from bench.overhead import size_text
+from bench.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
 from bench.results import RecordNotWrittenError
 
 
@@ -28,28 +32,21 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
                 reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
 
     records: list[CaseRecord] = []
-
-    def probe(batch_size: int) -> BatchProbe:
-        record = run_case(
-            CaseSpec(workload, method, batch_size, device, precision=precision, checkpointing=checkpointing), cfg, None
-        )
-        records.append(record)
-        memory = record.memory
-        return BatchProbe(
-            batch_size, record.status, memory.peak_tensor_bytes, memory.peak_reserved_bytes, memory.peak_rss_bytes
-        )
-
+    probe = case_probe(
+        CaseSpec(workload, method, 1, device, precision=precision, checkpointing=checkpointing), cfg, records
+    )
     if device == "meta":
-        result = _meta_search(workload, method, cfg, probe, records, say)
+        result = meta_search(workload, method, cfg, probe, records, say)
     else:
         result = _device_search(workload, method, device, cfg, probe, records, say)
-    result.reason = next((r.reason for r in records if r.status in ("unsupported", "error")), "")
+        predicted = ", ".join(f"{n} in {size_text(int(m))}" for m, n in result.predicted_max_batch.items())
+        say(
+            f"max batch measured {result.max_batch_measured}, first failing {result.first_failing_batch}; "
+            f"predicted {predicted or 'nothing (no fit)'}"
+        )
+    result.reason = result.reason or next((r.reason for r in records if r.status in ("unsupported", "error")), "")
     result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
     result.precision, result.checkpointing = precision, checkpointing
-    say(
-        f"max batch measured {result.max_batch_measured}, first failing {result.first_failing_batch}; "
-        f"predicted {result.predicted_max_batch}"
-    )
 
     params = {"workload": workload, "method": method, "device": device}
     record_untimed(
@@ -62,6 +59,21 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
         pytest.fail(str(exc), pytrace=False)
     if result.status == "error":
         pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)
+
+
+def case_probe(spec: CaseSpec, cfg, records: list[CaseRecord]) -> maxbatch.Probe:
+    """A probe running ``spec`` at the batch size asked (no timed rounds); every case's record goes to
+    ``records``."""
+
+    def probe(batch_size: int) -> BatchProbe:
+        record = run_case(dataclasses.replace(spec, batch_size=batch_size), cfg, None)
+        records.append(record)
+        memory = record.memory
+        return BatchProbe(
+            batch_size, record.status, memory.peak_tensor_bytes, memory.peak_reserved_bytes, memory.peak_rss_bytes
+        )
+
+    return probe
 
 
 def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBatchRecord:
@@ -86,11 +98,14 @@ def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBat
     return result
 
 
-def _meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
-    """meta: the exact largest batch per --memory-budget under the overhead model, then the fit as usual."""
+def meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
+    """meta: the exact largest batch per --memory-budget under the overhead model, then the fit as usual; a batch
+    the host could not draw stops the search, and the record's reason says so."""
 
     def meta_probe(batch_size: int):
         result = probe(batch_size)
+        if result.status == "oom":  # nothing runs out of memory on meta: the host could not draw the batch
+            result.status = HOST_OOM
         return result, dict(records[-1].memory.breakdown)
 
     answers, probes = maxbatch.search_budgets(
@@ -113,4 +128,8 @@ def _meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
     result.measurement, result.attention, result.budgets = "predicted", cfg.attention, answers
     result.overhead_fixed_bytes, result.overhead_fraction = cfg.overhead.fixed_bytes, cfg.overhead.fraction
     result.overhead_source = cfg.overhead.source
+    host_oom = next((r for r in records if r.status == "oom"), None)
+    if host_oom is not None:
+        result.reason = f"host memory limit at batch {host_oom.batch_size}: {host_oom.reason}"
+    say("max batch per budget: " + "; ".join(maxbatch.answer_text(a) for a in answers))
     return result

@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
+from bench.overhead import size_text
 from bench.record import CATEGORIES
 
 from .load import Results, is_predicted
 from .tables import (
+    BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
     ONE_PROCESS,
@@ -428,20 +430,38 @@ def _with_where(fits: pd.DataFrame) -> pd.DataFrame:
     return fits.assign(where=labels, predicted=predicted.to_numpy())
 
 
+def _per_budget(fits: pd.DataFrame) -> pd.DataFrame:
+    """``fits`` (with ``where``) whose meta budget rows name their budget in ``where`` ("… (predicted) · 24 GiB"):
+    a meta search answers each budget exactly, a bar of its own."""
+    budget = fits["source"] == BUDGET_SOURCE
+    suffix = [f" · {size_text(m)}" if b else "" for b, m in zip(budget, fits["memory_bytes"])]
+    return fits.assign(where=fits["where"] + suffix)
+
+
+def _one_fit_per_method(fits: pd.DataFrame) -> pd.DataFrame:
+    """One row per fit: a meta search's budget rows share their search's fit."""
+    return fits.drop_duplicates(["machine", "device", "precision", "checkpointing", "workload", "method"])
+
+
 def _max_batch_bars(ax, rows: pd.DataFrame, offset: np.ndarray, width: float, color, where: str) -> tuple[bool, float]:
     """One machine · device's bars of a max-batch panel: the largest batch run (≥ where nothing larger failed) and
     the fit's prediction, hatched, capped at EXTRAPOLATION_LIMIT × the largest batch run and labelled "> N" beyond
-    it. Returns (a prediction was capped, the tallest bar)."""
+    it; a meta budget's exact max batch alone. Returns (a prediction was capped, the tallest bar)."""
     measured = rows["measured max batch"].to_numpy(dtype=float, na_value=math.nan)
     predicted = rows["predicted max batch"].to_numpy(dtype=float, na_value=math.nan)
     caps = EXTRAPOLATION_LIMIT * measured
     capped = predicted > caps
     drawn = np.where(capped, caps, predicted)
-    run_words = "largest batch run" if where.endswith("(predicted)") else "measured"
+    if rows["source"].eq(BUDGET_SOURCE).any():
+        run_words = "exact max batch"
+    else:
+        run_words = "largest batch run" if where.endswith("(predicted)") else "measured"
     bars = ax.bar(offset, measured, width, color=color, label=f"{where}: {run_words}")
     for bar, lower in zip(bars, rows[LOWER_BOUND].eq(True)):  # False for a method with no row here
         if lower:
             ax.annotate("≥", (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    if np.isnan(predicted).all():  # exact answers (a meta budget): no prediction to draw beside them
+        return False, float(np.nanmax([1.0, *measured]))
     label = f"{where}: predicted (fit)"
     predicted_bars = ax.bar(offset + width, drawn, width, color=color, alpha=0.45, hatch="//", label=label)
     for bar, cap, is_capped in zip(predicted_bars, caps, capped):
@@ -452,7 +472,7 @@ def _max_batch_bars(ax, rows: pd.DataFrame, offset: np.ndarray, width: float, co
 
 
 def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    fits = _with_where(_fits(results))
+    fits = _per_budget(_with_where(_fits(results)))
     factors = [extrapolation_factor(p, m) for p, m in zip(fits["predicted max batch"], fits["measured max batch"])]
     informative = [f is None and pd.notna(p) for f, p in zip(factors, fits["predicted max batch"])]
     if not any(informative) and fits[LOWER_BOUND].all():
@@ -463,7 +483,8 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     panels = list(fits.groupby("workload", sort=True))
     fig, axes = _grid(len(panels), ncols=2, size=(6.5, 3.8))
     cmap = plt.get_cmap("tab10")
-    wheres = sorted(fits["where"].unique())
+    # by machine · device, then a meta search's budgets by size
+    wheres = list(dict.fromkeys(fits.sort_values(["where", "memory_bytes"], key=_where_order)["where"]))
     width = 0.8 / (2 * len(wheres))
     any_capped = False
     for ax, (workload, rows) in zip(axes, panels):
@@ -483,22 +504,39 @@ def fig_max_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure,
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     bottom = _legend_below(fig, handles, labels, ncol=4)
-    fig.suptitle("Max batch per method: measured vs predicted from peak(B) = fixed + per_sample·B")
+    sources = ", ".join(sorted(set(fits["source"]) - {BUDGET_SOURCE}))
+    fig.suptitle(
+        "Max batch per method: measured vs predicted from peak(B) = fixed + per_sample·B"
+        if sources
+        else "Max batch per method and memory budget (exact under the overhead model)"
+    )
     fig.tight_layout(rect=(0, bottom, 1, 0.95))
-    sources = ", ".join(sorted(fits["source"].unique()))
     capped_words = (
         f"; a prediction beyond {EXTRAPOLATION_LIMIT}× the largest batch run is drawn capped there, labelled > N"
         if any_capped
         else ""
     )
-    return fig, (
-        "Where measured and predicted bars agree, the affine fit can be trusted for larger memories. Solid: largest "
-        f"batch that ran ok (≥: no larger batch failed); hatched: the fit's prediction ({sources}){capped_words}."
+    budget_words = (
+        "; a meta budget (· size): the exact max batch in that budget under the overhead model, no prediction"
+        if (fits["source"] == BUDGET_SOURCE).any()
+        else ""
     )
+    fitted = (
+        "Where measured and predicted bars agree, the affine fit can be trusted for larger memories. Solid: largest "
+        f"batch that ran ok (≥: no larger batch failed); hatched: the fit's prediction ({sources}){capped_words}"
+    )
+    return fig, (fitted + budget_words if sources else "Max batch per method and memory budget" + budget_words) + "."
+
+
+def _where_order(column: pd.Series) -> pd.Series:
+    """Sort key of fig_max_batch's series: ``where`` without its budget suffix, then the budget's bytes."""
+    if column.name == "where":
+        return column.str.replace(r" · [0-9.]+ [KMGTP]?i?B$", "", regex=True)
+    return column
 
 
 def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    fits = _with_where(_fits(results))
+    fits = _with_where(_one_fit_per_method(_fits(results)).dropna(subset=["fixed_bytes"]))
     several = fits["where"].nunique() > 1
     fits = fits.assign(series=fits["workload"] + (" — " + fits["where"] if several else ""))
     series = sorted(fits["series"].unique())

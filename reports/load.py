@@ -632,6 +632,7 @@ _MAX_BATCH_COLUMNS = (
     "fit_fixed_bytes",
     "fit_per_sample_bytes",
     "predicted_max_batch",
+    "budgets",
     "device_name",
     "runner_label",
     "machine",
@@ -663,6 +664,7 @@ def _max_batch_row(record: MaxBatchRecord, index: int) -> dict[str, Any]:
         "fit_fixed_bytes": record.fit_fixed_bytes,
         "fit_per_sample_bytes": record.fit_per_sample_bytes,
         "predicted_max_batch": predicted,
+        "budgets": list(record.budgets),  # meta: the exact answer per memory budget (BudgetAnswer)
         "device_name": record.device_name,
         "runner_label": record.runner_label,
         "machine": machine_label(record.runner_label, record.device_name, record.device),

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.maxbatch import answer_text
+from bench.overhead import size_text
+
 from .grid import Cell, Grid, compact
 from .load import Results, is_predicted
-from .summary import METRIC_WORDS, RATIO_TITLE, Block, blocks, byte_text, workload_order
+from .summary import METRIC_WORDS, RATIO_TITLE, Block, blocks, workload_order
 from .tables import (
     BASELINE_METHOD,
+    BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
     TIME_NOISE,
     TIME_RATIO,
     TIME_VERDICT,
+    budget_answer,
     extrapolation_factor,
     one_process,
     predicted_max_batch_text,
@@ -156,51 +161,75 @@ def fit_grids(results: Results) -> list[Grid]:
 
 def _fit_grid(block: Block, fits: pd.DataFrame) -> Grid:
     """Fixed and per-sample memory and the max batch of each method of ``block``: measured and predicted in
-    separate columns, predictions beyond the extrapolation limit written as bounds."""
+    separate columns, predictions beyond the extrapolation limit written as bounds; a meta search's row per
+    asked budget with its exact answer."""
+    exact = (fits["source"] == BUDGET_SOURCE).any()
     measured_words = "largest batch run (predicted)" if block.predicted else "measured max batch"
+    if exact:
+        measured_words = "max batch" if block.predicted else f"{measured_words} / max batch"
     header = ["workload", "method", "fixed [MiB]", "per sample [MiB]", measured_words, "first failing batch"]
     header += ["predicted max batch", "memory", "fit of", "from"]
     rows = []
     for _, fit in fits.iterrows():
-        measured, predicted = fit["measured max batch"], fit["predicted max batch"]
-        if present(measured):
+        measured, predicted, failing = fit["measured max batch"], fit["predicted max batch"], fit["first failing batch"]
+        answer = budget_answer(fit)
+        if answer is not None:  # the exact answer; in words beside it where it is not a plain number
+            words = f"{fit['method']}: {answer_text(answer)}"
+            if answer.max_batch is None:
+                none = "nothing fits" if answer.host_limit_batch is None else "none found"
+                measured_cell = Cell(none, style="pred", footnote=words)
+            elif fit[LOWER_BOUND]:
+                measured_cell = Cell(f"≥{answer.max_batch}", float(answer.max_batch), "pred", footnote=words)
+            else:
+                measured_cell = Cell(str(answer.max_batch), float(answer.max_batch), "pred", hover=words)
+        elif present(measured):
             measured_cell = Cell(f"≥{measured}" if fit[LOWER_BOUND] else str(measured), float(measured))
         else:
             measured_cell = Cell("none", hover="no batch ran ok")
-        if present(predicted):
+        if answer is not None:
+            predicted_cell = Cell("")  # exact under the overhead model: nothing to predict
+        elif present(predicted):
             factor = extrapolation_factor(predicted, measured)
-            text = predicted_max_batch_text(predicted, measured)
+            text = predicted_max_batch_text(predicted, measured, failing)
             style = "extrap" if factor is not None else "pred"
             hover = f"the fit predicts {predicted}" + (
-                f", ×{factor:.0f} the largest batch run: beyond {EXTRAPOLATION_LIMIT}×, an extrapolation"
+                f", ×{factor:.0f} the largest batch run ({measured}): beyond {EXTRAPOLATION_LIMIT}×, an "
+                f"extrapolation, so only the bound {EXTRAPOLATION_LIMIT} × {measured} is claimed"
                 if factor is not None
                 else ""
             )
             predicted_cell = Cell(text if factor is not None else f"~{text}", float(predicted), style, hover)
         else:
             predicted_cell = Cell("n/a")
-        failing = fit["first failing batch"]
+        fixed, per_sample = fit["fixed MiB"], fit["per-sample MiB"]
+        style = "pred" if block.predicted else ""
         rows.append(
             [
                 Cell(fit["workload"], style="label"),
                 Cell(fit["method"], style="label"),
-                Cell(f"{fit['fixed MiB']:g}", float(fit["fixed MiB"]), "pred" if block.predicted else ""),
-                Cell(f"{fit['per-sample MiB']:g}", float(fit["per-sample MiB"]), "pred" if block.predicted else ""),
+                Cell(f"{fixed:g}", float(fixed), style) if present(fixed) else Cell("n/a"),
+                Cell(f"{per_sample:g}", float(per_sample), style) if present(per_sample) else Cell("n/a"),
                 measured_cell,
                 Cell(str(failing), float(failing)) if present(failing) else Cell("none"),
                 predicted_cell,
-                Cell(byte_text(fit["memory GiB"] * 2**30) if present(fit["memory GiB"]) else "n/a"),
+                Cell(size_text(fit["memory_bytes"]), float(fit["memory_bytes"]))
+                if present(fit["memory_bytes"])
+                else Cell("n/a"),
                 Cell(METRIC_WORDS.get(fit["fit metric"], fit["fit metric"])),
                 Cell(fit["source"]),
             ]
         )
-    grid = Grid(
-        title=f"Max batch — {block.title}",
-        caption=(
-            "affine fit peak(B) = fixed + per_sample·B; compare the measured and the predicted max batch "
-            f"(~N: predicted; > N: the fit's prediction lies beyond {EXTRAPOLATION_LIMIT}× the largest batch run)."
-        ),
-        header=header,
-        rows=rows,
+    caption = (
+        "affine fit peak(B) = fixed + per_sample·B; compare the measured and the predicted max batch (~N: "
+        f"predicted; > N (extrapolated ×K): the fit predicts K times the largest batch run, beyond the "
+        f"{EXTRAPOLATION_LIMIT}× it is trusted for, so only N = {EXTRAPOLATION_LIMIT} × that batch is claimed)."
     )
+    if exact:
+        caption = (
+            "max batch per asked memory budget, exact under the overhead model: it fits and the next batch was run "
+            "and does not (≥N: the search limit, or the host could not draw a larger batch); fixed and per-sample "
+            "memory from the affine fit peak(B) = fixed + per_sample·B of the search's steps."
+            + ("" if block.predicted else " " + caption)
+        )
+    grid = Grid(title=f"Max batch — {block.title}", caption=caption, header=header, rows=rows)
     return compact(grid, keep=("method",))

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from bench.maxbatch import answer_text
+from bench.overhead import size_text
+
 from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
 from .tables import (
@@ -27,6 +30,7 @@ from .tables import (
     TIME_NOISE,
     TIME_RATIO,
     TIME_VERDICT,
+    budget_answer,
     extrapolation_factor,
     first_line,
     fit_metric_for,
@@ -365,6 +369,9 @@ class MaxBatchEntry:
     largest_run: int | None  # the largest batch that ran ok (measured, or predicted on a predicted block)
     next_failed: bool  # the next batch tried failed: largest_run is the measured max batch
     predicted: int | None  # the affine fit's max batch in the device's memory
+    # a meta search's budget and its answer in words (bench.maxbatch.answer_text): largest_run is exact there
+    budget_bytes: int | None = None
+    exact_words: str | None = None
 
     @property
     def rank_value(self) -> float:
@@ -389,6 +396,8 @@ class Ranked:
 
 
 def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchEntry]:
+    """Per method, its max batch on ``workload``: a meta search's answer for its largest budget (the fit table
+    orders a method's budgets by size)."""
     entries = {}
     for _, fit in fits[fits["workload"] == workload].iterrows():
         measured, predicted = fit["measured max batch"], fit["predicted max batch"]
@@ -397,6 +406,8 @@ def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchE
             largest_run=int(measured) if present(measured) else None,
             next_failed=present(measured) and not fit[LOWER_BOUND],
             predicted=int(predicted) if present(predicted) else None,
+            budget_bytes=answer.budget_bytes if (answer := budget_answer(fit)) is not None else None,
+            exact_words=answer_text(answer) if answer is not None else None,
         )
     return entries
 
@@ -435,6 +446,9 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
 def _max_batch_text(entry: MaxBatchEntry) -> tuple[str, str, str]:
     """(text, style, hover) of a max batch: measured "600" (the next batch failed), predicted "~619", beyond the
     extrapolation limit "> 64", measured lower bound "≥16"."""
+    if entry.exact_words is not None:
+        text = "none" if entry.largest_run is None else f"{'' if entry.next_failed else '≥'}{entry.largest_run}"
+        return text, "pred", f"exact under the overhead model: {entry.exact_words}"
     if entry.largest_run is None:
         return "none ran", "", "no batch ran ok"
     if entry.next_failed:
@@ -488,6 +502,9 @@ def _batch_cell(r: Ranked) -> Cell:
 def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
     """The ranked summary as a table, one row per workload; empty columns left out (named in the caption)."""
     memory_title = f"largest batch in {byte_text(block.memory_bytes)}" if block.memory_bytes else "largest batch"
+    budgets = {e.budget_bytes for r in ranked for e in (*r.largest_batch, r.nondp_batch) if e is not None}
+    if not block.memory_bytes and len(budgets) == 1 and None not in budgets:  # a meta search's one budget
+        memory_title = f"largest batch in {size_text(budgets.pop())} (exact)"
     header = ["workload · batch", "lowest memory (×nondp)", "fastest DP step (×nondp)", memory_title]
     header += ["OOM at this batch", "unsupported / error"]
     rows = []
@@ -525,7 +542,8 @@ def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
         legend=(
             "Largest batch: N measured (the next batch tried failed) · ≥N measured, nothing larger tried · ~N "
             "predicted by the affine fit peak(B) = fixed + per_sample·B · > N the fit predicts more than "
-            f"{EXTRAPOLATION_LIMIT}× the largest batch run: an extrapolation, shown only as that bound."
+            f"{EXTRAPOLATION_LIMIT}× the largest batch run: an extrapolation, shown only as that bound. On meta, "
+            "a max-batch search's exact answer for its largest --memory-budget (under the overhead model)."
         ),
     )
     return compact(grid, keep=tuple(header[:-2]))  # the ranked columns stay even when they read the same

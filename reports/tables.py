@@ -14,10 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from bench.maxbatch import affine_fit, predict_max_batch  # the one fit, shared with the max-batch search
+from bench.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
+from bench.overhead import size_text
+from bench.record import BudgetAnswer
 
 __all__ = [
     "BASELINE_METHOD",
+    "BUDGET_SOURCE",
     "EXTRAPOLATION_LIMIT",
     "FIT_NOTES",
     "MIB",
@@ -27,12 +30,14 @@ __all__ = [
     "TIME_VERDICTS",
     "affine_fit_table",
     "all_ok_batches",
+    "budget_answer",
     "extrapolation_factor",
     "first_line",
     "fit_display",
     "fit_metric_for",
     "format_number",
     "markdown_text",
+    "measured_max_batch_text",
     "overhead_display",
     "overhead_table",
     "overhead_warnings",
@@ -82,15 +87,28 @@ OVERHEAD_NOTES = (
     "numbers (empty where there is none) and the `status` / `nondp status` columns that say why."
 )
 
+# The fit-table source of a meta max-batch search's rows: one per asked --memory-budget, each exact under the
+# overhead model (bench/maxbatch.py, search_budgets), so no prediction is needed.
+BUDGET_SOURCE = "meta search, exact per budget"
+
 FIT_NOTES = (
     "Affine fit peak(B) = fixed + per_sample · B of each method's peak memory over the batch sizes that ran "
     "(`fit metric`: peak_reserved_bytes on CUDA where every point has it, else peak_tensor_bytes). "
     "`predicted max batch` is the largest B with peak(B) ≤ `memory`; `measured max batch` is the largest batch "
     'that ran ok ("≥" when no larger batch failed). A prediction above '
     f"{EXTRAPOLATION_LIMIT}× the measured max batch is an extrapolation of the fit far outside the batches it saw: "
-    'it is written "> N (extrapolated ×K)", N being that limit and K the prediction over the measured max batch. '
-    "The CSV holds the numbers (the prediction as computed, empty where there is none) and a "
-    '`max batch is lower bound` column for the "≥".'
+    'it is written "> N (extrapolated ×K)": N is that limit, '
+    f"{EXTRAPOLATION_LIMIT} × the measured max batch, the most the table claims, and K is how many times the "
+    "measured max batch the fit predicted (×7439: the fit's answer is 7439 times the largest batch that ran). "
+    'Where a batch at or below N failed, the bound would contradict it: the prediction is written "fit ~P, but '
+    'batch F failed". '
+    f"Rows from `{BUDGET_SOURCE}` (the meta device, `--max-batch --devices meta`) are one per asked "
+    "`--memory-budget` (`memory`): the max batch is exact under the overhead model (it fits, the next batch was "
+    "run and does not), so there is no prediction; `nothing fits` names what batch 1 needs, `≥N` is a lower "
+    "bound at the search limit or where the host could not draw a larger batch (`host_limit_batch`). "
+    "The CSV holds the numbers (the prediction as computed, empty where there is none), `memory_bytes` exactly, "
+    "`first_failing_device_bytes` (what the first failing batch needs, meta) and a `max batch is lower bound` "
+    'column for the "≥".'
 )
 
 ONE_PROCESS = "none"  # the `parallel` column of a one-process case (world size 1)
@@ -240,8 +258,18 @@ def _number_or(value: Any, reason: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Affine fit: fixed + per-sample memory, predicted max batch
 # ---------------------------------------------------------------------------------------------------------------
-FIT_INT_COLUMNS = ("points", "measured max batch", "first failing batch", "predicted max batch")
+FIT_INT_COLUMNS = (
+    "points",
+    "measured max batch",
+    "first failing batch",
+    "predicted max batch",
+    "memory_bytes",
+    "first_failing_device_bytes",
+    "host_limit_batch",
+)
 LOWER_BOUND = "max batch is lower bound"
+# Raw figures of the fit table (CSV only; the display writes them into the other columns' text).
+_RAW_FIT_COLUMNS = ("fixed_bytes", "per_sample_bytes", "memory_bytes", "first_failing_device_bytes", "host_limit_batch")
 
 
 def fit_metric_for(rows: pd.DataFrame) -> str:
@@ -254,7 +282,7 @@ def fit_metric_for(rows: pd.DataFrame) -> str:
 
 def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per machine × device × training mode × workload × method: the affine fit and max batch (measured vs
-    predicted).
+    predicted); a meta max-batch search gives one row per asked memory budget instead, its exact answer.
 
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
     ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
@@ -273,40 +301,54 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
         LOWER_BOUND,
         "first failing batch",
         "predicted max batch",
-        "fixed_bytes",
-        "per_sample_bytes",
+        *_RAW_FIT_COLUMNS,
     ]
-    rows: dict[tuple, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    searched: set[tuple] = set()
     if max_batches is not None and len(max_batches):
         for _, mb in max_batches.iterrows():
-            if present(mb["fit_fixed_bytes"]) and present(mb["fit_per_sample_bytes"]):
-                rows[tuple(mb[k] for k in key)] = _search_fit_row(mb, key)
+            identity = tuple(mb[k] for k in key)
+            if mb["status"] == "ok" and mb["budgets"]:
+                rows += [_budget_fit_row(mb, key, answer) for answer in mb["budgets"]]
+                searched.add(identity)
+            elif present(mb["fit_fixed_bytes"]) and present(mb["fit_per_sample_bytes"]):
+                rows.append(_search_fit_row(mb, key))
+                searched.add(identity)
     for group_key, group in cases.groupby(key, sort=True):
-        if group_key not in rows:
+        if group_key not in searched:
             row = _case_fit_row(group)
             if row is not None:
-                rows[group_key] = {**dict(zip(key, group_key)), **row}
-    for row in rows.values():
+                rows.append({**dict(zip(key, group_key)), **row})
+    for row in rows:
         row["fixed MiB"] = round(row["fixed_bytes"] / MIB, 2)
         row["per-sample MiB"] = round(row["per_sample_bytes"] / MIB, 3)
-        memory = row.pop("memory_bytes")
+        memory = row["memory_bytes"]
         row["memory GiB"] = round(float(memory) / 2**30, 2) if present(memory) else math.nan
-    table = pd.DataFrame(list(rows.values()), columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
     for column in FIT_INT_COLUMNS:
         table[column] = pd.array([int(v) if present(v) else pd.NA for v in table[column]], dtype="Int64")
     table[LOWER_BOUND] = table[LOWER_BOUND].astype(bool)
-    return table.sort_values(key).reset_index(drop=True) if len(table) else table
+    for column in ("fixed_bytes", "per_sample_bytes", "fixed MiB", "per-sample MiB", "memory GiB"):
+        table[column] = table[column].astype(float)
+    return table.sort_values([*key, "memory_bytes"]).reset_index(drop=True) if len(table) else table
+
+
+def _fit_of(mb: pd.Series) -> tuple[float, float]:
+    """A max-batch record's (fixed, per-sample) fit bytes, NaN where it has none."""
+    fixed, per_sample = mb["fit_fixed_bytes"], mb["fit_per_sample_bytes"]
+    return (float(fixed), float(per_sample)) if present(fixed) and present(per_sample) else (math.nan, math.nan)
 
 
 def _search_fit_row(mb: pd.Series, key: list[str]) -> dict[str, Any]:
     """A fit-table row from a max-batch search record (the search found the max batch itself)."""
+    fixed, per_sample = _fit_of(mb)
     return {
         **{k: mb[k] for k in key},
         "source": "max-batch search",
         "fit metric": mb["fit_metric"],
         "points": None,
-        "fixed_bytes": float(mb["fit_fixed_bytes"]),
-        "per_sample_bytes": float(mb["fit_per_sample_bytes"]),
+        "fixed_bytes": fixed,
+        "per_sample_bytes": per_sample,
         "memory_bytes": mb["memory_limit_bytes"],
         "measured max batch": mb["max_batch_measured"],
         # the search stopped at its limit without a failure: the true max batch may be larger
@@ -314,6 +356,44 @@ def _search_fit_row(mb: pd.Series, key: list[str]) -> dict[str, Any]:
         "first failing batch": mb["first_failing_batch"],
         "predicted max batch": mb["predicted_max_batch"],
     }
+
+
+def _budget_fit_row(mb: pd.Series, key: list[str], answer: BudgetAnswer) -> dict[str, Any]:
+    """A fit-table row of one budget of a meta max-batch search: its exact answer, the search's fit beside it."""
+    fixed, per_sample = _fit_of(mb)
+    return {
+        **{k: mb[k] for k in key},
+        "source": BUDGET_SOURCE,
+        "fit metric": mb["fit_metric"],
+        "points": None,
+        "fixed_bytes": fixed,
+        "per_sample_bytes": per_sample,
+        "memory_bytes": answer.budget_bytes,
+        "measured max batch": answer.max_batch,
+        # the search limit fits, or the host stopped the search: the true max batch may be larger
+        LOWER_BOUND: answer.max_batch is not None and answer.first_failing_batch is None,
+        "first failing batch": answer.first_failing_batch,
+        "predicted max batch": None,
+        "first_failing_device_bytes": answer.first_failing_device_bytes,
+        "host_limit_batch": answer.host_limit_batch,
+    }
+
+
+def budget_answer(row: pd.Series) -> BudgetAnswer | None:
+    """The exact answer of a fit-table row from a meta search's budget (None for any other row)."""
+    if row["source"] != BUDGET_SOURCE:
+        return None
+
+    def number(name: str) -> int | None:
+        return int(row[name]) if present(row[name]) else None
+
+    return BudgetAnswer(
+        int(row["memory_bytes"]),
+        max_batch=number("measured max batch"),
+        first_failing_batch=number("first failing batch"),
+        first_failing_device_bytes=number("first_failing_device_bytes"),
+        host_limit_batch=number("host_limit_batch"),
+    )
 
 
 def _case_fit_row(group: pd.DataFrame) -> dict[str, Any] | None:
@@ -341,20 +421,36 @@ def _case_fit_row(group: pd.DataFrame) -> dict[str, Any] | None:
     }
 
 
+def measured_max_batch_text(row: pd.Series) -> str:
+    """A fit-table row's max batch as text: "32", "≥64" (nothing larger failed), "none"; a meta budget's exact
+    answer in words ("nothing fits in 1 KiB: batch 1 needs 2.52 MiB", "≥8 in 80 GiB (host memory limit at …)")."""
+    answer = budget_answer(row)
+    measured = row["measured max batch"]
+    if answer is not None and (not present(measured) or row[LOWER_BOUND]):
+        return answer_text(answer)
+    if present(measured):
+        return f"≥{measured}" if row[LOWER_BOUND] else str(measured)
+    return "none"
+
+
 def fit_display(table: pd.DataFrame) -> pd.DataFrame:
-    """The fit table as text: "≥N" for a lower bound, "none" / "n/a" where there is no number."""
-    shown = table.drop(columns=[LOWER_BOUND, "fixed_bytes", "per_sample_bytes"]).astype(object)
+    """The fit table as text: "≥N" for a lower bound, "none" / "n/a" where there is no number, the memory in
+    binary units ("memory" instead of "memory GiB": a meta budget may be 1 KiB)."""
+    shown = table.drop(columns=[LOWER_BOUND, *_RAW_FIT_COLUMNS]).astype(object)
     for i, row in table.iterrows():
         measured = row["measured max batch"]
-        if present(measured):
-            shown.at[i, "measured max batch"] = f"≥{measured}" if row[LOWER_BOUND] else str(measured)
-        else:
-            shown.at[i, "measured max batch"] = "none"
+        shown.at[i, "measured max batch"] = measured_max_batch_text(row)
         shown.at[i, "first failing batch"] = _number_or(row["first failing batch"], "none")
-        shown.at[i, "predicted max batch"] = predicted_max_batch_text(row["predicted max batch"], measured)
-        shown.at[i, "memory GiB"] = _number_or(row["memory GiB"], "n/a")
+        shown.at[i, "predicted max batch"] = (
+            ""  # exact: nothing to predict
+            if row["source"] == BUDGET_SOURCE
+            else predicted_max_batch_text(row["predicted max batch"], measured, row["first failing batch"])
+        )
+        shown.at[i, "memory GiB"] = size_text(row["memory_bytes"]) if present(row["memory_bytes"]) else "n/a"
         shown.at[i, "points"] = _number_or(row["points"], "")
-    return shown
+        for column in ("fixed MiB", "per-sample MiB"):
+            shown.at[i, column] = _number_or(row[column], "n/a")
+    return shown.rename(columns={"memory GiB": "memory"})
 
 
 def extrapolation_factor(predicted: Any, largest_run: Any) -> float | None:
@@ -368,9 +464,10 @@ def extrapolation_factor(predicted: Any, largest_run: Any) -> float | None:
     return factor if factor > EXTRAPOLATION_LIMIT else None
 
 
-def predicted_max_batch_text(predicted: Any, largest_run: Any) -> str:
+def predicted_max_batch_text(predicted: Any, largest_run: Any, first_failing: Any = None) -> str:
     """A predicted max batch as text: "619"; "> 64 (extrapolated ×7439)" beyond the extrapolation limit (64 =
-    EXTRAPOLATION_LIMIT × the largest batch that ran); "n/a" without a prediction."""
+    EXTRAPOLATION_LIMIT × the largest batch that ran, 7439 = the prediction over that batch); "fit ~P, but batch
+    F failed" where that bound would contradict a failed batch F ≤ 64; "n/a" without a prediction."""
     if not present(predicted):
         return "n/a"
     factor = extrapolation_factor(predicted, largest_run)
@@ -378,7 +475,10 @@ def predicted_max_batch_text(predicted: Any, largest_run: Any) -> str:
         return str(int(predicted))
     if math.isinf(factor):
         return "n/a (no batch ran)"
-    return f"> {EXTRAPOLATION_LIMIT * int(largest_run)} (extrapolated ×{factor:.0f})"
+    bound = EXTRAPOLATION_LIMIT * int(largest_run)
+    if present(first_failing) and int(first_failing) <= bound:
+        return f"fit ~{int(predicted)}, but batch {int(first_failing)} failed"
+    return f"> {bound} (extrapolated ×{factor:.0f})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Max-batch search and affine fit, on a synthetic memory model (no device needed)."""
 
+import dataclasses
+
 import pytest
 
 from bench import maxbatch
-from bench.record import BatchProbe
+from bench.overhead import OverheadModel
+from bench.record import HOST_OOM, BatchProbe
 
 
 def _fake_probe(fixed: int, per_sample: int, capacity: int, calls: list):
@@ -163,3 +166,93 @@ def test_meta_search_stops_at_an_unsupported_probe():
         probe, [10, 20], __import__("bench.overhead").overhead.DEFAULT_OVERHEAD, 64
     )
     assert len(probes) == 1 and all(a.max_batch is None and a.first_failing_batch is None for a in answers)
+
+
+def _host_limited_probe(calls: list, host_limit: int):
+    """A meta step of peak 1000 + 100·B bytes whose batch the host cannot draw from ``host_limit`` samples up."""
+
+    def probe(b: int):
+        calls.append(b)
+        if b >= host_limit:
+            return BatchProbe(b, HOST_OOM), {}
+        return BatchProbe(b, "ok", peak_tensor_bytes=1000 + 100 * b), {"activations": 100 * b}
+
+    return probe
+
+
+def test_meta_search_stays_below_the_hosts_limit_and_keeps_what_it_found():
+    """Issue #17 item 7: a batch the host cannot draw is the machine's limit, not the budget's: nothing at or above
+    it is probed again, a budget whose boundary lies below is answered exactly, one beyond keeps the largest batch
+    that fits as a lower bound, saying where the host stopped it."""
+    calls: list[int] = []
+    overhead = OverheadModel(0, 0.0)
+    answers, probes = maxbatch.search_budgets(_host_limited_probe(calls, 30), [500, 2000, 10**6], overhead, 4096)
+    nothing, exact, limited = answers
+    assert (nothing.max_batch, nothing.first_failing_batch, nothing.first_failing_device_bytes) == (None, 1, 1100)
+    assert (exact.max_batch, exact.first_failing_batch, exact.host_limit_batch) == (10, 11, None)
+    assert exact.first_failing_device_bytes == 1000 + 100 * 11
+    assert (limited.max_batch, limited.first_failing_batch, limited.host_limit_batch) == (29, None, 30)
+    assert limited.device_bytes == 1000 + 100 * 29
+    refused = [i for i, p in enumerate(probes) if p.status == HOST_OOM]
+    for i in refused:  # once refused, never again at or above that batch
+        assert all(p.batch_size < probes[i].batch_size for p in probes[i + 1 :])
+    assert maxbatch.answer_text(nothing) == "nothing fits in 500 B: batch 1 needs 1.07 KiB"
+    assert maxbatch.answer_text(exact) == "10 in 1.95 KiB (batch 11 needs 2.05 KiB)"
+    assert maxbatch.answer_text(limited) == "≥29 in 977 KiB (host memory limit at batch 30)"
+
+
+def test_answer_text_says_when_the_search_limit_fits():
+    (answer,), _ = maxbatch.search_budgets(_host_limited_probe([], 10**9), [10**9], OverheadModel(0, 0.0), 64)
+    assert (answer.max_batch, answer.first_failing_batch) == (64, None)
+    assert maxbatch.answer_text(answer) == "≥64 in 954 MiB (the search limit)"
+
+
+def test_a_batch_the_host_cannot_draw_on_meta_is_recorded_as_the_hosts_limit(monkeypatch, tmp_path):
+    """The real meta search (bench/test_max_batch.py) with the host's allocator failing from batch 40 up (forced):
+    the probe is ``host-oom``, the 6 MiB answer (below it) stays exact, the 12 MiB one keeps the largest batch
+    found; the record, its reason, the terminal line and the report say it is the host's limit."""
+    import models
+    from bench.case import CaseSpec
+    from bench.config import BenchConfig
+    from bench.dp import resolve_privacy
+    from bench.overhead import parse_overhead
+    from bench.record import from_jsonl_line, to_jsonl_line
+    from bench.test_max_batch import case_probe, meta_search
+    from reports.load import load_results
+    from reports.tables import fit_display
+
+    draw = models.Workload.make_batch
+
+    def make_batch(self, batch_size, generator=None, device=None):
+        if batch_size >= 40:  # what torch's CPU allocator raises when the host has no room for the batch
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10995116277760 bytes")
+        return draw(self, batch_size, generator, device)
+
+    monkeypatch.setattr(models.Workload, "make_batch", make_batch)
+    mib = 2**20
+    cfg = BenchConfig(
+        "t", ("gpt-tiny",), ("nondp",), (), ("meta",), 1, resolve_privacy(1.0), overhead=parse_overhead("512KiB+5%")
+    )
+    cfg = dataclasses.replace(cfg, memory_budgets=(6 * mib, 12 * mib))
+    records, said = [], []
+    probe = case_probe(CaseSpec("gpt-tiny", "nondp", 1, "meta"), cfg, records)
+    record = meta_search("gpt-tiny", "nondp", cfg, probe, records, said.append)
+    record = from_jsonl_line(to_jsonl_line(record))  # the new fields survive the results file
+    small, large = record.budgets
+    assert small.host_limit_batch is None and small.first_failing_batch == small.max_batch + 1 < 40
+    refused = sorted(p.batch_size for p in record.probes if p.status == HOST_OOM)
+    assert refused and refused[0] == 40  # bisected down to the host's limit, never recorded as plain oom
+    assert {p.status for p in record.probes} == {"ok", HOST_OOM}
+    assert (large.max_batch, large.first_failing_batch, large.host_limit_batch) == (39, None, 40)
+    assert cfg.overhead.fits(large.peak_tensor_bytes, 12 * mib)
+    assert record.reason.startswith("host memory limit at batch ")
+    assert "can't allocate memory" in record.reason and record.status == "ok"
+    assert "≥39 in 12 MiB (host memory limit at batch 40)" in said[-1] and f"{small.max_batch} in 6 MiB" in said[-1]
+
+    path = tmp_path / "mb.jsonl"
+    path.write_text(to_jsonl_line(record) + "\n")
+    fits = load_results([path]).fits
+    row = fits[fits["memory_bytes"] == 12 * mib].iloc[0]
+    assert row["max batch is lower bound"] and row["host_limit_batch"] == 40 and row["measured max batch"] == 39
+    shown = fit_display(fits)["measured max batch"].tolist()
+    assert shown == [str(small.max_batch), "≥39 in 12 MiB (host memory limit at batch 40)"]

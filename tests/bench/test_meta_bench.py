@@ -8,10 +8,13 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from bench import options
+from bench.overhead import size_text
 from bench.record import CaseRecord, MaxBatchRecord, from_jsonl_line
+from reports.__main__ import main as reports_main
 from tests.bench.test_matrix import REPO, _bench, _env
 
 
@@ -63,7 +66,7 @@ def test_meta_max_batch_answers_every_budget(tmp_path):
         "--methods",
         "nondp",
         "--memory-budget",
-        "6MiB,12MiB",
+        "6MiB,12MiB,1KiB",
         "--budget-overhead",
         "512KiB+5%",
     )
@@ -72,11 +75,33 @@ def test_meta_max_batch_answers_every_budget(tmp_path):
     assert isinstance(record, MaxBatchRecord) and record.measurement == "predicted"
     assert (record.overhead_fixed_bytes, record.overhead_fraction) == (512 * 1024, 0.05)
     peaks = {p.batch_size: p.peak_tensor_bytes for p in record.probes}
-    for answer, budget in zip(record.budgets, (6 * 2**20, 12 * 2**20)):
+    nothing, *answers = record.budgets
+    for answer, budget in zip(answers, (6 * 2**20, 12 * 2**20)):
         assert answer.budget_bytes == budget and answer.first_failing_batch == answer.max_batch + 1
         assert answer.device_bytes == 512 * 1024 + -(-peaks[answer.max_batch] * 105 // 100) <= budget
         assert 512 * 1024 + peaks[answer.first_failing_batch] * 1.05 > budget
-    assert record.budgets[1].max_batch > record.budgets[0].max_batch
+        assert answer.first_failing_device_bytes == 512 * 1024 + -(-peaks[answer.first_failing_batch] * 105 // 100)
+    assert answers[1].max_batch > answers[0].max_batch
+    needs = nothing.first_failing_device_bytes
+    assert (nothing.budget_bytes, nothing.max_batch, nothing.first_failing_batch) == (1024, None, 1) and needs > 1024
+    # the terminal line: every asked budget in binary units, nothing else (no byte keys, no --predict-memory sizes)
+    (line,) = [line for line in proc.stdout.splitlines() if "max batch per budget" in line]
+    assert f"nothing fits in 1 KiB: batch 1 needs {size_text(needs)}" in line
+    assert f"{answers[0].max_batch} in 6 MiB" in line and f"{answers[1].max_batch} in 12 MiB" in line
+    assert "GiB" not in line and str(12 * 2**20) not in line
+
+    # the report and memory_fit.csv: one row per asked budget, its exact answer, no extrapolation
+    assert reports_main([str(out_jsonl), "--out", str(tmp_path / "report")]) == 0
+    fit = pd.read_csv(tmp_path / "report" / "memory_fit.csv")
+    assert fit["memory_bytes"].tolist() == [1024, 6 * 2**20, 12 * 2**20]
+    assert fit["measured max batch"].tolist()[1:] == [a.max_batch for a in answers]
+    assert pd.isna(fit["measured max batch"][0]) and fit["first failing batch"].tolist()[0] == 1
+    assert fit["predicted max batch"].isna().all()
+    for name in ("report.md", "memory_fit.md"):
+        text = (tmp_path / "report" / name).read_text()
+        assert f"nothing fits in 1 KiB: batch 1 needs {size_text(needs)}" in text
+        table = "\n".join(line for line in text.splitlines() if line.startswith("|"))
+        assert "extrapolated" not in table and "GiB" not in table  # no budget that was not asked for
 
 
 def test_paper_preset_runs_every_method_on_meta_with_microbatch_capped(tmp_path):

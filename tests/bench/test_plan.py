@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -81,9 +83,17 @@ def _fits(workload: str, method: str, batch: int, budget: int, overhead: Overhea
     return overhead.fits(record.memory.peak_tensor_bytes, budget)
 
 
+PLAN_ARGV = ["dit-tiny-cond", "--memory", "24MiB", "--budget-overhead", "1MiB+5%"]
+
+
+def _meta_reason(workload: str, method: str, batch: int) -> str:
+    """The full reason a meta case gives (what the plan must print, never cut)."""
+    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0))
+    return run_case(CaseSpec(workload, method, batch, "meta"), config, None).reason
+
+
 def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
-    argv = ["dit-tiny-cond", "--memory", "24MiB", "--budget-overhead", "1MiB+5%", "--methods", "nondp,bk,opacus-ghost"]
-    assert plan.main(argv) == 0
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ghost"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
     assert "5.0% of tensor bytes (--budget-overhead 1MiB+5%)" in out
@@ -93,7 +103,90 @@ def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
         assert _fits("dit-tiny-cond", method, best, 24 * MIB, overhead)
         assert not _fits("dit-tiny-cond", method, best + 1, 24 * MIB, overhead)
     assert rows["nondp"][3].strip() == "1.00" and rows["nondp"][8].strip() == "1.000"
-    assert rows["opacus-ghost"][2].strip() == "unsupported" and "unique_dim" in rows["opacus-ghost"][9]
+    # issue #17 item 8: a reason is never cut mid-word: the row points to a note that holds all of it
+    assert rows["opacus-ghost"][2].strip() == "unsupported" and rows["opacus-ghost"][9].strip() == "note 1"
+    reason = " ".join(_meta_reason("dit-tiny-cond", "opacus-ghost", 8).split())
+    assert "unique_dim" in reason and len(reason) > 140  # longer than the table's old cut
+    assert out.splitlines()[-2:] == ["Notes:", f"1. {reason}"]
+
+
+def test_plan_json_has_numbers_full_reasons_the_model_and_the_versions(capsys):
+    """Issue #17 item 8: ``--format json`` for scripts: numbers as numbers, reasons in full, the overhead model
+    and the torch / opacus / dpmem versions."""
+    import importlib.metadata
+    import json
+
+    import torch
+
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ghost", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in data["rows"]}
+    nondp, bk, ghost = rows["nondp"], rows["bk"], rows["opacus-ghost"]
+    assert data["memory_bytes"] == 24 * MIB and data["gpu"] is None and data["workload"] == "dit-tiny-cond"
+    assert data["overhead"] == {
+        "fixed_bytes": MIB,
+        "fraction": 0.05,
+        "source": "--budget-overhead 1MiB+5%",
+        "calibration_gpu": None,
+        "calibration_gpu_stated": None,
+    }
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["versions"]["opacus"] == importlib.metadata.version("opacus") and data["versions"]["dpmem"]
+    overhead = parse_overhead("1MiB+5%")
+    for row in (nondp, bk):
+        assert isinstance(row["max_batch"], int) and isinstance(row["peak_tensor_bytes"], int)
+        assert row["device_bytes"] == overhead.device_bytes(row["peak_tensor_bytes"]) <= 24 * MIB
+        assert sum(row["breakdown"].values()) == row["peak_tensor_bytes"]
+        assert not row["max_batch_is_lower_bound"] and row["status"] == "ok"
+    assert not _fits("dit-tiny-cond", "bk", bk["max_batch"] + 1, 24 * MIB, overhead)
+    assert bk["batch_over_nondp"] == pytest.approx(bk["max_batch"] / nondp["max_batch"])
+    assert bk["peak_over_nondp"] == pytest.approx(bk["peak_tensor_bytes"] / bk["nondp_peak_bytes"])
+    assert ghost["status"] == "unsupported" and ghost["max_batch"] is None
+    assert ghost["reason"] == _meta_reason("dit-tiny-cond", "opacus-ghost", 8)  # in full
+
+
+def test_plan_csv_round_trips_with_pandas(capsys):
+    import pandas as pd
+
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,opacus-ghost", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index("method")
+    assert list(table.index) == ["nondp", "opacus-ghost"]
+    for column in ("max_batch", "peak_tensor_bytes", "device_bytes", "memory_bytes", "overhead_fraction"):
+        assert pd.api.types.is_numeric_dtype(table[column]), column
+    nondp = table.loc["nondp"]
+    overhead = parse_overhead("1MiB+5%")
+    assert nondp["device_bytes"] == overhead.device_bytes(int(nondp["peak_tensor_bytes"])) <= 24 * MIB
+    assert _fits("dit-tiny-cond", "nondp", int(nondp["max_batch"]), 24 * MIB, overhead)
+    assert nondp["breakdown_activations"] > 0 and nondp["overhead_fixed_bytes"] == MIB
+    assert nondp["overhead_source"] == "--budget-overhead 1MiB+5%" and nondp["torch_version"]
+    assert table.loc["opacus-ghost", "reason"] == _meta_reason("dit-tiny-cond", "opacus-ghost", 8)
+    assert pd.isna(table.loc["opacus-ghost", "max_batch"]) and pd.isna(nondp["gpu_name"])
+
+
+def test_plan_says_when_the_host_cannot_draw_a_batch(capsys, monkeypatch):
+    """A batch the host cannot allocate (forced from 40 up) is the host's limit: the plan keeps the largest batch
+    found to fit as a lower bound and says why, in every format."""
+    import json
+
+    import models
+
+    draw = models.Workload.make_batch
+
+    def make_batch(self, batch_size, generator=None, device=None):
+        if batch_size >= 40:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10995116277760 bytes")
+        return draw(self, batch_size, generator, device)
+
+    monkeypatch.setattr(models.Workload, "make_batch", make_batch)
+    argv = ["gpt-tiny", "--memory", "12MiB", "--budget-overhead", "512KiB+5%", "--methods", "nondp"]
+    assert plan.main([*argv, "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert (row["status"], row["max_batch"], row["host_limit_batch"]) == ("ok", 39, 40)
+    assert row["max_batch_is_lower_bound"] and not row["at_limit"]
+    assert row["reason"].startswith("≥39 in 12 MiB (host memory limit at batch 40): batch 40: RuntimeError")
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| nondp | ≥39 (note 1) |" in out and "1. nondp: ≥39 in 12 MiB (host memory limit at batch 40)" in out
 
 
 def test_plan_in_bf16_with_checkpointed_blocks(capsys):
@@ -164,8 +257,92 @@ def test_plan_calibrates_from_gpu_results(tmp_path, capsys):
     assert plan.main(argv) == 0
     out = capsys.readouterr().out
     assert "0.59 GiB + 20.0% of tensor bytes (calibrated on 2 NVIDIA A100-SXM4-80GB record(s)" in out
+    assert "Calibrated on: NVIDIA A100-SXM4-80GB records\n" in out  # --memory: no GPU to check them against
     best = int(next(line for line in out.splitlines() if line.startswith("| nondp |")).split("|")[2])
     model = calibrate(records)
     assert _fits("gpt-tiny", "nondp", best, 700 * MIB, model) and not _fits(
         "gpt-tiny", "nondp", best + 1, 700 * MIB, model
     )
+
+
+# ---- calibration sanity (issue #17 item 9) ----------------------------------------------------------------------
+
+
+def test_calibration_refuses_a_fit_whose_device_bytes_fall_as_tensor_bytes_grow():
+    h100 = "NVIDIA H100 80GB HBM3"
+    falling = [_cuda_record(h100, t, 30 * GIB - 2 * t, 500 * MIB) for t in (2 * GIB, 6 * GIB, 10 * GIB)]
+    with pytest.raises(CalibrationError, match="device bytes would fall as tensor bytes grow") as info:
+        calibrate(falling)
+    message = str(info.value)
+    assert "\n" not in message and "reserved = " in message and "-2.0000 x tensor bytes" in message
+    assert "overhead fraction -300.0%" in message  # the fit named, its fraction below -100 %
+    flat = [_cuda_record(h100, t, 9 * GIB, 500 * MIB) for t in (2 * GIB, 6 * GIB)]
+    with pytest.raises(CalibrationError, match="would stay the same"):
+        calibrate(flat)
+    # a fraction below zero but above -100 % still grows with tensor bytes: kept
+    assert calibrate([_cuda_record(h100, t, 3 * GIB + t // 2, 500 * MIB) for t in (2 * GIB, 6 * GIB)]).fraction == (
+        pytest.approx(-0.5)
+    )
+
+
+def _calibration_file(tmp_path, gpu: str, fixed: int = MIB, slope: float = 1.2) -> str:
+    """Two ok CUDA records of ``gpu`` with reserved = fixed + slope · tensor bytes."""
+    from bench.record import to_jsonl_line
+
+    records = [_cuda_record(gpu, t, fixed + int(slope * t), 600 * MIB) for t in (2 * GIB, 6 * GIB)]
+    path = tmp_path / "calibration.jsonl"
+    path.write_text("".join(to_jsonl_line(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_plan_refuses_a_falling_calibration_in_one_line_exit_2(tmp_path, capsys):
+    path = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB", fixed=20 * GIB, slope=-0.5)
+    assert plan.main(["gpt-tiny", "--memory", "700MiB", "--methods", "nondp", "--calibrate", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused the fit calibrated on 2 NVIDIA A100-SXM4-80GB record(s)" in err
+
+
+def test_plan_takes_calibration_records_of_the_planned_gpu_only_unless_stated(tmp_path, capsys):
+    import json
+
+    path = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB")
+    argv = ["gpt-tiny", "--methods", "nondp", "--max-batch-limit", "16", "--calibrate", path]
+    assert plan.main([*argv, "--gpu", "h100-80gb"]) == 2  # A100 records for an H100 plan: refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "records are from NVIDIA A100-SXM4-80GB, not h100-80gb" in err
+    assert "plan --gpu a100-80gb with them" in err and "--calibrate-gpu NAME" in err
+    assert plan.main([*argv]) == 2  # the default GPU (h100-80gb) is a GPU too
+    capsys.readouterr()
+
+    assert plan.main([*argv, "--gpu", "a100-80gb", "--format", "json"]) == 0
+    overhead = json.loads(capsys.readouterr().out)["overhead"]
+    assert overhead["calibration_gpu"] == "NVIDIA A100-SXM4-80GB" and overhead["calibration_gpu_stated"] is None
+    assert overhead["fraction"] == pytest.approx(0.2)
+
+    assert plan.main([*argv, "--gpu", "h100-80gb", "--calibrate-gpu", "A100"]) == 0  # stated: taken, and said
+    out = capsys.readouterr().out
+    assert "Calibrated on: NVIDIA A100-SXM4-80GB records (--calibrate-gpu A100; the plan is for h100-80gb)" in out
+    assert plan.main([*argv, "--gpu", "h100-80gb", "--calibrate-gpu", "A100", "--format", "csv"]) == 0
+    (fields,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert fields["overhead_calibration_gpu"] == "NVIDIA A100-SXM4-80GB" and fields["gpu_name"] == "h100-80gb"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA A100-SXM4-80GB", ["a100-80gb"]),
+        ("NVIDIA A100-PCIE-40GB", ["a100-40gb"]),
+        ("NVIDIA H100 80GB HBM3", ["h100-80gb"]),
+        ("NVIDIA H100 NVL", ["h100-nvl-94gb"]),
+        ("NVIDIA L40S", ["l40s-48gb"]),
+        ("NVIDIA A10G", ["a10g-24gb"]),
+        ("Tesla V100-SXM2-16GB", ["v100-16gb"]),
+        ("NVIDIA GeForce RTX 4090", ["rtx4090-24gb"]),
+        ("NVIDIA A100-SXM4", ["a100-40gb", "a100-80gb"]),  # no memory in the name: either A100
+        ("AMD Instinct MI300X", []),
+    ],
+)
+def test_device_names_match_the_catalogue(name, expected):
+    from bench.gpus import matching_gpus
+
+    assert [gpu.name for gpu in matching_gpus(name)] == expected

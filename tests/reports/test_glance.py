@@ -22,9 +22,9 @@ from reports.figures import (
 from reports.grid import Cell, Grid, compact, grid_markdown, ratio_colour
 from reports.html import write_markdown
 from reports.load import is_predicted, load_results
-from reports.pivots import time_pivot
+from reports.pivots import fit_grids, time_pivot
 from reports.summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary, short_reason
-from reports.tables import EXTRAPOLATION_LIMIT, affine_fit_table, fit_display, predicted_max_batch_text
+from reports.tables import EXTRAPOLATION_LIMIT, FIT_NOTES, affine_fit_table, fit_display, predicted_max_batch_text
 from tests.reports.fakes import GPUS, METHODS, copy_record, make_run, write_jsonl, write_two_gpu_files
 
 
@@ -149,6 +149,29 @@ def test_short_reason_keeps_the_library_message_only():
 def test_a_prediction_beyond_the_limit_is_written_as_a_bound(predicted, largest_run, text):
     assert EXTRAPOLATION_LIMIT == 4
     assert predicted_max_batch_text(predicted, largest_run) == text
+
+
+@pytest.mark.parametrize(
+    ("first_failing", "text"),
+    [
+        (17, "fit ~166692, but batch 17 failed"),
+        (64, "fit ~166692, but batch 64 failed"),
+        (65, "> 64 (extrapolated ×10418)"),
+    ],
+)
+def test_a_bound_never_contradicts_a_failed_batch(first_failing, text):
+    """Issue #17 item 7: "> 64" next to a first failing batch of 17 would claim what the run refuted."""
+    assert predicted_max_batch_text(166692, 16, first_failing) == text
+
+
+def test_the_max_batch_table_explains_the_extrapolation_factor(tmp_path):
+    """Issue #17 item 7: the report says what K of "extrapolated ×K" is, beside the table that shows it."""
+    grids = fit_grids(load_results(write_two_gpu_files(tmp_path)))
+    assert any(c.text.startswith("> 256 (extrapolated ×") for g in grids for row in g.rows for c in row)
+    for grid in grids:
+        assert "(extrapolated ×K): the fit predicts K times the largest batch run" in grid.caption
+        assert "only N = 4 × that batch is claimed" in grid.caption
+    assert "K is how many times the measured max batch the fit predicted" in FIT_NOTES
 
 
 def test_fit_tables_and_figure_never_show_a_bare_extrapolation(tmp_path):
