@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +54,20 @@ class ReportContent:
 # ---------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------
-def shown_path(path: str) -> str:
-    """An input path as the report names it: relative to the working directory when it lies below it (what was
-    typed, not where this machine keeps the checkout), else as given."""
-    try:
-        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except (ValueError, OSError):
-        return path
+def shown_paths(paths: list[str]) -> list[str]:
+    """Input paths as the report names them: relative to the working directory when they lie below it (what was
+    typed), else relative to the folder those others share — their file names for one input — never where a
+    machine keeps its checkout or temporary files."""
+    cwd = Path.cwd().resolve()
+    resolved = [Path(p).resolve() for p in paths]
+    outside = [r for r in resolved if not r.is_relative_to(cwd)]
+    common = Path(os.path.commonpath([r.parent for r in outside])) if outside else cwd
+    return [(r.relative_to(cwd) if r.is_relative_to(cwd) else r.relative_to(common)).as_posix() for r in resolved]
 
 
 def _source(path: str) -> str:
-    """An input path in report.md: a code span, or escaped text when it holds characters a code span would not
-    keep inert everywhere (markup, backticks, line breaks)."""
-    path = shown_path(path)
+    """An input path in report.md (as :func:`shown_paths` gives it): a code span, or escaped text when it holds
+    characters a code span would not keep inert everywhere (markup, backticks, line breaks)."""
     if any(c in path for c in "<>&`\r\n"):
         return markdown_text(path)
     return f"`{path}`"
@@ -77,7 +79,7 @@ def write_markdown(content: ReportContent, out_dir: Path) -> Path:
     lines = [
         f"# {esc(content.title)}",
         "",
-        esc(content.subtitle) + " Inputs: " + ", ".join(_source(s) for s in content.sources),
+        esc(content.subtitle) + " Inputs: " + ", ".join(_source(s) for s in shown_paths(content.sources)),
         "",
     ]
     if content.warnings:
@@ -255,7 +257,7 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
         "</head><body>",
         f"<h1>{esc(content.title)}</h1>",
         f"<p class='sub'>{esc(content.subtitle)} Inputs: "
-        + ", ".join(f"<code>{esc(shown_path(s))}</code>" for s in content.sources)
+        + ", ".join(f"<code>{esc(s)}</code>" for s in shown_paths(content.sources))
         + "</p>",
         f"<nav>{nav}</nav>",
     ]
