@@ -64,6 +64,9 @@ PAGE_WIDTH_IN = 12.0
 MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", "-.", ":")
 MIN_TRACE_SPAN_BYTES = 2**20  # a timeline's memory axis spans at least 1 MiB: smaller wiggles stay small
+# marker areas of the first and the last method of a scatter: a point drawn exactly over an earlier method's
+# is smaller, so that one shows as a ring around it (bk-tiled over bk, Opacus' modes over each other)
+RING_SIZES = (90.0, 30.0)
 BLOCK_KEY = ("machine", "device", "precision", "checkpointing")  # one block of the tables
 COINCIDE_FRACTION = 0.01  # two lines closer than 1 % of their axis' span look like one
 COINCIDING_NOTE = (
@@ -88,6 +91,7 @@ class FigureResult:
     paths: list[Path] = field(default_factory=list)  # PNG first, then SVG
     skipped: str | None = None
     caption: str = ""
+    width_px: int = 0  # the PNG's width: report.html shows a figure wider than its side column under the tables
 
     @property
     def png(self) -> Path | None:
@@ -698,6 +702,7 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     # per method and one per shape, never one per combination
     shapes = {w: MARKERS[i % len(MARKERS)] for i, w in enumerate(wheres)}
     colors = _method_colors(results)
+    methods = sorted(pairs["method"].unique())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     drawn_methods, drawn_wheres = set(), set()
     for ax, column, title in (
@@ -711,14 +716,14 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
             continue
         for (method, where), rows in both.groupby(["method", "where"]):
             hollow = where.endswith("(predicted)")
+            rank = methods.index(method)
             ax.scatter(
                 rows[f"{column}_dit"],
                 rows[f"{column}_gpt"],
                 marker=shapes[where],
                 facecolors="none" if hollow else colors[method],
                 edgecolors=colors[method],
-                s=40,
-                alpha=0.8,
+                s=RING_SIZES[0] - (RING_SIZES[0] - RING_SIZES[1]) * rank / max(1, len(methods) - 1),
             )
             drawn_methods.add(method)
             drawn_wheres.add(where)
@@ -740,7 +745,8 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     return (
         fig,
-        "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead. "
+        "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead; a method's point drawn over an "
+        "earlier method's is smaller, so that one shows as a ring around it. "
         f"{len(pairs)} matched (method, batch, tokens) pair(s) from {'; '.join(wheres)}"
         + (" (colour = method, one marker shape each, hollow = predicted)." if len(wheres) > 1 else "."),
     )
@@ -837,11 +843,12 @@ def render_figures(results: Results, out_dir: Path, options: FigureOptions | Non
         except SkipFigure as exc:
             produced.append(FigureResult(name, title, skipped=str(exc)))
             continue
+        width_px = round(fig.get_size_inches()[0] * DPI)
         try:
             paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
             fig.savefig(paths[0], dpi=DPI)
             fig.savefig(paths[1])
         finally:
             plt.close(fig)
-        produced.append(FigureResult(name, title, paths, caption=caption))
+        produced.append(FigureResult(name, title, paths, caption=caption, width_px=width_px))
     return produced

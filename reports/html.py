@@ -137,10 +137,13 @@ td.oom,td.unsupported,td.error{color:#7a2e00;
 td.untrusted{color:#888}
 .pair{display:flex;flex-wrap:wrap;gap:14px 22px;align-items:flex-start}.pair>.tables{flex:1 1 560px;min-width:0}
 .pair>.figs{flex:1 1 520px;max-width:720px}figure{margin:4px 0 12px}figure img{width:100%;border:1px solid #eee}
+figure.wide img{width:auto;max-width:100%}
 figcaption{font-size:12px;color:#444}.scale{display:inline-flex;vertical-align:middle;margin:0 4px}
 .scale span{width:34px;text-align:center;font-size:11px;border:1px solid #ddd}
 details{font-size:12px;color:#444;margin:6px 0}.alone{max-width:960px}
 """
+
+SIDE_COLUMN_PX = 720  # .pair>.figs' max-width: a wider figure beside the tables would be shrunk
 
 # Click a header to sort its table: by each cell's data-v number where it has one, else by its text; rows
 # without a value go last. Plain DOM code, no library.
@@ -217,11 +220,12 @@ def grid_html(grid: Grid) -> str:
     return "".join(parts)
 
 
-def _figure_html(figure: FigureResult) -> str:
+def _figure_html(figure: FigureResult, kind: str = "") -> str:
     esc = html.escape
     data = base64.b64encode(figure.png.read_bytes()).decode("ascii")
     return (
-        f'<figure><img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
+        f"<figure{f' class={kind!r}' if kind else ''}>"
+        f'<img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
         f"<figcaption><b>{esc(figure.title)}.</b> {esc(figure.caption)}</figcaption></figure>"
     )
 
@@ -232,13 +236,16 @@ def _section_html(section: Section) -> str:
     if section.intro:
         parts.append(f"<p class='sub'>{esc(section.intro)}</p>")
     tables = "".join(grid_html(g) for g in section.grids)
-    figures = "".join(_figure_html(f) for f in section.figures)
-    if tables and figures:
-        parts.append(f"<div class='pair'><div class='tables'>{tables}</div><div class='figs'>{figures}</div></div>")
+    # beside the tables only what fits the side column unshrunk; wider figures under them, at their own size
+    side = "".join(_figure_html(f) for f in section.figures if f.width_px <= SIDE_COLUMN_PX)
+    wide = "".join(_figure_html(f, "wide") for f in section.figures if f.width_px > SIDE_COLUMN_PX)
+    if tables and side:
+        parts.append(f"<div class='pair'><div class='tables'>{tables}</div><div class='figs'>{side}</div></div>")
     else:
-        parts.append(
-            tables or figures or (f"<p class='sub'><em>{esc(section.empty)}</em></p>" if section.empty else "")
-        )
+        parts.append(tables or side)
+    parts.append(wide)
+    if not tables and not side and not wide and section.empty:
+        parts.append(f"<p class='sub'><em>{esc(section.empty)}</em></p>")
     if section.details:
         paragraphs = "".join(f"<p>{esc(p)}</p>" for p in section.details)
         parts.append(f"<details><summary>definitions</summary>{paragraphs}</details>")
