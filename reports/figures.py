@@ -64,13 +64,11 @@ PAGE_WIDTH_IN = 12.0
 MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", "-.", ":")
 MIN_TRACE_SPAN_BYTES = 2**20  # a timeline's memory axis spans at least 1 MiB: smaller wiggles stay small
-# marker areas of the first and the last method of a scatter: a point drawn exactly over an earlier method's
-# is smaller, so that one shows as a ring around it (bk-tiled over bk, Opacus' modes over each other)
-RING_SIZES = (90.0, 30.0)
 BLOCK_KEY = ("machine", "device", "precision", "checkpointing")  # one block of the tables
 COINCIDE_FRACTION = 0.01  # two lines closer than 1 % of their axis' span look like one
 COINCIDING_NOTE = (
-    "a line drawn over another is hollow and named in its panel (A = B: the same bytes; A ≈ B: within 1 % of the axis)"
+    "{what} drawn over another method's is hollow and named in its panel (A = B: the same values; A ≈ B: within "
+    "1 % of the axis)"
 )
 
 
@@ -135,6 +133,14 @@ def coinciding(lines: dict[str, tuple[list, list]], span: float) -> dict[str, tu
                 same[method] = (other, bool(np.all(gaps == 0)))
                 break
     return same
+
+
+def _name_coinciding(ax, same: dict[str, tuple[str, bool]]) -> None:
+    """Say in the panel which methods' lines or points lie over which (:func:`coinciding`), top left."""
+    if same:
+        words = [f"{method} {'=' if exact else '≈'} {other}" for method, (other, exact) in same.items()]
+        box = {"facecolor": "white", "alpha": 0.8, "lw": 0}
+        ax.text(0.02, 0.97, "\n".join(words), transform=ax.transAxes, va="top", fontsize=7, bbox=box)
 
 
 def _legend_below(fig: plt.Figure, handles, labels, ncol: int) -> float:
@@ -299,16 +305,7 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
             if len(oom):
                 any_oom = True
                 ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=style["color"])
-        if same:
-            ax.text(
-                0.02,
-                0.97,
-                "\n".join(f"{method} {'=' if exact else '≈'} {other}" for method, (other, exact) in same.items()),
-                transform=ax.transAxes,
-                va="top",
-                fontsize=7,
-                bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
-            )
+        _name_coinciding(ax, same)
         ax.set_xscale("log", base=2)
         where = where_label(block.machine, block.device, block.predicted, block.precision, block.checkpointing)
         ax.set_title(f"{workload}\n{where}", fontsize=9)
@@ -331,7 +328,7 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     notes = [
         *(["× = OOM"] if any_oom else []),
         *(["dashed, hollow = predicted"] if any_predicted else []),
-        *([COINCIDING_NOTE] if any_coinciding else []),
+        *([COINCIDING_NOTE.format(what="a line")] if any_coinciding else []),
     ]
     return fig, (
         "Look at the slopes: the memory each method adds per sample; the steepest line runs out of memory first. "
@@ -702,9 +699,9 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     # per method and one per shape, never one per combination
     shapes = {w: MARKERS[i % len(MARKERS)] for i, w in enumerate(wheres)}
     colors = _method_colors(results)
-    methods = sorted(pairs["method"].unique())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     drawn_methods, drawn_wheres = set(), set()
+    any_coinciding = False
     for ax, column, title in (
         (axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"),
         (axes[1], "median step ×nondp", "step time ÷ non-DP"),
@@ -714,23 +711,42 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         if both.empty:
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
             continue
+        # a method's points exactly over an earlier method's (bk-tiled's over bk's): hollow and larger, and named
+        xy, keys = [f"{column}_dit", f"{column}_gpt"], ["where", "batch_size", "tokens"]
+        points = {m: rows.sort_values(keys) for m, rows in both.groupby("method")}
+        span = float(max(np.ptp(both[xy[0]]), np.ptp(both[xy[1]]))) or 1.0
+        same = coinciding(
+            {
+                m: (list(rows[keys].itertuples(index=False)), list(rows[xy].to_numpy().ravel()))
+                for m, rows in points.items()
+            },
+            span,
+        )
+        any_coinciding |= bool(same)
         for (method, where), rows in both.groupby(["method", "where"]):
-            hollow = where.endswith("(predicted)")
-            rank = methods.index(method)
+            hollow = where.endswith("(predicted)") or method in same
             ax.scatter(
-                rows[f"{column}_dit"],
-                rows[f"{column}_gpt"],
+                rows[xy[0]],
+                rows[xy[1]],
                 marker=shapes[where],
                 facecolors="none" if hollow else colors[method],
                 edgecolors=colors[method],
-                s=RING_SIZES[0] - (RING_SIZES[0] - RING_SIZES[1]) * rank / max(1, len(methods) - 1),
+                s=90 if method in same else 40,
+                linewidths=1.5 if method in same else 1.0,
             )
             drawn_methods.add(method)
             drawn_wheres.add(where)
+        _name_coinciding(ax, same)
         low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
         high = max(both[f"{column}_dit"].max(), both[f"{column}_gpt"].max())
-        pad = 0.05 * (high - low or 1.0)
-        ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1)
+        if low > 0 and high / low > 10:  # ratios spanning decades (step times on a busy machine): log axes
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ends = [low / 1.2, high * 1.2]
+        else:
+            pad = 0.05 * (high - low or 1.0)
+            ends = [low - pad, high + pad]
+        ax.plot(ends, ends, "k--", lw=1)
         ax.set_xlabel(f"DiT overhead ({title}) [×]")
         ax.set_ylabel("GPT proxy overhead [×]")
         ax.grid(alpha=0.3)
@@ -745,10 +761,10 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     return (
         fig,
-        "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead; a method's point drawn over an "
-        "earlier method's is smaller, so that one shows as a ring around it. "
+        "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead. "
         f"{len(pairs)} matched (method, batch, tokens) pair(s) from {'; '.join(wheres)}"
-        + (" (colour = method, one marker shape each, hollow = predicted)." if len(wheres) > 1 else "."),
+        + (" (colour = method, one marker shape each, hollow = predicted)" if len(wheres) > 1 else "")
+        + (f"; {COINCIDING_NOTE.format(what='a point')}." if any_coinciding else "."),
     )
 
 

@@ -93,20 +93,22 @@ def _pixels(fig) -> tuple[float, float]:
 
 
 def test_proxy_legend_has_one_entry_per_method_and_shape_and_stays_out_of_the_panels(tmp_path):
-    results = _results(tmp_path, _in_modes(make_run("a100") + make_run("h100")))
+    results = _results(tmp_path, _with_bk_tiled(_in_modes(make_run("a100") + make_run("h100"))))
     fig, caption = fig_proxy_validity(results, FigureOptions())
     try:
         fig.canvas.draw()
         legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
         (legend,) = legends
         labels = [t.get_text() for t in legend.get_texts()]
-        methods, wheres = 3, 2 * len(MODES)  # bk, opacus-ghost, opacus-hooks over nondp; 2 GPUs × 4 modes
-        assert len(labels) <= methods + wheres + 1  # not one per method × machine · mode (24 here)
+        methods, wheres = 4, 2 * len(MODES)  # bk, bk-tiled, opacus-ghost, opacus-hooks; 2 GPUs × 4 modes
+        assert len(labels) <= methods + wheres + 1  # not one per method × machine · mode (32 here)
         box = legend.get_window_extent()
         figure_box = fig.bbox
         assert box.x0 >= figure_box.x0 and box.x1 <= figure_box.x1 and box.y0 >= figure_box.y0
         assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
         assert "colour = method" in caption
+        # bk-tiled's points lie exactly on bk's: drawn hollow around them and named in the panel
+        assert "bk-tiled = bk" in "\n".join(t.get_text() for t in fig.axes[0].texts)
     finally:
         plt.close(fig)
 
