@@ -19,6 +19,7 @@ import pytest
 
 from bench.options import did_you_mean
 from bench.results import ResultsWriter, ResultsWriterError
+from bench.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
 
 if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, after the options parsed
     from bench.case import CaseSpec
@@ -49,6 +50,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RESULTS_WRITER] = writer
     config.stash[UNTIMED_ENTRIES] = []
     config.stash[SESSION_START] = time.time()
+    set_table_defaults(config)
+    quiet_known_warnings(config)
+    summary = SessionSummary(writer.path, config.stash[UNTIMED_ENTRIES], config.getoption("benchmark_json", None))
+    config.pluginmanager.register(summary, "dpmem-session-summary")
 
 
 @pytest.fixture(scope="session")

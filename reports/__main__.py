@@ -256,6 +256,7 @@ def _render(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise OutputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     print(f"wrote {len(written)} file(s) to {out} (report.md, report.html)")
+    print(f"{out / 'report.html'}: {_subtitle(results)}")  # what the report found, in one line
     return 0
 
 

@@ -24,6 +24,7 @@ from bench.overhead import size_text
 from bench.record import CATEGORIES
 
 from .load import Results, is_predicted
+from .summary import blocks, workload_order
 from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
@@ -58,6 +59,19 @@ TRACE_STYLES = {  # Timeline field -> (label, color)
 # Whole-process / whole-device traces sit on a large baseline (CUDA context, libraries, the interpreter):
 # drawn against a right-hand axis of their own so the step's own traces stay readable on the left.
 WHOLE_PROCESS_TRACES = ("nvml_used_bytes", "rss_bytes")
+# The report shows a figure at most PAGE_WIDTH_IN × DPI pixels wide (report.html's page is 1360 px): wider ones
+# would be shrunk until their 8-point labels cannot be read.
+DPI = 110
+PAGE_WIDTH_IN = 12.0
+MARKERS = "osD^vP*Xh<>"
+LINESTYLES = ("-", "--", "-.", ":")
+MIN_TRACE_SPAN_BYTES = 2**20  # a timeline's memory axis spans at least 1 MiB: smaller wiggles stay small
+BLOCK_KEY = ("machine", "device", "precision", "checkpointing")  # one block of the tables
+COINCIDE_FRACTION = 0.01  # two lines closer than 1 % of their axis' span look like one
+COINCIDING_NOTE = (
+    "{what} drawn over another method's is hollow and named in its panel (A = B: the same values; A ≈ B: within "
+    "1 % of the axis)"
+)
 
 
 class SkipFigure(Exception):
@@ -77,6 +91,7 @@ class FigureResult:
     paths: list[Path] = field(default_factory=list)  # PNG first, then SVG
     skipped: str | None = None
     caption: str = ""
+    width_px: int = 0  # the PNG's width: report.html shows a figure wider than its side column under the tables
 
     @property
     def png(self) -> Path | None:
@@ -98,6 +113,38 @@ def _method_colors(results: Results) -> dict[str, str]:
     return {m: cmap(i % 10) for i, m in enumerate(sorted(methods))}
 
 
+def _method_styles(results: Results) -> dict[str, dict]:
+    """Color, marker and line style per method: methods whose lines coincide (bk and bk-tiled, Opacus' hooks and
+    functorch modes often peak at the same bytes) stay told apart by their markers and dashes."""
+    return {
+        method: {"color": color, "marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+        for i, (method, color) in enumerate(_method_colors(results).items())
+    }
+
+
+def coinciding(lines: dict[str, tuple[list, list]], span: float) -> dict[str, tuple[str, bool]]:
+    """Lines that would hide an earlier one: method -> (the first method in ``lines``' order whose line has the
+    same x values and every y within COINCIDE_FRACTION of the axis' ``span``, whether every y is the same)."""
+    same: dict[str, tuple[str, bool]] = {}
+    for i, (method, (xs, ys)) in enumerate(lines.items()):
+        for other, (oxs, oys) in list(lines.items())[:i]:
+            if other in same or len(xs) == 0 or list(xs) != list(oxs):
+                continue
+            gaps = np.abs(np.asarray(ys, dtype=float) - np.asarray(oys, dtype=float))
+            if np.all(gaps <= COINCIDE_FRACTION * span):
+                same[method] = (other, bool(np.all(gaps == 0)))
+                break
+    return same
+
+
+def _name_coinciding(ax, same: dict[str, tuple[str, bool]]) -> None:
+    """Say in the panel which methods' lines or points lie over which (:func:`coinciding`), top left."""
+    if same:
+        words = [f"{method} {'=' if exact else '≈'} {other}" for method, (other, exact) in same.items()]
+        box = {"facecolor": "white", "alpha": 0.8, "lw": 0}
+        ax.text(0.02, 0.97, "\n".join(words), transform=ax.transAxes, va="top", fontsize=7, bbox=box)
+
+
 def _legend_below(fig: plt.Figure, handles, labels, ncol: int) -> float:
     """A figure-wide legend under the panels; returns the bottom margin (figure fraction) to keep free for it,
     sized in inches so it fits one-row figures as well as tall grids."""
@@ -107,10 +154,25 @@ def _legend_below(fig: plt.Figure, handles, labels, ncol: int) -> float:
     return min(0.45, (0.2 + 0.22 * rows) / fig.get_size_inches()[1])
 
 
-def _grid(n: int, ncols: int = 3, size=(5.0, 3.6)):
+def _set_min_span(ax, traces, min_span: float, scale: float) -> float:
+    """Y limits of ``ax`` around the traces (bytes, drawn divided by ``scale``), at least ``min_span`` bytes tall,
+    centred on them; returns the span in bytes (``min_span`` when there are no traces)."""
+    traces = list(traces)
+    if not traces:
+        return min_span
+    low, high = min(float(v.min()) for v in traces), max(float(v.max()) for v in traces)
+    span = max(high - low, min_span)
+    middle, margin = (low + high) / 2, 0.05 * span
+    ax.set_ylim((middle - span / 2 - margin) / scale, (middle + span / 2 + margin) / scale)
+    return span
+
+
+def _grid(n: int, ncols: int = 3, size=(5.0, 3.6), sharex: bool = False):
+    """``n`` panels of ``size`` inches, ``ncols`` to a row, narrowed to PAGE_WIDTH_IN in all."""
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    width = min(size[0] * ncols, PAGE_WIDTH_IN)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, size[1] * nrows), squeeze=False, sharex=sharex)
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -206,50 +268,75 @@ def _case_rows(results: Results, chosen: ChosenCase) -> pd.DataFrame:
 # 1. Peak memory vs batch size
 # ---------------------------------------------------------------------------------------------------------------
 def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
-    cases = one_process(results.cases)
-    cases = cases[cases["status"].isin(["ok", "oom"])]
-    if cases.empty:
+    # panels in the tables' order: machine × device × training mode blocks, workloads by family and size
+    panels = [
+        (block, workload, rows[(rows["workload"] == workload) & rows["status"].isin(["ok", "oom"])])
+        for block, rows in blocks(results)
+        for workload in workload_order(rows)
+    ]
+    panels = [panel for panel in panels if len(panel[2])]
+    if not panels:
         raise SkipFigure("no one-process ok or OOM cases")
-    panels = list(cases.groupby(["machine", "device", "precision", "checkpointing", "workload"], sort=True))
-    colors = _method_colors(results)
-    fig, axes = _grid(len(panels))
-    any_oom = any_predicted = False
-    for ax, ((machine, device, precision, checkpointing, workload), rows) in zip(axes, panels):
-        predicted = is_predicted(rows.iloc[0])
-        any_predicted |= predicted
+    styles = _method_styles(results)
+    per_block = max(sum(1 for b, _, _ in panels if b == block) for block, _, _ in panels)
+    fig, axes = _grid(len(panels), ncols=min(3, per_block), size=(4.0, 3.2))
+    any_oom = any_predicted = any_coinciding = False
+    for ax, (block, workload, rows) in zip(axes, panels):
+        any_predicted |= block.predicted
         metric = fit_metric_for(rows)
-        ok = rows[rows["status"] == "ok"]
-        top = float(ok[metric].max()) if ok[metric].notna().any() else 2.0**20
+        ok = rows[(rows["status"] == "ok") & rows[metric].notna()]
+        top = float(ok[metric].max()) if len(ok) else 2.0**20
         scale, unit = byte_unit(top)
-        for method, mrows in rows.groupby("method", sort=True):
-            good = mrows[(mrows["status"] == "ok") & mrows[metric].notna()].sort_values("batch_size")
-            style = {"linestyle": "--", "markerfacecolor": "none"} if predicted else {}
-            ax.plot(good["batch_size"], good[metric] / scale, marker="o", color=colors[method], label=method, **style)
-            oom = mrows[mrows["status"] == "oom"]
+        lines = {
+            method: (list(good["batch_size"]), list(good[metric] / scale))
+            for method, mrows in rows.groupby("method", sort=True)
+            for good in [ok[ok["method"] == method].sort_values("batch_size")]
+        }
+        span = (top - float(ok[metric].min())) / scale if len(ok) else 1.0
+        same = coinciding(lines, span or top / scale)
+        any_coinciding |= bool(same)
+        for method, (batches, values) in lines.items():
+            style = dict(styles[method])
+            if block.predicted:
+                style["linestyle"] = "--"
+            # a line drawn over an identical one: hollow and larger, so the one underneath shows through it
+            hollow = block.predicted or method in same
+            marker = {"markerfacecolor": "none", "markersize": 9 if method in same else 6} if hollow else {}
+            ax.plot(batches, values, label=method, **style, **marker)
+            oom = rows[(rows["method"] == method) & (rows["status"] == "oom")]
             if len(oom):
                 any_oom = True
-                ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=colors[method])
+                ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=style["color"])
+        _name_coinciding(ax, same)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{workload} — {where_label(machine, device, predicted, precision, checkpointing)}", fontsize=10)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]")
+        where = where_label(block.machine, block.device, block.predicted, block.precision, block.checkpointing)
+        ax.set_title(f"{workload}\n{where}", fontsize=9)
+        ax.set_xlabel("batch size", fontsize=8)
+        ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]", fontsize=8)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    seen = dict(zip(labels, handles))
-    for ax in axes[1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, plt.Line2D([], [], **styles[label]) if label in styles else handle)
+    seen = dict(sorted(seen.items()))
     if any_oom:
         seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
     if any_predicted:
         seen["predicted (meta device, dashed)"] = plt.Line2D([], [], marker="o", linestyle="--", color="k", mfc="none")
-    bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=6)
+    bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=5)
     fig.suptitle("Peak memory vs batch size, by method")
     fig.tight_layout(rect=(0, bottom, 1, 0.96))
+    notes = [
+        *(["× = OOM"] if any_oom else []),
+        *(["dashed, hollow = predicted"] if any_predicted else []),
+        *([COINCIDING_NOTE.format(what="a line")] if any_coinciding else []),
+    ]
     return fig, (
         "Look at the slopes: the memory each method adds per sample; the steepest line runs out of memory first. "
-        "One panel per workload, machine · device and training mode; × = OOM"
-        + ("; dashed = predicted." if any_predicted else ".")
+        "One panel per workload, machine · device and training mode, in the tables' order"
+        + "".join(f"; {note}" for note in notes)
+        + "."
     )
 
 
@@ -265,7 +352,7 @@ def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     if not records:
         raise SkipFigure(f"no breakdown at peak recorded for {chosen.workload} batch {chosen.batch}")
     scale, unit = byte_unit(max(sum(r.memory.breakdown.values()) for r in records))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(records) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(PAGE_WIDTH_IN, max(5.0, 1.2 * len(records) + 2)), 4.5))
     x = np.arange(len(records))
     bottom = np.zeros(len(records))
     cmap = plt.get_cmap("Set2")
@@ -298,37 +385,43 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     if not records:
         raise SkipFigure(f"no timeline recorded for {chosen.workload} batch {chosen.batch}")
 
-    def axis_unit(keys):
-        return byte_unit(max(max(max(getattr(r.memory.timeline, k) or [0]) for k in keys) for r in records))
-
     step_keys = [k for k in TRACE_STYLES if k not in WHOLE_PROCESS_TRACES]
-    (scale, unit), (rscale, runit) = axis_unit(step_keys), axis_unit(WHOLE_PROCESS_TRACES)
-    fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.4))
+    scale, unit = byte_unit(max(max(getattr(r.memory.timeline, k) or [0]) for r in records for k in step_keys))
+    # one time axis for every method: how long each step takes is part of the comparison
+    fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.0), sharex=True)
     plotted = []
-    for ax, record in zip(axes, records):
-        t_ms = np.asarray(record.memory.timeline.t_s) * 1e3
+    for index, (ax, record) in enumerate(zip(axes, records)):
+        timeline = record.memory.timeline
+        t_ms = np.asarray(timeline.t_s) * 1e3
         for phase in record.memory.phases:
             ax.axvspan(
                 phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0
             )
-        right = None
-        for key, (label, color) in TRACE_STYLES.items():
-            values = getattr(record.memory.timeline, key)
-            if not values:
-                continue
-            if key in WHOLE_PROCESS_TRACES:
-                right = right or ax.twinx()
-                target, div, style = right, rscale, "--"
-                right.set_ylabel(f"process / device [{runit}]", fontsize=8)
-                right.ticklabel_format(axis="y", useOffset=False, style="plain")
-            else:
-                target, div, style = ax, scale, "-"
-            target.plot(t_ms, np.asarray(values, dtype=float) / div, style, label=label, color=color, lw=1.4)
-        plotted.extend([ax] + ([right] if right is not None else []))
+        step = {k: np.asarray(getattr(timeline, k), dtype=float) for k in step_keys if getattr(timeline, k)}
+        whole = {k: np.asarray(getattr(timeline, k), dtype=float) for k in WHOLE_PROCESS_TRACES if getattr(timeline, k)}
+        for key, values in step.items():
+            label, color = TRACE_STYLES[key]
+            ax.plot(t_ms, values / scale, "-", label=label, color=color, lw=1.4)
+        step_span = _set_min_span(ax, step.values(), MIN_TRACE_SPAN_BYTES, scale)
+        plotted.append(ax)
+        if whole:
+            # never more magnified than the left axis: a few KiB of RSS must not look like the step's own growth
+            right = ax.twinx()
+            span = max(max(v.max() for v in whole.values()) - min(v.min() for v in whole.values()), step_span)
+            rscale, runit = byte_unit(span)
+            for key, values in whole.items():
+                label, color = TRACE_STYLES[key]
+                right.plot(t_ms, values / rscale, "--", label=label, color=color, lw=1.4)
+            _set_min_span(right, whole.values(), step_span, rscale)
+            right.set_ylabel(f"process / device [{runit}]", fontsize=8)
+            right.ticklabel_format(axis="y", useOffset=False, style="plain")
+            plotted.append(right)
         ax.set_title(record.method, fontsize=10)
-        ax.set_xlabel("time in step [ms]")
         ax.set_ylabel(f"step memory [{unit}]")
         ax.grid(alpha=0.3)
+        if index + 2 >= len(records):  # the lowest panel of its column carries the shared time axis' labels
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("time in step [ms]")
     handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
     phases = sorted(
         {p.name for r in records for p in r.memory.phases},
@@ -381,7 +474,9 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     labels = labels[-MAX_COMPARED_CASES:]  # the largest batches read best when there are many
     metric = fit_metric_for(shared)
     scale, unit = byte_unit(float(shared[metric].max()))
-    fig, (ax_mem, ax_time) = plt.subplots(2, 1, figsize=(max(7.0, 0.6 * len(labels) * len(machines)), 7.5))
+    fig, (ax_mem, ax_time) = plt.subplots(
+        2, 1, figsize=(min(PAGE_WIDTH_IN, max(7.0, 0.6 * len(labels) * len(machines))), 7.5)
+    )
     width = 0.8 / len(machines)
     x = np.arange(len(labels))
     for i, machine in enumerate(machines):
@@ -535,46 +630,74 @@ def _where_order(column: pd.Series) -> pd.Series:
     return column
 
 
+def _in_table_order(results: Results, fits: pd.DataFrame) -> tuple[list[tuple], list[str]]:
+    """The (machine, device, precision, checkpointing) blocks and the workloads of ``fits`` in the tables' order
+    (those only a max-batch search has, after them by name)."""
+    found = blocks(results)
+    known = [(b.machine, b.device, b.precision, b.checkpointing) for b, _ in found]
+    keys = set(fits[list(BLOCK_KEY)].itertuples(index=False, name=None))
+    where_keys = sorted(keys, key=lambda k: (known.index(k) if k in known else len(known), k))
+    cases = one_process(results.cases)
+    order = workload_order(cases) if len(cases) else []
+    workloads = sorted(fits["workload"].unique(), key=lambda w: (order.index(w) if w in order else len(order), w))
+    return where_keys, workloads
+
+
 def fig_fixed_vs_per_sample(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     fits = _with_where(_one_fit_per_method(_fits(results)).dropna(subset=["fixed_bytes"]))
-    several = fits["where"].nunique() > 1
-    fits = fits.assign(series=fits["workload"] + (" — " + fits["where"] if several else ""))
-    series = sorted(fits["series"].unique())
+    where_keys, workloads = _in_table_order(results, fits)
     methods = sorted(fits["method"].unique())
     colors = _method_colors(results)
-    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(series) + 4), 4.6))
+    # one row of panels per machine · device · training mode (the tables' blocks), workloads along x: the figure
+    # grows downwards with the blocks, never wider than the page
+    fig, axes = plt.subplots(
+        len(where_keys), 2, figsize=(min(PAGE_WIDTH_IN, 11.0), 0.4 + 2.7 * len(where_keys)), squeeze=False
+    )
     width = 0.8 / len(methods)
-    x = np.arange(len(series))
-    for ax, column, title in (
-        (axes[0], "fixed_bytes", "fixed memory"),
-        (axes[1], "per_sample_bytes", "memory per sample"),
-    ):
-        values = fits[column].clip(lower=0)
-        scale, unit = byte_unit(float(values.max()))
-        for i, method in enumerate(methods):
-            rows = fits[fits["method"] == method].set_index("series")
-            heights = [max(rows.loc[s, column], 0) / scale if s in rows.index else np.nan for s in series]
-            hatches = ["//" if s in rows.index and rows.loc[s, "predicted"] else "" for s in series]
-            ax.bar(x + i * width, heights, width, color=colors[method], label=method, hatch=hatches)
-        ax.set_xticks(x + width * (len(methods) - 1) / 2, series, rotation=20, ha="right", fontsize=8)
-        positive = values[values > 0]
-        if len(positive) and positive.max() / positive.min() > 100:
-            ax.set_yscale("log")
-        ax.set_ylabel(f"{title} [{unit}]")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    x = np.arange(len(workloads))
+    for (ax_fixed, ax_per_sample), key in zip(axes, where_keys):
+        rows = fits[[tuple(k) == key for k in fits[list(BLOCK_KEY)].itertuples(index=False)]]
+        where = rows["where"].iloc[0]
+        for ax, column, title in (
+            (ax_fixed, "fixed_bytes", "fixed memory"),
+            (ax_per_sample, "per_sample_bytes", "per sample"),
+        ):
+            values = rows[column].clip(lower=0)
+            scale, unit = byte_unit(float(values.max()))
+            for i, method in enumerate(methods):
+                mine = rows[rows["method"] == method].set_index("workload")
+                heights = [max(mine.loc[w, column], 0) / scale if w in mine.index else np.nan for w in workloads]
+                hatches = ["//" if w in mine.index and mine.loc[w, "predicted"] else "" for w in workloads]
+                ax.bar(x + i * width, heights, width, color=colors[method], label=method, hatch=hatches)
+            ax.set_xticks(
+                x + width * (len(methods) - 1) / 2,
+                workloads,
+                fontsize=8,
+                rotation=0 if len(workloads) <= 4 else 30,
+                ha="center" if len(workloads) <= 4 else "right",
+            )
+            positive = values[values > 0]
+            if len(positive) and positive.max() / positive.min() > 100:
+                ax.set_yscale("log")
+            ax.set_ylabel(f"{title} [{unit}]", fontsize=8)
+            ax.set_title(f"{title} — {where}", fontsize=9)
+            ax.tick_params(axis="y", labelsize=8)
+            ax.grid(axis="y", alpha=0.3)
+    seen = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
     if fits["predicted"].any():
-        handles.append(Patch(facecolor="white", edgecolor="k", hatch="//"))
-        labels.append("predicted (meta device)")
-    bottom = _legend_below(fig, handles, labels, ncol=6)
+        seen["predicted (meta device)"] = Patch(facecolor="white", edgecolor="k", hatch="//")
+    bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=5)
     fig.suptitle("Affine fit peak(B) = fixed + per_sample·B, per method")
-    fig.tight_layout(rect=(0, bottom, 1, 0.94))
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.4 / fig.get_size_inches()[1]))
     metrics = ", ".join(sorted(fits["fit metric"].unique()))
     return (
         fig,
         "Per-sample memory decides how far the batch can grow; fixed memory is paid once. From the affine fit of "
-        f"{metrics}; negative fits are drawn at 0" + ("; hatched = predicted." if fits["predicted"].any() else "."),
+        f"{metrics}; one row per machine · device · training mode, as in the tables; negative fits are drawn at 0"
+        + ("; hatched = predicted." if fits["predicted"].any() else "."),
     )
 
 
@@ -610,46 +733,76 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
     facts = zip(pairs["machine"], pairs["device"], predicted, pairs["precision"], pairs["checkpointing"])
     pairs = pairs.assign(where=[where_label(*fact) for fact in facts])
     wheres = sorted(pairs["where"].unique())
-    # one marker shape per machine · device, hollow when predicted: ratios from different devices are told apart
-    shapes = {w: "osDv^<>"[i % 7] for i, w in enumerate(wheres)}
+    # colour = method, marker shape = machine · device · training mode (hollow when predicted): one legend entry
+    # per method and one per shape, never one per combination
+    shapes = {w: MARKERS[i % len(MARKERS)] for i, w in enumerate(wheres)}
     colors = _method_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    drawn_methods, drawn_wheres = set(), set()
+    any_coinciding = False
     for ax, column, title in (
         (axes[0], "peak tensor ×nondp", "peak memory ÷ non-DP"),
         (axes[1], "median step ×nondp", "step time ÷ non-DP"),
     ):
         both = pairs[pairs[f"{column}_dit"].notna() & pairs[f"{column}_gpt"].notna()]
+        ax.set_title(title)
         if both.empty:
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(title)
             continue
+        # a method's points exactly over an earlier method's (bk-tiled's over bk's): hollow and larger, and named
+        xy, keys = [f"{column}_dit", f"{column}_gpt"], ["where", "batch_size", "tokens"]
+        points = {m: rows.sort_values(keys) for m, rows in both.groupby("method")}
+        span = float(max(np.ptp(both[xy[0]]), np.ptp(both[xy[1]]))) or 1.0
+        same = coinciding(
+            {
+                m: (list(rows[keys].itertuples(index=False)), list(rows[xy].to_numpy().ravel()))
+                for m, rows in points.items()
+            },
+            span,
+        )
+        any_coinciding |= bool(same)
         for (method, where), rows in both.groupby(["method", "where"]):
-            hollow = where.endswith("(predicted)")
+            hollow = where.endswith("(predicted)") or method in same
             ax.scatter(
-                rows[f"{column}_dit"],
-                rows[f"{column}_gpt"],
+                rows[xy[0]],
+                rows[xy[1]],
                 marker=shapes[where],
                 facecolors="none" if hollow else colors[method],
                 edgecolors=colors[method],
-                label=method if len(wheres) == 1 else f"{method} — {where}",
-                s=40,
+                s=90 if method in same else 40,
+                linewidths=1.5 if method in same else 1.0,
             )
+            drawn_methods.add(method)
+            drawn_wheres.add(where)
+        _name_coinciding(ax, same)
         low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
         high = max(both[f"{column}_dit"].max(), both[f"{column}_gpt"].max())
-        pad = 0.05 * (high - low or 1.0)
-        ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="GPT = DiT")
+        if low > 0 and high / low > 10:  # ratios spanning decades (step times on a busy machine): log axes
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ends = [low / 1.2, high * 1.2]
+        else:
+            pad = 0.05 * (high - low or 1.0)
+            ends = [low - pad, high + pad]
+        ax.plot(ends, ends, "k--", lw=1)
         ax.set_xlabel(f"DiT overhead ({title}) [×]")
         ax.set_ylabel("GPT proxy overhead [×]")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    legend = {m: plt.Line2D([], [], marker="o", linestyle="", color=colors[m]) for m in sorted(drawn_methods)}
+    if len(wheres) > 1:
+        for where in sorted(drawn_wheres):
+            fill = "none" if where.endswith("(predicted)") else "0.3"
+            legend[where] = plt.Line2D([], [], marker=shapes[where], linestyle="", color="0.3", mfc=fill)
+    legend["GPT = DiT"] = plt.Line2D([], [], linestyle="--", color="k", lw=1)
+    bottom = _legend_below(fig, list(legend.values()), list(legend.keys()), ncol=4)
     fig.suptitle("Proxy validity: DP overhead of the GPT proxy vs DiT at matched batch and tokens per sample")
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, bottom, 1, 0.94))
     return (
         fig,
         "Points on the dashed line mean the GPT proxy predicts DiT's DP overhead. "
         f"{len(pairs)} matched (method, batch, tokens) pair(s) from {'; '.join(wheres)}"
-        + (" (one marker shape each, hollow = predicted)." if len(wheres) > 1 else "."),
+        + (" (colour = method, one marker shape each, hollow = predicted)" if len(wheres) > 1 else "")
+        + (f"; {COINCIDING_NOTE.format(what='a point')}." if any_coinciding else "."),
     )
 
 
@@ -673,7 +826,7 @@ def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Fig
     chosen = chosen.sort_values(["n", "batch_size"]).groupby(["machine", "kind", "workload"]).tail(1)
     colors = _method_colors(results)
     overhead = results.overhead.assign(kind=_device_kind(results.overhead["device"]))
-    fig, axes = plt.subplots(2, len(chosen), figsize=(5.2 * len(chosen), 7.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(chosen), figsize=(min(PAGE_WIDTH_IN, 5.2 * len(chosen)), 7.2), squeeze=False)
     for column, (_, panel) in enumerate(chosen.iterrows()):
         machine, kind, workload, batch = panel["machine"], panel["kind"], panel["workload"], panel["batch_size"]
         at = cases[
@@ -744,11 +897,12 @@ def render_figures(results: Results, out_dir: Path, options: FigureOptions | Non
         except SkipFigure as exc:
             produced.append(FigureResult(name, title, skipped=str(exc)))
             continue
+        width_px = round(fig.get_size_inches()[0] * DPI)
         try:
             paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-            fig.savefig(paths[0], dpi=110)
+            fig.savefig(paths[0], dpi=DPI)
             fig.savefig(paths[1])
         finally:
             plt.close(fig)
-        produced.append(FigureResult(name, title, paths, caption=caption))
+        produced.append(FigureResult(name, title, paths, caption=caption, width_px=width_px))
     return produced

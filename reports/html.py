@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +54,20 @@ class ReportContent:
 # ---------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------
-def shown_path(path: str) -> str:
-    """An input path as the report names it: relative to the working directory when it lies below it (what was
-    typed, not where this machine keeps the checkout), else as given."""
-    try:
-        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except (ValueError, OSError):
-        return path
+def shown_paths(paths: list[str]) -> list[str]:
+    """Input paths as the report names them: relative to the working directory when they lie below it (what was
+    typed), else relative to the folder those others share — their file names for one input — never where a
+    machine keeps its checkout or temporary files."""
+    cwd = Path.cwd().resolve()
+    resolved = [Path(p).resolve() for p in paths]
+    outside = [r for r in resolved if not r.is_relative_to(cwd)]
+    common = Path(os.path.commonpath([r.parent for r in outside])) if outside else cwd
+    return [(r.relative_to(cwd) if r.is_relative_to(cwd) else r.relative_to(common)).as_posix() for r in resolved]
 
 
 def _source(path: str) -> str:
-    """An input path in report.md: a code span, or escaped text when it holds characters a code span would not
-    keep inert everywhere (markup, backticks, line breaks)."""
-    path = shown_path(path)
+    """An input path in report.md (as :func:`shown_paths` gives it): a code span, or escaped text when it holds
+    characters a code span would not keep inert everywhere (markup, backticks, line breaks)."""
     if any(c in path for c in "<>&`\r\n"):
         return markdown_text(path)
     return f"`{path}`"
@@ -77,7 +79,7 @@ def write_markdown(content: ReportContent, out_dir: Path) -> Path:
     lines = [
         f"# {esc(content.title)}",
         "",
-        esc(content.subtitle) + " Inputs: " + ", ".join(_source(s) for s in content.sources),
+        esc(content.subtitle) + " Inputs: " + ", ".join(_source(s) for s in shown_paths(content.sources)),
         "",
     ]
     if content.warnings:
@@ -135,10 +137,13 @@ td.oom,td.unsupported,td.error{color:#7a2e00;
 td.untrusted{color:#888}
 .pair{display:flex;flex-wrap:wrap;gap:14px 22px;align-items:flex-start}.pair>.tables{flex:1 1 560px;min-width:0}
 .pair>.figs{flex:1 1 520px;max-width:720px}figure{margin:4px 0 12px}figure img{width:100%;border:1px solid #eee}
+figure.wide img{width:auto;max-width:100%}
 figcaption{font-size:12px;color:#444}.scale{display:inline-flex;vertical-align:middle;margin:0 4px}
 .scale span{width:34px;text-align:center;font-size:11px;border:1px solid #ddd}
 details{font-size:12px;color:#444;margin:6px 0}.alone{max-width:960px}
 """
+
+SIDE_COLUMN_PX = 720  # .pair>.figs' max-width: a wider figure beside the tables would be shrunk
 
 # Click a header to sort its table: by each cell's data-v number where it has one, else by its text; rows
 # without a value go last. Plain DOM code, no library.
@@ -215,11 +220,12 @@ def grid_html(grid: Grid) -> str:
     return "".join(parts)
 
 
-def _figure_html(figure: FigureResult) -> str:
+def _figure_html(figure: FigureResult, kind: str = "") -> str:
     esc = html.escape
     data = base64.b64encode(figure.png.read_bytes()).decode("ascii")
     return (
-        f'<figure><img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
+        f"<figure{f' class={kind!r}' if kind else ''}>"
+        f'<img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
         f"<figcaption><b>{esc(figure.title)}.</b> {esc(figure.caption)}</figcaption></figure>"
     )
 
@@ -230,13 +236,16 @@ def _section_html(section: Section) -> str:
     if section.intro:
         parts.append(f"<p class='sub'>{esc(section.intro)}</p>")
     tables = "".join(grid_html(g) for g in section.grids)
-    figures = "".join(_figure_html(f) for f in section.figures)
-    if tables and figures:
-        parts.append(f"<div class='pair'><div class='tables'>{tables}</div><div class='figs'>{figures}</div></div>")
+    # beside the tables only what fits the side column unshrunk; wider figures under them, at their own size
+    side = "".join(_figure_html(f) for f in section.figures if f.width_px <= SIDE_COLUMN_PX)
+    wide = "".join(_figure_html(f, "wide") for f in section.figures if f.width_px > SIDE_COLUMN_PX)
+    if tables and side:
+        parts.append(f"<div class='pair'><div class='tables'>{tables}</div><div class='figs'>{side}</div></div>")
     else:
-        parts.append(
-            tables or figures or (f"<p class='sub'><em>{esc(section.empty)}</em></p>" if section.empty else "")
-        )
+        parts.append(tables or side)
+    parts.append(wide)
+    if not tables and not side and not wide and section.empty:
+        parts.append(f"<p class='sub'><em>{esc(section.empty)}</em></p>")
     if section.details:
         paragraphs = "".join(f"<p>{esc(p)}</p>" for p in section.details)
         parts.append(f"<details><summary>definitions</summary>{paragraphs}</details>")
@@ -255,7 +264,7 @@ def write_html(content: ReportContent, out_dir: Path) -> Path:
         "</head><body>",
         f"<h1>{esc(content.title)}</h1>",
         f"<p class='sub'>{esc(content.subtitle)} Inputs: "
-        + ", ".join(f"<code>{esc(shown_path(s))}</code>" for s in content.sources)
+        + ", ".join(f"<code>{esc(s)}</code>" for s in shown_paths(content.sources))
         + "</p>",
         f"<nav>{nav}</nav>",
     ]

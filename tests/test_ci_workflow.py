@@ -194,3 +194,30 @@ def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     assert not set(path) & ARTIFACT_FORBIDDEN
     uploads = [s for s in _workflow()["jobs"]["bench"]["steps"] if "upload-artifact" in str(s.get("uses", ""))]
     assert uploads[0]["with"]["path"] == "results/" and config.snapshot_dir.startswith("results/")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .ci/run: the README's install without tox, run as documented
+# ---------------------------------------------------------------------------------------------------------------
+README = ROOT / "README.md"
+CI_RUN = ROOT / ".ci" / "run"
+
+
+def _readme_commands(heading: str) -> list[str]:
+    """The commands of the first bash block under ``heading`` in the README, comments and blank lines dropped."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [" ".join(shlex.split(line, comments=True)) for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_ci_runs_the_readmes_cpu_install_in_a_fresh_venv_command_for_command():
+    commands = _readme_commands("### Without tox, on a CPU machine")
+    # the CPU torch before dpmem, so that `pip install -e .` (torch>=2.6) keeps it instead of pulling CUDA's
+    assert commands.index("pip install torch==2.13.0") < commands.index("pip install -e .")
+    assert any(c.startswith("pytest bench/ ") for c in commands) and any(c.startswith("python -m ") for c in commands)
+    _, venv_line, step_text = CI_RUN.read_text().partition("\ncpu_venv=")
+    assert venv_line and "mktemp -d" in step_text.splitlines()[0]  # a fresh venv, not one left by an earlier run
+    step = [" ".join(shlex.split(line, comments=True)) for line in step_text.splitlines()[1:]]
+    ran = [c.replace(".venv", "$cpu_venv") for c in commands]
+    assert [line for line in step if line in ran] == ran  # every README line, in the README's order
+    assert any("torch.version.cuda" in line and "sys.exit" in line for line in step)  # and it checks it got CPU

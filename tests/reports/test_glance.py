@@ -86,8 +86,8 @@ def test_figures_keep_predicted_apart_and_say_so(with_meta, tmp_path):
     fig, caption = fig_peak_vs_batch(results, FigureOptions())
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     plt.close(fig)
-    assert "dit-s-2-cond — a100 · meta (predicted)" in titles and "dit-s-2-cond — a100 · cuda:0" in titles
-    assert "dashed = predicted" in caption
+    assert "dit-s-2-cond\na100 · meta (predicted)" in titles and "dit-s-2-cond\na100 · cuda:0" in titles
+    assert "dashed, hollow = predicted" in caption
     chosen = choose_case(results, FigureOptions())  # breakdown / timeline: a measured case first
     assert (chosen.device, chosen.predicted) == ("cuda:0", False)
     only_meta = load_results([write_jsonl(tmp_path / "meta.jsonl", [_meta_copy(r) for r in measured])])
