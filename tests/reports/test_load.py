@@ -157,7 +157,7 @@ def test_newer_schema_fails_clearly(tmp_path):
     data = benchmark_json([make_case("dit-s-2-cond", "bk", 8, "a100")], "a100")
     data["benchmarks"][0]["extra_info"]["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / "future.json").write_text(json.dumps(data))
-    with pytest.raises(ReportInputError, match=r"future\.json: benchmark .*schema_version .* newer"):
+    with pytest.raises(ReportInputError, match=r"future\.json: benchmarks\[0\] .*schema_version .* newer"):
         load_results([tmp_path / "future.json"])
     mb = MaxBatchRecord("dit-s-2-cond", "bk", "cuda:0", schema_version=SCHEMA_VERSION + 1)
     path.write_text(to_jsonl_line(mb) + "\n")
