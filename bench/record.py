@@ -11,8 +11,11 @@ written as *one flat JSON object* (the parts' keys side by side), so a result fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,9 @@ STATUSES = ("ok", "oom", "unsupported", "error")
 # bytes of the step's tensor traffic with nothing allocated, and there are no allocator, NVML, RSS or timing
 # figures; a max-batch answer on meta also rests on the overhead model (bench/overhead.py).
 MEASUREMENTS = ("measured", "predicted")
+# Training modes (bench.dp.modes, which documents them; defined here so that reading a record needs no torch).
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
+CHECKPOINTINGS = ("none", "blocks")
 
 # Breakdown categories of live tensor bytes at the peak (bench.memory.tensors).
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
@@ -176,8 +182,8 @@ class CaseRecord:
     method: str
     batch_size: int
     device: str
-    precision: str = "fp32"  # bench.dp.PRECISIONS: fp32, amp-bf16, amp-fp16 (with a GradScaler), bf16 (bf16 weights)
-    checkpointing: str = "none"  # bench.dp.CHECKPOINTINGS: none, blocks (activation checkpointing of every block)
+    precision: str = "fp32"  # PRECISIONS: fp32, amp-bf16, amp-fp16 (with a GradScaler), bf16 (bf16 weights)
+    checkpointing: str = "none"  # CHECKPOINTINGS: none, blocks (activation checkpointing of every block)
     status: str = "ok"  # one of STATUSES
     reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
 
@@ -231,26 +237,19 @@ class CaseRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> CaseRecord:
-        data = _checked("record", data, ("workload", "method", "batch_size", "device"))
-        try:
-            memory = _known_fields(StepMemory, data)
-            memory["phases"] = [Phase(**p) for p in memory.get("phases", [])]
-            memory["timeline"] = Timeline(**memory.get("timeline", {}))
-            own = {k: (_unjson(v) if k in _FLOAT_FIELDS else v) for k, v in _known_fields(cls, data).items()}
-            own["ranks"] = [RankFigures(**r) for r in own.get("ranks", [])]
-            record = cls(**own, memory=StepMemory(**memory), timing=Timing(**_known_fields(Timing, data)))
-        except TypeError as exc:
-            raise RecordError(f"malformed record: {exc}") from exc
-        if record.status not in STATUSES:
-            raise RecordError(f"record status {record.status!r} is not one of {STATUSES}")
-        if record.measurement not in MEASUREMENTS:
-            raise RecordError(f"record measurement {record.measurement!r} is not one of {MEASUREMENTS}")
-        if not isinstance(record.batch_size, int) or isinstance(record.batch_size, bool):
-            raise RecordError(f"record batch_size {record.batch_size!r} is not an integer")
-        if not isinstance(record.world_size, int) or isinstance(record.world_size, bool) or record.world_size < 1:
-            raise RecordError(f"record world_size {record.world_size!r} is not an integer >= 1")
-        if record.parallel not in (None, *PARALLEL_STRATEGIES):
-            raise RecordError(f"record parallel {record.parallel!r} is not one of {PARALLEL_STRATEGIES}")
+        """The record of one flat JSON object, every field checked (:func:`_decoded`) and its ranks against its
+        world size; RecordError naming the first bad field otherwise."""
+        record = _decode(cls, _checked("record", data), "")
+        if (record.world_size == 1) != (record.parallel is None):
+            need = "no parallel strategy" if record.world_size == 1 else f"one of {', '.join(PARALLEL_STRATEGIES)}"
+            raise RecordError(f"parallel {_shown(record.parallel)} with world_size {record.world_size}: needs {need}")
+        ranks = [(f"ranks[{i}].rank", r.rank) for i, r in enumerate(record.ranks)]
+        for where, rank in [*ranks, *([("peak_rank", record.peak_rank)] if record.peak_rank is not None else [])]:
+            if rank >= record.world_size:
+                raise RecordError(f"{where} {rank} is not below world_size {record.world_size}")
+        seen = [rank for _, rank in ranks]
+        if len(set(seen)) != len(seen):
+            raise RecordError(f"ranks: rank {max(seen, key=seen.count)} appears more than once")
         return record
 
 
@@ -365,13 +364,8 @@ class MaxBatchRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> MaxBatchRecord:
-        kwargs = _known_fields(cls, _checked("max-batch record", data, ("workload", "method", "device")))
-        try:
-            kwargs["probes"] = [BatchProbe(**p) for p in kwargs.get("probes", [])]
-            kwargs["budgets"] = [BudgetAnswer(**b) for b in kwargs.get("budgets", [])]
-            return cls(**kwargs)
-        except TypeError as exc:
-            raise RecordError(f"malformed max-batch record: {exc}") from exc
+        """The record of one JSON object, every field checked (:func:`_decoded`); RecordError otherwise."""
+        return _decode(cls, _checked("max-batch record", data), "")
 
 
 # JSON-lines files hold one object per line: {"record_type": "case"|"max_batch", ...the record's keys}.
@@ -402,8 +396,8 @@ def from_record_dict(data: Any) -> CaseRecord | MaxBatchRecord:
     return RECORD_TYPES[kind].from_dict(data)
 
 
-def _checked(kind: str, data: Any, required: tuple[str, ...]) -> dict[str, Any]:
-    """``data`` if it is a dict of this or an older schema holding the ``required`` keys; else RecordError."""
+def _checked(kind: str, data: Any) -> dict[str, Any]:
+    """``data`` if it is a dict of this or an older schema; else RecordError."""
     if not isinstance(data, dict):
         raise RecordError(f"{kind} must be a JSON object, got {type(data).__name__}")
     version = data.get("schema_version", SCHEMA_VERSION)
@@ -411,21 +405,124 @@ def _checked(kind: str, data: Any, required: tuple[str, ...]) -> dict[str, Any]:
         raise RecordError(f"{kind} schema_version {version!r} is not an integer")
     if version > SCHEMA_VERSION:
         raise RecordError(f"{kind} schema_version {version} is newer than this suite's ({SCHEMA_VERSION})")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise RecordError(f"{kind} lacks key(s) {missing}")
     return data
 
 
-def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    # Unknown keys (from a newer minor version) are dropped rather than failing the whole file; a composed
-    # part's keys are read by the part, not by the record.
-    names = {f.name for f in dataclasses.fields(cls)} - set(_PARTS)
-    return {k: v for k, v in data.items() if k in names}
-
-
-_FLOAT_FIELDS = {"noise_multiplier", "epsilon", "delta", "max_grad_norm", "sample_rate"}
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a record: every field checked against its annotated type, and against its domain below
+# ---------------------------------------------------------------------------------------------------------------
+# The names a text field takes, by field name (in every record type and part that has the field).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "status": STATUSES,
+    "measurement": MEASUREMENTS,
+    "precision": PRECISIONS,
+    "checkpointing": CHECKPOINTINGS,
+    "parallel": PARALLEL_STRATEGIES,
+}
+# The keys a dict field takes, by field name.
+_KEYS: dict[str, tuple[str, ...]] = {"breakdown": CATEGORIES, "rank_max": RANK_FIGURES, "rank_mean": RANK_FIGURES}
+# Numbers are finite, not negative and an int64 at most (what a DataFrame column holds exactly), except: the
+# privacy facts, infinite for a noise-free step (ε of nondp), and a fit's intercept, slope or overhead model,
+# which a least-squares fit may make negative. A batch size and a world size are 1 or more.
+_MAY_BE_INFINITE = {"noise_multiplier", "epsilon", "delta", "max_grad_norm", "sample_rate"}
+_SIGNED = {"fit_fixed_bytes", "fit_per_sample_bytes", "overhead_fixed_bytes", "overhead_fraction"}
+_AT_LEAST_ONE = {"batch_size", "world_size"}
+_INT64_MAX = 2**63 - 1
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(cls: type, data: Any, path: str) -> Any:
+    """An instance of the dataclass ``cls`` from its JSON object ``data`` (at ``path`` in the record), each field
+    read by :func:`_decoded`. A key the class lacks is ignored (a newer minor version); a part in ``_PARTS``
+    reads its keys from the same, flat, object."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{path} {_shown(data)} is not an object")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in _PARTS and _required(f)]
+    if missing:
+        raise RecordError(f"{path or 'record'} lacks key(s) {missing}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if f.name in _PARTS:
+            values[f.name] = _decode(hint, data, path)
+        elif f.name in data:
+            values[f.name] = _decoded(data[f.name], hint, f"{path}.{f.name}" if path else f.name, f.name)
+    return cls(**values)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _decoded(value: Any, hint: Any, path: str, name: str) -> Any:
+    """``value`` read as the annotated type ``hint`` of field ``name``: its type, and its domain (_CHOICES, _KEYS,
+    the number rules above) checked, the strings "inf"/"nan" read back as floats; RecordError naming ``path``."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _decoded(value, option, path, name)
+            except RecordError as exc:
+                errors.append(exc)
+        raise errors[0]
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _decode(hint, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecordError(f"{path} {_shown(value)} is not a list")
+        return [_decoded(v, args[0], f"{path}[{i}]", name) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecordError(f"{path} {_shown(value)} is not an object")
+        unknown = [k for k in value if name in _KEYS and k not in _KEYS[name]]
+        if unknown:
+            raise RecordError(f"{path} key {unknown[0]!r:.40} is not one of {', '.join(_KEYS[name])}")
+        return {k: _decoded(v, args[1], f"{path}.{k}", name) for k, v in value.items()}
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecordError(f"{path} {_shown(value)} is not a string")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise RecordError(f"{path} {value!r:.40} is not one of {', '.join(_CHOICES[name])}")
+        return value
+    if hint is float and isinstance(value, str) and value in _NONFINITE:
+        value = _NONFINITE[value]
+    problem = _number_problem(value, name)
+    if problem is None and hint is int and not isinstance(value, int):
+        problem = f"{value!r} is not an integer"
+    if problem is None and name in _AT_LEAST_ONE and value < 1:
+        problem = f"{value} is not 1 or more"
+    if problem is not None:
+        raise RecordError(f"{path} {problem}")
+    return value
+
+
+def _number_problem(value: Any, name: str) -> str | None:
+    """Why ``value`` is not a number field ``name`` may hold, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{_shown(value)} is not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if name in _MAY_BE_INFINITE else f"is {value}"
+    if abs(value) > _INT64_MAX:
+        return f"{len(str(int(value)))}-digit number is out of range" if isinstance(value, int) else "is out of range"
+    if value < 0 and name not in _SIGNED:
+        return f"{value} is negative"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A JSON value for a one-line message: null, or its repr cut to 40 characters."""
+    return "null" if value is None else f"{value!r:.40}"
 
 
 def _plain(value: Any) -> Any:
@@ -444,10 +541,4 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    return value
-
-
-def _unjson(value: Any) -> Any:
-    if isinstance(value, str) and value in _NONFINITE:
-        return _NONFINITE[value]
     return value

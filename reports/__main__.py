@@ -160,7 +160,7 @@ def report_content(results: Results, figures: list[FigureResult], title: str) ->
             "Which DP method costs how much memory (and time) relative to non-DP, and what fits: one matrix and "
             "one ranked summary per machine × device.",
             glance,
-            empty="No case rows in the input (a max-batch run? see Max batch).",
+            empty=_glance_empty(results, "per_rank_peak" in produced),
         )
     ]
     for name, section_grids in grids.items():
@@ -185,6 +185,21 @@ def report_content(results: Results, figures: list[FigureResult], title: str) ->
     )
 
 
+def _glance_empty(results: Results, per_rank_figure: bool) -> str:
+    """What the first screen says when it has no matrix: where the input's results are instead."""
+    cases = results.cases
+    many = int((cases["world_size"] > 1).sum())
+    where = []
+    if many:
+        shown = "the per-rank figure under Many ranks and " if per_rank_figure else ""
+        where.append(f"its {many} case(s) on many ranks are in {shown}overhead.md")
+    if len(results.max_batches):
+        where.append(f"its {len(results.max_batches)} max-batch search(es) are under Max batch")
+    if len(cases) > many:  # one-process cases, none with a DP method beside nondp
+        where.append("its one-process cases have no DP method to compare with nondp (see Peak memory)")
+    return "No workload × DP method matrix for this input: " + "; ".join(where or ["it holds no case"]) + "."
+
+
 def _subtitle(results: Results) -> str:
     """ "54 cases (52 ok, 2 unsupported): 3 workloads × 9 methods × 2 batch sizes on AMD EPYC · cpu." """
     cases = results.cases
@@ -192,7 +207,15 @@ def _subtitle(results: Results) -> str:
         return f"{len(results.max_batches)} max-batch search(es), no case rows."
     counts = cases["status"].value_counts()
     statuses = ", ".join(f"{counts[s]} {status_label(s)}" for s in ("ok", "oom", "unsupported", "error") if s in counts)
-    where = "; ".join(dict.fromkeys(f"{b.machine} · {b.device}" for b, _ in blocks(results)))
+    # the one-process blocks' order, then the machines and devices only cases on many ranks ran on
+    where = "; ".join(
+        dict.fromkeys(
+            [
+                *(f"{b.machine} · {b.device}" for b, _ in blocks(results)),
+                *(f"{machine} · {device}" for machine, device in zip(cases["machine"], cases["device"])),
+            ]
+        )
+    )
     modes = len(cases[["precision", "checkpointing"]].drop_duplicates())
     ranks = len(cases[["world_size", "parallel"]].drop_duplicates())
     extra = (f" × {modes} training modes" if modes > 1 else "") + (f" × {ranks} rank settings" if ranks > 1 else "")

@@ -9,19 +9,20 @@ Two formats, told apart by content (never by file name):
   truncated line (the last one, or anywhere when later runs appended to the same file: the writer starts each
   record on a new line): it is skipped with a warning naming its line and every complete line is kept.
 
-Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`;
-nothing from the input is evaluated or unpickled. Every measured number is checked (finite, not negative, an
-int64 at most): a bad one is a one-line :class:`ReportInputError` naming the file, the case and the key.
+Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`,
+which checks every field against the record's types and domains (statuses, training modes, ranks within the
+world size; numbers finite, not negative, an int64 at most); nothing from the input is evaluated or unpickled. A
+bad record is a one-line :class:`ReportInputError` naming the file, the line (JSON lines) or the benchmark list
+and index (pytest-benchmark JSON), the case and the field; never a record silently left out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +35,6 @@ from bench.record import (
     CaseRecord,
     MaxBatchRecord,
     RecordError,
-    StepMemory,
     Timing,
     combine_rank_records,
     from_record_dict,
@@ -220,104 +220,10 @@ def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Numbers from a file are checked before anything computes with them
-# ---------------------------------------------------------------------------------------------------------------
-_INT64_MAX = 2**63 - 1  # the largest integer a DataFrame column holds exactly
-
-
-def _number_problem(value: Any, *, signed: bool = False) -> str | None:
-    """Why ``value`` is not a usable measured number (None: the figure is absent, which is fine), or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{value!r:.40} is not a number"
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"is {value}"
-    if abs(value) > _INT64_MAX:
-        return f"{len(str(int(value)))}-digit number is out of range" if isinstance(value, int) else "is out of range"
-    if value < 0 and not signed:
-        return f"{value} is negative"
-    return None
-
-
-def _case_numbers(record: CaseRecord) -> Iterator[tuple[str, Any]]:
-    """(key, value) of every measured number of a case record: memory, timing, and the model/device counts."""
-    memory, timing = record.memory, record.timing
-    for f in dataclasses.fields(StepMemory):
-        if f.name in ("breakdown", "phases", "timeline", "peak_phase", "snapshot_path"):
-            continue
-        yield f.name, getattr(memory, f.name)
-    breakdown = memory.breakdown if isinstance(memory.breakdown, dict) else {"": "not an object"}
-    for category, value in breakdown.items():
-        yield f"breakdown.{category}", value
-    for i, phase in enumerate(memory.phases):
-        yield f"phases[{i}].start_s", phase.start_s
-        yield f"phases[{i}].end_s", phase.end_s
-    for f in dataclasses.fields(memory.timeline):
-        trace = getattr(memory.timeline, f.name)
-        for i, value in enumerate(trace if isinstance(trace, list) else [trace]):
-            yield f"timeline.{f.name}[{i}]", value
-    for f in dataclasses.fields(Timing):
-        yield f.name, getattr(timing, f.name)
-    for name in ("params_total", "params_trainable", "tokens_per_sample", "device_memory_bytes", "steps"):
-        yield name, getattr(record, name)
-
-
-def _check_texts(record: CaseRecord | MaxBatchRecord, names: tuple[str, ...]) -> None:
-    """RecordError unless each of ``names`` is a string (``device_name`` / ``runner_label`` may also be None)."""
-    for name in (*names, "device_name", "runner_label"):
-        value = getattr(record, name)
-        if not isinstance(value, str) and not (value is None and name in ("device_name", "runner_label")):
-            raise RecordError(f"{name} {value!r:.40} is not a string")
-
-
-def _check_case(record: CaseRecord) -> None:
-    """RecordError naming the key of the first unusable value of ``record``."""
-    _check_texts(record, ("workload", "method", "device", "reason"))
-    if not 1 <= record.batch_size <= _INT64_MAX:
-        raise RecordError(f"batch_size {str(record.batch_size)[:20]} is not a batch size (1 or more)")
-    for key, value in _case_numbers(record):
-        problem = _number_problem(value)
-        if problem is not None:
-            raise RecordError(f"{key} {problem}")
-
-
-def _check_max_batch(record: MaxBatchRecord) -> None:
-    """RecordError naming the key of the first unusable value of ``record``."""
-    _check_texts(record, ("workload", "method", "device", "fit_metric", "status", "reason"))
-    numbers: list[tuple[str, Any, bool]] = [
-        ("memory_limit_bytes", record.memory_limit_bytes, False),
-        ("max_batch_measured", record.max_batch_measured, False),
-        ("first_failing_batch", record.first_failing_batch, False),
-        ("fit_fixed_bytes", record.fit_fixed_bytes, True),  # a least-squares intercept may be negative
-        ("fit_per_sample_bytes", record.fit_per_sample_bytes, True),
-    ]
-    predicted = record.predicted_max_batch if isinstance(record.predicted_max_batch, dict) else {"": "not an object"}
-    numbers += [(f"predicted_max_batch.{k}", v, False) for k, v in predicted.items()]
-    for i, probe in enumerate(record.probes):
-        numbers += [
-            (f"probes[{i}].{f.name}", getattr(probe, f.name), False)
-            for f in dataclasses.fields(probe)
-            if f.name != "status"
-        ]
-    for key, value, signed in numbers:
-        problem = _number_problem(value, signed=signed)
-        if problem is not None:
-            raise RecordError(f"{key} {problem}")
-
-
-def _checked_record(data: Any, stats: Any = None) -> CaseRecord | MaxBatchRecord:
-    """The record of one parsed JSON object (a case's timing completed from pytest-benchmark ``stats`` where
-    given), every value checked; RecordError otherwise."""
-    record = from_record_dict(data)
-    if isinstance(record, CaseRecord):
-        if stats is not None:
-            record = dataclasses.replace(record, timing=_with_stats(record.timing, stats))
-        _check_case(record)
-    else:
-        _check_max_batch(record)
-    return record
+def _checked_record(data: dict[str, Any], stats: Any = None) -> CaseRecord | MaxBatchRecord:
+    """The record of one parsed JSON object, its timing completed from pytest-benchmark ``stats`` where given;
+    every field is checked by the record type (:mod:`bench.record`), RecordError naming the first bad one."""
+    return from_record_dict(_with_stats(data, stats) if stats is not None else data)
 
 
 def _case_name(data: Any) -> str:
@@ -378,16 +284,18 @@ def _load_pytest_benchmark(path: Path, data: dict[str, Any]) -> _Loaded:
         raise ReportInputError(f"{path}: pytest-benchmark JSON with no benchmarks")
     machine_info = _dict(data.get("machine_info"))
     cases, max_batches = [], []
-    for position, bench in enumerate([*benchmarks, *untimed]):
+    entries = [("benchmarks", i, b) for i, b in enumerate(benchmarks)]
+    for list_name, index, bench in [*entries, *(("dpmem_untimed", i, b) for i, b in enumerate(untimed))]:
         bench = _dict(bench)
-        name = bench.get("name", f"#{position}")
+        name = bench.get("name")
+        where = f"{list_name}[{index}]" + (f" {name!r:.120}" if isinstance(name, str) else "")
         extra = bench.get("extra_info")
         if not isinstance(extra, dict) or "workload" not in extra:
-            raise ReportInputError(f"{path}: benchmark {name!r} has no dpmem extra_info (not a dpmem result file?)")
+            raise ReportInputError(f"{path}: {where} has no dpmem extra_info (not a dpmem result file?)")
         try:
             record = _checked_record(extra, bench.get("stats"))
         except RecordError as exc:
-            raise ReportInputError(f"{path}: benchmark {name!r}: {_case_name(extra)}: {exc}") from None
+            raise ReportInputError(f"{path}: {where}: {_case_name(extra)}: {exc}") from None
         if isinstance(record, MaxBatchRecord):
             max_batches.append(record)
             continue
@@ -413,13 +321,13 @@ _STATS_TIMING = {
 }
 
 
-def _with_stats(timing: Timing, stats: Any) -> Timing:
-    """``timing`` completed from pytest-benchmark's ``stats`` (then checked like the record's own numbers): all of
-    it for a record written before records carried their timing, else only the fields the record lacks."""
+def _with_stats(data: dict[str, Any], stats: Any) -> dict[str, Any]:
+    """A case's JSON object completed from pytest-benchmark's ``stats`` (then read like the record's own values): all
+    of the timing for a record written before records carried it, else only the keys the record lacks."""
     from_stats = {name: value for key, name in _STATS_TIMING.items() if (value := _dict(stats).get(key)) is not None}
-    if timing.time_median_s is not None:
-        from_stats = {name: value for name, value in from_stats.items() if getattr(timing, name) is None}
-    return dataclasses.replace(timing, **from_stats)
+    if data.get("time_median_s") is not None:
+        from_stats = {name: value for name, value in from_stats.items() if data.get(name) is None}
+    return {**data, **from_stats}
 
 
 def _machine_facts(record: CaseRecord, machine_info: dict[str, Any]) -> tuple[str | None, str | None]:

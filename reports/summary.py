@@ -264,7 +264,11 @@ def overview(results: Results) -> list[Matrix]:
                     batch_size=batch,
                     nondp_ok=nondp_ok,
                     nondp_peak_bytes=float(base[block.metric]) if base is not None else math.nan,
-                    nondp_time_s=float(base["time_median_s"]) if base is not None else math.nan,
+                    nondp_time_s=(
+                        float(base["time_median_s"])  # meta and untimed cases: NaN, shown as not timed
+                        if base is not None and present(base["time_median_s"])
+                        else math.nan
+                    ),
                     cells=cells,
                 )
             )
@@ -323,6 +327,8 @@ def matrix_grid(matrix: Matrix) -> Grid:
             label_sub += f" · nondp {byte_text(row.nondp_peak_bytes)}"
             if present(row.nondp_time_s) and not block.predicted:
                 label_sub += f", {time_text(row.nondp_time_s)}"
+            elif not block.predicted:
+                label_sub += ", not timed"
         else:
             label_sub += " · nondp did not run ok"
         label = Cell(row.workload, style="label", sub=label_sub)
@@ -389,6 +395,7 @@ class Ranked:
     lowest_memory: tuple[tuple[str, float], ...]  # (method, memory ratio), lowest first
     fastest: tuple[tuple[str, float], ...]  # (method, time ratio) beyond noise only, fastest first
     untimed: tuple[str, ...]  # methods ok whose time ratio is not beyond noise (not ranked)
+    timed: bool  # some method ok at this batch has a step-time ratio (False: nothing was timed, e.g. meta)
     largest_batch: tuple[MaxBatchEntry, ...]  # DP methods, largest first
     nondp_batch: MaxBatchEntry | None
     oom: tuple[tuple[str, int | None], ...]  # (method, largest ok batch) OOM at the shown batch
@@ -434,6 +441,7 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
                 lowest_memory=tuple((m, r) for r, m in memory),
                 fastest=tuple((m, r) for r, m in trusted),
                 untimed=tuple(sorted(set(ok) - {m for _, m in trusted})),
+                timed=any(present(c.time_ratio) for c in ok.values()),
                 largest_batch=tuple(sorted(dp_entries, key=lambda e: (-e.rank_value, e.method))),
                 nondp_batch=entries.get(BASELINE_METHOD),
                 oom=tuple((m, c.largest_ok_batch) for m, c in sorted(row.cells.items()) if c.status == "oom"),
@@ -524,7 +532,11 @@ def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
             [
                 Cell(r.workload, style="label", sub=f"B={r.batch_size}"),
                 _entries_cell(memory, "no ratio"),
-                _entries_cell(fastest, "none beyond timing noise", footnote=untimed if not fastest else ""),
+                _entries_cell(
+                    fastest,
+                    "none beyond timing noise" if r.timed else "not timed",
+                    footnote=untimed if not fastest and r.timed else "",
+                ),
                 batch_cell,
                 _entries_cell(oom, ""),
                 Cell(" · ".join(t for t, _, _ in failed), style="unsupported" if failed else "", footnote=footnotes),

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bench.record import CHECKPOINTINGS, PRECISIONS  # every record's mode is one of them
 from models.checkpointing import CheckpointedBlocks, checkpoint_modules, checkpointed_modules
 
 from .errors import DPConfigError, ModeUnsupported
@@ -50,8 +51,6 @@ __all__ = [
     "prepare_model",
 ]
 
-PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
-CHECKPOINTINGS = ("none", "blocks")
 
 _AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 _PARAM_DTYPES = {"bf16": torch.bfloat16}

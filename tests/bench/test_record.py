@@ -1,5 +1,6 @@
 """The result record: JSON round trips, strictness on bad input."""
 
+import dataclasses
 import json
 import math
 
@@ -7,14 +8,17 @@ import pytest
 
 from bench.record import (
     BatchProbe,
+    BudgetAnswer,
     CaseRecord,
     MaxBatchRecord,
     Phase,
+    RankFigures,
     RecordError,
     StepMemory,
     Timeline,
     Timing,
     from_jsonl_line,
+    from_record_dict,
     to_jsonl_line,
 )
 
@@ -89,3 +93,100 @@ def test_unknown_keys_from_newer_minor_version_are_ignored():
     data = _record().to_dict()
     data["some_future_field"] = 1
     assert CaseRecord.from_dict(data) == _record()
+
+
+def _flat_keys(cls) -> list[str]:
+    """Every key of a record type's JSON object (a CaseRecord's parts are written flat beside its own keys)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        parts = {"memory": StepMemory, "timing": Timing}
+        keys += _flat_keys(parts[f.name]) if f.name in parts else [f.name]
+    return keys
+
+
+def _ranked_record() -> CaseRecord:
+    return _record(
+        device="cpu",
+        world_size=2,
+        parallel="ddp",
+        ranks=[RankFigures(0, peak_tensor_bytes=5), RankFigures(1, peak_tensor_bytes=6)],
+        peak_rank=1,
+    )
+
+
+def _search() -> MaxBatchRecord:
+    return MaxBatchRecord(
+        "w", "m", "meta", probes=[BatchProbe(1, "ok", 10)], budgets=[BudgetAnswer(2**30, 8, 9, breakdown={"other": 1})]
+    )
+
+
+# (record, where in its JSON object a nested record type sits: a path of keys and indices)
+NESTED = {
+    "case": (_ranked_record, ()),
+    "phase": (_ranked_record, ("phases", 0)),
+    "timeline": (_ranked_record, ("timeline",)),
+    "rank": (_ranked_record, ("ranks", 0)),
+    "max_batch": (_search, ()),
+    "probe": (_search, ("probes", 0)),
+    "budget": (_search, ("budgets", 0)),
+}
+NESTED_TYPES = {"case": CaseRecord, "phase": Phase, "timeline": Timeline, "rank": RankFigures}
+NESTED_TYPES |= {"max_batch": MaxBatchRecord, "probe": BatchProbe, "budget": BudgetAnswer}
+
+
+@pytest.mark.parametrize("part", sorted(NESTED))
+def test_every_field_of_every_record_type_is_checked_against_its_type(part):
+    """No field is left unchecked: a value no annotated type accepts ([[]]) is refused in each one, by name."""
+    make, where = NESTED[part]
+    keys = [k for k in _flat_keys(NESTED_TYPES[part]) if k != "schema_version"]  # read before the record
+    assert keys
+    for key in keys:
+        data = make().to_dict()
+        target = data
+        for step in where:
+            target = target[step]
+        target[key] = [[]]
+        path = ".".join(str(s) for s in where).replace(".0", "[0]")
+        name = f"{path}.{key}" if path else key
+        with pytest.raises(RecordError) as info:
+            from_record_dict({"record_type": "max_batch" if make is _search else "case", **data})
+        assert str(info.value).startswith(name + " ") or str(info.value).startswith(f"{name}[0] "), key
+
+
+def test_nested_records_round_trip_and_unknown_nested_keys_are_ignored():
+    for record in (_ranked_record(), _search()):
+        line = to_jsonl_line(record)
+        assert from_jsonl_line(line) == record
+    data = _ranked_record().to_dict()
+    data["ranks"][0]["some_future_field"] = 1
+    assert CaseRecord.from_dict(data) == _ranked_record()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("time_median_s", "nan", "time_median_s is nan"),  # to_dict writes a non-finite float as a string
+        ("time_iqr_s", "inf", "time_iqr_s is inf"),
+        ("peak_tensor_bytes", 2**64, "peak_tensor_bytes 20-digit number is out of range"),
+        ("peak_tensor_bytes", True, "peak_tensor_bytes True is not a number"),
+        ("rounds", 1.5, "rounds 1.5 is not an integer"),
+        ("peak_rank", -1, "peak_rank -1 is negative"),
+        ("measurement", "guessed", "measurement 'guessed' is not one of measured, predicted"),
+        ("rank_max", {"speed": 1}, "rank_max key 'speed' is not one of"),
+        ("attention_kernels", [1], "attention_kernels[0] 1 is not a string"),
+    ],
+)
+def test_hostile_values_are_refused_naming_the_field(key, value, words):
+    data = _ranked_record().to_dict()
+    data[key] = value
+    with pytest.raises(RecordError) as info:
+        CaseRecord.from_dict(data)
+    assert str(info.value) == words or str(info.value).startswith(words)
+
+
+def test_values_a_fit_or_a_noise_free_step_may_take_are_accepted():
+    """ε of nondp is infinite; a least-squares intercept, slope or overhead model may be negative."""
+    record = _record(epsilon=math.inf, noise_multiplier=0.0)
+    assert CaseRecord.from_dict(record.to_dict()).epsilon == math.inf
+    search = dataclasses.replace(_search(), fit_fixed_bytes=-3.0e6, overhead_fixed_bytes=-5, overhead_fraction=-0.2)
+    assert MaxBatchRecord.from_dict(search.to_dict()) == search

@@ -7,17 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.record import SCHEMA_VERSION, CaseRecord, MaxBatchRecord, to_jsonl_line
+from bench.record import SCHEMA_VERSION, CaseRecord, MaxBatchRecord, from_jsonl_line, to_jsonl_line
 from reports import load as load_module
 from reports.load import ReportInputError, load_results, workload_family
 from tests.reports.fakes import (
     BATCHES,
     GPUS,
     METHODS,
+    ROOT,
     WORKLOADS,
     benchmark_json,
     make_case,
+    make_ranked_case,
     make_run,
+    run_cli,
     write_benchmark,
     write_jsonl,
     write_two_gpu_files,
@@ -188,7 +191,7 @@ def test_newer_schema_fails_clearly(tmp_path):
     data = benchmark_json([make_case("dit-s-2-cond", "bk", 8, "a100")], "a100")
     data["benchmarks"][0]["extra_info"]["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / "future.json").write_text(json.dumps(data))
-    with pytest.raises(ReportInputError, match=r"future\.json: benchmark .*schema_version .* newer"):
+    with pytest.raises(ReportInputError, match=r"future\.json: benchmarks\[0\] .*schema_version .* newer"):
         load_results([tmp_path / "future.json"])
     mb = MaxBatchRecord("dit-s-2-cond", "bk", "cuda:0", schema_version=SCHEMA_VERSION + 1)
     path.write_text(to_jsonl_line(mb) + "\n")
@@ -329,3 +332,135 @@ def test_json_that_python_cannot_read_is_one_line_bad_input(tmp_path):
         with pytest.raises(ReportInputError) as info:
             load_results([path])
         assert "\n" not in str(info.value) and str(path) in str(info.value) and "unreadable JSON" in str(info.value)
+
+
+# Hostile records (item: nothing silently dropped, no traceback): (change to one record's JSON object, the words of
+# the error after the case name). Each breaks the second of two records unless it says "every".
+def _set(key, value):
+    return lambda data: data.update({key: value})
+
+
+def _set_rank(key, value):
+    return lambda data: data["ranks"][0].update({key: value})
+
+
+HOSTILE_RECORDS = {
+    "precision null": (_set("precision", None), "precision null is not a string"),
+    "precision null on every record": (_set("precision", None), "precision null is not a string"),
+    "checkpointing list": (_set("checkpointing", ["a"]), "checkpointing ['a'] is not a string"),
+    "precision number": (_set("precision", 123), "precision 123 is not a string"),
+    "precision unknown mode": (_set("precision", "fp64"), "precision 'fp64' is not one of fp32, amp-bf16"),
+    "unknown status": (_set("status", "great"), "status 'great' is not one of ok, oom, unsupported, error"),
+    "negative batch": (_set("batch_size", -4), "batch_size -4 is negative"),
+    "batch zero": (_set("batch_size", 0), "batch_size 0 is not 1 or more"),
+    "batch float": (_set("batch_size", 4.5), "batch_size 4.5 is not an integer"),
+    "missing key": (lambda data: data.pop("method"), "record lacks key(s) ['method']"),
+    "world size text": (_set("world_size", "2"), "world_size '2' is not a number"),
+    "notes not a list": (_set("notes", "x"), "notes 'x' is not a list"),
+    "phase not an object": (_set("phases", [7]), "phases[0] 7 is not an object"),
+    "unknown breakdown category": (_set("breakdown", {"weights": 1}), "breakdown key 'weights' is not one of"),
+    "timeline trace of text": (lambda data: data["timeline"].update(t_s="0.1"), "timeline.t_s '0.1' is not a list"),
+    "rank text": (_set_rank("rank", "one"), "ranks[0].rank 'one' is not a number"),
+    "rank beyond world size": (_set_rank("rank", 2), "ranks[0].rank 2 is not below world_size 2"),
+    "rank status unknown": (_set_rank("status", "fine"), "ranks[0].status 'fine' is not one of"),
+    "rank not an object": (_set("ranks", [0]), "ranks[0] 0 is not an object"),
+    "rank twice": (lambda data: data["ranks"].append(dict(data["ranks"][0])), "rank 0 appears more than once"),
+    "strategy of one process": (_set("world_size", 1), "parallel 'ddp' with world_size 1: needs no parallel"),
+    "many ranks without strategy": (_set("parallel", None), "parallel null with world_size 2: needs one of ddp"),
+}
+RANKED_HOSTILE = {name for name in HOSTILE_RECORDS if "rank" in name or "strateg" in name}
+
+
+def _hostile_records(name: str) -> list[dict]:
+    if name in RANKED_HOSTILE:
+        records = [make_ranked_case(m, 2, "ddp", mib, batch=16) for m, mib in (("nondp", 100), ("bk", 110))]
+    else:
+        records = [make_case("dit-s-2-cond", m, 16, "a100") for m in ("nondp", "bk")]
+    change, _ = HOSTILE_RECORDS[name]
+    data = [r.to_dict() for r in records]
+    for d in data if "every record" in name else data[1:]:
+        change(d)
+    return data
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+@pytest.mark.parametrize("name", sorted(HOSTILE_RECORDS))
+def test_a_bad_record_is_one_line_naming_file_place_and_field(tmp_path, name, fmt):
+    data = _hostile_records(name)
+    path = tmp_path / f"hostile.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"record_type": "case", **d}) + "\n" for d in data))
+        where = "line 1" if "every record" in name else "line 2"
+    else:
+        bench = benchmark_json([make_case("dit-s-2-cond", "nondp", 16, "a100")] * len(data), "a100")
+        for entry, d in zip(bench["benchmarks"], data):
+            entry["extra_info"] = d
+        path.write_text(json.dumps(bench))
+        where = "benchmarks[0]" if "every record" in name else "benchmarks[1]"
+    with pytest.raises(ReportInputError) as info:
+        load_results([path])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: {where}") and HOSTILE_RECORDS[name][1] in message
+
+
+def test_node_files_with_a_bad_rank_are_refused_naming_the_file(tmp_path):
+    """Two nodes' shares of one case, the second's rank not a number: refused at load, never combined."""
+    node0 = make_ranked_case("bk", 2, "ddp", 100, ranks=[0])
+    node1 = make_ranked_case("bk", 2, "ddp", 100, ranks=[1]).to_dict()
+    node1["ranks"][0]["rank"] = "one"
+    first = write_jsonl(tmp_path / "node0.jsonl", [node0])
+    second = tmp_path / "node1.jsonl"
+    second.write_text(json.dumps({"record_type": "case", **node1}) + "\n")
+    with pytest.raises(ReportInputError, match=r"node1\.jsonl: line 1: .*ranks\[0\]\.rank 'one' is not a number"):
+        load_results([first, second])
+
+
+_SEARCH = '{"record_type": "max_batch", "workload": "w", "method": "m", "device": "cpu"'
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("[1, 2]", "line 2: JSON list is not a dpmem record"),
+        ('"text"', "line 2: JSON str is not a dpmem record"),
+        (_SEARCH + ', "probes": [{"batch_size": 1}]}', "line 2: w/m/cpu: probes[0] lacks key(s) ['status']"),
+        (_SEARCH + ', "budgets": {"a": 1}}', "line 2: w/m/cpu: budgets {'a': 1} is not a list"),
+        (_SEARCH + ', "status": "done"}', "line 2: w/m/cpu: status 'done' is not one of"),
+    ],
+)
+def test_a_line_that_is_not_a_record_object_is_refused(tmp_path, line, words):
+    path = tmp_path / "r.jsonl"
+    path.write_text(to_jsonl_line(make_case("dit-s-2-cond", "bk", 16, "a100")) + "\n" + line + "\n")
+    with pytest.raises(ReportInputError) as info:
+        load_results([path])
+    assert str(info.value).startswith(f"{path}: {words}")
+
+
+@pytest.mark.parametrize("command", ["render", "compare", "merge", "export"])
+def test_every_command_refuses_a_bad_record_with_exit_2_and_one_line(tmp_path, command):
+    good = write_jsonl(tmp_path / "good.jsonl", make_run("a100")[:4])
+    data = [r.to_dict() for r in make_run("a100")[:4]]
+    data[2]["precision"] = None  # before: the case vanished from every table and escaped the gate, exit 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(d) + "\n" for d in data))
+    args = {
+        "render": [bad, "--out", tmp_path / "report"],
+        "compare": ["compare", good, bad],
+        "merge": ["merge", bad, "--out", tmp_path / "merged.jsonl"],
+        "export": ["export", bad, "--out", tmp_path / "export.json"],
+    }[command]
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {bad}: line 3: dit-s-2-cond/nondp/bs32/cuda:0: precision null is not a string\n"
+    assert not (tmp_path / "merged.jsonl").exists() and not (tmp_path / "export.json").exists()
+
+
+def test_the_ci_baseline_loads_with_every_value_as_written():
+    """baseline/meta-gate.jsonl (an older bench's records): each record reads back with the values of its line."""
+    path = ROOT / "baseline" / "meta-gate.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    assert len(load_results([path]).cases) == len(lines)
+    for line in lines:
+        written = json.loads(line)
+        read = json.loads(to_jsonl_line(from_jsonl_line(line)))
+        assert {key: read[key] for key in written} == written

@@ -92,8 +92,8 @@ def test_per_rank_peak_figure_is_drawn_from_cases_on_many_ranks(tmp_path):
 
 
 def test_a_rank_without_figures_still_loads(tmp_path):
-    failed = _ranked("bk", 2, "ddp", 100)
-    failed = combine_rank_records([failed, dataclasses.replace(failed, ranks=[RankFigures(rank=5, status="error")])])
+    failed = _ranked("bk", 3, "ddp", 100, ranks=[0, 1])  # rank 2 reported no figures
+    failed = combine_rank_records([failed, dataclasses.replace(failed, ranks=[RankFigures(rank=2, status="error")])])
     failed.memory = StepMemory()
     results = load_results([write_jsonl(tmp_path / "f.jsonl", [failed])], warn=print)
     assert results.cases.iloc[0]["status"] == "error"
