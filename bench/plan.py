@@ -17,7 +17,7 @@ as a whole batched step, and its peak grows only by the batch and one loss scala
 stops at ``--microbatch-limit`` (default 8) and reports "≥" that batch.
 
 Exit status: 0 the plan was printed (unsupported methods are part of it), 1 a method failed unexpectedly,
-2 a usage error (one line on stderr).
+2 a usage error (one line on stderr), 130 interrupted (Ctrl-C: one line).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from bench.cli import OneLineParser, run, usage_error
 from bench.gpus import GPUS, get_gpu
 from bench.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
 
+PROG = "python -m bench.plan"
 GIB = 2**30
 MIB = 2**20
 DEFAULT_GPU = "h100-80gb"
@@ -151,7 +153,7 @@ def format_plan(workload: str, budget_text: str, config, rows: list[PlanRow]) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("workload", help="workload spec, e.g. dit-xl-2-cond or gpt2-large:seq_len=128")
     parser.add_argument("--methods", type=comma_list, help="comma list of DP methods (default: every one)")
     where = parser.add_mutually_exclusive_group()
@@ -222,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = get_gpu(args.gpu or DEFAULT_GPU) if args.memory is None else None
         config = _config(args, gpu.sm if gpu else (8, 0))
     except (ValueError, argparse.ArgumentTypeError, models.WorkloadError, dp.DPConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, str(exc))
     budget = gpu.memory_bytes if gpu else args.memory
     budget_text = f"{gpu.name} ({gpu.memory_bytes / GIB:.0f} GiB)" if gpu else f"{budget / GIB:.2f} GiB"
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
@@ -242,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))
