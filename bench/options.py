@@ -3,8 +3,9 @@
 Each parser turns one option's text into a typed value or raises ``argparse.ArgumentTypeError`` with one line
 naming the problem; ``pytest bench/`` reports it as a one-line usage error (exit 4; :func:`add_bench_options`),
 e.g. ``ERROR: argument --batch-sizes: batch size must be >= 1, got 0``, and the ``python -m`` tools that reuse
-the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/cli.py). Checks that need the registries (workload and
-method names, devices) happen once the values are typed, in :meth:`bench.config.BenchConfig.from_pytest`.
+the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/cli.py). Checks that need the
+registries (workload and method names, devices) happen once the values are typed, in
+:meth:`bench.config.BenchConfig.from_pytest`.
 """
 
 from __future__ import annotations
