@@ -5,8 +5,18 @@ nothing for them: they are parsed by the cheap ``type=`` callables of ``bench/op
 and runs the case matrix is in ``bench/conftest.py``, which pytest loads only for ``pytest bench/``.
 """
 
-from bench.options import add_bench_options
+import pytest
+
+from bench.options import add_bench_options, refused_option
 
 
 def pytest_addoption(parser):
     add_bench_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)  # before bench/conftest.py reads the options
+def pytest_configure(config):
+    """A value an option's parser refused is one line, ``ERROR: argument --batch-sizes: ...``, exit 4."""
+    message = refused_option(vars(config.option).values())
+    if message is not None:
+        raise pytest.UsageError(message)

@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from bench.cli import OneLineParser, run
+
 GAP_GOAL = 0.02
 OVERHEAD_GOAL = 0.01
 DEFAULT_WORKLOADS = ("dit-s-2-cond", "gpt2")
@@ -110,7 +112,7 @@ def measured_sampling(device, interval_s: float, nvml_module: Any = None) -> Cal
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -204,4 +206,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "python -m bench.gpu_check"))

@@ -25,6 +25,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cli import OneLineParser, run
+
 USAGE_ERROR = 2
 
 
@@ -102,7 +104,7 @@ def _count_lines(path: Path) -> int:
 
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m bench.multi_gpu",
         description="One pytest-benchmark process per GPU, in parallel; arguments after -- go to each pytest.",
     )
@@ -195,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "python -m bench.multi_gpu"))

@@ -1,18 +1,23 @@
 """The bench's command-line options and their ``type=`` parsers (cheap: no torch, no registries).
 
 Each parser turns one option's text into a typed value or raises ``argparse.ArgumentTypeError`` with one line
-naming the problem; pytest reports it as a usage error (exit 4), e.g.
-``argument --batch-sizes: batch size must be >= 1, got 0``. Checks that need the registries (workload and
-method names, devices) happen once the values are typed, in :meth:`bench.config.BenchConfig.from_pytest`.
+naming the problem; ``pytest bench/`` reports it as a one-line usage error (exit 4; :func:`add_bench_options`),
+e.g. ``ERROR: argument --batch-sizes: batch size must be >= 1, got 0``, and the ``python -m`` tools that reuse
+the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/cli.py). Checks that need the
+registries (workload and method names, devices) happen once the values are typed, in
+:meth:`bench.config.BenchConfig.from_pytest`.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import fractions
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -29,9 +34,12 @@ __all__ = [
     "optimizer_impl",
     "overhead_model",
     "parallel_strategies",
+    "parse_byte_size",
     "positive_int",
+    "refused_option",
     "rendezvous_endpoint",
     "sample_interval",
+    "seed",
     "world_sizes",
 ]
 
@@ -65,6 +73,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**64 - 2]. torch's generators take 64-bit unsigned seeds, and a case seeds its
+    DP noise with seed + 1 (a larger seed would pass here and then fail every case)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise BadValue(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 2**64 - 2:
+        raise BadValue(f"must be in [0, 2**64 - 2] (64-bit generator seeds; the noise takes seed + 1), got {value}")
+    return value
+
+
 def _positive_ints(text: str, what: str) -> tuple[int, ...]:
     """``"4,16"`` → ``(4, 16)``: integers >= 1 (``what`` names them in the error)."""
     values = []
@@ -84,8 +104,9 @@ def batch_sizes(text: str) -> tuple[int, ...]:
     return _positive_ints(text, "batch size")
 
 
-_UNITS = {
-    "": 1,
+# Byte units, case-insensitive: decimal (k, kb = 10**3 ...) and binary (kib = 2**10 ...). A size needs one: a
+# bare "80" used to mean 80 bytes to the parser and 80 GiB to whoever typed it.
+BYTE_UNITS = {
     "b": 1,
     "k": 10**3,
     "kb": 10**3,
@@ -100,17 +121,43 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+MAX_BYTES = 2**63 - 1  # byte counts are int64 in torch and in every record
+_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
+SIZE_EXAMPLES = "e.g. 8GiB, 512MB, 1e9B"
+
+
+def parse_byte_size(text: str, *, allow_zero: bool = False) -> int:
+    """``"8GiB"``, ``"512 MB"``, ``"1.5KiB"``, ``"1E9B"`` → bytes (a fraction of a byte rounds down); ValueError
+    (one line) for text that is not a size, a size without a unit (``0`` needs none), one that is not finite or
+    above :data:`MAX_BYTES`, or one below 1 byte unless ``allow_zero``. ``--memory-budget`` and the other size
+    options parse with it (through :func:`byte_size`), and so does ``--budget-overhead``'s fixed part."""
+    match = _SIZE.fullmatch(str(text))
+    if not match or match.group(2).lower() not in (*BYTE_UNITS, ""):
+        raise ValueError(f"{text!r} is not a size ({SIZE_EXAMPLES})")
+    number, unit = match.group(1), match.group(2).lower()
+    # Bounds on the float first: an exact 1e400 would be a 400-digit integer (1e999999999, a long wait).
+    approx = float(number) * BYTE_UNITS.get(unit, 1)
+    at_least = "0 or >= 1 byte" if allow_zero else ">= 1 byte"
+    if approx == 0:
+        if allow_zero:
+            return 0
+        raise ValueError(f"size must be {at_least}, got {text!r}")
+    if not unit:
+        raise ValueError(f"{text!r} has no unit: write {number}GiB, {number}GB or {number}B ({SIZE_EXAMPLES})")
+    value = math.floor(fractions.Fraction(number) * BYTE_UNITS[unit]) if approx <= 2 * MAX_BYTES else None
+    if value is None or value > MAX_BYTES:
+        raise ValueError(f"{text!r} is too large: sizes go up to 2**63 - 1 bytes (8 EiB)")
+    if value < 1:
+        raise ValueError(f"size must be {at_least}, got {text!r}")
+    return value
 
 
 def byte_size(text: str) -> int:
-    """``"8GiB"``, ``"512MB"``, ``"1e9"`` → bytes (>= 1)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise BadValue(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not math.isfinite(value) or value < 1:
-        raise BadValue(f"size must be >= 1 byte, got {text!r}")
-    return int(value)
+    """A size option's value in bytes (>= 1): :func:`parse_byte_size` as a ``type=`` parser."""
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
 
 
 def byte_sizes(text: str) -> tuple[int, ...]:
@@ -226,9 +273,42 @@ def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None
             raise ValueError(f"{option}: unknown value {name!r}{hint}; valid: {shown}")
 
 
+@dataclass(frozen=True)
+class RefusedValue:
+    """An option value its ``type=`` parser refused, kept as the parsed value for :func:`refused_option`."""
+
+    message: str  # e.g. "argument --batch-sizes: batch size must be >= 1, got 0"
+
+
+def _refused_later(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, returning a :class:`RefusedValue` instead of raising: pytest prints an argparse error after its
+    whole usage line and its ini file and rootdir (4 lines); the root conftest raises it as one line instead."""
+
+    def parse_or_refuse(text: str) -> Any:
+        try:
+            return parse(text)
+        except BadValue as exc:
+            return RefusedValue(f"argument {option}: {exc}")
+
+    return parse_or_refuse
+
+
+def refused_option(values: Iterable[Any]) -> str | None:
+    """The message of the first :class:`RefusedValue` among parsed option values, or None."""
+    return next((value.message for value in values if isinstance(value, RefusedValue)), None)
+
+
 def add_bench_options(parser) -> None:
-    """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``)."""
-    add = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)").addoption
+    """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``). A value a
+    ``type=`` parser refuses becomes a :class:`RefusedValue`, which the root conftest's ``pytest_configure``
+    raises as a one-line ``pytest.UsageError`` (``ERROR: argument --batch-sizes: ...``, exit 4)."""
+    group = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)")
+
+    def add(name: str, **kwargs: Any) -> None:
+        if "type" in kwargs:
+            kwargs["type"] = _refused_later(name, kwargs["type"])
+        group.addoption(name, **kwargs)
+
     _matrix_options(add)
     _step_options(add)
     _measurement_options(add)
@@ -319,7 +399,7 @@ def _measurement_options(add) -> None:
     )
     add("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
     add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
-    add("--seed", type=int, default=0, help="seed of batches and DP noise (default 0)")
+    add("--seed", type=seed, default=0, help="seed of batches and DP noise, 0 … 2**64 - 2 (default 0)")
 
 
 def _ranks_options(add) -> None:

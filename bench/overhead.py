@@ -89,20 +89,26 @@ DEFAULT_OVERHEAD = OverheadModel(
     source="default: CUDA context <= 700 MB + ~300 MB workspaces; 10 % allocator rounding and fragmentation",
 )
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
 
 def parse_overhead(text: str) -> OverheadModel:
     """``"1GiB+10%"`` (fixed part, then the fraction of tensor bytes as a percentage) → an :class:`OverheadModel`;
-    ``"0+0%"`` means none. ValueError (one line) for anything else."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*\+\s*([0-9]*\.?[0-9]+)\s*%\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not FIXED+PERCENT (e.g. 1GiB+10%, 512MiB+5%, 0+0%)")
-    fixed = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    fraction = float(match.group(3)) / 100
-    if not (math.isfinite(fixed) and math.isfinite(fraction)):
+    ``"0+0%"`` means none. The fixed part is a size as every size option takes it
+    (:func:`bench.options.parse_byte_size`: a unit unless it is 0). ValueError (one line) for anything else."""
+    from bench.options import parse_byte_size  # torch-free
+
+    usage = f"{text!r} is not FIXED+PERCENT (e.g. 1GiB+10%, 512MiB+5%, 0+0%)"
+    fixed_text, plus, percent_text = str(text).rpartition("+")  # the percentage holds no '+'; 1e+9B may
+    percent = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", percent_text)
+    if not plus or not percent:
+        raise ValueError(usage)
+    try:
+        fixed = parse_byte_size(fixed_text, allow_zero=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not FIXED+PERCENT: {exc}") from None
+    fraction = float(percent.group(1)) / 100
+    if not math.isfinite(fraction):
         raise ValueError(f"{text!r}: sizes must be finite")
-    return OverheadModel(int(fixed), fraction, source=f"--budget-overhead {text.strip()}")
+    return OverheadModel(fixed, fraction, source=f"--budget-overhead {text.strip()}")
 
 
 @dataclass(frozen=True)

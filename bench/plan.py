@@ -22,7 +22,7 @@ GPU a calibrated one was fitted to) and the torch / opacus / dpmem versions. ``-
 from the ``--gpu`` planned for; ``--calibrate-gpu NAME`` states their GPU explicitly and takes them anyway.
 
 Exit status: 0 the plan was printed (unsupported methods are part of it), 1 a method failed unexpectedly,
-2 a usage error (one line on stderr).
+2 a usage error (one line on stderr), 130 interrupted (Ctrl-C: one line).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cli import OneLineParser, run, usage_error
 from bench.gpus import GPUS, Gpu, get_gpu, matching_gpus
 from bench.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
 from bench.overhead import OverheadModel
 from bench.record import CATEGORIES, HOST_OOM
 
+PROG = "python -m bench.plan"
 GIB = 2**30
 MIB = 2**20
 DEFAULT_GPU = "h100-80gb"
@@ -336,7 +338,7 @@ def check_calibration_gpu(gpu: Gpu | None, overhead: OverheadModel, stated: str 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("workload", help="workload spec, e.g. dit-xl-2-cond or gpt2-large:seq_len=128")
     parser.add_argument("--methods", type=comma_list, help="comma list of DP methods (default: every one)")
     where = parser.add_mutually_exclusive_group()
@@ -419,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args, gpu.sm if gpu else (8, 0))
         check_calibration_gpu(gpu, config.overhead, args.calibrate_gpu)
     except (ValueError, argparse.ArgumentTypeError, models.WorkloadError, dp.DPConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, str(exc))
     budget = gpu.memory_bytes if gpu else args.memory
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
     prober = _Prober(config.workloads[0], config)
@@ -453,4 +454,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "MAX_SEED",
     "Batch",
     "Workload",
     "WorkloadError",
@@ -45,6 +46,10 @@ __all__ = [
     "parse_workload_spec",
     "register_workload",
 ]
+
+
+# The largest seed torch.manual_seed and torch.Generator.manual_seed take (unsigned 64-bit).
+MAX_SEED = 2**64 - 1
 
 
 class WorkloadError(ValueError):
@@ -223,6 +228,12 @@ def get_workload(spec: str, **overrides: Any) -> Workload:
         raise WorkloadError(f"workload {base!r}: {type(exc).__name__}: {first_line}") from exc
     if not isinstance(workload, Workload):
         raise WorkloadError(f"workload factory {base!r} returned {type(workload).__name__}, not Workload")
+    seed = workload.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise WorkloadError(
+            f"workload {base!r}: seed must be an integer in [0, 2**64 - 1] (torch's generators take 64-bit "
+            f"unsigned seeds), got {seed!r}"
+        )
     return dataclasses.replace(workload, name=format_workload_spec(base, merged), overrides=merged)
 
 

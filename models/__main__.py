@@ -3,14 +3,19 @@
 Without SPECs, every registered workload; with them, just those, overrides included
 (``python -m models gpt2-large:seq_len=128 dit-xl-2-cond``). Parameter counts come from models built on the
 meta device (shapes only, nothing allocated), so the whole table of paper-size models prints in seconds.
+
+Exit status: 0 the table was printed, 2 a bad spec, module or argument (one line on stderr).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from bench.cli import OneLineParser, run, usage_error
+
 from . import WorkloadError, get_workload, list_workloads, load_workload_module, parameter_counts
+
+PROG = "python -m models"
 
 
 def workload_rows(specs: list[str]) -> list[dict[str, str]]:
@@ -47,7 +52,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description="List workloads with parameter counts.")
+    parser = OneLineParser(prog=PROG, description="List workloads with parameter counts.")
     parser.add_argument(
         "specs",
         nargs="*",
@@ -69,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         specs = [s for s in args.specs or list_workloads() if args.filter in s]
         print(format_table(workload_rows(specs)))
     except WorkloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, str(exc))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))

@@ -12,8 +12,10 @@ Names:
 Every factory takes overrides of its config's scalar fields (``get_workload("gpt2", tie_weights=False)``,
 ``get_workload("dit-tiny-cond:learnable_pos_embed=True")``), GPT ones also ``seq_len``, all of them ``seed``;
 keys and value types are checked against the config dataclass, and a config's own check (``hidden_size`` a
-multiple of ``num_heads``, ...) comes out as a one-line WorkloadError naming the workload. Building a Workload
-only builds a config: the model is made on demand by ``build_model``.
+multiple of ``num_heads``, ...) comes out as a one-line WorkloadError naming the workload, and so does a size
+above its limit (:data:`DIT_LIMITS`, :data:`GPT_LIMITS`: far above every paper-scale model) or a config of more
+than :data:`MAX_PARAMETERS` parameters. Building a Workload only builds a config: the model is made on demand by
+``build_model``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from .diffusion import epsilon_mse_per_sample, make_dit_batch
 from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTBlock, DiTConfig, PlainBlock, build_dit, dit_config
 from .gpt import GPT, GPT_PRESETS, Block, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
 
-__all__ = ["TINY_DIT", "TINY_GPT", "TINY_WORKLOADS", "dit_workload", "gpt_workload"]
+__all__ = [
+    "DIT_LIMITS",
+    "GPT_LIMITS",
+    "MAX_PARAMETERS",
+    "TINY_DIT",
+    "TINY_GPT",
+    "TINY_WORKLOADS",
+    "dit_workload",
+    "gpt_workload",
+]
 
 # Tiny DiT: 2 blocks, width 64, 4 heads, latent 4×8×8 with patch 2 (16 tokens), 10 classes. No adaLN-Zero
 # init so that every trainable parameter gets a non-zero gradient on the first step.
@@ -40,21 +51,62 @@ TINY_WORKLOADS = ("dit-tiny-cond", "dit-tiny-uncond", "dit-tiny-plain", "gpt-tin
 
 _WORKLOAD_OVERRIDES: dict[str, tuple[type, ...]] = {"seed": (int,)}
 
+# The largest value of each size override: 20× and more the paper's largest configs (DiT-XL: depth 28, width
+# 1152, 16 heads, latent 64 at 512 px; GPT-2 XL: 48 layers, width 1600, 25 heads, 1024 tokens; GPT-3 175B has 96
+# layers of width 12288), so that a typo (n_layer=1000000000) is refused at once instead of building a billion
+# blocks. The lower bounds are the configs' own checks.
+DIT_LIMITS: dict[str, int | float] = {
+    "input_size": 1024,  # latent side: 8192 px images
+    "patch_size": 1024,
+    "in_channels": 1024,
+    "hidden_size": 65536,
+    "depth": 1024,
+    "num_heads": 1024,
+    "mlp_ratio": 64.0,
+    "num_classes": 10**7,
+}
+GPT_LIMITS: dict[str, int | float] = {
+    "vocab_size": 2**24,
+    "block_size": 2**20,
+    "seq_len": 2**20,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_embd": 65536,
+}
+# Sizes within their limits can still multiply into a model no machine holds: about 10 trillion parameters is
+# the most a workload may have (the largest models trained are about 2 trillion), estimated from the config
+# (``approx_parameters``) without building anything.
+MAX_PARAMETERS = 10**13
 
-def _split_overrides(name: str, overrides: dict[str, Any], accepted: dict[str, tuple[type, ...]]) -> tuple[dict, dict]:
+
+def _split_overrides(
+    name: str, overrides: dict[str, Any], accepted: dict[str, tuple[type, ...]], limits: dict[str, int | float]
+) -> tuple[dict, dict]:
     """(config overrides, workload overrides), after :func:`models.check_overrides` against ``accepted`` (the
-    config's keys and types) plus ``seed``."""
+    config's keys and types) plus ``seed``, and each size against its limit in ``limits``."""
     check_overrides(name, overrides, {**accepted, **_WORKLOAD_OVERRIDES})
+    for key, value in overrides.items():
+        if key in limits and value > limits[key]:
+            raise WorkloadError(f"workload {name!r}: {key}={value!r} is above the limit for {key}, {limits[key]:,}")
     workload_kw = {k: v for k, v in overrides.items() if k in _WORKLOAD_OVERRIDES}
     config_kw = {k: v for k, v in overrides.items() if k not in _WORKLOAD_OVERRIDES}
     return config_kw, workload_kw
 
 
 def _replace_config(name: str, config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with ``overrides``; WorkloadError for a value the config refuses or a model of more than
+    :data:`MAX_PARAMETERS` parameters."""
     try:
-        return dataclasses.replace(config, **overrides)
+        config = dataclasses.replace(config, **overrides)
     except ValueError as exc:  # the config's __post_init__ checks (types were checked before)
         raise WorkloadError(f"workload {name!r}: {exc}") from exc
+    if config.approx_parameters > MAX_PARAMETERS:
+        sizes = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        raise WorkloadError(
+            f"workload {name!r}: {sizes} make about {config.approx_parameters:.1e} parameters, above the limit "
+            f"{MAX_PARAMETERS:.0e}"
+        )
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +175,7 @@ def _dit_factory(name: str, base: DiTConfig, config_name: str, image_size: int |
     accepted = {k: v for k, v in _DIT_OVERRIDES.items() if base.class_conditional or k not in _DIT_LABEL_FIELDS}
 
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, accepted)
+        config_kw, workload_kw = _split_overrides(name, overrides, accepted, DIT_LIMITS)
         config = _replace_config(name, base, config_kw)
         return dit_workload(name, config, config_name=config_name, image_size=image_size, **workload_kw)
 
@@ -194,7 +246,7 @@ _GPT_OVERRIDES = {**override_types(GPTConfig), "seq_len": (int,)}
 
 def _gpt_factory(name: str, base: GPTConfig, config_name: str) -> Callable[..., Workload]:
     def factory(**overrides: Any) -> Workload:
-        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_OVERRIDES)
+        config_kw, workload_kw = _split_overrides(name, overrides, _GPT_OVERRIDES, GPT_LIMITS)
         seq_len = config_kw.pop("seq_len", None)
         config = _replace_config(name, base, config_kw)
         return gpt_workload(name, config, config_name=config_name, seq_len=seq_len, **workload_kw)

@@ -136,6 +136,19 @@ class DiTConfig:
         return self.grid_size**2
 
     @property
+    def approx_parameters(self) -> int:
+        """The parameter count of the weight matrices and tables (biases and norms left out), with no model
+        built: a lower bound within 0.3 % of the built model's count for the paper's configs (tested).
+        The catalog's size limit reads it."""
+        D, inner = self.hidden_size, int(self.hidden_size * self.mlp_ratio)
+        adaln = 0 if self.plain else 6 * D * D  # per block; the final layer's is a third of it
+        blocks = self.depth * (4 * D * D + 2 * D * inner + adaln)
+        timestep = 0 if self.plain else (TIMESTEP_FREQ_DIM + D) * D
+        labels = (self.num_classes + 1) * D if self.class_conditional else 0
+        patches = self.patch_size**2 * (self.in_channels + self.out_channels) * D  # patchify and the final Linear
+        return blocks + adaln // 3 + timestep + labels + patches + self.num_tokens * D
+
+    @property
     def null_class(self) -> int | None:
         """Index of the classifier-free-guidance null class, or None when the table has no null row."""
         return self.num_classes if self.class_conditional and self.class_dropout_prob > 0 else None

@@ -8,7 +8,7 @@
     python -m reports merge RESULTS... --out FILE.jsonl    one JSON-lines file (e.g. a CI baseline)
 
 Exit status: 0 ok; 1 the gate failed (compare: memory grew, a case broke or disappeared); 2 bad input, usage or
-an unwritable output (one line on stderr).
+an unwritable output (one line on stderr); 130 interrupted (Ctrl-C, one line).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from bench.cli import OneLineParser, run
 from bench.record import to_jsonl_line
 
 from .compare import (
@@ -46,18 +47,11 @@ class OutputError(ValueError):
     """An output path that cannot be written; one line naming the option and the path."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (exit 2), like every other bad input of the reports."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def _files_to_one_output(
     name: str, common: argparse.ArgumentParser, description: str, output_kind: str
 ) -> argparse.ArgumentParser:
     """A subcommand that reads result files and writes one ``--out`` file."""
-    parser = _OneLineParser(prog=f"python -m reports {name}", parents=[common], description=description)
+    parser = OneLineParser(prog=f"python -m reports {name}", parents=[common], description=description)
     parser.add_argument("results", nargs="+")
     parser.add_argument("--out", required=True, help=f"output {output_kind} file")
     return parser
@@ -68,7 +62,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--skip-bad", action="store_true", help="warn about unreadable input files and go on")
 
-    render = _OneLineParser(
+    render = OneLineParser(
         prog="python -m reports",
         parents=[common],
         description="Render tables, figures, report.md and report.html from result files.",
@@ -79,7 +73,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     render.add_argument("--batch-size", type=int, help="batch size of the breakdown/timeline figures")
     render.add_argument("--title", default="dpmem: memory and time of DP-SGD", help="report title")
 
-    compare = _OneLineParser(
+    compare = OneLineParser(
         prog="python -m reports compare",
         parents=[common],
         description="Compare NEW results with BASE; exit 1 on a memory regression, a case that went from ok to "
@@ -336,4 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "python -m reports"))

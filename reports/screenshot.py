@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.cli import OneLineParser, run
+
 # Debian/Ubuntu packages (chromium-headless-shell, chromium), other distributions and Google's builds.
 BROWSERS = (
     "chromium-headless-shell",
@@ -78,7 +80,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Screenshot report.html with headless Chromium.")
+    parser = OneLineParser(
+        prog="python -m reports.screenshot", description="Screenshot report.html with headless Chromium."
+    )
     parser.add_argument("html", type=Path, help="the report.html to open")
     parser.add_argument("png", type=Path, help="the PNG to write")
     parser.add_argument("--size", type=parse_size, default=(1400, 900), help="window WIDTHxHEIGHT (1400x900)")
@@ -112,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "python -m reports.screenshot"))

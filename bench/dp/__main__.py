@@ -16,12 +16,14 @@ per-sample norms (so a 16-bit norm cannot move a sample across it); a cell shows
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import warnings
 
 import torch
+
+from bench.cli import OneLineParser, run, usage_error
+from bench.options import comma_list
 
 from .base import available_methods, clipped_grad_sum, get_method
 from .errors import DPConfigError, MethodUnsupported, ModeUnsupported
@@ -40,6 +42,7 @@ DEFAULT_WORKLOADS = (
 # The modes matrix: a DiT, the untied GPT (every method's comparable case) and the tied one (BK's cross terms).
 DEFAULT_MODE_WORKLOADS = ("dit-tiny-cond", "gpt-tiny-untied", "gpt-tiny")
 ALL_MODES = tuple(TrainingMode(p, c) for p in PRECISIONS for c in CHECKPOINTINGS)
+PROG = "python -m bench.dp"
 REFERENCE = "microbatch"
 TOLERANCE = 1e-4
 
@@ -202,9 +205,10 @@ def render_matrix(rows, workload_specs, methods) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dp", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workloads",
+        type=comma_list,
         default=None,
         help="comma-separated workload names, overrides after colons (gpt-tiny:tie_weights=False); default: every "
         "tiny workload and the #777 pair, or with --modes " + ", ".join(DEFAULT_MODE_WORKLOADS),
@@ -216,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="print the training-mode matrix instead: 'all' (default) or a comma list like fp32+blocks,amp-bf16",
     )
-    parser.add_argument("--methods", default=None, help="comma-separated DP methods (default: all registered)")
+    parser.add_argument(
+        "--methods", type=comma_list, default=None, help="comma-separated DP methods (default: all registered)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -224,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     import models
 
     try:
-        methods = available_methods() if args.methods is None else [m for m in args.methods.split(",") if m]
+        methods = available_methods() if args.methods is None else list(args.methods)
         for method in methods:
             get_method(method)  # unknown name -> DPConfigError listing the valid ones
         default_specs = DEFAULT_MODE_WORKLOADS if args.modes is not None else DEFAULT_WORKLOADS
-        specs = [s for s in args.workloads.split(",") if s] if args.workloads is not None else list(default_specs)
+        specs = list(args.workloads) if args.workloads is not None else list(default_specs)
         for spec in specs:
             models.get_workload(spec)
         modes = parse_modes(args.modes) if args.modes is not None else None
@@ -237,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--batch-size must be >= 2 (a median clip norm needs two samples), got {args.batch_size}"
             )
     except (DPConfigError, models.WorkloadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, str(exc))
 
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
     if modes is not None:
@@ -251,4 +256,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))

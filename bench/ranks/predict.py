@@ -24,7 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import models
+from bench import dp
+from bench.cli import OneLineParser, run, usage_error
 from bench.dp.privacy import resolve_privacy
+from bench.options import check_names, comma_list, non_negative_float, positive_int
 from bench.record import CaseRecord, RankFigures, combine_rank_records
 
 from .job import RankJob
@@ -32,6 +36,7 @@ from .step import run_rank
 
 __all__ = ["predict_case", "predict_rank"]
 
+PROG = "python -m bench.ranks.predict"
 PREDICTED_NOTE = "predicted: one process as this rank, FakeTensorMode + fake process group (exact tensor bytes)"
 
 
@@ -137,27 +142,38 @@ def predict_case(job: RankJob, ranks: list[int] | None = None) -> CaseRecord:
     return combine_rank_records([predict_rank(job, r) for r in (ranks or range(job.world_size))])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ranks.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("workload")
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", help="workload spec, e.g. dit-xl-2-cond or gpt2:seq_len=128")
     parser.add_argument("--parallel", default="fsdp", choices=("ddp", "fsdp"))
-    parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: 2 per rank)")
-    parser.add_argument("--methods", default="nondp,opacus-ghost", help="comma list (default nondp,opacus-ghost)")
+    parser.add_argument("--world-size", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch (default: 2 per rank)")
+    parser.add_argument(
+        "--methods", type=comma_list, default=("nondp", "opacus-ghost"), help="comma list (default nondp,opacus-ghost)"
+    )
     parser.add_argument("--ranks", default="0,last", help="ranks to predict: comma list, 'last' or 'all'")
-    parser.add_argument("--optimizer", default="adamw")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
+    parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
+    parser.add_argument("--noise-multiplier", type=non_negative_float, default=1.0, help="σ (default 1.0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     world = args.world_size
-    if world < 1:
-        parser.error(f"--world-size must be >= 1, got {world}")
     batch = args.batch_size or 2 * world
     if batch % world:
         parser.error(f"--batch-size {batch} does not split evenly over {world} ranks (it is the global batch)")
     ranks = _ranks(args.ranks, world, parser)
+    try:
+        models.get_workload(args.workload)
+        check_names("--methods", args.methods, dp.available_methods())
+        check_names("--optimizer", [args.optimizer], list(dp.OPTIMIZERS))
+    except (ValueError, models.WorkloadError) as exc:
+        return usage_error(PROG, str(exc))
     privacy = resolve_privacy(1.0, noise_multiplier=args.noise_multiplier)
     print(f"{args.workload}: {args.parallel} at world size {world}, global batch {batch} ({batch // world} per rank)")
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in args.methods:
         job = RankJob(args.workload, method, batch, "cpu", world, args.parallel, privacy, optimizer=args.optimizer)
         record = predict_case(job, ranks)
         if record.status != "ok":
@@ -183,4 +199,4 @@ def _ranks(text: str, world: int, parser: argparse.ArgumentParser) -> list[int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, PROG))

@@ -187,6 +187,10 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
         (["--workloads", "dit-tiny-cnd"], "dit-tiny-cond"),
         (["--methods", "opacus-hook"], "valid:"),
         (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--batch-sizes", "x"], "argument --batch-sizes: 'x' is not an integer"),
+        (["--memory-cap", "80"], "argument --memory-cap: '80' has no unit"),
+        (["--seed", "9" * 23], "argument --seed: must be in [0, 2**64 - 2]"),
+        (["--workloads", "gpt-tiny:seed=" + "9" * 23], "seed must be an integer in [0, 2**64 - 1]"),
         (["--devices", "cuda:7"], "visible devices: cpu"),
         (["--workload-module", "no_such_module_here"], "no_such_module_here"),
         (["--sample-interval", "0"], "--sample-interval"),
@@ -202,10 +206,10 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
 def test_bad_options_are_one_line_usage_errors(tmp_path, args, message):
     proc, _, _ = _bench(tmp_path, *args, "--collect-only")
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # pytest prints its usage line ("ERROR: usage: ...") before an argparse error; the error itself is one line.
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("ERROR: usage:")]
-    error_lines = [line for line in lines if "error" in line.lower()]
-    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+    # One line, without the usage line, ini file and rootdir pytest prints around its own argparse errors.
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("ERROR: ") and message in errors[0], proc.stderr
+    assert not any(word in proc.stderr for word in ("usage:", "rootdir:", "inifile:")), proc.stderr
 
 
 def test_max_batch_mode_bisects_and_fits(tmp_path):

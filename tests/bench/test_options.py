@@ -2,25 +2,79 @@
 
 import argparse
 import math
+import re
 
 import pytest
 
 from bench.config import PRESETS
-from bench.options import batch_sizes, byte_size, check_names, clip_norm, comma_list, positive_int, sample_interval
+from bench.options import (
+    batch_sizes,
+    byte_size,
+    check_names,
+    clip_norm,
+    comma_list,
+    positive_int,
+    sample_interval,
+    seed,
+)
+from bench.overhead import parse_overhead
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1e9", 10**9), ("1.5 KiB", 1536), ("100", 100)],
+    [
+        ("8GiB", 8 * 2**30),
+        ("512MB", 512 * 10**6),
+        ("1e9B", 10**9),
+        ("1E9B", 10**9),
+        ("1e+9b", 10**9),
+        ("1.5 KiB", 1536),
+        ("100B", 100),
+        ("9223372036854775807B", 2**63 - 1),  # exact, not through a float
+    ],
 )
 def test_byte_size(text, expected):
     assert byte_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "lots", "8XB", "-1GiB", "0"])
-def test_byte_size_rejects(text):
-    with pytest.raises(argparse.ArgumentTypeError):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is not a size"),
+        ("lots", "is not a size"),
+        ("8XB", "is not a size"),
+        ("-1GiB", "is not a size"),
+        ("0", ">= 1 byte"),
+        ("0.5B", ">= 1 byte"),
+        ("1e-400GiB", ">= 1 byte"),
+        ("80", "'80' has no unit: write 80GiB, 80GB or 80B"),  # it used to mean 80 bytes
+        ("1e9", "has no unit"),
+        ("1E9", "has no unit"),
+        ("1e400B", "too large"),  # it used to be "< 1 byte"
+        ("1e999999999GiB", "too large"),  # refused at once, never an exact 10**999999999
+        ("9223372036854775808B", "too large"),
+    ],
+)
+def test_byte_size_rejects_in_one_line(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)) as info:
         byte_size(text)
+    assert "\n" not in str(info.value)
+
+
+def test_the_overhead_takes_sizes_as_the_size_options_do():
+    assert parse_overhead("1E9B+5%").fixed_bytes == byte_size("1E9B") == 10**9
+    assert parse_overhead("1e+9B+5%").fixed_bytes == 10**9  # the last '+' separates the percentage
+    assert parse_overhead("0+0%").fixed_bytes == 0  # zero needs no unit
+    for bad, message in (("512+5%", "has no unit"), ("1e400B+5%", "too large"), ("0.5B+1%", "0 or >= 1 byte")):
+        with pytest.raises(ValueError, match=message):
+            parse_overhead(bad)
+
+
+def test_seed_takes_what_the_generators_take():
+    assert seed("0") == 0 and seed(str(2**64 - 2)) == 2**64 - 2
+    for bad in ("-1", str(2**64 - 1), "9" * 23, "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seed(bad)
 
 
 def test_batch_sizes():

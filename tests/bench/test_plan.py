@@ -227,6 +227,7 @@ def test_plan_takes_a_workload_spec_and_a_gpu(capsys):
         (["dit-tiny-cond", "--precision", "fp16"], "did you mean"),
         (["dit-tiny-cond", "--precision", "amp-bf16"], "autocast does not run on the meta device"),
         (["dit-tiny-cond", "--checkpointing", "all"], "--checkpointing"),
+        (["gpt2:n_layer=1000000000"], "n_layer=1000000000 is above the limit"),  # it hung, RSS growing
     ],
 )
 def test_plan_usage_errors_are_one_line_exit_2(capsys, argv, message):
@@ -235,15 +236,18 @@ def test_plan_usage_errors_are_one_line_exit_2(capsys, argv, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_plan_argument_errors_exit_2():
+def test_plan_argument_errors_are_one_line_exit_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.plan", "dit-tiny-cond", "--memory", "lots"],
+        [sys.executable, "-m", "bench.plan", "dit-tiny-cond", "--memory", "80"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2 and "--memory" in proc.stderr and "is not a size" in proc.stderr
+    # not argparse's usage block; and a size without a unit is refused (it meant 80 bytes)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("python -m bench.plan: error: argument --memory: '80' has no unit: write 80GiB")
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_plan_calibrates_from_gpu_results(tmp_path, capsys):

@@ -96,7 +96,7 @@ def test_render_mode_matrix_numbers_a_repeated_refusal_once():
 def test_bad_names_are_one_line_errors_with_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("python -m bench.dp: error: ") and message in err and err.count("\n") == 1
 
 
 def test_module_entry_point_exits_2_on_unknown_method():

@@ -135,6 +135,66 @@ def test_unknown_keys_name_the_valid_ones():
     assert get_workload("dit-tiny-cond:seed=5").seed == 5
 
 
+# ------------------------------------------------------------------------------------------------ size limits
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("gpt2:n_layer=1000000000", r"^workload 'gpt2': n_layer=1000000000 is above the limit for n_layer, 1,024$"),
+        ("gpt2:n_embd=" + "9" * 23, r"n_embd=9{23} is above the limit for n_embd, 65,536$"),
+        ("gpt2:vocab_size=100000000", r"vocab_size=100000000 is above the limit for vocab_size, 16,777,216$"),
+        ("gpt2:block_size=10000000", r"block_size=10000000 is above the limit for block_size"),
+        ("gpt2:seq_len=10000000", r"seq_len=10000000 is above the limit for seq_len"),
+        ("gpt2:n_head=4096", r"n_head=4096 is above the limit for n_head, 1,024$"),
+        ("dit-xl-2-cond:depth=100000", r"^workload 'dit-xl-2-cond': depth=100000 is above the limit for depth, 1,024"),
+        ("dit-xl-2-cond:hidden_size=1000000", r"hidden_size=1000000 is above the limit for hidden_size"),
+        ("dit-xl-2-cond:num_heads=2048", r"num_heads=2048 is above the limit for num_heads"),
+        ("dit-xl-2-cond:input_size=4096", r"input_size=4096 is above the limit for input_size"),
+        ("dit-xl-2-cond:in_channels=4096", r"in_channels=4096 is above the limit for in_channels"),
+        ("dit-xl-2-cond:num_classes=1000000000", r"num_classes=1000000000 is above the limit for num_classes"),
+        ("dit-tiny-cond:mlp_ratio=1e400", r"mlp_ratio=inf is above the limit for mlp_ratio, 64.0$"),
+    ],
+)
+def test_a_size_above_its_limit_is_refused_naming_the_field_and_the_limit(spec, message):
+    with one_line_error(message) as info:
+        get_workload(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_sizes_within_their_limits_that_multiply_past_the_parameter_limit_are_refused():
+    with one_line_error(r"^workload 'gpt2': n_layer=1024, n_embd=65536, n_head=16 make about 5.3e\+13 parameters"):
+        get_workload("gpt2:n_layer=1024:n_embd=65536:n_head=16")
+    with one_line_error(r"depth=1024, hidden_size=27648, num_heads=128 make about 1.4e\+13 parameters"):
+        get_workload("dit-xl-2-cond", depth=1024, hidden_size=27648, num_heads=128)  # keywords are bounded too
+
+
+def test_the_limits_leave_room_for_ten_times_the_largest_paper_models():
+    tenfold = {
+        "gpt2-xl": "gpt2-xl:n_layer=480:n_embd=16000:n_head=250:block_size=10240:vocab_size=502570",
+        "dit-xl-2-cond-512": "dit-xl-2-cond-512:depth=280:hidden_size=11520:num_heads=160:input_size=640",
+    }
+    for paper, spec in tenfold.items():
+        big, base = get_workload(spec).model_fn.args[0], get_workload(paper).model_fn.args[0]
+        assert big.approx_parameters > 500 * base.approx_parameters  # ~1000× the parameters, accepted
+
+
+@pytest.mark.parametrize("name", ["dit-xl-2-cond", "dit-xl-2-plain", "dit-s-2-uncond-512", "gpt2-xl", "gpt2-untied"])
+def test_the_parameter_estimate_is_a_close_lower_bound(name):
+    from models import parameter_counts
+
+    workload = get_workload(name)
+    total, _ = parameter_counts(workload.build_model(device="meta"))
+    assert 0.997 * total <= workload.model_fn.args[0].approx_parameters <= total
+
+
+def test_a_seed_is_what_torch_generators_take():
+    assert get_workload(f"gpt-tiny:seed={2**64 - 1}").seed == 2**64 - 1
+    for bad in ("9" * 23, "-1"):  # 23 digits passed the spec check, then failed every case
+        with one_line_error(r"^workload 'gpt-tiny': seed must be an integer in \[0, 2\*\*64 - 1\]"):
+            get_workload(f"gpt-tiny:seed={bad}")
+
+
 # ------------------------------------------------------------------------------------------------ unknown names
 
 
@@ -196,3 +256,26 @@ def test_cli_takes_specs(capsys):
     assert rows == ["gpt2-large:seq_len=128", "dit-xl-2-cond", "dit-xl-2-cond:num_classes=10"]
     assert main(["gpt2-large:seq_len=abc"]) == 2
     assert "seq_len must be int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("gpt-tiny:seed=" + "9" * 23, "seed must be an integer"),  # a traceback from torch.manual_seed
+        ("gpt2:n_layer=1000000000", "above the limit for n_layer"),  # a hang, building a billion blocks
+    ],
+)
+def test_cli_refuses_a_bad_spec_in_one_line(capsys, spec, message):
+    from models.__main__ import main
+
+    assert main([spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m models: error: workload ") and message in err and err.count("\n") == 1
+
+
+def test_cli_usage_error_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "--filter"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "python -m models: error: argument --filter: expected one argument (see --help)\n"
