@@ -258,7 +258,13 @@ def _case_numbers(record: CaseRecord) -> Iterator[tuple[str, Any]]:
         for i, value in enumerate(trace if isinstance(trace, list) else [trace]):
             yield f"timeline.{f.name}[{i}]", value
     for f in dataclasses.fields(Timing):
-        yield f.name, getattr(timing, f.name)
+        value = getattr(timing, f.name)
+        if f.name in _TIMING_VERDICT:  # a bool and a text, checked by _check_case
+            continue
+        if isinstance(value, list):  # per round
+            yield from ((f"{f.name}[{i}]", v) for i, v in enumerate(value))
+        else:
+            yield f.name, value
     for name in ("params_total", "params_trainable", "tokens_per_sample", "device_memory_bytes", "steps"):
         yield name, getattr(record, name)
 
@@ -271,9 +277,17 @@ def _check_texts(record: CaseRecord | MaxBatchRecord, names: tuple[str, ...]) ->
             raise RecordError(f"{name} {value!r:.40} is not a string")
 
 
+_TIMING_VERDICT = ("time_reliable", "time_unreliable_reason")
+
+
 def _check_case(record: CaseRecord) -> None:
     """RecordError naming the key of the first unusable value of ``record``."""
     _check_texts(record, ("workload", "method", "device", "reason"))
+    reliable, reason = record.timing.time_reliable, record.timing.time_unreliable_reason
+    if reliable is not None and not isinstance(reliable, bool):
+        raise RecordError(f"time_reliable {reliable!r:.40} is not true, false or null")
+    if not isinstance(reason, str):
+        raise RecordError(f"time_unreliable_reason {reason!r:.40} is not a string")
     if not 1 <= record.batch_size <= _INT64_MAX:
         raise RecordError(f"batch_size {str(record.batch_size)[:20]} is not a batch size (1 or more)")
     for key, value in _case_numbers(record):
