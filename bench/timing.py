@@ -154,16 +154,24 @@ def judged(timing: Timing) -> Timing:
 
 
 class _Rounds:
-    """The readings and the non-DP rounds of one timed case (the method's rounds are pytest-benchmark's)."""
+    """The readings and the non-DP rounds of one timed case (the method's rounds are pytest-benchmark's). A non-DP
+    call that raises (e.g. out of memory beside the method's step) ends the pairing: the method is timed alone."""
 
-    def __init__(self, rounds: int, read: Callable[[], Reading]):
-        self.rounds, self.read = rounds, read
-        self.reference: Reference | None = None
+    def __init__(self, rounds: int, read: Callable[[], Reading], reference: Reference | None):
+        self.rounds, self.read, self.reference = rounds, read, reference
         self.nondp_iterations = 1
         self.nondp: list[tuple[Reading, Reading]] = []  # (start, end) of each non-DP round
         self.method: list[tuple[Reading, Reading]] = []  # (start, end) around each method round
         self.failure = ""
         self.next_start: Reading | None = None
+
+    def calibrate(self, one_call: Callable[[Callable[[], None], float], float], min_round_s: float) -> None:
+        if self.reference is not None:
+            try:
+                one_call_s = one_call(self.reference.step, self.reference.one_call_s)
+            except Exception as exc:
+                return self._stop(exc)
+            self.nondp_iterations = iterations_for(one_call_s, min_round_s)
 
     def nondp_round(self) -> None:
         if self.reference is None:
@@ -172,11 +180,13 @@ class _Rounds:
         try:
             for _ in range(self.nondp_iterations):
                 self.reference.step()
-        except Exception as exc:  # e.g. out of memory beside the method's step: time the method alone
-            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            self.reference, self.nondp = None, []
-            return
+        except Exception as exc:
+            return self._stop(exc)
         self.nondp.append((start, self.read()))
+
+    def _stop(self, exc: Exception) -> None:
+        self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self.reference, self.nondp = None, []
 
     def begin(self) -> None:
         self.nondp_round()
@@ -210,10 +220,8 @@ def benchmark_timer(
         if not benchmark.enabled:  # --benchmark-disable: pytest-benchmark calls the step once, untimed
             benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=0)
             return Timing(torch_threads=torch.get_num_threads())
-        timed = _Rounds(rounds, read)
-        timed.reference = paired = reference() if reference is not None else None
-        if paired is not None:
-            timed.nondp_iterations = iterations_for(one_call(paired.step, paired.one_call_s), min_round_s)
+        timed = _Rounds(rounds, read, reference() if reference is not None else None)
+        timed.calibrate(one_call, min_round_s)
         first = read()
         timed.begin()
         benchmark.pedantic(
