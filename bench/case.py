@@ -47,7 +47,7 @@ from bench.memory.measure import measure_step
 from bench.memory.tensors import TensorTracker
 from bench.meta import MetaOpCache, meta_model, unsupported_reason
 from bench.record import CaseRecord
-from bench.timing import StepTimer
+from bench.timing import Reference, StepTimer
 from models.contract import check_workload_contract
 
 
@@ -75,6 +75,8 @@ class CaseSpec:
         parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
         return "-".join(parts)
 
+
+BASELINE_METHOD = dp.nondp.NonDP.name  # every other method's timed rounds are paired with its step
 
 # Characters actions/upload-artifact (v4) refuses in a path, and path separators: replaced in snapshot file names.
 _UNSAFE_IN_FILE_NAMES = re.compile(r'[":<>|*?\\/\s]')
@@ -207,20 +209,64 @@ def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, 
     record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     generator = torch.Generator().manual_seed(config.seed)
     batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
-    step = dp.build_step(
-        spec.method,
+    # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made, and counted)
+    noise = None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.seed + 1)
+    step = _new_step(spec.method, spec, config, workload, model, noise)
+    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.optimizer_impl, device)
+    return batch, step
+
+
+def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model, noise_generator):
+    """The fused step of ``method`` for the case's batch size and training mode (``model`` prepared for it)."""
+    return dp.build_step(
+        method,
         workload,
         model,
         privacy=config.privacy,
         batch_size=spec.batch_size,
         optimizer=config.optimizer,
         lr=config.lr,
-        # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made, and counted)
-        noise_generator=None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.seed + 1),
+        noise_generator=noise_generator,
         mode=spec.mode,
     )
-    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.optimizer_impl, device)
-    return batch, step
+
+
+class _NonDPReference:
+    """The non-DP step a DP case's timed rounds are paired with (bench/timing.py): the same workload, batch (the
+    case's own tensors), training mode, device, attention choice and optimizer implementation, on a model of its
+    own. Built and warmed up only when the timer pairs rounds — after the measured round, so no memory figure
+    sees it — and closed with the case. If it cannot run (e.g. no memory beside the method's model), the
+    method's rounds are timed unpaired and a note says why."""
+
+    def __init__(self, spec: CaseSpec, config: BenchConfig, workload, device: torch.device, batch, notes: list[str]):
+        self.spec, self.config, self.workload, self.device = spec, config, workload, device
+        self.batch, self.notes = batch, notes
+        self.step = None
+
+    def __call__(self) -> Reference | None:
+        spec, config, device = self.spec, self.config, self.device
+        try:
+            model = self.workload.build_model(device)
+            dp.prepare_model(model, self.workload, spec.mode, device)
+            self.step = _new_step(BASELINE_METHOD, spec, config, self.workload, model, None)
+            set_optimizer_impl(self.step.optimizer, config.optimizer_impl, device)
+            run = _AttentionRun(self.step, self.batch, config, device)
+            start = time.perf_counter()
+            run()  # the warm-up: optimizer state, allocator pools
+            _sync(device)
+            one_call_s = time.perf_counter() - start
+        except Exception as exc:
+            self.notes.append(f"timing: no non-DP step to pair the rounds with ({error_text(exc)}); unpaired rounds")
+            for link in exception_chain(exc):
+                link.__traceback__ = None
+            self.close()
+            return None
+        return Reference(lambda: (run(), _sync(device)), one_call_s)
+
+    def close(self) -> None:
+        if self.step is not None:
+            self.step.close()
+        self.step = self.batch = None
 
 
 def _what_ranks_cannot_run(spec: CaseSpec, config: BenchConfig) -> str | None:
@@ -264,7 +310,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     # Before the case allocates anything. Meta cases hold nothing resident, so they skip the boundaries' full
     # garbage collections (~0.3 s each with torch imported: most of a small meta case).
     nvml_baseline = start_case(device, record.notes) if not on_meta else None
-    step = batch = run = None
+    step = batch = run = reference = None
     op_cache = MetaOpCache() if on_meta else None
     try:
         with op_cache if op_cache is not None else nullcontext():
@@ -289,15 +335,19 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
             )
             record.attention_kernels = sorted(run.kernels)
             if timer is not None and not on_meta:
-                record.timing = timer(lambda: (run(), _sync(device)), one_call_s)
+                if spec.method != BASELINE_METHOD:
+                    reference = _NonDPReference(spec, config, workload, device, batch, record.notes)
+                record.timing = timer(lambda: (run(), _sync(device)), one_call_s, reference, record.notes)
     except Exception as exc:  # classified below; the traceback must not keep tensors alive
         record.status, record.reason = failure_status(exc, f"batch {spec.batch_size}", op_cache)
         for link in exception_chain(exc):
             link.__traceback__ = None
     finally:
+        if reference is not None:
+            reference.close()
         if step is not None:
             step.close()
-        step = batch = run = None  # drop this case's tensors before the next case starts
+        step = batch = run = reference = None  # drop this case's tensors before the next case starts
         if not on_meta:
             end_case(device)  # collects garbage first
     return record

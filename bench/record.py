@@ -104,7 +104,12 @@ class StepMemory:
 
 @dataclass
 class Timing:
-    """Seconds per fused step from the timed rounds (never the measured round); ``rounds == 0``: not timed."""
+    """Seconds per fused step from the timed rounds (never the measured round); ``rounds == 0``: not timed.
+
+    A DP method's rounds alternate with rounds of the non-DP step of the same workload, batch, training mode
+    and device, run in the same case (bench/timing.py): ``paired_time_ratio`` compares rounds that saw the same
+    load. The load figures cover the whole timed window; ``time_reliable`` is bench.timing's verdict on them
+    (None: not judged — not timed, or a record written before the verdict existed)."""
 
     time_median_s: float | None = None
     time_mean_s: float | None = None
@@ -115,6 +120,26 @@ class Timing:
     rounds: int = 0
     iterations: int = 1  # step calls per round (pytest-benchmark's calibration); times are per call
     torch_threads: int | None = None  # torch.get_num_threads() while timing (intra-op CPU threads)
+    # --- per round, per call, in the order they ran -------------------------------------------------------
+    round_times_s: list[float] = field(default_factory=list)  # wall seconds (pytest-benchmark's rounds)
+    round_cpu_s: list[float] = field(default_factory=list)  # this process's CPU seconds, all threads summed
+    cpu_time_median_s: float | None = None  # median of round_cpu_s
+    # --- the non-DP rounds interleaved with a DP method's (none for nondp itself) --------------------------
+    # rounds + 1 of them: one before the first method round and one after each
+    paired_nondp_round_times_s: list[float] = field(default_factory=list)
+    paired_nondp_round_cpu_s: list[float] = field(default_factory=list)
+    paired_nondp_iterations: int | None = None  # non-DP step calls per round (calibrated like ``iterations``)
+    # median over the method's rounds of (its round ÷ the mean of the non-DP rounds either side of it)
+    paired_time_ratio: float | None = None
+    paired_time_ratio_iqr: float | None = None  # interquartile range of those per-round ratios
+    # --- the machine while the rounds ran (bench/contention.py; None where the OS has no such figure) ---------
+    load_average_1m: float | None = None  # as the timed rounds began (this process's threads included)
+    cpus_available: int | None = None  # CPUs this process may run on
+    cpu_wait_fraction: float | None = None  # of the time this process's threads were runnable, the share waiting
+    other_cpus_busy: float | None = None  # mean CPUs kept busy by every other process
+    cpu_steal_fraction: float | None = None  # share of the machine's CPU time the hypervisor took
+    time_reliable: bool | None = None  # bench.timing's rule
+    time_unreliable_reason: str = ""  # why not, one line ("" when reliable or not judged)
 
 
 # Per-rank figures of a case run on many ranks (``RankFigures``), summarised over the ranks in ``rank_max`` and

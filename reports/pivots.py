@@ -20,8 +20,10 @@ from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
+    TIME_BASIS,
     TIME_NOISE,
     TIME_RATIO,
+    TIME_UNRELIABLE,
     TIME_VERDICT,
     budget_answer,
     extrapolation_factor,
@@ -30,6 +32,7 @@ from .tables import (
     present,
     reason_text,
     status_label,
+    unreliable_time_reason,
 )
 
 __all__ = ["fit_grids", "memory_pivot", "time_pivot"]
@@ -111,11 +114,16 @@ def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid
         if not present(median):
             return Cell("not timed")
         ms = float(median) * 1e3
+        own = unreliable_time_reason(case)
         if ratios is None or not present(ratios[TIME_RATIO]):
+            if own:
+                return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"step time unreliable: {own}")
             return Cell(f"{ms:.3g}", ms)
         ratio, verdict = ratios[TIME_RATIO], ratios[TIME_VERDICT]
         noise = f"±{ratios[TIME_NOISE]:.0%}" if present(ratios[TIME_NOISE]) else "unknown"
-        hover = f"{ratio:.2f}× nondp, noise {noise}: {verdict}"
+        hover = f"{ratio:.2f}× nondp ({ratios[TIME_BASIS]}), noise {noise}: {verdict}"
+        if verdict == "unreliable":
+            return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"{hover}: {ratios[TIME_UNRELIABLE]}")
         if verdict == "beyond noise":
             return Cell(f"{ms:.3g} ({ratio:.2f}×)", ms, hover=hover)
         return Cell(f"{ms:.3g} (~, {noise})" if verdict == "within noise" else f"{ms:.3g} (?)", ms, "untrusted", hover)
@@ -125,7 +133,8 @@ def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid
         title=f"Step time — {block.title}",
         caption=(
             "median seconds per fused DP step [ms] (×nondp where beyond the timing noise; grey ~: within noise, "
-            "?: noise unknown or different thread counts)."
+            "?: noise unknown or different thread counts, unreliable: the run could not vouch for it — other load "
+            "or disagreeing round pairs, the hover says which)."
         ),
         header=["workload", "method", *(f"B={b}" for b in batches)],
         rows=_pivot(block, rows, overhead, cell),

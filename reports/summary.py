@@ -27,8 +27,10 @@ from .tables import (
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
     RATIO_COLUMNS,
+    TIME_BASIS,
     TIME_NOISE,
     TIME_RATIO,
+    TIME_UNRELIABLE,
     TIME_VERDICT,
     budget_answer,
     extrapolation_factor,
@@ -38,6 +40,7 @@ from .tables import (
     present,
     reason_text,
     status_label,
+    unreliable_time_reason,
 )
 
 __all__ = [
@@ -188,6 +191,8 @@ class MatrixCell:
     time_verdict: str | None  # reports.tables.TIME_VERDICTS
     reason: str
     largest_ok_batch: int | None  # of this method on this workload (an OOM cell says up to where it ran)
+    time_basis: str | None = None  # reports.tables.TIME_BASES
+    time_unreliable: str = ""  # why the run could not vouch for the time ratio (verdict "unreliable")
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ class MatrixRow:
     nondp_peak_bytes: float
     nondp_time_s: float
     cells: dict[str, MatrixCell]
+    nondp_time_unreliable: str = ""  # why the run could not vouch for nondp's own step time, "" when it could
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,8 @@ def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, 
         time_verdict=ratios[TIME_VERDICT] if ratios is not None and present(ratios[TIME_VERDICT]) else None,
         reason=str(case["reason"] or ""),
         largest_ok_batch=largest_ok,
+        time_basis=ratios[TIME_BASIS] if ratios is not None and present(ratios[TIME_BASIS]) else None,
+        time_unreliable=str(ratios[TIME_UNRELIABLE]) if ratios is not None else "",
     )
 
 
@@ -270,6 +278,7 @@ def overview(results: Results) -> list[Matrix]:
                         else math.nan
                     ),
                     cells=cells,
+                    nondp_time_unreliable=unreliable_time_reason(base) if base is not None else "",
                 )
             )
         if methods:
@@ -278,11 +287,13 @@ def overview(results: Results) -> list[Matrix]:
 
 
 def _time_sub(cell: MatrixCell) -> tuple[str, str]:
-    """(the cell's step-time line, its hover): the ratio only when beyond its noise."""
+    """(the cell's step-time line, its hover): the ratio only when beyond its noise and reliable."""
     if not present(cell.time_ratio):
         return "", "step time: not timed"
     noise = f"±{cell.time_noise:.0%}" if present(cell.time_noise) else "unknown"
-    raw = f"median step {cell.time_ratio:.2f}× nondp, noise {noise}"
+    raw = f"median step {cell.time_ratio:.2f}× nondp ({cell.time_basis}), noise {noise}"
+    if cell.time_verdict == "unreliable":
+        return "t unreliable", f"{raw}: unreliable, not ranked: {cell.time_unreliable}"
     if cell.time_verdict == "beyond noise":
         return f"t {cell.time_ratio:.2f}×", f"{raw}: beyond noise"
     if cell.time_verdict == "within noise":
@@ -326,12 +337,13 @@ def matrix_grid(matrix: Matrix) -> Grid:
         if row.nondp_ok:
             label_sub += f" · nondp {byte_text(row.nondp_peak_bytes)}"
             if present(row.nondp_time_s) and not block.predicted:
-                label_sub += f", {time_text(row.nondp_time_s)}"
+                label_sub += f", {time_text(row.nondp_time_s)}" + (" (unreliable)" if row.nondp_time_unreliable else "")
             elif not block.predicted:
                 label_sub += ", not timed"
         else:
             label_sub += " · nondp did not run ok"
-        label = Cell(row.workload, style="label", sub=label_sub)
+        hover = f"nondp step time unreliable: {row.nondp_time_unreliable}" if row.nondp_time_unreliable else ""
+        label = Cell(row.workload, style="label", sub=label_sub, hover=hover)
         ratios = [c.memory_ratio for c in row.cells.values() if c.status == "ok" and present(c.memory_ratio)]
         lowest = min(ratios) if ratios else None
         rows.append(
@@ -345,8 +357,10 @@ def matrix_grid(matrix: Matrix) -> Grid:
         ""
         if block.predicted
         else (
-            " t = median step time ×nondp, shown only beyond its timing noise (t ~: within noise; t ?: noise unknown "
-            "or different thread counts)."
+            " t = step time ×nondp (each DP round over the non-DP rounds either side of it, in the same case; older "
+            "records: the two cases' medians), shown only beyond its timing noise (t ~: within noise; t ?: noise "
+            "unknown or different thread counts; t unreliable: the run could not vouch for it — other load, or "
+            "round pairs that disagree; the hover says which)."
         )
     )
     return Grid(
@@ -393,13 +407,14 @@ class Ranked:
     workload: str
     batch_size: int
     lowest_memory: tuple[tuple[str, float], ...]  # (method, memory ratio), lowest first
-    fastest: tuple[tuple[str, float], ...]  # (method, time ratio) beyond noise only, fastest first
-    untimed: tuple[str, ...]  # methods ok whose time ratio is not beyond noise (not ranked)
+    fastest: tuple[tuple[str, float], ...]  # (method, time ratio) beyond noise and reliable only, fastest first
+    untimed: tuple[str, ...]  # methods ok whose time ratio is neither beyond noise nor unreliable (not ranked)
     timed: bool  # some method ok at this batch has a step-time ratio (False: nothing was timed, e.g. meta)
     largest_batch: tuple[MaxBatchEntry, ...]  # DP methods, largest first
     nondp_batch: MaxBatchEntry | None
     oom: tuple[tuple[str, int | None], ...]  # (method, largest ok batch) OOM at the shown batch
     failed: tuple[tuple[str, str, str], ...]  # (method, status, reason) unsupported / error on this workload
+    unreliable: tuple[tuple[str, str], ...] = ()  # (method, why) ok, its time ratio unreliable (not ranked)
 
 
 def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchEntry]:
@@ -430,6 +445,7 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
         ok = {m: c for m, c in row.cells.items() if c.status == "ok"}
         memory = sorted((c.memory_ratio, m) for m, c in ok.items() if present(c.memory_ratio))
         trusted = sorted((c.time_ratio, m) for m, c in ok.items() if c.time_verdict == "beyond noise")
+        unreliable = {m: c.time_unreliable for m, c in ok.items() if c.time_verdict == "unreliable"}
         entries = _max_batch_entries(fits, row.workload) if len(fits) else {}
         dp_entries = [e for m, e in entries.items() if m != BASELINE_METHOD]
         wcases = cases[(cases["workload"] == row.workload) & cases["status"].isin(["unsupported", "error"])]
@@ -440,12 +456,13 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
                 batch_size=row.batch_size,
                 lowest_memory=tuple((m, r) for r, m in memory),
                 fastest=tuple((m, r) for r, m in trusted),
-                untimed=tuple(sorted(set(ok) - {m for _, m in trusted})),
+                untimed=tuple(sorted(set(ok) - {m for _, m in trusted} - set(unreliable))),
                 timed=any(present(c.time_ratio) for c in ok.values()),
                 largest_batch=tuple(sorted(dp_entries, key=lambda e: (-e.rank_value, e.method))),
                 nondp_batch=entries.get(BASELINE_METHOD),
                 oom=tuple((m, c.largest_ok_batch) for m, c in sorted(row.cells.items()) if c.status == "oom"),
                 failed=tuple((m, s, reason) for (m, s), reason in sorted(failed.items())),
+                unreliable=tuple(sorted(unreliable.items())),
             )
         )
     return ranked
@@ -491,6 +508,16 @@ def _entries_cell(parts: list[tuple[str, str, str]], empty: str, footnote: str =
     )
 
 
+def _fastest_cell(fastest: list[tuple[str, str, str]], untimed: str, unreliable: str, why: str, timed: bool) -> Cell:
+    """The "fastest DP step" cell: reliable ratios beyond noise, ranked; below, the methods whose ratio the run
+    could not vouch for (the hover says why); "not timed" when nothing at this batch was (meta)."""
+    empty = "none beyond timing noise" if timed else "not timed"
+    cell = _entries_cell(fastest, empty, footnote=untimed if not fastest and timed else "")
+    if not unreliable:
+        return cell
+    return dataclasses.replace(cell, sub=unreliable, hover="; ".join(h for h in (cell.hover, why) if h))
+
+
 def _batch_cell(r: Ranked) -> Cell:
     """The "largest batch" cell: the DP methods by max batch (top RANKED), nondp's below; when every one is the
     same extrapolated bound, that bound once (a ranking of extrapolations would say nothing)."""
@@ -520,6 +547,8 @@ def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
         memory = [(f"{m} {v:.2f}×", "", "") for m, v in r.lowest_memory]
         fastest = [(f"{m} {v:.2f}×", "", "beyond timing noise") for m, v in r.fastest]
         untimed = f"{len(r.untimed)} within noise or not comparable: {', '.join(r.untimed)}" if r.untimed else ""
+        unreliable = f"unreliable, not ranked: {', '.join(m for m, _ in r.unreliable)}" if r.unreliable else ""
+        why = "; ".join(f"{m}: {reason}" for m, reason in r.unreliable)
         batch_cell = _batch_cell(r)
         oom = [(f"{m} (ok ≤ {b})" if b else f"{m} (no batch ok)", "oom", "") for m, b in r.oom]
         by_reason: dict[str, list[str]] = {}
@@ -532,11 +561,7 @@ def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
             [
                 Cell(r.workload, style="label", sub=f"B={r.batch_size}"),
                 _entries_cell(memory, "no ratio"),
-                _entries_cell(
-                    fastest,
-                    "none beyond timing noise" if r.timed else "not timed",
-                    footnote=untimed if not fastest and r.timed else "",
-                ),
+                _fastest_cell(fastest, untimed, unreliable, why, r.timed),
                 batch_cell,
                 _entries_cell(oom, ""),
                 Cell(" · ".join(t for t, _, _ in failed), style="unsupported" if failed else "", footnote=footnotes),

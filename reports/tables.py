@@ -27,6 +27,9 @@ __all__ = [
     "MIN_NOISE_ROUNDS",
     "OVERHEAD_NOTES",
     "RATIO_COLUMNS",
+    "TIME_BASES",
+    "TIME_BASIS",
+    "TIME_UNRELIABLE",
     "TIME_VERDICTS",
     "affine_fit_table",
     "all_ok_batches",
@@ -48,6 +51,7 @@ __all__ = [
     "time_noise",
     "time_verdict",
     "to_markdown",
+    "unreliable_time_reason",
 ]
 
 BASELINE_METHOD = "nondp"
@@ -65,12 +69,18 @@ RATIO_COLUMNS = {
     "median step ×nondp": "time_median_s",
 }
 TIME_RATIO = "median step ×nondp"
-TIME_NOISE = "step time noise"  # combined relative IQR of the two sides (a fraction)
+TIME_NOISE = "step time noise"  # the time ratio's relative spread (a fraction)
 TIME_VERDICT = "time vs noise"  # one of TIME_VERDICTS, or missing where there is no time ratio
+TIME_BASIS = "time ratio of"  # one of TIME_BASES, or missing where there is no time ratio
+TIME_UNRELIABLE = "time unreliable because"  # the record's reason where the verdict is "unreliable", else ""
 
 # A quartile of fewer timed rounds says nothing about the spread (pytest-benchmark's IQR of 1 round is 0).
 MIN_NOISE_ROUNDS = 3
-TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ")
+TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ", "unreliable")
+# "paired rounds": the DP case's own rounds, each over the non-DP rounds either side of it (bench/timing.py);
+# "case medians": the DP case's median over the nondp case's (records written before paired timing, and cases
+# whose non-DP rounds could not run)
+TIME_BASES = ("paired rounds", "case medians")
 
 OVERHEAD_NOTES = (
     "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device, "
@@ -78,13 +88,20 @@ OVERHEAD_NOTES = (
     "compares per-rank peaks, the batch is global). `peak tensor` = peak live tensor bytes (exact tracker, every "
     "device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
-    "`median step` = median seconds per fused DP step over the timed rounds. MiB columns are peak tensor bytes. "
-    "`step time noise` = √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (the relative "
-    "interquartile ranges combined in quadrature); `time vs noise` says whether the time ratio can be trusted: "
-    "`beyond noise` when |ratio − 1| > noise, `within noise` otherwise (the DP and non-DP step times cannot be "
-    f"told apart), `noise unknown` when a side has fewer than {MIN_NOISE_ROUNDS} timed rounds or no IQR, "
-    "`threads differ` when the two sides were timed with different torch CPU thread counts. The CSV holds the "
-    "numbers (empty where there is none) and the `status` / `nondp status` columns that say why."
+    "`median step ×nondp` = the step time ratio. `time ratio of` says where it comes from: `paired rounds` — the "
+    "DP case timed its rounds between rounds of the non-DP step (same workload, batch, mode and device, in the "
+    "same case), and the ratio is the median over its rounds of each one ÷ the non-DP rounds either side of it, "
+    "so both sides saw the same load; `case medians` — records written before paired timing (or whose non-DP "
+    "rounds could not run): the DP case's median seconds per step ÷ the nondp case's, timed at another moment. "
+    "MiB columns are peak tensor bytes. `step time noise` = the ratio's relative spread: IQR / median of the "
+    "per-round ratios (paired), or √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (case "
+    "medians); `time vs noise` says whether the time ratio can be trusted: `unreliable` when the run could not "
+    "vouch for it (`time unreliable because`: the bench's rule, bench/timing.py — its threads waited for a CPU "
+    "other processes held, or its round pairs disagree; for case medians, either case's), `beyond noise` when "
+    "|ratio − 1| > noise, `within noise` otherwise (the DP and non-DP step times cannot be told apart), `noise "
+    f"unknown` when a side has fewer than {MIN_NOISE_ROUNDS} timed rounds or no IQR, `threads differ` when the "
+    "two cases were timed with different torch CPU thread counts. The CSV holds the numbers (empty where there "
+    "is none) and the `status` / `nondp status` columns that say why."
 )
 
 # The fit-table source of a meta max-batch search's rows: one per asked --memory-budget, each exact under the
@@ -168,6 +185,8 @@ def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
         *RATIO_COLUMNS,
         TIME_NOISE,
         TIME_VERDICT,
+        TIME_BASIS,
+        TIME_UNRELIABLE,
     ]
     rows = []
     for _, group in cases.groupby(group_key, sort=True):
@@ -184,8 +203,9 @@ def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
             row["nondp peak tensor MiB"] = _mib(baseline["peak_tensor_bytes"]) if base_ok else math.nan
             for title, figure in RATIO_COLUMNS.items():
                 row[title] = _ratio(case[figure], baseline[figure]) if both_ok else math.nan
-            row[TIME_NOISE] = time_noise(case, baseline) if both_ok else math.nan
-            row[TIME_VERDICT] = time_verdict(row[TIME_RATIO], row[TIME_NOISE], case, baseline) if both_ok else None
+            row[TIME_NOISE], row[TIME_VERDICT], row[TIME_BASIS], row[TIME_UNRELIABLE] = math.nan, None, None, ""
+            if both_ok:
+                row.update(_time_ratio(case, baseline))
             rows.append(row)
     table = pd.DataFrame(rows, columns=columns)
     for column in ("peak tensor MiB", "nondp peak tensor MiB", *RATIO_COLUMNS, TIME_NOISE):
@@ -216,16 +236,60 @@ def time_noise(case: pd.Series, baseline: pd.Series) -> float:
     return round(math.hypot(_relative_iqr(case), _relative_iqr(baseline)), 4)
 
 
-def time_verdict(ratio: float, noise: float, case: pd.Series, baseline: pd.Series) -> str | None:
-    """Whether a time ratio can be trusted (one of TIME_VERDICTS; None when there is no ratio)."""
+def time_verdict(ratio: float, noise: float, case: pd.Series, baseline: pd.Series | None) -> str | None:
+    """Whether a time ratio can be trusted (one of TIME_VERDICTS but "unreliable", the record's own verdict; None
+    when there is no ratio). ``baseline``: the nondp case divided by, None for a paired ratio (one process)."""
     if not present(ratio):
         return None
-    threads = case.get("torch_threads"), baseline.get("torch_threads")
+    threads = case.get("torch_threads"), baseline.get("torch_threads") if baseline is not None else None
     if all(present(t) for t in threads) and threads[0] != threads[1]:
         return "threads differ"
     if not present(noise):
         return "noise unknown"
     return "beyond noise" if abs(ratio - 1.0) > noise else "within noise"
+
+
+def _time_ratio(case: pd.Series, baseline: pd.Series) -> dict[str, Any]:
+    """The time columns of an overhead row (both cases ok): the DP case's paired ratio where its record has one,
+    else the ratio of the two cases' medians (TIME_BASES); "unreliable" where the bench's rule said so."""
+    paired = case.get("paired_time_ratio")
+    if present(paired):
+        ratio, noise, basis = round(float(paired), 3), _paired_noise(case), TIME_BASES[0]
+        unreliable = unreliable_time_reason(case)
+        verdict = time_verdict(ratio, noise, case, None)
+    else:
+        ratio, noise = _ratio(case["time_median_s"], baseline["time_median_s"]), time_noise(case, baseline)
+        basis = TIME_BASES[1] if present(ratio) else None
+        sides = (("this case", unreliable_time_reason(case)), ("nondp", unreliable_time_reason(baseline)))
+        unreliable = "; ".join(f"{side}: {reason}" for side, reason in sides if reason)
+        verdict = time_verdict(ratio, noise, case, baseline)
+    if unreliable and present(ratio):
+        verdict = "unreliable"
+    return {
+        TIME_RATIO: ratio,
+        TIME_NOISE: noise,
+        TIME_VERDICT: verdict,
+        TIME_BASIS: basis,
+        TIME_UNRELIABLE: unreliable if verdict == "unreliable" else "",
+    }
+
+
+def _paired_noise(case: pd.Series) -> float:
+    """IQR / median of a paired case's per-round ratios; NaN when it says nothing (too few rounds, no IQR)."""
+    ratio, iqr, pairs = case.get("paired_time_ratio"), case.get("paired_time_ratio_iqr"), case.get("round_times_s")
+    pairs = len(pairs) if isinstance(pairs, list) else 0
+    if not (present(iqr) and float(ratio) > 0) or pairs < MIN_NOISE_ROUNDS:
+        return math.nan
+    return round(float(iqr) / float(ratio), 4)
+
+
+def unreliable_time_reason(case: pd.Series) -> str:
+    """The bench's reason where it judged ``case``'s step times unreliable (bench/timing.py), else "" (also for
+    records written before the bench judged them)."""
+    reliable = case.get("time_reliable")
+    if not present(reliable) or bool(reliable):
+        return ""
+    return str(case.get("time_unreliable_reason") or "unreliable (no reason recorded)")
 
 
 def overhead_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -240,7 +304,8 @@ def overhead_display(table: pd.DataFrame) -> pd.DataFrame:
             shown.at[i, title] = _number_or(row[title], case_problem or base_problem or "n/a")
         noise = row[TIME_NOISE]
         shown.at[i, TIME_NOISE] = f"±{noise:.1%}" if present(noise) else ""
-        shown.at[i, TIME_VERDICT] = row[TIME_VERDICT] if present(row[TIME_VERDICT]) else ""
+        for title in (TIME_VERDICT, TIME_BASIS):
+            shown.at[i, title] = row[title] if present(row[title]) else ""
     return shown
 
 
@@ -530,11 +595,25 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def overhead_warnings(table: pd.DataFrame) -> list[str]:
-    """Report warnings about the overhead table: time ratios across different torch thread counts."""
+    """Report warnings about the overhead table: time ratios the run could not vouch for, ratios of two cases'
+    medians, and ratios across different torch thread counts."""
+    warnings = []
+    unreliable = table[table[TIME_VERDICT] == "unreliable"]
+    if len(unreliable):
+        warnings.append(
+            f"{len(unreliable)} time ratio(s) are marked `unreliable`: the run could not vouch for them (other "
+            "load on the machine, or round pairs that disagree; overhead.md says which); they are not ranked"
+        )
+    medians = table[table[TIME_BASIS] == TIME_BASES[1]]
+    if len(medians):
+        warnings.append(
+            f"{len(medians)} time ratio(s) divide two cases' medians timed at different moments (records without "
+            "paired non-DP rounds, e.g. written before paired timing): any change of load between them is in the ratio"
+        )
     differ = table[table[TIME_VERDICT] == "threads differ"]
-    if differ.empty:
-        return []
-    return [
-        f"{len(differ)} time ratio(s) divide step times timed with different torch CPU thread counts (e.g. results "
-        "merged from different runs); they are marked `threads differ` and not stated in the summary"
-    ]
+    if len(differ):
+        warnings.append(
+            f"{len(differ)} time ratio(s) divide step times timed with different torch CPU thread counts (e.g. "
+            "results merged from different runs); they are marked `threads differ` and not stated in the summary"
+        )
+    return warnings

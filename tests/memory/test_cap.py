@@ -106,7 +106,7 @@ def test_measured_round_enforces_the_cap_and_an_oom_case_is_never_timed(config):
     peak = run_case(spec, config, timer=None).memory.peak_tensor_bytes
     timed = []
 
-    def timer(step, one_call_s) -> Timing:
+    def timer(step, one_call_s, reference=None, notes=None) -> Timing:
         timed.append(one_call_s)
         return Timing(time_median_s=one_call_s, rounds=1)
 

@@ -239,3 +239,52 @@ def test_hostile_workload_reaches_csv_unchanged(tmp_path):
     md, csv_path = write_table(grid, tmp_path, "o", OVERHEAD_NOTES, results.overhead)
     assert {r["workload"] for r in csv.DictReader(csv_path.open())} == {HOSTILE}
     assert "<!--" not in md.read_text() and "&lt;!--" in md.read_text()
+
+
+def _paired(records: list[CaseRecord], ratios: dict[str, float], unreliable: dict[str, str]) -> list[CaseRecord]:
+    """The records as the bench now writes them: each DP case with its paired ratio and every case judged."""
+    for r in records:
+        timing = r.timing
+        timing.round_times_s = [timing.time_median_s] * 5
+        if r.method in ratios:
+            timing.paired_time_ratio, timing.paired_time_ratio_iqr = ratios[r.method], 0.02 * ratios[r.method]
+        timing.time_reliable = r.method not in unreliable
+        timing.time_unreliable_reason = unreliable.get(r.method, "")
+    return records
+
+
+def test_an_unreliable_time_ratio_is_marked_on_the_first_screen_and_never_ranked(tmp_path):
+    """bk's paired rounds ran while other processes held the CPUs: its ratio is shown as unreliable and left out
+    of the "fastest" ranking, though it is the lowest; nondp's own step time is marked too."""
+    waited = "its threads waited for a CPU 60% of the time they could run (limit 25%)"
+    ratios = {"bk": 0.18, "opacus-hooks": 1.35, "opacus-ghost": 1.60}
+    records = _paired(_run_with_time_spread(base_iqr=0.02), ratios, {"bk": waited, "nondp": waited})
+    path = write_jsonl(tmp_path / "loaded.jsonl", records)
+    matrix_md, ranked_md = _first_screen(path)
+    row = next(line for line in matrix_md if line.startswith("| dit-s-2-cond"))
+    assert "t unreliable" in row and "t 0.18×" not in row and "t 1.35×" in row
+    assert "(unreliable)" in row.split("|")[1]  # the row label's nondp step time
+    ranked_row = next(line for line in ranked_md if line.startswith("| dit-s-2-cond"))
+    assert "opacus-hooks 1.35× · opacus-ghost 1.60×" in ranked_row and "bk 0.18×" not in ranked_row
+    assert "unreliable, not ranked: bk" in ranked_row
+    results = load_results([path])
+    (matrix,) = overview(results)
+    (ranked,) = ranked_summary(results, matrix)
+    assert [m for m, _ in ranked.fastest] == ["opacus-hooks", "opacus-ghost"] and ranked.unreliable == (("bk", waited),)
+    assert waited in matrix_grid(matrix).rows[0][1 + matrix.methods.index("bk")].hover
+    md = write_markdown(report_content(results, [], "t"), _mkdir(tmp_path / "r")).read_text()
+    assert "1 time ratio(s) are marked `unreliable`" in md and "divide two cases' medians" not in md
+
+
+def test_paired_ratios_are_the_reported_ratio_and_older_records_are_said_to_divide_medians(tmp_path):
+    paired = _paired(_run_with_time_spread(base_iqr=0.02), {"bk": 1.05, "opacus-hooks": 1.2, "opacus-ghost": 1.3}, {})
+    results = load_results([write_jsonl(tmp_path / "paired.jsonl", paired)])
+    (matrix,) = overview(results)
+    assert matrix.rows[0].cells["bk"].time_ratio == 1.05  # not the two cases' medians' 1.18
+    assert matrix.rows[0].cells["bk"].time_basis == "paired rounds"
+    older = _run_with_time_spread(base_iqr=0.02)  # no paired fields, not judged
+    results = load_results([write_jsonl(tmp_path / "older.jsonl", older)])
+    (matrix,) = overview(results)
+    assert matrix.rows[0].cells["bk"].time_ratio == 1.18 and matrix.rows[0].cells["bk"].time_basis == "case medians"
+    md = write_markdown(report_content(results, [], "t"), _mkdir(tmp_path / "r")).read_text()
+    assert "3 time ratio(s) divide two cases' medians timed at different moments" in md

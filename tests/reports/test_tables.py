@@ -17,6 +17,7 @@ from reports.tables import (
     fit_display,
     overhead_display,
     overhead_table,
+    overhead_warnings,
 )
 from tests.reports.fakes import (
     BATCHES,
@@ -91,7 +92,8 @@ def test_overhead_cells_are_numbers_and_their_text_names_the_reason(two_gpu):
     no_base = overhead_table(cpu[cpu["method"] != "nondp"])
     assert set(no_base["nondp status"]) == {"missing"}
     assert overhead_display(no_base).set_index("method").loc["bk", "median step ×nondp"] == "no nondp"
-    assert not (overhead_display(table) == "").drop(columns=["step time noise", "time vs noise"]).any().any()
+    time_texts = ["step time noise", "time vs noise", "time ratio of", "time unreliable because"]  # empty: no ratio
+    assert not (overhead_display(table) == "").drop(columns=time_texts).any().any()
 
 
 def _timed(method: str, median: float, iqr: float | None, rounds: int = 5, threads: int = 2) -> dict:
@@ -198,3 +200,29 @@ def test_max_batch_records_take_precedence_over_the_case_fit(tmp_path, two_gpu):
     assert fits.loc[("h100", "dit-s-2-cond", "bk"), "source"] == "fit to cases"
     shown = fit_display(fits.reset_index()).set_index(["machine", "workload", "method"])
     assert shown.loc[("a100", "dit-s-2-cond", "bk"), "points"] == ""
+
+
+def test_a_paired_ratio_is_the_time_ratio_with_its_own_spread():
+    """The DP case's rounds each over the non-DP rounds either side: 1.5×, though its median is 20× the nondp
+    case's (timed under another load); the noise is the per-round ratios' IQR / median."""
+    paired = {"paired_time_ratio": 1.5, "paired_time_ratio_iqr": 0.03, "round_times_s": [20.0] * 5}
+    dp = {**_timed("bk", 20.0, 0.1), **paired, "time_reliable": True, "time_unreliable_reason": ""}
+    row = overhead_table(pd.DataFrame([_timed("nondp", 1.0, 0.9), dp])).iloc[0]
+    assert row["median step ×nondp"] == 1.5 and row["time ratio of"] == "paired rounds"
+    assert row["step time noise"] == pytest.approx(0.02) and row["time vs noise"] == "beyond noise"
+    few = {**dp, "round_times_s": [20.0] * 2}
+    assert overhead_table(pd.DataFrame([_timed("nondp", 1.0, 0.9), few])).iloc[0]["time vs noise"] == "noise unknown"
+
+
+@pytest.mark.parametrize("side", ["bk", "nondp"])
+def test_an_unpaired_ratio_is_unreliable_when_either_case_is(side):
+    cases = {
+        m: {**_timed(m, median, 0.01), "time_reliable": True, "time_unreliable_reason": ""}
+        for m, median in (("bk", 1.5), ("nondp", 1.0))
+    }
+    cases[side] |= {"time_reliable": False, "time_unreliable_reason": "load average 5.0 above the 2 CPUs available"}
+    row = overhead_table(pd.DataFrame(cases.values())).iloc[0]
+    assert row["time vs noise"] == "unreliable" and row["time ratio of"] == "case medians"
+    who = "this case" if side == "bk" else "nondp"
+    assert row["time unreliable because"] == f"{who}: load average 5.0 above the 2 CPUs available"
+    assert overhead_warnings(overhead_table(pd.DataFrame(cases.values())))[0].startswith("1 time ratio(s) are marked")
