@@ -8,16 +8,25 @@ the same cases and torchrun meets the other nodes at ``--rdzv-endpoint`` (c10d r
 A case that runs past ``--rank-timeout`` has its whole process group killed and is an ``error`` record naming
 each silent rank (with the last line it wrote to stderr); a rank that fails makes torchrun stop the others
 (``--max-restarts 0``), and the record carries that rank's own message. Never a hung suite.
+
+The launch dies with this process (bench/ranks/lifeline.py): ``kill -9`` of pytest takes torchrun and every rank
+with it. SIGINT (Ctrl-C) and SIGTERM/SIGHUP during a launch first end it — its ranks killed, its run directory
+removed — then take their usual course (pytest's KeyboardInterrupt; the default exit for the others). The run
+directory of a launch killed with SIGKILL is removed by the next launch (its name holds the launcher's pid).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,9 +36,20 @@ from bench.dp.parallel import refusal
 from bench.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
 
 from .job import RankJob
+from .lifeline import LAUNCHER_ENV, running, torchrun_preexec
 
 _REPO = Path(__file__).resolve().parents[2]
 _KILL_GRACE_S = 10.0
+RUN_DIR_PREFIX = "dpmem-ranks-"  # + the launcher's pid + "-" + a random part, in the temporary directory
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class LaunchInterrupted(KeyboardInterrupt):
+    """A signal that ends the process arrived during a launch: the launch is ended, then the signal delivered."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} during a many-rank launch")
+        self.signum = signum
 
 
 @dataclass
@@ -42,7 +62,7 @@ class LaunchOutcome:
 
 
 def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
-    """The merged record of ``spec`` (world size > 1) on this node's ranks; never raises."""
+    """The merged record of ``spec`` (world size > 1) on this node's ranks; raises only when interrupted."""
     base = new_record(spec, config)
     if spec.batch_size % spec.world_size:
         base.status = "unsupported"
@@ -57,12 +77,49 @@ def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         return base
     nproc = spec.world_size // config.nnodes
     job = job_for(spec, config, nproc)
-    with tempfile.TemporaryDirectory(prefix="dpmem-ranks-") as tmp:
-        run_dir = Path(tmp)
-        job.write(run_dir / "job.json")
-        argv = torchrun_argv(job, run_dir, config, nproc, spec.case_id)
-        outcome = launch(argv, config.rank_timeout_s)
-        return collect(base, run_dir, outcome, config, nproc)
+    remove_stale_run_dirs(Path(tempfile.gettempdir()))
+    try:
+        with _signals_end_the_launch(), tempfile.TemporaryDirectory(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-") as tmp:
+            run_dir = Path(tmp)
+            job.write(run_dir / "job.json")
+            argv = torchrun_argv(job, run_dir, config, nproc, spec.case_id)
+            outcome = launch(argv, config.rank_timeout_s)
+            return collect(base, run_dir, outcome, config, nproc)
+    except LaunchInterrupted as exc:  # the ranks are gone and the run directory removed: now the signal's course
+        signal.raise_signal(exc.signum)
+        raise
+
+
+@contextmanager
+def _signals_end_the_launch() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`LaunchInterrupted` (as SIGINT raises KeyboardInterrupt),
+    so that the launch is ended before the process is; the previous handlers are back on the way out."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        raise LaunchInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in _ENDING_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def remove_stale_run_dirs(parent: Path) -> list[Path]:
+    """Remove the run directories in ``parent`` whose launcher has exited (killed with SIGKILL: nothing of it
+    could clean up); returns them. A directory of a running launcher, or of another user, is left alone."""
+    removed = []
+    for path in parent.glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid = path.name[len(RUN_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not running(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
 
 
 def job_for(spec: CaseSpec, config: BenchConfig, nproc: int) -> RankJob:
@@ -117,8 +174,13 @@ def torchrun_argv(job: RankJob, run_dir: Path, config: BenchConfig, nproc: int, 
 
 
 def launch(argv: list[str], timeout_s: float) -> LaunchOutcome:
-    """Run ``argv`` in a session of its own; at ``timeout_s`` kill the whole session (torchrun and its ranks)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+    """Run ``argv`` in a session of its own, tied to this process (it dies when this process does); at
+    ``timeout_s``, or when this process is interrupted, kill the whole session (torchrun, and so its ranks)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+        LAUNCHER_ENV: str(os.getpid()),
+    }
     proc = subprocess.Popen(
         argv,
         cwd=_REPO,
@@ -127,6 +189,7 @@ def launch(argv: list[str], timeout_s: float) -> LaunchOutcome:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=torchrun_preexec(),  # one prctl call in the child: safe beside this process's threads
     )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
@@ -135,6 +198,9 @@ def launch(argv: list[str], timeout_s: float) -> LaunchOutcome:
         _kill_session(proc)
         output, _ = proc.communicate()
         return LaunchOutcome(None, _tail(output), timed_out=True)
+    except BaseException:  # Ctrl-C, or SIGTERM made LaunchInterrupted: the ranks go before this process does
+        _kill_session(proc)
+        raise
 
 
 def _kill_session(proc: subprocess.Popen) -> None:

@@ -1,17 +1,28 @@
 """What torchrun runs on every rank: ``python -m bench.ranks.worker JOB.json OUT_DIR``.
 
-Reads the job, joins the process group (nccl with GPU ``LOCAL_RANK`` when the case is on cuda, gloo on CPU;
-its collective timeout is the case's), runs :func:`bench.ranks.step.run_rank` and writes this rank's record to
+Ties itself to its launch (bench/ranks/lifeline.py: the kernel kills it when torchrun exits), reads the job,
+joins the process group (nccl with GPU ``LOCAL_RANK`` when the case is on cuda, gloo on CPU; its collective
+timeout is the case's), runs :func:`bench.ranks.step.run_rank` and writes this rank's record to
 ``OUT_DIR/rank<RANK>.json`` (written whole, then renamed: a reader never sees half a file). It exits 0 when its
 step was ``ok`` or ``unsupported`` (every rank refuses alike), 1 otherwise, so torchrun stops the other ranks
 instead of leaving them waiting in a collective.
 """
 
+# ruff: noqa: E402 (the tie to the launch comes before torch's imports)
 from __future__ import annotations
+
+import sys
+
+from .lifeline import tie_rank_to_launch
+
+# First of all, only when torchrun runs this module: importing torch takes seconds, and a launch killed meanwhile
+# would leave this rank running, orphaned, for all of them.
+_LAUNCH_GONE = tie_rank_to_launch() if __name__ == "__main__" else None
+if _LAUNCH_GONE is not None:
+    sys.exit(f"bench.ranks.worker: {_LAUNCH_GONE}; not running")
 
 import datetime
 import os
-import sys
 import traceback
 from pathlib import Path
 

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+
+from bench.ranks.lifeline import LAUNCHER_ENV, running
 from bench.record import CaseRecord
 from reports.load import load_results
-from tests.bench.test_matrix import RECORD_KEYS, _bench, _records
+from tests.bench.test_matrix import FP32_ONLY, RECORD_KEYS, REPO, _bench, _env, _records
 
 
 def test_a_case_on_two_ranks_is_one_entry_with_per_rank_figures(tmp_path):
@@ -45,3 +54,43 @@ def test_a_case_on_two_ranks_is_one_entry_with_per_rank_figures(tmp_path):
     assert [(r.batch_size, r.status) for r in _records(out_jsonl)] == [(3, "unsupported"), (4, "ok")]
     cases = load_results([out_json], warn=lambda message: None).cases
     assert list(cases["world_size"]) == [2, 2] and list(cases["parallel"]) == ["fsdp", "fsdp"]
+
+
+def _launch_processes(launcher: int) -> list[int]:
+    """The live processes started by the many-rank launch of pytest ``launcher`` (torchrun and its ranks)."""
+    tag = f"{LAUNCHER_ENV}={launcher}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")  # empty for a zombie: it has exited
+            except OSError:
+                continue
+            if tag in environ and running(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lifeline is Linux's PR_SET_PDEATHSIG")
+def test_killing_pytest_with_sigkill_takes_torchrun_and_its_ranks_with_it(tmp_path):
+    args = ["--workloads", "dit-tiny-cond", "--methods", "nondp", "--batch-sizes", "2,4,6,8", "--devices", "cpu"]
+    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1", *FP32_ONLY]
+    cmd += [f"--results={tmp_path / 'run.jsonl'}", *args, "--world-sizes", "2", "--parallel", "ddp"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while len(_launch_processes(proc.pid)) < 3 and time.monotonic() < deadline:  # torchrun and both ranks
+            assert proc.poll() is None, "pytest ended before its ranks were seen"
+            time.sleep(0.05)
+        assert len(_launch_processes(proc.pid)) >= 3, "the ranks never started"
+        time.sleep(1)  # a rank killed before its interpreter came up exits on its own, after that start-up
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 8
+    while _launch_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _launch_processes(proc.pid)
+    for pid in left:  # never leave them behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the launch outlived pytest: {left}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,15 @@ from bench.conftest import _devices_of
 from bench.dp import resolve_privacy
 from bench.options import BadValue, parallel_strategies, rendezvous_endpoint, world_sizes
 from bench.ranks.job import RankJob
-from bench.ranks.launch import LaunchOutcome, collect, launch, run_ranked_case, torchrun_argv
+from bench.ranks.launch import (
+    RUN_DIR_PREFIX,
+    LaunchOutcome,
+    collect,
+    launch,
+    remove_stale_run_dirs,
+    run_ranked_case,
+    torchrun_argv,
+)
 from bench.ranks.step import time_rounds
 from bench.record import (
     CaseRecord,
@@ -245,3 +255,13 @@ def test_ranks_time_themselves_in_calibrated_rounds():
     assert timing.rounds == 3 and timing.iterations > 1  # a 2 ms step is repeated to fill a round
     assert timing.time_min_s <= timing.time_median_s <= timing.time_max_s
     assert timing.time_median_s >= 0.002
+
+
+def test_the_next_launch_removes_run_directories_whose_launcher_is_gone(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{RUN_DIR_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{RUN_DIR_PREFIX}{os.getpid()}-def"
+    for path in (stale, live):
+        (path / "logs").mkdir(parents=True)
+    assert remove_stale_run_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
