@@ -443,6 +443,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISIONS,
     "checkpointing": CHECKPOINTINGS,
     "parallel": PARALLEL_STRATEGIES,
+    "BatchProbe.status": PROBE_STATUSES,  # a meta probe the host could not draw, beside the case statuses
 }
 # The keys a dict field takes, by field name.
 _KEYS: dict[str, tuple[str, ...]] = {"breakdown": CATEGORIES, "rank_max": RANK_FIGURES, "rank_mean": RANK_FIGURES}
@@ -476,7 +477,9 @@ def _decode(cls: type, data: Any, path: str) -> Any:
         if f.name in _PARTS:
             values[f.name] = _decode(hint, data, path)
         elif f.name in data:
-            values[f.name] = _decoded(data[f.name], hint, f"{path}.{f.name}" if path else f.name, f.name)
+            qualified = f"{cls.__name__}.{f.name}"  # a class's own rule for a field name (a probe's status)
+            name = qualified if qualified in _CHOICES else f.name
+            values[f.name] = _decoded(data[f.name], hint, f"{path}.{f.name}" if path else f.name, name)
     return cls(**values)
 
 
@@ -519,6 +522,10 @@ def _decoded(value: Any, hint: Any, path: str, name: str) -> Any:
             raise RecordError(f"{path} {_shown(value)} is not a string")
         if name in _CHOICES and value not in _CHOICES[name]:
             raise RecordError(f"{path} {value!r:.40} is not one of {', '.join(_CHOICES[name])}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecordError(f"{path} {_shown(value)} is not true or false")
         return value
     if hint is float and isinstance(value, str) and value in _NONFINITE:
         value = _NONFINITE[value]

@@ -190,3 +190,15 @@ def test_values_a_fit_or_a_noise_free_step_may_take_are_accepted():
     assert CaseRecord.from_dict(record.to_dict()).epsilon == math.inf
     search = dataclasses.replace(_search(), fit_fixed_bytes=-3.0e6, overhead_fixed_bytes=-5, overhead_fraction=-0.2)
     assert MaxBatchRecord.from_dict(search.to_dict()) == search
+
+
+def test_a_true_or_false_field_reads_back_and_refuses_anything_else():
+    """``Timing.time_reliable`` (bool | None): true and false round-trip; a number or a string is refused by name."""
+    record = _record()
+    for verdict in (True, False, None):
+        timed = dataclasses.replace(record, timing=dataclasses.replace(record.timing, time_reliable=verdict))
+        assert from_jsonl_line(to_jsonl_line(timed)).timing.time_reliable is verdict
+    for bad in (1, "yes"):
+        data = {"record_type": "case", **record.to_dict(), "time_reliable": bad}
+        with pytest.raises(RecordError, match="^time_reliable .* is not true or false"):
+            from_record_dict(data)
