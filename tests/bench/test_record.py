@@ -200,5 +200,5 @@ def test_a_true_or_false_field_reads_back_and_refuses_anything_else():
         assert from_jsonl_line(to_jsonl_line(timed)).timing.time_reliable is verdict
     for bad in (1, "yes"):
         data = {"record_type": "case", **record.to_dict(), "time_reliable": bad}
-        with pytest.raises(RecordError, match="^time_reliable .* is not true or false"):
+        with pytest.raises(RecordError, match=r"^time_reliable .* is not true or false"):
             from_record_dict(data)
