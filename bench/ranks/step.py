@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 import models
 from bench.case import failure_status
@@ -84,7 +85,7 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
                 extra_state=(*batch.inputs, batch.target),
             )
             if fake_mode is None and job.rounds:
-                record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s)
+                record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s, device)
     except Exception as exc:  # classified as bench/case.py does; the traceback must not keep tensors alive
         batch_text = f"batch {job.batch_size} ({job.local_batch_size} per rank)"
         record.status, record.reason = failure_status(exc, batch_text)
@@ -160,6 +161,18 @@ def _real_tensors(fake_mode):
     return unset_fake_temporarily()
 
 
+def agreed_iterations(iterations: int, device: torch.device) -> int:
+    """The largest of the ranks' ``iterations``, on every rank.
+
+    Each rank calibrates its calls per round from its own warm-up step, and on a loaded machine the ranks' warm-ups
+    differ. A parallel step is a collective: a rank that runs more calls than the others waits in an all-reduce
+    for peers that have already finished, and fails when they leave ("Connection closed by peer"). The largest
+    count keeps every rank's round at least MIN_ROUND_S long."""
+    count = torch.tensor([iterations], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,10 +192,15 @@ def _warm_up(step, batch, device: torch.device, job: RankJob) -> float:
     return time.perf_counter() - start
 
 
-def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float) -> Timing:
+def time_rounds(
+    run: Callable[[], object], rounds: int, one_call_s: float, device: torch.device | None = None
+) -> Timing:
     """``rounds`` timed rounds of ``run`` (each repeated until it lasts MIN_ROUND_S, as bench/timing.py does
-    for pytest-benchmark); times are per call. A rank has no pytest-benchmark: it times itself."""
+    for pytest-benchmark); times are per call. A rank has no pytest-benchmark: it times itself. Inside a process
+    group every rank runs the same number of calls (:func:`agreed_iterations`)."""
     iterations = iterations_for(one_call_s, MIN_ROUND_S)
+    if dist.is_available() and dist.is_initialized():
+        iterations = agreed_iterations(iterations, device or torch.device("cpu"))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()

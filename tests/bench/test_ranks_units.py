@@ -36,6 +36,7 @@ from bench.record import (
     from_jsonl_line,
     to_jsonl_line,
 )
+from bench.timing import MIN_ROUND_S
 
 
 def _config(**kw) -> BenchConfig:
@@ -255,6 +256,32 @@ def test_ranks_time_themselves_in_calibrated_rounds():
     assert timing.rounds == 3 and timing.iterations > 1  # a 2 ms step is repeated to fill a round
     assert timing.time_min_s <= timing.time_median_s <= timing.time_max_s
     assert timing.time_median_s >= 0.002
+
+
+def _time_collective_rounds(rank: int, store: str, out: str) -> None:
+    """One of 2 gloo ranks: time an all-reduce 'step' after a warm-up 25× slower on rank 1 than on rank 0."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    one = torch.ones(1)
+    timing = time_rounds(lambda: dist.all_reduce(one), rounds=2, one_call_s=0.001 if rank == 0 else 0.025)
+    Path(out, f"rank{rank}").write_text(str(timing.iterations))
+    dist.destroy_process_group()
+
+
+def test_ranks_whose_warm_ups_differ_agree_on_calls_per_round(tmp_path):
+    """Under load one rank's warm-up is slower: were each rank's count its own, the rank with more calls would
+    wait in an all-reduce for a peer that has left (the load-dependent 'Connection closed by peer')."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_time_collective_rounds, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    counts = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert counts == [math.ceil(MIN_ROUND_S / 0.001)] * 2  # the larger count, from the faster warm-up
 
 
 def test_the_next_launch_removes_run_directories_whose_launcher_is_gone(tmp_path):
