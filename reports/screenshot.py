@@ -1,12 +1,12 @@
 """Screenshot a rendered report.html with headless Chromium: ``python reports/screenshot.py HTML PNG``.
 
 What a reader sees first, as a PNG (1400×900 by default), for the README and as a CI check that the report
-renders in a real browser. Standalone on purpose (standard library, and Pillow when installed): ``tox -e
-screenshot`` runs it without installing the project.
+renders in a real browser. As a script it imports the standard library, the project's one-line usage errors
+(bench.cli) and Pillow when installed; ``tox -e screenshot`` installs the project for bench.cli.
 
 Exit status: 0 written (the PNG is checked: not empty, not one flat colour); 0 with a "skipped" line when no
-Chromium binary exists (a missing browser never fails CI); 1 when the browser exists but the screenshot is
-missing, empty or blank; 2 bad arguments (a missing HTML file, a bad --size, a $DPMEM_CHROMIUM that is no
+Chromium binary exists, unless ``--require-browser`` (CI installs one and asks for it: then 1); 1 when the
+browser exists but the screenshot is missing, empty or blank; 2 bad arguments (a missing HTML file, a bad --size, a $DPMEM_CHROMIUM that is no
 executable).
 """
 
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("html", type=Path, help="the report.html to open")
     parser.add_argument("png", type=Path, help="the PNG to write")
     parser.add_argument("--size", type=parse_size, default=(1400, 900), help="window WIDTHxHEIGHT (1400x900)")
+    parser.add_argument(
+        "--require-browser", action="store_true", help="fail (exit 1) instead of skipping when no Chromium is found"
+    )
     args = parser.parse_args(argv)
     if not args.html.is_file():
         print(f"error: {args.html}: no such file (render it first: python -m reports ... --out DIR)", file=sys.stderr)
@@ -95,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: DPMEM_CHROMIUM={os.environ['DPMEM_CHROMIUM']}: no such executable", file=sys.stderr)
         return 2
     if browser is None:
-        print(f"skipped: no Chromium binary found (looked for $DPMEM_CHROMIUM, {', '.join(BROWSERS)})")
+        looked = f"looked for $DPMEM_CHROMIUM, {', '.join(BROWSERS)}"
+        if args.require_browser:
+            print(f"error: no Chromium binary found ({looked}); --require-browser", file=sys.stderr)
+            return 1
+        print(f"skipped: no Chromium binary found ({looked})")
         return 0
     args.png.parent.mkdir(parents=True, exist_ok=True)
     args.png.unlink(missing_ok=True)  # a stale PNG must not pass for a new one

@@ -3,6 +3,7 @@ and the sortable tables' script. Without a browser the screenshot step skips wit
 
 from __future__ import annotations
 
+import configparser
 import html
 import json
 import re
@@ -17,6 +18,7 @@ from reports.html import write_html
 from reports.load import load_results
 from tests.reports.fakes import write_two_gpu_files
 
+ROOT = Path(__file__).resolve().parents[2]
 BROWSER = screenshot.find_browser()
 needs_browser = pytest.mark.skipif(BROWSER is None, reason="no Chromium (apt-get install chromium-headless-shell)")
 
@@ -63,6 +65,25 @@ def test_without_a_browser_the_screenshot_step_skips_with_a_message(page, tmp_pa
     assert "DPMEM_CHROMIUM=" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         screenshot.main([str(page), str(tmp_path / "shot.png"), "--size", "wide"])
+
+
+def test_where_a_browser_is_required_its_absence_fails(page, tmp_path, monkeypatch, capsys):
+    """CI installs Chromium and passes --require-browser: a browser that went missing fails, never 'skipped'."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("DPMEM_CHROMIUM", raising=False)
+    assert screenshot.main([str(page), str(tmp_path / "shot.png"), "--require-browser"]) == 1
+    assert "error: no Chromium binary found" in capsys.readouterr().err
+
+
+def test_the_screenshot_env_installs_what_the_script_imports():
+    """``tox -e screenshot`` runs ``python -I reports/screenshot.py``: no folder of the clone is on its path, so
+    bench.cli must come from the installed project (a skipped package failed CI: No module named 'bench')."""
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    env = tox["testenv:screenshot"]
+    assert env.get("package", tox["testenv"].get("package")) == "editable"
+    assert "from bench.cli import" in (ROOT / "reports" / "screenshot.py").read_text()
+    assert "python -I {toxinidir}/reports/screenshot.py" in env["commands"]
 
 
 # Clicks the "B=64" header of the first detail table twice and stores the numbers of that column after each click.
