@@ -8,6 +8,7 @@ method and device registries happen here).
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bench.contention import available_cpu_cores
 from bench.overhead import DEFAULT_OVERHEAD, OverheadModel
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
@@ -215,7 +217,7 @@ class BenchConfig:
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
         world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
-        _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"))
+        _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"), option("--oversubscribe"))
         return cls(
             preset=preset_name,
             workloads=tuple(workloads),
@@ -293,10 +295,16 @@ def _memory_cap(given: int | None) -> int | None:
 
 
 def _check_ranks(
-    world_sizes: tuple[int, ...], nnodes: int, rdzv: str | None, devices: tuple[str, ...], max_batch: bool
+    world_sizes: tuple[int, ...],
+    nnodes: int,
+    rdzv: str | None,
+    devices: tuple[str, ...],
+    max_batch: bool,
+    oversubscribe: bool = False,
 ) -> None:
     """BenchUsageError for a many-rank setting that cannot run here: nodes without a rendezvous, a world size
-    the nodes do not divide, more ranks per node than GPUs, or the max-batch search (one process only)."""
+    the nodes do not divide, more ranks per node than GPUs, more CPU ranks per node than cores (unless
+    ``oversubscribe``), a rendezvous host that does not resolve, or the max-batch search (one process only)."""
     ranked = [w for w in world_sizes if w > 1]
     if ranked and max_batch:
         raise BenchUsageError("--max-batch searches one process; run it without --world-sizes above 1")
@@ -305,13 +313,37 @@ def _check_ranks(
     for w in ranked:
         if w % nnodes:
             raise BenchUsageError(f"--world-sizes: {w} ranks do not split evenly over --nnodes {nnodes}")
-    if ranked and any(d.startswith("cuda") for d in devices):
-        per_node, gpus = max(ranked) // nnodes, torch.cuda.device_count()
+    if not ranked:
+        return
+    per_node = max(ranked) // nnodes
+    if any(d.startswith("cuda") for d in devices):
+        gpus = torch.cuda.device_count()
         if per_node > gpus:
             raise BenchUsageError(
                 f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) need {per_node} GPUs per node (one per "
                 f"rank), this node has {gpus}"
             )
+    cores = available_cpu_cores()
+    if "cpu" in devices and not oversubscribe and cores is not None and per_node > cores:
+        # Each CPU rank is a torch process stepping in lockstep with the others: more ranks than cores only
+        # time-slice, and a few dozen of them exhaust the machine's memory before the first step.
+        raise BenchUsageError(
+            f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) start {per_node} CPU processes per node, "
+            f"this node has {cores} cores; pass --oversubscribe to run them anyway"
+        )
+    if nnodes > 1:
+        _check_rendezvous_host(rdzv)
+
+
+def _check_rendezvous_host(endpoint: str) -> None:
+    """Resolve the rendezvous host now: torchrun would otherwise retry a name that does not exist until
+    --rank-timeout, then die with only its own "gai error" in its log."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise BenchUsageError(f"--rdzv-endpoint {endpoint}: host {host!r} does not resolve ({why})") from None
 
 
 def resolve_overhead(given: OverheadModel | None, calibration_files, gpu: str | None) -> OverheadModel:

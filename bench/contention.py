@@ -43,11 +43,17 @@ class LoadConditions:
 
 def read() -> Reading:
     return Reading(
-        time.perf_counter(), time.process_time(), _threads_ns(), _machine_ticks(), _load_average(), _cpus_available()
+        time.perf_counter(),
+        time.process_time(),
+        _threads_ns(),
+        _machine_ticks(),
+        _load_average(),
+        available_cpu_cores(),
     )
 
 
-def _cpus_available() -> int | None:
+def available_cpu_cores() -> int | None:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count()

@@ -427,6 +427,11 @@ def _ranks_options(add) -> None:
         type=rendezvous_endpoint,
         help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
     )
+    add(
+        "--oversubscribe",
+        action="store_true",
+        help="run more CPU ranks per node than the node has cores (refused otherwise)",
+    )
 
 
 def _max_batch_options(add) -> None:

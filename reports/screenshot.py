@@ -6,8 +6,8 @@ renders in a real browser. As a script it imports the standard library, the proj
 
 Exit status: 0 written (the PNG is checked: not empty, not one flat colour); 0 with a "skipped" line when no
 Chromium binary exists, unless ``--require-browser`` (CI installs one and asks for it: then 1); 1 when the
-browser exists but the screenshot is missing, empty or blank; 2 bad arguments (a missing HTML file, a bad --size, a $DPMEM_CHROMIUM that is no
-executable).
+browser exists but the screenshot is missing, empty or blank; 2 bad arguments (a missing HTML file, a bad
+--size, a $DPMEM_CHROMIUM that is no executable).
 """
 
 from __future__ import annotations

@@ -253,9 +253,12 @@ def _silent_rank(rank: int, run_dir: Path, outcome: LaunchOutcome, config: Bench
 
 
 def _launch_failure(outcome: LaunchOutcome, config: BenchConfig) -> str:
-    if outcome.timed_out:
-        return f"killed after --rank-timeout {config.rank_timeout_s:g} s"
+    """How the launch ended, with torchrun's own last line (a rendezvous that never formed says why there)."""
     last = _last_line(outcome.output_tail)
+    if outcome.timed_out:
+        return f"killed after --rank-timeout {config.rank_timeout_s:g} s" + (
+            f"; torchrun's last line: {last}" if last else ""
+        )
     return f"torchrun exited {outcome.returncode}" + (f" ({last})" if last else "")
 
 

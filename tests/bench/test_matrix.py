@@ -200,6 +200,8 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
         (["--rounds", "0"], "--rounds: must be >= 1"),
         (["--max-grad-norm", "inf"], "clips nothing"),
         (["--results", "/"], "--results /: is a directory"),
+        (["--devices", "cpu", "--world-sizes", "100000"], "this node has"),  # 100000 torch processes: refused
+        (["--nnodes", "2", "--world-sizes", "2", "--rdzv-endpoint", "notahost.invalid:29500"], "does not resolve"),
         (["--workloads", "gpt-tiny", "--snapshot", "gpt-tiny-nondp-bs3-cpu"], "did you mean gpt-tiny-nondp-bs4-cpu"),
     ],
 )

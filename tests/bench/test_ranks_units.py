@@ -133,6 +133,33 @@ def test_many_rank_settings_that_cannot_run_are_usage_errors(args, message):
         _check_ranks(*args)
 
 
+def test_more_cpu_ranks_than_cores_are_refused_unless_oversubscribed(monkeypatch):
+    monkeypatch.setattr("bench.config.available_cpu_cores", lambda: 2)
+    _check_ranks((1, 2), 1, None, ("cpu",), False)  # one rank per core runs
+    with pytest.raises(BenchUsageError, match=r"start 64 CPU processes per node, this node has 2 cores; pass "):
+        _check_ranks((64,), 1, None, ("cpu",), False)
+    _check_ranks((64,), 1, None, ("cpu",), False, oversubscribe=True)  # asked for: started
+    _check_ranks((4,), 2, "localhost:29500", ("cpu",), False)  # 2 per node
+
+
+def test_a_rendezvous_host_that_does_not_resolve_fails_at_once():
+    """torchrun would retry the name until --rank-timeout (900 s), then die with only its own 'gai error'."""
+    with pytest.raises(BenchUsageError, match=r"--rdzv-endpoint notahost.invalid:29500: host 'notahost.invalid' "):
+        _check_ranks((2,), 2, "notahost.invalid:29500", ("cpu",), False)
+    _check_ranks((2,), 2, "127.0.0.1:29500", ("cpu",), False)
+
+
+def test_a_timed_out_launch_keeps_torchruns_own_last_line(tmp_path):
+    outcome = LaunchOutcome(None, "... RendezvousTimeoutError: no peer joined", timed_out=True)
+    base = CaseRecord("dit-tiny-cond", "bk", 4, "cpu", world_size=2, parallel="ddp")
+    record = collect(base, tmp_path, outcome, _config(rank_timeout_s=5.0, nnodes=2, rdzv_endpoint="h:1"), 1)
+    assert record.status == "error"
+    assert record.reason == (
+        "no rank of this node reported: killed after --rank-timeout 5 s; torchrun's last line: "
+        "... RendezvousTimeoutError: no peer joined"
+    )
+
+
 def test_case_ids_are_unchanged_for_one_process_and_name_strategy_and_ranks_otherwise():
     assert CaseSpec("gpt-tiny", "bk", 4, "cpu").case_id == "gpt-tiny-bk-bs4-cpu"
     assert CaseSpec("gpt-tiny", "bk", 16, "cuda", 8, "fsdp").case_id == "gpt-tiny-bk-bs16-cuda-fsdp8"
