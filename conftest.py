@@ -1,4 +1,4 @@
-"""The dpmem bench's command-line options (``pytest bench/ --workloads ... --methods ...``; see the README).
+"""The dpmem bench's command-line options (``pytest bench/ --workloads ... --methods ...``; see docs/running.md).
 
 Only the options live here, so ``pytest --help`` lists them from the repository root and ``pytest tests`` pays
 nothing for them: they are parsed by the cheap ``type=`` callables of ``bench/options.py``. Everything that builds

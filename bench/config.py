@@ -72,7 +72,7 @@ _PAPER_WORKLOADS = (
     "gpt2-xl-untied",
 )
 # The per-sample loop runs B forward+backward passes; on meta each costs as much as a whole batched step, so its
-# paper-preset cases stop at 16 (README, "Paper-scale answers without a GPU").
+# paper-preset cases stop at 16 (docs/meta-and-planner.md, "Paper-scale answers without a GPU").
 PAPER_MICROBATCH_CAP = 16
 
 PRESETS: dict[str, Preset] = {

@@ -1,7 +1,7 @@
 """Running a case on the meta device: tensors with shapes and dtypes but no data, so nothing is allocated.
 
 The fused step runs as usual under the tensor tracker and gives the exact live tensor bytes of any model at any
-batch size (README, "Paper-scale answers without a GPU"). Three pieces make that practical and honest:
+batch size (docs/meta-and-planner.md, "Paper-scale answers without a GPU"). Three pieces make that practical and honest:
 
 * :class:`MetaOpCache` — a meta op costs no arithmetic, but many meta kernels are Python decompositions
   (layer norm backward, gelu, the foreach optimizer ops: 0.3–5 ms each), which made one DiT-XL/2 step take

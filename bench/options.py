@@ -302,7 +302,7 @@ def add_bench_options(parser) -> None:
     """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``). A value a
     ``type=`` parser refuses becomes a :class:`RefusedValue`, which the root conftest's ``pytest_configure``
     raises as a one-line ``pytest.UsageError`` (``ERROR: argument --batch-sizes: ...``, exit 4)."""
-    group = parser.getgroup("dpmem", "dpmem benchmark matrix (see README: options and presets)")
+    group = parser.getgroup("dpmem", "dpmem benchmark matrix (see docs/running.md: options and presets)")
 
     def add(name: str, **kwargs: Any) -> None:
         if "type" in kwargs:

@@ -215,7 +215,7 @@ class CaseRecord:
     memory: StepMemory = field(default_factory=StepMemory)
     timing: Timing = field(default_factory=Timing)
 
-    # --- many ranks (bench/ranks; README "Many ranks (torchrun)") ---------------------------------------
+    # --- many ranks (bench/ranks; docs/ranks.md) --------------------------------------------------------
     world_size: int = 1  # ranks the case ran on; 1: one process, no parallel strategy
     parallel: str | None = None  # PARALLEL_STRATEGIES: "ddp" or "fsdp" (None when world_size == 1)
     # batch_size is the *global* logical batch: each rank steps on batch_size / world_size samples

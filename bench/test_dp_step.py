@@ -3,7 +3,7 @@
 
 `pytest bench/ --benchmark-json=out.json` times each fused DP step (pytest-benchmark's rounds), measures one
 more step with every memory source (bench.memory), and stores the result record in ``extra_info`` and, at
-once, in the JSON-lines file of ``--results``. Options and presets: bench/options.py, bench/config.py, README.
+once, in the JSON-lines file of ``--results``. Options and presets: bench/options.py, bench/config.py, docs/running.md.
 """
 
 from __future__ import annotations

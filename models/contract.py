@@ -1,6 +1,6 @@
 """The workload contract, checked once before any DP method touches a workload.
 
-Every DP method relies on the same rules (README "Bring your own model"): ``model(*batch.inputs)`` returns a
+Every DP method relies on the same rules (docs/workloads.md "Bring your own model"): ``model(*batch.inputs)`` returns a
 tensor, ``loss_fn`` returns the per-sample loss ``[B]``, and a step is a deterministic function of (weights,
 batch) — ``make_batch`` draws all randomness from the generator it is given and the model draws none. A
 workload that breaks one would otherwise fail differently in every method (an ``error`` here, an
@@ -18,7 +18,7 @@ from . import _REGISTRY, Batch, Workload, WorkloadError
 __all__ = ["CONTRACT_BATCH_SIZE", "WorkloadContractError", "check_workload_contract"]
 
 CONTRACT_BATCH_SIZE = 2  # two samples: a loss of shape [] or [1] cannot pass for [B]
-_SEE = '(see README "Bring your own model")'
+_SEE = '(see docs/workloads.md "Bring your own model")'
 _DETERMINISM_RULE = "a step must be a deterministic function of (weights, batch)"
 
 # (workload name, device, what the name is registered as) -> the broken rule, or None: checked once per session.

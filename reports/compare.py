@@ -36,7 +36,7 @@ __all__ = [
     "parse_threshold",
 ]
 
-# Peak figures that do not depend on the cases run before (README "Isolation"); the gate's default.
+# Peak figures that do not depend on the cases run before (docs/measurement.md "Isolation"); the gate's default.
 GATED_BY_DEFAULT = (
     "peak_tensor_bytes",
     "peak_allocated_bytes",

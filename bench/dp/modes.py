@@ -159,7 +159,7 @@ def prepare_model(
     if not types:
         raise ModeUnsupported(
             f"checkpointing blocks: workload {name!r} names no module types to checkpoint",
-            "set Workload.checkpoint_module_types to its block class(es) (README, 'Bring your own model')",
+            "set Workload.checkpoint_module_types to its block class(es) (docs/workloads.md, 'Bring your own model')",
         )
     handle = checkpoint_modules(model, types)
     if not handle.modules:

@@ -1,6 +1,6 @@
 """Case boundaries on one device: what runs before a case allocates anything and after it released everything.
 
-In-process isolation (README, "How memory is measured"): garbage collection, the caching allocator emptied and
+In-process isolation (docs/measurement.md, "Isolation"): garbage collection, the caching allocator emptied and
 its statistics reset at both ends of a case, and at the start the NVML reading every later
 ``nvml_peak_minus_baseline_bytes`` is taken against (CUDA context, loaded kernels and library handles, other
 processes).

@@ -83,7 +83,7 @@ def _trainable_bytes(workload: str) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-# What meta cannot run, and the op it names (see bench/meta.py and the README's meta section).
+# What meta cannot run, and the op it names (see bench/meta.py and docs/meta-and-planner.md, "What meta cannot run").
 META_UNSUPPORTED = {
     # Opacus' functorch sampler enters torch.amp.autocast(device_type=<input device>) for a layer whose input
     # dtype differs from its weight's (nn.Embedding's int64 ids); autocast has no meta device.

@@ -54,7 +54,7 @@ def test_clipped_sum_across_ranks_equals_the_one_process_sum(checks, method, par
         assert REFUSED[method, parallel] in entry["reason"]
         return
     assert entry["status"] == "ok", entry["reason"]
-    # the README's equivalence bound; measured ≤ 1.4e-7 (fp32, 2 ranks × 2 samples, some clipped)
+    # the equivalence bound of docs/ranks.md; measured ≤ 1.4e-7 (fp32, 2 ranks × 2 samples, some clipped)
     assert entry["relative_error"] <= 1e-4
 
 

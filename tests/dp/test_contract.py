@@ -16,7 +16,7 @@ from .custom_workloads import CONTRACT_BREAKERS, cpu_config, mlp_workload, regis
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-SEE = '(see README "Bring your own model")'
+SEE = '(see docs/workloads.md "Bring your own model")'
 DETERMINISM = "a step must be a deterministic function of (weights, batch)"
 # workload name -> what its one error line must say after "workload '<name>': "
 BROKEN_RULE = {
