@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.options import did_you_mean
+from bench.messages import did_you_mean
 from bench.results import ResultsWriter, ResultsWriterError
 from bench.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.messages import first_line
 from bench.record import (
     CATEGORIES,
     CaseRecord,
@@ -40,7 +41,7 @@ from bench.record import (
     from_record_dict,
 )
 
-from .tables import ONE_PROCESS, affine_fit_table, first_line, overhead_table
+from .tables import ONE_PROCESS, affine_fit_table, overhead_table
 
 __all__ = [
     "CASE_KEY",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
-from bench.options import did_you_mean
+from bench.messages import did_you_mean
 
 from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
 from .errors import DPConfigError
