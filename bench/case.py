@@ -179,7 +179,6 @@ def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model,
         privacy=config.privacy,
         batch_size=spec.batch_size,
         optimizer=config.optimizer,
-        lr=config.lr,
         noise_generator=noise_generator,
         mode=spec.mode,
     )

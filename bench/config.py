@@ -152,7 +152,6 @@ class BenchConfig:
     privacy: PrivacyParams  # clip norm, σ, ε, δ, accountant, sample rate, steps: resolved once per session
     sample_interval_s: float = 0.001
     optimizer: str = "adamw"
-    lr: float = 1e-4
     memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
     snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
     snapshot_dir: str = "results/snapshots"

@@ -133,7 +133,6 @@ def job_for(spec: CaseSpec, config: BenchConfig, nproc: int) -> RankJob:
         parallel=spec.parallel,
         privacy=config.privacy,
         optimizer=config.optimizer,
-        lr=config.lr,
         seed=config.seed,
         rounds=config.rounds,
         sample_interval_s=config.sample_interval_s,
