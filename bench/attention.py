@@ -49,7 +49,6 @@ from models.checkpointing import also_in_recompute
 
 __all__ = [
     "ATTENTION_CHOICES",
-    "KERNELS",
     "AttentionMode",
     "AttentionUnsupported",
     "attention_in_forward",
@@ -57,7 +56,6 @@ __all__ = [
 ]
 
 ATTENTION_CHOICES = ("auto", "math", "efficient", "flash", "cudnn")
-KERNELS = ("math", "efficient", "flash", "cudnn")
 
 _aten = torch.ops.aten
 # The fused op each kernel name stands for, per device type (math has none: it is a decomposition).

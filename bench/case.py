@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
@@ -41,40 +40,15 @@ from bench.channel import PhaseMarker, no_mark
 from bench.config import BenchConfig
 from bench.devices import resolve_device
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
-from bench.machine import device_facts
 from bench.memory.isolation import end_case, start_case
 from bench.memory.measure import measure_step
 from bench.memory.tensors import TensorTracker
 from bench.meta import MetaOpCache, meta_model, unsupported_reason
+from bench.ranks.launch import run_ranked_case
 from bench.record import CaseRecord
+from bench.spec import CaseSpec, new_record
 from bench.timing import Reference, StepTimer
 from models.contract import check_workload_contract
-
-
-@dataclass(frozen=True)
-class CaseSpec:
-    workload: str
-    method: str
-    batch_size: int  # the global logical batch (split evenly over the ranks when world_size > 1)
-    device: str  # with world_size > 1: "cpu" or "cuda" (rank r uses its node's GPU LOCAL_RANK)
-    world_size: int = 1
-    parallel: str | None = None  # "ddp" or "fsdp" when world_size > 1 (bench/ranks)
-    precision: str = "fp32"
-    checkpointing: str = "none"
-
-    @property
-    def mode(self) -> dp.TrainingMode:
-        return dp.TrainingMode(self.precision, self.checkpointing)
-
-    @property
-    def case_id(self) -> str:
-        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a non-default
-        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``), and a case on many ranks
-        ends with its strategy and world size, e.g. ``-ddp2``."""
-        ranks = [f"{self.parallel}{self.world_size}"] if self.world_size > 1 else []
-        parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
-        return "-".join(parts)
-
 
 BASELINE_METHOD = dp.nondp.NonDP.name  # every other method's timed rounds are paired with its step
 
@@ -117,26 +91,6 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torc
         for group in groups:
             group["foreach"] = foreach
     return "foreach" if foreach else "for-loop"
-
-
-def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
-    """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
-    device_name, device_memory = device_facts(spec.device)
-    return CaseRecord(
-        workload=spec.workload,
-        method=spec.method,
-        batch_size=spec.batch_size,
-        device=spec.device,
-        precision=spec.precision,
-        checkpointing=spec.checkpointing,
-        **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
-        optimizer=config.optimizer,
-        device_name=device_name,
-        device_memory_bytes=device_memory,
-        runner_label=config.runner_label,
-        world_size=spec.world_size,
-        parallel=spec.parallel,
-    )
 
 
 def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
@@ -225,7 +179,6 @@ def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model,
         privacy=config.privacy,
         batch_size=spec.batch_size,
         optimizer=config.optimizer,
-        lr=config.lr,
         noise_generator=noise_generator,
         mode=spec.mode,
     )
@@ -293,8 +246,6 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         record.status, record.reason = "unsupported", ranks_cannot
         return record
     if spec.world_size > 1:
-        from bench.ranks.launch import run_ranked_case
-
         return run_ranked_case(spec, config)
     record = new_record(spec, config)
     device = resolve_device(spec.device)

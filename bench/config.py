@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bench.contention import available_cpu_cores
-from bench.overhead import DEFAULT_OVERHEAD, OverheadModel
+from bench.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
+from bench.results import ResultFileError, read_result_file
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
     import pytest
@@ -151,7 +152,6 @@ class BenchConfig:
     privacy: PrivacyParams  # clip norm, σ, ε, δ, accountant, sample rate, steps: resolved once per session
     sample_interval_s: float = 0.001
     optimizer: str = "adamw"
-    lr: float = 1e-4
     memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
     snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
     snapshot_dir: str = "results/snapshots"
@@ -354,14 +354,11 @@ def resolve_overhead(given: OverheadModel | None, calibration_files, gpu: str | 
         raise ValueError("--calibrate-gpu needs --calibrate FILES")
     if not calibration_files:
         return given or DEFAULT_OVERHEAD
-    from bench.overhead import calibrate
-    from reports.load import ReportInputError, load_file
-
     records = []
     for path in calibration_files:
         try:
-            records.extend(case.record for case in load_file(path).cases)
-        except ReportInputError as exc:
+            records.extend(case.record for case in read_result_file(path).cases)
+        except ResultFileError as exc:
             raise ValueError(f"--calibrate: {exc}") from None
     return calibrate(records, gpu)
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.options import did_you_mean
+from bench.messages import did_you_mean
 from bench.results import ResultsWriter, ResultsWriterError
 from bench.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
 
 if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, after the options parsed
-    from bench.case import CaseSpec
     from bench.config import BenchConfig
+    from bench.spec import CaseSpec
 
 BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
@@ -79,7 +79,7 @@ def record_untimed(request):
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    from bench.case import CaseSpec
+    from bench.spec import CaseSpec
 
     cfg = metafunc.config.stash[BENCH_CONFIG]
     if "dp_case" in metafunc.fixturenames:
@@ -143,7 +143,7 @@ def parallel() -> str | None:
 
 @pytest.fixture
 def dp_case(workload, method, batch_size, device, world_size, parallel, precision, checkpointing) -> CaseSpec:
-    from bench.case import CaseSpec
+    from bench.spec import CaseSpec
 
     return CaseSpec(workload, method, batch_size, device, world_size, parallel, precision, checkpointing)
 

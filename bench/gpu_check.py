@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.cli import OneLineParser, run
+from bench.messages import first_line
 
 GAP_GOAL = 0.02
 OVERHEAD_GOAL = 0.01
@@ -195,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 gap, overhead = check_case(workload_name, method, args.batch_size, device, args)
             except Exception as exc:  # report and go on: one bad case should not hide the others
-                first = (str(exc).strip().splitlines() or [""])[0]
-                print(f"{label}  ERROR {type(exc).__name__}: {first}")
+                print(f"{label}  ERROR {type(exc).__name__}: {first_line(exc)}")
                 failures += 1
                 continue
             overhead_ok = overhead <= OVERHEAD_GOAL

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bench.options import did_you_mean
+from bench.messages import did_you_mean
 
 __all__ = ["GPUS", "Gpu", "get_gpu", "matching_gpus"]
 

@@ -11,13 +11,14 @@ registries (workload and method names, devices) happen once the values are typed
 from __future__ import annotations
 
 import argparse
-import difflib
-import fractions
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from bench.messages import did_you_mean
+from bench.overhead import parse_overhead
+from bench.sizes import parse_byte_size
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -30,11 +31,9 @@ __all__ = [
     "check_names",
     "clip_norm",
     "comma_list",
-    "did_you_mean",
     "optimizer_impl",
     "overhead_model",
     "parallel_strategies",
-    "parse_byte_size",
     "positive_int",
     "refused_option",
     "rendezvous_endpoint",
@@ -102,54 +101,6 @@ def _positive_ints(text: str, what: str) -> tuple[int, ...]:
 def batch_sizes(text: str) -> tuple[int, ...]:
     """``"4,16"`` → ``(4, 16)``: integers >= 1, each once."""
     return _positive_ints(text, "batch size")
-
-
-# Byte units, case-insensitive: decimal (k, kb = 10**3 ...) and binary (kib = 2**10 ...). A size needs one: a
-# bare "80" used to mean 80 bytes to the parser and 80 GiB to whoever typed it.
-BYTE_UNITS = {
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-MAX_BYTES = 2**63 - 1  # byte counts are int64 in torch and in every record
-_SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
-SIZE_EXAMPLES = "e.g. 8GiB, 512MB, 1e9B"
-
-
-def parse_byte_size(text: str, *, allow_zero: bool = False) -> int:
-    """``"8GiB"``, ``"512 MB"``, ``"1.5KiB"``, ``"1E9B"`` → bytes (a fraction of a byte rounds down); ValueError
-    (one line) for text that is not a size, a size without a unit (``0`` needs none), one that is not finite or
-    above :data:`MAX_BYTES`, or one below 1 byte unless ``allow_zero``. ``--memory-budget`` and the other size
-    options parse with it (through :func:`byte_size`), and so does ``--budget-overhead``'s fixed part."""
-    match = _SIZE.fullmatch(str(text))
-    if not match or match.group(2).lower() not in (*BYTE_UNITS, ""):
-        raise ValueError(f"{text!r} is not a size ({SIZE_EXAMPLES})")
-    number, unit = match.group(1), match.group(2).lower()
-    # Bounds on the float first: an exact 1e400 would be a 400-digit integer (1e999999999, a long wait).
-    approx = float(number) * BYTE_UNITS.get(unit, 1)
-    at_least = "0 or >= 1 byte" if allow_zero else ">= 1 byte"
-    if approx == 0:
-        if allow_zero:
-            return 0
-        raise ValueError(f"size must be {at_least}, got {text!r}")
-    if not unit:
-        raise ValueError(f"{text!r} has no unit: write {number}GiB, {number}GB or {number}B ({SIZE_EXAMPLES})")
-    value = math.floor(fractions.Fraction(number) * BYTE_UNITS[unit]) if approx <= 2 * MAX_BYTES else None
-    if value is None or value > MAX_BYTES:
-        raise ValueError(f"{text!r} is too large: sizes go up to 2**63 - 1 bytes (8 EiB)")
-    if value < 1:
-        raise ValueError(f"size must be {at_least}, got {text!r}")
-    return value
 
 
 def byte_size(text: str) -> int:
@@ -233,12 +184,6 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def did_you_mean(name: str, valid: Sequence[str], cutoff: float = 0.5) -> str:
-    """`` (did you mean a, b?)`` for the valid names close to ``name``; empty when none is."""
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=cutoff)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
 def _choice(text: str, valid: Sequence[str]) -> str:
     value = str(text).strip()
     if value not in valid:
@@ -256,8 +201,6 @@ def optimizer_impl(text: str) -> str:
 
 def overhead_model(text: str):
     """``"1GiB+10%"`` → :class:`bench.overhead.OverheadModel` (fixed bytes + a fraction of tensor bytes)."""
-    from bench.overhead import parse_overhead  # torch-free
-
     try:
         return parse_overhead(text)
     except ValueError as exc:

@@ -31,6 +31,8 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from bench.sizes import parse_byte_size
+
 __all__ = [
     "DEFAULT_OVERHEAD",
     "CalibrationError",
@@ -93,9 +95,7 @@ DEFAULT_OVERHEAD = OverheadModel(
 def parse_overhead(text: str) -> OverheadModel:
     """``"1GiB+10%"`` (fixed part, then the fraction of tensor bytes as a percentage) → an :class:`OverheadModel`;
     ``"0+0%"`` means none. The fixed part is a size as every size option takes it
-    (:func:`bench.options.parse_byte_size`: a unit unless it is 0). ValueError (one line) for anything else."""
-    from bench.options import parse_byte_size  # torch-free
-
+    (:func:`bench.sizes.parse_byte_size`: a unit unless it is 0). ValueError (one line) for anything else."""
     usage = f"{text!r} is not FIXED+PERCENT (e.g. 1GiB+10%, 512MiB+5%, 0+0%)"
     fixed_text, plus, percent_text = str(text).rpartition("+")  # the percentage holds no '+'; 1e+9B may
     percent = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", percent_text)

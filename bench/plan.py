@@ -107,7 +107,8 @@ class _Prober:
         self.records: dict[tuple[str, int], object] = {}
 
     def __call__(self, method: str, batch_size: int):
-        from bench.case import CaseSpec, run_case
+        from bench.case import run_case
+        from bench.spec import CaseSpec
 
         key = (method, batch_size)
         if key not in self.records:

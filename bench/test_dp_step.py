@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.case import CaseSpec, new_record, run_case
+from bench.case import run_case
 from bench.results import RecordNotWrittenError
+from bench.spec import CaseSpec, new_record
 from bench.timing import MIN_ROUND_S, benchmark_timer
 
 # (workload, method, device, precision, checkpointing, world size, strategy) -> smallest batch size that ran

@@ -13,10 +13,11 @@ import dataclasses
 import pytest
 
 from bench import maxbatch
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.overhead import size_text
 from bench.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
 from bench.results import RecordNotWrittenError
+from bench.spec import CaseSpec
 
 
 def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):

@@ -21,14 +21,14 @@ than :data:`MAX_PARAMETERS` parameters. Building a Workload only builds a config
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from . import Workload, WorkloadError, check_overrides, override_types, register_workload
 from .diffusion import epsilon_mse_per_sample, make_dit_batch
 from .dit import DIT_SIZES, IMAGE_TO_LATENT, PATCH_SIZES, DiTBlock, DiTConfig, PlainBlock, build_dit, dit_config
 from .gpt import GPT, GPT_PRESETS, Block, GPTConfig, gpt_config, make_token_batch, next_token_ce_per_sample
+from .workload import Workload, WorkloadError, check_overrides, override_types
 
 __all__ = [
     "DIT_LIMITS",
@@ -37,6 +37,7 @@ __all__ = [
     "TINY_DIT",
     "TINY_GPT",
     "TINY_WORKLOADS",
+    "builtin_workloads",
     "dit_workload",
     "gpt_workload",
 ]
@@ -189,7 +190,7 @@ _DIT_VARIANTS = {
 }
 
 
-def _register_dits() -> None:
+def _dit_factories() -> Iterator[tuple[str, Callable[..., Workload]]]:
     for size in DIT_SIZES:
         for patch in PATCH_SIZES:
             for image_size in IMAGE_TO_LATENT:
@@ -197,11 +198,11 @@ def _register_dits() -> None:
                 for variant, switches in _DIT_VARIANTS.items():
                     name = f"dit-{size.lower()}-{patch}-{variant}{suffix}"
                     base = dit_config(size, patch, image_size, **switches)
-                    register_workload(_dit_factory(name, base, f"DiT-{size}/{patch}", image_size), name=name)
+                    yield name, _dit_factory(name, base, f"DiT-{size}/{patch}", image_size)
     for variant, switches in _DIT_VARIANTS.items():
         name = f"dit-tiny-{variant}"
         base = dataclasses.replace(TINY_DIT, **switches)
-        register_workload(_dit_factory(name, base, "DiT-tiny", None), name=name)
+        yield name, _dit_factory(name, base, "DiT-tiny", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,15 +255,17 @@ def _gpt_factory(name: str, base: GPTConfig, config_name: str) -> Callable[..., 
     return factory
 
 
-def _register_gpts() -> None:
+def _gpt_factories() -> Iterator[tuple[str, Callable[..., Workload]]]:
     # Each GPT also as `<name>-untied` (a separate lm_head weight): DP libraries treat tied weights
     # differently (Opacus ghost clipping refuses them), and the bench's matrix takes names, not overrides.
     bases = {preset: gpt_config(preset) for preset in GPT_PRESETS} | {"gpt-tiny": TINY_GPT}
     for name, config in bases.items():
-        register_workload(_gpt_factory(name, config, name), name=name)
+        yield name, _gpt_factory(name, config, name)
         untied = dataclasses.replace(config, tie_weights=False)
-        register_workload(_gpt_factory(f"{name}-untied", untied, name), name=f"{name}-untied")
+        yield f"{name}-untied", _gpt_factory(f"{name}-untied", untied, name)
 
 
-_register_dits()
-_register_gpts()
+def builtin_workloads() -> dict[str, Callable[..., Workload]]:
+    """Every built-in workload's name -> its factory ``f(**overrides) -> Workload``, DiTs first; the registry
+    (``models``) registers them when it is imported."""
+    return dict((*_dit_factories(), *_gpt_factories()))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _REGISTRY, Batch, Workload, WorkloadError
+from . import _REGISTRY
+from .workload import Batch, Workload, WorkloadError
 
 __all__ = ["CONTRACT_BATCH_SIZE", "WorkloadContractError", "check_workload_contract"]
 

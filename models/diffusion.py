@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from . import Batch
+from .workload import Batch
 
 __all__ = ["NUM_TIMESTEPS", "alphas_cumprod", "epsilon_mse_per_sample", "linear_beta_schedule", "make_dit_batch"]
 

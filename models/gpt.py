@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Batch
+from .workload import Batch
 
 __all__ = ["GPT", "GPT_PRESETS", "Block", "GPTConfig", "gpt_config", "make_token_batch", "next_token_ce_per_sample"]
 

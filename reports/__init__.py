@@ -1,10 +1,10 @@
 """Reports of dpmem results: load result files, tables, figures, report.md/html, and the regression gate.
 
-One job per module: ``load`` (the only code that knows the file formats; ``is_predicted``), ``tables`` (typed
-overhead and fit tables), ``grid`` (a table as written: cells, compaction, Markdown), ``summary`` (the first screen:
-matrix and ranked summary per machine × device), ``pivots`` (the detail tables), ``figures``, ``html``
-(report.md + report.html), ``compare`` (gate + github-action-benchmark export), ``screenshot`` (headless
-Chromium, standalone); ``__main__`` is the CLI.
+One job per module: ``load`` (result files, read by :mod:`bench.results`, into tables; ``is_predicted``),
+``tables`` (typed overhead and fit tables), ``grid`` (a table as written: cells, compaction, Markdown),
+``summary`` (the first screen: matrix and ranked summary per machine × device), ``pivots`` (the detail tables),
+``figures``, ``html`` (report.md + report.html), ``compare`` (gate + github-action-benchmark export),
+``screenshot`` (headless Chromium, standalone); ``__main__`` is the CLI.
 """
 
 from .load import ReportInputError, Results, load_results

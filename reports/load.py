@@ -1,25 +1,13 @@
-"""Load result files into tidy DataFrames — the only code in the reports that knows the file formats.
+"""Load result files into tidy DataFrames: one row per case × machine, one per max-batch search.
 
-Two formats, told apart by content (never by file name):
-
-* pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks`` (the timed cases: each one's
-  ``extra_info`` is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing) and ``dpmem_untimed`` (OOM,
-  unsupported and max-batch results, kept out of ``benchmarks`` so pytest-benchmark's own tools read the file);
-* JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run or a full disk may leave a
-  truncated line (the last one, or anywhere when later runs appended to the same file: the writer starts each
-  record on a new line): it is skipped with a warning naming its line and every complete line is kept.
-
-Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`,
-which checks every field against the record's types and domains (statuses, training modes, ranks within the
-world size; numbers finite, not negative, an int64 at most); nothing from the input is evaluated or unpickled. A
-bad record is a one-line :class:`ReportInputError` naming the file, the line (JSON lines) or the benchmark list
-and index (pytest-benchmark JSON), the case and the field; never a record silently left out.
+The files are read by :func:`bench.results.read_result_file`, the one place that knows their formats; a file it
+cannot read is a :class:`ReportInputError` with its one-line message. Here the cases of many files become one
+table: a case × machine seen twice keeps its timed, latest record, and one many-rank case's nodes are combined.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -30,29 +18,20 @@ from typing import Any
 
 import pandas as pd
 
-from bench.record import (
-    CATEGORIES,
-    CaseRecord,
-    MaxBatchRecord,
-    RecordError,
-    Timing,
-    combine_rank_records,
-    from_record_dict,
-)
+from bench.record import CATEGORIES, CaseRecord, MaxBatchRecord, Timing, combine_rank_records
+from bench.results import LoadedCase, ResultFileError, machine_label, read_result_file
 
-from .tables import ONE_PROCESS, affine_fit_table, first_line, overhead_table
+from .tables import ONE_PROCESS, affine_fit_table, overhead_table
 
 __all__ = [
     "CASE_KEY",
     "MEMORY_COLUMNS",
     "PEAK_COLUMNS",
-    "LoadedCase",
     "ReportInputError",
     "Results",
+    "case_key",
     "is_predicted",
-    "load_file",
     "load_results",
-    "machine_label",
     "workload_family",
 ]
 
@@ -124,37 +103,11 @@ class ReportInputError(ValueError):
     """A result file the reports cannot use; the message is one line naming the file and the problem."""
 
 
-@dataclass(frozen=True)
-class LoadedCase:
-    """One case as loaded: the record as written, and the machine facts the loader completed it with.
-
-    ``device_name`` and ``runner_label`` are the record's own, else (pytest-benchmark JSON) the file's
-    ``machine_info``; ``timing`` was likewise completed from pytest-benchmark's ``stats`` where the record lacks
-    it (files written before records carried their timing)."""
-
-    record: CaseRecord
-    device_name: str | None
-    runner_label: str | None
-    source: str
-
-    @property
-    def machine(self) -> str:
-        return machine_label(self.runner_label, self.device_name, self.record.device)
-
-    @property
-    def key(self) -> tuple:
-        """The case's CASE_KEY values."""
-        r = self.record
-        case = (r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing)
-        return *case, r.world_size, r.parallel or ONE_PROCESS, self.machine
-
-    @property
-    def timed(self) -> bool:
-        return self.record.timing.time_median_s is not None
-
-    def completed_record(self) -> CaseRecord:
-        """The record with the machine facts filled in (what ``python -m reports merge`` writes)."""
-        return dataclasses.replace(self.record, device_name=self.device_name, runner_label=self.runner_label)
+def case_key(case: LoadedCase) -> tuple:
+    """The case's :data:`CASE_KEY` values."""
+    r = case.record
+    mode = (r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing)
+    return *mode, r.world_size, r.parallel or ONE_PROCESS, case.machine
 
 
 @dataclass
@@ -211,197 +164,8 @@ def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) 
     return str(device) == "meta"
 
 
-def machine_label(runner_label: str | None, device_name: str | None, device: str) -> str:
-    """The machine a row was measured on: the CI runner label if set, else the device's name, else the device."""
-    return runner_label or device_name or device
-
-
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _checked_record(data: dict[str, Any], stats: Any = None) -> CaseRecord | MaxBatchRecord:
-    """The record of one parsed JSON object, its timing completed from pytest-benchmark ``stats`` where given;
-    every field is checked by the record type (:mod:`bench.record`), RecordError naming the first bad one."""
-    return from_record_dict(_with_stats(data, stats) if stats is not None else data)
-
-
-def _case_name(data: Any) -> str:
-    """ "workload/method/bsN/device" of a raw record object, as far as it has those keys (for messages)."""
-    if not isinstance(data, dict):
-        return "?"
-    parts = [data.get("workload"), data.get("method"), data.get("batch_size"), data.get("device")]
-    if parts[2] is not None:
-        parts[2] = f"bs{parts[2]}"
-    return "/".join(f"{p}"[:60] for p in parts if p is not None) or "?"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One file
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class _Loaded:
-    cases: list[LoadedCase]
-    max_batches: list[MaxBatchRecord]
-    warnings: list[str]
-    format: str  # "pytest-benchmark" or "jsonl"
-
-
-def load_file(path: str | Path) -> _Loaded:
-    """Parse one file of either format; raises :class:`ReportInputError` naming the file on any problem."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReportInputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportInputError(f"{path}: cannot read: {exc}") from None
-    if not text.strip():
-        raise ReportInputError(f"{path}: empty file")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None  # not one JSON document: JSON lines, or broken (said line by line below)
-    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit, nesting past the stack
-        raise ReportInputError(f"{path}: unreadable JSON: {first_line(exc) or 'nested too deeply'}") from None
-    if isinstance(whole, dict) and "benchmarks" in whole:
-        return _load_pytest_benchmark(path, whole)
-    if whole is not None and not (isinstance(whole, dict) and ("record_type" in whole or "workload" in whole)):
-        kind = "object" if isinstance(whole, dict) else type(whole).__name__
-        raise ReportInputError(
-            f"{path}: foreign JSON (a JSON {kind} that is neither pytest-benchmark output nor dpmem JSON lines)"
-        )
-    return _load_jsonl(path, text)
-
-
-def _load_pytest_benchmark(path: Path, data: dict[str, Any]) -> _Loaded:
-    """Timed cases from ``benchmarks``; untimed ones (OOM, unsupported, max-batch searches) from
-    ``dpmem_untimed``, where the bench keeps them so pytest-benchmark's own tools can read ``benchmarks``."""
-    benchmarks, untimed = data.get("benchmarks"), data.get("dpmem_untimed", [])
-    if not isinstance(benchmarks, list) or not isinstance(untimed, list):
-        raise ReportInputError(f"{path}: pytest-benchmark JSON whose 'benchmarks' or 'dpmem_untimed' is not a list")
-    if not benchmarks and not untimed:
-        raise ReportInputError(f"{path}: pytest-benchmark JSON with no benchmarks")
-    machine_info = _dict(data.get("machine_info"))
-    cases, max_batches = [], []
-    entries = [("benchmarks", i, b) for i, b in enumerate(benchmarks)]
-    for list_name, index, bench in [*entries, *(("dpmem_untimed", i, b) for i, b in enumerate(untimed))]:
-        bench = _dict(bench)
-        name = bench.get("name")
-        where = f"{list_name}[{index}]" + (f" {name!r:.120}" if isinstance(name, str) else "")
-        extra = bench.get("extra_info")
-        if not isinstance(extra, dict) or "workload" not in extra:
-            raise ReportInputError(f"{path}: {where} has no dpmem extra_info (not a dpmem result file?)")
-        try:
-            record = _checked_record(extra, bench.get("stats"))
-        except RecordError as exc:
-            raise ReportInputError(f"{path}: {where}: {_case_name(extra)}: {exc}") from None
-        if isinstance(record, MaxBatchRecord):
-            max_batches.append(record)
-            continue
-        device_name, runner_label = _machine_facts(record, machine_info)
-        cases.append(LoadedCase(record, device_name, runner_label, str(path)))
-    return _Loaded(cases, max_batches, [], "pytest-benchmark")
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-# pytest-benchmark's stats key -> the Timing field it fills where the record has none
-_STATS_TIMING = {
-    "median": "time_median_s",
-    "mean": "time_mean_s",
-    "min": "time_min_s",
-    "max": "time_max_s",
-    "stddev": "time_stddev_s",
-    "iqr": "time_iqr_s",
-    "rounds": "rounds",
-    "iterations": "iterations",
-}
-
-
-def _with_stats(data: dict[str, Any], stats: Any) -> dict[str, Any]:
-    """A case's JSON object completed from pytest-benchmark's ``stats`` (then read like the record's own values): all
-    of the timing for a record written before records carried it, else only the keys the record lacks."""
-    from_stats = {name: value for key, name in _STATS_TIMING.items() if (value := _dict(stats).get(key)) is not None}
-    if data.get("time_median_s") is not None:
-        from_stats = {name: value for name, value in from_stats.items() if data.get(name) is None}
-    return {**data, **from_stats}
-
-
-def _machine_facts(record: CaseRecord, machine_info: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(device name, runner label): the record's own, else from the file's machine_info."""
-    dpmem_info = _dict(machine_info.get("dpmem"))
-    device_name = record.device_name
-    if device_name is None:
-        gpus = [_dict(g) for g in dpmem_info.get("gpus", [])] if isinstance(dpmem_info.get("gpus"), list) else []
-        if record.device.startswith("cuda") and gpus:
-            index = _cuda_index(record.device)
-            device_name = (gpus[index] if index < len(gpus) else gpus[0]).get("name")
-        elif record.device == "cpu":
-            device_name = dpmem_info.get("cpu") or _dict(machine_info.get("cpu")).get("brand_raw")
-    runner_label = record.runner_label or dpmem_info.get("runner_label")
-    return _text_or_none(device_name), _text_or_none(runner_label)
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _cuda_index(device: str) -> int:
-    _, _, index = device.partition(":")
-    return int(index) if index.isdigit() else 0
-
-
-def _load_jsonl(path: Path, text: str) -> _Loaded:
-    lines = text.splitlines()
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    cases: list[LoadedCase] = []
-    max_batches: list[MaxBatchRecord] = []
-    warnings: list[str] = []
-    cut: list[tuple[int, ReportInputError]] = []  # (line number, the error if the file holds nothing else)
-    for number, line in numbered:
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            what = "not JSON" if number == 1 else f"line {number} is not JSON"
-            error = ReportInputError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})")
-            if not _is_cut_record(line, exc):
-                raise error from None
-            cut.append((number, error))
-            continue
-        except (ValueError, RecursionError) as exc:
-            raise ReportInputError(f"{path}: line {number}: unreadable JSON: {first_line(exc)}") from None
-        if not isinstance(data, dict) or not ("record_type" in data or "workload" in data):
-            kind = type(data).__name__ if not isinstance(data, dict) else "object without record_type/workload"
-            raise ReportInputError(f"{path}: line {number}: JSON {kind} is not a dpmem record (foreign JSON?)")
-        try:
-            record = _checked_record(data)
-        except RecordError as exc:
-            raise ReportInputError(f"{path}: line {number}: {_case_name(data)}: {exc}") from None
-        if isinstance(record, CaseRecord):
-            cases.append(LoadedCase(record, record.device_name, record.runner_label, str(path)))
-        else:
-            max_batches.append(record)
-    kept = len(cases) + len(max_batches)
-    if cut and not kept:
-        raise cut[0][1] from None
-    if cut:
-        which = f"line {cut[0][0]} is" if len(cut) == 1 else f"lines {', '.join(str(n) for n, _ in cut)} are"
-        warnings.append(
-            f"{path}: {which} truncated (a record cut by a killed run or a full disk); skipped, kept {kept} record(s)"
-        )
-    return _Loaded(cases, max_batches, warnings, "jsonl")
-
-
-def _is_cut_record(line: str, exc: json.JSONDecodeError) -> bool:
-    """Whether a line that is not JSON is the start of a record whose write stopped partway: it opens an object
-    and either does not end it or ends where the parser ran out of text. The bench's writer starts every record
-    on a new line (bench.results), so a cut record stays alone on its line, wherever it is in the file; anything
-    else that is not JSON (two records glued together, foreign text) is an error."""
-    text = line.rstrip()
-    return text.startswith("{") and (exc.pos >= len(text) or not text.endswith("}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,24 +198,25 @@ def load_results(
 
     for path in paths:
         try:
-            loaded = load_file(path)
-        except ReportInputError as exc:
+            loaded = read_result_file(path)
+        except ResultFileError as exc:
             if not skip_bad:
-                raise
+                raise ReportInputError(str(exc)) from None
             note(f"skipped {exc}")
             continue
         sources.append(str(path))
         for message in loaded.warnings:
             note(message)
         for case in loaded.cases:
-            previous = chosen.get(case.key)
+            key = case_key(case)
+            previous = chosen.get(key)
             if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
                 combined = combine_rank_records([previous.record, case.record])
-                chosen[case.key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
+                chosen[key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
                 continue
-            per_format[(case.key, loaded.format)] += 1
+            per_format[(key, loaded.format)] += 1
             if previous is None or case.timed or not previous.timed:
-                chosen[case.key] = case
+                chosen[key] = case
         mb_records += loaded.max_batches
     if not sources:
         raise ReportInputError("no usable result file (every input was skipped)")
@@ -460,7 +225,7 @@ def load_results(
     conflicts = sum(count - 1 for count in per_format.values())
     if conflicts:
         note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
-    loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *c.key[:3]))
+    loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
     rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
     cases = pd.DataFrame(rows, columns=_case_columns())
     cases["batch_size"] = cases["batch_size"].astype(int)

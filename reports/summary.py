@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench.maxbatch import answer_text
+from bench.messages import first_line
 from bench.overhead import size_text
 
 from .grid import Cell, Grid, compact, ratio_colour
@@ -34,7 +35,6 @@ from .tables import (
     TIME_VERDICT,
     budget_answer,
     extrapolation_factor,
-    first_line,
     fit_metric_for,
     one_process,
     present,

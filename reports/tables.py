@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from bench.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
+from bench.messages import first_line
 from bench.overhead import size_text
 from bench.record import BudgetAnswer
 
@@ -35,7 +36,6 @@ __all__ = [
     "all_ok_batches",
     "budget_answer",
     "extrapolation_factor",
-    "first_line",
     "fit_display",
     "fit_metric_for",
     "format_number",
@@ -556,11 +556,6 @@ def format_number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
     return str(value)
-
-
-def first_line(text: object) -> str:
-    """The first non-blank line of a (possibly multi-line) message, e.g. a library's error."""
-    return (str(text).strip().splitlines() or [""])[0]
 
 
 # The most of a record's reason the report writes (a table's footnote and hover, compare's verdict): a library's

@@ -183,9 +183,10 @@ def test_install_pins_the_runners_torch_for_every_pip_install(tmp_path, job):
 
 def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     """The bench job uploads results/ (snapshots included); upload-artifact v4 refuses ':' in a path."""
-    from bench.case import CaseSpec, snapshot_path
+    from bench.case import snapshot_path
     from bench.config import BenchConfig
     from bench.dp import resolve_privacy
+    from bench.spec import CaseSpec
 
     config = BenchConfig("gpu-small", (), (), (), (), 1, resolve_privacy(1.0), snapshot_dir="results/snapshots")
     spec = CaseSpec("gpt2-large:seq_len=128", "bk", 16, "cuda:0")

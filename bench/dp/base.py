@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.channel import PhaseMarker, no_mark
-from bench.options import did_you_mean
+from bench.messages import did_you_mean
 
 from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
 from .errors import DPConfigError
@@ -29,6 +29,7 @@ from .modes import DEFAULT_MODE, TrainingMode, check_prepared
 from .privacy import PrivacyParams
 
 __all__ = [
+    "DEFAULT_LR",
     "OPTIMIZERS",
     "ClippedSumStep",
     "DPMethod",
@@ -41,6 +42,10 @@ __all__ = [
     "register_method",
 ]
 
+# The learning rate of every step the bench builds, one process or many ranks: memory and time do not depend on
+# it, so no option sets it.
+DEFAULT_LR = 1e-4
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
@@ -48,7 +53,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def make_optimizer(name: str, params, lr: float = 1e-4) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
     """AdamW (DiT's and GPT-2's training optimizer, the default), Adam or SGD over ``params``."""
     if name not in OPTIMIZERS:
         raise DPConfigError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -201,7 +206,7 @@ def build_step(
     privacy: PrivacyParams,
     batch_size: int,
     optimizer: str = "adamw",
-    lr: float = 1e-4,
+    lr: float = DEFAULT_LR,
     noise_generator: torch.Generator | None = None,
     mode: TrainingMode = DEFAULT_MODE,
 ) -> DPStep:

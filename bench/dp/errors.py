@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from bench.messages import first_line
+
 __all__ = [
     "DPConfigError",
     "MethodUnsupported",
@@ -45,8 +47,7 @@ class ModeUnsupported(RuntimeError):
 
 def error_text(exc: BaseException) -> str:
     """``"<ExcType>: <first line of the library's message>"``: how a record or a message quotes an error."""
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first_line}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 # How an allocation failure reads when it is not a torch.OutOfMemoryError (torch 2.13's sources and headers):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from bench.channel import PhaseMarker, no_mark
 
 from ._common import per_sample_loss, trainable_parameters
-from .base import DPStep, get_method, make_optimizer
+from .base import DEFAULT_LR, DPStep, get_method, make_optimizer
 from .errors import MethodUnsupported, error_text, is_out_of_memory
 from .nondp import NonDPStep
 from .opacus import OpacusGhostStep, OpacusGradSampleStep, _GradSampleMethod, _PerSampleCriterion, _release
@@ -84,7 +84,7 @@ def build_parallel_step(
     privacy: PrivacyParams,
     batch_size: int,
     optimizer: str = "adamw",
-    lr: float = 1e-4,
+    lr: float = DEFAULT_LR,
     noise_generator: torch.Generator | None = None,
     mesh=None,
     device_ids: list[int] | None = None,

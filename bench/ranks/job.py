@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.dp.base import DEFAULT_LR
 from bench.dp.privacy import PrivacyParams
 from bench.record import CaseRecord
 
@@ -24,7 +25,7 @@ class RankJob:
     parallel: str
     privacy: PrivacyParams
     optimizer: str = "adamw"
-    lr: float = 1e-4
+    lr: float = DEFAULT_LR
     seed: int = 0
     rounds: int = 3  # timed rounds (0: none)
     sample_interval_s: float = 0.001

@@ -30,10 +30,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.case import CaseSpec, new_record
 from bench.config import BenchConfig
 from bench.dp.parallel import refusal
 from bench.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
+from bench.spec import CaseSpec, new_record
 
 from .job import RankJob
 from .lifeline import LAUNCHER_ENV, running, torchrun_preexec
@@ -133,7 +133,6 @@ def job_for(spec: CaseSpec, config: BenchConfig, nproc: int) -> RankJob:
         parallel=spec.parallel,
         privacy=config.privacy,
         optimizer=config.optimizer,
-        lr=config.lr,
         seed=config.seed,
         rounds=config.rounds,
         sample_interval_s=config.sample_interval_s,

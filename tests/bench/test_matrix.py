@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.case import CaseSpec
 from bench.record import CaseRecord, MaxBatchRecord, RecordError, from_jsonl_line
+from bench.spec import CaseSpec
 
 REPO = Path(__file__).resolve().parents[2]
 # Keys users' scripts and CI gates read (issue: "keep these key names").

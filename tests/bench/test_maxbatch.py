@@ -212,11 +212,11 @@ def test_a_batch_the_host_cannot_draw_on_meta_is_recorded_as_the_hosts_limit(mon
     the probe is ``host-oom``, the 6 MiB answer (below it) stays exact, the 12 MiB one keeps the largest batch
     found; the record, its reason, the terminal line and the report say it is the host's limit."""
     import models
-    from bench.case import CaseSpec
     from bench.config import BenchConfig
     from bench.dp import resolve_privacy
     from bench.overhead import parse_overhead
     from bench.record import from_jsonl_line, to_jsonl_line
+    from bench.spec import CaseSpec
     from bench.test_max_batch import case_probe, meta_search
     from reports.load import load_results
     from reports.tables import fit_display

@@ -24,9 +24,10 @@ from torch import nn
 import bench.case as case_module
 import models
 from bench import dp
-from bench.case import CaseSpec, run_case, set_optimizer_impl
+from bench.case import run_case, set_optimizer_impl
 from bench.config import BenchConfig
 from bench.record import CaseRecord, RecordError
+from bench.spec import CaseSpec
 from models import Batch, Workload
 from models.catalog import TINY_WORKLOADS
 

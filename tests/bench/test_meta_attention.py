@@ -211,9 +211,10 @@ def test_tracked_bytes_are_the_same_with_and_without_the_cache():
 def test_checkpointed_blocks_recompute_under_the_routed_kernel(device, choice, kernel):
     """A block's recompute (inside the backward) must take the forward's kernel, or it saves other tensors and
     torch's checkpoint refuses it ("A different number of tensors was saved")."""
-    from bench.case import CaseSpec, run_case
+    from bench.case import run_case
     from bench.config import BenchConfig
     from bench.dp import resolve_privacy
+    from bench.spec import CaseSpec
 
     config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0, noise_multiplier=1.0), attention=choice)
     record = run_case(CaseSpec("dit-tiny-cond", "bk", 4, device, checkpointing="blocks"), config, None)

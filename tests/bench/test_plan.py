@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from bench import plan
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.config import BenchConfig
 from bench.dp import resolve_privacy
 from bench.gpus import GPUS, get_gpu
 from bench.overhead import DEFAULT_OVERHEAD, CalibrationError, OverheadModel, calibrate, parse_overhead
 from bench.record import CaseRecord, StepMemory
+from bench.spec import CaseSpec
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.case import CaseSpec
 from bench.config import BenchConfig, BenchUsageError, _check_ranks
 from bench.conftest import _devices_of
 from bench.dp import resolve_privacy
@@ -36,6 +35,7 @@ from bench.record import (
     from_jsonl_line,
     to_jsonl_line,
 )
+from bench.spec import CaseSpec
 from bench.timing import MIN_ROUND_S
 
 

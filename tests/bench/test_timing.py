@@ -10,11 +10,12 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bench import timing
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.config import BenchConfig
 from bench.contention import Reading, conditions_between
 from bench.dp import resolve_privacy
 from bench.record import Timing
+from bench.spec import CaseSpec
 from bench.timing import Reference, benchmark_timer, median_and_iqr, paired_ratios, unreliable_reasons
 
 

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 import models
 from bench import dp
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.config import BenchConfig
 from bench.record import CaseRecord
+from bench.spec import CaseSpec
 from models import Batch, Workload
 
 IN, HIDDEN, OUT = 6, 8, 3

@@ -15,8 +15,9 @@ import torch
 
 import models
 from bench import dp
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.memory.tensors import TensorReport, TensorTracker
+from bench.spec import CaseSpec
 
 from .custom_workloads import cpu_config
 

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from bench import maxbatch
-from bench.case import CaseSpec, run_case
+from bench.case import run_case
 from bench.config import BenchConfig
 from bench.dp import resolve_privacy
 from bench.memory.measure import measure_step
 from bench.memory.tensors import MemoryCapExceeded, TensorTracker
 from bench.record import BatchProbe, Timing
+from bench.spec import CaseSpec
 
 
 def _hand_sequence(progress: list[str]):

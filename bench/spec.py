@@ -1,0 +1,64 @@
+"""What a bench case is: a :class:`CaseSpec` (workload × method × batch size × device × training mode, and its
+ranks), and the record it starts with before anything runs (:func:`new_record`).
+
+Its own module because both runners build on it: the one-process case (bench/case.py) and the many-rank
+launcher (bench/ranks/launch.py), which bench/case.py hands its many-rank cases to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import dp
+from bench.config import BenchConfig
+from bench.machine import device_facts
+from bench.record import CaseRecord
+
+__all__ = ["CaseSpec", "new_record"]
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One case of the matrix: its identity, the same in pytest's case id, its record and its results row."""
+
+    workload: str
+    method: str
+    batch_size: int  # the global logical batch (split evenly over the ranks when world_size > 1)
+    device: str  # with world_size > 1: "cpu" or "cuda" (rank r uses its node's GPU LOCAL_RANK)
+    world_size: int = 1
+    parallel: str | None = None  # "ddp" or "fsdp" when world_size > 1 (bench/ranks)
+    precision: str = "fp32"
+    checkpointing: str = "none"
+
+    @property
+    def mode(self) -> dp.TrainingMode:
+        return dp.TrainingMode(self.precision, self.checkpointing)
+
+    @property
+    def case_id(self) -> str:
+        """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a non-default
+        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``), and a case on many ranks
+        ends with its strategy and world size, e.g. ``-ddp2``."""
+        ranks = [f"{self.parallel}{self.world_size}"] if self.world_size > 1 else []
+        parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
+        return "-".join(parts)
+
+
+def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
+    """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
+    device_name, device_memory = device_facts(spec.device)
+    return CaseRecord(
+        workload=spec.workload,
+        method=spec.method,
+        batch_size=spec.batch_size,
+        device=spec.device,
+        precision=spec.precision,
+        checkpointing=spec.checkpointing,
+        **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
+        optimizer=config.optimizer,
+        device_name=device_name,
+        device_memory_bytes=device_memory,
+        runner_label=config.runner_label,
+        world_size=spec.world_size,
+        parallel=spec.parallel,
+    )
