@@ -40,6 +40,9 @@ def test_ctrl_c_in_the_planner_is_one_line_and_exit_130():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A job started with `&` by a non-interactive shell (a CI script) inherits SIGINT ignored, and Python
+        # keeps it ignored; a terminal's Ctrl-C reaches a process that handles it, as the planner here must.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         first = proc.stderr.readline()  # the first method's progress line: meta steps are running
