@@ -323,8 +323,8 @@ def _check_ranks(
                 f"--world-sizes: {max(ranked)} ranks on {nnodes} node(s) need {per_node} GPUs per node (one per "
                 f"rank), this node has {gpus}"
             )
-    cores = available_cpu_cores()
-    if "cpu" in devices and not oversubscribe and cores is not None and per_node > cores:
+    cores = available_cpu_cores() if "cpu" in devices and not oversubscribe else None
+    if cores is not None and per_node > cores:
         # Each CPU rank is a torch process stepping in lockstep with the others: more ranks than cores only
         # time-slice, and a few dozen of them exhaust the machine's memory before the first step.
         raise BenchUsageError(

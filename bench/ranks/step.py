@@ -192,15 +192,13 @@ def _warm_up(step, batch, device: torch.device, job: RankJob) -> float:
     return time.perf_counter() - start
 
 
-def time_rounds(
-    run: Callable[[], object], rounds: int, one_call_s: float, device: torch.device | None = None
-) -> Timing:
+def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float, device: torch.device) -> Timing:
     """``rounds`` timed rounds of ``run`` (each repeated until it lasts MIN_ROUND_S, as bench/timing.py does
     for pytest-benchmark); times are per call. A rank has no pytest-benchmark: it times itself. Inside a process
     group every rank runs the same number of calls (:func:`agreed_iterations`)."""
     iterations = iterations_for(one_call_s, MIN_ROUND_S)
     if dist.is_available() and dist.is_initialized():
-        iterations = agreed_iterations(iterations, device or torch.device("cpu"))
+        iterations = agreed_iterations(iterations, device)
     times = []
     for _ in range(rounds):
         start = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.config import BenchConfig, BenchUsageError, _check_ranks
 from bench.conftest import _devices_of
@@ -279,7 +280,7 @@ def test_a_failing_rank_gives_its_own_message_and_the_others_figures_stay(tmp_pa
 
 
 def test_ranks_time_themselves_in_calibrated_rounds():
-    timing = time_rounds(lambda: time.sleep(0.002), rounds=3, one_call_s=0.002)
+    timing = time_rounds(lambda: time.sleep(0.002), rounds=3, one_call_s=0.002, device=torch.device("cpu"))
     assert timing.rounds == 3 and timing.iterations > 1  # a 2 ms step is repeated to fill a round
     assert timing.time_min_s <= timing.time_median_s <= timing.time_max_s
     assert timing.time_median_s >= 0.002
@@ -289,14 +290,15 @@ def _time_collective_rounds(rank: int, store: str, out: str) -> None:
     """One of 2 gloo ranks: time an all-reduce 'step' after a warm-up 25× slower on rank 1 than on rank 0."""
     import datetime
 
-    import torch
     import torch.distributed as dist
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
     )
     one = torch.ones(1)
-    timing = time_rounds(lambda: dist.all_reduce(one), rounds=2, one_call_s=0.001 if rank == 0 else 0.025)
+    timing = time_rounds(
+        lambda: dist.all_reduce(one), rounds=2, one_call_s=0.001 if rank == 0 else 0.025, device=torch.device("cpu")
+    )
     Path(out, f"rank{rank}").write_text(str(timing.iterations))
     dist.destroy_process_group()
 
