@@ -1,13 +1,14 @@
 """The dpmem bench's command-line options (``pytest bench/ --workloads ... --methods ...``; see docs/running.md).
 
 Only the options live here, so ``pytest --help`` lists them from the repository root and ``pytest tests`` pays
-nothing for them: they are parsed by the cheap ``type=`` callables of ``bench/options.py``. Everything that builds
+nothing for them: they are parsed by the cheap ``type=`` callables of ``bench/config/options.py``.
+Everything that builds
 and runs the case matrix is in ``bench/conftest.py``, which pytest loads only for ``pytest bench/``.
 """
 
 import pytest
 
-from bench.options import add_bench_options, refused_option
+from bench.config.options import add_bench_options, refused_option
 
 
 def pytest_addoption(parser):

@@ -1,6 +1,6 @@
 """pytest hooks of the dpmem benchmark (``pytest bench/ --benchmark-json=out.json``).
 
-The options (root ``conftest.py`` → ``bench/options.py``) resolve into one :class:`bench.config.BenchConfig`;
+The options (root ``conftest.py`` → ``bench/config/options.py``) resolve into a ``BenchConfig`` (config/settings.py);
 the matrix of cases is parametrized from it in :func:`pytest_generate_tests`. Bad option values are usage
 errors (exit 4). Cases that pytest-benchmark did not time (OOM, unsupported, max-batch searches) are results
 too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's own tools read only
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from bench.messages import did_you_mean
-from bench.results import ResultsWriter, ResultsWriterError
-from bench.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
+from bench.results.files import ResultsWriter, ResultsWriterError
+from bench.results.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
 
 if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, after the options parsed
-    from bench.config import BenchConfig
-    from bench.spec import CaseSpec
+    from bench.case.spec import CaseSpec
+    from bench.config.settings import BenchConfig
 
 BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
@@ -32,7 +32,7 @@ RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from bench.config import BenchConfig, BenchUsageError
+    from bench.config.settings import BenchConfig, BenchUsageError
 
     try:
         bench_config = BenchConfig.from_pytest(config)
@@ -79,7 +79,7 @@ def record_untimed(request):
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    from bench.spec import CaseSpec
+    from bench.case.spec import CaseSpec
 
     cfg = metafunc.config.stash[BENCH_CONFIG]
     if "dp_case" in metafunc.fixturenames:
@@ -143,7 +143,7 @@ def parallel() -> str | None:
 
 @pytest.fixture
 def dp_case(workload, method, batch_size, device, world_size, parallel, precision, checkpointing) -> CaseSpec:
-    from bench.spec import CaseSpec
+    from bench.case.spec import CaseSpec
 
     return CaseSpec(workload, method, batch_size, device, world_size, parallel, precision, checkpointing)
 
@@ -182,7 +182,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    from bench.machine import machine_info as dpmem_machine_info
+    from bench.system.machine import machine_info as dpmem_machine_info
 
     info = dpmem_machine_info()
     label = config.stash[BENCH_CONFIG].runner_label
@@ -205,7 +205,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     path = Path(path)
     if path.exists() and path.stat().st_mtime >= config.stash[SESSION_START]:
         return  # pytest-benchmark wrote it (with our untimed entries)
-    from bench.machine import machine_info
+    from bench.system.machine import machine_info
 
     label = config.stash[BENCH_CONFIG].runner_label
     info = {**machine_info(), **({"runner_label": label} if label else {})}

@@ -7,7 +7,7 @@ Per case it prints NVML peak − baseline, max_memory_reserved and max_memory_al
 workspaces outside the allocator, other processes) is estimated just before the measured step as NVML used
 minus torch's reserved. It then times N steps with the sampling off and on, interleaved, and evaluates the
 goal "sampler overhead ≤ 1 %". "On" is the measured round's own sampling context
-(:func:`bench.memory.measure.sampling`: NVML thread with the allocator probe, GIL switch interval lowered), so
+(:func:`bench.trackers.memory.measure.sampling`: NVML thread with the allocator probe, GIL switch interval lowered), so
 the check measures what the bench runs. Exits 2 on a machine without a GPU.
 """
 
@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from bench.cli import OneLineParser, run
+from bench.config.cli import OneLineParser, run
 from bench.messages import first_line
 
 GAP_GOAL = 0.02
@@ -103,7 +103,7 @@ def sampler_overhead(
 
 def measured_sampling(device, interval_s: float, nvml_module: Any = None) -> Callable[[], AbstractContextManager]:
     """A factory of the measured round's sampling context on ``device`` (one fresh sampler per call)."""
-    from bench.memory.measure import new_sampling_window, sampling
+    from bench.trackers.memory.measure import new_sampling_window, sampling
 
     def enter() -> AbstractContextManager:
         window = new_sampling_window(device, interval_s=interval_s, nvml_module=nvml_module)
@@ -128,8 +128,8 @@ def check_case(workload_name: str, method: str, batch_size: int, device, args) -
 
     import models
     from bench.dp import build_step, resolve_privacy
-    from bench.memory import allocator
-    from bench.memory.measure import measure_step
+    from bench.trackers.memory import allocator
+    from bench.trackers.memory.measure import measure_step
 
     workload = models.get_workload(workload_name)
     model = workload.build_model(device)
@@ -176,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to check", file=sys.stderr)
         return 2
-    from bench.devices import resolve_device
-    from bench.machine import device_facts
+    from bench.system.devices import resolve_device
+    from bench.system.machine import device_facts
 
     try:
         device = resolve_device(args.device)

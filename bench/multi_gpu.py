@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.cli import OneLineParser, run
+from bench.config.cli import OneLineParser, run
 
 USAGE_ERROR = 2
 

@@ -2,18 +2,19 @@
 (precision × activation checkpointing).
 
 `pytest bench/ --benchmark-json=out.json` times each fused DP step (pytest-benchmark's rounds), measures one
-more step with every memory source (bench.memory), and stores the result record in ``extra_info`` and, at
-once, in the JSON-lines file of ``--results``. Options and presets: bench/options.py, bench/config.py, docs/running.md.
+more step with every memory source (bench.trackers.memory), and stores the result record in ``extra_info`` and, at
+once, in the JSON-lines file of ``--results``. Options and presets:
+bench/config/options.py, bench/config/settings.py, docs/running.md.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.case import run_case
-from bench.results import RecordNotWrittenError
-from bench.spec import CaseSpec, new_record
-from bench.timing import MIN_ROUND_S, benchmark_timer
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec, new_record
+from bench.results.files import RecordNotWrittenError
+from bench.trackers.timing import MIN_ROUND_S, benchmark_timer
 
 # (workload, method, device, precision, checkpointing, world size, strategy) -> smallest batch size that ran
 # out of memory in this session.

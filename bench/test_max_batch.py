@@ -1,4 +1,4 @@
-"""Max-batch mode: `pytest bench/ --max-batch [--workloads ...] [--methods ...]` (see bench/maxbatch.py).
+"""Max-batch mode: `pytest bench/ --max-batch [--workloads ...] [--methods ...]` (see bench/plan/maxbatch.py).
 
 One case per workload × method × device; each finished search is appended to the JSON-lines results file as
 a ``max_batch`` record and kept in the benchmark JSON's ``dpmem_untimed`` list. On the meta device the search
@@ -12,12 +12,12 @@ import dataclasses
 
 import pytest
 
-from bench import maxbatch
-from bench.case import run_case
-from bench.overhead import size_text
-from bench.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
-from bench.results import RecordNotWrittenError
-from bench.spec import CaseSpec
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.plan import maxbatch
+from bench.plan.overhead import size_text
+from bench.results.files import RecordNotWrittenError
+from bench.results.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
 
 
 def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import OneLineParser, run, usage_error
+from bench.config.cli import OneLineParser, run, usage_error
 
 from . import WorkloadError, get_workload, list_workloads, load_workload_module, parameter_counts
 

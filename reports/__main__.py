@@ -20,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from bench.cli import OneLineParser, run
-from bench.record import to_jsonl_line
+from bench.config.cli import OneLineParser, run
+from bench.results.record import to_jsonl_line
 
 from .compare import (
     GATED_BY_DEFAULT,

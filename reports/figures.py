@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from bench.overhead import size_text
-from bench.record import CATEGORIES
+from bench.plan.overhead import size_text
+from bench.results.record import CATEGORIES
 
 from .load import Results, is_predicted
 from .summary import blocks, workload_order

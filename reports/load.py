@@ -1,6 +1,6 @@
 """Load result files into tidy DataFrames: one row per case × machine, one per max-batch search.
 
-The files are read by :func:`bench.results.read_result_file`, the one place that knows their formats; a file it
+The files are read by :func:`bench.results.files.read_result_file`, the one place that knows their formats; a file it
 cannot read is a :class:`ReportInputError` with its one-line message. Here the cases of many files become one
 table: a case × machine seen twice keeps its timed, latest record, and one many-rank case's nodes are combined.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.record import CATEGORIES, CaseRecord, MaxBatchRecord, Timing, combine_rank_records
-from bench.results import LoadedCase, ResultFileError, machine_label, read_result_file
+from bench.results.files import LoadedCase, ResultFileError, machine_label, read_result_file
+from bench.results.record import CATEGORIES, CaseRecord, MaxBatchRecord, Timing, combine_rank_records
 
 from .tables import ONE_PROCESS, affine_fit_table, overhead_table
 
@@ -182,7 +182,7 @@ def load_results(
     A bad file raises :class:`ReportInputError`, or with ``skip_bad`` is reported through ``warn`` and left out.
     When the same case × machine appears more than once (e.g. both the .json and the .jsonl of one run), the
     timed one wins, then the one loaded last — except a many-rank case's records that hold different ranks (one
-    file per node): they are combined into one record of every rank (:func:`bench.record.combine_rank_records`)."""
+    file per node): combined into one record of every rank (:func:`~bench.results.record.combine_rank_records`)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")

@@ -2,7 +2,7 @@
 
 What a reader sees first, as a PNG (1400×900 by default), for the README and as a CI check that the report
 renders in a real browser. As a script it imports the standard library, the project's one-line usage errors
-(bench.cli) and Pillow when installed; ``tox -e screenshot`` installs the project for bench.cli.
+(bench.config.cli) and Pillow when installed; ``tox -e screenshot`` installs the project for bench.config.cli.
 
 Exit status: 0 written (the PNG is checked: not empty, not one flat colour); 0 with a "skipped" line when no
 Chromium binary exists, unless ``--require-browser`` (CI installs one and asks for it: then 1); 1 when the
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.cli import OneLineParser, run
+from bench.config.cli import OneLineParser, run
 
 # Debian/Ubuntu packages (chromium-headless-shell, chromium), other distributions and Google's builds.
 BROWSERS = (

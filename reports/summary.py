@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.maxbatch import answer_text
 from bench.messages import first_line
-from bench.overhead import size_text
+from bench.plan.maxbatch import answer_text
+from bench.plan.overhead import size_text
 
 from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
@@ -389,7 +389,7 @@ class MaxBatchEntry:
     largest_run: int | None  # the largest batch that ran ok (measured, or predicted on a predicted block)
     next_failed: bool  # the next batch tried failed: largest_run is the measured max batch
     predicted: int | None  # the affine fit's max batch in the device's memory
-    # a meta search's budget and its answer in words (bench.maxbatch.answer_text): largest_run is exact there
+    # a meta search's budget and its answer in words (bench.plan.maxbatch.answer_text): largest_run is exact there
     budget_bytes: int | None = None
     exact_words: str | None = None
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from bench.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
 from bench.messages import first_line
-from bench.overhead import size_text
-from bench.record import BudgetAnswer
+from bench.plan.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
+from bench.plan.overhead import size_text
+from bench.results.record import BudgetAnswer
 
 __all__ = [
     "BASELINE_METHOD",
@@ -77,7 +77,7 @@ TIME_UNRELIABLE = "time unreliable because"  # the record's reason where the ver
 # A quartile of fewer timed rounds says nothing about the spread (pytest-benchmark's IQR of 1 round is 0).
 MIN_NOISE_ROUNDS = 3
 TIME_VERDICTS = ("beyond noise", "within noise", "noise unknown", "threads differ", "unreliable")
-# "paired rounds": the DP case's own rounds, each over the non-DP rounds either side of it (bench/timing.py);
+# "paired rounds": the DP case's own rounds, each over the non-DP rounds either side of it (bench/trackers/timing.py);
 # "case medians": the DP case's median over the nondp case's (records written before paired timing, and cases
 # whose non-DP rounds could not run)
 TIME_BASES = ("paired rounds", "case medians")
@@ -96,7 +96,8 @@ OVERHEAD_NOTES = (
     "MiB columns are peak tensor bytes. `step time noise` = the ratio's relative spread: IQR / median of the "
     "per-round ratios (paired), or √(r_DP² + r_nondp²) with r = IQR / median of a side's timed rounds (case "
     "medians); `time vs noise` says whether the time ratio can be trusted: `unreliable` when the run could not "
-    "vouch for it (`time unreliable because`: the bench's rule, bench/timing.py — its threads waited for a CPU "
+    "vouch for it (`time unreliable because`: the rule of bench/trackers/timing.py — its threads waited for a CPU "
+    ""
     "other processes held, or its round pairs disagree; for case medians, either case's), `beyond noise` when "
     "|ratio − 1| > noise, `within noise` otherwise (the DP and non-DP step times cannot be told apart), `noise "
     f"unknown` when a side has fewer than {MIN_NOISE_ROUNDS} timed rounds or no IQR, `threads differ` when the "
@@ -105,7 +106,7 @@ OVERHEAD_NOTES = (
 )
 
 # The fit-table source of a meta max-batch search's rows: one per asked --memory-budget, each exact under the
-# overhead model (bench/maxbatch.py, search_budgets), so no prediction is needed.
+# overhead model (bench/plan/maxbatch.py, search_budgets), so no prediction is needed.
 BUDGET_SOURCE = "meta search, exact per budget"
 
 FIT_NOTES = (
@@ -284,7 +285,7 @@ def _paired_noise(case: pd.Series) -> float:
 
 
 def unreliable_time_reason(case: pd.Series) -> str:
-    """The bench's reason where it judged ``case``'s step times unreliable (bench/timing.py), else "" (also for
+    """The bench's reason where it judged ``case``'s step times unreliable (bench/trackers/timing.py), else "" (also for
     records written before the bench judged them)."""
     reliable = case.get("time_reliable")
     if not present(reliable) or bool(reliable):

@@ -114,7 +114,7 @@ def test_workflow_pytest_commands_name_real_paths_and_options():
         timeout=120,
     ).stdout
     known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
-    from bench.config import PRESETS
+    from bench.config.settings import PRESETS
 
     for tokens in _pytest_commands():
         paths = [
@@ -132,7 +132,7 @@ def test_workflow_pytest_commands_name_real_paths_and_options():
 def test_many_rank_job_is_optional_and_its_ranks_fit_its_runner():
     """The multi-GPU entry runs only when asked (a dispatch input or a repository variable), on the runner
     labelled multi-gpu, whose install checks it has the GPUs the largest world size needs (one per rank)."""
-    from bench.options import parallel_strategies, world_sizes
+    from bench.config.options import parallel_strategies, world_sizes
 
     data = _workflow()
     job = data["jobs"]["bench-ranks"]
@@ -183,10 +183,10 @@ def test_install_pins_the_runners_torch_for_every_pip_install(tmp_path, job):
 
 def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     """The bench job uploads results/ (snapshots included); upload-artifact v4 refuses ':' in a path."""
-    from bench.case import snapshot_path
-    from bench.config import BenchConfig
+    from bench.case.runner import snapshot_path
+    from bench.case.spec import CaseSpec
+    from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
-    from bench.spec import CaseSpec
 
     config = BenchConfig("gpu-small", (), (), (), (), 1, resolve_privacy(1.0), snapshot_dir="results/snapshots")
     spec = CaseSpec("gpt2-large:seq_len=128", "bk", 16, "cuda:0")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "bench", "reports")
-CLI_AND_CONFIG = ("bench.options", "bench.config", "bench.cli", "bench.conftest")
+CLI_AND_CONFIG = ("bench.config", "bench.conftest")
 
 # (lower layer, a module or package it must not reach, why): checked on every import that leaves the lower
 # layer, transitively, so a detour through a third module does not hide an upward dependency.
@@ -30,6 +30,16 @@ FORBIDDEN = (
     ("models", "reports", "the workloads are the bottom layer"),
     ("bench", "reports", "the benchmark writes results, reports reads them"),
     *(("bench.dp", module, "the DP code is below the command line and its configuration") for module in CLI_AND_CONFIG),
+    *(
+        ("bench.dp", folder, "a DP method knows the neutral channel, not the case around it or its launchers")
+        for folder in ("bench.case", "bench.ranks", "bench.plan", "bench.system")
+    ),
+    *(
+        ("bench.trackers", module, "a tracker measures any step: it knows neither DP nor the case around it")
+        for module in ("bench.dp", "bench.case", "bench.ranks", "bench.plan", *CLI_AND_CONFIG)
+    ),
+    ("bench.results", "bench.case", "the record is below the runner that fills it"),
+    ("bench.system", "bench.case", "machine facts are below the case"),
 )
 
 
@@ -260,7 +270,7 @@ def test_the_graph_is_the_whole_project():
     sources = first_party_sources()
     edges, _ = import_graph(sources)
     importers = {edge.importer for edge in edges}
-    assert {"models", "bench.dp", "bench.dp.base", "bench.case", "reports.load"} <= importers
+    assert {"models", "bench.dp", "bench.dp.base", "bench.case.runner", "reports.load"} <= importers
     assert any(edge.lazy for edge in edges), "the function-level imports were not collected"
     assert not any(path.rpartition("/")[2].startswith("test_") for path in sources)
 
@@ -271,22 +281,23 @@ def test_the_graph_is_the_whole_project():
 def test_detector_finds_a_cycle_through_a_lazy_import():
     sources = {
         "bench/__init__.py": "",
-        "bench/case.py": "def run():\n    from bench.ranks import launch\n",
+        "bench/case/__init__.py": "",
+        "bench/case/runner.py": "def run():\n    from bench.ranks import launch\n",
         "bench/ranks/__init__.py": "from .launch import start\n",
-        "bench/ranks/launch.py": "from ..case import CaseSpec\n",
+        "bench/ranks/launch.py": "from ..case.runner import CaseSpec\n",
     }
     edges, unresolved = import_graph(sources)
     assert not unresolved
     assert {(edge.importer, edge.imported, edge.lazy) for edge in edges} == {
-        ("bench.case", "bench.ranks.launch", True),
+        ("bench.case.runner", "bench.ranks.launch", True),
         ("bench.ranks", "bench.ranks.launch", False),
-        ("bench.ranks.launch", "bench.case", False),
+        ("bench.ranks.launch", "bench.case.runner", False),
     }
     [(group, cycle)] = find_cycles(edges)
-    assert group == ["bench.case", "bench.ranks.launch"]
+    assert group == ["bench.case.runner", "bench.ranks.launch"]
     assert [(edge.importer, edge.imported) for edge in cycle] == [
-        ("bench.case", "bench.ranks.launch"),
-        ("bench.ranks.launch", "bench.case"),
+        ("bench.case.runner", "bench.ranks.launch"),
+        ("bench.ranks.launch", "bench.case.runner"),
     ]
 
 
@@ -319,14 +330,16 @@ def test_detector_finds_upward_imports_direct_lazy_and_through_a_detour():
     sources = {
         "models/__init__.py": "def f():\n    import reports.load\n",
         "bench/__init__.py": "",
-        "bench/options.py": "",
+        "bench/config/__init__.py": "",
+        "bench/config/options.py": "",
         "bench/names.py": "",
-        "bench/helpers.py": "from .options import did_you_mean\n",
+        "bench/helpers.py": "from .config.options import did_you_mean\n",
         "bench/dp/__init__.py": "",
         "bench/dp/base.py": "from bench.names import did_you_mean\nfrom ..helpers import thing\n",
         "bench/dp/bk.py": "from . import base\n",  # inside bench.dp: not blamed for base's imports
-        "bench/dp/__main__.py": "from bench.options import comma_list\n",  # a command line: above every layer
-        "bench/plan.py": "from bench.dp.__main__ import main\n",  # ... but nothing imports one
+        "bench/dp/__main__.py": "from bench.config.options import comma_list\n",  # a command line: above every layer
+        "bench/plan/__init__.py": "",
+        "bench/plan/planner.py": "from bench.dp.__main__ import main\n",  # ... but nothing imports one
         "reports/__init__.py": "",
         "reports/load.py": "",
     }
@@ -338,10 +351,10 @@ def test_detector_finds_upward_imports_direct_lazy_and_through_a_detour():
     }
     assert found == {
         ("models must not import reports", (("models", "reports.load"),)),
-        ("no module imports a command line", (("bench.plan", "bench.dp.__main__"),)),
+        ("no module imports a command line", (("bench.plan.planner", "bench.dp.__main__"),)),
         (
-            "bench.dp must not import bench.options",
-            (("bench.dp.base", "bench.helpers"), ("bench.helpers", "bench.options")),
+            "bench.dp must not import bench.config",
+            (("bench.dp.base", "bench.helpers"), ("bench.helpers", "bench.config.options")),
         ),
     }
     assert [edge.lazy for rule, chain in find_upward(edges) for edge in chain if edge.importer == "models"] == [True]

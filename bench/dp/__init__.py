@@ -2,7 +2,7 @@
 
 Public API: :func:`available_methods`, :func:`get_method`, :func:`clipped_grad_sum`, :func:`build_step`,
 :func:`make_optimizer`, the training modes (:class:`TrainingMode`, :func:`prepare_model`; ``bench.dp.modes``),
-:func:`resolve_privacy` (``bench.dp.privacy``), the phase channel (``bench.channel``) and the errors
+:func:`resolve_privacy` (``bench.dp.privacy``), the phase channel (``bench.trackers.channel``) and the errors
 (``bench.dp.errors``). Importing the package registers every method;
 the import order below is the display order: the baseline first, the naive reference last.
 """
@@ -20,7 +20,7 @@ from .base import (
     make_optimizer,
     register_method,
 )
-from bench.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
+from bench.trackers.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
 from .errors import DPConfigError, MethodUnsupported, ModeUnsupported, is_out_of_memory
 from .modes import CHECKPOINTINGS, DEFAULT_MODE, PRECISIONS, TrainingMode, prepare_model
 from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from bench.cli import OneLineParser, run, usage_error
-from bench.options import comma_list
+from bench.config.cli import OneLineParser, run, usage_error
+from bench.config.options import comma_list
 
 from .base import available_methods, clipped_grad_sum, get_method
 from .errors import DPConfigError, MethodUnsupported, ModeUnsupported

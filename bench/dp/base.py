@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, no_mark
 from bench.messages import did_you_mean
+from bench.trackers.channel import PhaseMarker, no_mark
 
 from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
 from .errors import DPConfigError

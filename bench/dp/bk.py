@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from models.checkpointing import checkpoint_pass
 
 from ._common import (

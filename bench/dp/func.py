@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
 from ._common import (
     clip_factors,

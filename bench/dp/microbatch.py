@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 
 from ._common import (
     clip_factors,

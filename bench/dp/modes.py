@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.record import CHECKPOINTINGS, PRECISIONS  # every record's mode is one of them
+from bench.results.record import CHECKPOINTINGS, PRECISIONS  # every record's mode is one of them
 from models.checkpointing import CheckpointedBlocks, checkpoint_modules, checkpointed_modules
 
 from .errors import DPConfigError, ModeUnsupported

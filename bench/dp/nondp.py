@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, no_mark
+from bench.trackers.channel import PhaseMarker, no_mark
 
 from ._common import model_device, noise_free_sums, per_sample_loss, preserved_grads, scaled, trainable_parameters
 from .base import DPMethod, DPStep, register_method

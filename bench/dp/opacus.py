@@ -50,7 +50,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, annotate_dp_buffer, no_mark
+from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from models.checkpointing import checkpoint_pass
 
 from ._common import model_device, per_sample_loss, preserved_grads, trainable_parameters

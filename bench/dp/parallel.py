@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bench.channel import PhaseMarker, no_mark
+from bench.trackers.channel import PhaseMarker, no_mark
 
 from ._common import per_sample_loss, trainable_parameters
 from .base import DEFAULT_LR, DPStep, get_method, make_optimizer

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.dp.base import DEFAULT_LR
 from bench.dp.privacy import PrivacyParams
-from bench.record import CaseRecord
+from bench.results.record import CaseRecord
 
 
 @dataclass(frozen=True)

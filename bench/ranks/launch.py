@@ -30,10 +30,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.config import BenchConfig
+from bench.case.spec import CaseSpec, new_record
+from bench.config.settings import BenchConfig
 from bench.dp.parallel import refusal
-from bench.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
-from bench.spec import CaseSpec, new_record
+from bench.results.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
 
 from .job import RankJob
 from .lifeline import LAUNCHER_ENV, running, torchrun_preexec

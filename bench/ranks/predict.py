@@ -26,10 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from bench import dp
-from bench.cli import OneLineParser, run, usage_error
+from bench.config.cli import OneLineParser, run, usage_error
+from bench.config.options import check_names, comma_list, non_negative_float, positive_int
 from bench.dp.privacy import resolve_privacy
-from bench.options import check_names, comma_list, non_negative_float, positive_int
-from bench.record import CaseRecord, RankFigures, combine_rank_records
+from bench.results.record import CaseRecord, RankFigures, combine_rank_records
 
 from .job import RankJob
 from .step import run_rank

@@ -1,12 +1,12 @@
-"""One rank's share of a many-rank case: the same order as a one-process case (bench/case.py), on this rank.
+"""One rank's share of a many-rank case: the same order as a one-process case (bench/case/runner.py), on this rank.
 
 Build the model (equal on every rank: seeded by the workload) → draw the *global* batch from the case's seed
 and keep this rank's contiguous ``batch_size / world_size`` samples (rank r holds samples r·n … r·n + n − 1, so
 the ranks together step on exactly the one-process batch) → the parallel step (bench/dp/parallel.py) → two
 warm-up steps (DDP rebuilds its gradient buckets at the second step; the measured one is the steady state) →
-one measured round (bench.memory.measure_step: tensor tracker, allocator and NVML for this rank's GPU, RSS on
+one measured round (bench.trackers.memory.measure_step: tensor tracker, allocator and NVML for this rank's GPU, RSS on
 CPU) → timed rounds. The result is a :class:`CaseRecord` of this rank alone (``ranks`` holds its one
-:class:`RankFigures`); the launcher combines the ranks' records (bench.record.combine_rank_records).
+:class:`RankFigures`); the launcher combines the ranks' records (bench.results.record.combine_rank_records).
 
 Under a FakeTensorMode (``fake_mode``; bench/ranks/predict.py) the same code runs on fake tensors with a fake
 process group: no values, no kernels, no timing — the tracker's exact tensor bytes of this rank.
@@ -24,15 +24,15 @@ import torch
 import torch.distributed as dist
 
 import models
-from bench.case import failure_status
+from bench.case.runner import failure_status
 from bench.dp.errors import exception_chain
 from bench.dp.parallel import build_parallel_step
-from bench.machine import device_facts
-from bench.memory.isolation import end_case, start_case
-from bench.memory.measure import measure_step
-from bench.memory.tensors import TensorTracker
-from bench.record import CaseRecord, RankFigures, Timing
-from bench.timing import MIN_ROUND_S, iterations_for
+from bench.results.record import CaseRecord, RankFigures, Timing
+from bench.system.machine import device_facts
+from bench.trackers.memory.isolation import end_case, start_case
+from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.tensors import TensorTracker
+from bench.trackers.timing import MIN_ROUND_S, iterations_for
 
 from .job import RankJob
 
@@ -86,7 +86,7 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
             )
             if fake_mode is None and job.rounds:
                 record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s, device)
-    except Exception as exc:  # classified as bench/case.py does; the traceback must not keep tensors alive
+    except Exception as exc:  # classified as bench/case/runner.py does; the traceback must not keep tensors alive
         batch_text = f"batch {job.batch_size} ({job.local_batch_size} per rank)"
         record.status, record.reason = failure_status(exc, batch_text)
         for link in exception_chain(exc):
@@ -193,7 +193,7 @@ def _warm_up(step, batch, device: torch.device, job: RankJob) -> float:
 
 
 def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float, device: torch.device) -> Timing:
-    """``rounds`` timed rounds of ``run`` (each repeated until it lasts MIN_ROUND_S, as bench/timing.py does
+    """``rounds`` timed rounds of ``run`` (each repeated until it lasts MIN_ROUND_S, as bench/trackers/timing.py does
     for pytest-benchmark); times are per call. A rank has no pytest-benchmark: it times itself. Inside a process
     group every rank runs the same number of calls (:func:`agreed_iterations`)."""
     iterations = iterations_for(one_call_s, MIN_ROUND_S)

@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 import models
 from bench.dp.errors import error_text
-from bench.record import CaseRecord
-from bench.record import to_jsonl_line as record_line
+from bench.results.record import CaseRecord
+from bench.results.record import to_jsonl_line as record_line
 
 from .job import RankJob
 from .step import rank_figures, run_rank

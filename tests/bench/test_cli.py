@@ -1,4 +1,4 @@
-"""The ``python -m`` tools' shared behaviour (bench/cli.py): a usage error is one line and exit 2, Ctrl-C is one
+"""The ``python -m`` tools' shared behaviour (bench/config/cli.py): a usage error is one line and exit 2, Ctrl-C is one
 line and exit 130; and ``python -m bench.ranks.predict``'s bad values, refused by the bench's own parsers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.cli import OneLineParser, run
+from bench.config.cli import OneLineParser, run
 from bench.ranks import predict
 from tests.bench.test_matrix import REPO, _env
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.devices import resolve_device, visible_devices
-from bench.machine import device_facts, machine_info
+from bench.system.devices import resolve_device, visible_devices
+from bench.system.machine import device_facts, machine_info
 from tests.memory.fake_nvml import FakeNvml
 
 NO_GPU = not torch.cuda.is_available()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.record import CaseRecord, MaxBatchRecord, RecordError, from_jsonl_line
-from bench.spec import CaseSpec
+from bench.case.spec import CaseSpec
+from bench.results.record import CaseRecord, MaxBatchRecord, RecordError, from_jsonl_line
 
 REPO = Path(__file__).resolve().parents[2]
 # Keys users' scripts and CI gates read (issue: "keep these key names").

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from bench import maxbatch
-from bench.overhead import OverheadModel
-from bench.record import HOST_OOM, BatchProbe
+from bench.plan import maxbatch
+from bench.plan.overhead import DEFAULT_OVERHEAD, OverheadModel
+from bench.results.record import HOST_OOM, BatchProbe
 
 
 def _fake_probe(fixed: int, per_sample: int, capacity: int, calls: list):
@@ -133,7 +133,6 @@ def _piecewise_meta_probe(calls: list, fixed: int = 5_000, per_sample: int = 100
 @pytest.mark.parametrize("start", [1, 8])
 @pytest.mark.parametrize("fixed_overhead, fraction", [(0, 0.0), (1_000, 0.1)])
 def test_meta_search_is_exact_for_every_budget(start, fixed_overhead, fraction):
-    from bench.overhead import OverheadModel
 
     overhead = OverheadModel(fixed_overhead, fraction)
     budgets = [10_000, 25_000, 60_000, 123_456, 10**9]
@@ -162,9 +161,7 @@ def test_meta_search_stops_at_an_unsupported_probe():
     def probe(b):
         return BatchProbe(b, "unsupported"), {}
 
-    answers, probes = maxbatch.search_budgets(
-        probe, [10, 20], __import__("bench.overhead").overhead.DEFAULT_OVERHEAD, 64
-    )
+    answers, probes = maxbatch.search_budgets(probe, [10, 20], DEFAULT_OVERHEAD, 64)
     assert len(probes) == 1 and all(a.max_batch is None and a.first_failing_batch is None for a in answers)
 
 
@@ -212,11 +209,11 @@ def test_a_batch_the_host_cannot_draw_on_meta_is_recorded_as_the_hosts_limit(mon
     the probe is ``host-oom``, the 6 MiB answer (below it) stays exact, the 12 MiB one keeps the largest batch
     found; the record, its reason, the terminal line and the report say it is the host's limit."""
     import models
-    from bench.config import BenchConfig
+    from bench.case.spec import CaseSpec
+    from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
-    from bench.overhead import parse_overhead
-    from bench.record import from_jsonl_line, to_jsonl_line
-    from bench.spec import CaseSpec
+    from bench.plan.overhead import parse_overhead
+    from bench.results.record import from_jsonl_line, to_jsonl_line
     from bench.test_max_batch import case_probe, meta_search
     from reports.load import load_results
     from reports.tables import fit_display

@@ -8,7 +8,7 @@ agree exactly, up to two differences this file names and accounts for to the byt
   parameter tensor, optimizer state), a meta run does not, and neither does a CUDA run — meta is right for a GPU;
 * ``opacus-ghost``: Opacus copies ``p.grad`` into ``p.summed_grad`` with ``copy.deepcopy``; on CPU (and CUDA)
   ``Tensor.__deepcopy__`` copies the storage outside the dispatcher, so the tracker first meets the copy as an
-  op input and counts it as live since the step began (bench/memory/tensors.py, "adopted"); on meta the copy
+  op input and counts it as live since the step began (bench/trackers/memory/tensors.py, "adopted"); on meta the copy
   is a ``clone`` through the dispatcher, counted from when it is made. The CPU figure is too high by those
   copies until they exist; the meta one is right.
 """
@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-import bench.case as case_module
+import bench.case.runner as case_module
 import models
 from bench import dp
-from bench.case import run_case, set_optimizer_impl
-from bench.config import BenchConfig
-from bench.record import CaseRecord, RecordError
-from bench.spec import CaseSpec
+from bench.case.runner import run_case, set_optimizer_impl
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
+from bench.results.record import CaseRecord, RecordError
 from models import Batch, Workload
 from models.catalog import TINY_WORKLOADS
 
@@ -84,7 +84,7 @@ def _trainable_bytes(workload: str) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-# What meta cannot run, and the op it names (see bench/meta.py and docs/meta-and-planner.md, "What meta cannot run").
+# What meta cannot run, and the op it names (bench/case/meta_device.py; docs/meta-and-planner.md).
 META_UNSUPPORTED = {
     # Opacus' functorch sampler enters torch.amp.autocast(device_type=<input device>) for a layer whose input
     # dtype differs from its weight's (nn.Embedding's int64 ids); autocast has no meta device.

@@ -1,4 +1,4 @@
-"""Attention routing at the op level (bench/attention.py) and the meta op-layout cache (bench/meta.py)."""
+"""Attention routing at the op level (bench/case/attention.py) and the meta op cache (bench/case/meta_device.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention as imported_sdpa
 
-from bench.attention import AttentionMode, AttentionUnsupported, SdpaCall, attention_in_forward, cuda_auto_kernel
-from bench.memory.tensors import track_step
-from bench.meta import MetaOpCache, _op_kind
+from bench.case.attention import AttentionMode, AttentionUnsupported, SdpaCall, attention_in_forward, cuda_auto_kernel
+from bench.case.meta_device import MetaOpCache, _op_kind
+from bench.trackers.memory.tensors import track_step
 
 
 def _qkv(device: str, dtype=torch.float32, shape=(2, 3, 10, 8), seed: int = 0):
@@ -211,10 +211,10 @@ def test_tracked_bytes_are_the_same_with_and_without_the_cache():
 def test_checkpointed_blocks_recompute_under_the_routed_kernel(device, choice, kernel):
     """A block's recompute (inside the backward) must take the forward's kernel, or it saves other tensors and
     torch's checkpoint refuses it ("A different number of tensors was saved")."""
-    from bench.case import run_case
-    from bench.config import BenchConfig
+    from bench.case.runner import run_case
+    from bench.case.spec import CaseSpec
+    from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
-    from bench.spec import CaseSpec
 
     config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0, noise_multiplier=1.0), attention=choice)
     record = run_case(CaseSpec("dit-tiny-cond", "bk", 4, device, checkpointing="blocks"), config, None)

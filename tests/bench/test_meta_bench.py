@@ -11,9 +11,9 @@ import sys
 import pandas as pd
 import pytest
 
-from bench import options
-from bench.overhead import size_text
-from bench.record import CaseRecord, MaxBatchRecord, from_jsonl_line
+from bench.config import options
+from bench.plan.overhead import size_text
+from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
 from reports.__main__ import main as reports_main
 from tests.bench.test_matrix import REPO, _bench, _env
 

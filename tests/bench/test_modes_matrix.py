@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import models
-from bench.record import CaseRecord, from_jsonl_line
+from bench.results.record import CaseRecord, from_jsonl_line
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("nondp", "bk", "opacus-ew", "torch-func")

@@ -14,7 +14,7 @@ import pytest
 
 from bench import multi_gpu
 from bench.multi_gpu import Child, LaunchError, plan_children, split_runner_label, visible_entries
-from bench.record import from_jsonl_line
+from bench.results.record import from_jsonl_line
 
 REPO = Path(__file__).resolve().parents[2]
 

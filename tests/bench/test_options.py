@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from bench.config import PRESETS
-from bench.options import (
+from bench.config.options import (
     batch_sizes,
     byte_size,
     check_names,
@@ -17,7 +16,8 @@ from bench.options import (
     sample_interval,
     seed,
 )
-from bench.overhead import parse_overhead
+from bench.config.settings import PRESETS
+from bench.plan.overhead import parse_overhead
 
 
 @pytest.mark.parametrize(

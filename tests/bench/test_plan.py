@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import plan
-from bench.case import run_case
-from bench.config import BenchConfig
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
-from bench.gpus import GPUS, get_gpu
-from bench.overhead import DEFAULT_OVERHEAD, CalibrationError, OverheadModel, calibrate, parse_overhead
-from bench.record import CaseRecord, StepMemory
-from bench.spec import CaseSpec
+from bench.plan import planner as plan
+from bench.plan.gpus import GPUS, get_gpu
+from bench.plan.overhead import DEFAULT_OVERHEAD, CalibrationError, OverheadModel, calibrate, parse_overhead
+from bench.results.record import CaseRecord, StepMemory
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -252,7 +252,7 @@ def test_plan_argument_errors_are_one_line_exit_2():
 
 
 def test_plan_calibrates_from_gpu_results(tmp_path, capsys):
-    from bench.record import to_jsonl_line
+    from bench.results.record import to_jsonl_line
 
     gpu = "NVIDIA A100-SXM4-80GB"
     records = [_cuda_record(gpu, t, MIB + int(1.2 * t), 600 * MIB) for t in (2 * GIB, 6 * GIB)]
@@ -292,7 +292,7 @@ def test_calibration_refuses_a_fit_whose_device_bytes_fall_as_tensor_bytes_grow(
 
 def _calibration_file(tmp_path, gpu: str, fixed: int = MIB, slope: float = 1.2) -> str:
     """Two ok CUDA records of ``gpu`` with reserved = fixed + slope · tensor bytes."""
-    from bench.record import to_jsonl_line
+    from bench.results.record import to_jsonl_line
 
     records = [_cuda_record(gpu, t, fixed + int(slope * t), 600 * MIB) for t in (2 * GIB, 6 * GIB)]
     path = tmp_path / "calibration.jsonl"
@@ -348,6 +348,6 @@ def test_plan_takes_calibration_records_of_the_planned_gpu_only_unless_stated(tm
     ],
 )
 def test_device_names_match_the_catalogue(name, expected):
-    from bench.gpus import matching_gpus
+    from bench.plan.gpus import matching_gpus
 
     assert [gpu.name for gpu in matching_gpus(name)] == expected

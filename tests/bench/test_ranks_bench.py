@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.ranks.lifeline import LAUNCHER_ENV, running
-from bench.record import CaseRecord
+from bench.results.record import CaseRecord
 from reports.load import load_results
 from tests.bench.test_matrix import FP32_ONLY, RECORD_KEYS, REPO, _bench, _env, _records
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import BenchConfig, BenchUsageError, _check_ranks
+from bench.case.spec import CaseSpec
+from bench.config.options import BadValue, parallel_strategies, rendezvous_endpoint, world_sizes
+from bench.config.settings import BenchConfig, BenchUsageError, _check_ranks
 from bench.conftest import _devices_of
 from bench.dp import resolve_privacy
-from bench.options import BadValue, parallel_strategies, rendezvous_endpoint, world_sizes
 from bench.ranks.job import RankJob
 from bench.ranks.launch import (
     RUN_DIR_PREFIX,
@@ -27,7 +28,7 @@ from bench.ranks.launch import (
     torchrun_argv,
 )
 from bench.ranks.step import time_rounds
-from bench.record import (
+from bench.results.record import (
     CaseRecord,
     RankFigures,
     RecordError,
@@ -36,8 +37,7 @@ from bench.record import (
     from_jsonl_line,
     to_jsonl_line,
 )
-from bench.spec import CaseSpec
-from bench.timing import MIN_ROUND_S
+from bench.trackers.timing import MIN_ROUND_S
 
 
 def _config(**kw) -> BenchConfig:
@@ -135,7 +135,7 @@ def test_many_rank_settings_that_cannot_run_are_usage_errors(args, message):
 
 
 def test_more_cpu_ranks_than_cores_are_refused_unless_oversubscribed(monkeypatch):
-    monkeypatch.setattr("bench.config.available_cpu_cores", lambda: 2)
+    monkeypatch.setattr("bench.config.settings.available_cpu_cores", lambda: 2)
     _check_ranks((1, 2), 1, None, ("cpu",), False)  # one rank per core runs
     with pytest.raises(BenchUsageError, match=r"start 64 CPU processes per node, this node has 2 cores; pass "):
         _check_ranks((64,), 1, None, ("cpu",), False)
@@ -195,7 +195,7 @@ def test_dpmems_own_refusal_is_recorded_without_a_launch():
     ],
 )
 def test_a_setting_the_ranks_cannot_honour_is_unsupported_without_a_launch(spec, settings, message):
-    from bench.case import run_case
+    from bench.case.runner import run_case
 
     record = run_case(spec, _config(**settings), timer=None)
     assert record.status == "unsupported" and message in record.reason, record.reason

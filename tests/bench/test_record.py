@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.record import (
+from bench.results.record import (
     BatchProbe,
     BudgetAnswer,
     CaseRecord,

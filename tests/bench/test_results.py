@@ -1,4 +1,4 @@
-"""The crash-safe results writer (bench/results.py): a cut last line stays alone, short writes are completed, and a
+"""The crash-safe results writer (bench/results/files.py): a cut last line stays alone, short writes are completed, a
 record that could not be written whole is said (which, how much) and never counted as appended."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import bench.results as results_module
-from bench.record import MaxBatchRecord, to_jsonl_line
-from bench.results import RecordNotWrittenError, ResultsWriter, ResultsWriterError
+import bench.results.files as results_module
+from bench.results.files import RecordNotWrittenError, ResultsWriter, ResultsWriterError
+from bench.results.record import MaxBatchRecord, to_jsonl_line
 from reports.load import load_results
 from tests.reports.fakes import make_run
 
@@ -120,7 +120,7 @@ def test_a_record_written_but_not_synced_is_not_counted(tmp_path, monkeypatch):
 
 _FILE_SIZE_LIMITED = """
 import json, resource, signal, sys
-from bench.results import RecordNotWrittenError, ResultsWriter
+from bench.results.files import RecordNotWrittenError, ResultsWriter
 from tests.reports.fakes import make_run
 
 signals = []

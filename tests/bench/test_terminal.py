@@ -1,4 +1,4 @@
-"""What ``pytest bench/`` leaves on the terminal (bench/terminal.py): pytest-benchmark's table with the columns
+"""What ``pytest bench/`` leaves on the terminal (bench/results/terminal.py): pytest-benchmark's table with the columns
 that matter, no flood of known third-party warnings, and a closing summary of what ran and where it is."""
 
 from __future__ import annotations

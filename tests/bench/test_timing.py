@@ -1,4 +1,4 @@
-"""bench/timing.py: rounds paired with non-DP rounds, their ratio and the reliability rule — on a fake clock, so
+"""bench/trackers/timing.py: rounds paired with non-DP rounds, their ratio, the reliability rule — on a fake clock, so
 nothing here depends on how loaded the machine running the tests is."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from bench import timing
-from bench.case import run_case
-from bench.config import BenchConfig
-from bench.contention import Reading, conditions_between
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
-from bench.record import Timing
-from bench.spec import CaseSpec
-from bench.timing import Reference, benchmark_timer, median_and_iqr, paired_ratios, unreliable_reasons
+from bench.results.record import Timing
+from bench.trackers import timing
+from bench.trackers.contention import Reading, conditions_between
+from bench.trackers.timing import Reference, benchmark_timer, median_and_iqr, paired_ratios, unreliable_reasons
 
 
 class FakeMachine:

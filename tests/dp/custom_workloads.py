@@ -1,6 +1,6 @@
 """Tiny bring-your-own workloads for the DP tests: a two-layer MLP that every method supports, and variants that
 break the workload contract or fail on demand. ``registered(...)`` puts them in a private copy of the registry,
-so ``bench.case.run_case`` finds them by name and nothing leaks into other tests."""
+so ``bench.case.runner.run_case`` finds them by name and nothing leaks into other tests."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from torch import Tensor, nn
 
 import models
 from bench import dp
-from bench.case import run_case
-from bench.config import BenchConfig
-from bench.record import CaseRecord
-from bench.spec import CaseSpec
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
+from bench.results.record import CaseRecord
 from models import Batch, Workload
 
 IN, HIDDEN, OUT = 6, 8, 3

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.channel import listening
 from bench.dp import (
     MethodUnsupported,
     available_methods,
@@ -25,6 +24,7 @@ from bench.dp import (
 )
 from bench.dp._common import clip_factors, trainable_parameters
 from bench.dp.bk import BKMethod, BKTiledMethod, BookKeeping, supported_layers
+from bench.trackers.channel import listening
 from models import Batch, Workload, get_workload
 
 

@@ -8,7 +8,7 @@ import torch
 
 import models
 from bench import dp
-from bench.spec import CaseSpec
+from bench.case.spec import CaseSpec
 from models import contract
 from models.contract import WorkloadContractError, check_workload_contract
 

@@ -3,7 +3,7 @@
 Noise must be added to the clipped sums in place: an out-of-place sum keeps the noise-free sums alive beside
 the noisy gradients until ``optimizer.step()`` — a second parameter-sized copy, which on a parameter-heavy model
 (GPT-2's embeddings) made bk's peak 1.176× nondp's, in the optimizer phase. Measured with the exact tensor
-tracker (bench.memory.tensors) after a warm-up step, as the bench measures.
+tracker (bench.trackers.memory.tensors) after a warm-up step, as the bench measures.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 
 import models
 from bench import dp
-from bench.case import run_case
-from bench.memory.tensors import TensorReport, TensorTracker
-from bench.spec import CaseSpec
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.trackers.memory.tensors import TensorReport, TensorTracker
 
 from .custom_workloads import cpu_config
 

@@ -15,9 +15,9 @@ import torch
 
 import models
 from bench import dp
+from bench.case.spec import CaseSpec
 from bench.dp.errors import MethodUnsupported, is_out_of_memory, out_of_memory_in
-from bench.record import CaseRecord, MaxBatchRecord, from_jsonl_line
-from bench.spec import CaseSpec
+from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
 from models.contract import check_workload_contract
 
 from .custom_workloads import MLP, Injector, cpu_config, mlp_workload, registered, run_cpu_cases

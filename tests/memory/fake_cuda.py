@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import models
-from bench.memory import isolation
+from bench.trackers.memory import isolation
 
 MiB = 2**20
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from bench import maxbatch
-from bench.case import run_case
-from bench.config import BenchConfig
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
-from bench.memory.measure import measure_step
-from bench.memory.tensors import MemoryCapExceeded, TensorTracker
-from bench.record import BatchProbe, Timing
-from bench.spec import CaseSpec
+from bench.plan import maxbatch
+from bench.results.record import BatchProbe, Timing
+from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.tensors import MemoryCapExceeded, TensorTracker
 
 
 def _hand_sequence(progress: list[str]):

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from bench import gpu_check
-from bench.case import run_case
-from bench.config import BenchConfig
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
+from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
-from bench.memory import isolation
-from bench.memory.measure import measure_step
-from bench.memory.nvml import NvmlSampler
-from bench.spec import CaseSpec
+from bench.trackers.memory import isolation
+from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.nvml import NvmlSampler
 from tests.memory import fake_cuda
 from tests.memory.fake_nvml import FakeNvml
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench import gpu_check
-from bench.memory.nvml import NvmlSampler, check_interval, resolve_handle
+from bench.trackers.memory.nvml import NvmlSampler, check_interval, resolve_handle
 from tests.memory.fake_nvml import FakeNvml
 
 MiB = 2**20
@@ -207,7 +207,7 @@ def test_gap_check_arithmetic():
 
 
 def test_read_used_bytes_is_one_reading_with_the_samplers_handling():
-    from bench.memory.nvml import read_used_bytes
+    from bench.trackers.memory.nvml import read_used_bytes
 
     fake = FakeNvml(lambda s: 700 * MiB)
     assert read_used_bytes(0, nvml=fake) == (700 * MiB, [])
@@ -221,9 +221,9 @@ def test_peak_minus_baseline_is_taken_against_the_case_start_baseline_only():
     """The bench reads NVML at case start (context + other processes) and passes it to measure_step; the
     reading just before the step (model, warm allocator cache) is kept as nvml_step_start_bytes. Without a
     case-start reading the difference is None with a note: it never silently becomes peak − step start."""
-    from bench.memory.measure import add_nvml_figures
-    from bench.memory.nvml import NvmlResult
-    from bench.record import StepMemory
+    from bench.results.record import StepMemory
+    from bench.trackers.memory.measure import add_nvml_figures
+    from bench.trackers.memory.nvml import NvmlResult
 
     nvml = NvmlResult(
         available=True,

@@ -16,13 +16,13 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import models
-from bench.channel import annotate_dp_buffer, has_listeners
 from bench.dp import PHASES, build_step, resolve_privacy
-from bench.memory import allocator
-from bench.memory.measure import build_timeline, measure_step
-from bench.memory.process import RssSampler
-from bench.memory.tensors import TensorTracker, optimizer_state_tensors, track_step
-from bench.record import CATEGORIES, CaseRecord, StepMemory, from_jsonl_line, to_jsonl_line
+from bench.results.record import CATEGORIES, CaseRecord, StepMemory, from_jsonl_line, to_jsonl_line
+from bench.trackers.channel import annotate_dp_buffer, has_listeners
+from bench.trackers.memory import allocator
+from bench.trackers.memory.measure import build_timeline, measure_step
+from bench.trackers.memory.process import RssSampler
+from bench.trackers.memory.tensors import TensorTracker, optimizer_state_tensors, track_step
 
 F32 = 4
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench.memory.tensors import TensorTracker
+from bench.trackers.memory.tensors import TensorTracker
 
 
 def test_a_storage_resized_outside_dispatch_is_allocated_and_freed_in_the_log():

@@ -1,4 +1,4 @@
-"""Synthetic dpmem results for the reports tests, built with the real record classes (bench.record).
+"""Synthetic dpmem results for the reports tests, built with the real record classes (bench.results.record).
 
 A two-GPU (A100 40 GB, H100 80 GB), two-workload (DiT, GPT proxy), four-method run with a per-method memory model
 peak = fixed + per_sample · B, written in both formats the bench produces (pytest-benchmark JSON with timed cases
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.record import CaseRecord, Phase, RankFigures, Timeline, combine_rank_records, to_jsonl_line
+from bench.results.record import CaseRecord, Phase, RankFigures, Timeline, combine_rank_records, to_jsonl_line
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20

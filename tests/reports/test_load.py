@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import bench.results
-from bench.record import SCHEMA_VERSION, CaseRecord, MaxBatchRecord, from_jsonl_line, to_jsonl_line
+import bench.results.files
+from bench.results.record import SCHEMA_VERSION, CaseRecord, MaxBatchRecord, from_jsonl_line, to_jsonl_line
 from reports.load import ReportInputError, load_results, workload_family
 from tests.reports.fakes import (
     BATCHES,
@@ -122,7 +122,7 @@ def test_each_json_line_is_parsed_once(tmp_path, monkeypatch):
         calls.append(len(text))
         return real_loads(text, *args, **kwargs)
 
-    monkeypatch.setattr(bench.results.json, "loads", counting_loads)
+    monkeypatch.setattr(bench.results.files.json, "loads", counting_loads)
     assert len(load_results([path]).cases) == 5
     assert len(calls) == 1 + 5  # the whole-file probe (fails: JSON lines), then each line once
 

@@ -7,7 +7,7 @@ import dataclasses
 import matplotlib.pyplot as plt
 import pytest
 
-from bench.record import RankFigures, StepMemory, combine_rank_records
+from bench.results.record import RankFigures, StepMemory, combine_rank_records
 from reports.compare import compare_results
 from reports.figures import FigureOptions, SkipFigure, fig_peak_vs_batch, fig_per_rank_peak
 from reports.load import load_results

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.record import CaseRecord
+from bench.results.record import CaseRecord
 from reports.__main__ import main, report_content
 from reports.figures import FIGURES, FigureResult
 from reports.grid import frame_grid, grid_markdown, write_table

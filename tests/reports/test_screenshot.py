@@ -77,12 +77,12 @@ def test_where_a_browser_is_required_its_absence_fails(page, tmp_path, monkeypat
 
 def test_the_screenshot_env_installs_what_the_script_imports():
     """``tox -e screenshot`` runs ``python -I reports/screenshot.py``: no folder of the clone is on its path, so
-    bench.cli must come from the installed project (a skipped package failed CI: No module named 'bench')."""
+    bench.config.cli must come from the installed project (a skipped package failed CI: No module named 'bench')."""
     tox = configparser.ConfigParser(interpolation=None)
     tox.read(ROOT / "tox.ini")
     env = tox["testenv:screenshot"]
     assert env.get("package", tox["testenv"].get("package")) == "editable"
-    assert "from bench.cli import" in (ROOT / "reports" / "screenshot.py").read_text()
+    assert "from bench.config.cli import" in (ROOT / "reports" / "screenshot.py").read_text()
     assert "python -I {toxinidir}/reports/screenshot.py" in env["commands"]
 
 

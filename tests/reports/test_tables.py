@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from bench.record import BatchProbe, MaxBatchRecord
+from bench.results.record import BatchProbe, MaxBatchRecord
 from reports.grid import compact, frame_grid, write_table
 from reports.load import load_results
 from reports.tables import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.channel import annotate_dp_buffer
+from bench.trackers.channel import annotate_dp_buffer
 
 from .factors import Factored, Instantiated
 from .registry import register_layer

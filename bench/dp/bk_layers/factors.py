@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench.channel import annotate_dp_buffer
+from bench.trackers.channel import annotate_dp_buffer
 
 __all__ = ["Factored", "Instantiated", "factored_inner", "instantiated_inner"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bench.channel import annotate_dp_buffer
+from bench.trackers.channel import annotate_dp_buffer
 
 from .factors import Instantiated
 from .registry import register_layer

@@ -13,13 +13,13 @@ Reading (:func:`read_result_file`; the reports and ``--calibrate`` read with it)
 content (never by file name):
 
 * pytest-benchmark JSON: one object with ``machine_info`` and ``benchmarks`` (the timed cases: each one's
-  ``extra_info`` is a :class:`bench.record.CaseRecord` dict, ``stats`` its timing) and ``dpmem_untimed`` (OOM,
+  ``extra_info`` is a :class:`bench.results.record.CaseRecord` dict, ``stats`` its timing) and ``dpmem_untimed`` (OOM,
   unsupported and max-batch results, kept out of ``benchmarks`` so pytest-benchmark's own tools read the file);
-* JSON lines: one :func:`bench.record.to_jsonl_line` object per line. A killed run or a full disk may leave a
+* JSON lines: one :func:`bench.results.record.to_jsonl_line` object per line. A killed run or a full disk may leave a
   truncated line (the last one, or anywhere when later runs appended to the same file: the writer starts each
   record on a new line): it is skipped with a warning naming its line and every complete line is kept.
 
-Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.record.from_record_dict`,
+Each object is parsed once with :mod:`json` and turned into a record by :func:`bench.results.record.from_record_dict`,
 which checks every field against the record's types and domains (statuses, training modes, ranks within the
 world size; numbers finite, not negative, an int64 at most); nothing from the input is evaluated or unpickled. A
 bad record is a one-line :class:`ResultFileError` naming the file, the line (JSON lines) or the benchmark list
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.messages import first_line
-from bench.record import CaseRecord, MaxBatchRecord, RecordError, from_record_dict, to_jsonl_line
+from bench.results.record import CaseRecord, MaxBatchRecord, RecordError, from_record_dict, to_jsonl_line
 
 
 class ResultsWriterError(ValueError):
@@ -201,7 +201,7 @@ def machine_label(runner_label: str | None, device_name: str | None, device: str
 
 def _checked_record(data: dict[str, Any], stats: Any = None) -> CaseRecord | MaxBatchRecord:
     """The record of one parsed JSON object, its timing completed from pytest-benchmark ``stats`` where given;
-    every field is checked by the record type (:mod:`bench.record`), RecordError naming the first bad one."""
+    every field is checked by the record type (:mod:`bench.results.record`), RecordError naming the first bad one."""
     return from_record_dict(_with_stats(data, stats) if stats is not None else data)
 
 

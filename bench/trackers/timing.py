@@ -9,7 +9,7 @@ larger); the number of rounds is the preset's (``--rounds``).
 Pairing. A step time on a shared machine measures the step *and* whatever else ran: with other load, cpu-smoke's
 nondp dit-tiny-cond took 904 ms instead of 10 ms and bk-tiled came out 0.18× of it. A ratio of two cases timed at
 different moments divides two different loads. So a DP method's case also times the non-DP step of the same
-workload, batch, training mode and device (built by bench/case.py, on its own model) between the method's rounds:
+workload, batch, training mode and device (built by bench/case/runner.py, on its own model) between the method's rounds:
 N₀ A₁ N₁ A₂ … A_r N_r. Each method round A_i is divided by the mean of the non-DP rounds either side of it (a
 load that rises or falls steadily across the three cancels), and the record keeps the median of these per-round
 ratios (``paired_time_ratio``) and their IQR. The non-DP rounds run in pytest-benchmark's ``teardown`` hook,
@@ -19,7 +19,7 @@ like the method's (its own ``iterations``, at least MIN_ROUND_S), so it costs at
 
 Reliability. :func:`unreliable_reasons` is the one rule saying when the run cannot vouch for a case's step times;
 the record keeps its verdict (``time_reliable``, ``time_unreliable_reason``) beside the load figures it read
-(bench/contention.py), and the reports never rank an unreliable ratio.
+(bench/trackers/contention.py), and the reports never rank an unreliable ratio.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Protocol
 
 import torch
 
-from bench import contention
-from bench.contention import Reading
-from bench.record import Timing
+from bench.results.record import Timing
+from bench.trackers import contention
+from bench.trackers.contention import Reading
 
 __all__ = [
     "CPU_WAIT_LIMIT",

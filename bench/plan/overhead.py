@@ -20,7 +20,7 @@ fraction (slope − 1) and the allocator's own constant (intercept), to which th
 (context + everything outside the allocator) is added as the fixed part. A fit under which device bytes would not
 grow with tensor bytes (slope ≤ 0, a fraction of −100 % or below) is refused; the model names the GPU it came from.
 
-Torch-free on purpose (``bench/options.py`` parses ``--budget-overhead`` with :func:`parse_overhead`).
+Torch-free on purpose (``bench/config/options.py`` parses ``--budget-overhead`` with :func:`parse_overhead`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.sizes import parse_byte_size
+from bench.config.sizes import parse_byte_size
 
 __all__ = [
     "DEFAULT_OVERHEAD",
@@ -95,7 +95,7 @@ DEFAULT_OVERHEAD = OverheadModel(
 def parse_overhead(text: str) -> OverheadModel:
     """``"1GiB+10%"`` (fixed part, then the fraction of tensor bytes as a percentage) → an :class:`OverheadModel`;
     ``"0+0%"`` means none. The fixed part is a size as every size option takes it
-    (:func:`bench.sizes.parse_byte_size`: a unit unless it is 0). ValueError (one line) for anything else."""
+    (:func:`bench.config.sizes.parse_byte_size`: a unit unless it is 0). ValueError (one line) for anything else."""
     usage = f"{text!r} is not FIXED+PERCENT (e.g. 1GiB+10%, 512MiB+5%, 0+0%)"
     fixed_text, plus, percent_text = str(text).rpartition("+")  # the percentage holds no '+'; 1e+9B may
     percent = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", percent_text)

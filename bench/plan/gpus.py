@@ -1,10 +1,10 @@
 """A small catalogue of common CUDA GPUs: the memory a capacity plan budgets against, and the compute capability
-that decides which attention kernel torch runs there (bench/attention.py).
+that decides which attention kernel torch runs there (bench/case/attention.py).
 
 Memory is the vendor's datasheet figure (NVIDIA product pages and datasheets: "40GB HBM2", "80GB HBM3", "141GB
 HBM3e", "24GB GDDR6", ...), read as GiB. What CUDA reports as a card's ``total_memory`` is a little lower (the
 driver keeps some; an "80 GB" card shows about 79.2–79.6 GiB), and the CUDA context takes its share of what is
-left: both belong to the overhead model's fixed part (bench/overhead.py), and ``--memory`` with a card's own
+left: both belong to the overhead model's fixed part (bench/plan/overhead.py), and ``--memory`` with a card's own
 ``torch.cuda.get_device_properties(i).total_memory`` is exact where the datasheet figure is not.
 """
 

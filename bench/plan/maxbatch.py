@@ -8,7 +8,7 @@ fit's predictions are made for each size *less* the memory outside the allocator
 its start (``nvml_baseline_bytes``: the CUDA context and other processes), which the allocator cannot have.
 
 On the meta device nothing runs out of memory, so :func:`search_budgets` answers every memory budget at once:
-a probe is a real tracked meta step, "fits" means the overhead model (bench/overhead.py) puts its peak tensor
+a probe is a real tracked meta step, "fits" means the overhead model (bench/plan/overhead.py) puts its peak tensor
 bytes within the budget, and each budget's answer is exact under that model — the largest B that fits and
 B + 1 that does not were both probed. The affine fit of the probes so far only *guesses* where to probe next
 (two probes per budget when the peak is affine in B), bisection does the rest; the peak is assumed not to
@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from bench.overhead import OverheadModel, size_text
-from bench.record import HOST_OOM, BatchProbe, BudgetAnswer, MaxBatchRecord
+from bench.plan.overhead import OverheadModel, size_text
+from bench.results.record import HOST_OOM, BatchProbe, BudgetAnswer, MaxBatchRecord
 
 Probe = Callable[[int], BatchProbe]
 # A meta probe: the batch's probe record and the breakdown of its peak (CATEGORIES -> bytes).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.record import STATUSES, CaseRecord, RecordError, from_jsonl_line
+from bench.results.record import STATUSES, CaseRecord, RecordError, from_jsonl_line
 
 # pytest-benchmark's table: its default has ten columns (~240 characters a row). One DP step is timed a few
 # rounds of one iteration, so min/max/mean/stddev/outliers/ops/iterations say nothing the median, its IQR and

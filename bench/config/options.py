@@ -3,9 +3,9 @@
 Each parser turns one option's text into a typed value or raises ``argparse.ArgumentTypeError`` with one line
 naming the problem; ``pytest bench/`` reports it as a one-line usage error (exit 4; :func:`add_bench_options`),
 e.g. ``ERROR: argument --batch-sizes: batch size must be >= 1, got 0``, and the ``python -m`` tools that reuse
-the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/cli.py). Checks that need the
+the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/config/cli.py). Checks that need the
 registries (workload and method names, devices) happen once the values are typed, in
-:meth:`bench.config.BenchConfig.from_pytest`.
+:meth:`bench.config.settings.BenchConfig.from_pytest`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.config.sizes import parse_byte_size
 from bench.messages import did_you_mean
-from bench.overhead import parse_overhead
-from bench.sizes import parse_byte_size
+from bench.plan.overhead import parse_overhead
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -42,7 +42,7 @@ __all__ = [
     "world_sizes",
 ]
 
-# --attention: the scaled-dot-product-attention kernel a step runs (bench/attention.py says what each means).
+# --attention: the scaled-dot-product-attention kernel a step runs (bench/case/attention.py says what each means).
 ATTENTION_CHOICES = ("auto", "math", "efficient", "flash", "cudnn")
 # --optimizer-impl: torch.optim's per-parameter loop or its multi-tensor (foreach) kernels; auto = torch's default
 # for the device (foreach on CUDA, the loop on CPU; meta predicts CUDA, so foreach).
@@ -200,7 +200,7 @@ def optimizer_impl(text: str) -> str:
 
 
 def overhead_model(text: str):
-    """``"1GiB+10%"`` → :class:`bench.overhead.OverheadModel` (fixed bytes + a fraction of tensor bytes)."""
+    """``"1GiB+10%"`` → :class:`bench.plan.overhead.OverheadModel` (fixed bytes + a fraction of tensor bytes)."""
     try:
         return parse_overhead(text)
     except ValueError as exc:
@@ -396,7 +396,7 @@ def _max_batch_options(add) -> None:
         "--budget-overhead",
         type=overhead_model,
         help="memory a GPU needs beyond tensor bytes, FIXED+PERCENT of tensor bytes (default 1GiB+10%%; see "
-        "bench/overhead.py)",
+        "bench/plan/overhead.py)",
     )
     add(
         "--calibrate",

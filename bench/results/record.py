@@ -4,7 +4,7 @@ This is the single shape that flows from a bench case into pytest-benchmark's ``
 JSON-lines file, and from either file into the reports. Every key is documented once, here.
 
 A :class:`CaseRecord` is composed of typed parts — the case's identity and facts, the :class:`StepMemory`
-that :func:`bench.memory.measure.measure_step` returns and the :class:`Timing` of the timed rounds — and is
+that :func:`bench.trackers.memory.measure.measure_step` returns and the :class:`Timing` of the timed rounds — and is
 written as *one flat JSON object* (the parts' keys side by side), so a result file reads as a plain table row.
 """
 
@@ -22,15 +22,15 @@ from typing import Any
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "unsupported", "error")
 # How a record's figures were obtained (key ``measurement``): "measured" — the step ran on a real device (cpu,
-# cuda); "predicted" — it ran on the meta device (bench/meta.py): the tensor figures are the exact live tensor
+# cuda); "predicted" — it ran on the meta device (bench/case/meta_device.py): the tensor figures are the exact live
 # bytes of the step's tensor traffic with nothing allocated, and there are no allocator, NVML, RSS or timing
-# figures; a max-batch answer on meta also rests on the overhead model (bench/overhead.py).
+# figures; a max-batch answer on meta also rests on the overhead model (bench/plan/overhead.py).
 MEASUREMENTS = ("measured", "predicted")
 # Training modes (bench.dp.modes, which documents them; defined here so that reading a record needs no torch).
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 CHECKPOINTINGS = ("none", "blocks")
 
-# Breakdown categories of live tensor bytes at the peak (bench.memory.tensors).
+# Breakdown categories of live tensor bytes at the peak (bench.trackers.memory.tensors).
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
 
 
@@ -68,7 +68,7 @@ class StepMemory:
     Byte figures are ints, or ``None`` where that source does not apply (NVML on CPU) or failed (the record's
     ``notes`` say why)."""
 
-    # --- exact live tensor bytes (any device; bench.memory.tensors) ------------------------------------
+    # --- exact live tensor bytes (any device; bench.trackers.memory.tensors) ------------------------------------
     peak_tensor_bytes: int | None = None  # peak of live tensor storage bytes during the step
     baseline_tensor_bytes: int | None = None  # live bytes when the step started (params, grads, opt state)
     breakdown: dict[str, int] = field(default_factory=dict)  # CATEGORIES -> bytes live at the peak
@@ -77,12 +77,12 @@ class StepMemory:
     # (the batch in a one-process case; on CPU ranks, gloo's own copies made in its thread), counted from the start
     adopted_tensor_bytes: int | None = None
 
-    # --- torch CUDA caching allocator (bench.memory.allocator) -----------------------------------------
+    # --- torch CUDA caching allocator (bench.trackers.memory.allocator) -----------------------------------------
     peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the step
     peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved over the step
     snapshot_path: str | None = None  # memory_viz snapshot (pickle written by torch; never read by us)
 
-    # --- NVML (bench.memory.nvml) ----------------------------------------------------------------------
+    # --- NVML (bench.trackers.memory.nvml) ----------------------------------------------------------------------
     nvml_peak_used_bytes: int | None = None  # max device-wide "used" during the step
     nvml_baseline_bytes: int | None = None  # device "used" at case start, before the case allocated anything:
     #   CUDA context + other processes (None with a note when it could not be read)
@@ -107,8 +107,8 @@ class Timing:
     """Seconds per fused step from the timed rounds (never the measured round); ``rounds == 0``: not timed.
 
     A DP method's rounds alternate with rounds of the non-DP step of the same workload, batch, training mode
-    and device, run in the same case (bench/timing.py): ``paired_time_ratio`` compares rounds that saw the same
-    load. The load figures cover the whole timed window; ``time_reliable`` is bench.timing's verdict on them
+    and device, run in the same case (bench/trackers/timing.py): ``paired_time_ratio`` compares rounds that saw the same
+    load. The load figures cover the whole timed window; ``time_reliable`` is bench.trackers.timing's verdict on them
     (None: not judged — not timed, or a record written before the verdict existed)."""
 
     time_median_s: float | None = None
@@ -132,13 +132,13 @@ class Timing:
     # median over the method's rounds of (its round ÷ the mean of the non-DP rounds either side of it)
     paired_time_ratio: float | None = None
     paired_time_ratio_iqr: float | None = None  # interquartile range of those per-round ratios
-    # --- the machine while the rounds ran (bench/contention.py; None where the OS has no such figure) ---------
+    # --- the machine while the rounds ran (bench/trackers/contention.py; None where the OS has no such figure) ---
     load_average_1m: float | None = None  # as the timed rounds began (this process's threads included)
     cpus_available: int | None = None  # CPUs this process may run on
     cpu_wait_fraction: float | None = None  # of the time this process's threads were runnable, the share waiting
     other_cpus_busy: float | None = None  # mean CPUs kept busy by every other process
     cpu_steal_fraction: float | None = None  # share of the machine's CPU time the hypervisor took
-    time_reliable: bool | None = None  # bench.timing's rule
+    time_reliable: bool | None = None  # bench.trackers.timing's rule
     time_unreliable_reason: str = ""  # why not, one line ("" when reliable or not judged)
 
 
@@ -240,7 +240,7 @@ class CaseRecord:
     family: str | None = None  # workload family: "dit", "gpt" or "custom" (bring-your-own)
     dtype: str = "float32"  # the weights' dtype (bfloat16 under precision bf16)
     measurement: str = "measured"  # one of MEASUREMENTS: "predicted" for a meta-device case
-    attention: str = "auto"  # --attention: the SDPA kernel asked for (bench/attention.py)
+    attention: str = "auto"  # --attention: the SDPA kernel asked for (bench/case/attention.py)
     # SDPA kernels that ran ("math", "efficient", "flash", "cudnn"): routed to, emulated on meta, or observed
     # in the warm-up step for auto on cpu/cuda; [] when the model calls no scaled_dot_product_attention
     attention_kernels: list[str] = field(default_factory=list)
@@ -375,11 +375,11 @@ class MaxBatchRecord:
     # CUDA: NVML "used" at case start (CUDA context + other processes): not available to the allocator, so it
     # is subtracted from every memory size before the fit predicts a max batch for it (None: not read)
     non_allocator_bytes: int | None = None
-    # --- meta: exact answers per memory budget (bench/maxbatch.py, search_budgets) -----------------------
+    # --- meta: exact answers per memory budget (bench/plan/maxbatch.py, search_budgets) -----------------------
     measurement: str = "measured"  # MEASUREMENTS; "predicted" on meta
     attention: str = "auto"
     budgets: list[BudgetAnswer] = field(default_factory=list)
-    overhead_fixed_bytes: int | None = None  # the overhead model the budgets were judged with (bench/overhead.py)
+    overhead_fixed_bytes: int | None = None  # the overhead model the budgets were judged with (bench/plan/overhead.py)
     overhead_fraction: float | None = None
     overhead_source: str | None = None
     schema_version: int = SCHEMA_VERSION

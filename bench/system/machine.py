@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .memory.nvml import init_note, load_nvml
+from bench.trackers.memory.nvml import init_note, load_nvml
 
 PACKAGES = ("torch", "opacus", "nvidia-ml-py", "psutil", "pytest-benchmark")
 

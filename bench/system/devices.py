@@ -1,7 +1,7 @@
 """Which devices this process can measure on, and strict parsing of device strings.
 
 ``meta`` is always valid: a case there runs on meta tensors (shapes, no data) and *predicts* the exact live
-tensor bytes of the step with nothing allocated (bench/meta.py; docs/meta-and-planner.md)."""
+tensor bytes of the step with nothing allocated (bench/case/meta_device.py; docs/meta-and-planner.md)."""
 
 from __future__ import annotations
 

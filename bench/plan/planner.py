@@ -4,10 +4,10 @@
     python -m bench.plan gpt2-large:seq_len=128 --memory 40GiB --methods nondp,bk,opacus-hooks
     python -m bench.plan dit-xl-2-cond --gpu a100-80gb --calibrate results/a100.jsonl
 
-Every figure comes from real fused DP steps on the meta device (bench/meta.py: exact live tensor bytes, nothing
-allocated), turned into device bytes by the overhead model (bench/overhead.py: defaults, ``--budget-overhead``,
+Every figure comes from real fused DP steps on the meta device (bench/case/meta_device.py: exact live tensor bytes,
+allocated), turned into device bytes by the overhead model (bench/plan/overhead.py: defaults, ``--budget-overhead``,
 or ``--calibrate`` from real GPU results). Per method it prints the largest batch that fits — exact under the
-overhead model: that batch fits and the next one was run and does not (bench/maxbatch.py, ``search_budgets``) —
+overhead model: that batch fits and the next one was run and does not (bench/plan/maxbatch.py, ``search_budgets``) —
 the fixed and per-sample bytes (the line through those two steps), the breakdown of the peak at that batch, and
 how the method compares with non-DP: its max batch over non-DP's, and its peak over non-DP's at the same batch
 (non-DP is run at that batch too).
@@ -40,11 +40,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.cli import OneLineParser, run, usage_error
-from bench.gpus import GPUS, Gpu, get_gpu, matching_gpus
-from bench.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
-from bench.overhead import OverheadModel
-from bench.record import CATEGORIES, HOST_OOM
+from bench.config.cli import OneLineParser, usage_error
+from bench.config.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
+from bench.plan.gpus import GPUS, Gpu, get_gpu, matching_gpus
+from bench.plan.overhead import OverheadModel
+from bench.results.record import CATEGORIES, HOST_OOM
 
 PROG = "python -m bench.plan"
 GIB = 2**30
@@ -107,8 +107,8 @@ class _Prober:
         self.records: dict[tuple[str, int], object] = {}
 
     def __call__(self, method: str, batch_size: int):
-        from bench.case import run_case
-        from bench.spec import CaseSpec
+        from bench.case.runner import run_case
+        from bench.case.spec import CaseSpec
 
         key = (method, batch_size)
         if key not in self.records:
@@ -120,8 +120,8 @@ class _Prober:
 
 def plan_method(prober: _Prober, method: str, budget: int, limit: int) -> PlanRow:
     """Search ``method``'s exact max batch for ``budget`` and describe it (see the module docstring)."""
-    from bench import maxbatch
-    from bench.record import BatchProbe
+    from bench.plan import maxbatch
+    from bench.results.record import BatchProbe
 
     start = time.perf_counter()
     row = PlanRow(method)
@@ -379,8 +379,8 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     """The BenchConfig of the plan's meta cases; ValueError (one line) for a bad value."""
     import models
     from bench import dp
-    from bench.config import BenchConfig, resolve_overhead
-    from bench.options import check_names, overhead_model
+    from bench.config.options import check_names, overhead_model
+    from bench.config.settings import BenchConfig, resolve_overhead
 
     workload = models.get_workload(args.workload).name
     methods = tuple(args.methods or dp.available_methods())
@@ -452,7 +452,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(PRINTERS[args.format](plan))
     return 1 if any(r.status == "error" for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(main, PROG))

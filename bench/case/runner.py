@@ -11,16 +11,16 @@ out-of-memory error counts wherever it sits in an exception's chain, so no metho
 it into ``unsupported``; a workload that breaks the workload contract (models/contract.py) is an ``error`` named
 once, before any method runs.
 
-Isolation: every case starts and ends at a case boundary (:mod:`bench.memory.isolation`: garbage collection,
+Isolation: every case starts and ends at a case boundary (:mod:`bench.trackers.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
 on the cases that ran before it in the same process (tested in tests/bench/).
 
-On the meta device (bench/meta.py) the same steps run on meta tensors: the model is a copy of one built on
+On the meta device (bench/case/meta_device.py) the same steps run on meta tensors: the model is a copy of one built on
 meta, the batch is drawn on CPU with the seeded generator and moved to meta, the DP step draws its noise
 without a generator (meta tensors hold no values), there are no timed rounds and no samplers — the measured
 round's tensor tracker gives the record's figures, marked ``measurement: "predicted"``. The warm-up step still
 runs: it creates the optimizer state (AdamW's moments) and whatever a method builds lazily (Opacus), which the
-measured step must find as in a real run. Every step runs under the ``--attention`` choice (bench/attention.py)
+measured step must find as in a real run. Every step runs under the ``--attention`` choice (bench/case/attention.py)
 and the ``--optimizer-impl`` one.
 """
 
@@ -35,19 +35,19 @@ import torch
 
 import models
 from bench import dp
-from bench.attention import AttentionUnsupported, attention_in_forward
-from bench.channel import PhaseMarker, no_mark
-from bench.config import BenchConfig
-from bench.devices import resolve_device
+from bench.case.attention import AttentionUnsupported, attention_in_forward
+from bench.case.meta_device import MetaOpCache, meta_model, unsupported_reason
+from bench.case.spec import CaseSpec, new_record
+from bench.config.settings import BenchConfig
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
-from bench.memory.isolation import end_case, start_case
-from bench.memory.measure import measure_step
-from bench.memory.tensors import TensorTracker
-from bench.meta import MetaOpCache, meta_model, unsupported_reason
 from bench.ranks.launch import run_ranked_case
-from bench.record import CaseRecord
-from bench.spec import CaseSpec, new_record
-from bench.timing import Reference, StepTimer
+from bench.results.record import CaseRecord
+from bench.system.devices import resolve_device
+from bench.trackers.channel import PhaseMarker, no_mark
+from bench.trackers.memory.isolation import end_case, start_case
+from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.tensors import TensorTracker
+from bench.trackers.timing import Reference, StepTimer
 from models.contract import check_workload_contract
 
 BASELINE_METHOD = dp.nondp.NonDP.name  # every other method's timed rounds are paired with its step
@@ -185,7 +185,7 @@ def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model,
 
 
 class _NonDPReference:
-    """The non-DP step a DP case's timed rounds are paired with (bench/timing.py): the same workload, batch (the
+    """The non-DP step a DP case's timed rounds are paired with (bench/trackers/timing.py): the same workload, batch
     case's own tensors), training mode, device, attention choice and optimizer implementation, on a model of its
     own. Built and warmed up only when the timer pairs rounds — after the measured round, so no memory figure
     sees it — and closed with the case. If it cannot run (e.g. no memory beside the method's model), the

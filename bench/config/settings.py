@@ -1,7 +1,7 @@
 """Bench settings: the presets and the typed :class:`BenchConfig` every case reads. Knows names, not measurement.
 
 A :class:`BenchConfig` is built once per pytest session by :meth:`BenchConfig.from_pytest` from the options
-registered in ``bench/options.py`` (typed there by their ``type=`` parsers; the checks that need the workload,
+registered in ``bench/config/options.py`` (typed there by their ``type=`` parsers; the checks that need the workload,
 method and device registries happen here).
 """
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.contention import available_cpu_cores
-from bench.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
-from bench.results import ResultFileError, read_result_file
+from bench.plan.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
+from bench.results.files import ResultFileError, read_result_file
+from bench.trackers.contention import available_cpu_cores
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
     import pytest
@@ -121,7 +121,7 @@ PRESETS: dict[str, Preset] = {
 
 
 GIB = 2**30
-# Meta max-batch budgets by default: the memory of the common 24, 40, 80 and 141 GB cards (bench/gpus.py).
+# Meta max-batch budgets by default: the memory of the common 24, 40, 80 and 141 GB cards (bench/plan/gpus.py).
 DEFAULT_MEMORY_BUDGETS = (24 * GIB, 40 * GIB, 80 * GIB, 141 * GIB)
 
 
@@ -171,11 +171,11 @@ class BenchConfig:
     rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
     nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
     rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
-    attention: str = "auto"  # SDPA kernel (bench/attention.py)
+    attention: str = "auto"  # SDPA kernel (bench/case/attention.py)
     attention_sm: tuple[int, int] = (8, 0)  # meta: compute capability of the GPU whose auto choice is emulated
     optimizer_impl: str = "auto"  # torch.optim implementation: auto, foreach, for-loop
     memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
-    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/overhead.py)
+    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/plan/overhead.py)
     batch_caps: tuple[tuple[str, int], ...] = ()  # the preset's per-method largest batch sizes
     meta_notes: tuple[str, ...] = ()  # options that have no effect on meta cases (shown in the run's header)
 
@@ -194,7 +194,7 @@ class BenchConfig:
         """The session's settings from pytest's parsed options; :class:`BenchUsageError` names a bad value."""
         import models
         from bench import dp
-        from bench.options import check_names
+        from bench.config.options import check_names
 
         option = config.getoption
         try:
@@ -257,7 +257,7 @@ class BenchConfig:
 
 def _checked_devices(given: tuple[str, ...] | None) -> tuple[str, ...]:
     """``--devices`` (default: every visible device); ValueError for one that does not exist here."""
-    from bench.devices import visible_devices
+    from bench.system.devices import visible_devices
 
     devices = given or tuple(visible_devices())
     usable = list(dict.fromkeys(["cpu", "meta", *visible_devices()]))
@@ -270,7 +270,7 @@ def _checked_devices(given: tuple[str, ...] | None) -> tuple[str, ...]:
 def _privacy(option: Callable[[str], Any]) -> PrivacyParams:
     """The privacy options resolved (σ from a target ε where one is given); DPConfigError names a bad value."""
     from bench import dp
-    from bench.options import check_names
+    from bench.config.options import check_names
 
     check_names("--accountant", [option("--accountant")], list(dp.ACCOUNTANTS))
     return dp.resolve_privacy(
@@ -286,7 +286,7 @@ def _privacy(option: Callable[[str], Any]) -> PrivacyParams:
 
 def _memory_cap(given: int | None) -> int | None:
     """``--memory-cap``, else 75 % of RAM; no cap where RAM cannot be read."""
-    from bench.machine import ram_bytes
+    from bench.system.machine import ram_bytes
 
     if given is not None:
         return given

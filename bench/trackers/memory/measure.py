@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.devices import resolve_device
-from bench.record import Phase, StepMemory, Timeline
+from bench.results.record import Phase, StepMemory, Timeline
+from bench.system.devices import resolve_device
 
 from . import allocator
 from .nvml import NvmlResult, NvmlSampler, check_interval
@@ -60,7 +60,7 @@ def measure_step(
     ``nvml_baseline_bytes``: device ``used`` read before the caller allocated anything for this case (CUDA
     context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
     against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
-    :class:`~bench.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
+    :class:`~bench.trackers.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
     cap). ``extra_state``: more tensors that exist before the step (e.g. the batch), declared to the tracker so
     that only storages made outside its view are adopted. ``notes`` receives one line per source problem. An
     exception from the step (out-of-memory included) propagates after every source is stopped and the tracker

@@ -1,8 +1,8 @@
 """What a bench case is: a :class:`CaseSpec` (workload × method × batch size × device × training mode, and its
 ranks), and the record it starts with before anything runs (:func:`new_record`).
 
-Its own module because both runners build on it: the one-process case (bench/case.py) and the many-rank
-launcher (bench/ranks/launch.py), which bench/case.py hands its many-rank cases to.
+Its own module because both runners build on it: the one-process case (bench/case/runner.py) and the many-rank
+launcher (bench/ranks/launch.py), which bench/case/runner.py hands its many-rank cases to.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import dp
-from bench.config import BenchConfig
-from bench.machine import device_facts
-from bench.record import CaseRecord
+from bench.config.settings import BenchConfig
+from bench.results.record import CaseRecord
+from bench.system.machine import device_facts
 
 __all__ = ["CaseSpec", "new_record"]
 

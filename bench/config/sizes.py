@@ -1,7 +1,7 @@
 """Byte sizes as people write them (``8GiB``, ``512MB``, ``1e9B``) turned into byte counts.
 
-Torch-free and below the command line: the size options (bench/options.py) and the overhead model's fixed part
-(bench/overhead.py) parse with the same :func:`parse_byte_size`.
+Torch-free and below the command line: the size options (bench/config/options.py) and the overhead model's fixed part
+(bench/plan/overhead.py) parse with the same :func:`parse_byte_size`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def parse_byte_size(text: str, *, allow_zero: bool = False) -> int:
     """``"8GiB"``, ``"512 MB"``, ``"1.5KiB"``, ``"1E9B"`` → bytes (a fraction of a byte rounds down); ValueError
     (one line) for text that is not a size, a size without a unit (``0`` needs none), one that is not finite or
     above :data:`MAX_BYTES`, or one below 1 byte unless ``allow_zero``. ``--memory-budget`` and the other size
-    options parse with it (through :func:`bench.options.byte_size`), and so does ``--budget-overhead``'s fixed part."""
+    options parse with it (:func:`bench.config.options.byte_size`), as does ``--budget-overhead``'s fixed part."""
     match = _SIZE.fullmatch(str(text))
     if not match or match.group(2).lower() not in (*BYTE_UNITS, ""):
         raise ValueError(f"{text!r} is not a size ({SIZE_EXAMPLES})")

@@ -14,7 +14,7 @@ those are adopted into the baseline when first seen as an op input, since they w
 
 Categories (``record.CATEGORIES``), first match wins:
   parameters       storages of model parameters and buffers at the start
-  per_sample       storages announced by a DP method via ``bench.channel.annotate_dp_buffer`` (or found
+  per_sample       storages announced by a DP method via ``bench.trackers.channel.annotate_dp_buffer`` (or found
                    as Opacus' ``p.grad_sample`` / ``p._current_grad_sample``)
   gradients        storages seen as some ``p.grad`` (at the start, at every phase mark, at the end)
   optimizer_state  storages seen in ``optimizer.state`` (same times)
@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-from bench.channel import listening
-from bench.record import CATEGORIES
+from bench.results.record import CATEGORIES
+from bench.trackers.channel import listening
 
 # Event codes of the log. Each event is a tuple (time, code, a, b).
 _ALLOC = 0  # a = storage id, b = bytes
