@@ -15,7 +15,6 @@ process group: no values, no kernels, no timing — the tracker's exact tensor b
 from __future__ import annotations
 
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ from bench.system.machine import device_facts
 from bench.trackers.memory.isolation import end_case, start_case
 from bench.trackers.memory.measure import measure_step
 from bench.trackers.memory.tensors import TensorTracker
-from bench.trackers.timing import MIN_ROUND_S, iterations_for
+from bench.trackers.timing import MIN_ROUND_S, iterations_for, timing_from_durations
 
 from .job import RankJob
 
@@ -205,15 +204,4 @@ def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float, devic
         for _ in range(iterations):
             run()
         times.append((time.perf_counter() - start) / iterations)
-    quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return Timing(
-        time_median_s=statistics.median(times),
-        time_mean_s=statistics.fmean(times),
-        time_min_s=min(times),
-        time_max_s=max(times),
-        time_stddev_s=statistics.stdev(times) if len(times) > 1 else 0.0,
-        time_iqr_s=quartiles[2] - quartiles[0],
-        rounds=rounds,
-        iterations=iterations,
-        torch_threads=torch.get_num_threads(),
-    )
+    return timing_from_durations(times, iterations)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from pytest_benchmark.stats import Stats
 
 from bench.results.record import Timing
 from bench.trackers import contention
@@ -49,6 +50,7 @@ __all__ = [
     "iterations_for",
     "median_and_iqr",
     "paired_ratios",
+    "timing_from_durations",
     "unreliable_reasons",
 ]
 
@@ -100,6 +102,26 @@ def iterations_for(one_call_s: float, min_round_s: float) -> int:
     if not math.isfinite(one_call_s) or one_call_s <= 0:
         return 1
     return max(1, math.ceil(min_round_s / one_call_s))
+
+
+def timing_from_durations(round_times_s: Sequence[float], iterations: int) -> Timing:
+    """The :class:`Timing` of rounds that lasted ``round_times_s`` each (per call, ``iterations`` calls a round),
+    with pytest-benchmark's own statistics (its quartiles), so that ``time_iqr_s`` means the same for a rank that
+    times itself as for a one-process case timed by pytest-benchmark."""
+    stats = Stats()
+    for duration in round_times_s:
+        stats.update(duration)
+    return Timing(
+        time_median_s=stats.median,
+        time_mean_s=stats.mean,
+        time_min_s=stats.min,
+        time_max_s=stats.max,
+        time_stddev_s=float(stats.stddev),  # pytest-benchmark's is the int 0 for one round
+        time_iqr_s=stats.iqr,
+        rounds=int(stats.rounds),
+        iterations=iterations,
+        torch_threads=torch.get_num_threads(),
+    )
 
 
 def median_and_iqr(values: Sequence[float]) -> tuple[float, float]:
@@ -230,19 +252,10 @@ def benchmark_timer(
         last = read()
         if timed.failure and notes is not None:
             notes.append(f"timing: a non-DP round failed ({timed.failure}); the method's rounds are unpaired")
-        stats = benchmark.stats.stats
         conditions = contention.conditions_between(first, last)
-        timing = Timing(
-            time_median_s=stats.median,
-            time_mean_s=stats.mean,
-            time_min_s=stats.min,
-            time_max_s=stats.max,
-            time_stddev_s=stats.stddev,
-            time_iqr_s=stats.iqr,
-            rounds=int(stats.rounds),
-            iterations=iterations,
-            torch_threads=torch.get_num_threads(),
-            round_times_s=list(stats.data),
+        timing = dataclasses.replace(
+            timing_from_durations(benchmark.stats.stats.data, iterations),
+            round_times_s=list(benchmark.stats.stats.data),
             round_cpu_s=[(end.cpu_s - start.cpu_s) / iterations for start, end in timed.method],
             load_average_1m=first.load_average_1m,
             cpus_available=first.cpus_available,
