@@ -46,7 +46,3 @@ def listening(listener: Callable[[Tensor], None]) -> Iterator[None]:
     finally:
         _listeners.remove(listener)
 
-
-def has_listeners() -> bool:
-    """Whether any measurement is listening now (tests check that none is left behind)."""
-    return bool(_listeners)

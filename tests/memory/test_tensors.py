@@ -18,13 +18,23 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 import models
 from bench.dp import PHASES, build_step, resolve_privacy
 from bench.results.record import CATEGORIES, CaseRecord, StepMemory, from_jsonl_line, to_jsonl_line
-from bench.trackers.channel import annotate_dp_buffer, has_listeners
+from bench.trackers import channel
+from bench.trackers.channel import annotate_dp_buffer
 from bench.trackers.memory import allocator
 from bench.trackers.memory.measure import build_timeline, measure_step
 from bench.trackers.memory.process import RssSampler
-from bench.trackers.memory.tensors import TensorTracker, optimizer_state_tensors, track_step
+from bench.trackers.memory.tensors import TensorReport, TensorTracker, optimizer_state_tensors
 
 F32 = 4
+
+
+def _tracked(run, device="cpu", model=None, optimizer=None) -> TensorReport:
+    """One ``run(mark)`` under a tensor tracker, driven as bench.trackers.memory.measure drives it."""
+    tracker = TensorTracker(device)
+    tracker.register_state(model, optimizer)
+    with tracker:
+        run(tracker.mark)
+    return tracker.report()
 
 
 # ---- the tracker on hand-computed sequences ----------------------------------------------------------------
@@ -43,7 +53,7 @@ def test_hand_sequence_peak_trace_phase_and_breakdown():
         mark("end")
         return b
 
-    report = track_step(run)
+    report = _tracked(run)
     assert report.trace_bytes == [400, 600, 4600, 600, 200, 0]  # b is freed when run returns
     assert report.peak_tensor_bytes == 4600 and report.baseline_tensor_bytes == 0
     assert report.peak_phase == "backward"
@@ -61,7 +71,7 @@ def test_factory_from_data_resize_and_out_are_counted():
         mark("end")
         return t, buf
 
-    report = track_step(run)
+    report = _tracked(run)
     assert report.peak_tensor_bytes == 52 and report.adopted_storages == 0
     assert report.trace_bytes[:4] == [12, 12, 24, 52]
 
@@ -78,7 +88,7 @@ def test_pre_existing_inputs_are_adopted_into_the_baseline_and_frees_of_baseline
         mark("end")
         return y
 
-    report = track_step(run, model=model)
+    report = _tracked(run, model=model)
     assert report.baseline_tensor_bytes == 128 + 128 + 512
     assert report.adopted_storages == 1 and report.adopted_bytes == 512
     assert report.peak_tensor_bytes == 768 + 256
@@ -97,9 +107,9 @@ def test_annotation_after_creation_counts_as_per_sample_and_listener_is_removed(
         mark("end")
         return per_sample, scratch
 
-    report = track_step(run)
+    report = _tracked(run)
     assert report.breakdown["per_sample"] == 240 and report.breakdown["other"] == 20
-    assert report.unknown_annotations == 0 and not has_listeners()
+    assert report.unknown_annotations == 0 and not channel._listeners
 
 
 def test_autograd_backward_and_adamw_state_are_tracked_exactly():
@@ -119,7 +129,7 @@ def test_autograd_backward_and_adamw_state_are_tracked_exactly():
         mark("end")
 
     step(lambda phase: None)  # creates the AdamW state and a gradient
-    report = track_step(step, model=model, optimizer=optimizer)
+    report = _tracked(step, model=model, optimizer=optimizer)
     state_bytes = sum(t.untyped_storage().nbytes() for t in optimizer_state_tensors(optimizer))
     assert state_bytes == 2 * weight_bytes + F32  # exp_avg, exp_avg_sq and the step counter
     # baseline = weight + stale grad + optimizer state + x (adopted)
@@ -306,7 +316,7 @@ def test_out_of_memory_propagates_after_cleanup():
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as info:
         measure_step(failing, device="cpu", model=model, optimizer=optimizer)
     assert _get_current_dispatch_mode() is None  # tracker detached
-    assert not has_listeners()
+    assert not channel._listeners
     assert sys.getswitchinterval() == old_switch
     assert not [t for t in threading.enumerate() if t.name.startswith("dpmem-")]
     partial = info.value.partial_measurement

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -457,17 +457,3 @@ def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
                 if isinstance(item, Tensor):
                     yield item
 
-
-def track_step(
-    run: Callable[[Callable[[str], None]], Any],
-    *,
-    device: torch.device | str = "cpu",
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> TensorReport:
-    """Convenience: track one ``run(mark)`` call and return its report (used by tests and quick checks)."""
-    tracker = TensorTracker(device)
-    tracker.register_state(model, optimizer)
-    with tracker:
-        run(tracker.mark)
-    return tracker.report()
