@@ -14,7 +14,7 @@ from bench.config.settings import BenchConfig
 from bench.results.record import CaseRecord
 from bench.system.machine import device_facts
 
-__all__ = ["CaseSpec", "new_record"]
+__all__ = ["CaseSpec", "case_record", "new_record"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,12 @@ class CaseSpec:
 
 def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
-    device_name, device_memory = device_facts(spec.device)
+    return case_record(spec, config.privacy, config.optimizer, config.runner_label)
+
+
+def case_record(spec: CaseSpec, privacy, optimizer: str, runner_label: str | None, device=None) -> CaseRecord:
+    """:func:`new_record` from the settings it reads; ``device``: whose facts (a rank's own GPU), default the case's."""
+    device_name, device_memory = device_facts(spec.device if device is None else device)
     return CaseRecord(
         workload=spec.workload,
         method=spec.method,
@@ -54,11 +59,11 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         device=spec.device,
         precision=spec.precision,
         checkpointing=spec.checkpointing,
-        **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
-        optimizer=config.optimizer,
+        **privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
+        optimizer=optimizer,
         device_name=device_name,
         device_memory_bytes=device_memory,
-        runner_label=config.runner_label,
+        runner_label=runner_label,
         world_size=spec.world_size,
         parallel=spec.parallel,
     )

@@ -8,21 +8,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bench.case.spec import CaseSpec, case_record
 from bench.dp.base import DEFAULT_LR
 from bench.dp.privacy import PrivacyParams
 from bench.results.record import CaseRecord
+
+
+def uneven_split(batch_size: int, world_size: int) -> str | None:
+    """Why ``batch_size`` (the global logical batch) cannot run on ``world_size`` ranks, or None: it must split
+    evenly, each rank holding ``batch_size / world_size`` samples."""
+    if batch_size % world_size:
+        return (
+            f"batch {batch_size} does not split evenly over {world_size} ranks (batch sizes are the "
+            f"global logical batch; choose a multiple of {world_size})"
+        )
+    return None
 
 
 @dataclass(frozen=True)
 class RankJob:
     """A many-rank case and the settings its ranks run it with (from the parent's BenchConfig)."""
 
-    workload: str
-    method: str
-    batch_size: int  # global
-    device: str  # "cpu" or "cuda"
-    world_size: int
-    parallel: str
+    case: CaseSpec  # world_size > 1, parallel set, fp32 without checkpointing
     privacy: PrivacyParams
     optimizer: str = "adamw"
     lr: float = DEFAULT_LR
@@ -37,19 +46,13 @@ class RankJob:
 
     @property
     def local_batch_size(self) -> int:
-        return self.batch_size // self.world_size
+        return self.case.batch_size // self.case.world_size
 
-    def new_record(self, **fields: Any) -> CaseRecord:
-        """A record of this job's case (identity and ranks), with ``fields`` set (status, privacy, device facts)."""
-        return CaseRecord(
-            workload=self.workload,
-            method=self.method,
-            batch_size=self.batch_size,
-            device=self.device,
-            world_size=self.world_size,
-            parallel=self.parallel,
-            **fields,
-        )
+    def new_record(self, device: torch.device | str | None = None, **fields: Any) -> CaseRecord:
+        """A record of this job's case before anything ran on ``device`` (its facts; default the case's device
+        type), with ``fields`` set (status, reason)."""
+        record = case_record(self.case, self.privacy, self.optimizer, self.runner_label, device)
+        return dataclasses.replace(record, **fields)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -58,6 +61,7 @@ class RankJob:
     @classmethod
     def from_json(cls, text: str) -> RankJob:
         data: dict[str, Any] = json.loads(text)
+        data["case"] = CaseSpec(**data["case"])
         data["privacy"] = PrivacyParams(**data["privacy"])
         data["workload_modules"] = tuple(data.get("workload_modules", ()))
         return cls(**data)

@@ -30,12 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.case.spec import CaseSpec, new_record
+from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
 from bench.dp.parallel import refusal
 from bench.results.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
 
-from .job import RankJob
+from .job import RankJob, uneven_split
 from .lifeline import LAUNCHER_ENV, running, torchrun_preexec
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -63,20 +63,13 @@ class LaunchOutcome:
 
 def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The merged record of ``spec`` (world size > 1) on this node's ranks; raises only when interrupted."""
-    base = new_record(spec, config)
-    if spec.batch_size % spec.world_size:
-        base.status = "unsupported"
-        base.reason = (
-            f"batch {spec.batch_size} does not split evenly over {spec.world_size} ranks (batch sizes are the "
-            f"global logical batch; choose a multiple of {spec.world_size})"
-        )
-        return base
-    refused = refusal(spec.method, spec.parallel)
-    if refused is not None:  # dpmem's own refusal: no ranks needed to know it
-        base.status, base.reason = "unsupported", str(refused)
-        return base
     nproc = spec.world_size // config.nnodes
     job = job_for(spec, config, nproc)
+    base = job.new_record()
+    # dpmem's own refusals: no ranks needed to know them
+    refused = uneven_split(spec.batch_size, spec.world_size) or refusal(spec.method, spec.parallel)
+    if refused:
+        return replace(base, status="unsupported", reason=str(refused))
     remove_stale_run_dirs(Path(tempfile.gettempdir()))
     try:
         with _signals_end_the_launch(), tempfile.TemporaryDirectory(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-") as tmp:
@@ -125,13 +118,8 @@ def remove_stale_run_dirs(parent: Path) -> list[Path]:
 def job_for(spec: CaseSpec, config: BenchConfig, nproc: int) -> RankJob:
     cap = config.memory_cap_bytes // nproc if config.memory_cap_bytes is not None else None  # the node's RAM
     return RankJob(
-        workload=spec.workload,
-        method=spec.method,
-        batch_size=spec.batch_size,
-        device=spec.device,
-        world_size=spec.world_size,
-        parallel=spec.parallel,
-        privacy=config.privacy,
+        spec,
+        config.privacy,
         optimizer=config.optimizer,
         seed=config.seed,
         rounds=config.rounds,

@@ -26,12 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from bench import dp
+from bench.case.spec import CaseSpec
 from bench.config.cli import OneLineParser, run, usage_error
 from bench.config.options import check_names, comma_list, non_negative_float, positive_int
 from bench.dp.privacy import resolve_privacy
 from bench.results.record import CaseRecord, RankFigures, combine_rank_records
 
-from .job import RankJob
+from .job import RankJob, uneven_split
 from .step import run_rank
 
 __all__ = ["predict_case", "predict_rank"]
@@ -93,12 +94,12 @@ def predict_rank(job: RankJob, rank: int) -> CaseRecord:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore  # importing it registers the "fake" backend
 
-    if (job.method, job.parallel) in NOT_PREDICTABLE:
-        return _not_predictable(job, rank, NOT_PREDICTABLE[job.method, job.parallel])
+    if (job.case.method, job.case.parallel) in NOT_PREDICTABLE:
+        return _not_predictable(job, rank, NOT_PREDICTABLE[job.case.method, job.case.parallel])
     _forget_sharding_decisions()
-    dist.init_process_group("fake", rank=rank, world_size=job.world_size, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=job.case.world_size, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (job.world_size,))  # outside the fake mode: the mesh holds real ranks
+        mesh = init_device_mesh("cpu", (job.case.world_size,))  # outside the fake mode: the mesh holds real ranks
         record = run_rank(job, rank, torch.device("cpu"), mesh=mesh, fake_mode=FakeRun())
     finally:
         dist.destroy_process_group()
@@ -139,7 +140,7 @@ def _forget_sharding_decisions() -> None:
 
 def predict_case(job: RankJob, ranks: list[int] | None = None) -> CaseRecord:
     """One record of ``job`` from the predicted ranks (default every rank), combined as the launcher does."""
-    return combine_rank_records([predict_rank(job, r) for r in (ranks or range(job.world_size))])
+    return combine_rank_records([predict_rank(job, r) for r in (ranks or range(job.case.world_size))])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world = args.world_size
     batch = args.batch_size or 2 * world
-    if batch % world:
-        parser.error(f"--batch-size {batch} does not split evenly over {world} ranks (it is the global batch)")
+    uneven = uneven_split(batch, world)
+    if uneven:
+        parser.error(f"--batch-size: {uneven}")
     ranks = _ranks(args.ranks, world, parser)
     try:
         models.get_workload(args.workload)
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     privacy = resolve_privacy(1.0, noise_multiplier=args.noise_multiplier)
     print(f"{args.workload}: {args.parallel} at world size {world}, global batch {batch} ({batch // world} per rank)")
     for method in args.methods:
-        job = RankJob(args.workload, method, batch, "cpu", world, args.parallel, privacy, optimizer=args.optimizer)
+        case = CaseSpec(args.workload, method, batch, "cpu", world, args.parallel)
+        job = RankJob(case, privacy, optimizer=args.optimizer)
         record = predict_case(job, ranks)
         if record.status != "ok":
             print(f"  {method}: {record.status}: {record.reason}")

@@ -27,7 +27,6 @@ from bench.case.runner import failure_status
 from bench.dp.errors import exception_chain
 from bench.dp.parallel import build_parallel_step
 from bench.results.record import CaseRecord, RankFigures, Timing
-from bench.system.machine import device_facts
 from bench.trackers.memory.isolation import end_case, start_case
 from bench.trackers.memory.measure import measure_step
 from bench.trackers.memory.tensors import TensorTracker
@@ -40,8 +39,8 @@ WARM_UP_STEPS = 2
 
 def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_mode=None) -> CaseRecord:
     """This rank's record of ``job``; never raises for OOM, unsupported or a failed step (the status says so)."""
-    record = _rank_record(job, device)
-    workload = models.get_workload(job.workload)
+    record = job.new_record(device)
+    workload = models.get_workload(job.case.workload)
     record.tokens_per_sample, record.family, record.overrides = (
         workload.tokens_per_sample,
         workload.family,
@@ -57,12 +56,12 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
             record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
             batch = local_batch(workload, job, rank, device, fake_mode)
             step = build_parallel_step(
-                job.method,
-                job.parallel,
+                job.case.method,
+                job.case.parallel,
                 workload,
                 model,
                 privacy=job.privacy,
-                batch_size=job.batch_size,
+                batch_size=job.case.batch_size,
                 optimizer=job.optimizer,
                 lr=job.lr,
                 # The same seed on every rank: the clipped-sum methods draw identical noise after the all-reduce.
@@ -86,7 +85,7 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
             if fake_mode is None and job.rounds:
                 record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s, device)
     except Exception as exc:  # classified as bench/case/runner.py does; the traceback must not keep tensors alive
-        batch_text = f"batch {job.batch_size} ({job.local_batch_size} per rank)"
+        batch_text = f"batch {job.case.batch_size} ({job.local_batch_size} per rank)"
         record.status, record.reason = failure_status(exc, batch_text)
         for link in exception_chain(exc):
             link.__traceback__ = None
@@ -99,17 +98,6 @@ def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_m
     record.ranks = [rank_figures(record, rank)]
     record.peak_rank = rank
     return record
-
-
-def _rank_record(job: RankJob, device: torch.device) -> CaseRecord:
-    name, memory = device_facts(device)
-    return job.new_record(
-        **job.privacy.to_dict(),
-        optimizer=job.optimizer,
-        device_name=name,
-        device_memory_bytes=memory,
-        runner_label=job.runner_label,
-    )
 
 
 def rank_figures(record: CaseRecord, rank: int) -> RankFigures:
@@ -143,7 +131,7 @@ def local_batch(workload, job: RankJob, rank: int, device: torch.device, fake_mo
     the whole global batch alive and counted); fake tensors under ``fake_mode``."""
     n = job.local_batch_size
     with _real_tensors(fake_mode):
-        whole = workload.make_batch(job.batch_size, generator=torch.Generator().manual_seed(job.seed))
+        whole = workload.make_batch(job.case.batch_size, generator=torch.Generator().manual_seed(job.seed))
         share = whole.select(slice(rank * n, (rank + 1) * n))
         own = models.Batch(tuple(t.clone() for t in share.inputs), share.target.clone())
     if fake_mode is not None:

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         models.load_workload_module(module)
     if job.torch_threads is not None:
         torch.set_num_threads(job.torch_threads)
-    if job.device == "cuda":
+    if job.case.device == "cuda":
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -65,15 +65,15 @@ def main(argv: list[str]) -> int:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         record = run_rank(job, rank, device, mesh=mesh)
     except Exception as exc:  # outside the step (mesh, imports): still one line for the record
-        record = _failed(job, rank, exc)
+        record = _failed(job, rank, device, exc)
     _write(rank_file(argv[1], rank), record)
     dist.destroy_process_group()
     return 0 if record.status in ("ok", "unsupported") else 1
 
 
-def _failed(job: RankJob, rank: int, exc: BaseException) -> CaseRecord:
+def _failed(job: RankJob, rank: int, device: torch.device, exc: BaseException) -> CaseRecord:
     traceback.print_exc()
-    record = job.new_record(status="error", reason=error_text(exc))
+    record = job.new_record(device, status="error", reason=error_text(exc))
     record.ranks = [rank_figures(record, rank)]
     record.peak_rank = rank
     return record

@@ -45,4 +45,3 @@ def listening(listener: Callable[[Tensor], None]) -> Iterator[None]:
         yield
     finally:
         _listeners.remove(listener)
-

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import models
 from bench import dp
+from bench.case.spec import CaseSpec
 from bench.dp.parallel import build_parallel_step
 from bench.ranks.job import RankJob
 from bench.ranks.step import local_batch, run_rank
@@ -47,7 +48,8 @@ def _gradient(method: str, parallel: str, sigma: float, mesh, rank: int) -> tupl
     """(status, reason, {name: gradient × B}) after one fused parallel step."""
     workload = models.get_workload(WORKLOAD)
     model = workload.build_model("cpu")
-    job = RankJob(WORKLOAD, method, BATCH, "cpu", 2, parallel, dp.resolve_privacy(CLIP, noise_multiplier=sigma))
+    case = CaseSpec(WORKLOAD, method, BATCH, "cpu", 2, parallel)
+    job = RankJob(case, dp.resolve_privacy(CLIP, noise_multiplier=sigma))
     try:
         step = build_parallel_step(
             method,
@@ -73,9 +75,8 @@ def _gradient(method: str, parallel: str, sigma: float, mesh, rank: int) -> tupl
 
 def measured_job(method: str, parallel: str) -> RankJob:
     """The job of a MEASURED pair (the tests predict the same job); RSS sampled slowly: only tensors are compared."""
-    return RankJob(
-        WORKLOAD, method, BATCH, "cpu", 2, parallel, dp.resolve_privacy(1.0), rounds=0, sample_interval_s=0.05
-    )
+    case = CaseSpec(WORKLOAD, method, BATCH, "cpu", 2, parallel)
+    return RankJob(case, dp.resolve_privacy(1.0), rounds=0, sample_interval_s=0.05)
 
 
 def _measured(method: str, parallel: str, rank: int, mesh) -> list[dict]:

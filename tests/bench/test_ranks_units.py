@@ -203,13 +203,13 @@ def test_a_setting_the_ranks_cannot_honour_is_unsupported_without_a_launch(spec,
 
 
 def test_rank_job_round_trips_through_json_with_an_infinite_epsilon():
-    job = RankJob("dit-tiny-cond", "bk", 4, "cpu", 2, "fsdp", resolve_privacy(1.0, noise_multiplier=0.0))
+    job = RankJob(CaseSpec("dit-tiny-cond", "bk", 4, "cpu", 2, "fsdp"), resolve_privacy(1.0, noise_multiplier=0.0))
     assert math.isinf(job.privacy.epsilon)
     assert RankJob.from_json(job.to_json()) == job
 
 
 def test_torchrun_command_single_node_and_many_nodes(tmp_path):
-    job = RankJob("gpt-tiny", "bk", 16, "cuda", 16, "fsdp", resolve_privacy(1.0))
+    job = RankJob(CaseSpec("gpt-tiny", "bk", 16, "cuda", 16, "fsdp"), resolve_privacy(1.0))
     single = torchrun_argv(job, tmp_path, _config(), 16, "gpt-tiny-bk-bs16-cuda-fsdp16")
     assert single[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in single
     assert single[single.index("--nproc-per-node") + 1] == "16" and single[-4:-2] == ["-m", "bench.ranks.worker"]

@@ -456,4 +456,3 @@ def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
             for item in value:
                 if isinstance(item, Tensor):
                     yield item
-
