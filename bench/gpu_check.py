@@ -129,7 +129,7 @@ def check_case(workload_name: str, method: str, batch_size: int, device, args) -
     import models
     from bench.dp import build_step, resolve_privacy
     from bench.trackers.memory import allocator
-    from bench.trackers.memory.measure import measure_step
+    from bench.trackers.memory.measure import StepSources, measure_step
 
     workload = models.get_workload(workload_name)
     model = workload.build_model(device)
@@ -140,15 +140,10 @@ def check_case(workload_name: str, method: str, batch_size: int, device, args) -
         allocator.reset_between_cases(device)
         _, reserved_at_start = allocator.current_figures(device)
         notes: list[str] = []
-        memory = measure_step(
-            lambda mark: step(batch, mark),
-            device=device,
-            model=step.model,
-            optimizer=step.optimizer,
-            sample_interval_s=args.interval,
-            track_tensors=False,
-            notes=notes,
+        sources = StepSources(
+            device, model=step.model, optimizer=step.optimizer, sample_interval_s=args.interval, track_tensors=False
         )
+        memory = measure_step(lambda mark: step(batch, mark), sources, notes)
         if memory.nvml_peak_used_bytes is None:
             raise RuntimeError("; ".join(notes) or "NVML produced no samples")
         gap = GapCheck(

@@ -26,10 +26,13 @@ and the ``--optimizer-impl`` one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -41,11 +44,11 @@ from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
 from bench.ranks.launch import run_ranked_case
-from bench.results.record import CaseRecord
+from bench.results.record import CaseRecord, StepMemory, Timing
 from bench.system.devices import resolve_device
 from bench.trackers.channel import PhaseMarker, no_mark
 from bench.trackers.memory.isolation import end_case, start_case
-from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.memory.tensors import TensorTracker
 from bench.trackers.timing import Reference, StepTimer
 from models.contract import check_workload_contract
@@ -62,7 +65,8 @@ def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
     return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA), so that a duration is the step's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -98,21 +102,22 @@ def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
     return config.memory_cap_bytes if device.type == "cpu" else None
 
 
-def _warm_up(run: Callable[..., object], step, device: torch.device, config: BenchConfig) -> float:
-    """One untimed step (allocator pools, cuBLAS workspaces, optimizer state, Opacus' lazy state; the attention
-    kernel observed); returns its duration. On CPU with a memory cap it runs under the capped tensor tracker
-    (counting as the measured round counts), so a case too large for the machine becomes ``oom`` instead of
-    taking the machine down."""
-    cap = memory_cap_for(device, config)
+def warm_up(
+    run: Callable[[], object], step, device: torch.device, cap_bytes: int | None, extra: Sequence[torch.Tensor] = ()
+) -> float:
+    """One untimed call of ``run`` (allocator pools, cuBLAS workspaces, optimizer state, Opacus' lazy state; the
+    attention kernel observed); returns its duration. Under a CPU memory cap it runs under the capped tensor
+    tracker (counting as the measured round counts; ``extra``: more state declared to it, e.g. a rank's batch),
+    so a case too large for the machine becomes ``oom`` instead of taking the machine down."""
     start = time.perf_counter()
-    if cap is not None:
-        tracker = TensorTracker(device, cap_bytes=cap)  # its figures are discarded: only the cap matters here
-        tracker.register_state(step.model, step.optimizer)
+    if cap_bytes is not None:
+        tracker = TensorTracker(device, cap_bytes=cap_bytes)  # its figures are discarded: only the cap matters here
+        tracker.register_state(step.model, step.optimizer, extra=extra)
         with tracker:
-            run(observe=True)
+            run()
     else:
-        run(observe=True)
-    _sync(device)
+        run()
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -153,23 +158,6 @@ class _AttentionRun:
         return out
 
 
-def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, record: CaseRecord):
-    """(batch, fused step) of the case, on ``device``; the record gets the model's facts."""
-    model = meta_model(workload) if device.type == "meta" else workload.build_model(device)
-    record.params_total, record.params_trainable = models.parameter_counts(model)
-    # the user's bug, named once, before any method runs; checked where the model lives
-    check_workload_contract(workload, model, next(model.parameters()).device)
-    dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
-    record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    generator = torch.Generator().manual_seed(config.seed)
-    batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
-    # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made, and counted)
-    noise = None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.seed + 1)
-    step = _new_step(spec.method, spec, config, workload, model, noise)
-    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.optimizer_impl, device)
-    return batch, step
-
-
 def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model, noise_generator):
     """The fused step of ``method`` for the case's batch size and training mode (``model`` prepared for it)."""
     return dp.build_step(
@@ -206,7 +194,7 @@ class _NonDPReference:
             run = _AttentionRun(self.step, self.batch, config, device)
             start = time.perf_counter()
             run()  # the warm-up: optimizer state, allocator pools
-            _sync(device)
+            sync(device)
             one_call_s = time.perf_counter() - start
         except Exception as exc:
             self.notes.append(f"timing: no non-DP step to pair the rounds with ({error_text(exc)}); unpaired rounds")
@@ -214,7 +202,7 @@ class _NonDPReference:
                 link.__traceback__ = None
             self.close()
             return None
-        return Reference(lambda: (run(), _sync(device)), one_call_s)
+        return Reference(lambda: (run(), sync(device)), one_call_s)
 
     def close(self) -> None:
         if self.step is not None:
@@ -240,68 +228,229 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     """Run the case (no timed rounds when ``timer`` is None, as in the max-batch search, or on meta); never
     raises for OOM or unsupported (the status says so); any other failure is recorded with status 'error'. A case
     on many ranks is launched by torchrun (bench/ranks), whose ranks time themselves."""
-    ranks_cannot = _what_ranks_cannot_run(spec, config) if spec.world_size > 1 else None
-    if ranks_cannot is not None:
-        record = new_record(spec, config)
-        record.status, record.reason = "unsupported", ranks_cannot
-        return record
     if spec.world_size > 1:
+        ranks_cannot = _what_ranks_cannot_run(spec, config)
+        if ranks_cannot is not None:
+            return dataclasses.replace(new_record(spec, config), status="unsupported", reason=ranks_cannot)
         return run_ranked_case(spec, config)
-    record = new_record(spec, config)
+    base = new_record(spec, config)
     device = resolve_device(spec.device)
-    on_meta = device.type == "meta"
     workload = models.get_workload(spec.workload)
-    record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
-    record.overrides = dict(workload.overrides)
-    record.attention = config.attention
-    if on_meta:
-        record.measurement = "predicted"
-        record.notes.append("meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS")
-        record.notes.extend(config.meta_notes)
-    # Before the case allocates anything. Meta cases hold nothing resident, so they skip the boundaries' full
-    # garbage collections (~0.3 s each with torch imported: most of a small meta case).
-    nvml_baseline = start_case(device, record.notes) if not on_meta else None
-    step = batch = run = reference = None
-    op_cache = MetaOpCache() if on_meta else None
+    case = (_MetaCase if device.type == "meta" else _DeviceCase)(spec, config, workload, device, timer)
+    notes = list(case.first_notes)
+    outcome = run_measured(case, notes)
+    return finished_record(
+        base,
+        workload,
+        case.facts,
+        outcome,
+        notes,
+        attention=config.attention,
+        attention_kernels=case.kernels,
+        measurement=case.measurement,
+    )
+
+
+# --- the one skeleton of a measured case: a one-process case here, a rank in bench/ranks/step.py ----------------
+
+
+@dataclass
+class ModelFacts:
+    """What building a case learns of its model and step (the record's defaults until then)."""
+
+    params_total: int | None = None
+    params_trainable: int | None = None
+    dtype: str = "float32"
+    optimizer_impl: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a measured case ended, and its figures (defaults: nothing measured)."""
+
+    status: str = "ok"
+    reason: str = ""
+    memory: StepMemory = dataclasses.field(default_factory=StepMemory)
+    timing: Timing = dataclasses.field(default_factory=Timing)
+
+
+class MeasuredCase(Protocol):
+    """The pieces of a case that differ by where it runs (a device, meta, one rank), handed to :func:`run_measured`.
+
+    ``build`` makes the model, batch and step (learning ``facts`` as it goes: a later failure keeps them);
+    ``warm_up`` returns the duration of its untimed call(s); ``measure`` runs the measured round; ``time`` the
+    timed rounds (an empty Timing: none); ``close`` releases the step and drops every tensor of the case."""
+
+    device: torch.device
+    resident: bool  # its tensors hold real memory: the run starts and ends at a case boundary
+    batch_text: str  # how an out-of-memory reason names the batch
+    op_cache: MetaOpCache | None  # on meta: names a value-dependent op as the failure
+    facts: ModelFacts
+
+    def context(self) -> AbstractContextManager: ...
+    def build(self) -> None: ...
+    def warm_up(self) -> float: ...
+    def measure(self, nvml_baseline_bytes: int | None, notes: list[str]) -> StepMemory: ...
+    def time(self, one_call_s: float, notes: list[str]) -> Timing: ...
+    def close(self) -> None: ...
+
+
+def run_measured(case: MeasuredCase, notes: list[str]) -> Outcome:
+    """case boundary → build → warm-up → one measured round → timed rounds → release → case boundary.
+
+    Out-of-memory and unsupported combinations are outcomes, not exceptions (:func:`failure_status`); so is any
+    other failure (``error``), its traceback dropped so that it keeps no tensor alive. ``notes`` gets a line per
+    problem a source or the timer saw."""
+    # Before the case allocates anything. Cases that hold nothing resident (meta, fake tensors) skip the
+    # boundaries' full garbage collections (~0.3 s each with torch imported: most of a small meta case).
+    nvml_baseline = start_case(case.device, notes) if case.resident else None
+    memory, timing, status, reason = StepMemory(), Timing(), "ok", ""
     try:
-        with op_cache if op_cache is not None else nullcontext():
-            batch, step = _build(spec, config, workload, device, record)
-            run = _AttentionRun(step, batch, config, device)
-            if on_meta and spec.method not in FULL_WARM_UP_ON_META:
-                _meta_state_warm_up(step)
-                one_call_s = 0.0
-            else:
-                one_call_s = _warm_up(run, step, device, config)
-            snapshot = config.snapshot_case in (spec.case_id, "all")
-            record.memory = measure_step(
-                run,
-                device=device,
-                model=step.model,
-                optimizer=step.optimizer,
-                sample_interval_s=config.sample_interval_s,
-                nvml_baseline_bytes=nvml_baseline,
-                snapshot_path=snapshot_path(config, spec) if snapshot else None,
-                memory_cap_bytes=memory_cap_for(device, config),
-                notes=record.notes,
-            )
-            record.attention_kernels = sorted(run.kernels)
-            if timer is not None and not on_meta:
-                if spec.method != BASELINE_METHOD:
-                    reference = _NonDPReference(spec, config, workload, device, batch, record.notes)
-                record.timing = timer(lambda: (run(), _sync(device)), one_call_s, reference, record.notes)
-    except Exception as exc:  # classified below; the traceback must not keep tensors alive
-        record.status, record.reason = failure_status(exc, f"batch {spec.batch_size}", op_cache)
+        with case.context():
+            case.build()
+            one_call_s = case.warm_up()
+            memory = case.measure(nvml_baseline, notes)
+            timing = case.time(one_call_s, notes)
+    except Exception as exc:  # classified here; the traceback must not keep tensors alive
+        status, reason = failure_status(exc, case.batch_text, case.op_cache)
         for link in exception_chain(exc):
             link.__traceback__ = None
     finally:
-        if reference is not None:
-            reference.close()
-        if step is not None:
-            step.close()
-        step = batch = run = reference = None  # drop this case's tensors before the next case starts
-        if not on_meta:
-            end_case(device)  # collects garbage first
-    return record
+        case.close()  # drop this case's tensors before the next case starts
+        if case.resident:
+            end_case(case.device)  # collects garbage first
+    return Outcome(status, reason, memory, timing)
+
+
+def finished_record(
+    base: CaseRecord, workload, facts: ModelFacts, outcome: Outcome, notes: list[str], **fields
+) -> CaseRecord:
+    """The record of a measured case: ``base`` (the case before anything ran), the workload's and the model's
+    facts, the outcome, the notes, and ``fields`` of the runner's own (attention, rank)."""
+    return dataclasses.replace(
+        base,
+        tokens_per_sample=workload.tokens_per_sample,
+        family=workload.family,
+        overrides=dict(workload.overrides),
+        params_total=facts.params_total,
+        params_trainable=facts.params_trainable,
+        dtype=facts.dtype,
+        optimizer_impl=facts.optimizer_impl,
+        status=outcome.status,
+        reason=outcome.reason,
+        memory=outcome.memory,
+        timing=outcome.timing,
+        notes=notes,
+        **fields,
+    )
+
+
+class _DeviceCase:
+    """A one-process case on a CPU or GPU: between case boundaries, warmed up under the CPU memory cap, timed by
+    ``timer`` (paired with the non-DP step for a DP method)."""
+
+    resident = True
+    measurement = "measured"
+    first_notes: tuple[str, ...] = ()
+
+    def __init__(self, spec: CaseSpec, config: BenchConfig, workload, device: torch.device, timer: StepTimer | None):
+        self.spec, self.config, self.workload, self.device, self.timer = spec, config, workload, device, timer
+        self.batch_text = f"batch {spec.batch_size}"
+        self.op_cache: MetaOpCache | None = None
+        self.facts = ModelFacts()
+        self.kernels: list[str] = []  # the attention kernels of the warm-up and measured steps
+        self.step = self.batch = self.run = self.reference = None
+
+    def context(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def _model(self):
+        return self.workload.build_model(self.device)
+
+    def _noise_generator(self) -> torch.Generator | None:
+        return torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+
+    def build(self) -> None:
+        spec, config, workload, device, facts = self.spec, self.config, self.workload, self.device, self.facts
+        model = self._model()
+        facts.params_total, facts.params_trainable = models.parameter_counts(model)
+        # the user's bug, named once, before any method runs; checked where the model lives
+        check_workload_contract(workload, model, next(model.parameters()).device)
+        dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
+        facts.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        generator = torch.Generator().manual_seed(config.seed)
+        self.batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
+        self.step = _new_step(spec.method, spec, config, workload, model, self._noise_generator())
+        facts.optimizer_impl = set_optimizer_impl(self.step.optimizer, config.optimizer_impl, device)
+        self.run = _AttentionRun(self.step, self.batch, config, device)
+
+    def warm_up(self) -> float:
+        return warm_up(lambda: self.run(observe=True), self.step, self.device, memory_cap_for(self.device, self.config))
+
+    def measure(self, nvml_baseline_bytes: int | None, notes: list[str]) -> StepMemory:
+        config, spec, device = self.config, self.spec, self.device
+        snapshot = config.snapshot_case in (spec.case_id, "all")
+        sources = StepSources(
+            device,
+            model=self.step.model,
+            optimizer=self.step.optimizer,
+            sample_interval_s=config.sample_interval_s,
+            nvml_baseline_bytes=nvml_baseline_bytes,
+            snapshot_path=snapshot_path(config, spec) if snapshot else None,
+            memory_cap_bytes=memory_cap_for(device, config),
+        )
+        memory = measure_step(self.run, sources, notes)
+        self.kernels = sorted(self.run.kernels)
+        return memory
+
+    def time(self, one_call_s: float, notes: list[str]) -> Timing:
+        if self.timer is None:
+            return Timing()
+        spec, run, device = self.spec, self.run, self.device
+        if spec.method != BASELINE_METHOD:
+            self.reference = _NonDPReference(spec, self.config, self.workload, device, self.batch, notes)
+        return self.timer(lambda: (run(), sync(device)), one_call_s, self.reference, notes)
+
+    def close(self) -> None:
+        if self.reference is not None:
+            self.reference.close()
+        if self.step is not None:
+            self.step.close()
+        self.step = self.batch = self.run = self.reference = None
+
+
+class _MetaCase(_DeviceCase):
+    """A one-process case on meta tensors: nothing resident (no case boundaries, no samplers), the ops' outcomes
+    cached, the state warm-up for most methods, no timed rounds; its figures are ``predicted``."""
+
+    resident = False
+    measurement = "predicted"
+
+    def __init__(self, spec: CaseSpec, config: BenchConfig, workload, device: torch.device, timer: StepTimer | None):
+        super().__init__(spec, config, workload, device, timer)
+        self.op_cache = MetaOpCache()
+        self.first_notes = (
+            "meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS",
+            *config.meta_notes,
+        )
+
+    def context(self) -> AbstractContextManager:
+        return self.op_cache
+
+    def _model(self):
+        return meta_model(self.workload)
+
+    def _noise_generator(self) -> None:
+        return None  # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made)
+
+    def warm_up(self) -> float:
+        if self.spec.method in FULL_WARM_UP_ON_META:
+            return super().warm_up()
+        _meta_state_warm_up(self.step)
+        return 0.0
+
+    def time(self, one_call_s: float, notes: list[str]) -> Timing:
+        return Timing()
 
 
 def failure_status(exc: BaseException, batch: str, op_cache: MetaOpCache | None = None) -> tuple[str, str]:

@@ -14,22 +14,21 @@ process group: no values, no kernels, no timing — the tracker's exact tensor b
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 
 import models
-from bench.case.runner import failure_status
-from bench.dp.errors import exception_chain
+from bench.case.runner import ModelFacts, finished_record, run_measured, sync, warm_up
 from bench.dp.parallel import build_parallel_step
-from bench.results.record import CaseRecord, RankFigures, Timing
-from bench.trackers.memory.isolation import end_case, start_case
-from bench.trackers.memory.measure import measure_step
-from bench.trackers.memory.tensors import TensorTracker
+from bench.results.record import CaseRecord, RankFigures, StepMemory, Timing
+from bench.trackers.channel import PhaseMarker, no_mark
+from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.timing import MIN_ROUND_S, iterations_for, timing_from_durations
 
 from .job import RankJob
@@ -39,65 +38,93 @@ WARM_UP_STEPS = 2
 
 def run_rank(job: RankJob, rank: int, device: torch.device, *, mesh=None, fake_mode=None) -> CaseRecord:
     """This rank's record of ``job``; never raises for OOM, unsupported or a failed step (the status says so)."""
-    record = job.new_record(device)
     workload = models.get_workload(job.case.workload)
-    record.tokens_per_sample, record.family, record.overrides = (
-        workload.tokens_per_sample,
-        workload.family,
-        dict(workload.overrides),
-    )
-    nvml_baseline = start_case(device, record.notes) if fake_mode is None else None
-    step = batch = None
-    try:
-        with fake_mode if fake_mode is not None else nullcontext():
-            # Under a FakeTensorMode the model is built where the mode makes fake tensors (on the CPU type).
-            model = workload.build_model(device if fake_mode is None else None)
-            record.params_total, record.params_trainable = models.parameter_counts(model)
-            record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            batch = local_batch(workload, job, rank, device, fake_mode)
-            step = build_parallel_step(
-                job.case.method,
-                job.case.parallel,
-                workload,
-                model,
-                privacy=job.privacy,
-                batch_size=job.case.batch_size,
-                optimizer=job.optimizer,
-                lr=job.lr,
-                # The same seed on every rank: the clipped-sum methods draw identical noise after the all-reduce.
-                noise_generator=torch.Generator(device=device).manual_seed(job.seed + 1),
-                mesh=mesh,
-                device_ids=[device.index] if device.type == "cuda" else None,
-            )
-            model = None
-            one_call_s = min(_warm_up(step, batch, device, job) for _ in range(WARM_UP_STEPS))
-            record.memory = measure_step(
-                lambda mark: step(batch, mark),
-                device=device,
-                model=step.model,
-                optimizer=step.optimizer,
-                sample_interval_s=job.sample_interval_s,
-                nvml_baseline_bytes=nvml_baseline,
-                memory_cap_bytes=job.memory_cap_bytes if device.type == "cpu" else None,
-                notes=record.notes,
-                extra_state=(*batch.inputs, batch.target),
-            )
-            if fake_mode is None and job.rounds:
-                record.timing = time_rounds(lambda: (step(batch), _sync(device)), job.rounds, one_call_s, device)
-    except Exception as exc:  # classified as bench/case/runner.py does; the traceback must not keep tensors alive
-        batch_text = f"batch {job.case.batch_size} ({job.local_batch_size} per rank)"
-        record.status, record.reason = failure_status(exc, batch_text)
-        for link in exception_chain(exc):
-            link.__traceback__ = None
-    finally:
-        if step is not None:
-            step.close()
-        step = batch = None
-        if fake_mode is None:
-            end_case(device)
-    record.ranks = [rank_figures(record, rank)]
-    record.peak_rank = rank
-    return record
+    case = _RankCase(job, rank, device, workload, mesh, fake_mode)
+    notes: list[str] = []
+    outcome = run_measured(case, notes)
+    record = finished_record(job.new_record(device), workload, case.facts, outcome, notes, peak_rank=rank)
+    return dataclasses.replace(record, ranks=[rank_figures(record, rank)])
+
+
+class _RankCase:
+    """One rank's share of a many-rank case, for the run skeleton (bench.case.runner.run_measured): the parallel
+    step on this rank's samples, warmed up WARM_UP_STEPS times, timed by itself. Under a FakeTensorMode nothing
+    is resident and nothing is timed."""
+
+    op_cache = None
+
+    def __init__(self, job: RankJob, rank: int, device: torch.device, workload, mesh, fake_mode):
+        self.job, self.rank, self.device, self.workload, self.mesh, self.fake_mode = (
+            job,
+            rank,
+            device,
+            workload,
+            mesh,
+            fake_mode,
+        )
+        self.resident = fake_mode is None
+        self.batch_text = f"batch {job.case.batch_size} ({job.local_batch_size} per rank)"
+        self.facts = ModelFacts()
+        self.cap_bytes = job.memory_cap_bytes if device.type == "cpu" else None
+        self.step = self.batch = None
+
+    def context(self) -> AbstractContextManager:
+        return self.fake_mode if self.fake_mode is not None else nullcontext()
+
+    def build(self) -> None:
+        job, device, facts = self.job, self.device, self.facts
+        # Under a FakeTensorMode the model is built where the mode makes fake tensors (on the CPU type).
+        model = self.workload.build_model(device if self.fake_mode is None else None)
+        facts.params_total, facts.params_trainable = models.parameter_counts(model)
+        facts.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.batch = local_batch(self.workload, job, self.rank, device, self.fake_mode)
+        self.step = build_parallel_step(
+            job.case.method,
+            job.case.parallel,
+            self.workload,
+            model,
+            privacy=job.privacy,
+            batch_size=job.case.batch_size,
+            optimizer=job.optimizer,
+            lr=job.lr,
+            # The same seed on every rank: the clipped-sum methods draw identical noise after the all-reduce.
+            noise_generator=torch.Generator(device=device).manual_seed(job.seed + 1),
+            mesh=self.mesh,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
+
+    def _batch_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.batch.inputs, self.batch.target)
+
+    def _run(self, mark: PhaseMarker = no_mark):
+        return self.step(self.batch, mark)
+
+    def warm_up(self) -> float:
+        extra = self._batch_tensors()
+        return min(warm_up(self._run, self.step, self.device, self.cap_bytes, extra) for _ in range(WARM_UP_STEPS))
+
+    def measure(self, nvml_baseline_bytes: int | None, notes: list[str]) -> StepMemory:
+        sources = StepSources(
+            self.device,
+            model=self.step.model,
+            optimizer=self.step.optimizer,
+            sample_interval_s=self.job.sample_interval_s,
+            nvml_baseline_bytes=nvml_baseline_bytes,
+            memory_cap_bytes=self.cap_bytes,
+            extra_state=self._batch_tensors(),
+        )
+        return measure_step(self._run, sources, notes)
+
+    def time(self, one_call_s: float, notes: list[str]) -> Timing:
+        if self.fake_mode is not None or not self.job.rounds:
+            return Timing()
+        device = self.device
+        return time_rounds(lambda: (self._run(), sync(device)), self.job.rounds, one_call_s, device)
+
+    def close(self) -> None:
+        if self.step is not None:
+            self.step.close()
+        self.step = self.batch = None
 
 
 def rank_figures(record: CaseRecord, rank: int) -> RankFigures:
@@ -158,25 +185,6 @@ def agreed_iterations(iterations: int, device: torch.device) -> int:
     count = torch.tensor([iterations], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _warm_up(step, batch, device: torch.device, job: RankJob) -> float:
-    """One untimed step, under the CPU memory cap where there is one; returns its duration."""
-    start = time.perf_counter()
-    if device.type == "cpu" and job.memory_cap_bytes is not None:
-        tracker = TensorTracker(device, cap_bytes=job.memory_cap_bytes)
-        tracker.register_state(step.model, step.optimizer, extra=(*batch.inputs, batch.target))
-        with tracker:
-            step(batch)
-    else:
-        step(batch)
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def time_rounds(run: Callable[[], object], rounds: int, one_call_s: float, device: torch.device) -> Timing:

@@ -16,7 +16,7 @@ from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
 from bench.plan import maxbatch
 from bench.results.record import BatchProbe, Timing
-from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.memory.tensors import MemoryCapExceeded, TensorTracker
 
 
@@ -82,7 +82,7 @@ def test_tracker_cap_must_be_positive_and_measure_step_needs_the_tracker_for_it(
     with pytest.raises(ValueError, match="memory cap"):
         TensorTracker("cpu", cap_bytes=0)
     with pytest.raises(ValueError, match="track_tensors"):
-        measure_step(lambda m: None, device="cpu", model=None, optimizer=None, track_tensors=False, memory_cap_bytes=1)
+        measure_step(lambda m: None, StepSources("cpu", track_tensors=False, memory_cap_bytes=1))
 
 
 # ---- through the bench's case runner --------------------------------------------------------------------------

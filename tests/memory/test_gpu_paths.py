@@ -19,7 +19,7 @@ from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
 from bench.dp import resolve_privacy
 from bench.trackers.memory import isolation
-from bench.trackers.memory.measure import measure_step
+from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.memory.nvml import NvmlSampler
 from tests.memory import fake_cuda
 from tests.memory.fake_nvml import FakeNvml
@@ -145,7 +145,7 @@ def test_measure_step_snapshot_order_also_holds_when_the_step_raises(monkeypatch
         raise torch.OutOfMemoryError("CUDA out of memory (fake)")
 
     with pytest.raises(torch.OutOfMemoryError) as info:
-        measure_step(failing_step, device="cuda:0", model=None, optimizer=None, snapshot_path="/tmp/dpmem-x.pickle")
+        measure_step(failing_step, StepSources("cuda:0", snapshot_path="/tmp/dpmem-x.pickle"))
     assert threads_at_dump == [0] and _sampler_threads() == 0
     assert info.value.partial_measurement.nvml_peak_used_bytes == 100 * MiB
 

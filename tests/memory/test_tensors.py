@@ -21,7 +21,7 @@ from bench.results.record import CATEGORIES, CaseRecord, StepMemory, from_jsonl_
 from bench.trackers import channel
 from bench.trackers.channel import annotate_dp_buffer
 from bench.trackers.memory import allocator
-from bench.trackers.memory.measure import build_timeline, measure_step
+from bench.trackers.memory.measure import StepSources, build_timeline, measure_step
 from bench.trackers.memory.process import RssSampler
 from bench.trackers.memory.tensors import TensorReport, TensorTracker, optimizer_state_tensors
 
@@ -176,9 +176,8 @@ def _measure(workload, method: str, batch_size: int, optimizer: str = "sgd") -> 
         try:
             step(batch)  # warm-up: optimizer state and the previous step's gradients exist, as in the bench
             allocator.reset_between_cases("cpu")
-            return measure_step(
-                lambda mark: step(batch, mark), device="cpu", model=step.model, optimizer=step.optimizer
-            )
+            sources = StepSources("cpu", model=step.model, optimizer=step.optimizer)
+            return measure_step(lambda mark: step(batch, mark), sources)
         finally:
             step.close()
 
@@ -274,7 +273,7 @@ def _small_step():
 def test_measure_step_returns_step_memory_phases_in_order_and_a_timeline():
     model, optimizer, step = _small_step()
     notes: list[str] = []
-    figures = measure_step(step, device="cpu", model=model, optimizer=optimizer, notes=notes)
+    figures = measure_step(step, StepSources("cpu", model=model, optimizer=optimizer), notes)
     record = CaseRecord(workload="small", method="nondp", batch_size=16, device="cpu", memory=figures, notes=notes)
     assert from_jsonl_line(to_jsonl_line(record)) == record
     phases = figures.phases
@@ -314,7 +313,7 @@ def test_out_of_memory_propagates_after_cleanup():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as info:
-        measure_step(failing, device="cpu", model=model, optimizer=optimizer)
+        measure_step(failing, StepSources("cpu", model=model, optimizer=optimizer))
     assert _get_current_dispatch_mode() is None  # tracker detached
     assert not channel._listeners
     assert sys.getswitchinterval() == old_switch
@@ -328,27 +327,20 @@ def test_out_of_memory_propagates_after_cleanup():
 def test_measure_step_rejects_bad_intervals(bad):
     model, optimizer, step = _small_step()
     with pytest.raises(ValueError, match="sample interval"):
-        measure_step(step, device="cpu", model=model, optimizer=optimizer, sample_interval_s=bad)
+        measure_step(step, StepSources("cpu", model=model, optimizer=optimizer, sample_interval_s=bad))
 
 
 def test_measure_step_rejects_a_missing_device():
     model, optimizer, step = _small_step()
     with pytest.raises(ValueError, match="visible devices"):
-        measure_step(step, device="cuda:7", model=model, optimizer=optimizer)
+        measure_step(step, StepSources("cuda:7", model=model, optimizer=optimizer))
 
 
 def test_measure_step_without_tracker_and_snapshot_on_cpu():
     model, optimizer, step = _small_step()
     notes: list[str] = []
-    figures = measure_step(
-        step,
-        device="cpu",
-        model=model,
-        optimizer=optimizer,
-        track_tensors=False,
-        snapshot_path="/tmp/x.pickle",
-        notes=notes,
-    )
+    sources = StepSources("cpu", model=model, optimizer=optimizer, track_tensors=False, snapshot_path="/tmp/x.pickle")
+    figures = measure_step(step, sources, notes)
     assert figures.peak_tensor_bytes is None and figures.breakdown == {}
     assert figures.snapshot_path is None
     assert any(note.startswith("snapshot: ") for note in notes)

@@ -1,7 +1,7 @@
 """Measure one fused step with every memory source that applies to its device, as a :class:`StepMemory`.
 
-    record.memory = measure_step(lambda mark: step(batch, mark), device=dev, model=step.model,
-                                 optimizer=step.optimizer, notes=record.notes)
+    sources = StepSources(dev, model=step.model, optimizer=step.optimizer)
+    record.memory = measure_step(lambda mark: step(batch, mark), sources, record.notes)
 
 Sources: the tensor tracker (any device), the CUDA allocator peaks and the NVML sampler (CUDA), process RSS
 (CPU); on meta the tracker alone (nothing is resident). The measured round is not a timed round: on CUDA its
@@ -39,92 +39,113 @@ DEFAULT_PROCESS_INTERVAL_S = 0.02
 Trace = tuple[Sequence[float], Sequence[int], int | None]
 
 
-def measure_step(
-    run_step: Callable[[Callable[[str], None]], Any],
-    *,
-    device: torch.device | str,
-    model: nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
-    sample_interval_s: float = 0.001,
-    track_tensors: bool = True,
-    snapshot_path: str | None = None,
-    nvml_module: Any = None,
-    process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S,
-    nvml_baseline_bytes: int | None = None,
-    memory_cap_bytes: int | None = None,
-    notes: list[str] | None = None,
-    extra_state: Sequence[torch.Tensor] = (),
-) -> StepMemory:
-    """Run ``run_step(mark)`` once under every source for ``device`` and return its figures.
+@dataclass(frozen=True)
+class StepSources:
+    """What the measured round measures on ``device``, and how.
 
+    ``model``, ``optimizer``, ``extra_state``: the state that exists before the step (declared to the tensor
+    tracker, so that only storages made outside its view are adopted; ``extra_state`` e.g. the batch).
     ``nvml_baseline_bytes``: device ``used`` read before the caller allocated anything for this case (CUDA
-    context + other processes; the bench reads it at case start). ``nvml_peak_minus_baseline_bytes`` is taken
+    context + other processes; the bench reads it at case start); ``nvml_peak_minus_baseline_bytes`` is taken
     against it and is ``None`` without it. ``memory_cap_bytes``: the tensor tracker raises
-    :class:`~bench.trackers.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU memory
-    cap). ``extra_state``: more tensors that exist before the step (e.g. the batch), declared to the tracker so
-    that only storages made outside its view are adopted. ``notes`` receives one line per source problem. An
-    exception from the step (out-of-memory included) propagates after every source is stopped and the tracker
-    detached; the figures gathered until then ride along as ``exc.partial_measurement`` (a StepMemory)."""
-    interval_s = check_interval(sample_interval_s)
-    process_interval_s = check_interval(process_interval_s, "process sample interval")
-    device = resolve_device(device)
-    is_cuda = device.type == "cuda"
+    :class:`~bench.trackers.memory.tensors.MemoryCapExceeded` as soon as the tracked live bytes pass it (the CPU
+    memory cap). ``snapshot_path``: where CUDA's allocator snapshot of the round goes. ``nvml_module``: injected
+    by tests."""
+
+    device: torch.device | str
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    extra_state: Sequence[torch.Tensor] = ()
+    sample_interval_s: float = 0.001
+    process_interval_s: float = DEFAULT_PROCESS_INTERVAL_S
+    track_tensors: bool = True
+    memory_cap_bytes: int | None = None
+    nvml_baseline_bytes: int | None = None
+    snapshot_path: str | None = None
+    nvml_module: Any = None
+
+
+def measure_step(
+    run_step: Callable[[Callable[[str], None]], Any], sources: StepSources, notes: list[str] | None = None
+) -> StepMemory:
+    """Run ``run_step(mark)`` once under every source for ``sources.device`` and return its figures.
+
+    ``notes`` receives one line per source problem. An exception from the step (out-of-memory included)
+    propagates after every source is stopped and the tracker detached; the figures gathered until then ride
+    along as ``exc.partial_measurement`` (a StepMemory)."""
     notes = [] if notes is None else notes
-    marks: list[tuple[str, float]] = []
+    measured = _MeasuredRound(sources)
+    try:
+        with ExitStack() as stack:
+            # Entered outermost, so the snapshot is dumped after the samplers stopped (pickling is slow).
+            snapshot_notes = stack.enter_context(allocator.memory_snapshot(measured.device, sources.snapshot_path))
+            stack.enter_context(sampling(measured.window, measured.device, notes))
+            if measured.tracker is not None:
+                stack.enter_context(measured.tracker)
+            run_step(measured.mark)
+    except BaseException as exc:
+        try:
+            exc.partial_measurement = measured.figures(notes)  # type: ignore[attr-defined]
+        except Exception:  # the step's own error matters more than a failed partial record
+            pass
+        raise
+    memory = measured.figures(notes)
+    notes.extend(snapshot_notes)
+    snapshot_kept = measured.device.type == "cuda" and sources.snapshot_path and not snapshot_notes
+    memory.snapshot_path = sources.snapshot_path if snapshot_kept else None
+    return memory
 
-    if memory_cap_bytes is not None and not track_tensors:
-        raise ValueError("a memory cap is enforced by the tensor tracker: it needs track_tensors=True")
-    tracker: TensorTracker | None = None
-    if track_tensors:
-        tracker = TensorTracker(device, cap_bytes=memory_cap_bytes)
-        tracker.register_state(model, optimizer, extra=extra_state)
-    alloc_at_start = None
-    if is_cuda:
-        allocator.reset_peak(device)  # synchronises, so the first NVML reading sees a quiet device
-        alloc_at_start, _ = allocator.current_figures(device)
-    window = new_sampling_window(
-        device, interval_s=interval_s, process_interval_s=process_interval_s, nvml_module=nvml_module
-    )
 
-    def mark(phase: str) -> None:
-        if is_cuda:
-            torch.cuda.synchronize(device)
-        marks.append((phase, time.perf_counter()))
-        if tracker is not None:
-            tracker.mark(phase)
+class _MeasuredRound:
+    """The sources of one measured round, ready before the step: the tensor tracker (the state registered), the
+    sampler's window, CUDA's allocator peaks reset; the phase marks the step makes; the figures after it."""
 
-    def figures() -> StepMemory:
-        memory = StepMemory(nvml_interval_s=interval_s if is_cuda else None)
-        memory.phases = phases_from_marks(marks, window.t0, window.t_end)
+    def __init__(self, sources: StepSources):
+        self.sources = sources
+        self.interval_s = check_interval(sources.sample_interval_s)
+        process_interval_s = check_interval(sources.process_interval_s, "process sample interval")
+        self.device = resolve_device(sources.device)
+        self.is_cuda = self.device.type == "cuda"
+        self.marks: list[tuple[str, float]] = []
+        if sources.memory_cap_bytes is not None and not sources.track_tensors:
+            raise ValueError("a memory cap is enforced by the tensor tracker: it needs track_tensors=True")
+        self.tracker: TensorTracker | None = None
+        if sources.track_tensors:
+            self.tracker = TensorTracker(self.device, cap_bytes=sources.memory_cap_bytes)
+            self.tracker.register_state(sources.model, sources.optimizer, extra=sources.extra_state)
+        self.alloc_at_start = None
+        if self.is_cuda:
+            allocator.reset_peak(self.device)  # synchronises, so the first NVML reading sees a quiet device
+            self.alloc_at_start, _ = allocator.current_figures(self.device)
+        self.window = new_sampling_window(
+            self.device,
+            interval_s=self.interval_s,
+            process_interval_s=process_interval_s,
+            nvml_module=sources.nvml_module,
+        )
+
+    def mark(self, phase: str) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        self.marks.append((phase, time.perf_counter()))
+        if self.tracker is not None:
+            self.tracker.mark(phase)
+
+    def figures(self, notes: list[str]) -> StepMemory:
+        window = self.window
+        memory = StepMemory(nvml_interval_s=self.interval_s if self.is_cuda else None)
+        memory.phases = phases_from_marks(self.marks, window.t0, window.t_end)
         traces: dict[str, Trace] = {}
-        if tracker is not None:
-            traces.update(add_tensor_figures(memory, tracker.report(), notes))
-        if is_cuda:
-            memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(device)
-            traces.update(add_nvml_figures(memory, window.sampler.result, nvml_baseline_bytes, alloc_at_start, notes))
+        if self.tracker is not None:
+            traces.update(add_tensor_figures(memory, self.tracker.report(), notes))
+        if self.is_cuda:
+            memory.peak_allocated_bytes, memory.peak_reserved_bytes = allocator.peak_figures(self.device)
+            baseline = self.sources.nvml_baseline_bytes
+            traces.update(add_nvml_figures(memory, window.sampler.result, baseline, self.alloc_at_start, notes))
         elif window.sampler is not None:
             traces.update(add_rss_figures(memory, window.sampler.result, notes))
         memory.timeline = build_timeline(traces, window.t0, window.t_end)
         return memory
-
-    try:
-        with ExitStack() as stack:
-            # Entered outermost, so the snapshot is dumped after the samplers stopped (pickling is slow).
-            snapshot_notes = stack.enter_context(allocator.memory_snapshot(device, snapshot_path))
-            stack.enter_context(sampling(window, device, notes))
-            if tracker is not None:
-                stack.enter_context(tracker)
-            run_step(mark)
-    except BaseException as exc:
-        try:
-            exc.partial_measurement = figures()  # type: ignore[attr-defined]
-        except Exception:  # the step's own error matters more than a failed partial record
-            pass
-        raise
-    memory = figures()
-    notes.extend(snapshot_notes)
-    memory.snapshot_path = snapshot_path if (is_cuda and snapshot_path and not snapshot_notes) else None
-    return memory
 
 
 @dataclass
