@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,67 +349,90 @@ class TensorTracker(TorchDispatchMode):
 
     # ---- replay -------------------------------------------------------------------------------------------
     def report(self) -> TensorReport:
-        """Replay the event log: peak, the live set and phase at the peak, the breakdown and the trace."""
-        start_live: dict[int, int] = {**self._baseline, **self._adopted}
-        baseline_bytes = sum(start_live.values())
-
-        live_bytes = baseline_bytes
-        peak_bytes, peak_index = baseline_bytes, -1
-        trace_t: list[float] = []
-        trace_bytes: list[int] = []
-        allocations = 0
-        for index, (t, code, _, b) in enumerate(self._events):
-            if code == _MARK:
-                continue
-            if code == _ALLOC:
-                live_bytes += b
-                allocations += 1
-            elif code == _FREE:
-                live_bytes -= b
-            else:  # _RESIZE
-                live_bytes += b
-            trace_t.append(t)
-            trace_bytes.append(live_bytes)
-            if live_bytes > peak_bytes:
-                peak_bytes, peak_index = live_bytes, index
-
-        # Second pass up to the peak: which storages were live then, and in which phase.
-        live_at_peak = dict(start_live)
-        phase_at_peak: str | None = None
-        for _, code, a, b in self._events[: peak_index + 1]:
-            if code == _MARK:
-                phase_at_peak = a
-            elif code == _ALLOC:
-                live_at_peak[a] = b
-            elif code == _FREE:
-                live_at_peak.pop(a, None)
-            else:
-                live_at_peak[a] = live_at_peak.get(a, 0) + b
-        if peak_index < 0:  # the peak is the baseline itself: phase is the first mark's
-            phase_at_peak = next((a for _, code, a, _ in self._events if code == _MARK), None)
-
-        breakdown = dict.fromkeys(CATEGORIES, 0)
-        for sid, nbytes in live_at_peak.items():
-            breakdown[self._category(sid)] += nbytes
-        assert sum(breakdown.values()) == peak_bytes, "breakdown must sum to the peak"
-        return TensorReport(
-            peak_tensor_bytes=peak_bytes,
-            baseline_tensor_bytes=baseline_bytes,
-            breakdown=breakdown,
-            peak_phase=phase_at_peak,
-            trace_t=trace_t,
-            trace_bytes=trace_bytes,
-            adopted_storages=len(self._adopted),
-            adopted_bytes=sum(self._adopted.values()),
-            unknown_annotations=self._unknown_annotations,
-            allocations=allocations,
-        )
+        """Replay the event log (:func:`replay`): peak, the live set and phase at the peak, the breakdown and
+        the trace."""
+        return replay(self._events, self._baseline, self._adopted, self._category, self._unknown_annotations)
 
     def _category(self, sid: int) -> str:
         label = self._labels.get(sid)
         if label is not None:
             return label
         return "activations" if self._created_phase.get(sid) == "forward" else "other"
+
+
+def replay(
+    events: Sequence[tuple[float, int, Any, Any]],
+    baseline: dict[int, int],
+    adopted: dict[int, int],
+    category: Callable[[int], str],
+    unknown_annotations: int = 0,
+) -> TensorReport:
+    """The report of a tracker's event log: ``baseline`` and ``adopted`` (storage id -> bytes) were live from the
+    start; ``category(sid)`` names a storage's category; the live set at the peak gives the breakdown."""
+    start_live: dict[int, int] = {**baseline, **adopted}
+    baseline_bytes = sum(start_live.values())
+    trace_t, trace_bytes, peak_bytes, peak_index, allocations = _trace(events, baseline_bytes)
+    live_at_peak, phase_at_peak = _live_at(events, start_live, peak_index)
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for sid, nbytes in live_at_peak.items():
+        breakdown[category(sid)] += nbytes
+    assert sum(breakdown.values()) == peak_bytes, "breakdown must sum to the peak"
+    return TensorReport(
+        peak_tensor_bytes=peak_bytes,
+        baseline_tensor_bytes=baseline_bytes,
+        breakdown=breakdown,
+        peak_phase=phase_at_peak,
+        trace_t=trace_t,
+        trace_bytes=trace_bytes,
+        adopted_storages=len(adopted),
+        adopted_bytes=sum(adopted.values()),
+        unknown_annotations=unknown_annotations,
+        allocations=allocations,
+    )
+
+
+def _trace(events: Sequence[tuple[float, int, Any, Any]], baseline_bytes: int):
+    """(trace times, live bytes after each event, peak bytes, index of the peak's event or -1, allocations)."""
+    live_bytes = baseline_bytes
+    peak_bytes, peak_index = baseline_bytes, -1
+    trace_t: list[float] = []
+    trace_bytes: list[int] = []
+    allocations = 0
+    for index, (t, code, _, b) in enumerate(events):
+        if code == _MARK:
+            continue
+        if code == _ALLOC:
+            live_bytes += b
+            allocations += 1
+        elif code == _FREE:
+            live_bytes -= b
+        else:  # _RESIZE
+            live_bytes += b
+        trace_t.append(t)
+        trace_bytes.append(live_bytes)
+        if live_bytes > peak_bytes:
+            peak_bytes, peak_index = live_bytes, index
+    return trace_t, trace_bytes, peak_bytes, peak_index, allocations
+
+
+def _live_at(
+    events: Sequence[tuple[float, int, Any, Any]], start_live: dict[int, int], peak_index: int
+) -> tuple[dict[int, int], str | None]:
+    """The storages live at event ``peak_index`` (sid -> bytes) and the phase it fell in (the second pass)."""
+    live_at_peak = dict(start_live)
+    phase_at_peak: str | None = None
+    for _, code, a, b in events[: peak_index + 1]:
+        if code == _MARK:
+            phase_at_peak = a
+        elif code == _ALLOC:
+            live_at_peak[a] = b
+        elif code == _FREE:
+            live_at_peak.pop(a, None)
+        else:
+            live_at_peak[a] = live_at_peak.get(a, 0) + b
+    if peak_index < 0:  # the peak is the baseline itself: phase is the first mark's
+        phase_at_peak = next((a for _, code, a, _ in events if code == _MARK), None)
+    return live_at_peak, phase_at_peak
 
 
 # Lower wins when one storage earns two labels (e.g. an announced buffer later handed to p.grad).
