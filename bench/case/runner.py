@@ -11,6 +11,11 @@ out-of-memory error counts wherever it sits in an exception's chain, so no metho
 it into ``unsupported``; a workload that breaks the workload contract (models/contract.py) is an ``error`` named
 once, before any method runs.
 
+The skeleton of that order, :func:`run_measured`, is handed the device-specific pieces of a case (a
+:class:`MeasuredCase`: build, warm up, measure, time, close) and returns an :class:`Outcome`; the record is built
+once from it (:func:`finished_record`). It serves the one-process case (``_DeviceCase``, ``_MetaCase``) and a
+rank of a many-rank case (bench/ranks/step.py).
+
 Isolation: every case starts and ends at a case boundary (:mod:`bench.trackers.memory.isolation`: garbage collection,
 the caching allocator emptied, peak statistics reset, the NVML baseline read), so its figures do not depend
 on the cases that ran before it in the same process (tested in tests/bench/).

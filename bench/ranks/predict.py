@@ -122,9 +122,8 @@ NOT_PREDICTABLE = {
 
 
 def _not_predictable(job: RankJob, rank: int, why: str) -> CaseRecord:
-    record = job.new_record(status="unsupported", reason=f"not predictable on fake tensors: {why}")
-    record.ranks = [RankFigures(rank=rank, status=record.status, reason=record.reason)]
-    return record
+    reason = f"not predictable on fake tensors: {why}"
+    return job.new_record(status="unsupported", reason=reason, ranks=[RankFigures(rank, "unsupported", reason)])
 
 
 def _forget_sharding_decisions() -> None:

@@ -54,14 +54,8 @@ class _RankCase:
     op_cache = None
 
     def __init__(self, job: RankJob, rank: int, device: torch.device, workload, mesh, fake_mode):
-        self.job, self.rank, self.device, self.workload, self.mesh, self.fake_mode = (
-            job,
-            rank,
-            device,
-            workload,
-            mesh,
-            fake_mode,
-        )
+        self.job, self.rank, self.device, self.workload = job, rank, device, workload
+        self.mesh, self.fake_mode = mesh, fake_mode
         self.resident = fake_mode is None
         self.batch_text = f"batch {job.case.batch_size} ({job.local_batch_size} per rank)"
         self.facts = ModelFacts()

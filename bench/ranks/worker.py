@@ -21,6 +21,7 @@ _LAUNCH_GONE = tie_rank_to_launch() if __name__ == "__main__" else None
 if _LAUNCH_GONE is not None:
     sys.exit(f"bench.ranks.worker: {_LAUNCH_GONE}; not running")
 
+import dataclasses
 import datetime
 import os
 import traceback
@@ -73,10 +74,8 @@ def main(argv: list[str]) -> int:
 
 def _failed(job: RankJob, rank: int, device: torch.device, exc: BaseException) -> CaseRecord:
     traceback.print_exc()
-    record = job.new_record(device, status="error", reason=error_text(exc))
-    record.ranks = [rank_figures(record, rank)]
-    record.peak_rank = rank
-    return record
+    record = job.new_record(device, status="error", reason=error_text(exc), peak_rank=rank)
+    return dataclasses.replace(record, ranks=[rank_figures(record, rank)])
 
 
 def _write(path: Path, record: CaseRecord) -> None:
