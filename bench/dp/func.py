@@ -26,11 +26,10 @@ from ._common import (
     trainable_parameters,
     unscaled,
 )
-from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .base import ClippedSumMethod, ClippedSumStep, register_method
 from .diagnose import diagnose
 from .errors import MethodUnsupported, error_text, is_out_of_memory
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 
 def per_sample_grad_fn(
@@ -95,27 +94,19 @@ def clipped_sum_by_vmap(
 
 
 class TorchFuncStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-        self.params = trainable_parameters(model)
-
     def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
         summed, loss = clipped_sum_by_vmap(
             self.workload, self.model, batch, self.privacy.max_grad_norm, mark, self.mode, loss_scale
         )
-        return list(self.params.values()), [summed[n] for n in self.params], loss
+        return [summed[n] for n in self.params], loss
 
 
 @register_method
-class TorchFunc(DPMethod):
+class TorchFunc(ClippedSumMethod):
     """functional_call + vmap(grad(per-sample loss)) batching every input (x, t, y, ...)."""
 
     name = "torch-func"
-
-    def build(
-        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
-    ) -> DPStep:
-        return TorchFuncStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
+    step_class = TorchFuncStep
 
     def clipped_grad_sum(
         self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE

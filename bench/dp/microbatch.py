@@ -22,9 +22,8 @@ from ._common import (
     trainable_parameters,
     unscaled,
 )
-from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .base import ClippedSumMethod, ClippedSumStep, register_method
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 
 def clipped_sum_by_loop(
@@ -63,27 +62,19 @@ def clipped_sum_by_loop(
 
 
 class MicrobatchStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-        self.params = list(trainable_parameters(model).values())
-
     def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
-        summed, loss = clipped_sum_by_loop(
-            self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark, self.mode, loss_scale
+        params = list(self.params.values())
+        return clipped_sum_by_loop(
+            self.workload, self.model, batch, params, self.privacy.max_grad_norm, mark, self.mode, loss_scale
         )
-        return self.params, summed, loss
 
 
 @register_method
-class Microbatch(DPMethod):
+class Microbatch(ClippedSumMethod):
     """per-sample loop: B forward+backward passes of one sample, clip each, sum (naive reference)."""
 
     name = "microbatch"
-
-    def build(
-        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
-    ) -> DPStep:
-        return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
+    step_class = MicrobatchStep
 
     def clipped_grad_sum(
         self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
