@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,14 @@ from bench.messages import did_you_mean
 from bench.trackers.channel import PhaseMarker, no_mark
 from models.workload import Workload
 
-from ._common import all_reduce_sum, check_max_grad_norm, model_device, noise_and_average, trainable_parameters
+from ._common import (
+    all_reduce_sum,
+    check_max_grad_norm,
+    model_device,
+    noise_and_average,
+    noise_free_sums,
+    trainable_parameters,
+)
 from .errors import DPConfigError, MethodUnsupported
 from .modes import DEFAULT_MODE, TrainingMode, check_prepared
 from .privacy import PrivacyParams
@@ -228,6 +236,19 @@ class ClippedSumMethod(DPMethod):
         step = self.build(inputs)
         step.reduce_clipped_sums = all_reduce_sum
         return step
+
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
+        pass_at = partial(self.noise_free_pass, workload, model, batch, max_grad_norm, mode)
+        return noise_free_sums(mode, model_device(model), pass_at)
+
+    def noise_free_pass(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode, loss_scale: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Σ_i min(1, C/‖g_i‖)·g_i by trainable parameter name, from a backward on the loss times ``loss_scale``
+        (None: unscaled), by the method's own machinery."""
+        raise NotImplementedError
 
 
 _METHODS: dict[str, DPMethod] = {}

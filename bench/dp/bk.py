@@ -42,7 +42,6 @@ from ._common import (
     checked_per_sample_losses,
     clip_factors,
     model_device,
-    noise_free_sums,
     scaled,
     trainable_parameters,
     unscaled,
@@ -379,15 +378,9 @@ class _BookKeepingMethod(ClippedSumMethod):
     def build(self, inputs: StepInputs) -> BKStep:
         return BKStep(inputs, self._engine(inputs.model, inputs.mode))
 
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
         with self._engine(model, mode) as engine:
-
-            def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-                return engine.run(workload, batch, max_grad_norm, no_mark, loss_scale).clipped_sums
-
-            return noise_free_sums(mode, model_device(model), compute)
+            return engine.run(workload, batch, max_grad_norm, no_mark, loss_scale).clipped_sums
 
 
 @register_method

@@ -19,7 +19,6 @@ from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from ._common import (
     clip_factors,
     model_device,
-    noise_free_sums,
     sample_norms,
     scaled,
     stack_norms,
@@ -108,10 +107,5 @@ class TorchFunc(ClippedSumMethod):
     name = "torch-func"
     step_class = TorchFuncStep
 
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
-        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-            return clipped_sum_by_vmap(workload, model, batch, max_grad_norm, no_mark, mode, loss_scale)[0]
-
-        return noise_free_sums(mode, model_device(model), compute)
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
+        return clipped_sum_by_vmap(workload, model, batch, max_grad_norm, no_mark, mode, loss_scale)[0]

@@ -14,7 +14,6 @@ from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from ._common import (
     clip_factors,
     model_device,
-    noise_free_sums,
     per_sample_loss,
     sample_norms,
     scaled,
@@ -76,13 +75,7 @@ class Microbatch(ClippedSumMethod):
     name = "microbatch"
     step_class = MicrobatchStep
 
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
         params = trainable_parameters(model)
-
-        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-            args = (workload, model, batch, list(params.values()), max_grad_norm, no_mark, mode, loss_scale)
-            return dict(zip(params, clipped_sum_by_loop(*args)[0]))
-
-        return noise_free_sums(mode, model_device(model), compute)
+        args = (workload, model, batch, list(params.values()), max_grad_norm, no_mark, mode, loss_scale)
+        return dict(zip(params, clipped_sum_by_loop(*args)[0]))

@@ -2,7 +2,8 @@
 
 ``nondp`` is what every DP method is measured against: mean loss, one backward, optimizer step. It does not
 clip, so its :meth:`NonDP.clipped_grad_sum` is only defined for ``max_grad_norm = inf`` (Σ_i g_i, the summed
-per-sample gradient, from one backward of the summed loss).
+per-sample gradient, from one backward of the summed loss). On ranks it runs under torch's DDP or on the
+FSDP-sharded model (bench/dp/parallel.py).
 """
 
 from __future__ import annotations

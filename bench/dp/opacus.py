@@ -8,13 +8,14 @@
 * ``opacus-ghost``: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping`` +
   ``DPLossFastGradientClipping``: per-sample *norms* by ghost clipping, then a second backward on Σ_i c_i·loss_i.
 
-The DPOptimizer is built directly (noise_multiplier, max_grad_norm, expected_batch_size=B, loss_reduction="mean",
-``generator`` = the step's noise generator). The fused step calls its pieces one by one (clip_and_accumulate,
-add_noise, scale_grad, the wrapped optimizer's step) — exactly what ``DPOptimizer.step()`` does — so that each
-phase can be marked. Any exception the library raises while wrapping the model (``build``) or running and
-clipping it (``check``, ``clipped_grad_sum``) becomes :class:`MethodUnsupported` with the library's own text and
-a one-line diagnosis (bench/dp/diagnose.py) — except running out of memory, which is re-raised unchanged; the
-fused step itself lets errors through unchanged.
+Every DP optimizer is built directly, by :func:`opacus_optimizer` (noise_multiplier, max_grad_norm,
+expected_batch_size=B, loss_reduction="mean", ``generator`` = the step's noise generator); on data-parallel ranks
+(``build_parallel``; bench/dp/parallel.py) the method's distributed optimizer around DPDDP, or ghost_fsdp's. The
+fused step calls its pieces one by one (clip_and_accumulate, add_noise, scale_grad, the wrapped optimizer's step)
+— exactly what ``DPOptimizer.step()`` does — so that each phase can be marked. Any exception the library raises
+while wrapping the model (``build``) or running and clipping it (``check``, ``clipped_grad_sum``) becomes
+:class:`MethodUnsupported` with the library's own text and a one-line diagnosis (bench/dp/diagnose.py) — except
+running out of memory, which is re-raised unchanged; the fused step itself lets errors through unchanged.
 
 Training modes (bench/dp/modes.py):
 

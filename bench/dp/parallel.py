@@ -1,4 +1,7 @@
-"""The DP methods on data-parallel ranks: DDP and FSDP2 wrappers of the registered methods, built from outside.
+"""The DP methods on data-parallel ranks: DDP and FSDP2 versions of the registered methods.
+
+:func:`build_parallel_step` does what every pair shares (the checks, FSDP's sharding, the optimizer) and asks
+the method for its step (``DPMethod.build_parallel``; each family's is in its own file).
 
 Every rank holds ``batch_size / world_size`` samples of the global logical batch (``batch_size`` below is the
 *global* one: DP accounting and the noise scale are per logical batch). What each (method, strategy) runs:
