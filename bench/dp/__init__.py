@@ -1,19 +1,24 @@
 """DP-SGD methods behind one registry (``bench.dp.base``), one file per family.
 
 Public API: :func:`available_methods`, :func:`get_method`, :func:`clipped_grad_sum`, :func:`build_step`,
-:func:`make_optimizer`, the training modes (:class:`TrainingMode`, :func:`prepare_model`; ``bench.dp.modes``),
-:func:`resolve_privacy` (``bench.dp.privacy``), the phase channel (``bench.trackers.channel``) and the errors
-(``bench.dp.errors``). Importing the package registers every method;
+:func:`make_optimizer`, :func:`base_optimizer`, what a method is built from (:class:`DPMethod`,
+:class:`StepInputs`, :class:`DataParallel`), the training modes (:class:`TrainingMode`, :func:`prepare_model`;
+``bench.dp.modes``), :func:`resolve_privacy` (``bench.dp.privacy``), the phase channel
+(``bench.trackers.channel``) and the errors (``bench.dp.errors``). Importing the package registers every method;
 the import order below is the display order: the baseline first, the naive reference last.
 """
 
 # isort: off
 from .base import (
     OPTIMIZERS,
+    ClippedSumMethod,
     ClippedSumStep,
+    DataParallel,
     DPMethod,
     DPStep,
+    StepInputs,
     available_methods,
+    base_optimizer,
     build_step,
     clipped_grad_sum,
     get_method,
@@ -34,17 +39,21 @@ __all__ = [
     "OPTIMIZERS",
     "PHASES",
     "PRECISIONS",
+    "ClippedSumMethod",
     "ClippedSumStep",
     "DPConfigError",
     "DPMethod",
     "DPStep",
+    "DataParallel",
     "MethodUnsupported",
     "ModeUnsupported",
     "PhaseMarker",
     "PrivacyParams",
+    "StepInputs",
     "TrainingMode",
     "annotate_dp_buffer",
     "available_methods",
+    "base_optimizer",
     "build_step",
     "clipped_grad_sum",
     "get_method",

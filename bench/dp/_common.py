@@ -131,3 +131,9 @@ def noise_and_average(
         if std > 0:
             g.add_(torch.normal(0.0, std, size=g.shape, device=g.device, dtype=g.dtype, generator=generator))
         g.div_(batch_size)
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> None:
+    """Sum each tensor over the ranks, in place, one collective per tensor (no flat copy of all of them)."""
+    for tensor in tensors:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)

@@ -3,12 +3,16 @@
 Each method family lives in its own file and registers :class:`DPMethod` subclasses with
 :func:`register_method`. A method offers
 
-* ``build(...) -> DPStep``: the *fused* step the bench measures — forward → per-sample gradients or norms →
-  flat clipping → Gaussian noise (σ·C, once per logical batch) → optimizer update, in one call;
+* ``build(StepInputs) -> DPStep``: the *fused* step the bench measures — forward → per-sample gradients or
+  norms → flat clipping → Gaussian noise (σ·C, once per logical batch) → optimizer update, in one call. By
+  default the method's ``step_class`` built from the inputs; a method whose step needs more (an engine, a
+  wrapped model) overrides ``build``;
+* ``build_parallel(StepInputs, DataParallel) -> DPStep``: the same step on one of several data-parallel ranks
+  (bench/dp/parallel.py); by default refused;
 * ``clipped_grad_sum(...)``: the noise-free Σ_i min(1, C/‖g_i‖)·g_i computed by the method's own machinery,
   used by the equivalence tests.
 
-Both take a :class:`~bench.dp.modes.TrainingMode` (precision, activation checkpointing); the model must have
+Each takes a :class:`~bench.dp.modes.TrainingMode` (precision, activation checkpointing); the model must have
 been prepared for it (:func:`bench.dp.modes.prepare_model`). A method that cannot train in a mode raises
 :class:`MethodUnsupported` from ``check`` or while running, with the library's real error.
 """
@@ -16,25 +20,39 @@ been prepared for it (:func:`bench.dp.modes.prepare_model`). A method that canno
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from bench.messages import did_you_mean
 from bench.trackers.channel import PhaseMarker, no_mark
+from models.workload import Workload
 
-from ._common import check_max_grad_norm, model_device, noise_and_average, trainable_parameters
-from .errors import DPConfigError
+from ._common import (
+    all_reduce_sum,
+    check_max_grad_norm,
+    model_device,
+    noise_and_average,
+    noise_free_sums,
+    trainable_parameters,
+)
+from .errors import DPConfigError, MethodUnsupported
 from .modes import DEFAULT_MODE, TrainingMode, check_prepared
 from .privacy import PrivacyParams
 
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "ClippedSumMethod",
     "ClippedSumStep",
     "DPMethod",
     "DPStep",
+    "DataParallel",
+    "StepInputs",
     "available_methods",
+    "base_optimizer",
     "build_step",
     "clipped_grad_sum",
     "get_method",
@@ -60,17 +78,53 @@ def make_optimizer(name: str, params, lr: float = DEFAULT_LR) -> torch.optim.Opt
     return OPTIMIZERS[name](list(params), lr)
 
 
+def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that updates the parameters under any DP wrappers around it (Opacus' optimizers keep the one
+    they wrap as ``original_optimizer``); a wrapper that leads back to one already seen ends the walk."""
+    seen: set[int] = set()
+    while hasattr(optimizer, "original_optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.original_optimizer
+    return optimizer
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What every fused step is built from. ``model`` is prepared for ``mode`` and ``optimizer`` is over its
+    trainable parameters; ``batch_size`` is the logical batch the noise is scaled by (on ranks, the global one)."""
+
+    workload: Workload
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    privacy: PrivacyParams
+    batch_size: int
+    noise_generator: torch.Generator | None = None
+    mode: TrainingMode = DEFAULT_MODE
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How one rank's step is spread over the ranks: ``strategy`` ("ddp" or "fsdp"), the samples this rank holds
+    (``local_batch``, the global batch over the world size), FSDP's device mesh, DDP's device ids on CUDA."""
+
+    strategy: str
+    local_batch: int
+    mesh: object = None
+    device_ids: list[int] | None = None
+
+
 class DPStep:
     """A fused DP training step. Call it with a :class:`models.Batch`; it returns the (detached) mean loss.
 
     ``mark`` is called with each phase name of :data:`PHASES` as the phase begins and with ``"end"`` at the
     end. The default does nothing (timed rounds); the memory sampler passes a recorder. ``close()`` removes
-    whatever the method attached to the model (hooks, wrappers)."""
+    whatever the method attached to the model (hooks, wrappers). ``optimizer`` is the one the step calls (for
+    Opacus, its DP optimizer around the one of the inputs)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, privacy: PrivacyParams):
-        self.model = model
-        self.optimizer = optimizer
-        self.privacy = privacy
+    def __init__(self, inputs: StepInputs):
+        self.workload, self.model, self.optimizer = inputs.workload, inputs.model, inputs.optimizer
+        self.privacy, self.mode = inputs.privacy, inputs.mode
+        self.device = model_device(inputs.model)
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         raise NotImplementedError
@@ -84,24 +138,21 @@ class ClippedSumStep(DPStep):
     they implement :meth:`clipped_sum` (marking forward/backward/clip); noise, loss scaling and the update are
     shared."""
 
-    # Set by data-parallel ranks (bench/dp/parallel.py): sums the clipped sums over the ranks, in place, before
-    # the noise, so the noise is added once to the global sum (``batch_size`` is then the global batch).
+    # Set by data-parallel ranks (ClippedSumMethod.build_parallel): sums the clipped sums over the ranks, in place,
+    # before the noise, so the noise is added once to the global sum (``batch_size`` is then the global batch).
     reduce_clipped_sums: Callable[[list[Tensor]], None] | None = None
 
-    def __init__(
-        self, workload, model, optimizer, privacy, batch_size: int, noise_generator, mode: TrainingMode = DEFAULT_MODE
-    ):
-        super().__init__(model, optimizer, privacy)
-        self.workload, self.batch_size, self.noise_generator, self.mode = workload, batch_size, noise_generator, mode
-        self.device = model_device(model)
-        self.scaler = mode.new_scaler(self.device)  # amp-fp16: dynamic loss scaling, torch's GradScaler
+    def __init__(self, inputs: StepInputs):
+        super().__init__(inputs)
+        self.batch_size, self.noise_generator = inputs.batch_size, inputs.noise_generator
+        self.params = trainable_parameters(inputs.model)
+        self.scaler = inputs.mode.new_scaler(self.device)  # amp-fp16: dynamic loss scaling, torch's GradScaler
 
-    def clipped_sum(
-        self, batch, mark: PhaseMarker, loss_scale: Tensor | None
-    ) -> tuple[list[nn.Parameter], list[Tensor], Tensor]:
-        """(parameters, their clipped per-sample gradient sums, detached mean loss). With ``loss_scale`` (a 0-d
-        tensor) the backward runs on the loss times the scale and the sums come out multiplied by it, like the
-        gradients of any GradScaler'd backward, while the clip factors are those of the unscaled gradients."""
+    def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """(the clipped per-sample gradient sums of :attr:`params`, in its order; the detached mean loss). With
+        ``loss_scale`` (a 0-d tensor) the backward runs on the loss times the scale and the sums come out
+        multiplied by it, like the gradients of any GradScaler'd backward, while the clip factors are those of the
+        unscaled gradients."""
         raise NotImplementedError
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
@@ -109,19 +160,20 @@ class ClippedSumStep(DPStep):
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.scaler
         loss_scale = None if scaler is None else scaler.scale(torch.ones((), device=self.device))  # no host sync
-        params, sums, loss = self.clipped_sum(batch, mark, loss_scale)
+        sums, loss = self.clipped_sum(batch, mark, loss_scale)
         if self.reduce_clipped_sums is not None:
             self.reduce_clipped_sums(sums)
         mark("noise")
-        for p, g in zip(params, sums):
+        for p, g in zip(self.params.values(), sums):
             p.grad = g
         del sums
         if scaler is not None:
             # p.grad /= scale, and an inf/nan anywhere (an overflowed backward) makes step() skip the update;
             # the noise is added to the unscaled sums, after the check.
             scaler.unscale_(self.optimizer)
+        privacy = self.privacy
         noise_and_average(
-            params, self.privacy.noise_multiplier, self.privacy.max_grad_norm, self.batch_size, self.noise_generator
+            self.params.values(), privacy.noise_multiplier, privacy.max_grad_norm, self.batch_size, self.noise_generator
         )
         mark("optimizer")
         if scaler is None:
@@ -134,29 +186,68 @@ class ClippedSumStep(DPStep):
 
 
 class DPMethod:
-    """One DP-SGD implementation. Subclasses set ``name`` (the registry key) and implement the entry points."""
+    """One DP-SGD implementation. Subclasses set ``name`` (the registry key) and ``step_class`` (the fused step
+    :meth:`build` makes) and implement :meth:`clipped_grad_sum`."""
 
     name: str = ""
+    step_class: type[DPStep]
 
     def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run in
         ``mode``."""
 
-    def build(
-        self,
-        workload,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        privacy: PrivacyParams,
-        batch_size: int,
-        noise_generator: torch.Generator | None,
-        mode: TrainingMode = DEFAULT_MODE,
-    ) -> DPStep:
-        raise NotImplementedError
+    def build(self, inputs: StepInputs) -> DPStep:
+        """The fused step of this method (``check`` has passed on the model)."""
+        return self.step_class(inputs)
+
+    def refusal(self, strategy: str) -> MethodUnsupported | None:
+        """dpmem's own refusal of running under ``strategy``, known without running anything; None if it may try."""
+        return None
+
+    def build_parallel(self, inputs: StepInputs, ranks: DataParallel) -> DPStep:
+        """This rank's fused step under ``ranks.strategy``; for FSDP ``inputs.model`` is already sharded."""
+        raise MethodUnsupported(
+            self.name, f"dpmem has no data-parallel version of {self.name!r}", "run it with world size 1"
+        )
 
     def clipped_grad_sum(
         self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
     ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class ClippedSumMethod(DPMethod):
+    """A method whose step is a :class:`ClippedSumStep`: under DDP each rank's clipped sums are all-reduced
+    (summed) before the noise; FSDP is refused, the sums being whole parameters formed outside autograd."""
+
+    step_class: type[ClippedSumStep]
+
+    def refusal(self, strategy: str) -> MethodUnsupported | None:
+        if strategy != "fsdp":
+            return None
+        return MethodUnsupported(
+            self.name,
+            f"{self.name} under FSDP is not implemented by dpmem",
+            "it forms each parameter's whole clipped sum outside autograd, which FSDP's reduce-scatter never "
+            "sees; run it with --parallel ddp",
+        )
+
+    def build_parallel(self, inputs: StepInputs, ranks: DataParallel) -> DPStep:
+        step = self.build(inputs)
+        step.reduce_clipped_sums = all_reduce_sum
+        return step
+
+    def clipped_grad_sum(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
+    ) -> dict[str, Tensor]:
+        pass_at = partial(self.noise_free_pass, workload, model, batch, max_grad_norm, mode)
+        return noise_free_sums(mode, model_device(model), pass_at)
+
+    def noise_free_pass(
+        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode, loss_scale: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Σ_i min(1, C/‖g_i‖)·g_i by trainable parameter name, from a backward on the loss times ``loss_scale``
+        (None: unscaled), by the method's own machinery."""
         raise NotImplementedError
 
 
@@ -218,4 +309,4 @@ def build_step(
     check_prepared(model, mode)
     impl.check(workload, model, mode)
     opt = make_optimizer(optimizer, trainable_parameters(model).values(), lr)
-    return impl.build(workload, model, opt, privacy, batch_size, noise_generator, mode)
+    return impl.build(StepInputs(workload, model, opt, privacy, batch_size, noise_generator, mode))

@@ -42,16 +42,14 @@ from ._common import (
     checked_per_sample_losses,
     clip_factors,
     model_device,
-    noise_free_sums,
     scaled,
     trainable_parameters,
     unscaled,
 )
-from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .base import ClippedSumMethod, ClippedSumStep, StepInputs, register_method
 from .bk_layers import Factored, Instantiated, LayerRule, factored_inner, instantiated_inner, rule_for, supported_types
 from .errors import MethodUnsupported
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 __all__ = ["NORM_MODES", "BKMethod", "BKResult", "BKStep", "BKTiledMethod", "BookKeeping", "supported_layers"]
 
@@ -349,28 +347,19 @@ class BookKeeping:
 class BKStep(ClippedSumStep):
     """The fused Book-Keeping step: forward → one backward → norms and clipped sums → noise → optimizer."""
 
-    def __init__(
-        self,
-        workload,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        privacy: PrivacyParams,
-        batch_size: int,
-        noise_generator: torch.Generator | None,
-        engine: BookKeeping,
-    ):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, engine.mode)
+    def __init__(self, inputs: StepInputs, engine: BookKeeping):
+        super().__init__(inputs)
         self.engine = engine
 
     def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
         result = self.engine.run(self.workload, batch, self.privacy.max_grad_norm, mark, loss_scale)
-        return list(self.engine.params.values()), list(result.clipped_sums.values()), result.loss
+        return [result.clipped_sums[n] for n in self.params], result.loss
 
     def close(self) -> None:
         self.engine.close()
 
 
-class _BookKeepingMethod(DPMethod):
+class _BookKeepingMethod(ClippedSumMethod):
     tile_size: int | None = None
     norm_mode: str = "mixed"
 
@@ -386,19 +375,12 @@ class _BookKeepingMethod(DPMethod):
     def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         supported_layers(model, self.name)
 
-    def build(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE) -> DPStep:
-        engine = self._engine(model, mode)
-        return BKStep(workload, model, optimizer, privacy, batch_size, noise_generator, engine)
+    def build(self, inputs: StepInputs) -> BKStep:
+        return BKStep(inputs, self._engine(inputs.model, inputs.mode))
 
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
         with self._engine(model, mode) as engine:
-
-            def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-                return engine.run(workload, batch, max_grad_norm, no_mark, loss_scale).clipped_sums
-
-            return noise_free_sums(mode, model_device(model), compute)
+            return engine.run(workload, batch, max_grad_norm, no_mark, loss_scale).clipped_sums
 
 
 @register_method

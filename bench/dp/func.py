@@ -19,18 +19,16 @@ from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from ._common import (
     clip_factors,
     model_device,
-    noise_free_sums,
     sample_norms,
     scaled,
     stack_norms,
     trainable_parameters,
     unscaled,
 )
-from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .base import ClippedSumMethod, ClippedSumStep, register_method
 from .diagnose import diagnose
 from .errors import MethodUnsupported, error_text, is_out_of_memory
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 
 def per_sample_grad_fn(
@@ -95,32 +93,19 @@ def clipped_sum_by_vmap(
 
 
 class TorchFuncStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-        self.params = trainable_parameters(model)
-
     def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
         summed, loss = clipped_sum_by_vmap(
             self.workload, self.model, batch, self.privacy.max_grad_norm, mark, self.mode, loss_scale
         )
-        return list(self.params.values()), [summed[n] for n in self.params], loss
+        return [summed[n] for n in self.params], loss
 
 
 @register_method
-class TorchFunc(DPMethod):
+class TorchFunc(ClippedSumMethod):
     """functional_call + vmap(grad(per-sample loss)) batching every input (x, t, y, ...)."""
 
     name = "torch-func"
+    step_class = TorchFuncStep
 
-    def build(
-        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
-    ) -> DPStep:
-        return TorchFuncStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
-        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-            return clipped_sum_by_vmap(workload, model, batch, max_grad_norm, no_mark, mode, loss_scale)[0]
-
-        return noise_free_sums(mode, model_device(model), compute)
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
+        return clipped_sum_by_vmap(workload, model, batch, max_grad_norm, no_mark, mode, loss_scale)[0]

@@ -14,7 +14,6 @@ from bench.trackers.channel import PhaseMarker, annotate_dp_buffer, no_mark
 from ._common import (
     clip_factors,
     model_device,
-    noise_free_sums,
     per_sample_loss,
     sample_norms,
     scaled,
@@ -22,9 +21,8 @@ from ._common import (
     trainable_parameters,
     unscaled,
 )
-from .base import ClippedSumStep, DPMethod, DPStep, register_method
+from .base import ClippedSumMethod, ClippedSumStep, register_method
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 
 def clipped_sum_by_loop(
@@ -63,35 +61,21 @@ def clipped_sum_by_loop(
 
 
 class MicrobatchStep(ClippedSumStep):
-    def __init__(self, workload, model, optimizer, privacy, batch_size, noise_generator, mode=DEFAULT_MODE):
-        super().__init__(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-        self.params = list(trainable_parameters(model).values())
-
     def clipped_sum(self, batch, mark: PhaseMarker, loss_scale: Tensor | None):
-        summed, loss = clipped_sum_by_loop(
-            self.workload, self.model, batch, self.params, self.privacy.max_grad_norm, mark, self.mode, loss_scale
+        params = list(self.params.values())
+        return clipped_sum_by_loop(
+            self.workload, self.model, batch, params, self.privacy.max_grad_norm, mark, self.mode, loss_scale
         )
-        return self.params, summed, loss
 
 
 @register_method
-class Microbatch(DPMethod):
+class Microbatch(ClippedSumMethod):
     """per-sample loop: B forward+backward passes of one sample, clip each, sum (naive reference)."""
 
     name = "microbatch"
+    step_class = MicrobatchStep
 
-    def build(
-        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
-    ) -> DPStep:
-        return MicrobatchStep(workload, model, optimizer, privacy, batch_size, noise_generator, mode)
-
-    def clipped_grad_sum(
-        self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE
-    ) -> dict[str, Tensor]:
+    def noise_free_pass(self, workload, model, batch, max_grad_norm, mode, loss_scale):
         params = trainable_parameters(model)
-
-        def compute(loss_scale: Tensor | None) -> dict[str, Tensor]:
-            args = (workload, model, batch, list(params.values()), max_grad_norm, no_mark, mode, loss_scale)
-            return dict(zip(params, clipped_sum_by_loop(*args)[0]))
-
-        return noise_free_sums(mode, model_device(model), compute)
+        args = (workload, model, batch, list(params.values()), max_grad_norm, no_mark, mode, loss_scale)
+        return dict(zip(params, clipped_sum_by_loop(*args)[0]))

@@ -2,12 +2,14 @@
 
 ``nondp`` is what every DP method is measured against: mean loss, one backward, optimizer step. It does not
 clip, so its :meth:`NonDP.clipped_grad_sum` is only defined for ``max_grad_norm = inf`` (Σ_i g_i, the summed
-per-sample gradient, from one backward of the summed loss).
+per-sample gradient, from one backward of the summed loss). On ranks it runs under torch's DDP or on the
+FSDP-sharded model (bench/dp/parallel.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -15,18 +17,15 @@ from torch import Tensor, nn
 from bench.trackers.channel import PhaseMarker, no_mark
 
 from ._common import model_device, noise_free_sums, per_sample_loss, preserved_grads, scaled, trainable_parameters
-from .base import DPMethod, DPStep, register_method
+from .base import DataParallel, DPMethod, DPStep, StepInputs, register_method
 from .errors import MethodUnsupported
 from .modes import DEFAULT_MODE, TrainingMode
-from .privacy import PrivacyParams
 
 
 class NonDPStep(DPStep):
-    def __init__(self, workload, model, optimizer, privacy, mode: TrainingMode = DEFAULT_MODE):
-        super().__init__(model, optimizer, privacy)
-        self.workload, self.mode = workload, mode
-        self.device = model_device(model)
-        self.scaler = mode.new_scaler(self.device)
+    def __init__(self, inputs: StepInputs):
+        super().__init__(inputs)
+        self.scaler = inputs.mode.new_scaler(self.device)
 
     def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
         mark("forward")
@@ -48,16 +47,39 @@ class NonDPStep(DPStep):
         return loss.detach()
 
 
+class DDPNonDPStep(NonDPStep):
+    """nondp under torch DDP: its gradients are views of DDP's buckets (``gradient_as_bucket_view``), which live
+    as long as the wrapper, so they are zeroed in place rather than freed; DDP averages them over the ranks."""
+
+    def __call__(self, batch, mark: PhaseMarker = no_mark) -> Tensor:
+        mark("forward")
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = per_sample_loss(self.workload, self.model, batch).mean()
+        mark("backward")
+        loss.backward()  # DDP all-reduces the buckets as they fill
+        mark("clip")
+        mark("noise")
+        mark("optimizer")
+        self.optimizer.step()
+        mark("end")
+        return loss.detach()
+
+
 @register_method
 class NonDP(DPMethod):
     """non-private step: mean loss, one backward, optimizer (the baseline)."""
 
     name = "nondp"
+    step_class = NonDPStep
 
-    def build(
-        self, workload, model, optimizer, privacy: PrivacyParams, batch_size, noise_generator, mode=DEFAULT_MODE
-    ) -> DPStep:
-        return NonDPStep(workload, model, optimizer, privacy, mode)
+    def build_parallel(self, inputs: StepInputs, ranks: DataParallel) -> DPStep:
+        """Under FSDP the plain step on the sharded model; under DDP torch's DistributedDataParallel."""
+        if ranks.strategy == "fsdp":
+            return self.build(inputs)
+        ddp = nn.parallel.DistributedDataParallel(
+            inputs.model, device_ids=ranks.device_ids, gradient_as_bucket_view=True
+        )
+        return DDPNonDPStep(replace(inputs, model=ddp))
 
     def clipped_grad_sum(
         self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE

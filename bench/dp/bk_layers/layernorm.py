@@ -12,15 +12,12 @@ from torch import Tensor, nn
 from bench.trackers.channel import annotate_dp_buffer
 
 from .factors import Instantiated
-from .registry import register_layer
+from .registry import LayerRule, register_layer
 
 
 @register_layer(nn.LayerNorm)
-class LayerNormRule:
+class LayerNormRule(LayerRule):
     params = ("weight", "bias")
-
-    def check(self, module: nn.LayerNorm) -> str | None:
-        return None
 
     def contributions(self, module: nn.LayerNorm, inp: Tensor, grad_out: Tensor) -> dict:
         shape = tuple(module.normalized_shape)

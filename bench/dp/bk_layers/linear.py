@@ -5,15 +5,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .factors import Factored, Instantiated
-from .registry import register_layer
+from .registry import LayerRule, register_layer
 
 
 @register_layer(nn.Linear)
-class LinearRule:
+class LinearRule(LayerRule):
     params = ("weight", "bias")
-
-    def check(self, module: nn.Linear) -> str | None:
-        return None
 
     def contributions(self, module: nn.Linear, inp: Tensor, grad_out: Tensor) -> dict:
         if inp.dim() < 2:

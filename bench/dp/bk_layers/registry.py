@@ -19,11 +19,14 @@ Contribution = Factored | Instantiated
 
 
 class LayerRule(Protocol):
+    """What a layer rule offers; a rule that accepts every configuration of its layer subclasses it for ``check``."""
+
     #: names of the parameters (module attributes) the rule produces contributions for
     params: tuple[str, ...]
 
     def check(self, module: nn.Module) -> str | None:
         """One line saying why this module's configuration is unsupported, or None."""
+        return None
 
     def contributions(self, module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str, Contribution]:
         """Per-sample gradient contributions of one call, keyed by parameter attribute (trainable ones only)."""
