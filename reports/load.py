@@ -19,7 +19,15 @@ from typing import Any
 import pandas as pd
 
 from bench.results.files import LoadedCase, ResultFileError, machine_label, read_result_file
-from bench.results.record import CATEGORIES, CaseRecord, MaxBatchRecord, Timing, combine_rank_records
+from bench.results.record import (
+    CATEGORIES,
+    CaseRecord,
+    MaxBatchRecord,
+    StepMemory,
+    Timing,
+    cell_fields,
+    combine_rank_records,
+)
 
 from .tables import ONE_PROCESS, affine_fit_table, overhead_table
 
@@ -51,20 +59,8 @@ CASE_KEY = (
     "machine",
 )
 
-# Every byte figure of a CaseRecord that becomes a column (breakdown categories are added as breakdown_<cat>).
-MEMORY_COLUMNS = (
-    "peak_tensor_bytes",
-    "baseline_tensor_bytes",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "nvml_peak_used_bytes",
-    "nvml_baseline_bytes",
-    "nvml_peak_minus_baseline_bytes",
-    "nvml_peak_reserved_bytes",
-    "nvml_process_peak_bytes",
-    "peak_rss_bytes",
-    "baseline_rss_bytes",
-)
+# The byte figures of a step (StepMemory's ``*_bytes`` cells; its breakdown is added as breakdown_<category>).
+MEMORY_COLUMNS = tuple(name for name in cell_fields(StepMemory) if name.endswith("_bytes"))
 
 # Every peak figure of a case (the regression gate chooses which of them it gates: reports.compare).
 PEAK_COLUMNS = (
@@ -76,27 +72,6 @@ PEAK_COLUMNS = (
     "nvml_process_peak_bytes",
     "peak_rss_bytes",
 )
-
-_RECORD_FACTS = (
-    "peak_phase",
-    "nvml_samples",
-    "nvml_interval_s",
-    "noise_multiplier",
-    "epsilon",
-    "delta",
-    "accountant",
-    "max_grad_norm",
-    "sample_rate",
-    "steps",
-    "optimizer",
-    "params_total",
-    "params_trainable",
-    "tokens_per_sample",
-    "dtype",
-    "device_memory_bytes",
-    "snapshot_path",
-)
-_TIME_COLUMNS = tuple(f.name for f in dataclasses.fields(Timing))
 
 
 class ReportInputError(ValueError):
@@ -227,7 +202,7 @@ def load_results(
         note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
     loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
     rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
-    cases = pd.DataFrame(rows, columns=_case_columns())
+    cases = pd.DataFrame(rows, columns=list(_CASE_COLUMNS))
     cases["batch_size"] = cases["batch_size"].astype(int)
     max_batches = pd.DataFrame(
         [_max_batch_row(r, i) for i, r in enumerate(mb_records)], columns=list(_MAX_BATCH_COLUMNS)
@@ -242,107 +217,67 @@ def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
     return previous.record.world_size > 1 and bool(mine) and bool(theirs) and not mine & theirs
 
 
-def _case_columns() -> list[str]:
-    return [
-        *(key for key in CASE_KEY if key != "machine"),
-        "status",
-        "reason",
-        "family",
-        *MEMORY_COLUMNS,
-        *(f"breakdown_{c}" for c in CATEGORIES),
-        *_RECORD_FACTS,
-        *_TIME_COLUMNS,
-        "device_name",
-        "runner_label",
-        "machine",
-        "source",
-        "record_index",
-    ]
+# A case row: the record's cells, its memory's cells and breakdown, all of its timing (the per-round lists too: the
+# noise rule reads them), then where it was read.
+_CASE_COLUMNS = (
+    *cell_fields(CaseRecord),
+    *cell_fields(StepMemory),
+    *(f"breakdown_{c}" for c in CATEGORIES),
+    *(f.name for f in dataclasses.fields(Timing)),
+    "machine",
+    "source",
+    "record_index",
+)
 
 
 def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
     record = case.record
-    row: dict[str, Any] = {
-        "workload": record.workload,
-        "method": record.method,
-        "batch_size": record.batch_size,
-        "device": record.device,
-        "precision": record.precision,
-        "checkpointing": record.checkpointing,
-        "world_size": record.world_size,
+    row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(CaseRecord)}
+    row |= {name: getattr(record.memory, name) for name in cell_fields(StepMemory)}
+    row |= {f"breakdown_{category}": record.memory.breakdown.get(category) for category in CATEGORIES}
+    row |= dataclasses.asdict(record.timing)
+    return row | {
         "parallel": record.parallel or ONE_PROCESS,
-        "status": record.status,
-        "reason": record.reason,
         "family": record.family or workload_family(record.workload),  # older records lack the field
+        "rounds": record.timing.rounds or None,  # 0 rounds: not timed
+        "device_name": case.device_name,
+        "runner_label": case.runner_label,
+        "machine": case.machine,
+        "source": case.source,
+        "record_index": index,
     }
-    for name in MEMORY_COLUMNS:
-        row[name] = getattr(record.memory, name)
-    for name in _RECORD_FACTS:
-        row[name] = getattr(record.memory if hasattr(record.memory, name) else record, name)
-    for category in CATEGORIES:
-        row[f"breakdown_{category}"] = record.memory.breakdown.get(category)
-    row.update(dataclasses.asdict(record.timing))
-    row["rounds"] = record.timing.rounds or None  # 0 rounds: not timed
-    row["device_name"], row["runner_label"], row["machine"] = case.device_name, case.runner_label, case.machine
-    row["source"] = case.source
-    row["record_index"] = index
-    return row
 
 
+# A max-batch row: the record's cells, then what the reports derive from it.
 _MAX_BATCH_COLUMNS = (
-    "workload",
-    "method",
-    "device",
-    "precision",
-    "checkpointing",
-    "status",
-    "reason",
+    *cell_fields(MaxBatchRecord),
     "family",
-    "memory_limit_bytes",
-    "max_batch_measured",
-    "first_failing_batch",
-    "fit_metric",
-    "fit_fixed_bytes",
-    "fit_per_sample_bytes",
     "predicted_max_batch",
     "budgets",
-    "device_name",
-    "runner_label",
     "machine",
     "record_index",
 )
 
 
 def _max_batch_row(record: MaxBatchRecord, index: int) -> dict[str, Any]:
-    predicted = None
-    if record.predicted_max_batch:
-        # The prediction for the memory the search ran under; else the largest memory size given.
-        key = str(record.memory_limit_bytes)
-        if key not in record.predicted_max_batch:
-            key = max(record.predicted_max_batch, key=lambda k: float(k) if _is_number(k) else -1.0)
-        predicted = record.predicted_max_batch[key]
-    return {
-        "workload": record.workload,
-        "method": record.method,
-        "device": record.device,
-        "precision": record.precision,
-        "checkpointing": record.checkpointing,
-        "status": record.status,
-        "reason": record.reason,
+    row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(MaxBatchRecord)}
+    return row | {
         "family": workload_family(record.workload),
-        "memory_limit_bytes": record.memory_limit_bytes,
-        "max_batch_measured": record.max_batch_measured,
-        "first_failing_batch": record.first_failing_batch,
-        "fit_metric": record.fit_metric,
-        "fit_fixed_bytes": record.fit_fixed_bytes,
-        "fit_per_sample_bytes": record.fit_per_sample_bytes,
-        "predicted_max_batch": predicted,
+        "predicted_max_batch": _predicted_max_batch(record),
         "budgets": list(record.budgets),  # meta: the exact answer per memory budget (BudgetAnswer)
-        "device_name": record.device_name,
-        "runner_label": record.runner_label,
         "machine": machine_label(record.runner_label, record.device_name, record.device),
         "record_index": index,
     }
+
+
+def _predicted_max_batch(record: MaxBatchRecord) -> int | None:
+    """The fit's prediction for the memory the search ran under; else for the largest memory size given."""
+    if not record.predicted_max_batch:
+        return None
+    key = str(record.memory_limit_bytes)
+    if key not in record.predicted_max_batch:
+        key = max(record.predicted_max_batch, key=lambda k: float(k) if _is_number(k) else -1.0)
+    return record.predicted_max_batch[key]
 
 
 def _is_number(text: str) -> bool:

@@ -280,6 +280,19 @@ class CaseRecord:
 
 _PARTS = ("memory", "timing")  # CaseRecord fields written flat, their keys beside the record's own
 
+
+@functools.cache
+def cell_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a record type or part that hold one value each, a table's cells, in declaration order: not a
+    part, a list or a dict (a table built from records takes its columns from here)."""
+    hints = _hints(cls)
+    return tuple(
+        f.name
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) not in (list, dict) and not dataclasses.is_dataclass(hints[f.name])
+    )
+
+
 # Which status a many-rank case takes from its ranks: the worst one.
 _SEVERITY = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
 
