@@ -20,11 +20,7 @@ from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
-    TIME_BASIS,
-    TIME_NOISE,
-    TIME_RATIO,
-    TIME_UNRELIABLE,
-    TIME_VERDICT,
+    TimeComparison,
     budget_answer,
     extrapolation_factor,
     one_process,
@@ -115,15 +111,16 @@ def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid
             return Cell("not timed")
         ms = float(median) * 1e3
         own = unreliable_time_reason(case)
-        if ratios is None or not present(ratios[TIME_RATIO]):
+        time = TimeComparison.of(ratios)
+        if not present(time.ratio):
             if own:
                 return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"step time unreliable: {own}")
             return Cell(f"{ms:.3g}", ms)
-        ratio, verdict = ratios[TIME_RATIO], ratios[TIME_VERDICT]
-        noise = f"±{ratios[TIME_NOISE]:.0%}" if present(ratios[TIME_NOISE]) else "unknown"
-        hover = f"{ratio:.2f}× nondp ({ratios[TIME_BASIS]}), noise {noise}: {verdict}"
+        ratio, verdict = time.ratio, time.verdict
+        noise = f"±{time.noise:.0%}" if present(time.noise) else "unknown"
+        hover = f"{ratio:.2f}× nondp ({time.basis}), noise {noise}: {verdict}"
         if verdict == "unreliable":
-            return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"{hover}: {ratios[TIME_UNRELIABLE]}")
+            return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"{hover}: {time.unreliable}")
         if verdict == "beyond noise":
             return Cell(f"{ms:.3g} ({ratio:.2f}×)", ms, hover=hover)
         return Cell(f"{ms:.3g} (~, {noise})" if verdict == "within noise" else f"{ms:.3g} (?)", ms, "untrusted", hover)
