@@ -161,8 +161,7 @@ def load_results(
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")
-    chosen: dict[tuple, LoadedCase] = {}
-    per_format: Counter[tuple] = Counter()
+    chosen = _ChosenCases()
     mb_records: list[MaxBatchRecord] = []
     warnings: list[str] = []
     sources: list[str] = []
@@ -183,24 +182,15 @@ def load_results(
         for message in loaded.warnings:
             note(message)
         for case in loaded.cases:
-            key = case_key(case)
-            previous = chosen.get(key)
-            if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
-                combined = combine_rank_records([previous.record, case.record])
-                chosen[key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
-                continue
-            per_format[(key, loaded.format)] += 1
-            if previous is None or case.timed or not previous.timed:
-                chosen[key] = case
+            chosen.add(case, loaded.format)
         mb_records += loaded.max_batches
     if not sources:
         raise ReportInputError("no usable result file (every input was skipped)")
-    # A run's .json and .jsonl hold the same cases: expected, silent. The same case twice in one format (two runs
-    # of one machine) is a real conflict: said.
-    conflicts = sum(count - 1 for count in per_format.values())
-    if conflicts:
-        note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
-    loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
+    if chosen.conflicts:
+        note(
+            f"{chosen.conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one"
+        )
+    loaded_cases = sorted(chosen.by_key.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
     rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
     cases = pd.DataFrame(rows, columns=list(_CASE_COLUMNS))
     cases["batch_size"] = cases["batch_size"].astype(int)
@@ -208,6 +198,32 @@ def load_results(
         [_max_batch_row(r, i) for i, r in enumerate(mb_records)], columns=list(_MAX_BATCH_COLUMNS)
     )
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
+
+
+@dataclass
+class _ChosenCases:
+    """One case per :data:`CASE_KEY` from every file read: the timed one, then the one read last; one many-rank
+    case's records that hold different ranks (one file per node) combined."""
+
+    by_key: dict[tuple, LoadedCase] = field(default_factory=dict)
+    per_format: Counter[tuple] = field(default_factory=Counter)  # (key, file format) -> cases read
+
+    def add(self, case: LoadedCase, file_format: str) -> None:
+        key = case_key(case)
+        previous = self.by_key.get(key)
+        if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
+            combined = combine_rank_records([previous.record, case.record])
+            self.by_key[key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
+            return
+        self.per_format[(key, file_format)] += 1
+        if previous is None or case.timed or not previous.timed:
+            self.by_key[key] = case
+
+    @property
+    def conflicts(self) -> int:
+        """Cases read more than once in one format (two runs of one machine: a real conflict, said). A run's .json
+        and .jsonl hold the same cases: expected, silent."""
+        return sum(count - 1 for count in self.per_format.values())
 
 
 def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
