@@ -359,8 +359,7 @@ def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     chosen = choose_case(results, options)
     rows = _case_rows(results, chosen)
     rows = rows[(rows["status"] == "ok")]
-    records = [results.record(r) for _, r in rows.iterrows()]
-    records = [r for r in records if r.memory.breakdown]
+    records = [r for r in rows["record"] if r.memory.breakdown]
     if not records:
         raise SkipFigure(f"no breakdown at peak recorded for {chosen.workload} batch {chosen.batch}")
     scale, unit = byte_unit(max(sum(r.memory.breakdown.values()) for r in records))
@@ -392,8 +391,11 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     if chosen.predicted:
         raise SkipFigure("only predicted (meta device) cases: a predicted step has no time axis")
     rows = _case_rows(results, chosen)
-    records = [results.record(r) for _, r in rows[rows["status"] == "ok"].iterrows()]
-    records = [r for r in records if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)]
+    records = [
+        r
+        for r in rows[rows["status"] == "ok"]["record"]
+        if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)
+    ]
     if not records:
         raise SkipFigure(f"no timeline recorded for {chosen.workload} batch {chosen.batch}")
 

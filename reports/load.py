@@ -89,10 +89,11 @@ def case_key(case: LoadedCase) -> tuple:
 class Results:
     """Loaded results: one row per case × machine in ``cases``, one per max-batch search in ``max_batches``.
 
-    ``loaded_cases[i]`` is the typed case of the row whose ``record_index`` is ``i`` (phases, timeline and
-    breakdown for the figures, the completed record for ``merge``); ``max_batch_records`` likewise for
-    ``max_batches``. ``overhead`` and ``fits`` are the two derived tables, built once on first use and shared by
-    the report, the summary and the figures (treat them, like ``cases``, as read-only)."""
+    Each row's ``record`` column holds the record the loader decoded (phases, timeline and breakdown for the
+    figures); ``loaded_cases`` are the typed cases in row order (the completed record for ``merge``),
+    ``max_batch_records`` likewise for ``max_batches``. ``overhead`` and ``fits`` are the two derived tables,
+    built once on first use and shared by the report, the summary and the figures (treat them, like ``cases``, as
+    read-only)."""
 
     cases: pd.DataFrame
     max_batches: pd.DataFrame
@@ -100,9 +101,6 @@ class Results:
     max_batch_records: list[MaxBatchRecord] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    def record(self, row: pd.Series | dict[str, Any]) -> CaseRecord:
-        return self.loaded_cases[int(row["record_index"])].record
 
     @cached_property
     def overhead(self) -> pd.DataFrame:
@@ -191,12 +189,10 @@ def load_results(
             f"{chosen.conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one"
         )
     loaded_cases = sorted(chosen.by_key.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
-    rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
+    rows = [_case_row(case) for case in loaded_cases]
     cases = pd.DataFrame(rows, columns=list(_CASE_COLUMNS))
     cases["batch_size"] = cases["batch_size"].astype(int)
-    max_batches = pd.DataFrame(
-        [_max_batch_row(r, i) for i, r in enumerate(mb_records)], columns=list(_MAX_BATCH_COLUMNS)
-    )
+    max_batches = pd.DataFrame([_max_batch_row(r) for r in mb_records], columns=list(_MAX_BATCH_COLUMNS))
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
 
 
@@ -234,7 +230,7 @@ def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
 
 
 # A case row: the record's cells, its memory's cells and breakdown, all of its timing (the per-round lists too: the
-# noise rule reads them), then where it was read.
+# noise rule reads them), then where it was read, and the record itself.
 _CASE_COLUMNS = (
     *cell_fields(CaseRecord),
     *cell_fields(StepMemory),
@@ -242,11 +238,11 @@ _CASE_COLUMNS = (
     *(f.name for f in dataclasses.fields(Timing)),
     "machine",
     "source",
-    "record_index",
+    "record",
 )
 
 
-def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
+def _case_row(case: LoadedCase) -> dict[str, Any]:
     record = case.record
     row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(CaseRecord)}
     row |= {name: getattr(record.memory, name) for name in cell_fields(StepMemory)}
@@ -260,29 +256,29 @@ def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
         "runner_label": case.runner_label,
         "machine": case.machine,
         "source": case.source,
-        "record_index": index,
+        "record": record,
     }
 
 
-# A max-batch row: the record's cells, then what the reports derive from it.
+# A max-batch row: the record's cells, then what the reports derive from it, and the record itself.
 _MAX_BATCH_COLUMNS = (
     *cell_fields(MaxBatchRecord),
     "family",
     "predicted_max_batch",
     "budgets",
     "machine",
-    "record_index",
+    "record",
 )
 
 
-def _max_batch_row(record: MaxBatchRecord, index: int) -> dict[str, Any]:
+def _max_batch_row(record: MaxBatchRecord) -> dict[str, Any]:
     row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(MaxBatchRecord)}
     return row | {
         "family": workload_family(record.workload),
         "predicted_max_batch": _predicted_max_batch(record),
         "budgets": list(record.budgets),  # meta: the exact answer per memory budget (BudgetAnswer)
         "machine": machine_label(record.runner_label, record.device_name, record.device),
-        "record_index": index,
+        "record": record,
     }
 
 
