@@ -40,15 +40,16 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record
         if record.status == "oom":
             _OOM_AT[key] = min(_OOM_AT.get(key, dp_case.batch_size), dp_case.batch_size)
 
-    benchmark.extra_info.update(record.to_dict())
+    data = record.to_dict()  # once: the benchmark JSON (timed or not) and the results file share it
+    benchmark.extra_info.update(data)
     if record.timing.rounds == 0 or dp_case.world_size > 1:  # many ranks time themselves, not pytest-benchmark
         params = {"workload": dp_case.workload, "method": dp_case.method, "batch_size": dp_case.batch_size}
         params |= {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
         if dp_case.world_size > 1:
             params |= {"world_size": dp_case.world_size, "parallel": dp_case.parallel}
-        record_untimed({**params, "device": dp_case.device}, record.to_dict())
+        record_untimed({**params, "device": dp_case.device}, data)
     try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
-        results_writer.append(record)
+        results_writer.append(record, data)
     except RecordNotWrittenError as exc:
         pytest.fail(str(exc), pytrace=False)
     if record.status == "error":

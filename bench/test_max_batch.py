@@ -49,13 +49,12 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
     result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
     result.precision, result.checkpointing = precision, checkpointing
 
-    params = {"workload": workload, "method": method, "device": device}
+    params, data = {"workload": workload, "method": method, "device": device}, result.to_dict()
     record_untimed(
-        {**params, "precision": precision, "checkpointing": checkpointing},
-        {"record_type": "max_batch", **result.to_dict()},
+        {**params, "precision": precision, "checkpointing": checkpointing}, {"record_type": "max_batch", **data}
     )
     try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
-        results_writer.append(result)
+        results_writer.append(result, data)
     except RecordNotWrittenError as exc:
         pytest.fail(str(exc), pytrace=False)
     if result.status == "error":

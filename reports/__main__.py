@@ -73,6 +73,19 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     render.add_argument("--batch-size", type=int, help="batch size of the breakdown/timeline figures")
     render.add_argument("--title", default="dpmem: memory and time of DP-SGD", help="report title")
 
+    compare = _compare_parser(common)
+
+    export = _files_to_one_output(
+        "export", common, "Write memory figures as github-action-benchmark customSmallerIsBetter JSON.", "JSON"
+    )
+    merge = _files_to_one_output(
+        "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
+    )
+    return {"render": render, "compare": compare, "export": export, "merge": merge}
+
+
+def _compare_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``python -m reports compare``: the regression gate's options."""
     compare = OneLineParser(
         prog="python -m reports compare",
         parents=[common],
@@ -112,14 +125,7 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
         metavar="FILE",
         help="also write NEW's memory figures as github-action-benchmark customSmallerIsBetter JSON",
     )
-
-    export = _files_to_one_output(
-        "export", common, "Write memory figures as github-action-benchmark customSmallerIsBetter JSON.", "JSON"
-    )
-    merge = _files_to_one_output(
-        "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
-    )
-    return {"render": render, "compare": compare, "export": export, "merge": merge}
+    return compare
 
 
 # Which figures illustrate which section (reports.figures.FIGURES names), in the order they are drawn.

@@ -21,10 +21,10 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from bench.plan.overhead import size_text
-from bench.results.record import CATEGORIES
+from bench.results.record import CATEGORIES, CaseRecord
 
 from .load import Results, is_predicted
-from .summary import blocks, workload_order
+from .summary import Block, blocks, workload_order
 from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
@@ -280,51 +280,12 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     styles = _method_styles(results)
     per_block = max(sum(1 for b, _, _ in panels if b == block) for block, _, _ in panels)
     fig, axes = _grid(len(panels), ncols=min(3, per_block), size=(4.0, 3.2))
-    any_oom = any_predicted = any_coinciding = False
+    any_oom = any_coinciding = False
     for ax, (block, workload, rows) in zip(axes, panels):
-        any_predicted |= block.predicted
-        metric = fit_metric_for(rows)
-        ok = rows[(rows["status"] == "ok") & rows[metric].notna()]
-        top = float(ok[metric].max()) if len(ok) else 2.0**20
-        scale, unit = byte_unit(top)
-        lines = {
-            method: (list(good["batch_size"]), list(good[metric] / scale))
-            for method, mrows in rows.groupby("method", sort=True)
-            for good in [ok[ok["method"] == method].sort_values("batch_size")]
-        }
-        span = (top - float(ok[metric].min())) / scale if len(ok) else 1.0
-        same = coinciding(lines, span or top / scale)
-        any_coinciding |= bool(same)
-        for method, (batches, values) in lines.items():
-            style = dict(styles[method])
-            if block.predicted:
-                style["linestyle"] = "--"
-            # a line drawn over an identical one: hollow and larger, so the one underneath shows through it
-            hollow = block.predicted or method in same
-            marker = {"markerfacecolor": "none", "markersize": 9 if method in same else 6} if hollow else {}
-            ax.plot(batches, values, label=method, **style, **marker)
-            oom = rows[(rows["method"] == method) & (rows["status"] == "oom")]
-            if len(oom):
-                any_oom = True
-                ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=style["color"])
-        _name_coinciding(ax, same)
-        ax.set_xscale("log", base=2)
-        where = where_label(block.machine, block.device, block.predicted, block.precision, block.checkpointing)
-        ax.set_title(f"{workload}\n{where}", fontsize=9)
-        ax.set_xlabel("batch size", fontsize=8)
-        ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-    seen = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, plt.Line2D([], [], **styles[label]) if label in styles else handle)
-    seen = dict(sorted(seen.items()))
-    if any_oom:
-        seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
-    if any_predicted:
-        seen["predicted (meta device, dashed)"] = plt.Line2D([], [], marker="o", linestyle="--", color="k", mfc="none")
-    bottom = _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=5)
+        oom, same = _peak_panel(ax, block, workload, rows, styles)
+        any_oom, any_coinciding = any_oom or oom, any_coinciding or same
+    any_predicted = any(block.predicted for block, _, _ in panels)
+    bottom = _peak_legend(fig, axes, styles, any_oom, any_predicted)
     fig.suptitle("Peak memory vs batch size, by method")
     fig.tight_layout(rect=(0, bottom, 1, 0.96))
     notes = [
@@ -340,6 +301,57 @@ def fig_peak_vs_batch(results: Results, options: FigureOptions) -> tuple[plt.Fig
     )
 
 
+def _peak_panel(ax: plt.Axes, block: Block, workload: str, rows: pd.DataFrame, styles: dict) -> tuple[bool, bool]:
+    """One workload's peak-vs-batch lines in one block; (an OOM was drawn, two lines coincide)."""
+    metric = fit_metric_for(rows)
+    ok = rows[(rows["status"] == "ok") & rows[metric].notna()]
+    top = float(ok[metric].max()) if len(ok) else 2.0**20
+    scale, unit = byte_unit(top)
+    lines = {
+        method: (list(good["batch_size"]), list(good[metric] / scale))
+        for method, mrows in rows.groupby("method", sort=True)
+        for good in [ok[ok["method"] == method].sort_values("batch_size")]
+    }
+    span = (top - float(ok[metric].min())) / scale if len(ok) else 1.0
+    same = coinciding(lines, span or top / scale)
+    any_oom = False
+    for method, (batches, values) in lines.items():
+        style = dict(styles[method])
+        if block.predicted:
+            style["linestyle"] = "--"
+        # a line drawn over an identical one: hollow and larger, so the one underneath shows through it
+        hollow = block.predicted or method in same
+        marker = {"markerfacecolor": "none", "markersize": 9 if method in same else 6} if hollow else {}
+        ax.plot(batches, values, label=method, **style, **marker)
+        oom = rows[(rows["method"] == method) & (rows["status"] == "oom")]
+        if len(oom):
+            any_oom = True
+            ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=style["color"])
+    _name_coinciding(ax, same)
+    ax.set_xscale("log", base=2)
+    where = where_label(block.machine, block.device, block.predicted, block.precision, block.checkpointing)
+    ax.set_title(f"{workload}\n{where}", fontsize=9)
+    ax.set_xlabel("batch size", fontsize=8)
+    ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    return any_oom, bool(same)
+
+
+def _peak_legend(fig: plt.Figure, axes: list, styles: dict, any_oom: bool, any_predicted: bool) -> float:
+    """The methods' legend below the panels (one entry per method, then the OOM and predicted keys); its top."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, plt.Line2D([], [], **styles[label]) if label in styles else handle)
+    seen = dict(sorted(seen.items()))
+    if any_oom:
+        seen["OOM (×, drawn above the top)"] = plt.Line2D([], [], marker="x", linestyle="", color="k")
+    if any_predicted:
+        seen["predicted (meta device, dashed)"] = plt.Line2D([], [], marker="o", linestyle="--", color="k", mfc="none")
+    return _legend_below(fig, list(seen.values()), list(seen.keys()), ncol=5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Breakdown at the peak
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,8 +359,7 @@ def fig_breakdown(results: Results, options: FigureOptions) -> tuple[plt.Figure,
     chosen = choose_case(results, options)
     rows = _case_rows(results, chosen)
     rows = rows[(rows["status"] == "ok")]
-    records = [results.record(r) for _, r in rows.iterrows()]
-    records = [r for r in records if r.memory.breakdown]
+    records = [r for r in rows["record"] if r.memory.breakdown]
     if not records:
         raise SkipFigure(f"no breakdown at peak recorded for {chosen.workload} batch {chosen.batch}")
     scale, unit = byte_unit(max(sum(r.memory.breakdown.values()) for r in records))
@@ -380,8 +391,11 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     if chosen.predicted:
         raise SkipFigure("only predicted (meta device) cases: a predicted step has no time axis")
     rows = _case_rows(results, chosen)
-    records = [results.record(r) for _, r in rows[rows["status"] == "ok"].iterrows()]
-    records = [r for r in records if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)]
+    records = [
+        r
+        for r in rows[rows["status"] == "ok"]["record"]
+        if r.memory.timeline.t_s and any(getattr(r.memory.timeline, k) for k in TRACE_STYLES)
+    ]
     if not records:
         raise SkipFigure(f"no timeline recorded for {chosen.workload} batch {chosen.batch}")
 
@@ -391,45 +405,11 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
     fig, axes = _grid(len(records), ncols=2, size=(6.0, 3.0), sharex=True)
     plotted = []
     for index, (ax, record) in enumerate(zip(axes, records)):
-        timeline = record.memory.timeline
-        t_ms = np.asarray(timeline.t_s) * 1e3
-        for phase in record.memory.phases:
-            ax.axvspan(
-                phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0
-            )
-        step = {k: np.asarray(getattr(timeline, k), dtype=float) for k in step_keys if getattr(timeline, k)}
-        whole = {k: np.asarray(getattr(timeline, k), dtype=float) for k in WHOLE_PROCESS_TRACES if getattr(timeline, k)}
-        for key, values in step.items():
-            label, color = TRACE_STYLES[key]
-            ax.plot(t_ms, values / scale, "-", label=label, color=color, lw=1.4)
-        step_span = _set_min_span(ax, step.values(), MIN_TRACE_SPAN_BYTES, scale)
-        plotted.append(ax)
-        if whole:
-            # never more magnified than the left axis: a few KiB of RSS must not look like the step's own growth
-            right = ax.twinx()
-            span = max(max(v.max() for v in whole.values()) - min(v.min() for v in whole.values()), step_span)
-            rscale, runit = byte_unit(span)
-            for key, values in whole.items():
-                label, color = TRACE_STYLES[key]
-                right.plot(t_ms, values / rscale, "--", label=label, color=color, lw=1.4)
-            _set_min_span(right, whole.values(), step_span, rscale)
-            right.set_ylabel(f"process / device [{runit}]", fontsize=8)
-            right.ticklabel_format(axis="y", useOffset=False, style="plain")
-            plotted.append(right)
-        ax.set_title(record.method, fontsize=10)
-        ax.set_ylabel(f"step memory [{unit}]")
-        ax.grid(alpha=0.3)
+        plotted += _timeline_panel(ax, record, step_keys, scale, unit)
         if index + 2 >= len(records):  # the lowest panel of its column carries the shared time axis' labels
             ax.xaxis.set_tick_params(labelbottom=True)
             ax.set_xlabel("time in step [ms]")
-    handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
-    phases = sorted(
-        {p.name for r in records for p in r.memory.phases},
-        key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99,
-    )
-    for name in phases:
-        handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
-    bottom = _legend_below(fig, list(handles.values()), list(handles.keys()), ncol=5)
+    bottom = _timeline_legend(fig, plotted, records)
     fig.suptitle(f"One DP step over time — {chosen.label}")
     fig.tight_layout(rect=(0, bottom, 1, 0.95))
     return fig, (
@@ -437,6 +417,52 @@ def fig_timeline(results: Results, options: FigureOptions) -> tuple[plt.Figure, 
         "optimizer). Solid lines (left axis): the step's own tensors; dashed (right axis): whole process (RSS) or "
         "whole device (NVML)."
     )
+
+
+def _timeline_panel(ax: plt.Axes, record: CaseRecord, step_keys: list[str], scale: float, unit: str) -> list:
+    """One method's step: its phases shaded, the step's traces on ``ax``, whole-process traces on a right axis; the
+    axes drawn on."""
+    timeline = record.memory.timeline
+    t_ms = np.asarray(timeline.t_s) * 1e3
+    for phase in record.memory.phases:
+        ax.axvspan(
+            phase.start_s * 1e3, phase.end_s * 1e3, color=PHASE_COLORS.get(phase.name, "#dddddd"), alpha=0.5, lw=0
+        )
+    step = {k: np.asarray(getattr(timeline, k), dtype=float) for k in step_keys if getattr(timeline, k)}
+    whole = {k: np.asarray(getattr(timeline, k), dtype=float) for k in WHOLE_PROCESS_TRACES if getattr(timeline, k)}
+    for key, values in step.items():
+        label, color = TRACE_STYLES[key]
+        ax.plot(t_ms, values / scale, "-", label=label, color=color, lw=1.4)
+    step_span = _set_min_span(ax, step.values(), MIN_TRACE_SPAN_BYTES, scale)
+    plotted = [ax]
+    if whole:
+        # never more magnified than the left axis: a few KiB of RSS must not look like the step's own growth
+        right = ax.twinx()
+        span = max(max(v.max() for v in whole.values()) - min(v.min() for v in whole.values()), step_span)
+        rscale, runit = byte_unit(span)
+        for key, values in whole.items():
+            label, color = TRACE_STYLES[key]
+            right.plot(t_ms, values / rscale, "--", label=label, color=color, lw=1.4)
+        _set_min_span(right, whole.values(), step_span, rscale)
+        right.set_ylabel(f"process / device [{runit}]", fontsize=8)
+        right.ticklabel_format(axis="y", useOffset=False, style="plain")
+        plotted.append(right)
+    ax.set_title(record.method, fontsize=10)
+    ax.set_ylabel(f"step memory [{unit}]")
+    ax.grid(alpha=0.3)
+    return plotted
+
+
+def _timeline_legend(fig: plt.Figure, plotted: list, records: list[CaseRecord]) -> float:
+    """The traces' and the phases' legend below the panels; its top."""
+    handles = {lab: h for ax in plotted for h, lab in zip(*ax.get_legend_handles_labels())}
+    phases = sorted(
+        {p.name for r in records for p in r.memory.phases},
+        key=lambda n: list(PHASE_COLORS).index(n) if n in PHASE_COLORS else 99,
+    )
+    for name in phases:
+        handles[f"phase: {name}"] = Patch(color=PHASE_COLORS.get(name, "#dddddd"), alpha=0.5)
+    return _legend_below(fig, list(handles.values()), list(handles.keys()), ncol=5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,45 +775,10 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         if both.empty:
             ax.text(0.5, 0.5, "no matched pairs with this figure", ha="center", va="center", transform=ax.transAxes)
             continue
-        # a method's points exactly over an earlier method's (bk-tiled's over bk's): hollow and larger, and named
-        xy, keys = [f"{column}_dit", f"{column}_gpt"], ["where", "batch_size", "tokens"]
-        points = {m: rows.sort_values(keys) for m, rows in both.groupby("method")}
-        span = float(max(np.ptp(both[xy[0]]), np.ptp(both[xy[1]]))) or 1.0
-        same = coinciding(
-            {
-                m: (list(rows[keys].itertuples(index=False)), list(rows[xy].to_numpy().ravel()))
-                for m, rows in points.items()
-            },
-            span,
-        )
-        any_coinciding |= bool(same)
-        for (method, where), rows in both.groupby(["method", "where"]):
-            hollow = where.endswith("(predicted)") or method in same
-            ax.scatter(
-                rows[xy[0]],
-                rows[xy[1]],
-                marker=shapes[where],
-                facecolors="none" if hollow else colors[method],
-                edgecolors=colors[method],
-                s=90 if method in same else 40,
-                linewidths=1.5 if method in same else 1.0,
-            )
-            drawn_methods.add(method)
-            drawn_wheres.add(where)
-        _name_coinciding(ax, same)
-        low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
-        high = max(both[f"{column}_dit"].max(), both[f"{column}_gpt"].max())
-        if low > 0 and high / low > 10:  # ratios spanning decades (step times on a busy machine): log axes
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ends = [low / 1.2, high * 1.2]
-        else:
-            pad = 0.05 * (high - low or 1.0)
-            ends = [low - pad, high + pad]
-        ax.plot(ends, ends, "k--", lw=1)
-        ax.set_xlabel(f"DiT overhead ({title}) [×]")
-        ax.set_ylabel("GPT proxy overhead [×]")
-        ax.grid(alpha=0.3)
+        methods, drawn, same = _proxy_panel(ax, both, column, title, shapes, colors)
+        drawn_methods |= methods
+        drawn_wheres |= drawn
+        any_coinciding |= same
     legend = {m: plt.Line2D([], [], marker="o", linestyle="", color=colors[m]) for m in sorted(drawn_methods)}
     if len(wheres) > 1:
         for where in sorted(drawn_wheres):
@@ -804,6 +795,53 @@ def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Fi
         + (" (colour = method, one marker shape each, hollow = predicted)" if len(wheres) > 1 else "")
         + (f"; {COINCIDING_NOTE.format(what='a point')}." if any_coinciding else "."),
     )
+
+
+def _proxy_panel(
+    ax: plt.Axes, both: pd.DataFrame, column: str, title: str, shapes: dict[str, str], colors: dict[str, str]
+) -> tuple[set[str], set[str], bool]:
+    """One overhead's matched DiT/GPT points against the diagonal; (methods drawn, wheres drawn, two coincide)."""
+    drawn_methods: set[str] = set()
+    drawn_wheres: set[str] = set()
+    # a method's points exactly over an earlier method's (bk-tiled's over bk's): hollow and larger, and named
+    xy, keys = [f"{column}_dit", f"{column}_gpt"], ["where", "batch_size", "tokens"]
+    points = {m: rows.sort_values(keys) for m, rows in both.groupby("method")}
+    span = float(max(np.ptp(both[xy[0]]), np.ptp(both[xy[1]]))) or 1.0
+    same = coinciding(
+        {
+            m: (list(rows[keys].itertuples(index=False)), list(rows[xy].to_numpy().ravel()))
+            for m, rows in points.items()
+        },
+        span,
+    )
+    for (method, where), rows in both.groupby(["method", "where"]):
+        hollow = where.endswith("(predicted)") or method in same
+        ax.scatter(
+            rows[xy[0]],
+            rows[xy[1]],
+            marker=shapes[where],
+            facecolors="none" if hollow else colors[method],
+            edgecolors=colors[method],
+            s=90 if method in same else 40,
+            linewidths=1.5 if method in same else 1.0,
+        )
+        drawn_methods.add(method)
+        drawn_wheres.add(where)
+    _name_coinciding(ax, same)
+    low = min(both[f"{column}_dit"].min(), both[f"{column}_gpt"].min())
+    high = max(both[f"{column}_dit"].max(), both[f"{column}_gpt"].max())
+    if low > 0 and high / low > 10:  # ratios spanning decades (step times on a busy machine): log axes
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ends = [low / 1.2, high * 1.2]
+    else:
+        pad = 0.05 * (high - low or 1.0)
+        ends = [low - pad, high + pad]
+    ax.plot(ends, ends, "k--", lw=1)
+    ax.set_xlabel(f"DiT overhead ({title}) [×]")
+    ax.set_ylabel("GPT proxy overhead [×]")
+    ax.grid(alpha=0.3)
+    return drawn_methods, drawn_wheres, bool(same)
 
 
 # ---------------------------------------------------------------------------------------------------------------

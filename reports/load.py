@@ -19,7 +19,15 @@ from typing import Any
 import pandas as pd
 
 from bench.results.files import LoadedCase, ResultFileError, machine_label, read_result_file
-from bench.results.record import CATEGORIES, CaseRecord, MaxBatchRecord, Timing, combine_rank_records
+from bench.results.record import (
+    CATEGORIES,
+    CaseRecord,
+    MaxBatchRecord,
+    StepMemory,
+    Timing,
+    cell_fields,
+    combine_rank_records,
+)
 
 from .tables import ONE_PROCESS, affine_fit_table, overhead_table
 
@@ -51,20 +59,8 @@ CASE_KEY = (
     "machine",
 )
 
-# Every byte figure of a CaseRecord that becomes a column (breakdown categories are added as breakdown_<cat>).
-MEMORY_COLUMNS = (
-    "peak_tensor_bytes",
-    "baseline_tensor_bytes",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "nvml_peak_used_bytes",
-    "nvml_baseline_bytes",
-    "nvml_peak_minus_baseline_bytes",
-    "nvml_peak_reserved_bytes",
-    "nvml_process_peak_bytes",
-    "peak_rss_bytes",
-    "baseline_rss_bytes",
-)
+# The byte figures of a step (StepMemory's ``*_bytes`` cells; its breakdown is added as breakdown_<category>).
+MEMORY_COLUMNS = tuple(name for name in cell_fields(StepMemory) if name.endswith("_bytes"))
 
 # Every peak figure of a case (the regression gate chooses which of them it gates: reports.compare).
 PEAK_COLUMNS = (
@@ -76,27 +72,6 @@ PEAK_COLUMNS = (
     "nvml_process_peak_bytes",
     "peak_rss_bytes",
 )
-
-_RECORD_FACTS = (
-    "peak_phase",
-    "nvml_samples",
-    "nvml_interval_s",
-    "noise_multiplier",
-    "epsilon",
-    "delta",
-    "accountant",
-    "max_grad_norm",
-    "sample_rate",
-    "steps",
-    "optimizer",
-    "params_total",
-    "params_trainable",
-    "tokens_per_sample",
-    "dtype",
-    "device_memory_bytes",
-    "snapshot_path",
-)
-_TIME_COLUMNS = tuple(f.name for f in dataclasses.fields(Timing))
 
 
 class ReportInputError(ValueError):
@@ -114,10 +89,11 @@ def case_key(case: LoadedCase) -> tuple:
 class Results:
     """Loaded results: one row per case × machine in ``cases``, one per max-batch search in ``max_batches``.
 
-    ``loaded_cases[i]`` is the typed case of the row whose ``record_index`` is ``i`` (phases, timeline and
-    breakdown for the figures, the completed record for ``merge``); ``max_batch_records`` likewise for
-    ``max_batches``. ``overhead`` and ``fits`` are the two derived tables, built once on first use and shared by
-    the report, the summary and the figures (treat them, like ``cases``, as read-only)."""
+    Each row's ``record`` column holds the record the loader decoded (phases, timeline and breakdown for the
+    figures); ``loaded_cases`` are the typed cases in row order (the completed record for ``merge``),
+    ``max_batch_records`` likewise for ``max_batches``. ``overhead`` and ``fits`` are the two derived tables,
+    built once on first use and shared by the report, the summary and the figures (treat them, like ``cases``, as
+    read-only)."""
 
     cases: pd.DataFrame
     max_batches: pd.DataFrame
@@ -125,9 +101,6 @@ class Results:
     max_batch_records: list[MaxBatchRecord] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    def record(self, row: pd.Series | dict[str, Any]) -> CaseRecord:
-        return self.loaded_cases[int(row["record_index"])].record
 
     @cached_property
     def overhead(self) -> pd.DataFrame:
@@ -186,8 +159,7 @@ def load_results(
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportInputError("no result files given")
-    chosen: dict[tuple, LoadedCase] = {}
-    per_format: Counter[tuple] = Counter()
+    chosen = _ChosenCases()
     mb_records: list[MaxBatchRecord] = []
     warnings: list[str] = []
     sources: list[str] = []
@@ -208,31 +180,46 @@ def load_results(
         for message in loaded.warnings:
             note(message)
         for case in loaded.cases:
-            key = case_key(case)
-            previous = chosen.get(key)
-            if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
-                combined = combine_rank_records([previous.record, case.record])
-                chosen[key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
-                continue
-            per_format[(key, loaded.format)] += 1
-            if previous is None or case.timed or not previous.timed:
-                chosen[key] = case
+            chosen.add(case, loaded.format)
         mb_records += loaded.max_batches
     if not sources:
         raise ReportInputError("no usable result file (every input was skipped)")
-    # A run's .json and .jsonl hold the same cases: expected, silent. The same case twice in one format (two runs
-    # of one machine) is a real conflict: said.
-    conflicts = sum(count - 1 for count in per_format.values())
-    if conflicts:
-        note(f"{conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one")
-    loaded_cases = sorted(chosen.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
-    rows = [_case_row(case, index) for index, case in enumerate(loaded_cases)]
-    cases = pd.DataFrame(rows, columns=_case_columns())
+    if chosen.conflicts:
+        note(
+            f"{chosen.conflicts} case row(s) appear more than once (same case and machine); kept the timed, latest one"
+        )
+    loaded_cases = sorted(chosen.by_key.values(), key=lambda c: (c.machine, c.record.device, *case_key(c)[:3]))
+    rows = [_case_row(case) for case in loaded_cases]
+    cases = pd.DataFrame(rows, columns=list(_CASE_COLUMNS))
     cases["batch_size"] = cases["batch_size"].astype(int)
-    max_batches = pd.DataFrame(
-        [_max_batch_row(r, i) for i, r in enumerate(mb_records)], columns=list(_MAX_BATCH_COLUMNS)
-    )
+    max_batches = pd.DataFrame([_max_batch_row(r) for r in mb_records], columns=list(_MAX_BATCH_COLUMNS))
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
+
+
+@dataclass
+class _ChosenCases:
+    """One case per :data:`CASE_KEY` from every file read: the timed one, then the one read last; one many-rank
+    case's records that hold different ranks (one file per node) combined."""
+
+    by_key: dict[tuple, LoadedCase] = field(default_factory=dict)
+    per_format: Counter[tuple] = field(default_factory=Counter)  # (key, file format) -> cases read
+
+    def add(self, case: LoadedCase, file_format: str) -> None:
+        key = case_key(case)
+        previous = self.by_key.get(key)
+        if previous is not None and _other_ranks(previous, case):  # another node's ranks of the same case
+            combined = combine_rank_records([previous.record, case.record])
+            self.by_key[key] = dataclasses.replace(previous, record=combined, source=f"{previous.source}+")
+            return
+        self.per_format[(key, file_format)] += 1
+        if previous is None or case.timed or not previous.timed:
+            self.by_key[key] = case
+
+    @property
+    def conflicts(self) -> int:
+        """Cases read more than once in one format (two runs of one machine: a real conflict, said). A run's .json
+        and .jsonl hold the same cases: expected, silent."""
+        return sum(count - 1 for count in self.per_format.values())
 
 
 def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
@@ -242,107 +229,67 @@ def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
     return previous.record.world_size > 1 and bool(mine) and bool(theirs) and not mine & theirs
 
 
-def _case_columns() -> list[str]:
-    return [
-        *(key for key in CASE_KEY if key != "machine"),
-        "status",
-        "reason",
-        "family",
-        *MEMORY_COLUMNS,
-        *(f"breakdown_{c}" for c in CATEGORIES),
-        *_RECORD_FACTS,
-        *_TIME_COLUMNS,
-        "device_name",
-        "runner_label",
-        "machine",
-        "source",
-        "record_index",
-    ]
-
-
-def _case_row(case: LoadedCase, index: int) -> dict[str, Any]:
-    record = case.record
-    row: dict[str, Any] = {
-        "workload": record.workload,
-        "method": record.method,
-        "batch_size": record.batch_size,
-        "device": record.device,
-        "precision": record.precision,
-        "checkpointing": record.checkpointing,
-        "world_size": record.world_size,
-        "parallel": record.parallel or ONE_PROCESS,
-        "status": record.status,
-        "reason": record.reason,
-        "family": record.family or workload_family(record.workload),  # older records lack the field
-    }
-    for name in MEMORY_COLUMNS:
-        row[name] = getattr(record.memory, name)
-    for name in _RECORD_FACTS:
-        row[name] = getattr(record.memory if hasattr(record.memory, name) else record, name)
-    for category in CATEGORIES:
-        row[f"breakdown_{category}"] = record.memory.breakdown.get(category)
-    row.update(dataclasses.asdict(record.timing))
-    row["rounds"] = record.timing.rounds or None  # 0 rounds: not timed
-    row["device_name"], row["runner_label"], row["machine"] = case.device_name, case.runner_label, case.machine
-    row["source"] = case.source
-    row["record_index"] = index
-    return row
-
-
-_MAX_BATCH_COLUMNS = (
-    "workload",
-    "method",
-    "device",
-    "precision",
-    "checkpointing",
-    "status",
-    "reason",
-    "family",
-    "memory_limit_bytes",
-    "max_batch_measured",
-    "first_failing_batch",
-    "fit_metric",
-    "fit_fixed_bytes",
-    "fit_per_sample_bytes",
-    "predicted_max_batch",
-    "budgets",
-    "device_name",
-    "runner_label",
+# A case row: the record's cells, its memory's cells and breakdown, all of its timing (the per-round lists too: the
+# noise rule reads them), then where it was read, and the record itself.
+_CASE_COLUMNS = (
+    *cell_fields(CaseRecord),
+    *cell_fields(StepMemory),
+    *(f"breakdown_{c}" for c in CATEGORIES),
+    *(f.name for f in dataclasses.fields(Timing)),
     "machine",
-    "record_index",
+    "source",
+    "record",
 )
 
 
-def _max_batch_row(record: MaxBatchRecord, index: int) -> dict[str, Any]:
-    predicted = None
-    if record.predicted_max_batch:
-        # The prediction for the memory the search ran under; else the largest memory size given.
-        key = str(record.memory_limit_bytes)
-        if key not in record.predicted_max_batch:
-            key = max(record.predicted_max_batch, key=lambda k: float(k) if _is_number(k) else -1.0)
-        predicted = record.predicted_max_batch[key]
-    return {
-        "workload": record.workload,
-        "method": record.method,
-        "device": record.device,
-        "precision": record.precision,
-        "checkpointing": record.checkpointing,
-        "status": record.status,
-        "reason": record.reason,
-        "family": workload_family(record.workload),
-        "memory_limit_bytes": record.memory_limit_bytes,
-        "max_batch_measured": record.max_batch_measured,
-        "first_failing_batch": record.first_failing_batch,
-        "fit_metric": record.fit_metric,
-        "fit_fixed_bytes": record.fit_fixed_bytes,
-        "fit_per_sample_bytes": record.fit_per_sample_bytes,
-        "predicted_max_batch": predicted,
-        "budgets": list(record.budgets),  # meta: the exact answer per memory budget (BudgetAnswer)
-        "device_name": record.device_name,
-        "runner_label": record.runner_label,
-        "machine": machine_label(record.runner_label, record.device_name, record.device),
-        "record_index": index,
+def _case_row(case: LoadedCase) -> dict[str, Any]:
+    record = case.record
+    row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(CaseRecord)}
+    row |= {name: getattr(record.memory, name) for name in cell_fields(StepMemory)}
+    row |= {f"breakdown_{category}": record.memory.breakdown.get(category) for category in CATEGORIES}
+    row |= dataclasses.asdict(record.timing)
+    return row | {
+        "parallel": record.parallel or ONE_PROCESS,
+        "family": record.family or workload_family(record.workload),  # older records lack the field
+        "rounds": record.timing.rounds or None,  # 0 rounds: not timed
+        "device_name": case.device_name,
+        "runner_label": case.runner_label,
+        "machine": case.machine,
+        "source": case.source,
+        "record": record,
     }
+
+
+# A max-batch row: the record's cells, then what the reports derive from it, and the record itself.
+_MAX_BATCH_COLUMNS = (
+    *cell_fields(MaxBatchRecord),
+    "family",
+    "predicted_max_batch",
+    "budgets",
+    "machine",
+    "record",
+)
+
+
+def _max_batch_row(record: MaxBatchRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {name: getattr(record, name) for name in cell_fields(MaxBatchRecord)}
+    return row | {
+        "family": workload_family(record.workload),
+        "predicted_max_batch": _predicted_max_batch(record),
+        "budgets": list(record.budgets),  # meta: the exact answer per memory budget (BudgetAnswer)
+        "machine": machine_label(record.runner_label, record.device_name, record.device),
+        "record": record,
+    }
+
+
+def _predicted_max_batch(record: MaxBatchRecord) -> int | None:
+    """The fit's prediction for the memory the search ran under; else for the largest memory size given."""
+    if not record.predicted_max_batch:
+        return None
+    key = str(record.memory_limit_bytes)
+    if key not in record.predicted_max_batch:
+        key = max(record.predicted_max_batch, key=lambda k: float(k) if _is_number(k) else -1.0)
+    return record.predicted_max_batch[key]
 
 
 def _is_number(text: str) -> bool:

@@ -20,11 +20,7 @@ from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
-    TIME_BASIS,
-    TIME_NOISE,
-    TIME_RATIO,
-    TIME_UNRELIABLE,
-    TIME_VERDICT,
+    TimeComparison,
     budget_answer,
     extrapolation_factor,
     one_process,
@@ -115,15 +111,16 @@ def time_pivot(block: Block, rows: pd.DataFrame, overhead: pd.DataFrame) -> Grid
             return Cell("not timed")
         ms = float(median) * 1e3
         own = unreliable_time_reason(case)
-        if ratios is None or not present(ratios[TIME_RATIO]):
+        time = TimeComparison.of(ratios)
+        if not present(time.ratio):
             if own:
                 return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"step time unreliable: {own}")
             return Cell(f"{ms:.3g}", ms)
-        ratio, verdict = ratios[TIME_RATIO], ratios[TIME_VERDICT]
-        noise = f"±{ratios[TIME_NOISE]:.0%}" if present(ratios[TIME_NOISE]) else "unknown"
-        hover = f"{ratio:.2f}× nondp ({ratios[TIME_BASIS]}), noise {noise}: {verdict}"
+        ratio, verdict = time.ratio, time.verdict
+        noise = f"±{time.noise:.0%}" if present(time.noise) else "unknown"
+        hover = f"{ratio:.2f}× nondp ({time.basis}), noise {noise}: {verdict}"
         if verdict == "unreliable":
-            return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"{hover}: {ratios[TIME_UNRELIABLE]}")
+            return Cell(f"{ms:.3g} (unreliable)", ms, "untrusted", f"{hover}: {time.unreliable}")
         if verdict == "beyond noise":
             return Cell(f"{ms:.3g} ({ratio:.2f}×)", ms, hover=hover)
         return Cell(f"{ms:.3g} (~, {noise})" if verdict == "within noise" else f"{ms:.3g} (?)", ms, "untrusted", hover)
@@ -178,56 +175,68 @@ def _fit_grid(block: Block, fits: pd.DataFrame) -> Grid:
         measured_words = "max batch" if block.predicted else f"{measured_words} / max batch"
     header = ["workload", "method", "fixed [MiB]", "per sample [MiB]", measured_words, "first failing batch"]
     header += ["predicted max batch", "memory", "fit of", "from"]
-    rows = []
-    for _, fit in fits.iterrows():
-        measured, predicted, failing = fit["measured max batch"], fit["predicted max batch"], fit["first failing batch"]
-        answer = budget_answer(fit)
-        if answer is not None:  # the exact answer; in words beside it where it is not a plain number
-            words = f"{fit['method']}: {answer_text(answer)}"
-            if answer.max_batch is None:
-                none = "nothing fits" if answer.host_limit_batch is None else "none found"
-                measured_cell = Cell(none, style="pred", footnote=words)
-            elif fit[LOWER_BOUND]:
-                measured_cell = Cell(f"≥{answer.max_batch}", float(answer.max_batch), "pred", footnote=words)
-            else:
-                measured_cell = Cell(str(answer.max_batch), float(answer.max_batch), "pred", hover=words)
-        elif present(measured):
-            measured_cell = Cell(f"≥{measured}" if fit[LOWER_BOUND] else str(measured), float(measured))
-        else:
-            measured_cell = Cell("none", hover="no batch ran ok")
-        if answer is not None:
-            predicted_cell = Cell("")  # exact under the overhead model: nothing to predict
-        elif present(predicted):
-            factor = extrapolation_factor(predicted, measured)
-            text = predicted_max_batch_text(predicted, measured, failing)
-            style = "extrap" if factor is not None else "pred"
-            hover = f"the fit predicts {predicted}" + (
-                f", ×{factor:.0f} the largest batch run ({measured}): beyond {EXTRAPOLATION_LIMIT}×, an "
-                f"extrapolation, so only the bound {EXTRAPOLATION_LIMIT} × {measured} is claimed"
-                if factor is not None
-                else ""
-            )
-            predicted_cell = Cell(text if factor is not None else f"~{text}", float(predicted), style, hover)
-        else:
-            predicted_cell = Cell("n/a")
-        fixed, per_sample = fit["fixed MiB"], fit["per-sample MiB"]
-        style = "pred" if block.predicted else ""
-        rows.append(
-            [
-                Cell(fit["workload"], style="label"),
-                Cell(fit["method"], style="label"),
-                Cell(f"{fixed:g}", float(fixed), style) if present(fixed) else Cell("n/a"),
-                Cell(f"{per_sample:g}", float(per_sample), style) if present(per_sample) else Cell("n/a"),
-                measured_cell,
-                Cell(str(failing), float(failing)) if present(failing) else Cell("none"),
-                predicted_cell,
-                Cell(size_text(fit["memory_bytes"]), float(fit["memory_bytes"]))
-                if present(fit["memory_bytes"])
-                else Cell("n/a"),
-                Cell(METRIC_WORDS.get(fit["fit metric"], fit["fit metric"])),
-                Cell(fit["source"]),
-            ]
-        )
+    rows = [_fit_row(fit, block.predicted) for _, fit in fits.iterrows()]
+    caption = _fit_caption(exact, block.predicted)
+    grid = Grid(title=f"Max batch — {block.title}", caption=caption, header=header, rows=rows)
+    return compact(grid, keep=("method",))
+
+
+def _fit_row(fit: pd.Series, predicted_block: bool) -> list[Cell]:
+    """One fit-table row as cells: the fit, the measured (or exact) and the predicted max batch, its memory."""
+    failing, memory = fit["first failing batch"], fit["memory_bytes"]
+    fixed, per_sample = fit["fixed MiB"], fit["per-sample MiB"]
+    style = "pred" if predicted_block else ""
+    return [
+        Cell(fit["workload"], style="label"),
+        Cell(fit["method"], style="label"),
+        Cell(f"{fixed:g}", float(fixed), style) if present(fixed) else Cell("n/a"),
+        Cell(f"{per_sample:g}", float(per_sample), style) if present(per_sample) else Cell("n/a"),
+        _measured_max_batch_cell(fit),
+        Cell(str(failing), float(failing)) if present(failing) else Cell("none"),
+        _predicted_max_batch_cell(fit),
+        Cell(size_text(memory), float(memory)) if present(memory) else Cell("n/a"),
+        Cell(METRIC_WORDS.get(fit["fit metric"], fit["fit metric"])),
+        Cell(fit["source"]),
+    ]
+
+
+def _measured_max_batch_cell(fit: pd.Series) -> Cell:
+    """The max batch that ran (≥N: a lower bound), or a meta search's exact answer, in words beside it where it is
+    not a plain number."""
+    measured, answer = fit["measured max batch"], budget_answer(fit)
+    if answer is not None:
+        words = f"{fit['method']}: {answer_text(answer)}"
+        if answer.max_batch is None:
+            none = "nothing fits" if answer.host_limit_batch is None else "none found"
+            return Cell(none, style="pred", footnote=words)
+        if fit[LOWER_BOUND]:
+            return Cell(f"≥{answer.max_batch}", float(answer.max_batch), "pred", footnote=words)
+        return Cell(str(answer.max_batch), float(answer.max_batch), "pred", hover=words)
+    if present(measured):
+        return Cell(f"≥{measured}" if fit[LOWER_BOUND] else str(measured), float(measured))
+    return Cell("none", hover="no batch ran ok")
+
+
+def _predicted_max_batch_cell(fit: pd.Series) -> Cell:
+    """The fit's predicted max batch (~N), a bound where it extrapolates too far; empty beside an exact answer."""
+    measured, predicted = fit["measured max batch"], fit["predicted max batch"]
+    if budget_answer(fit) is not None:
+        return Cell("")  # exact under the overhead model: nothing to predict
+    if not present(predicted):
+        return Cell("n/a")
+    factor = extrapolation_factor(predicted, measured)
+    text = predicted_max_batch_text(predicted, measured, fit["first failing batch"])
+    style = "extrap" if factor is not None else "pred"
+    hover = f"the fit predicts {predicted}" + (
+        f", ×{factor:.0f} the largest batch run ({measured}): beyond {EXTRAPOLATION_LIMIT}×, an "
+        f"extrapolation, so only the bound {EXTRAPOLATION_LIMIT} × {measured} is claimed"
+        if factor is not None
+        else ""
+    )
+    return Cell(text if factor is not None else f"~{text}", float(predicted), style, hover)
+
+
+def _fit_caption(exact: bool, predicted_block: bool) -> str:
     caption = (
         "affine fit peak(B) = fixed + per_sample·B; compare the measured and the predicted max batch (~N: "
         f"predicted; > N (extrapolated ×K): the fit predicts K times the largest batch run, beyond the "
@@ -238,7 +247,6 @@ def _fit_grid(block: Block, fits: pd.DataFrame) -> Grid:
             "max batch per asked memory budget, exact under the overhead model: it fits and the next batch was run "
             "and does not (≥N: the search limit, or the host could not draw a larger batch); fixed and per-sample "
             "memory from the affine fit peak(B) = fixed + per_sample·B of the search's steps."
-            + ("" if block.predicted else " " + caption)
+            + ("" if predicted_block else " " + caption)
         )
-    grid = Grid(title=f"Max batch — {block.title}", caption=caption, header=header, rows=rows)
-    return compact(grid, keep=("method",))
+    return caption

@@ -28,11 +28,7 @@ from .tables import (
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
     RATIO_COLUMNS,
-    TIME_BASIS,
-    TIME_NOISE,
-    TIME_RATIO,
-    TIME_UNRELIABLE,
-    TIME_VERDICT,
+    TimeComparison,
     budget_answer,
     extrapolation_factor,
     fit_metric_for,
@@ -228,18 +224,18 @@ def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, 
     largest_ok = int(ok_batches.max()) if len(ok_batches) else None
     if case is None:
         return MatrixCell("not run", math.nan, math.nan, math.nan, math.nan, None, "", largest_ok)
-    ok = case["status"] == "ok"
+    ok, time = case["status"] == "ok", TimeComparison.of(ratios)
     return MatrixCell(
         status=str(case["status"]),
         memory_ratio=float(ratios[RATIO_TITLE[metric]]) if ratios is not None else math.nan,
         peak_bytes=float(case[metric]) if ok and present(case[metric]) else math.nan,
-        time_ratio=float(ratios[TIME_RATIO]) if ratios is not None else math.nan,
-        time_noise=float(ratios[TIME_NOISE]) if ratios is not None else math.nan,
-        time_verdict=ratios[TIME_VERDICT] if ratios is not None and present(ratios[TIME_VERDICT]) else None,
+        time_ratio=time.ratio,
+        time_noise=time.noise,
+        time_verdict=time.verdict,
         reason=str(case["reason"] or ""),
         largest_ok_batch=largest_ok,
-        time_basis=ratios[TIME_BASIS] if ratios is not None and present(ratios[TIME_BASIS]) else None,
-        time_unreliable=str(ratios[TIME_UNRELIABLE]) if ratios is not None else "",
+        time_basis=time.basis,
+        time_unreliable=time.unreliable,
     )
 
 

@@ -10,6 +10,7 @@ table). Text such as "OOM", "nondp OOM", "≥12" or "n/a" is produced only when 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -32,6 +33,7 @@ __all__ = [
     "TIME_BASIS",
     "TIME_UNRELIABLE",
     "TIME_VERDICTS",
+    "TimeComparison",
     "affine_fit_table",
     "all_ok_batches",
     "budget_answer",
@@ -273,6 +275,31 @@ def _time_ratio(case: pd.Series, baseline: pd.Series) -> dict[str, Any]:
         TIME_BASIS: basis,
         TIME_UNRELIABLE: unreliable if verdict == "unreliable" else "",
     }
+
+
+@dataclass(frozen=True)
+class TimeComparison:
+    """A DP case's step time against nondp's, as its overhead row holds it (the TIME_* columns, typed)."""
+
+    ratio: float  # NaN where there is no ratio
+    noise: float  # its relative spread, NaN where unknown
+    verdict: str | None  # one of TIME_VERDICTS, None where there is no ratio
+    basis: str | None  # one of TIME_BASES, None where there is no ratio
+    unreliable: str  # why the run could not vouch for the ratio (verdict "unreliable"), else ""
+
+    @classmethod
+    def of(cls, ratios: pd.Series | None) -> TimeComparison:
+        """The comparison in an overhead row; ``None`` (no row: nondp or the case did not run ok) has no ratio."""
+        if ratios is None:
+            return cls(math.nan, math.nan, None, None, "")
+        verdict, basis = ratios[TIME_VERDICT], ratios[TIME_BASIS]
+        return cls(
+            ratio=float(ratios[TIME_RATIO]),
+            noise=float(ratios[TIME_NOISE]),
+            verdict=verdict if present(verdict) else None,
+            basis=basis if present(basis) else None,
+            unreliable=str(ratios[TIME_UNRELIABLE]),
+        )
 
 
 def _paired_noise(case: pd.Series) -> float:

@@ -39,6 +39,10 @@ FORBIDDEN = (
         for module in ("bench.dp", "bench.case", "bench.ranks", "bench.plan", *CLI_AND_CONFIG)
     ),
     ("bench.results", "bench.case", "the record is below the runner that fills it"),
+    *(
+        ("reports", folder, "the reports read the record's files, not the bench that wrote them")
+        for folder in ("bench.case", "bench.dp", "bench.ranks", "bench.trackers", "bench.system")
+    ),
     ("bench.system", "bench.case", "machine facts are below the case"),
 )
 

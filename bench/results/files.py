@@ -61,9 +61,10 @@ class ResultsWriter:
         self.lost: list[RecordNotWrittenError] = []  # records not (whole) in the file, in order
         _check_writable(self.path)
 
-    def append(self, record: CaseRecord | MaxBatchRecord) -> None:
-        """Append ``record`` as one line; raise :class:`RecordNotWrittenError` unless it is in the file whole."""
-        line = (to_jsonl_line(record) + "\n").encode("utf-8")
+    def append(self, record: CaseRecord | MaxBatchRecord, data: dict[str, Any] | None = None) -> None:
+        """Append ``record`` as one line (``data``: its ``to_dict()`` if made already, see :func:`to_jsonl_line`);
+        raise :class:`RecordNotWrittenError` unless it is in the file whole."""
+        line = (to_jsonl_line(record, data) + "\n").encode("utf-8")
         name = record_name(record)
         written = 0  # bytes of the line that reached the file
         try:

@@ -280,6 +280,19 @@ class CaseRecord:
 
 _PARTS = ("memory", "timing")  # CaseRecord fields written flat, their keys beside the record's own
 
+
+@functools.cache
+def cell_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a record type or part that hold one value each, a table's cells, in declaration order: not a
+    part, a list or a dict (a table built from records takes its columns from here)."""
+    hints = _hints(cls)
+    return tuple(
+        f.name
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) not in (list, dict) and not dataclasses.is_dataclass(hints[f.name])
+    )
+
+
 # Which status a many-rank case takes from its ranks: the worst one.
 _SEVERITY = {"ok": 0, "unsupported": 1, "oom": 2, "error": 3}
 
@@ -397,9 +410,12 @@ class MaxBatchRecord:
 RECORD_TYPES = {"case": CaseRecord, "max_batch": MaxBatchRecord}
 
 
-def to_jsonl_line(record: CaseRecord | MaxBatchRecord) -> str:
+def to_jsonl_line(record: CaseRecord | MaxBatchRecord, data: dict[str, Any] | None = None) -> str:
+    """The record's JSON line; ``data``: its ``to_dict()`` where the caller made it already (the bench puts the
+    same dict in pytest-benchmark's JSON), so a record is turned into JSON once."""
     kind = "case" if isinstance(record, CaseRecord) else "max_batch"
-    return json.dumps({"record_type": kind, **record.to_dict()}, sort_keys=True, allow_nan=False)
+    data = record.to_dict() if data is None else data
+    return json.dumps({"record_type": kind, **data}, sort_keys=True, allow_nan=False)
 
 
 def from_jsonl_line(line: str) -> CaseRecord | MaxBatchRecord:

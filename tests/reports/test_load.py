@@ -61,7 +61,7 @@ def test_load_both_formats_into_one_tidy_table(two_gpu_files):
         assert column in cases.columns
     assert set(cases["family"]) == {"dit", "gpt"}
     row = cases.iloc[0]
-    assert results.record(row).workload == row["workload"]
+    assert row["record"].workload == row["workload"]
 
 
 def test_same_run_in_both_formats_gives_one_row_per_case_with_timing(tmp_path):

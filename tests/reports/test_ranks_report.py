@@ -51,7 +51,7 @@ def test_each_nodes_ranks_are_merged_into_one_case(tmp_path):
     warnings = []
     results = load_results([node0, node1], warn=warnings.append)
     assert len(results.cases) == 1 and not warnings
-    record = results.record(results.cases.iloc[0])
+    record = results.cases.iloc[0]["record"]
     assert [r.rank for r in record.ranks] == [0, 1, 2, 3] and record.peak_rank == 3
     assert results.cases.iloc[0]["peak_tensor_bytes"] == 303 * MIB
     assert record.rank_mean["peak_tensor_bytes"] == 301.5 * MIB
