@@ -83,8 +83,7 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torc
     is on CUDA, the per-parameter loop on CPU), except on meta, where it is CUDA's: the prediction is for a GPU,
     and foreach AdamW holds a parameter-sized temporary (its ``_foreach_sqrt`` of the second moments) that the
     loop does not. Opacus' DPOptimizer is unwrapped to the optimizer that steps. None: not a torch.optim one."""
-    while hasattr(optimizer, "original_optimizer"):
-        optimizer = optimizer.original_optimizer
+    optimizer = dp.base_optimizer(optimizer)
     groups = [g for g in optimizer.param_groups if "foreach" in g]
     if not groups:
         return None
@@ -138,9 +137,7 @@ def _meta_state_warm_up(step) -> None:
     gradient and the optimizer has stepped once on it (AdamW's moments exist). On meta the values do not exist,
     so only the tensors' existence and shapes matter; this costs one optimizer step instead of a whole DP step
     (for the per-sample loop, instead of B forward/backward passes)."""
-    optimizer = step.optimizer
-    while hasattr(optimizer, "original_optimizer"):
-        optimizer = optimizer.original_optimizer
+    optimizer = dp.base_optimizer(step.optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)

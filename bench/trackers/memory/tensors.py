@@ -8,7 +8,7 @@ count; the peak, the live set at the peak and the timeline are found afterwards 
 the per-op cost stays one dict lookup and a list append.
 
 What exists before the step is the *baseline*: the model's parameters and buffers, their ``.grad``, the
-optimizer's state (Opacus' ``DPOptimizer`` is unwrapped to its ``original_optimizer``), leftover per-sample
+optimizer's state (Opacus' ``DPOptimizer.state`` is its ``original_optimizer``'s), leftover per-sample
 gradients, and any other pre-existing storage an op reads during the step (the batch, cached constants) —
 those are adopted into the baseline when first seen as an op input, since they were live from the start.
 
@@ -445,11 +445,7 @@ def _model_state(model: nn.Module) -> Iterable[Tensor]:
 
 
 def optimizer_state_tensors(optimizer: Any) -> list[Tensor]:
-    """Every tensor in an optimizer's ``state``; wrappers with ``original_optimizer`` (Opacus) are unwrapped."""
-    seen: set[int] = set()
-    while hasattr(optimizer, "original_optimizer") and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.original_optimizer
+    """Every tensor in an optimizer's ``state`` (Opacus' DP optimizers hand out their wrapped optimizer's)."""
     tensors: list[Tensor] = []
     for state in getattr(optimizer, "state", {}).values():
         values = state.values() if isinstance(state, dict) else (state,)
