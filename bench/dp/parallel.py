@@ -45,7 +45,12 @@ from .base import DEFAULT_LR, DataParallel, DPStep, StepInputs, get_method, make
 from .errors import MethodUnsupported
 from .privacy import PrivacyParams
 
-__all__ = ["build_parallel_step", "refusal", "shard_model"]
+__all__ = [
+    "build_parallel_step",
+    "refusal",
+    "shard_model",
+    "uneven_split",
+]
 
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:
@@ -62,6 +67,17 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
 def refusal(method: str, parallel: str) -> MethodUnsupported | None:
     """dpmem's own refusal of a pair, known without running anything (the launcher records it without ranks)."""
     return get_method(method).refusal(parallel)
+
+
+def uneven_split(batch_size: int, world_size: int) -> str | None:
+    """Why ``batch_size`` (the global logical batch) cannot run on ``world_size`` ranks, or None: it must split
+    evenly, each rank holding ``batch_size / world_size`` samples."""
+    if batch_size % world_size:
+        return (
+            f"batch {batch_size} does not split evenly over {world_size} ranks (batch sizes are the "
+            f"global logical batch; choose a multiple of {world_size})"
+        )
+    return None
 
 
 def build_parallel_step(
@@ -85,8 +101,9 @@ def build_parallel_step(
     if parallel not in PARALLEL_STRATEGIES:
         raise ValueError(f"unknown parallel strategy {parallel!r}; valid: {', '.join(PARALLEL_STRATEGIES)}")
     world_size = dist.get_world_size()
-    if batch_size % world_size:
-        raise ValueError(f"batch {batch_size} does not split evenly over {world_size} ranks")
+    uneven = uneven_split(batch_size, world_size)
+    if uneven:
+        raise ValueError(uneven)
     refused = impl.refusal(parallel)
     if refused is not None:
         raise refused

@@ -16,17 +16,6 @@ from bench.dp.privacy import PrivacyParams
 from bench.results.record import CaseRecord
 
 
-def uneven_split(batch_size: int, world_size: int) -> str | None:
-    """Why ``batch_size`` (the global logical batch) cannot run on ``world_size`` ranks, or None: it must split
-    evenly, each rank holding ``batch_size / world_size`` samples."""
-    if batch_size % world_size:
-        return (
-            f"batch {batch_size} does not split evenly over {world_size} ranks (batch sizes are the "
-            f"global logical batch; choose a multiple of {world_size})"
-        )
-    return None
-
-
 @dataclass(frozen=True)
 class RankJob:
     """A many-rank case and the settings its ranks run it with (from the parent's BenchConfig)."""

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
-from bench.dp.parallel import refusal
+from bench.dp.parallel import refusal, uneven_split
 from bench.results.record import CaseRecord, RankFigures, RecordError, combine_rank_records, from_jsonl_line
 
-from .job import RankJob, uneven_split
+from .job import RankJob
 from .lifeline import LAUNCHER_ENV, running, torchrun_preexec
 
 _REPO = Path(__file__).resolve().parents[2]

@@ -29,10 +29,11 @@ from bench import dp
 from bench.case.spec import CaseSpec
 from bench.config.cli import OneLineParser, run, usage_error
 from bench.config.options import check_names, comma_list, non_negative_float, positive_int
+from bench.dp.parallel import uneven_split
 from bench.dp.privacy import resolve_privacy
 from bench.results.record import CaseRecord, RankFigures, combine_rank_records
 
-from .job import RankJob, uneven_split
+from .job import RankJob
 from .step import run_rank
 
 __all__ = ["predict_case", "predict_rank"]
