@@ -19,6 +19,7 @@ from typing import Any
 from bench.config.sizes import parse_byte_size
 from bench.messages import did_you_mean
 from bench.plan.overhead import parse_overhead
+from bench.results.record import PARALLEL_STRATEGIES
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -124,8 +125,9 @@ def parallel_strategies(text: str) -> tuple[str, ...]:
     """``"ddp,fsdp"``: the data-parallel strategies of the cases with a world size > 1."""
     items = comma_list(text)
     for item in items:
-        if item not in ("ddp", "fsdp"):
-            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, ('ddp', 'fsdp'))}; valid: ddp, fsdp")
+        if item not in PARALLEL_STRATEGIES:
+            valid = ", ".join(PARALLEL_STRATEGIES)
+            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, PARALLEL_STRATEGIES)}; valid: {valid}")
     return items
 
 

@@ -18,6 +18,7 @@ import torch
 
 from bench.plan.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
 from bench.results.files import ResultFileError, read_result_file
+from bench.results.record import PARALLEL_STRATEGIES
 from bench.trackers.contention import available_cpu_cores
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
@@ -167,7 +168,7 @@ class BenchConfig:
     workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
     # --- many ranks (bench/ranks) ---
     world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
-    parallel: tuple[str, ...] = ("ddp", "fsdp")  # strategies of the cases with world size > 1
+    parallel: tuple[str, ...] = PARALLEL_STRATEGIES  # strategies of the cases with world size > 1
     rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
     nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
     rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
@@ -242,7 +243,7 @@ class BenchConfig:
             checkpointings=tuple(checkpointings),
             workload_modules=tuple(option("--workload-module")),
             world_sizes=world_sizes,
-            parallel=option("--parallel") or ("ddp", "fsdp"),
+            parallel=option("--parallel") or PARALLEL_STRATEGIES,
             rank_timeout_s=option("--rank-timeout"),
             nnodes=nnodes,
             rdzv_endpoint=rdzv,
