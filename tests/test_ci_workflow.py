@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.config.cli import pytest_bench_command
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "gpu-bench.yml"
 # Characters actions/upload-artifact v4 refuses in a file path.
@@ -107,7 +109,7 @@ def test_bench_runs_the_venvs_pytest_as_a_module_on_one_gpu():
 
 def test_workflow_pytest_commands_name_real_paths_and_options():
     help_text = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--help", "-p", "no:cacheprovider"],
+        pytest_bench_command("--help"),
         cwd=ROOT,
         capture_output=True,
         text=True,
