@@ -190,13 +190,22 @@ def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
 
-    config = BenchConfig("gpu-small", (), (), (), (), 1, resolve_privacy(1.0), snapshot_dir="results/snapshots")
+    config = BenchConfig.from_fields(
+        preset="gpu-small",
+        workloads=(),
+        methods=(),
+        batch_sizes=(),
+        devices=(),
+        rounds=1,
+        privacy=resolve_privacy(1.0),
+        snapshot_dir="results/snapshots",
+    )
     spec = CaseSpec("gpt2-large:seq_len=128", "bk", 16, "cuda:0")
     path = snapshot_path(config, spec)
     assert path == "results/snapshots/gpt2-large_seq_len=128-bk-bs16-cuda_0.pickle"
     assert not set(path) & ARTIFACT_FORBIDDEN
     uploads = [s for s in _workflow()["jobs"]["bench"]["steps"] if "upload-artifact" in str(s.get("uses", ""))]
-    assert uploads[0]["with"]["path"] == "results/" and config.snapshot_dir.startswith("results/")
+    assert uploads[0]["with"]["path"] == "results/" and config.measure.snapshot_dir.startswith("results/")
 
 
 # ---------------------------------------------------------------------------------------------------------------

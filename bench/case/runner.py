@@ -59,7 +59,7 @@ _UNSAFE_IN_FILE_NAMES = re.compile(r'[":<>|*?\\/\s]')
 def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
     """Where ``--snapshot`` writes this case's allocator snapshot: the case id with ``:`` (``cuda:0``, workload
     specs) and other characters CI artifact uploads refuse replaced by ``_``; the record names the case."""
-    return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
+    return f"{config.measure.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
 
 
 def _sync(device: torch.device) -> None:
@@ -95,7 +95,7 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torc
 
 def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
     """The live-tensor-byte cap of a case: ``--memory-cap`` on CPU; none on a GPU (its capacity decides) or meta."""
-    return config.memory_cap_bytes if device.type == "cpu" else None
+    return config.measure.memory_cap_bytes if device.type == "cpu" else None
 
 
 def _warm_up(run: Callable[..., object], step, device: torch.device, config: BenchConfig) -> float:
@@ -142,7 +142,7 @@ class _AttentionRun:
 
     def __init__(self, step, batch, config: BenchConfig, device: torch.device):
         self.step, self.batch, self.device = step, batch, device
-        self.choice, self.sm = config.attention, config.attention_sm
+        self.choice, self.sm = config.step.attention, config.step.attention_sm
         self.kernels: set[str] = set()
 
     def __call__(self, mark: PhaseMarker = no_mark, observe: bool = False):
@@ -161,12 +161,12 @@ def _build(spec: CaseSpec, config: BenchConfig, workload, device: torch.device, 
     check_workload_contract(workload, model, next(model.parameters()).device)
     dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
     record.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.step.seed)
     batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
     # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made, and counted)
-    noise = None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.seed + 1)
+    noise = None if device.type == "meta" else torch.Generator(device=device).manual_seed(config.step.seed + 1)
     step = _new_step(spec.method, spec, config, workload, model, noise)
-    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.optimizer_impl, device)
+    record.optimizer_impl = set_optimizer_impl(step.optimizer, config.step.optimizer_impl, device)
     return batch, step
 
 
@@ -176,9 +176,9 @@ def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model,
         method,
         workload,
         model,
-        privacy=config.privacy,
+        privacy=config.step.privacy,
         batch_size=spec.batch_size,
-        optimizer=config.optimizer,
+        optimizer=config.step.optimizer,
         noise_generator=noise_generator,
         mode=spec.mode,
     )
@@ -202,7 +202,7 @@ class _NonDPReference:
             model = self.workload.build_model(device)
             dp.prepare_model(model, self.workload, spec.mode, device)
             self.step = _new_step(BASELINE_METHOD, spec, config, self.workload, model, None)
-            set_optimizer_impl(self.step.optimizer, config.optimizer_impl, device)
+            set_optimizer_impl(self.step.optimizer, config.step.optimizer_impl, device)
             run = _AttentionRun(self.step, self.batch, config, device)
             start = time.perf_counter()
             run()  # the warm-up: optimizer state, allocator pools
@@ -228,10 +228,10 @@ def _what_ranks_cannot_run(spec: CaseSpec, config: BenchConfig) -> str | None:
     case anyway would measure something other than what was asked."""
     if spec.mode != dp.DEFAULT_MODE:
         return f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
-    if config.attention != "auto" or config.optimizer_impl != "auto":
+    if config.step.attention != "auto" or config.step.optimizer_impl != "auto":
         return (
-            f"--attention {config.attention} --optimizer-impl {config.optimizer_impl}: cases on many ranks run "
-            "torch's own attention kernel and optimizer implementation only (auto)"
+            f"--attention {config.step.attention} --optimizer-impl {config.step.optimizer_impl}: cases on many ranks "
+            "run torch's own attention kernel and optimizer implementation only (auto)"
         )
     return None
 
@@ -253,11 +253,11 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     workload = models.get_workload(spec.workload)
     record.tokens_per_sample, record.family = workload.tokens_per_sample, workload.family
     record.overrides = dict(workload.overrides)
-    record.attention = config.attention
+    record.attention = config.step.attention
     if on_meta:
         record.measurement = "predicted"
         record.notes.append("meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS")
-        record.notes.extend(config.meta_notes)
+        record.notes.extend(config.output.meta_notes)
     # Before the case allocates anything. Meta cases hold nothing resident, so they skip the boundaries' full
     # garbage collections (~0.3 s each with torch imported: most of a small meta case).
     nvml_baseline = start_case(device, record.notes) if not on_meta else None
@@ -272,13 +272,13 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
                 one_call_s = 0.0
             else:
                 one_call_s = _warm_up(run, step, device, config)
-            snapshot = config.snapshot_case in (spec.case_id, "all")
+            snapshot = config.measure.snapshot_case in (spec.case_id, "all")
             record.memory = measure_step(
                 run,
                 device=device,
                 model=step.model,
                 optimizer=step.optimizer,
-                sample_interval_s=config.sample_interval_s,
+                sample_interval_s=config.measure.sample_interval_s,
                 nvml_baseline_bytes=nvml_baseline,
                 snapshot_path=snapshot_path(config, spec) if snapshot else None,
                 memory_cap_bytes=memory_cap_for(device, config),

@@ -43,6 +43,12 @@ class CaseSpec:
         parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
         return "-".join(parts)
 
+    def params(self, ranks: bool) -> dict[str, object]:
+        """The case's ``params`` in the benchmark JSON: the training mode's keys always (results group by them),
+        the ranks' (``world_size``, ``parallel``) when ``ranks``."""
+        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing"]
+        return {name: getattr(self, name) for name in names + (["world_size", "parallel"] if ranks else [])}
+
 
 def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
@@ -54,11 +60,11 @@ def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
         device=spec.device,
         precision=spec.precision,
         checkpointing=spec.checkpointing,
-        **config.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
-        optimizer=config.optimizer,
+        **config.step.privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, clip norm, sample rate, steps
+        optimizer=config.step.optimizer,
         device_name=device_name,
         device_memory_bytes=device_memory,
-        runner_label=config.runner_label,
+        runner_label=config.output.runner_label,
         world_size=spec.world_size,
         parallel=spec.parallel,
     )
