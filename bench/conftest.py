@@ -166,7 +166,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from bench.system.machine import machine_info as dpmem_machine_info
 
     info = dpmem_machine_info()
-    label = config.stash[BENCH_CONFIG].runner_label
+    label = config.stash[BENCH_CONFIG].output.runner_label
     if label:
         info["runner_label"] = label
     machine_info["dpmem"] = info
@@ -188,7 +188,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return  # pytest-benchmark wrote it (with our untimed entries)
     from bench.system.machine import machine_info
 
-    label = config.stash[BENCH_CONFIG].runner_label
+    label = config.stash[BENCH_CONFIG].output.runner_label
     info = {**machine_info(), **({"runner_label": label} if label else {})}
     data = {"machine_info": {"dpmem": info}, "benchmarks": [], "dpmem_untimed": entries}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -191,14 +191,7 @@ def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     from bench.dp import resolve_privacy
 
     config = BenchConfig.from_fields(
-        preset="gpu-small",
-        workloads=(),
-        methods=(),
-        batch_sizes=(),
-        devices=(),
-        rounds=1,
-        privacy=resolve_privacy(1.0),
-        snapshot_dir="results/snapshots",
+        preset="gpu-small", rounds=1, privacy=resolve_privacy(1.0), snapshot_dir="results/snapshots"
     )
     spec = CaseSpec("gpt2-large:seq_len=128", "bk", 16, "cuda:0")
     path = snapshot_path(config, spec)

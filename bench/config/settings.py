@@ -140,10 +140,10 @@ class MatrixSettings:
     """What runs: the *resolved* matrix (the preset narrowed by explicit options)."""
 
     preset: str
-    workloads: tuple[str, ...]
-    methods: tuple[str, ...]
-    batch_sizes: tuple[int, ...]
-    devices: tuple[str, ...]
+    workloads: tuple[str, ...] = ()  # a dimension left empty: a matrix without cases (a planner's, a test's)
+    methods: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
+    devices: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
     checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
     workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case

@@ -217,14 +217,7 @@ def test_checkpointed_blocks_recompute_under_the_routed_kernel(device, choice, k
     from bench.dp import resolve_privacy
 
     config = BenchConfig.from_fields(
-        preset="t",
-        workloads=(),
-        methods=(),
-        batch_sizes=(),
-        devices=(),
-        rounds=1,
-        privacy=resolve_privacy(1.0, noise_multiplier=1.0),
-        attention=choice,
+        preset="t", rounds=1, privacy=resolve_privacy(1.0, noise_multiplier=1.0), attention=choice
     )
     record = run_case(CaseSpec("dit-tiny-cond", "bk", 4, device, checkpointing="blocks"), config, None)
     assert record.status == "ok", record.reason
