@@ -12,8 +12,8 @@ import dataclasses
 
 from bench.case.runner import run_case
 from bench.case.spec import CaseSpec
+from bench.config.sizes import size_text
 from bench.plan import maxbatch
-from bench.plan.overhead import size_text
 from bench.results.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
 
 

@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.config.sizes import parse_byte_size, size_text
+from bench.config.sizes import parse_byte_size, size_text  # size_text: re-exported for the reports' imports
 
 __all__ = [
     "DEFAULT_OVERHEAD",

@@ -13,7 +13,7 @@ import pytest
 
 from bench.config import options
 from bench.config.cli import pytest_bench_command
-from bench.plan.overhead import size_text
+from bench.config.sizes import size_text
 from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
 from reports.__main__ import main as reports_main
 from tests.bench.test_matrix import REPO, _bench, _env
