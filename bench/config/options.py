@@ -6,6 +6,10 @@ e.g. ``ERROR: argument --batch-sizes: batch size must be >= 1, got 0``, and the 
 the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/config/cli.py). Checks that need the
 registries (workload and method names, devices) happen once the values are typed, in
 :meth:`bench.config.settings.BenchConfig.from_pytest`.
+
+Each option is declared once, as an :class:`Option` (name, the ``BenchConfig`` section field it fills, parser,
+default, help) in :data:`OPTIONS`: pytest registers the declarations (:func:`add_bench_options`) and ``from_pytest``
+reads them back by field.
 """
 
 from __future__ import annotations

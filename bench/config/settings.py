@@ -1,8 +1,11 @@
-"""Bench settings: the presets and the typed :class:`BenchConfig` every case reads. Knows names, not measurement.
+"""Bench settings: the presets and the typed, nested :class:`BenchConfig` every case reads. Knows names, not
+measurement.
 
-A :class:`BenchConfig` is built once per pytest session by :meth:`BenchConfig.from_pytest` from the options
-registered in ``bench/config/options.py`` (typed there by their ``type=`` parsers; the checks that need the workload,
-method and device registries happen here).
+:class:`BenchConfig` has one frozen section per concern (matrix, step, measure, ranks, capacity, output). It is built
+once per pytest session by :meth:`BenchConfig.from_pytest` from the option declarations of
+``bench/config/options.py`` (:data:`~bench.config.options.OPTIONS`: each names the section field its value fills,
+typed there by its ``type=`` parser); the fallbacks to the preset and the checks that need the workload, method and
+device registries happen here.
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def _privacy(given: dict[str, Any]) -> PrivacyParams:
     from bench.config.options import check_names
 
     check_names("--accountant", [given["accountant"]], list(dp.ACCOUNTANTS))
-    return dp.resolve_privacy(given.pop("max_grad_norm"), **given)
+    return dp.resolve_privacy(**given)
 
 
 def _memory_cap(given: int | None) -> int | None:
