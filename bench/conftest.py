@@ -18,17 +18,19 @@ from typing import TYPE_CHECKING
 import pytest
 
 from bench.messages import did_you_mean
-from bench.results.files import ResultsWriter, ResultsWriterError
+from bench.results.files import RecordNotWrittenError, ResultsWriter, ResultsWriterError
 from bench.results.terminal import SessionSummary, quiet_known_warnings, set_table_defaults
 
 if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, after the options parsed
     from bench.case.spec import CaseSpec
     from bench.config.settings import BenchConfig
+    from bench.results.record import CaseRecord, MaxBatchRecord
 
 BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
 SESSION_START = pytest.StashKey[float]()
 RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
+RANKED_MATRIX = pytest.StashKey[bool]()  # whether some case of the matrix runs on many ranks
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,13 +38,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         bench_config = BenchConfig.from_pytest(config)
-        writer = ResultsWriter(bench_config.results_path)  # checks the file is writable before any case runs
+        writer = ResultsWriter(bench_config.output.results_path)  # checks the file is writable before any case runs
     except (BenchUsageError, ResultsWriterError) as exc:
         raise pytest.UsageError(str(exc)) from None
-    if bench_config.torch_threads is not None:
+    if bench_config.measure.torch_threads is not None:
         import torch
 
-        torch.set_num_threads(bench_config.torch_threads)
+        torch.set_num_threads(bench_config.measure.torch_threads)
     # Every case collects garbage at its boundaries; with torch and opacus imported, a full collection walks
     # hundreds of thousands of long-lived objects (~0.3 s each time). Move them out of the collector's way.
     gc.freeze()
@@ -61,9 +63,21 @@ def bench_cfg(pytestconfig) -> BenchConfig:
     return pytestconfig.stash[BENCH_CONFIG]
 
 
-@pytest.fixture(scope="session")
-def results_writer(pytestconfig) -> ResultsWriter:
-    return pytestconfig.stash[RESULTS_WRITER]
+@pytest.fixture
+def keep_result(pytestconfig):
+    """``keep_result(result, name, data)``: append the case's record (``data``: its ``to_dict()``, made once for
+    the benchmark JSON too) to the results file (a file that cannot take it fails the case), then fail the case
+    as ``name`` when its record is an error."""
+
+    def keep(result: CaseRecord | MaxBatchRecord, name: str, data: dict) -> None:
+        try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
+            pytestconfig.stash[RESULTS_WRITER].append(result, data)
+        except RecordNotWrittenError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        if result.status == "error":
+            pytest.fail(f"{name}: {result.reason}", pytrace=False)
+
+    return keep
 
 
 @pytest.fixture
@@ -86,40 +100,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
         specs = [
             CaseSpec(w, m, b, d, world_size, parallel, precision=p, checkpointing=c)
-            for w in cfg.workloads
-            for m in cfg.methods
-            for world_size, parallel in cfg.case_strategies()
-            for d in _devices_of(cfg.devices, world_size)
-            for p in cfg.precisions
-            for c in cfg.checkpointings
-            for b in sorted(cfg.batch_sizes)
-            if cfg.includes(m, b)
+            for w in cfg.matrix.workloads
+            for m in cfg.matrix.methods
+            for world_size, parallel in cfg.matrix.case_strategies()
+            for d in _devices_of(cfg.matrix.devices, world_size)
+            for p in cfg.matrix.precisions
+            for c in cfg.matrix.checkpointings
+            for b in sorted(cfg.matrix.batch_sizes)
+            if cfg.matrix.includes(m, b)
         ]
-        # Separate parameters, not one CaseSpec: pytest-benchmark writes them as separate keys of "params" (the
-        # training mode's two always, so results group by them; ids name only non-default modes). world_size and
-        # parallel only when some case has many ranks (they default to 1 and None).
-        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing"]
-        if any(s.world_size > 1 for s in specs):
-            names += ["world_size", "parallel"]
-        metafunc.parametrize(
-            ",".join(names),
-            [tuple(getattr(s, n) for n in names) for s in specs],
-            ids=[s.case_id for s in specs],
-        )
+        # One CaseSpec per case; test_dp_step writes its fields as the JSON's "params" (CaseSpec.params).
+        metafunc.parametrize("dp_case", specs, ids=[s.case_id for s in specs])
+        metafunc.config.stash[RANKED_MATRIX] = any(s.world_size > 1 for s in specs)
     elif "max_batch_case" in metafunc.fixturenames:
         cases = [
             CaseSpec(w, m, 0, d, precision=p, checkpointing=c)
-            for w in cfg.workloads
-            for m in cfg.methods
-            for d in cfg.devices
-            for p in cfg.precisions
-            for c in cfg.checkpointings
+            for w in cfg.matrix.workloads
+            for m in cfg.matrix.methods
+            for d in cfg.matrix.devices
+            for p in cfg.matrix.precisions
+            for c in cfg.matrix.checkpointings
         ]
-        metafunc.parametrize(
-            "workload,method,device,precision,checkpointing",
-            [(s.workload, s.method, s.device, s.precision, s.checkpointing) for s in cases],
-            ids=["-".join((s.workload, s.method, s.device, *s.mode.id_parts)) for s in cases],
-        )
+        ids = ["-".join((s.workload, s.method, s.device, *s.mode.id_parts)) for s in cases]
+        metafunc.parametrize("max_batch_case", cases, ids=ids)
 
 
 def _devices_of(devices: tuple[str, ...], world_size: int) -> list[str]:
@@ -132,60 +135,39 @@ def _devices_of(devices: tuple[str, ...], world_size: int) -> list[str]:
 
 
 @pytest.fixture
-def world_size() -> int:
-    return 1  # parametrized when the run has cases on many ranks
-
-
-@pytest.fixture
-def parallel() -> str | None:
-    return None
-
-
-@pytest.fixture
-def dp_case(workload, method, batch_size, device, world_size, parallel, precision, checkpointing) -> CaseSpec:
-    from bench.case.spec import CaseSpec
-
-    return CaseSpec(workload, method, batch_size, device, world_size, parallel, precision, checkpointing)
-
-
-@pytest.fixture
-def max_batch_case(workload, method, device) -> tuple[str, str, str]:
-    return workload, method, device
-
-
-@pytest.fixture
-def max_batch_mode(precision, checkpointing) -> tuple[str, str]:
-    """The training mode (precision, checkpointing) every probe of a max-batch search runs in."""
-    return precision, checkpointing
+def case_params(dp_case: CaseSpec, pytestconfig) -> dict[str, object]:
+    """``dp_case``'s ``params`` in pytest-benchmark's JSON: with world_size and parallel whenever some case of the
+    run has many ranks (every timed case then has them, so results group alike)."""
+    return dp_case.params(ranks=pytestconfig.stash[RANKED_MATRIX])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """`--max-batch` runs only the max-batch search; without it only the matrix runs (no skipped noise).
     A ``--snapshot`` case id that names no case of the matrix is a usage error, before anything runs."""
     cfg = config.stash[BENCH_CONFIG]
-    want = "max_batch_case" if cfg.max_batch else "dp_case"
+    want = "max_batch_case" if cfg.capacity.max_batch else "dp_case"
     deselected = [item for item in items if want not in getattr(item, "fixturenames", ())]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if want in getattr(item, "fixturenames", ())]
-    if cfg.snapshot_case not in (None, "all"):
+    if cfg.measure.snapshot_case not in (None, "all"):
         ids = [item.callspec.id for item in items if hasattr(item, "callspec")]
-        if cfg.snapshot_case not in ids:
-            hint = did_you_mean(cfg.snapshot_case, ids) or " (case ids look like dit-s-2-cond-bk-bs16-cuda:0)"
-            raise pytest.UsageError(f"--snapshot: no case of this run has id {cfg.snapshot_case!r}{hint}")
+        if cfg.measure.snapshot_case not in ids:
+            hint = did_you_mean(cfg.measure.snapshot_case, ids) or " (case ids look like dit-s-2-cond-bk-bs16-cuda:0)"
+            raise pytest.UsageError(f"--snapshot: no case of this run has id {cfg.measure.snapshot_case!r}{hint}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Options that meta cases ignore, said once at the top of the run (nothing fails because of them)."""
     cfg = config.stash.get(BENCH_CONFIG, None)
-    return [f"dpmem: {note}" for note in cfg.meta_notes] if cfg is not None else []
+    return [f"dpmem: {note}" for note in cfg.output.meta_notes] if cfg is not None else []
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from bench.system.machine import machine_info as dpmem_machine_info
 
     info = dpmem_machine_info()
-    label = config.stash[BENCH_CONFIG].runner_label
+    label = config.stash[BENCH_CONFIG].output.runner_label
     if label:
         info["runner_label"] = label
     machine_info["dpmem"] = info
@@ -207,7 +189,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return  # pytest-benchmark wrote it (with our untimed entries)
     from bench.system.machine import machine_info
 
-    label = config.stash[BENCH_CONFIG].runner_label
+    label = config.stash[BENCH_CONFIG].output.runner_label
     info = {**machine_info(), **({"runner_label": label} if label else {})}
     data = {"machine_info": {"dpmem": info}, "benchmarks": [], "dpmem_untimed": entries}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +198,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     cfg = config.stash.get(BENCH_CONFIG, None)
-    for note in cfg.meta_notes if cfg is not None else ():
+    for note in cfg.output.meta_notes if cfg is not None else ():
         terminalreporter.write_line(f"dpmem: {note}")
     writer = config.stash.get(RESULTS_WRITER, None)
     for index, line in enumerate(writer.summary() if writer is not None else ()):

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.config.cli import OneLineParser, run
+from bench.config.cli import OneLineParser, pytest_bench_command, run
 
 USAGE_ERROR = 2
 
@@ -127,20 +127,13 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def _child_command(child: Child, child_device: str, out: Path, pytest_args: list[str]) -> list[str]:
     name = f"gpu{child.position}"
-    return [
-        sys.executable,
-        "-m",
-        "pytest",
-        "bench/",
-        "-q",
-        "-p",
-        "no:cacheprovider",
+    return pytest_bench_command(
         "--devices",
         child_device,
         f"--benchmark-json={out / f'{name}.json'}",
         f"--results={out / f'{name}.jsonl'}",
         *pytest_args,
-    ]
+    )
 
 
 def _wait(running: list[tuple[Child, subprocess.Popen]], out: Path, poll_s: float) -> None:

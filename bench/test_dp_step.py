@@ -13,7 +13,6 @@ import pytest
 
 from bench.case.runner import run_case
 from bench.case.spec import CaseSpec, new_record
-from bench.results.files import RecordNotWrittenError
 from bench.trackers.timing import MIN_ROUND_S, benchmark_timer
 
 # (workload, method, device, precision, checkpointing, world size, strategy) -> smallest batch size that ran
@@ -26,7 +25,7 @@ _OOM_AT: dict[tuple[str, str, str, str, str, int, str | None], int] = {}
 # Harmless library chatter: Opacus' hooks on models whose inputs need no grad, and CPU autocast in functorch mode.
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
-def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record_untimed, pytestconfig):
+def test_dp_step(dp_case: CaseSpec, case_params, benchmark, bench_cfg, keep_result, record_untimed, pytestconfig):
     mode = (dp_case.precision, dp_case.checkpointing)
     key = (dp_case.workload, dp_case.method, dp_case.device, *mode, dp_case.world_size, dp_case.parallel)
     if key in _OOM_AT and dp_case.batch_size > _OOM_AT[key]:
@@ -35,22 +34,14 @@ def test_dp_step(dp_case: CaseSpec, benchmark, bench_cfg, results_writer, record
         record.status = "oom"
         record.reason = f"not run: batch {_OOM_AT[key]} already ran out of memory"
     else:
+        benchmark.params = case_params  # pytest-benchmark would write the parameter, one CaseSpec, as "params"
         min_round_s = max(MIN_ROUND_S, float(pytestconfig.getoption("benchmark_min_time")))
-        record = run_case(dp_case, bench_cfg, benchmark_timer(benchmark, bench_cfg.rounds, min_round_s))
+        record = run_case(dp_case, bench_cfg, benchmark_timer(benchmark, bench_cfg.measure.rounds, min_round_s))
         if record.status == "oom":
             _OOM_AT[key] = min(_OOM_AT.get(key, dp_case.batch_size), dp_case.batch_size)
 
     data = record.to_dict()  # once: the benchmark JSON (timed or not) and the results file share it
     benchmark.extra_info.update(data)
     if record.timing.rounds == 0 or dp_case.world_size > 1:  # many ranks time themselves, not pytest-benchmark
-        params = {"workload": dp_case.workload, "method": dp_case.method, "batch_size": dp_case.batch_size}
-        params |= {"precision": dp_case.precision, "checkpointing": dp_case.checkpointing}
-        if dp_case.world_size > 1:
-            params |= {"world_size": dp_case.world_size, "parallel": dp_case.parallel}
-        record_untimed({**params, "device": dp_case.device}, data)
-    try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
-        results_writer.append(record, data)
-    except RecordNotWrittenError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    if record.status == "error":
-        pytest.fail(f"{dp_case.case_id}: {record.reason}", pytrace=False)
+        record_untimed(dp_case.params(ranks=dp_case.world_size > 1), data)
+    keep_result(record, dp_case.case_id, data)

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from bench.case.runner import run_case
 from bench.case.spec import CaseSpec
+from bench.config.sizes import size_text
 from bench.plan import maxbatch
-from bench.plan.overhead import size_text
-from bench.results.files import RecordNotWrittenError
 from bench.results.record import HOST_OOM, BatchProbe, CaseRecord, MaxBatchRecord
 
 
-def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, results_writer, record_untimed):
+def test_max_batch(max_batch_case: CaseSpec, pytestconfig, bench_cfg, keep_result, record_untimed):
     cfg = bench_cfg
-    workload, method, device = max_batch_case
-    precision, checkpointing = max_batch_mode
+    workload, method, device = max_batch_case.workload, max_batch_case.method, max_batch_case.device
+    precision, checkpointing = max_batch_case.precision, max_batch_case.checkpointing
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
@@ -33,9 +30,7 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
                 reporter.write_line(f"[max-batch {workload} {method} {device}] {message}")
 
     records: list[CaseRecord] = []
-    probe = case_probe(
-        CaseSpec(workload, method, 1, device, precision=precision, checkpointing=checkpointing), cfg, records
-    )
+    probe = case_probe(max_batch_case, cfg, records)
     if device == "meta":
         result = meta_search(workload, method, cfg, probe, records, say)
     else:
@@ -46,19 +41,14 @@ def test_max_batch(max_batch_case, max_batch_mode, pytestconfig, bench_cfg, resu
             f"predicted {predicted or 'nothing (no fit)'}"
         )
     result.reason = result.reason or next((r.reason for r in records if r.status in ("unsupported", "error")), "")
-    result.device_name, result.runner_label = records[0].device_name, cfg.runner_label
+    result.device_name, result.runner_label = records[0].device_name, cfg.output.runner_label
     result.precision, result.checkpointing = precision, checkpointing
 
     params, data = {"workload": workload, "method": method, "device": device}, result.to_dict()
     record_untimed(
         {**params, "precision": precision, "checkpointing": checkpointing}, {"record_type": "max_batch", **data}
     )
-    try:  # after the benchmark JSON has the record: a results file that cannot take it loses nothing else
-        results_writer.append(result, data)
-    except RecordNotWrittenError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    if result.status == "error":
-        pytest.fail(f"max-batch {workload} {method} {device}: {result.reason}", pytrace=False)
+    keep_result(result, f"max-batch {workload} {method} {device}", data)
 
 
 def case_probe(spec: CaseSpec, cfg, records: list[CaseRecord]) -> maxbatch.Probe:
@@ -79,7 +69,7 @@ def case_probe(spec: CaseSpec, cfg, records: list[CaseRecord]) -> maxbatch.Probe
 def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBatchRecord:
     """cpu / cuda: grow and bisect until out of memory; fit; predict for every size less what is not the
     allocator's (CUDA: the NVML reading at case start)."""
-    max_ok, first_fail, probes = maxbatch.search(probe, cfg.max_batch_limit, say)
+    max_ok, first_fail, probes = maxbatch.search(probe, cfg.capacity.max_batch_limit, say)
     cuda = device.startswith("cuda")
     non_allocator = maxbatch.non_allocator_bytes([r.memory.nvml_baseline_bytes for r in records]) if cuda else None
     result = maxbatch.build_record(
@@ -90,8 +80,8 @@ def _device_search(workload, method, device, cfg, probe, records, say) -> MaxBat
         max_ok,
         first_fail,
         fit_metric="peak_reserved_bytes" if cuda else "peak_tensor_bytes",
-        memory_limit_bytes=cfg.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes,
-        predict_for=list(cfg.predict_memory_bytes),
+        memory_limit_bytes=cfg.measure.memory_cap_bytes if device == "cpu" else records[0].device_memory_bytes,
+        predict_for=list(cfg.capacity.predict_memory_bytes),
         capacity=lambda size: size - (non_allocator or 0),
     )
     result.non_allocator_bytes = non_allocator
@@ -109,7 +99,7 @@ def meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
         return result, dict(records[-1].memory.breakdown)
 
     answers, probes = maxbatch.search_budgets(
-        meta_probe, list(cfg.memory_budgets), cfg.overhead, cfg.max_batch_limit, say
+        meta_probe, list(cfg.capacity.memory_budgets), cfg.capacity.overhead, cfg.capacity.max_batch_limit, say
     )
     ok = [p.batch_size for p in probes if p.status == "ok"]
     largest = max(ok, default=None)
@@ -122,12 +112,15 @@ def meta_search(workload, method, cfg, probe, records, say) -> MaxBatchRecord:
         min((a.first_failing_batch for a in answers if a.first_failing_batch), default=None),
         fit_metric="peak_tensor_bytes",
         memory_limit_bytes=None,
-        predict_for=list(cfg.predict_memory_bytes),
-        capacity=cfg.overhead.tensor_capacity,
+        predict_for=list(cfg.capacity.predict_memory_bytes),
+        capacity=cfg.capacity.overhead.tensor_capacity,
     )
-    result.measurement, result.attention, result.budgets = "predicted", cfg.attention, answers
-    result.overhead_fixed_bytes, result.overhead_fraction = cfg.overhead.fixed_bytes, cfg.overhead.fraction
-    result.overhead_source = cfg.overhead.source
+    result.measurement, result.attention, result.budgets = "predicted", cfg.step.attention, answers
+    result.overhead_fixed_bytes, result.overhead_fraction = (
+        cfg.capacity.overhead.fixed_bytes,
+        cfg.capacity.overhead.fraction,
+    )
+    result.overhead_source = cfg.capacity.overhead.source
     host_oom = next((r for r in records if r.status == "oom"), None)
     if host_oom is not None:
         result.reason = f"host memory limit at batch {host_oom.batch_size}: {host_oom.reason}"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.config.cli import pytest_bench_command
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "gpu-bench.yml"
 # Characters actions/upload-artifact v4 refuses in a file path.
@@ -107,7 +109,7 @@ def test_bench_runs_the_venvs_pytest_as_a_module_on_one_gpu():
 
 def test_workflow_pytest_commands_name_real_paths_and_options():
     help_text = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--help", "-p", "no:cacheprovider"],
+        pytest_bench_command("--help"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -188,13 +190,15 @@ def test_snapshot_file_names_are_valid_artifact_paths(tmp_path):
     from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
 
-    config = BenchConfig("gpu-small", (), (), (), (), 1, resolve_privacy(1.0), snapshot_dir="results/snapshots")
+    config = BenchConfig.from_fields(
+        preset="gpu-small", rounds=1, privacy=resolve_privacy(1.0), snapshot_dir="results/snapshots"
+    )
     spec = CaseSpec("gpt2-large:seq_len=128", "bk", 16, "cuda:0")
     path = snapshot_path(config, spec)
     assert path == "results/snapshots/gpt2-large_seq_len=128-bk-bs16-cuda_0.pickle"
     assert not set(path) & ARTIFACT_FORBIDDEN
     uploads = [s for s in _workflow()["jobs"]["bench"]["steps"] if "upload-artifact" in str(s.get("uses", ""))]
-    assert uploads[0]["with"]["path"] == "results/" and config.snapshot_dir.startswith("results/")
+    assert uploads[0]["with"]["path"] == "results/" and config.measure.snapshot_dir.startswith("results/")
 
 
 # ---------------------------------------------------------------------------------------------------------------

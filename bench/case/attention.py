@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.config.options import ATTENTION_CHOICES
 from models.checkpointing import also_in_recompute
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
     "attention_in_forward",
     "cuda_auto_kernel",
 ]
-
-ATTENTION_CHOICES = ("auto", "math", "efficient", "flash", "cudnn")
 
 _aten = torch.ops.aten
 # The fused op each kernel name stands for, per device type (math has none: it is a decomposition).

@@ -67,7 +67,7 @@ _UNSAFE_IN_FILE_NAMES = re.compile(r'[":<>|*?\\/\s]')
 def snapshot_path(config: BenchConfig, spec: CaseSpec) -> str:
     """Where ``--snapshot`` writes this case's allocator snapshot: the case id with ``:`` (``cuda:0``, workload
     specs) and other characters CI artifact uploads refuse replaced by ``_``; the record names the case."""
-    return f"{config.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
+    return f"{config.measure.snapshot_dir}/{_UNSAFE_IN_FILE_NAMES.sub('_', spec.case_id)}.pickle"
 
 
 def sync(device: torch.device) -> None:
@@ -103,7 +103,7 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torc
 
 def memory_cap_for(device: torch.device, config: BenchConfig) -> int | None:
     """The live-tensor-byte cap of a case: ``--memory-cap`` on CPU; none on a GPU (its capacity decides) or meta."""
-    return config.memory_cap_bytes if device.type == "cpu" else None
+    return config.measure.memory_cap_bytes if device.type == "cpu" else None
 
 
 def warm_up(
@@ -149,7 +149,7 @@ class _AttentionRun:
 
     def __init__(self, step, batch, config: BenchConfig, device: torch.device):
         self.step, self.batch, self.device = step, batch, device
-        self.choice, self.sm = config.attention, config.attention_sm
+        self.choice, self.sm = config.step.attention, config.step.attention_sm
         self.kernels: set[str] = set()
 
     def __call__(self, mark: PhaseMarker = no_mark, observe: bool = False):
@@ -166,9 +166,9 @@ def _new_step(method: str, spec: CaseSpec, config: BenchConfig, workload, model,
         method,
         workload,
         model,
-        privacy=config.privacy,
+        privacy=config.step.privacy,
         batch_size=spec.batch_size,
-        optimizer=config.optimizer,
+        optimizer=config.step.optimizer,
         noise_generator=noise_generator,
         mode=spec.mode,
     )
@@ -192,7 +192,7 @@ class _NonDPReference:
             model = self.workload.build_model(device)
             dp.prepare_model(model, self.workload, spec.mode, device)
             self.step = _new_step(BASELINE_METHOD, spec, config, self.workload, model, None)
-            set_optimizer_impl(self.step.optimizer, config.optimizer_impl, device)
+            set_optimizer_impl(self.step.optimizer, config.step.optimizer_impl, device)
             run = _AttentionRun(self.step, self.batch, config, device)
             start = time.perf_counter()
             run()  # the warm-up: optimizer state, allocator pools
@@ -218,10 +218,10 @@ def _what_ranks_cannot_run(spec: CaseSpec, config: BenchConfig) -> str | None:
     case anyway would measure something other than what was asked."""
     if spec.mode != dp.DEFAULT_MODE:
         return f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
-    if config.attention != "auto" or config.optimizer_impl != "auto":
+    if config.step.attention != "auto" or config.step.optimizer_impl != "auto":
         return (
-            f"--attention {config.attention} --optimizer-impl {config.optimizer_impl}: cases on many ranks run "
-            "torch's own attention kernel and optimizer implementation only (auto)"
+            f"--attention {config.step.attention} --optimizer-impl {config.step.optimizer_impl}: cases on many ranks "
+            "run torch's own attention kernel and optimizer implementation only (auto)"
         )
     return None
 
@@ -247,7 +247,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         case.facts,
         outcome,
         notes,
-        attention=config.attention,
+        attention=config.step.attention,
         attention_kernels=case.kernels,
         measurement=case.measurement,
     )
@@ -370,7 +370,7 @@ class _DeviceCase:
         return self.workload.build_model(self.device)
 
     def _noise_generator(self) -> torch.Generator | None:
-        return torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        return torch.Generator(device=self.device).manual_seed(self.config.step.seed + 1)
 
     def build(self) -> None:
         spec, config, workload, device, facts = self.spec, self.config, self.workload, self.device, self.facts
@@ -380,10 +380,10 @@ class _DeviceCase:
         check_workload_contract(workload, model, next(model.parameters()).device)
         dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
         facts.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.step.seed)
         self.batch = workload.make_batch(spec.batch_size, generator=generator, device=device)
         self.step = _new_step(spec.method, spec, config, workload, model, self._noise_generator())
-        facts.optimizer_impl = set_optimizer_impl(self.step.optimizer, config.optimizer_impl, device)
+        facts.optimizer_impl = set_optimizer_impl(self.step.optimizer, config.step.optimizer_impl, device)
         self.run = _AttentionRun(self.step, self.batch, config, device)
 
     def warm_up(self) -> float:
@@ -391,12 +391,12 @@ class _DeviceCase:
 
     def measure(self, nvml_baseline_bytes: int | None, notes: list[str]) -> StepMemory:
         config, spec, device = self.config, self.spec, self.device
-        snapshot = config.snapshot_case in (spec.case_id, "all")
+        snapshot = config.measure.snapshot_case in (spec.case_id, "all")
         sources = StepSources(
             device,
             model=self.step.model,
             optimizer=self.step.optimizer,
-            sample_interval_s=config.sample_interval_s,
+            sample_interval_s=config.measure.sample_interval_s,
             nvml_baseline_bytes=nvml_baseline_bytes,
             snapshot_path=snapshot_path(config, spec) if snapshot else None,
             memory_cap_bytes=memory_cap_for(device, config),
@@ -433,7 +433,7 @@ class _MetaCase(_DeviceCase):
         self.op_cache = MetaOpCache()
         self.first_notes = (
             "meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS",
-            *config.meta_notes,
+            *config.output.meta_notes,
         )
 
     def context(self) -> AbstractContextManager:

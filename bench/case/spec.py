@@ -43,10 +43,16 @@ class CaseSpec:
         parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
         return "-".join(parts)
 
+    def params(self, ranks: bool) -> dict[str, object]:
+        """The case's ``params`` in the benchmark JSON: the training mode's keys always (results group by them),
+        the ranks' (``world_size``, ``parallel``) when ``ranks``."""
+        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing"]
+        return {name: getattr(self, name) for name in names + (["world_size", "parallel"] if ranks else [])}
+
 
 def new_record(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The record of ``spec`` before anything ran: the case, its privacy settings and the device's facts."""
-    return case_record(spec, config.privacy, config.optimizer, config.runner_label)
+    return case_record(spec, config.step.privacy, config.step.optimizer, config.output.runner_label)
 
 
 def case_record(spec: CaseSpec, privacy, optimizer: str, runner_label: str | None, device=None) -> CaseRecord:

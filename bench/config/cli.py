@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-__all__ = ["INTERRUPTED", "USAGE_ERROR", "OneLineParser", "run", "usage_error"]
+__all__ = ["INTERRUPTED", "USAGE_ERROR", "OneLineParser", "pytest_bench_command", "run", "usage_error"]
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT
@@ -45,3 +45,8 @@ def run(main: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def pytest_bench_command(*args: str) -> list[str]:
+    """The command line of ``pytest bench/`` in a child process (quiet, no cache directory), then ``args``."""
+    return [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", *args]

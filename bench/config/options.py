@@ -6,6 +6,10 @@ e.g. ``ERROR: argument --batch-sizes: batch size must be >= 1, got 0``, and the 
 the parsers as ``PROG: error: argument --batch-size: ...`` (exit 2; bench/config/cli.py). Checks that need the
 registries (workload and method names, devices) happen once the values are typed, in
 :meth:`bench.config.settings.BenchConfig.from_pytest`.
+
+Each option is declared once, as an :class:`Option` (name, the ``BenchConfig`` section field it fills, parser,
+default, help) in :data:`OPTIONS`: pytest registers the declarations (:func:`add_bench_options`) and ``from_pytest``
+reads them back by field.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from typing import Any
 from bench.config.sizes import parse_byte_size
 from bench.messages import did_you_mean
 from bench.plan.overhead import parse_overhead
+from bench.results.record import PARALLEL_STRATEGIES
 
 __all__ = [
     "ATTENTION_CHOICES",
     "OPTIMIZER_IMPLS",
+    "OPTIONS",
+    "Option",
     "add_bench_options",
     "attention_choice",
     "batch_sizes",
@@ -124,8 +131,9 @@ def parallel_strategies(text: str) -> tuple[str, ...]:
     """``"ddp,fsdp"``: the data-parallel strategies of the cases with a world size > 1."""
     items = comma_list(text)
     for item in items:
-        if item not in ("ddp", "fsdp"):
-            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, ('ddp', 'fsdp'))}; valid: ddp, fsdp")
+        if item not in PARALLEL_STRATEGIES:
+            valid = ", ".join(PARALLEL_STRATEGIES)
+            raise BadValue(f"unknown strategy {item!r}{did_you_mean(item, PARALLEL_STRATEGIES)}; valid: {valid}")
     return items
 
 
@@ -217,6 +225,30 @@ def check_names(option: str, names: Sequence[str], valid: Sequence[str]) -> None
 
 
 @dataclass(frozen=True)
+class Option:
+    """One option of ``pytest bench/``, declared once: pytest registers it from this, and
+    :meth:`bench.config.settings.BenchConfig.from_pytest` puts its parsed value at ``field``."""
+
+    name: str  # e.g. "--batch-sizes"
+    # "section.field": a BenchConfig section and its field ("matrix.batch_sizes"), or an input its section is resolved
+    # from ("privacy.*": the PrivacyParams, "overhead.*": the overhead model); None: read only by a check
+    field: str | None
+    help: str
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+    action: str | None = None
+    metavar: str | None = None
+
+    def register(self, group) -> None:
+        """Add the option to pytest's option ``group``; a value ``type`` refuses is kept as a :class:`RefusedValue`."""
+        given = {"default": self.default, "action": self.action, "metavar": self.metavar}
+        kwargs = {key: value for key, value in given.items() if value is not None}
+        if self.type is not None:
+            kwargs["type"] = _refused_later(self.name, self.type)
+        group.addoption(self.name, help=self.help, **kwargs)
+
+
+@dataclass(frozen=True)
 class RefusedValue:
     """An option value its ``type=`` parser refused, kept as the parsed value for :func:`refused_option`."""
 
@@ -241,173 +273,265 @@ def refused_option(values: Iterable[Any]) -> str | None:
     return next((value.message for value in values if isinstance(value, RefusedValue)), None)
 
 
+# Options of the case matrix: what runs (workloads, methods, batch sizes, devices, modes).
+_MATRIX_OPTIONS = (
+    Option(
+        "--preset",
+        "matrix.preset",
+        help="case matrix preset: cpu-smoke, gpu-small, gpu-full, paper (default: gpu-small with a GPU; cpu-smoke)",
+    ),
+    Option("--workloads", "matrix.workloads", type=comma_list, help="comma list of workloads (replaces the preset's)"),
+    Option("--methods", "matrix.methods", type=comma_list, help="comma list of DP methods (replaces the preset's)"),
+    Option(
+        "--batch-sizes",
+        "matrix.batch_sizes",
+        type=batch_sizes,
+        help="comma list of batch sizes (replaces the preset's)",
+    ),
+    Option(
+        "--devices",
+        "matrix.devices",
+        type=comma_list,
+        help="comma list of devices, e.g. cuda:0,cuda:1, cpu, or meta (predicted tensor bytes, nothing allocated) "
+        "(default: the preset's, else every GPU, else cpu)",
+    ),
+    Option(
+        "--precision",
+        "matrix.precisions",
+        type=comma_list,
+        help="comma list of precisions: fp32, amp-bf16 (autocast, fp32 weights), amp-fp16 (autocast + GradScaler), "
+        "bf16 (bf16 weights, gradients, optimizer state) (replaces the preset's)",
+    ),
+    Option(
+        "--checkpointing",
+        "matrix.checkpointings",
+        type=comma_list,
+        help="comma list: none, blocks (activation checkpointing of every transformer block) (replaces the preset's)",
+    ),
+    Option(
+        "--workload-module",
+        "matrix.workload_modules",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE, which registers workloads with models.register_workload (repeatable)",
+    ),
+)
+
+
+# Options of how a step runs: privacy, optimizer, attention kernel.
+_STEP_OPTIONS = (
+    Option(
+        "--target-epsilon",
+        "privacy.target_epsilon",
+        type=positive_float,
+        help="resolve the noise multiplier for this ε (Opacus accountant)",
+    ),
+    Option(
+        "--target-delta",
+        "privacy.target_delta",
+        type=unit_interval,
+        default=1e-5,
+        help="δ of the privacy guarantee (default 1e-5)",
+    ),
+    Option(
+        "--noise-multiplier",
+        "privacy.noise_multiplier",
+        type=non_negative_float,
+        help="noise multiplier σ (default 1.0 unless --target-epsilon)",
+    ),
+    Option("--accountant", "privacy.accountant", default="prv", help="Opacus accountant: prv, rdp, gdp (default prv)"),
+    Option(
+        "--sample-rate",
+        "privacy.sample_rate",
+        type=unit_interval,
+        default=0.01,
+        help="Poisson sampling rate q for the accountant (0.01)",
+    ),
+    Option(
+        "--privacy-steps",
+        "privacy.steps",
+        type=positive_int,
+        default=1000,
+        help="training steps the guarantee covers (default 1000)",
+    ),
+    Option(
+        "--max-grad-norm",
+        "privacy.max_grad_norm",
+        type=clip_norm,
+        default=1.0,
+        help="per-sample clipping norm C (default 1.0)",
+    ),
+    Option("--optimizer", "step.optimizer", default="adamw", help="adamw (default), adam or sgd"),
+    Option(
+        "--optimizer-impl",
+        "step.optimizer_impl",
+        type=optimizer_impl,
+        default="auto",
+        help="torch.optim implementation: auto (torch's default for the device; foreach on cuda and meta, the "
+        "per-parameter loop on cpu), foreach or for-loop",
+    ),
+    Option(
+        "--attention",
+        "step.attention",
+        type=attention_choice,
+        default="auto",
+        help="scaled-dot-product-attention kernel: auto (torch's choice; on meta what CUDA would pick: efficient for "
+        "fp32, flash for fp16/bf16), math, efficient, flash or cudnn",
+    ),
+)
+
+
+# Options of timing, memory sources and where results go.
+_MEASUREMENT_OPTIONS = (
+    Option(
+        "--sample-interval",
+        "measure.sample_interval_s",
+        type=sample_interval,
+        default=0.001,
+        help="NVML/RSS sampling interval, s (default 0.001)",
+    ),
+    Option("--rounds", "measure.rounds", type=positive_int, help="timed rounds per case (default: the preset's)"),
+    Option(
+        "--torch-threads",
+        "measure.torch_threads",
+        type=positive_int,
+        help="pin torch's intra-op CPU threads for the run (default: torch's choice; recorded either way)",
+    ),
+    Option(
+        "--memory-cap",
+        "measure.memory_cap_bytes",
+        type=byte_size,
+        help="CPU only: live tensor bytes above this are an OOM, e.g. 8GiB (default: 75%% of RAM)",
+    ),
+    Option(
+        "--results",
+        "output.results_path",
+        help="JSON-lines file each finished case is appended to (default: results/dpmem-<time>.jsonl)",
+    ),
+    Option(
+        "--snapshot",
+        "measure.snapshot_case",
+        metavar="CASE_ID",
+        help="export a CUDA memory snapshot for this case id (e.g. dit-s-2-cond-bk-bs16-cuda:0) into --snapshot-dir",
+    ),
+    Option(
+        "--snapshot-dir",
+        "measure.snapshot_dir",
+        default="results/snapshots",
+        help="where --snapshot writes (default results/snapshots)",
+    ),
+    Option(
+        "--runner-label", "output.runner_label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)"
+    ),
+    Option("--seed", "step.seed", type=seed, default=0, help="seed of batches and DP noise, 0 … 2**64 - 2 (default 0)"),
+)
+
+
+# Options of cases on many ranks (torchrun).
+_RANKS_OPTIONS = (
+    Option(
+        "--world-sizes",
+        "matrix.world_sizes",
+        type=world_sizes,
+        help="comma list of ranks per case, e.g. 1,2,8 (default 1); a case with more is launched by torchrun, "
+        "batch sizes are global (split evenly over the ranks)",
+    ),
+    Option(
+        "--parallel",
+        "matrix.parallel",
+        type=parallel_strategies,
+        help="strategies of the cases with world size > 1: ddp, fsdp (default both)",
+    ),
+    Option(
+        "--rank-timeout",
+        "ranks.rank_timeout_s",
+        type=positive_float,
+        default=900.0,
+        help="seconds a many-rank case may take before its ranks are killed and it is an error (default 900)",
+    ),
+    Option(
+        "--nnodes",
+        "ranks.nnodes",
+        type=positive_int,
+        default=1,
+        help="nodes a many-rank case spans (torchrun --nnodes; default 1)",
+    ),
+    Option(
+        "--rdzv-endpoint",
+        "ranks.rdzv_endpoint",
+        type=rendezvous_endpoint,
+        help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
+    ),
+    Option(
+        "--oversubscribe",
+        None,
+        action="store_true",
+        help="run more CPU ranks per node than the node has cores (refused otherwise)",
+    ),
+)
+
+
+# Options of the max-batch search and memory budgets.
+_MAX_BATCH_OPTIONS = (
+    Option(
+        "--max-batch",
+        "capacity.max_batch",
+        action="store_true",
+        help="max-batch mode: per workload × method × device, find the largest batch that fits (doubling, then "
+        "bisection) and fit peak(B) = fixed + per_sample·B",
+    ),
+    Option(
+        "--max-batch-limit",
+        "capacity.max_batch_limit",
+        type=positive_int,
+        default=4096,
+        help="largest batch size the max-batch search tries",
+    ),
+    Option(
+        "--memory-budget",
+        "capacity.memory_budgets",
+        type=byte_sizes,
+        help="meta max-batch: memory sizes to find the exact largest batch for, e.g. 24GiB,40GiB,80GiB,141GiB "
+        "(default: those four)",
+    ),
+    Option(
+        "--budget-overhead",
+        "overhead.given",
+        type=overhead_model,
+        help="memory a GPU needs beyond tensor bytes, FIXED+PERCENT of tensor bytes (default 1GiB+10%%; see "
+        "bench/plan/overhead.py)",
+    ),
+    Option(
+        "--calibrate",
+        "overhead.calibration_files",
+        type=comma_list,
+        metavar="FILES",
+        help="fit --budget-overhead from real GPU results (comma list of .json/.jsonl result files)",
+    ),
+    Option(
+        "--calibrate-gpu",
+        "overhead.gpu",
+        metavar="NAME",
+        help="with --calibrate: the GPU model to use (substring of its name)",
+    ),
+    Option(
+        "--predict-memory",
+        "capacity.predict_memory_bytes",
+        type=byte_sizes,
+        default=byte_sizes("16GiB,24GiB,40GiB,80GiB,141GiB"),
+        help="memory sizes the max-batch fit predicts a max batch for (comma list)",
+    ),
+)
+
+
+OPTIONS = (*_MATRIX_OPTIONS, *_STEP_OPTIONS, *_MEASUREMENT_OPTIONS, *_RANKS_OPTIONS, *_MAX_BATCH_OPTIONS)
+
+
 def add_bench_options(parser) -> None:
     """Register every option of ``pytest bench/`` (called by the root conftest's ``pytest_addoption``). A value a
     ``type=`` parser refuses becomes a :class:`RefusedValue`, which the root conftest's ``pytest_configure``
     raises as a one-line ``pytest.UsageError`` (``ERROR: argument --batch-sizes: ...``, exit 4)."""
     group = parser.getgroup("dpmem", "dpmem benchmark matrix (see docs/running.md: options and presets)")
-
-    def add(name: str, **kwargs: Any) -> None:
-        if "type" in kwargs:
-            kwargs["type"] = _refused_later(name, kwargs["type"])
-        group.addoption(name, **kwargs)
-
-    _matrix_options(add)
-    _step_options(add)
-    _measurement_options(add)
-    _ranks_options(add)
-    _max_batch_options(add)
-
-
-def _matrix_options(add) -> None:
-    """Options of the case matrix: what runs (workloads, methods, batch sizes, devices, modes)."""
-    add(
-        "--preset",
-        help="case matrix preset: cpu-smoke, gpu-small, gpu-full, paper (default: gpu-small with a GPU; cpu-smoke)",
-    )
-    add("--workloads", type=comma_list, help="comma list of workloads (replaces the preset's)")
-    add("--methods", type=comma_list, help="comma list of DP methods (replaces the preset's)")
-    add("--batch-sizes", type=batch_sizes, help="comma list of batch sizes (replaces the preset's)")
-    add(
-        "--devices",
-        type=comma_list,
-        help="comma list of devices, e.g. cuda:0,cuda:1, cpu, or meta (predicted tensor bytes, nothing allocated) "
-        "(default: the preset's, else every GPU, else cpu)",
-    )
-    add(
-        "--precision",
-        type=comma_list,
-        help="comma list of precisions: fp32, amp-bf16 (autocast, fp32 weights), amp-fp16 (autocast + GradScaler), "
-        "bf16 (bf16 weights, gradients, optimizer state) (replaces the preset's)",
-    )
-    add(
-        "--checkpointing",
-        type=comma_list,
-        help="comma list: none, blocks (activation checkpointing of every transformer block) (replaces the preset's)",
-    )
-    add(
-        "--workload-module",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE, which registers workloads with models.register_workload (repeatable)",
-    )
-
-
-def _step_options(add) -> None:
-    """Options of how a step runs: privacy, optimizer, attention kernel."""
-    add("--target-epsilon", type=positive_float, help="resolve the noise multiplier for this ε (Opacus accountant)")
-    add("--target-delta", type=unit_interval, default=1e-5, help="δ of the privacy guarantee (default 1e-5)")
-    add("--noise-multiplier", type=non_negative_float, help="noise multiplier σ (default 1.0 unless --target-epsilon)")
-    add("--accountant", default="prv", help="Opacus accountant: prv, rdp, gdp (default prv)")
-    add("--sample-rate", type=unit_interval, default=0.01, help="Poisson sampling rate q for the accountant (0.01)")
-    add("--privacy-steps", type=positive_int, default=1000, help="training steps the guarantee covers (default 1000)")
-    add("--max-grad-norm", type=clip_norm, default=1.0, help="per-sample clipping norm C (default 1.0)")
-    add("--optimizer", default="adamw", help="adamw (default), adam or sgd")
-    add(
-        "--optimizer-impl",
-        type=optimizer_impl,
-        default="auto",
-        help="torch.optim implementation: auto (torch's default for the device; foreach on cuda and meta, the "
-        "per-parameter loop on cpu), foreach or for-loop",
-    )
-    add(
-        "--attention",
-        type=attention_choice,
-        default="auto",
-        help="scaled-dot-product-attention kernel: auto (torch's choice; on meta what CUDA would pick: efficient for "
-        "fp32, flash for fp16/bf16), math, efficient, flash or cudnn",
-    )
-
-
-def _measurement_options(add) -> None:
-    """Options of timing, memory sources and where results go."""
-    add("--sample-interval", type=sample_interval, default=0.001, help="NVML/RSS sampling interval, s (default 0.001)")
-    add("--rounds", type=positive_int, help="timed rounds per case (default: the preset's)")
-    add(
-        "--torch-threads",
-        type=positive_int,
-        help="pin torch's intra-op CPU threads for the run (default: torch's choice; recorded either way)",
-    )
-    add(
-        "--memory-cap",
-        type=byte_size,
-        help="CPU only: live tensor bytes above this are an OOM, e.g. 8GiB (default: 75%% of RAM)",
-    )
-    add("--results", help="JSON-lines file each finished case is appended to (default: results/dpmem-<time>.jsonl)")
-    add(
-        "--snapshot",
-        metavar="CASE_ID",
-        help="export a CUDA memory snapshot for this case id (e.g. dit-s-2-cond-bk-bs16-cuda:0) into --snapshot-dir",
-    )
-    add("--snapshot-dir", default="results/snapshots", help="where --snapshot writes (default results/snapshots)")
-    add("--runner-label", help="label of this machine in results (default: $DPMEM_RUNNER_LABEL)")
-    add("--seed", type=seed, default=0, help="seed of batches and DP noise, 0 … 2**64 - 2 (default 0)")
-
-
-def _ranks_options(add) -> None:
-    """Options of cases on many ranks (torchrun)."""
-    add(
-        "--world-sizes",
-        type=world_sizes,
-        help="comma list of ranks per case, e.g. 1,2,8 (default 1); a case with more is launched by torchrun, "
-        "batch sizes are global (split evenly over the ranks)",
-    )
-    add(
-        "--parallel",
-        type=parallel_strategies,
-        help="strategies of the cases with world size > 1: ddp, fsdp (default both)",
-    )
-    add(
-        "--rank-timeout",
-        type=positive_float,
-        default=900.0,
-        help="seconds a many-rank case may take before its ranks are killed and it is an error (default 900)",
-    )
-    add("--nnodes", type=positive_int, default=1, help="nodes a many-rank case spans (torchrun --nnodes; default 1)")
-    add(
-        "--rdzv-endpoint",
-        type=rendezvous_endpoint,
-        help="HOST:PORT of torchrun's c10d rendezvous when --nnodes > 1 (the same on every node)",
-    )
-    add(
-        "--oversubscribe",
-        action="store_true",
-        help="run more CPU ranks per node than the node has cores (refused otherwise)",
-    )
-
-
-def _max_batch_options(add) -> None:
-    """Options of the max-batch search and memory budgets."""
-    add(
-        "--max-batch",
-        action="store_true",
-        help="max-batch mode: per workload × method × device, find the largest batch that fits (doubling, then "
-        "bisection) and fit peak(B) = fixed + per_sample·B",
-    )
-    add("--max-batch-limit", type=positive_int, default=4096, help="largest batch size the max-batch search tries")
-    add(
-        "--memory-budget",
-        type=byte_sizes,
-        help="meta max-batch: memory sizes to find the exact largest batch for, e.g. 24GiB,40GiB,80GiB,141GiB "
-        "(default: those four)",
-    )
-    add(
-        "--budget-overhead",
-        type=overhead_model,
-        help="memory a GPU needs beyond tensor bytes, FIXED+PERCENT of tensor bytes (default 1GiB+10%%; see "
-        "bench/plan/overhead.py)",
-    )
-    add(
-        "--calibrate",
-        type=comma_list,
-        metavar="FILES",
-        help="fit --budget-overhead from real GPU results (comma list of .json/.jsonl result files)",
-    )
-    add("--calibrate-gpu", metavar="NAME", help="with --calibrate: the GPU model to use (substring of its name)")
-    add(
-        "--predict-memory",
-        type=byte_sizes,
-        default=byte_sizes("16GiB,24GiB,40GiB,80GiB,141GiB"),
-        help="memory sizes the max-batch fit predicts a max batch for (comma list)",
-    )
+    for option in OPTIONS:
+        option.register(group)

@@ -1,16 +1,20 @@
-"""Bench settings: the presets and the typed :class:`BenchConfig` every case reads. Knows names, not measurement.
+"""Bench settings: the presets and the typed, nested :class:`BenchConfig` every case reads. Knows names, not
+measurement.
 
-A :class:`BenchConfig` is built once per pytest session by :meth:`BenchConfig.from_pytest` from the options
-registered in ``bench/config/options.py`` (typed there by their ``type=`` parsers; the checks that need the workload,
-method and device registries happen here).
+:class:`BenchConfig` has one frozen section per concern (matrix, step, measure, ranks, capacity, output). It is built
+once per pytest session by :meth:`BenchConfig.from_pytest` from the option declarations of
+``bench/config/options.py`` (:data:`~bench.config.options.OPTIONS`: each names the section field its value fills,
+typed there by its ``type=`` parser); the fallbacks to the preset and the checks that need the workload, method and
+device registries happen here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
-from collections.abc import Callable
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +22,7 @@ import torch
 
 from bench.plan.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
 from bench.results.files import ResultFileError, read_result_file
+from bench.results.record import PARALLEL_STRATEGIES
 from bench.trackers.contention import available_cpu_cores
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
@@ -76,6 +81,17 @@ _PAPER_WORKLOADS = (
 # paper-preset cases stop at 16 (docs/meta-and-planner.md, "Paper-scale answers without a GPU").
 PAPER_MICROBATCH_CAP = 16
 
+# paper-size DiT-S/B/L/XL-2 (256 px, cond + uncond), DiT-XL/2 512 px, gpt2(-medium) tied + untied; batch 1..256
+# by ×4 until OOM; fp32, amp-bf16 and bf16, with and without activation checkpointing (the default with a GPU)
+_GPU_SMALL = Preset(
+    _GPU_WORKLOADS,
+    None,
+    (1, 4, 16, 64, 256),
+    rounds=5,
+    precisions=("fp32", "amp-bf16", "bf16"),
+    checkpointings=("none", "blocks"),
+)
+
 PRESETS: dict[str, Preset] = {
     # tiny workloads, every method, two batch sizes, fp32 and amp-bf16, with and without activation
     # checkpointing (the default without a GPU)
@@ -87,26 +103,9 @@ PRESETS: dict[str, Preset] = {
         precisions=("fp32", "amp-bf16"),
         checkpointings=("none", "blocks"),
     ),
-    # paper-size DiT-S/B/L/XL-2 (256 px, cond + uncond), DiT-XL/2 512 px, gpt2(-medium) tied + untied;
-    # batch 1..256 by ×4 until OOM; fp32, amp-bf16 and bf16, with and without activation checkpointing
-    # (the default with a GPU)
-    "gpu-small": Preset(
-        _GPU_WORKLOADS,
-        None,
-        (1, 4, 16, 64, 256),
-        rounds=5,
-        precisions=("fp32", "amp-bf16", "bf16"),
-        checkpointings=("none", "blocks"),
-    ),
+    "gpu-small": _GPU_SMALL,
     # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
-    "gpu-full": Preset(
-        _GPU_WORKLOADS,
-        None,
-        tuple(2**i for i in range(11)),
-        rounds=10,
-        precisions=("fp32", "amp-bf16", "bf16"),
-        checkpointings=("none", "blocks"),
-    ),
+    "gpu-full": dataclasses.replace(_GPU_SMALL, batch_sizes=tuple(2**i for i in range(11)), rounds=10),
     # paper-size models on the meta device (predicted tensor bytes, nothing allocated): DiT-S/B/L/XL-2 cond and
     # uncond at 256 px, DiT-XL/2 at 512 px, GPT-2 S/M/L/XL tied and untied; every method, batch 1..256 by ×4
     "paper": Preset(
@@ -140,44 +139,20 @@ def default_preset() -> str:
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """Every setting a case needs. Lists are the *resolved* matrix (preset narrowed by explicit options)."""
+class MatrixSettings:
+    """What runs: the *resolved* matrix (the preset narrowed by explicit options)."""
 
     preset: str
-    workloads: tuple[str, ...]
-    methods: tuple[str, ...]
-    batch_sizes: tuple[int, ...]
-    devices: tuple[str, ...]
-    rounds: int
-    privacy: PrivacyParams  # clip norm, σ, ε, δ, accountant, sample rate, steps: resolved once per session
-    sample_interval_s: float = 0.001
-    optimizer: str = "adamw"
-    memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
-    snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
-    snapshot_dir: str = "results/snapshots"
-    results_path: str = "results/dpmem.jsonl"
-    runner_label: str | None = None
-    seed: int = 0
-    max_batch: bool = False  # max-batch mode instead of the matrix
-    max_batch_limit: int = 4096
-    predict_memory_bytes: tuple[int, ...] = ()
-    torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
+    workloads: tuple[str, ...] = ()  # a dimension left empty: a matrix without cases (a planner's, a test's)
+    methods: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
+    devices: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
     checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
     workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
-    # --- many ranks (bench/ranks) ---
     world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
-    parallel: tuple[str, ...] = ("ddp", "fsdp")  # strategies of the cases with world size > 1
-    rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
-    nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
-    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
-    attention: str = "auto"  # SDPA kernel (bench/case/attention.py)
-    attention_sm: tuple[int, int] = (8, 0)  # meta: compute capability of the GPU whose auto choice is emulated
-    optimizer_impl: str = "auto"  # torch.optim implementation: auto, foreach, for-loop
-    memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
-    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/plan/overhead.py)
+    parallel: tuple[str, ...] = PARALLEL_STRATEGIES  # strategies of the cases with world size > 1
     batch_caps: tuple[tuple[str, int], ...] = ()  # the preset's per-method largest batch sizes
-    meta_notes: tuple[str, ...] = ()  # options that have no effect on meta cases (shown in the run's header)
 
     def includes(self, method: str, batch_size: int) -> bool:
         """Whether the matrix has this method at this batch size (the preset's per-method caps)."""
@@ -189,6 +164,84 @@ class BenchConfig:
             (w, p) for w in self.world_sizes if w > 1 for p in self.parallel
         ]
 
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a step runs: its privacy, optimizer, attention kernel and seed."""
+
+    privacy: PrivacyParams  # clip norm, σ, ε, δ, accountant, sample rate, steps: resolved once per session
+    optimizer: str = "adamw"
+    optimizer_impl: str = "auto"  # torch.optim implementation: auto, foreach, for-loop
+    attention: str = "auto"  # SDPA kernel (bench/case/attention.py)
+    attention_sm: tuple[int, int] = (8, 0)  # meta: compute capability of the GPU whose auto choice is emulated
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How a case is measured: timed rounds, memory sampling, the CPU memory cap, snapshots."""
+
+    rounds: int  # timed rounds per case
+    sample_interval_s: float = 0.001
+    memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
+    torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
+    snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
+    snapshot_dir: str = "results/snapshots"
+
+
+@dataclass(frozen=True)
+class RanksSettings:
+    """Where the many-rank cases (bench/ranks) run."""
+
+    rank_timeout_s: float = 900.0  # a many-rank case running longer is killed and recorded as error
+    nnodes: int = 1  # nodes a many-rank case spans (torchrun --nnodes)
+    rdzv_endpoint: str | None = None  # HOST:PORT of the c10d rendezvous when nnodes > 1
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    """The max-batch search and the memory it answers for."""
+
+    max_batch: bool = False  # max-batch mode instead of the matrix
+    max_batch_limit: int = 4096
+    predict_memory_bytes: tuple[int, ...] = ()
+    memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
+    overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/plan/overhead.py)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where results go and what the run says about itself."""
+
+    results_path: str = "results/dpmem.jsonl"
+    runner_label: str | None = None
+    meta_notes: tuple[str, ...] = ()  # options that have no effect on meta cases (shown in the run's header)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every setting a case needs, one section per concern; each section is filled from its own option group
+    (``field`` of the declarations in bench/config/options.py)."""
+
+    matrix: MatrixSettings
+    step: StepSettings
+    measure: MeasureSettings
+    ranks: RanksSettings = RanksSettings()
+    capacity: CapacitySettings = CapacitySettings()
+    output: OutputSettings = OutputSettings()
+
+    @classmethod
+    def from_fields(cls, **fields: Any) -> BenchConfig:
+        """A config from its fields by name, whatever their section (each name is in one section): for tests and
+        tools that build one by hand; TypeError for a name no section has or a required field not given."""
+        sections = {}
+        for name, section in typing.get_type_hints(cls).items():
+            own = {field.name for field in dataclasses.fields(section)}
+            sections[name] = section(**{key: fields.pop(key) for key in own & fields.keys()})
+        if fields:
+            raise TypeError(f"BenchConfig has no field {', '.join(sorted(fields))}")
+        return cls(**sections)
+
     @classmethod
     def from_pytest(cls, config: pytest.Config) -> BenchConfig:
         """The session's settings from pytest's parsed options; :class:`BenchUsageError` names a bad value."""
@@ -196,63 +249,78 @@ class BenchConfig:
         from bench import dp
         from bench.config.options import check_names
 
-        option = config.getoption
+        given = _given_options(config)
         try:
-            for module in option("--workload-module"):
+            for module in given["matrix"]["workload_modules"]:
                 models.load_workload_module(module)
-            preset_name = option("--preset") or default_preset()
-            check_names("--preset", [preset_name], list(PRESETS))
-            preset = PRESETS[preset_name]
-            workloads = tuple(_checked_workload(spec) for spec in option("--workloads") or preset.workloads)
-            methods = option("--methods") or tuple(preset.methods or dp.available_methods())
-            check_names("--methods", methods, dp.available_methods())
-            precisions = option("--precision") or preset.precisions
-            check_names("--precision", precisions, dp.PRECISIONS)
-            checkpointings = option("--checkpointing") or preset.checkpointings
-            check_names("--checkpointing", checkpointings, dp.CHECKPOINTINGS)
-            devices = _checked_devices(option("--devices") or preset.devices)
-            check_names("--optimizer", [option("--optimizer")], list(dp.OPTIMIZERS))
-            privacy = _privacy(option)
-            overhead = resolve_overhead(option("--budget-overhead"), option("--calibrate"), option("--calibrate-gpu"))
+            matrix = _matrix(given["matrix"])
+            check_names("--optimizer", [given["step"]["optimizer"]], list(dp.OPTIMIZERS))
+            step = StepSettings(privacy=_privacy(given["privacy"]), **given["step"])
+            overhead = resolve_overhead(**given["overhead"])
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
-        world_sizes, nnodes, rdzv = option("--world-sizes") or (1,), option("--nnodes"), option("--rdzv-endpoint")
-        _check_ranks(world_sizes, nnodes, rdzv, tuple(devices), option("--max-batch"), option("--oversubscribe"))
-        return cls(
-            preset=preset_name,
-            workloads=tuple(workloads),
-            methods=tuple(methods),
-            batch_sizes=option("--batch-sizes") or preset.batch_sizes,
-            devices=tuple(devices),
-            rounds=option("--rounds") or preset.rounds,
-            privacy=privacy,
-            sample_interval_s=option("--sample-interval"),
-            optimizer=option("--optimizer"),
-            memory_cap_bytes=_memory_cap(option("--memory-cap")),
-            snapshot_case=option("--snapshot"),
-            snapshot_dir=option("--snapshot-dir"),
-            results_path=option("--results") or f"results/dpmem-{time.strftime('%Y%m%d-%H%M%S')}.jsonl",
-            runner_label=option("--runner-label") or os.environ.get("DPMEM_RUNNER_LABEL") or None,
-            seed=option("--seed"),
-            max_batch=option("--max-batch"),
-            max_batch_limit=option("--max-batch-limit"),
-            predict_memory_bytes=option("--predict-memory"),
-            torch_threads=option("--torch-threads"),
-            precisions=tuple(precisions),
-            checkpointings=tuple(checkpointings),
-            workload_modules=tuple(option("--workload-module")),
-            world_sizes=world_sizes,
-            parallel=option("--parallel") or ("ddp", "fsdp"),
-            rank_timeout_s=option("--rank-timeout"),
-            nnodes=nnodes,
-            rdzv_endpoint=rdzv,
-            attention=option("--attention"),
-            optimizer_impl=option("--optimizer-impl"),
-            memory_budgets=option("--memory-budget") or DEFAULT_MEMORY_BUDGETS,
-            overhead=overhead,
-            batch_caps=preset.batch_caps if not option("--methods") and not option("--batch-sizes") else (),
-            meta_notes=_meta_notes(config, devices),
+        ranks = RanksSettings(**_without_none(given["ranks"]))
+        _check_ranks(
+            matrix.world_sizes,
+            ranks.nnodes,
+            ranks.rdzv_endpoint,
+            matrix.devices,
+            given["capacity"]["max_batch"],
+            config.getoption("--oversubscribe"),
         )
+        measure = given["measure"] | {
+            "rounds": given["measure"]["rounds"] or PRESETS[matrix.preset].rounds,
+            "memory_cap_bytes": _memory_cap(given["measure"]["memory_cap_bytes"]),
+        }
+        output = OutputSettings(
+            results_path=given["output"]["results_path"] or f"results/dpmem-{time.strftime('%Y%m%d-%H%M%S')}.jsonl",
+            runner_label=given["output"]["runner_label"] or os.environ.get("DPMEM_RUNNER_LABEL") or None,
+            meta_notes=_meta_notes(config, matrix.devices),
+        )
+        capacity = CapacitySettings(**_without_none(given["capacity"]), overhead=overhead)
+        return cls(matrix, step, MeasureSettings(**measure), ranks, capacity, output)
+
+
+def _given_options(config: pytest.Config) -> dict[str, dict[str, Any]]:
+    """Every declared option's parsed value (None where not given and without a default), by section and field."""
+    from bench.config.options import OPTIONS
+
+    sections: dict[str, dict[str, Any]] = {}
+    for option in OPTIONS:
+        if option.field is not None:
+            section, field = option.field.split(".")
+            value = config.getoption(option.name)
+            sections.setdefault(section, {})[field] = tuple(value) if isinstance(value, list) else value
+    return sections
+
+
+def _without_none(given: dict[str, Any]) -> dict[str, Any]:
+    """The options given (or defaulted by their declaration); the section's own defaults fill the rest."""
+    return {field: value for field, value in given.items() if value is not None}
+
+
+def _matrix(given: dict[str, Any]) -> MatrixSettings:
+    """The matrix: the preset's dimensions replaced by those given, names checked against the registries."""
+    from bench import dp
+    from bench.config.options import check_names
+
+    preset_name = given["preset"] or default_preset()
+    check_names("--preset", [preset_name], list(PRESETS))
+    preset = PRESETS[preset_name]
+    resolved = {
+        "preset": preset_name,
+        "workloads": tuple(_checked_workload(spec) for spec in given["workloads"] or preset.workloads),
+        "methods": tuple(given["methods"] or preset.methods or dp.available_methods()),
+        "batch_sizes": given["batch_sizes"] or preset.batch_sizes,
+        "precisions": tuple(given["precisions"] or preset.precisions),
+        "checkpointings": tuple(given["checkpointings"] or preset.checkpointings),
+        "batch_caps": preset.batch_caps if not given["methods"] and not given["batch_sizes"] else (),
+    }
+    check_names("--methods", resolved["methods"], dp.available_methods())
+    check_names("--precision", resolved["precisions"], dp.PRECISIONS)
+    check_names("--checkpointing", resolved["checkpointings"], dp.CHECKPOINTINGS)
+    resolved["devices"] = _checked_devices(given["devices"] or preset.devices)
+    return MatrixSettings(**(_without_none(given) | resolved))
 
 
 def _checked_devices(given: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -267,21 +335,13 @@ def _checked_devices(given: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(devices)
 
 
-def _privacy(option: Callable[[str], Any]) -> PrivacyParams:
+def _privacy(given: dict[str, Any]) -> PrivacyParams:
     """The privacy options resolved (σ from a target ε where one is given); DPConfigError names a bad value."""
     from bench import dp
     from bench.config.options import check_names
 
-    check_names("--accountant", [option("--accountant")], list(dp.ACCOUNTANTS))
-    return dp.resolve_privacy(
-        option("--max-grad-norm"),
-        noise_multiplier=option("--noise-multiplier"),
-        target_epsilon=option("--target-epsilon"),
-        target_delta=option("--target-delta"),
-        accountant=option("--accountant"),
-        sample_rate=option("--sample-rate"),
-        steps=option("--privacy-steps"),
-    )
+    check_names("--accountant", [given["accountant"]], list(dp.ACCOUNTANTS))
+    return dp.resolve_privacy(**given)
 
 
 def _memory_cap(given: int | None) -> int | None:

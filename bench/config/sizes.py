@@ -1,4 +1,4 @@
-"""Byte sizes as people write them (``8GiB``, ``512MB``, ``1e9B``) turned into byte counts.
+"""Byte sizes as people write them (``8GiB``, ``512MB``, ``1e9B``) turned into byte counts, and back for a reader.
 
 Torch-free and below the command line: the size options (bench/config/options.py) and the overhead model's fixed part
 (bench/plan/overhead.py) parse with the same :func:`parse_byte_size`.
@@ -10,8 +10,10 @@ import fractions
 import math
 import re
 
-__all__ = ["BYTE_UNITS", "MAX_BYTES", "SIZE_EXAMPLES", "parse_byte_size"]
+__all__ = ["BINARY_UNITS", "BYTE_UNITS", "MAX_BYTES", "SIZE_EXAMPLES", "parse_byte_size", "size_text"]
 
+# Binary units, smallest first: what :func:`size_text` writes, and (up to TiB) what the parser reads.
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # Byte units, case-insensitive: decimal (k, kb = 10**3 ...) and binary (kib = 2**10 ...). A size needs one: a
 # bare "80" used to mean 80 bytes to the parser and 80 GiB to whoever typed it.
 BYTE_UNITS = {
@@ -24,10 +26,7 @@ BYTE_UNITS = {
     "gb": 10**9,
     "t": 10**12,
     "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
+    **{unit.lower(): 2 ** (10 * power) for power, unit in enumerate(BINARY_UNITS[:5]) if power},
 }
 MAX_BYTES = 2**63 - 1  # byte counts are int64 in torch and in every record
 _SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
@@ -58,3 +57,13 @@ def parse_byte_size(text: str, *, allow_zero: bool = False) -> int:
     if value < 1:
         raise ValueError(f"size must be {at_least}, got {text!r}")
     return value
+
+
+def size_text(size_bytes: float) -> str:
+    """Bytes for a reader: "1 KiB", "2.52 MiB", "141 GiB" (the largest binary unit below the size, 3 significant
+    digits, an exact multiple without decimals)."""
+    value, unit = float(size_bytes), 0
+    while abs(value) >= 1024 and unit < len(BINARY_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    number = f"{value:.0f}" if value == int(value) or abs(value) >= 999.5 else f"{value:.3g}"
+    return f"{number} {BINARY_UNITS[unit]}"

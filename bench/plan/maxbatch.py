@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from bench.plan.overhead import OverheadModel, size_text
+from bench.config.sizes import size_text
+from bench.plan.overhead import OverheadModel
 from bench.results.record import HOST_OOM, BatchProbe, BudgetAnswer, MaxBatchRecord
 
 Probe = Callable[[int], BatchProbe]

@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.config.sizes import parse_byte_size
+from bench.config.sizes import parse_byte_size, size_text  # size_text: re-exported for the reports' imports
 
 __all__ = [
     "DEFAULT_OVERHEAD",
@@ -43,17 +43,6 @@ __all__ = [
 ]
 
 GIB = 2**30
-_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def size_text(size_bytes: float) -> str:
-    """Bytes for a reader: "1 KiB", "2.52 MiB", "141 GiB" (the largest binary unit below the size, 3 significant
-    digits, an exact multiple without decimals)."""
-    value, unit = float(size_bytes), 0
-    while abs(value) >= 1024 and unit < len(_BINARY_UNITS) - 1:
-        value, unit = value / 1024, unit + 1
-    number = f"{value:.0f}" if value == int(value) or abs(value) >= 999.5 else f"{value:.3g}"
-    return f"{number} {_BINARY_UNITS[unit]}"
 
 
 class CalibrationError(ValueError):

@@ -112,7 +112,7 @@ class _Prober:
 
         key = (method, batch_size)
         if key not in self.records:
-            precision, checkpointing = self.config.precisions[0], self.config.checkpointings[0]
+            precision, checkpointing = self.config.matrix.precisions[0], self.config.matrix.checkpointings[0]
             spec = CaseSpec(self.workload, method, batch_size, "meta", precision=precision, checkpointing=checkpointing)
             self.records[key] = run_case(spec, self.config, None)
         return self.records[key]
@@ -131,7 +131,7 @@ def plan_method(prober: _Prober, method: str, budget: int, limit: int) -> PlanRo
         status = HOST_OOM if record.status == "oom" else record.status  # nothing on meta runs out but the host
         return BatchProbe(b, status, record.memory.peak_tensor_bytes), dict(record.memory.breakdown)
 
-    (answer,), probes = maxbatch.search_budgets(probe, [budget], prober.config.overhead, limit)
+    (answer,), probes = maxbatch.search_budgets(probe, [budget], prober.config.capacity.overhead, limit)
     row.probes, row.seconds = len(probes), time.perf_counter() - start
     failed = next((p for p in probes if p.status in ("unsupported", "error")), None)
     if failed is not None:
@@ -380,7 +380,14 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     import models
     from bench import dp
     from bench.config.options import check_names, overhead_model
-    from bench.config.settings import BenchConfig, resolve_overhead
+    from bench.config.settings import (
+        BenchConfig,
+        CapacitySettings,
+        MatrixSettings,
+        MeasureSettings,
+        StepSettings,
+        resolve_overhead,
+    )
 
     workload = models.get_workload(args.workload).name
     methods = tuple(args.methods or dp.available_methods())
@@ -395,20 +402,12 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
             "forward; plan fp32 or bf16 (with or without --checkpointing blocks), measure amp on a GPU"
         )
     given = overhead_model(args.budget_overhead) if args.budget_overhead else None
+    modes = {"precisions": (args.precision,), "checkpointings": (args.checkpointing,)}
     return BenchConfig(
-        preset="plan",
-        workloads=(workload,),
-        methods=methods,
-        batch_sizes=(),
-        devices=("meta",),
-        rounds=1,
-        privacy=dp.resolve_privacy(1.0),
-        optimizer=args.optimizer,
-        precisions=(args.precision,),
-        checkpointings=(args.checkpointing,),
-        attention=args.attention,
-        attention_sm=sm,
-        overhead=resolve_overhead(given, args.calibrate, args.calibrate_gpu),
+        MatrixSettings("plan", (workload,), methods, (), ("meta",), **modes),
+        StepSettings(dp.resolve_privacy(1.0), args.optimizer, attention=args.attention, attention_sm=sm),
+        MeasureSettings(rounds=1),
+        capacity=CapacitySettings(overhead=resolve_overhead(given, args.calibrate, args.calibrate_gpu)),
     )
 
 
@@ -420,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpu = get_gpu(args.gpu or DEFAULT_GPU) if args.memory is None else None
         config = _config(args, gpu.sm if gpu else (8, 0))
-        check_calibration_gpu(gpu, config.overhead, args.calibrate_gpu)
+        check_calibration_gpu(gpu, config.capacity.overhead, args.calibrate_gpu)
     except (ValueError, argparse.ArgumentTypeError, models.WorkloadError, dp.DPConfigError) as exc:
         return usage_error(PROG, str(exc))
     budget = gpu.memory_bytes if gpu else args.memory
     warnings.filterwarnings("ignore")  # Opacus' and torch's UserWarnings would bury the table
-    prober = _Prober(config.workloads[0], config)
+    prober = _Prober(config.matrix.workloads[0], config)
     rows = []
-    for method in config.methods:
+    for method in config.matrix.methods:
         limit = min(args.max_batch_limit, args.microbatch_limit) if method == "microbatch" else args.max_batch_limit
         rows.append(plan_method(prober, method, budget, limit))
         print(f"  {method}: {rows[-1].status}, {rows[-1].probes} meta steps, {rows[-1].seconds:.1f} s", file=sys.stderr)
@@ -437,15 +436,15 @@ def main(argv: list[str] | None = None) -> int:
             row.nondp_peak_bytes = nondp.memory.peak_tensor_bytes if nondp.status == "ok" else None
     set_ratios(rows)
     plan = Plan(
-        workload=config.workloads[0],
+        workload=config.matrix.workloads[0],
         memory_bytes=budget,
         gpu=gpu,
-        training_mode=dp.TrainingMode(config.precisions[0], config.checkpointings[0]).label,
-        precision=config.precisions[0],
-        checkpointing=config.checkpointings[0],
-        attention=config.attention,
-        optimizer=config.optimizer,
-        overhead=config.overhead,
+        training_mode=dp.TrainingMode(config.matrix.precisions[0], config.matrix.checkpointings[0]).label,
+        precision=config.matrix.precisions[0],
+        checkpointing=config.matrix.checkpointings[0],
+        attention=config.step.attention,
+        optimizer=config.step.optimizer,
+        overhead=config.capacity.overhead,
         calibration_gpu_stated=args.calibrate_gpu,
         versions=plan_versions(),
         rows=rows,

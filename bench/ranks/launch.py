@@ -63,7 +63,7 @@ class LaunchOutcome:
 
 def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
     """The merged record of ``spec`` (world size > 1) on this node's ranks; raises only when interrupted."""
-    nproc = spec.world_size // config.nnodes
+    nproc = spec.world_size // config.ranks.nnodes
     job = job_for(spec, config, nproc)
     base = job.new_record()
     # dpmem's own refusals: no ranks needed to know them
@@ -76,7 +76,7 @@ def run_ranked_case(spec: CaseSpec, config: BenchConfig) -> CaseRecord:
             run_dir = Path(tmp)
             job.write(run_dir / "job.json")
             argv = torchrun_argv(job, run_dir, config, nproc, spec.case_id)
-            outcome = launch(argv, config.rank_timeout_s)
+            outcome = launch(argv, config.ranks.rank_timeout_s)
             return collect(base, run_dir, outcome, config, nproc)
     except LaunchInterrupted as exc:  # the ranks are gone and the run directory removed: now the signal's course
         signal.raise_signal(exc.signum)
@@ -116,34 +116,36 @@ def remove_stale_run_dirs(parent: Path) -> list[Path]:
 
 
 def job_for(spec: CaseSpec, config: BenchConfig, nproc: int) -> RankJob:
-    cap = config.memory_cap_bytes // nproc if config.memory_cap_bytes is not None else None  # the node's RAM
+    cap = (
+        config.measure.memory_cap_bytes // nproc if config.measure.memory_cap_bytes is not None else None
+    )  # the node's RAM
     return RankJob(
         spec,
-        config.privacy,
-        optimizer=config.optimizer,
-        seed=config.seed,
-        rounds=config.rounds,
-        sample_interval_s=config.sample_interval_s,
+        config.step.privacy,
+        optimizer=config.step.optimizer,
+        seed=config.step.seed,
+        rounds=config.measure.rounds,
+        sample_interval_s=config.measure.sample_interval_s,
         memory_cap_bytes=cap,
-        runner_label=config.runner_label,
-        workload_modules=config.workload_modules,
-        torch_threads=config.torch_threads,
-        timeout_s=config.rank_timeout_s,
+        runner_label=config.output.runner_label,
+        workload_modules=config.matrix.workload_modules,
+        torch_threads=config.measure.torch_threads,
+        timeout_s=config.ranks.rank_timeout_s,
     )
 
 
 def torchrun_argv(job: RankJob, run_dir: Path, config: BenchConfig, nproc: int, case_id: str) -> list[str]:
-    if config.nnodes == 1:
+    if config.ranks.nnodes == 1:
         rendezvous = ["--standalone"]
     else:
         rdzv_id = re.sub(r"[^A-Za-z0-9_-]", "_", f"dpmem-{case_id}")
-        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.rdzv_endpoint, "--rdzv-id", rdzv_id]
+        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.ranks.rdzv_endpoint, "--rdzv-id", rdzv_id]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nnodes",
-        str(config.nnodes),
+        str(config.ranks.nnodes),
         "--nproc-per-node",
         str(nproc),
         *rendezvous,
@@ -219,7 +221,7 @@ def collect(base: CaseRecord, run_dir: Path, outcome: LaunchOutcome, config: Ben
         if isinstance(record, CaseRecord):
             parts.append(record)
     reported = {r.rank for part in parts for r in part.ranks}
-    expected = set(range(base.world_size)) if config.nnodes == 1 else set(reported)
+    expected = set(range(base.world_size)) if config.ranks.nnodes == 1 else set(reported)
     for rank in sorted(expected - reported):
         parts.append(replace(base, status="error", ranks=[_silent_rank(rank, run_dir, outcome, config, nproc)]))
     if not parts:  # many nodes and not one rank of this node wrote a record
@@ -227,7 +229,7 @@ def collect(base: CaseRecord, run_dir: Path, outcome: LaunchOutcome, config: Ben
         return replace(base, status="error", reason=f"no rank of this node reported: {why}")
     record = combine_rank_records(parts)
     if outcome.timed_out and record.status == "ok":  # every rank wrote its record, then torchrun hung
-        record.notes.append(f"torchrun did not exit within --rank-timeout {config.rank_timeout_s:g} s; killed")
+        record.notes.append(f"torchrun did not exit within --rank-timeout {config.ranks.rank_timeout_s:g} s; killed")
     return record
 
 
@@ -243,7 +245,7 @@ def _launch_failure(outcome: LaunchOutcome, config: BenchConfig) -> str:
     """How the launch ended, with torchrun's own last line (a rendezvous that never formed says why there)."""
     last = _last_line(outcome.output_tail)
     if outcome.timed_out:
-        return f"killed after --rank-timeout {config.rank_timeout_s:g} s" + (
+        return f"killed after --rank-timeout {config.ranks.rank_timeout_s:g} s" + (
             f"; torchrun's last line: {last}" if last else ""
         )
     return f"torchrun exited {outcome.returncode}" + (f" ({last})" if last else "")

@@ -31,7 +31,7 @@ from bench.config.cli import OneLineParser, run, usage_error
 from bench.config.options import check_names, comma_list, non_negative_float, positive_int
 from bench.dp.parallel import uneven_split
 from bench.dp.privacy import resolve_privacy
-from bench.results.record import CaseRecord, RankFigures, combine_rank_records
+from bench.results.record import PARALLEL_STRATEGIES, CaseRecord, RankFigures, combine_rank_records
 
 from .job import RankJob
 from .step import run_rank
@@ -146,7 +146,7 @@ def predict_case(job: RankJob, ranks: list[int] | None = None) -> CaseRecord:
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("workload", help="workload spec, e.g. dit-xl-2-cond or gpt2:seq_len=128")
-    parser.add_argument("--parallel", default="fsdp", choices=("ddp", "fsdp"))
+    parser.add_argument("--parallel", default="fsdp", choices=PARALLEL_STRATEGIES)
     parser.add_argument("--world-size", type=positive_int, default=8)
     parser.add_argument("--batch-size", type=positive_int, default=None, help="global batch (default: 2 per rank)")
     parser.add_argument(

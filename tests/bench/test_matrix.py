@@ -11,13 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bench.case.spec import CaseSpec
+from bench.config.cli import pytest_bench_command
 from bench.results.record import CaseRecord, MaxBatchRecord, RecordError, from_jsonl_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,21 +60,9 @@ def _bench(
     tmp_path: Path, *args: str, name: str = "run", timeout: int = 240
 ) -> tuple[subprocess.CompletedProcess, Path, Path]:
     out_json, out_jsonl = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "bench/",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--rounds",
-        "1",
-        f"--benchmark-json={out_json}",
-        f"--results={out_jsonl}",
-        *FP32_ONLY,
-        *args,
-    ]
+    cmd = pytest_bench_command(
+        "--rounds", "1", f"--benchmark-json={out_json}", f"--results={out_jsonl}", *FP32_ONLY, *args
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     return proc, out_json, out_jsonl
 
@@ -139,14 +127,7 @@ def test_oom_is_a_result_and_later_cases_measure_as_in_a_clean_run(tmp_path):
 
 def test_killed_run_keeps_every_finished_case(tmp_path):
     jsonl = tmp_path / "killed.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "bench/",
-        "-q",
-        "-p",
-        "no:cacheprovider",
+    cmd = pytest_bench_command(
         "--rounds",
         "3",
         "--workloads",
@@ -156,7 +137,7 @@ def test_killed_run_keeps_every_finished_case(tmp_path):
         *FP32_ONLY,
         f"--benchmark-json={tmp_path / 'killed.json'}",
         f"--results={jsonl}",
-    ]
+    )
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     try:

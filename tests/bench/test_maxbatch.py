@@ -1,7 +1,5 @@
 """Max-batch search and affine fit, on a synthetic memory model (no device needed)."""
 
-import dataclasses
-
 import pytest
 
 from bench.plan import maxbatch
@@ -227,10 +225,17 @@ def test_a_batch_the_host_cannot_draw_on_meta_is_recorded_as_the_hosts_limit(mon
 
     monkeypatch.setattr(models.Workload, "make_batch", make_batch)
     mib = 2**20
-    cfg = BenchConfig(
-        "t", ("gpt-tiny",), ("nondp",), (), ("meta",), 1, resolve_privacy(1.0), overhead=parse_overhead("512KiB+5%")
+    cfg = BenchConfig.from_fields(
+        preset="t",
+        workloads=("gpt-tiny",),
+        methods=("nondp",),
+        batch_sizes=(),
+        devices=("meta",),
+        rounds=1,
+        privacy=resolve_privacy(1.0),
+        overhead=parse_overhead("512KiB+5%"),
+        memory_budgets=(6 * mib, 12 * mib),
     )
-    cfg = dataclasses.replace(cfg, memory_budgets=(6 * mib, 12 * mib))
     records, said = [], []
     probe = case_probe(CaseSpec("gpt-tiny", "nondp", 1, "meta"), cfg, records)
     record = meta_search("gpt-tiny", "nondp", cfg, probe, records, said.append)
@@ -241,7 +246,7 @@ def test_a_batch_the_host_cannot_draw_on_meta_is_recorded_as_the_hosts_limit(mon
     assert refused and refused[0] == 40  # bisected down to the host's limit, never recorded as plain oom
     assert {p.status for p in record.probes} == {"ok", HOST_OOM}
     assert (large.max_batch, large.first_failing_batch, large.host_limit_batch) == (39, None, 40)
-    assert cfg.overhead.fits(large.peak_tensor_bytes, 12 * mib)
+    assert cfg.capacity.overhead.fits(large.peak_tensor_bytes, 12 * mib)
     assert record.reason.startswith("host memory limit at batch ")
     assert "can't allocate memory" in record.reason and record.status == "ok"
     assert "≥39 in 12 MiB (host memory limit at batch 40)" in said[-1] and f"{small.max_batch} in 6 MiB" in said[-1]

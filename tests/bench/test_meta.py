@@ -37,7 +37,7 @@ BATCH = 3
 
 
 def _config(**overrides) -> BenchConfig:
-    return BenchConfig(
+    return BenchConfig.from_fields(
         preset="test",
         workloads=(),
         methods=(),

@@ -225,7 +225,9 @@ def test_checkpointed_blocks_recompute_under_the_routed_kernel(device, choice, k
     from bench.config.settings import BenchConfig
     from bench.dp import resolve_privacy
 
-    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0, noise_multiplier=1.0), attention=choice)
+    config = BenchConfig.from_fields(
+        preset="t", rounds=1, privacy=resolve_privacy(1.0, noise_multiplier=1.0), attention=choice
+    )
     record = run_case(CaseSpec("dit-tiny-cond", "bk", 4, device, checkpointing="blocks"), config, None)
     assert record.status == "ok", record.reason
     assert record.attention_kernels == [kernel]  # fp32 on meta: what a CUDA GPU picks

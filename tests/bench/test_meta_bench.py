@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from bench.config import options
-from bench.plan.overhead import size_text
+from bench.config.cli import pytest_bench_command
+from bench.config.sizes import size_text
 from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
 from reports.__main__ import main as reports_main
 from tests.bench.test_matrix import REPO, _bench, _env
@@ -106,19 +107,7 @@ def test_meta_max_batch_answers_every_budget(tmp_path):
 
 def test_paper_preset_runs_every_method_on_meta_with_microbatch_capped(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "bench/",
-            "--preset",
-            "paper",
-            "--collect-only",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"--results={tmp_path / 'x.jsonl'}",
-        ],
+        pytest_bench_command("--preset", "paper", "--collect-only", f"--results={tmp_path / 'x.jsonl'}"),
         cwd=REPO,
         env=_env(),
         capture_output=True,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import models
+from bench.config.cli import pytest_bench_command
 from bench.results.record import CaseRecord, from_jsonl_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +27,7 @@ MODES = [(p, c) for p in ("fp32", "bf16") for c in ("none", "blocks")]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("modes")
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1"]
+    cmd = pytest_bench_command("--rounds", "1")
     cmd += ["--workloads", "dit-tiny-cond", "--methods", ",".join(METHODS), "--batch-sizes", "4"]
     cmd += ["--precision", "fp32,bf16", "--checkpointing", "none,blocks"]
     cmd += [f"--benchmark-json={out / 'run.json'}", f"--results={out / 'run.jsonl'}"]
@@ -119,7 +119,7 @@ def test_the_overhead_table_divides_by_nondp_of_the_same_mode(run):
 
 
 def test_max_batch_searches_once_per_mode(tmp_path):
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--collect-only", "--max-batch"]
+    cmd = pytest_bench_command("--collect-only", "--max-batch")
     cmd += ["--workloads", "gpt-tiny", "--methods", "nondp", "--precision", "fp32,bf16", "--checkpointing", "none"]
     cmd += [f"--results={tmp_path / 'r.jsonl'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -79,7 +79,7 @@ def test_gpu_catalogue():
 
 
 def _fits(workload: str, method: str, batch: int, budget: int, overhead: OverheadModel) -> bool:
-    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0), overhead=overhead)
+    config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0), overhead=overhead)
     record = run_case(CaseSpec(workload, method, batch, "meta"), config, None)
     return overhead.fits(record.memory.peak_tensor_bytes, budget)
 
@@ -89,7 +89,7 @@ PLAN_ARGV = ["dit-tiny-cond", "--memory", "24MiB", "--budget-overhead", "1MiB+5%
 
 def _meta_reason(workload: str, method: str, batch: int) -> str:
     """The full reason a meta case gives (what the plan must print, never cut)."""
-    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0))
+    config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0))
     return run_case(CaseSpec(workload, method, batch, "meta"), config, None).reason
 
 
@@ -199,7 +199,7 @@ def test_plan_in_bf16_with_checkpointed_blocks(capsys):
     assert "bf16+blocks; attention auto" in out
     best = int(next(line.split("|") for line in out.splitlines() if line.startswith("| nondp |"))[2])
     overhead = parse_overhead("1MiB+5%")
-    config = BenchConfig("t", (), (), (), (), 1, resolve_privacy(1.0), overhead=overhead)
+    config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0), overhead=overhead)
     small, fp32 = (
         run_case(CaseSpec("dit-tiny-cond", "nondp", b, "meta", precision=p, checkpointing=c), config, None)
         for b, p, c in ((best + 1, "bf16", "blocks"), (best + 1, "fp32", "none"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.config.cli import pytest_bench_command
 from bench.ranks.lifeline import LAUNCHER_ENV, running
 from bench.results.record import CaseRecord
 from reports.load import load_results
@@ -74,7 +75,7 @@ def _launch_processes(launcher: int) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lifeline is Linux's PR_SET_PDEATHSIG")
 def test_killing_pytest_with_sigkill_takes_torchrun_and_its_ranks_with_it(tmp_path):
     args = ["--workloads", "dit-tiny-cond", "--methods", "nondp", "--batch-sizes", "2,4,6,8", "--devices", "cpu"]
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1", *FP32_ONLY]
+    cmd = pytest_bench_command("--rounds", "1", *FP32_ONLY)
     cmd += [f"--results={tmp_path / 'run.jsonl'}", *args, "--world-sizes", "2", "--parallel", "ddp"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -54,7 +54,7 @@ def _config(**kw) -> BenchConfig:
         rank_timeout_s=1.0,
     )
     base.update(kw)
-    return BenchConfig(**base)
+    return BenchConfig.from_fields(**base)
 
 
 def _rank_record(rank: int, peak: int | None, status: str = "ok", reason: str = "", notes=()) -> CaseRecord:
@@ -164,7 +164,7 @@ def test_a_timed_out_launch_keeps_torchruns_own_last_line(tmp_path):
 def test_case_ids_are_unchanged_for_one_process_and_name_strategy_and_ranks_otherwise():
     assert CaseSpec("gpt-tiny", "bk", 4, "cpu").case_id == "gpt-tiny-bk-bs4-cpu"
     assert CaseSpec("gpt-tiny", "bk", 16, "cuda", 8, "fsdp").case_id == "gpt-tiny-bk-bs16-cuda-fsdp8"
-    assert _config(world_sizes=(1, 2), parallel=("ddp", "fsdp")).case_strategies() == [
+    assert _config(world_sizes=(1, 2), parallel=("ddp", "fsdp")).matrix.case_strategies() == [
         (1, None),
         (2, "ddp"),
         (2, "fsdp"),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import bench.results.files as results_module
+from bench.config.cli import pytest_bench_command
 from bench.results.files import RecordNotWrittenError, ResultsWriter, ResultsWriterError
 from bench.results.record import MaxBatchRecord, to_jsonl_line
 from reports.load import load_results
@@ -175,7 +176,7 @@ def test_a_bench_run_that_cannot_write_its_results_fails_and_says_so(tmp_path):
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1"]
+    cmd = pytest_bench_command("--rounds", "1")
     cmd += ["--workloads", "gpt-tiny", "--methods", "nondp", "--batch-sizes", "1,2", "--precision", "fp32"]
     cmd += ["--checkpointing", "none", "--devices", "cpu", f"--results={path}"]
     proc = subprocess.run(

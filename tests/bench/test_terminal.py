@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from bench.config.cli import pytest_bench_command
 
 REPO = Path(__file__).resolve().parents[2]
 # gpt-tiny under a 40 MiB cap: nondp and torch-func run at batch 2 and run out of memory at 1024; ghost clipping
@@ -15,7 +16,7 @@ CASES = ["--workloads", "gpt-tiny", "--methods", "nondp,opacus-ghost,torch-func"
 
 
 def _bench(tmp_path: Path, *args: str) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1"]
+    cmd = pytest_bench_command("--rounds", "1")
     cmd += ["--precision", "fp32", "--checkpointing", "none", "--memory-cap", "40MiB", *CASES]
     cmd += [f"--benchmark-json={tmp_path / 'b.json'}", f"--results={tmp_path / 'b.jsonl'}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -215,7 +215,7 @@ def test_the_spread_of_too_few_pairs_is_not_judged():
 def test_a_dp_case_records_its_paired_rounds_and_the_same_memory_figures_as_untimed():
     """The non-DP rounds run after the measured round on a model of their own: the memory figures are those of an
     untimed run of the case, to the byte."""
-    config = BenchConfig(
+    config = BenchConfig.from_fields(
         preset="cpu-smoke",
         workloads=("gpt-tiny",),
         methods=("bk",),

@@ -109,7 +109,7 @@ def cpu_config(**overrides) -> BenchConfig:
         privacy=dp.resolve_privacy(1.0, noise_multiplier=1.0, accountant="rdp"),
         memory_cap_bytes=None,
     )
-    return BenchConfig(**{**settings, **overrides})
+    return BenchConfig.from_fields(**{**settings, **overrides})
 
 
 def run_cpu_cases(specs: Iterable[CaseSpec], config: BenchConfig) -> dict[CaseSpec, CaseRecord]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 import models
 from bench import dp
+from bench.config.cli import pytest_bench_command
 from bench.dp import DPConfigError, MethodUnsupported
 from bench.dp.__main__ import median_sample_norm
 from bench.dp.diagnose import FIX_777, diagnose, params_without_grad_sampler, tied_parameters
@@ -262,7 +262,7 @@ def test_an_epsilon_the_accountant_cannot_compute_is_one_line():
 
 def test_bench_refuses_an_unreachable_target_epsilon_with_one_usage_line(tmp_path):
     repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--collect-only"]
+    cmd = pytest_bench_command("--collect-only")
     cmd += ["--target-epsilon", "1e-3", f"--results={tmp_path / 'r.jsonl'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

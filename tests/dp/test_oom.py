@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import models
 from bench import dp
 from bench.case.spec import CaseSpec
+from bench.config.cli import pytest_bench_command
 from bench.dp.errors import MethodUnsupported, is_out_of_memory, out_of_memory_in
 from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
 from models.contract import check_workload_contract
@@ -154,7 +154,7 @@ def test_an_oom_while_opacus_wraps_the_model_is_raised_unchanged(monkeypatch):
 
 def _bench(tmp_path: Path, name: str, *args: str) -> list:
     jsonl = tmp_path / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", "--rounds", "1"]
+    cmd = pytest_bench_command("--rounds", "1")
     cmd += [f"--benchmark-json={tmp_path / f'{name}.json'}", f"--results={jsonl}", *args]
     cmd += ["--precision", "fp32", "--checkpointing", "none"]  # the default preset has more modes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -88,7 +88,7 @@ def test_tracker_cap_must_be_positive_and_measure_step_needs_the_tracker_for_it(
 # ---- through the bench's case runner --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def config() -> BenchConfig:
-    return BenchConfig(
+    return BenchConfig.from_fields(
         preset="cpu-smoke",
         workloads=("gpt-tiny",),
         methods=("nondp",),
@@ -111,9 +111,9 @@ def test_measured_round_enforces_the_cap_and_an_oom_case_is_never_timed(config):
         timed.append(one_call_s)
         return Timing(time_median_s=one_call_s, rounds=1)
 
-    at_cap = run_case(spec, replace(config, memory_cap_bytes=peak), timer)
+    at_cap = run_case(spec, replace(config, measure=replace(config.measure, memory_cap_bytes=peak)), timer)
     assert at_cap.status == "ok" and at_cap.memory.peak_tensor_bytes == peak and len(timed) == 1
-    over = run_case(spec, replace(config, memory_cap_bytes=peak - 1), timer)
+    over = run_case(spec, replace(config, measure=replace(config.measure, memory_cap_bytes=peak - 1)), timer)
     assert over.status == "oom" and f"> cap {peak - 1}" in over.reason
     assert len(timed) == 1 and over.timing.rounds == 0  # not timed
 
@@ -121,7 +121,7 @@ def test_measured_round_enforces_the_cap_and_an_oom_case_is_never_timed(config):
 def test_max_batch_measured_is_the_largest_batch_whose_tracked_peak_fits(config):
     uncapped = {4: run_case(CaseSpec("gpt-tiny", "nondp", 4, "cpu"), config, timer=None).memory.peak_tensor_bytes}
     cap = uncapped[4] - 1
-    capped = replace(config, memory_cap_bytes=cap)
+    capped = replace(config, measure=replace(config.measure, memory_cap_bytes=cap))
     peaks: dict[int, int | None] = {}
 
     def probe(batch_size: int) -> BatchProbe:

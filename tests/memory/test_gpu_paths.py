@@ -34,7 +34,7 @@ def _sampler_threads() -> int:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> BenchConfig:
-    return BenchConfig(
+    return BenchConfig.from_fields(
         preset="cpu-smoke",
         workloads=("gpt-tiny",),
         methods=("nondp",),
@@ -115,7 +115,7 @@ def test_snapshot_is_dumped_after_the_sampler_stopped_under_a_safe_file_name(mon
 
     monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump)
     monkeypatch.setattr(NvmlSampler, "stop", stop)
-    record = run_case(SPEC, replace(config, snapshot_case="all"), timer=None)
+    record = run_case(SPEC, replace(config, measure=replace(config.measure, snapshot_case="all")), timer=None)
     assert record.status == "ok", record.reason
     events = [e for e in fake.events if e in ("record_history", "sampler_stop", "dump_snapshot", "stop_history")]
     # (Case-start readings stop their one-reading samplers before the measured round records history.)
@@ -127,7 +127,7 @@ def test_snapshot_is_dumped_after_the_sampler_stopped_under_a_safe_file_name(mon
     ]
     assert threads_at_dump == [0]
     (path,) = fake.snapshot_paths
-    assert Path(path).parent == Path(config.snapshot_dir)
+    assert Path(path).parent == Path(config.measure.snapshot_dir)
     assert Path(path).name == "gpt-tiny-nondp-bs2-cuda_0.pickle"  # ':' is refused by upload-artifact
     assert record.memory.snapshot_path == path and record.device == "cuda:0"
 
