@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from bench.plan.overhead import size_text
+from bench.config.sizes import size_text
 from bench.results.record import CATEGORIES, CaseRecord
 
 from .load import Results, is_predicted

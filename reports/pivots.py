@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.config.sizes import size_text
 from bench.plan.maxbatch import answer_text
-from bench.plan.overhead import size_text
 
 from .grid import Cell, Grid, compact
 from .load import Results, is_predicted

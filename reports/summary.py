@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from bench.config.sizes import size_text
 from bench.messages import first_line
 from bench.plan.maxbatch import answer_text
-from bench.plan.overhead import size_text
 
 from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted

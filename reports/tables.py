@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from bench.config.sizes import size_text
 from bench.messages import first_line
 from bench.plan.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
-from bench.plan.overhead import size_text
 from bench.results.record import BudgetAnswer
 
 __all__ = [

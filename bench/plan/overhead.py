@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.config.sizes import parse_byte_size, size_text  # size_text: re-exported for the reports' imports
+from bench.config.sizes import parse_byte_size
 
 __all__ = [
     "DEFAULT_OVERHEAD",
@@ -39,7 +39,6 @@ __all__ = [
     "OverheadModel",
     "calibrate",
     "parse_overhead",
-    "size_text",
 ]
 
 GIB = 2**30
