@@ -10,16 +10,7 @@ from torch.nn.functional import scaled_dot_product_attention as imported_sdpa
 
 from bench.case.attention import AttentionMode, AttentionUnsupported, SdpaCall, attention_in_forward, cuda_auto_kernel
 from bench.case.meta_device import MetaOpCache, _op_kind
-from bench.trackers.memory.tensors import TensorReport, TensorTracker
-
-
-def _tracked(run, device="cpu", model=None, optimizer=None) -> TensorReport:
-    """One ``run(mark)`` under a tensor tracker, driven as bench.trackers.memory.measure drives it."""
-    tracker = TensorTracker(device)
-    tracker.register_state(model, optimizer)
-    with tracker:
-        run(tracker.mark)
-    return tracker.report()
+from tests.memory.tracking import tracked
 
 
 def _qkv(device: str, dtype=torch.float32, shape=(2, 3, 10, 8), seed: int = 0):
@@ -89,7 +80,7 @@ def _attention_step_bytes(choice: str, batch: int = 2, heads: int = 4, tokens: i
         mark("backward")
         out.sum().backward()
 
-    return _tracked(run, device="meta").peak_tensor_bytes
+    return tracked(run, device="meta").peak_tensor_bytes
 
 
 def test_meta_math_saves_the_attention_weights_and_the_fused_kernels_do_not():
@@ -207,11 +198,11 @@ def test_tracked_bytes_are_the_same_with_and_without_the_cache():
         mark("backward")
         loss.backward()
 
-    plain = _tracked(step, device="meta", model=model)
+    plain = tracked(step, device="meta", model=model)
     with MetaOpCache() as cache:
         for p in model.parameters():
             p.grad = None
-        cached = _tracked(step, device="meta", model=model)
+        cached = tracked(step, device="meta", model=model)
     assert cache.hits > 0
     assert (cached.peak_tensor_bytes, cached.breakdown) == (plain.peak_tensor_bytes, plain.breakdown)
 

@@ -23,18 +23,10 @@ from bench.trackers.channel import annotate_dp_buffer
 from bench.trackers.memory import allocator
 from bench.trackers.memory.measure import StepSources, build_timeline, measure_step
 from bench.trackers.memory.process import RssSampler
-from bench.trackers.memory.tensors import TensorReport, TensorTracker, optimizer_state_tensors
+from bench.trackers.memory.tensors import TensorTracker, optimizer_state_tensors
+from tests.memory.tracking import tracked
 
 F32 = 4
-
-
-def _tracked(run, device="cpu", model=None, optimizer=None) -> TensorReport:
-    """One ``run(mark)`` under a tensor tracker, driven as bench.trackers.memory.measure drives it."""
-    tracker = TensorTracker(device)
-    tracker.register_state(model, optimizer)
-    with tracker:
-        run(tracker.mark)
-    return tracker.report()
 
 
 # ---- the tracker on hand-computed sequences ----------------------------------------------------------------
@@ -53,7 +45,7 @@ def test_hand_sequence_peak_trace_phase_and_breakdown():
         mark("end")
         return b
 
-    report = _tracked(run)
+    report = tracked(run)
     assert report.trace_bytes == [400, 600, 4600, 600, 200, 0]  # b is freed when run returns
     assert report.peak_tensor_bytes == 4600 and report.baseline_tensor_bytes == 0
     assert report.peak_phase == "backward"
@@ -71,7 +63,7 @@ def test_factory_from_data_resize_and_out_are_counted():
         mark("end")
         return t, buf
 
-    report = _tracked(run)
+    report = tracked(run)
     assert report.peak_tensor_bytes == 52 and report.adopted_storages == 0
     assert report.trace_bytes[:4] == [12, 12, 24, 52]
 
@@ -88,7 +80,7 @@ def test_pre_existing_inputs_are_adopted_into_the_baseline_and_frees_of_baseline
         mark("end")
         return y
 
-    report = _tracked(run, model=model)
+    report = tracked(run, model=model)
     assert report.baseline_tensor_bytes == 128 + 128 + 512
     assert report.adopted_storages == 1 and report.adopted_bytes == 512
     assert report.peak_tensor_bytes == 768 + 256
@@ -107,7 +99,7 @@ def test_annotation_after_creation_counts_as_per_sample_and_listener_is_removed(
         mark("end")
         return per_sample, scratch
 
-    report = _tracked(run)
+    report = tracked(run)
     assert report.breakdown["per_sample"] == 240 and report.breakdown["other"] == 20
     assert report.unknown_annotations == 0 and not channel._listeners
 
@@ -129,7 +121,7 @@ def test_autograd_backward_and_adamw_state_are_tracked_exactly():
         mark("end")
 
     step(lambda phase: None)  # creates the AdamW state and a gradient
-    report = _tracked(step, model=model, optimizer=optimizer)
+    report = tracked(step, model=model, optimizer=optimizer)
     state_bytes = sum(t.untyped_storage().nbytes() for t in optimizer_state_tensors(optimizer))
     assert state_bytes == 2 * weight_bytes + F32  # exp_avg, exp_avg_sq and the step counter
     # baseline = weight + stale grad + optimizer state + x (adopted)
