@@ -6,6 +6,8 @@
                                           [--export-benchmark-action FILE]
     python -m reports export RESULTS... --out FILE         github-action-benchmark customSmallerIsBetter JSON
     python -m reports merge RESULTS... --out FILE.jsonl    one JSON-lines file (e.g. a CI baseline)
+    python -m reports paper RESULTS... --workloads W[,W] [--by batch|mode|budget] [--mode fp32] [--batch-size B]
+                                          [--out FILE.md]   a README paper-scale table (Markdown, stdout)
 
 Exit status: 0 ok; 1 the gate failed (compare: memory grew, a case broke or disappeared); 2 bad input, usage or
 an unwritable output (one line on stderr); 130 interrupted (Ctrl-C, one line).
@@ -33,14 +35,15 @@ from .compare import (
     parse_threshold,
 )
 from .figures import FigureOptions, FigureResult, render_figures
-from .grid import compact, frame_grid, write_table
+from .grid import compact, frame_grid, table_markdown, write_table
 from .html import ReportContent, Section, write_html, write_markdown
 from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
+from .paper import SHAPES, PaperTableError, paper_table
 from .pivots import fit_grids, memory_pivot, time_pivot
 from .summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary
 from .tables import FIT_NOTES, OVERHEAD_NOTES, fit_display, overhead_display, overhead_warnings, status_label
 
-SUBCOMMANDS = ("render", "compare", "export", "merge")
+SUBCOMMANDS = ("render", "compare", "export", "merge", "paper")
 
 
 class OutputError(ValueError):
@@ -81,7 +84,31 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     merge = _files_to_one_output(
         "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
     )
-    return {"render": render, "compare": compare, "export": export, "merge": merge}
+    return {"render": render, "compare": compare, "export": export, "merge": merge, "paper": _paper_parser(common)}
+
+
+def _paper_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``python -m reports paper``: one of the README's paper-scale tables (reports/paper.py)."""
+    paper = OneLineParser(
+        prog="python -m reports paper",
+        parents=[common],
+        description="Write one paper-scale table (peak GiB ×nondp by batch or by training mode, or max batch by "
+        "memory budget) as Markdown.",
+    )
+    paper.add_argument("results", nargs="+", help="pytest-benchmark JSON and/or dpmem JSON-lines files")
+    paper.add_argument("--workloads", required=True, type=_names, help="workload (--by budget: comma list)")
+    paper.add_argument("--by", choices=SHAPES, default="batch", help="the columns: batch sizes, modes or budgets")
+    paper.add_argument("--mode", default="fp32", help="training mode of --by batch/budget, e.g. amp-bf16+blocks")
+    paper.add_argument("--batch-size", type=int, help="batch size of --by mode")
+    paper.add_argument("--out", help="write the table to this Markdown file (default: stdout)")
+    return paper
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one workload name")
+    return names
 
 
 def _compare_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -310,6 +337,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if comparison.failed else 0
 
 
+def _paper(args: argparse.Namespace) -> int:
+    if args.out:
+        check_writable(Path(args.out), "--out", directory=False)
+    results = load_results(args.results, skip_bad=args.skip_bad)
+    grid = paper_table(results, args.by, args.workloads, args.mode, args.batch_size)
+    text = "\n".join(table_markdown(grid)).rstrip("\n") + "\n"
+    if args.out:
+        _write_text(Path(args.out), "--out", text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "render"
@@ -319,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             return _render(args)
         if command == "compare":
             return _compare(args)
+        if command == "paper":
+            return _paper(args)
         out = Path(args.out)
         check_writable(out, "--out", directory=False)
         results = load_results(args.results, skip_bad=args.skip_bad)
@@ -330,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [to_jsonl_line(record) for record in results.max_batch_records]
         _write_text(out, "--out", "".join(line + "\n" for line in lines))
         return 0
-    except (ReportInputError, CompareUsageError, OutputError) as exc:
+    except (ReportInputError, CompareUsageError, OutputError, PaperTableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ __all__ = [
     "frame_grid",
     "grid_markdown",
     "ratio_colour",
+    "table_markdown",
     "write_table",
 ]
 
@@ -144,6 +145,12 @@ def grid_markdown(grid: Grid, level: str = "###") -> list[str]:
     lines = [f"{level} {markdown_text(grid.title)}", "", markdown_text(caption_line(grid)), ""]
     if not grid.rows:
         return [*lines, "_no rows_", ""]
+    return lines + table_markdown(grid)
+
+
+def table_markdown(grid: Grid) -> list[str]:
+    """The table of a grid (with rows) as Markdown lines, its legend and footnotes after it; no heading."""
+    lines = []
     numbers = _footnote_numbers(grid)
     lines.append("| " + " | ".join(markdown_text(h) for h in grid.header) + " |")
     lines.append("|" + "|".join("---" for _ in grid.header) + "|")

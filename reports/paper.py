@@ -1,0 +1,174 @@
+"""The README's paper-scale tables, written from result files: ``python -m reports paper``.
+
+Three shapes, each a :class:`reports.grid.Grid` written as Markdown (so the README's tables are this code's
+output, not hand copies):
+
+* ``--by batch``: one row per method, one column per batch size, for one workload in one training mode — the
+  peak live tensor GiB and, for a DP method, × nondp at the same batch and mode;
+* ``--by mode``: one row per method, one column per training mode (fp32, amp-bf16+blocks, …), at one batch;
+* ``--by budget``: the exact max batch of meta searches (``--max-batch --devices meta``): one row per method, a
+  column per workload × memory budget, in one training mode.
+
+A cell with no figure says why: the case's status (OOM, unsupported, error) or "—" where the case was not run
+(the per-sample loop above its paper-preset cap). The results must come from one machine (meta results have one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from bench.config.sizes import size_text
+from bench.results.record import CHECKPOINTINGS, PRECISIONS
+
+from .figures import mode_label as figure_mode_label
+from .grid import Cell, Grid
+from .load import Results
+from .tables import BASELINE_METHOD, one_process, status_label
+
+__all__ = ["SHAPES", "PaperTableError", "paper_table"]
+
+SHAPES = ("batch", "mode", "budget")
+GIB = 2**30
+NOT_RUN = "—"
+
+
+class PaperTableError(ValueError):
+    """The results cannot make the table asked for; one line naming what is missing."""
+
+
+def mode_label(precision: str, checkpointing: str) -> str:
+    """``fp32``, ``amp-bf16+blocks``: a training mode as the tables name it (the figures leave fp32 unnamed)."""
+    return figure_mode_label(precision, checkpointing) or "fp32"
+
+
+def _with_mode(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(mode=[mode_label(p, c) for p, c in zip(frame["precision"], frame["checkpointing"])])
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    """nondp first (what every ratio divides by), then the DP methods by name (as the report orders them)."""
+    names = sorted(set(methods))
+    return [m for m in names if m == BASELINE_METHOD] + [m for m in names if m != BASELINE_METHOD]
+
+
+def _one_machine(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    machines = sorted(set(frame["machine"]))
+    if len(machines) > 1:
+        raise PaperTableError(f"{what}: results from {len(machines)} machines ({', '.join(machines)}); give one")
+    return frame
+
+
+def _cases_of(results: Results, workload: str) -> pd.DataFrame:
+    cases = one_process(results.cases)
+    cases = cases[cases["workload"] == workload]
+    if cases.empty:
+        known = ", ".join(sorted(set(results.cases["workload"]))) or "none"
+        raise PaperTableError(f"no case of workload {workload!r} in the results (workloads: {known})")
+    return _with_mode(_one_machine(cases, workload))
+
+
+def _peak_cell(case: pd.Series | None, nondp_peaks: dict[tuple[str, int], float]) -> Cell:
+    if case is None:
+        return Cell(NOT_RUN)
+    if case["status"] != "ok":
+        return Cell(status_label(case["status"]), style=case["status"])
+    peak = float(case["peak_tensor_bytes"])
+    # the ratio from the bytes themselves: the overhead table's ratios are rounded to 3 places already
+    nondp = nondp_peaks.get((case["mode"], case["batch_size"])) if case["method"] != BASELINE_METHOD else None
+    return Cell(f"{peak / GIB:.1f}" + (f" ({peak / nondp:.2f}×)" if nondp else ""), peak / GIB)
+
+
+def _peak_grid(cases: pd.DataFrame, column: str, columns: list, title: str, caption: str) -> Grid:
+    """Rows method, one column per value of ``column`` (``batch_size`` or ``mode``) of ``cases``."""
+    baselines = cases[(cases["method"] == BASELINE_METHOD) & (cases["status"] == "ok")]
+    nondp_peaks = {
+        (mode, batch): float(peak)
+        for mode, batch, peak in zip(baselines["mode"], baselines["batch_size"], baselines["peak_tensor_bytes"])
+    }
+    rows = []
+    for method in _method_order(cases["method"]):
+        mine = {case[column]: case for _, case in cases[cases["method"] == method].iterrows()}
+        line = [Cell(f"`{method}`", style="label")]
+        line += [_peak_cell(mine.get(value), nondp_peaks) for value in columns]
+        rows.append(line)
+    header = ["method", *(f"B = {c}" if column == "batch_size" else c for c in columns)]
+    return Grid(title, caption, header, rows)
+
+
+def peak_by_batch(results: Results, workload: str, mode: str) -> Grid:
+    cases = _cases_of(results, workload)
+    cases = cases[cases["mode"] == mode]
+    if cases.empty:
+        raise PaperTableError(f"no case of {workload} in mode {mode!r}")
+    batches = sorted(set(cases["batch_size"]))
+    caption = f"{workload}, {mode}: peak live tensor GiB (× nondp at the same batch)"
+    return _peak_grid(cases, "batch_size", batches, f"{workload} — {mode}", caption)
+
+
+def peak_by_mode(results: Results, workload: str, batch_size: int) -> Grid:
+    cases = _cases_of(results, workload)
+    cases = cases[cases["batch_size"] == batch_size]
+    if cases.empty:
+        raise PaperTableError(f"no case of {workload} at batch {batch_size}")
+    modes = sorted(set(cases["mode"]), key=_mode_order)
+    caption = f"{workload}, batch {batch_size}: peak live tensor GiB (× nondp in the same mode)"
+    return _peak_grid(cases, "mode", modes, f"{workload} — B = {batch_size}", caption)
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    precision, _, checkpointing = mode.partition("+")
+    rank = PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+    return rank * len(CHECKPOINTINGS) + (CHECKPOINTINGS.index(checkpointing or "none")), mode
+
+
+def max_batch_by_budget(results: Results, workloads: list[str], mode: str) -> Grid:
+    searches = results.max_batches
+    if searches.empty:
+        raise PaperTableError("no max-batch search in the results (run pytest bench/ --max-batch --devices meta)")
+    searches = _with_mode(searches)
+    searches = searches[searches["workload"].isin(workloads) & (searches["mode"] == mode)]
+    if searches.empty:
+        raise PaperTableError(f"no max-batch search of {', '.join(workloads)} in mode {mode!r}")
+    _one_machine(searches, "max batch")
+    budgets = sorted({answer.budget_bytes for answers in searches["budgets"] for answer in answers})
+    header = ["method", *(f"{w} {size_text(b)}" for w in workloads for b in budgets)]
+    rows = []
+    for method in _method_order(searches["method"]):
+        line = [Cell(f"`{method}`", style="label")]
+        for workload in workloads:
+            found = searches[(searches["method"] == method) & (searches["workload"] == workload)]
+            record = found.iloc[0] if len(found) else None
+            for budget in budgets:
+                line.append(_max_batch_cell(record, budget))
+        rows.append(line)
+    caption = f"{mode}: the largest batch that fits each GPU memory (exact meta search, the overhead model applied)"
+    return Grid(f"max batch — {mode}", caption, header, rows)
+
+
+def _max_batch_cell(search: pd.Series | None, budget: int) -> Cell:
+    if search is None:
+        return Cell(NOT_RUN)
+    if search["status"] != "ok":
+        return Cell(status_label(search["status"]), style=search["status"])
+    answer = next((a for a in search["budgets"] if a.budget_bytes == budget), None)
+    if answer is None:
+        return Cell(NOT_RUN)
+    if answer.max_batch is None:
+        return Cell("0", 0.0)
+    bound = "≥" if answer.first_failing_batch is None or answer.host_limit_batch is not None else ""
+    return Cell(f"{bound}{answer.max_batch}", float(answer.max_batch))
+
+
+def paper_table(results: Results, by: str, workloads: list[str], mode: str, batch_size: int | None) -> Grid:
+    """The table of shape ``by`` (:data:`SHAPES`)."""
+    if by == "budget":
+        return max_batch_by_budget(results, workloads, mode)
+    if len(workloads) != 1:
+        raise PaperTableError(f"--by {by} makes one workload's table; got {len(workloads)}")
+    if by == "mode":
+        if batch_size is None:
+            raise PaperTableError("--by mode needs --batch-size")
+        return peak_by_mode(results, workloads[0], batch_size)
+    return peak_by_batch(results, workloads[0], mode)
