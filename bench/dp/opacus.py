@@ -38,7 +38,6 @@ Training modes (bench/dp/modes.py):
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -286,6 +285,29 @@ class FSDPGhostStep(OpacusGhostStep):
 # the methods
 
 
+_MAX_PROBED = 1024
+
+
+def _structure(model: nn.Module) -> int:
+    """A hash of what Opacus' refusals depend on: every module's name and class, every parameter's name, shape,
+    dtype and ``requires_grad``, and which parameters are one tensor (tied weights) — never a value. Two copies of
+    one model hash equal; a model changed in any of these ways probes again."""
+    modules = tuple(
+        (name, type(module).__module__, type(module).__qualname__) for name, module in model.named_modules()
+    )
+    parameters = tuple(
+        (name, tuple(p.shape), p.dtype, p.requires_grad, first) for first, (name, p) in _first_names(model)
+    )
+    return hash((modules, parameters))
+
+
+def _first_names(model: nn.Module):
+    """(the first name of the tensor, (name, parameter)) for every parameter name, tied ones included."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        yield first.setdefault(id(p), name), (name, p)
+
+
 class _OpacusMethod(DPMethod):
     """An Opacus mode: its wrapper (``wrap``), its DP optimizer on one process and on DPDDP ranks, and the steps
     that drive them."""
@@ -294,11 +316,12 @@ class _OpacusMethod(DPMethod):
     distributed_optimizer_class: type[DPOptimizer]
     step_class: type[_OpacusStep]
     distributed_step_class: type[_OpacusStep]
-    _probed: weakref.WeakKeyDictionary[nn.Module, set[str]]
+    _probed: set[tuple]
 
     def __init__(self) -> None:
-        # Models a structural probe already passed on (the probe is a forward/backward of one sample).
-        self._probed = weakref.WeakKeyDictionary()
+        # Model structures a probe already passed on (the probe is a forward/backward of one sample; on meta at
+        # paper size it cost ~2 s, and every case gets a fresh copy of the same model).
+        self._probed = set()
 
     # -- to implement -------------------------------------------------------------------------------------------
     def _opacus_module(self, model: nn.Module, max_grad_norm: float) -> nn.Module:
@@ -383,12 +406,14 @@ class _OpacusMethod(DPMethod):
     def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         if mode.loss_scaling:
             raise MethodUnsupported(self.name, LOSS_SCALING_REASON, _loss_scaling_diagnosis(self.name))
-        key = (getattr(workload, "name", ""), mode)
-        if key in self._probed.get(model, set()):
+        key = (getattr(workload, "name", ""), mode, model_device(model).type, _structure(model))
+        if key in self._probed:
             return
         probe = workload.make_batch(_PROBE_BATCH, device=model_device(model))
         self.clipped_grad_sum(workload, model, probe, 1.0, mode)  # raises MethodUnsupported with the real error
-        self._probed.setdefault(model, set()).add(key)
+        if len(self._probed) >= _MAX_PROBED:
+            self._probed.clear()
+        self._probed.add(key)
 
     def clipped_grad_sum(
         self, workload, model: nn.Module, batch, max_grad_norm: float, mode: TrainingMode = DEFAULT_MODE

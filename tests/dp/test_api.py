@@ -271,3 +271,27 @@ def test_bench_refuses_an_unreachable_target_epsilon_with_one_usage_line(tmp_pat
     errors = [line for line in lines if "error" in line.lower()]
     assert len(errors) == 1 and "target ε 0.001 (--target-epsilon) is unreachable" in errors[0], proc.stderr
     assert "Optimal order is the largest alpha" not in proc.stderr  # Opacus' per-σ warning no longer buries it
+
+
+def test_opacus_probes_a_model_structure_once_and_again_when_it_changes(monkeypatch):
+    """The structural probe (one sample's forward/backward) runs once per model structure, not once per copy: on
+    meta at paper size it cost seconds a case. A copy probes no more; a frozen parameter or a tie probes again."""
+    import copy
+
+    method = dp.get_method("opacus-hooks")
+    workload = models.get_workload("gpt-tiny-untied")
+    model = workload.build_model()
+    probes = []
+    real = type(method).clipped_grad_sum
+    monkeypatch.setattr(type(method), "clipped_grad_sum", lambda self, *a, **k: probes.append(1) or real(self, *a, **k))
+    method._probed.clear()
+    method.check(workload, model)
+    method.check(workload, copy.deepcopy(model))
+    assert len(probes) == 1
+    frozen = copy.deepcopy(model)
+    next(frozen.parameters()).requires_grad_(False)
+    method.check(workload, frozen)
+    tied = copy.deepcopy(model)
+    tied.lm_head.weight = tied.wte.weight
+    method.check(workload, tied)
+    assert len(probes) == 3
