@@ -50,3 +50,11 @@ def test_a_table_option_given_on_the_command_line_is_kept(tmp_path):
     lines = _bench(tmp_path, "--benchmark-columns=min,max", "--benchmark-sort=mean")
     header = next(line for line in lines if line.startswith("Name (time in"))
     assert header.split()[4:] == ["Min", "Max"]
+
+
+def test_the_summary_says_why_an_ok_case_is_untimed():
+    from bench.results.terminal import _untimed_kind
+
+    assert _untimed_kind({"status": "ok", "measurement": "predicted"}) == "ok predicted on meta"
+    assert _untimed_kind({"status": "ok", "measurement": "measured", "world_size": 4}) == "ok on many ranks"
+    assert _untimed_kind({"status": "oom", "measurement": "measured"}) == "oom"
