@@ -86,16 +86,19 @@ def test_two_workers_give_the_one_process_run_in_both_files_in_collection_order(
     assert infos[1] == infos[0]
 
 
-def test_a_worker_that_dies_fails_only_the_case_it_ran():
-    config = _meta_config(workload_modules=("tests.bench.pool_crash_workload",))
+def test_a_worker_that_dies_fails_only_the_case_it_ran_and_warnings_come_back():
+    config = _meta_config(workload_modules=("tests.bench.pool_workloads",))
     specs = [CaseSpec("gpt-tiny", "nondp", 2, "meta"), CaseSpec("pool-crash", "nondp", 2, "meta")]
     specs.append(CaseSpec("gpt-tiny", "bk", 2, "meta"))  # queued behind the crash on the same worker
+    specs.append(CaseSpec("pool-warns", "nondp", 2, "meta"))
     pool = MetaCasePool(config, specs, workers=1)
     try:
-        records = [pool.record(spec) for spec in specs]
+        records = [pool.record(spec) for spec in specs[:3]]
+        with pytest.warns(UserWarning, match="^pool-warns: forward ran in a worker$"):
+            records.append(pool.record(specs[3]))
     finally:
         pool.close()
-    assert [r.status for r in records] == ["ok", "error", "ok"]
+    assert [r.status for r in records] == ["ok", "error", "ok", "ok"]
     assert "exited with code 3 before it sent a record" in records[1].reason
     for spec, record in zip(specs[::2], records[::2]):  # as this process would have measured them
         assert _without_times(record.to_dict()) == _without_times(run_case(spec, config, None).to_dict())
