@@ -356,9 +356,10 @@ def _memory_cap(given: int | None) -> int | None:
     return int(ram * 0.75) if ram else None
 
 
-# A meta worker process costs a few seconds to start (torch and opacus imported again, each workload's meta model
-# built again), about what a paper-size meta case costs: --jobs auto starts one per this many meta cases.
-MIN_CASES_PER_WORKER = 8
+# A meta worker process costs ~10 s of CPU to start (torch and opacus imported again, each workload's meta model
+# built and its ops' layouts learnt again): the CI meta gate's 18 paper-size cases took 45 s of CPU on two workers,
+# 26 s in one process. --jobs auto starts one worker per this many meta cases.
+MIN_CASES_PER_WORKER = 32
 
 
 def meta_workers(jobs: int | None, meta_cases: int, devices: tuple[str, ...], cores: int | None) -> int:

@@ -43,6 +43,7 @@ def test_auto_uses_the_cores_only_for_a_meta_run_long_enough_to_pay_for_the_work
     assert meta_workers(None, 731, meta, cores=2) == 2
     assert meta_workers(None, 731, meta, cores=None) == 1  # unknown core count: one process
     assert meta_workers(None, 2 * MIN_CASES_PER_WORKER - 1, meta, cores=16) == 1
+    assert meta_workers(None, 18, meta, cores=2) == 1  # the CI meta gate: cheaper in one process
     assert meta_workers(None, 731, ("meta", "cpu"), cores=16) == 1  # a measured case must have its cores
     assert meta_workers(3, 731, meta, cores=2) == 3  # asked for: as asked
     assert meta_workers(8, 2, meta, cores=2) == 2  # never more workers than cases
