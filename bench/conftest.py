@@ -4,7 +4,9 @@ The options (root ``conftest.py`` → ``bench/config/options.py``) resolve into 
 the matrix of cases is parametrized from it in :func:`pytest_generate_tests`. Bad option values are usage
 errors (exit 4). Cases that pytest-benchmark did not time (OOM, unsupported, max-batch searches) are results
 too: they go into the benchmark JSON under ``dpmem_untimed`` (pytest-benchmark's own tools read only
-``benchmarks``, so they keep working on our files) and into the JSON-lines results file.
+``benchmarks``, so they keep working on our files) and into the JSON-lines results file. Meta cases may run in
+worker processes (``--jobs``, bench/case/pool.py); their items still run here, in collection order, and take
+their records from the pool (:func:`run_dp_case`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ if TYPE_CHECKING:  # torch, opacus and the registries load in pytest_configure, 
     from bench.case.spec import CaseSpec
     from bench.config.settings import BenchConfig
     from bench.results.record import CaseRecord, MaxBatchRecord
+    from bench.trackers.timing import StepTimer
 
 BENCH_CONFIG = pytest.StashKey["BenchConfig"]()
 UNTIMED_ENTRIES = pytest.StashKey[list]()  # JSON entries of cases pytest-benchmark did not time
 SESSION_START = pytest.StashKey[float]()
 RESULTS_WRITER = pytest.StashKey[ResultsWriter]()
 RANKED_MATRIX = pytest.StashKey[bool]()  # whether some case of the matrix runs on many ranks
+META_POOL = pytest.StashKey["MetaCasePool"]()  # worker processes running the meta cases (--jobs), if any
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,6 +65,45 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def bench_cfg(pytestconfig) -> BenchConfig:
     return pytestconfig.stash[BENCH_CONFIG]
+
+
+@pytest.fixture
+def run_dp_case(pytestconfig, bench_cfg):
+    """``run_dp_case(spec, timer)``: the case's record, from the meta worker pool when it ran there, else run
+    here (bench.case.runner.run_case)."""
+    from bench.case.runner import run_case
+
+    pool = pytestconfig.stash.get(META_POOL, None)
+
+    def run(spec: CaseSpec, timer: StepTimer | None) -> CaseRecord:
+        if pool is not None and spec in pool:
+            return pool.record(spec)
+        return run_case(spec, bench_cfg, timer)
+
+    return run
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once the items are final (deselected, ``-k``): hand the meta cases, in collection order, to worker
+    processes when ``--jobs`` (or its auto choice) asks for more than one (bench/config/settings.py,
+    ``meta_workers``)."""
+    from bench.config.settings import meta_workers
+    from bench.trackers.contention import available_cpu_cores
+
+    cfg = session.config.stash[BENCH_CONFIG]
+    items = [item for item in session.items if "dp_case" in getattr(item, "fixturenames", ())]
+    meta = [spec for spec in (item.callspec.params["dp_case"] for item in items) if spec.device == "meta"]
+    workers = meta_workers(cfg.measure.jobs, len(meta), cfg.matrix.devices, available_cpu_cores())
+    if workers > 1 and not session.config.option.collectonly:
+        from bench.case.pool import MetaCasePool
+
+        session.config.stash[META_POOL] = MetaCasePool(cfg, meta, workers)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    pool = session.config.stash.get(META_POOL, None)
+    if pool is not None:
+        pool.close()
 
 
 @pytest.fixture

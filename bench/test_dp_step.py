@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from bench.case.runner import run_case
 from bench.case.spec import CaseSpec, new_record
 from bench.trackers.timing import MIN_ROUND_S, benchmark_timer
 
@@ -25,7 +24,9 @@ _OOM_AT: dict[tuple[str, str, str, str, str, int, str | None], int] = {}
 # Harmless library chatter: Opacus' hooks on models whose inputs need no grad, and CPU autocast in functorch mode.
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 @pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported:UserWarning")
-def test_dp_step(dp_case: CaseSpec, case_params, benchmark, bench_cfg, keep_result, record_untimed, pytestconfig):
+def test_dp_step(
+    dp_case: CaseSpec, case_params, benchmark, bench_cfg, run_dp_case, keep_result, record_untimed, pytestconfig
+):
     mode = (dp_case.precision, dp_case.checkpointing)
     key = (dp_case.workload, dp_case.method, dp_case.device, *mode, dp_case.world_size, dp_case.parallel)
     if key in _OOM_AT and dp_case.batch_size > _OOM_AT[key]:
@@ -36,7 +37,8 @@ def test_dp_step(dp_case: CaseSpec, case_params, benchmark, bench_cfg, keep_resu
     else:
         benchmark.params = case_params  # pytest-benchmark would write the parameter, one CaseSpec, as "params"
         min_round_s = max(MIN_ROUND_S, float(pytestconfig.getoption("benchmark_min_time")))
-        record = run_case(dp_case, bench_cfg, benchmark_timer(benchmark, bench_cfg.measure.rounds, min_round_s))
+        # run here, or taken from the meta worker pool (--jobs; bench/conftest.py)
+        record = run_dp_case(dp_case, benchmark_timer(benchmark, bench_cfg.measure.rounds, min_round_s))
         if record.status == "oom":
             _OOM_AT[key] = min(_OOM_AT.get(key, dp_case.batch_size), dp_case.batch_size)
 

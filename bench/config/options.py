@@ -38,6 +38,7 @@ __all__ = [
     "check_names",
     "clip_norm",
     "comma_list",
+    "jobs",
     "optimizer_impl",
     "overhead_model",
     "parallel_strategies",
@@ -77,6 +78,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise BadValue(f"must be >= 1, got {value}")
     return value
+
+
+def jobs(text: str) -> int | None:
+    """``--jobs``: ``auto`` (None: chosen from the run, bench/case/pool.py) or a number of worker processes >= 1."""
+    if str(text).strip() == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except BadValue as exc:
+        raise BadValue(f"{exc} (a number of processes, or auto)") from None
 
 
 def seed(text: str) -> int:
@@ -397,6 +408,14 @@ _MEASUREMENT_OPTIONS = (
         "measure.torch_threads",
         type=positive_int,
         help="pin torch's intra-op CPU threads for the run (default: torch's choice; recorded either way)",
+    ),
+    Option(
+        "--jobs",
+        "measure.jobs",
+        type=jobs,
+        help="processes that run meta cases: auto (default: one per core in a meta-only run, fewer when it has few "
+        "cases; 1 when cpu or cuda cases run) or N; measured (cpu, cuda) cases run one at a time, so N > 1 needs "
+        "--devices meta",
     ),
     Option(
         "--memory-cap",

@@ -185,6 +185,7 @@ class MeasureSettings:
     sample_interval_s: float = 0.001
     memory_cap_bytes: int | None = None  # CPU: live tensor bytes above this count as OOM
     torch_threads: int | None = None  # pinned intra-op CPU threads (None: torch's choice)
+    jobs: int | None = None  # --jobs: processes running the meta cases (None: auto, :func:`meta_workers`)
     snapshot_case: str | None = None  # case id ("all" for every case) whose CUDA memory snapshot is exported
     snapshot_dir: str = "results/snapshots"
 
@@ -260,6 +261,7 @@ class BenchConfig:
         except (ValueError, models.WorkloadError, dp.DPConfigError) as exc:
             raise BenchUsageError(str(exc)) from None
         ranks = RanksSettings(**_without_none(given["ranks"]))
+        _check_jobs(given["measure"]["jobs"], matrix.devices, given["capacity"]["max_batch"])
         _check_ranks(
             matrix.world_sizes,
             ranks.nnodes,
@@ -352,6 +354,40 @@ def _memory_cap(given: int | None) -> int | None:
         return given
     ram = ram_bytes()
     return int(ram * 0.75) if ram else None
+
+
+# A meta worker process costs ~10 s of CPU to start (torch and opacus imported again, each workload's meta model
+# built and its ops' layouts learnt again): the CI meta gate's 18 paper-size cases took 45 s of CPU on two workers,
+# 26 s in one process. --jobs auto starts one worker per this many meta cases.
+MIN_CASES_PER_WORKER = 32
+
+
+def meta_workers(jobs: int | None, meta_cases: int, devices: tuple[str, ...], cores: int | None) -> int:
+    """How many worker processes run the session's ``meta_cases`` (<= 1: the pytest process runs them itself).
+
+    ``--jobs N``: N, but no more than there are cases. ``auto`` (None): in a meta-only run one per core (a meta
+    case is single-threaded Python), and no more than one per :data:`MIN_CASES_PER_WORKER` cases, so a short run
+    does not wait for workers to start; 1 when cpu or cuda cases run too, since a busy core would disturb their
+    measured time and memory."""
+    if jobs is not None:
+        return min(jobs, meta_cases)
+    if any(device != "meta" for device in devices):
+        return 1
+    return max(1, min(cores or 1, meta_cases // MIN_CASES_PER_WORKER))
+
+
+def _check_jobs(jobs: int | None, devices: tuple[str, ...], max_batch: bool) -> None:
+    """BenchUsageError for ``--jobs`` above 1 where cases must run one at a time."""
+    if jobs is None or jobs == 1:
+        return
+    measured = [device for device in devices if device != "meta"]
+    if measured:
+        raise BenchUsageError(
+            f"--jobs {jobs}: {', '.join(measured)} cases are measured one at a time (concurrent cases would disturb "
+            "each other's memory and time); --jobs above 1 needs --devices meta"
+        )
+    if max_batch:
+        raise BenchUsageError(f"--jobs {jobs}: --max-batch searches in one process; run it without --jobs")
 
 
 def _check_ranks(

@@ -63,6 +63,9 @@ _MARK = 3  # a = phase name
 # Ops whose input is a tensor created outside dispatch just before (torch.tensor / as_tensor from data).
 _FRESH_OPS = (torch.ops.aten.lift_fresh.default,)
 
+# Tensor types that are no wrapper subclass: their own storage holds their memory (see _inner_tensor).
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+
 # Trackers recording now; UntypedStorage.resize_ is wrapped while this list is not empty.
 _RESIZE_LISTENERS: list[TensorTracker] = []
 _ORIGINAL_RESIZE = torch.UntypedStorage.resize_
@@ -267,17 +270,19 @@ class TensorTracker(TorchDispatchMode):
         return out
 
     def _storage_on_device(self, tensor: Tensor):
-        tensor = _inner_tensor(tensor)
-        if tensor is None or tensor.device != self.device:
+        if type(tensor) not in _PLAIN_TENSORS:  # every op's every tensor passes here: the common case first
+            tensor = _inner_tensor(tensor)
+            if tensor is None:
+                return None
+        if tensor.device != self.device:
             return None
         try:
-            storage = tensor.untyped_storage()
+            return tensor.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, storage-less subclasses
             return None
-        self._storage_devices.add(storage.device)
-        return storage
 
     def _new_entry(self, storage) -> int:
+        self._storage_devices.add(storage.device)
         sid = self._next_sid
         self._next_sid += 1
         key = id(storage)
