@@ -48,8 +48,9 @@ A meta case uses the CUDA lists (meta predicts a GPU); the CPU lists drive the f
 Where a torch-function mode sees less than the dispatcher: autocast also casts inside a composite op that is not
 on its lists (the op falls through and its decomposition is dispatched again), while a torch-function mode sees
 only the call a Python caller makes. Composites this matters for are rules of their own
-(:data:`CUDA_COMPOSITES`: ``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes
-into ``log_softmax`` in the input dtype and a float32 ``nll_loss``); ``torch.norm``/``Tensor.norm`` are
+(:data:`COMPOSITES`: ``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes into
+``log_softmax`` in the input dtype and a float32 ``nll_loss``, and under ``torch.func.vmap`` on CPU, whose
+batching layer decomposes it before the Autocast key sees it); ``torch.norm``/``Tensor.norm`` are
 ``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted composites (``einsum`` on CPU,
 ``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside: tests cover the workloads'
 ops, not every composite.
@@ -65,6 +66,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+from .errors import ModeUnsupported
 
 __all__ = [
     "CPU_POLICIES",
@@ -237,6 +240,38 @@ class _State:
         self.mode: AutocastEmulation | None = None
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter, torch.nn.Buffer)
+_TENSOR_TORCH_FUNCTION = Tensor.__torch_function__
+
+
+def _innermost(t: Tensor) -> Tensor:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+# Under torch.func.grad the Autocast key casts below the transform's own autograd, so the transform saves the
+# uncast inputs; an emulated cast is recorded at the transform's level and saves the cast copies instead (measured:
+# torch-func on dit-tiny-cond, amp-bf16, batch 3: 86,016 bytes more activations than CPU autocast). Refused.
+GRAD_TRANSFORM_REASON = (
+    "amp on meta: a cast inside torch.func.grad (whole-model torch-func, Opacus' functorch sampler) is not "
+    "emulated exactly — autocast casts below the transform's autograd, the emulation above it, so the saved "
+    "tensors would differ; run this case on cpu or cuda"
+)
+
+
+def _under_grad_transform(t: Tensor) -> bool:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_gradtrackingtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def _wrapped(t) -> bool:
+    return isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _eligible(t) -> bool:
     return isinstance(t, Tensor) and t.device.type == "meta" and t.is_floating_point() and t.dtype != torch.float64
 
@@ -256,8 +291,10 @@ class AutocastEmulation(TorchFunctionMode):
         name = op_name(func)
         policy = None
         if name is not None:
-            composite = CUDA_COMPOSITES.get(name[0]) if self.state.policies.device_type == "cuda" else None
-            policy = "composite" if composite is not None else self.state.policies.policy(*name)
+            if name[0] in COMPOSITES:
+                policy = "composite" if self.state.policies.device_type == "cuda" else "composite-under-vmap"
+            else:
+                policy = self.state.policies.policy(*name)
         self._policy_of[id(func)] = (func, policy)
         return policy
 
@@ -267,6 +304,10 @@ class AutocastEmulation(TorchFunctionMode):
         policy = self._policy(func) if state.enabled else None
         if policy is None:
             return func(*args, **kwargs)
+        if any(t not in _PLAIN_TYPES and t.__torch_function__ is not _TENSOR_TORCH_FUNCTION for t in types):
+            # A tensor subclass with a __torch_function__ of its own (Opacus' ExpandedWeight) handles the call
+            # first, as it would above the dispatcher; the calls it makes come back here and are cast then.
+            return NotImplemented
         if policy == "lower_precision_fp":
             cast = self.caster(state.dtype)
             return func(*_map(cast, args), **_map(cast, kwargs))
@@ -296,7 +337,11 @@ class AutocastEmulation(TorchFunctionMode):
                 "layers using torch.nn.functional.binary_cross_entropy_with_logits or torch.nn.BCEWithLogitsLoss. "
                 "binary_cross_entropy_with_logits and BCEWithLogits are safe to autocast."
             )
-        return CUDA_COMPOSITES[op_name(func)[0]](self, *args, **kwargs)
+        if policy == "composite-under-vmap" and not any(_wrapped(t) for t in _flat(args, kwargs)):
+            policy = self.state.policies.policy(op_name(func)[0], None)  # the op itself is listed (CPU: fp32)
+            cast = self.caster(torch.float32) if policy == "fp32" else (lambda t: t)
+            return func(*_map(cast, args), **_map(cast, kwargs))
+        return COMPOSITES[op_name(func)[0]](self, *args, **kwargs)
 
     def caster(self, dtype: torch.dtype) -> Callable[[object], object]:
         """``cached_cast(dtype, ·)``: eligible tensors of another dtype cast, leaf fp32 weights once per region."""
@@ -305,12 +350,17 @@ class AutocastEmulation(TorchFunctionMode):
         def cast(t):
             if not _eligible(t) or t.dtype == dtype:
                 return t
+            if _under_grad_transform(t):
+                raise ModeUnsupported(GRAD_TRANSFORM_REASON)
+            # Under torch.func transforms the Autocast key meets the innermost tensor, below every functorch
+            # level (vmap's and grad's wrappers): that one decides, as in cached_cast.
+            inner = _innermost(t)
             cacheable = (
                 dtype == state.dtype
                 and t.dtype == torch.float32
-                and t.requires_grad
-                and t.is_leaf
-                and not t._is_view()
+                and inner.requires_grad
+                and inner.is_leaf
+                and not inner._is_view()
                 and torch.is_autocast_cache_enabled()
             )
             if not cacheable:
@@ -355,7 +405,7 @@ def _flat(args, kwargs) -> Iterator[object]:
         yield from (v if isinstance(v, (list, tuple)) else (v,))
 
 
-def _cuda_cross_entropy(
+def _decomposed_cross_entropy(
     mode: AutocastEmulation,
     input,
     target,
@@ -366,9 +416,10 @@ def _cuda_cross_entropy(
     reduction="mean",
     label_smoothing=0.0,
 ):
-    """CUDA's ``cross_entropy_loss`` is not listed: it falls through and its decomposition (LossNLL.cpp,
-    class-index targets, no label smoothing) runs ``log_softmax(input, class_dim, input.dtype)`` — the dtype
-    given, so fp32_set_opt_dtype keeps it — then ``nll_loss_nd``, whose nll_loss/nll_loss2d cast to float32."""
+    """``cross_entropy_loss`` decomposed before autocast sees it (:data:`COMPOSITES`): its decomposition
+    (LossNLL.cpp, class-index targets, no label smoothing) runs ``log_softmax(input, class_dim, input.dtype)`` —
+    the dtype given, so CUDA's fp32_set_opt_dtype keeps it, and CPU does not list it — then ``nll_loss_nd``,
+    whose nll_loss/nll_loss2d cast to float32 on both."""
     if label_smoothing != 0.0 or target.is_floating_point():
         raise NotImplementedError(
             "amp on meta: cross_entropy with label smoothing or class-probability targets is not emulated "
@@ -384,8 +435,10 @@ def _cuda_cross_entropy(
     )
 
 
-# Python-level calls of an op CUDA does not list whose decomposition runs listed ops (module docstring).
-CUDA_COMPOSITES: dict[str, Callable] = {"cross_entropy_loss": _cuda_cross_entropy}
+# Python-level calls of an op whose decomposition runs listed ops before autocast sees the op itself: on CUDA,
+# which does not list cross_entropy_loss, always; on CPU, which lists it fp32, under torch.func's vmap, whose
+# batching layer (above the Autocast key) decomposes it first (functorch's BatchRulesDecompositions.cpp).
+COMPOSITES: dict[str, Callable] = {"cross_entropy_loss": _decomposed_cross_entropy}
 
 
 # --- the session: "meta" as an autocast device for torch's own context manager -------------------------------
