@@ -53,7 +53,10 @@ only the call a Python caller makes. Composites this matters for are rules of th
 batching layer decomposes it before the Autocast key sees it); ``torch.norm``/``Tensor.norm`` are
 ``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted composites (``einsum`` on CPU,
 ``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside: tests cover the workloads'
-ops, not every composite.
+ops, not every composite. Inside ``torch.func.grad`` autocast casts below the transform's autograd, which a mode
+above it cannot: such a cast is :class:`ModeUnsupported` (:data:`GRAD_TRANSFORM_REASON`). A tensor subclass with a
+``__torch_function__`` of its own (Opacus' ExpandedWeight) handles a call before the casts, as it would above
+the dispatcher.
 """
 
 from __future__ import annotations
