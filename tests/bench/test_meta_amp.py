@@ -111,3 +111,14 @@ def test_the_meta_state_warm_up_leaves_the_grad_scaler_a_step_leaves(frozen_heap
     assert short.memory.baseline_tensor_bytes == full.memory.baseline_tensor_bytes
     assert short.memory.peak_tensor_bytes == full.memory.peak_tensor_bytes
     assert short.memory.breakdown == full.memory.breakdown
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_planner_plans_amp_on_meta(capsys, precision):
+    from bench.plan import planner
+
+    assert planner.main(["gpt-tiny", "--precision", precision, "--methods", "nondp,bk", "--memory", "64MiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"predicted on the meta device; {precision};" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| nondp |", "| bk |"))]
+    assert len(rows) == 2 and not any("unsupported" in row or "error" in row for row in rows), out
