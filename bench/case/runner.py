@@ -35,7 +35,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,7 @@ from bench.case.attention import AttentionUnsupported, attention_in_forward
 from bench.case.meta_device import MetaOpCache, meta_model, unsupported_reason
 from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
+from bench.dp.autocast_emulation import meta_autocast
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
 from bench.ranks.launch import run_ranked_case
 from bench.results.record import CaseRecord, StepMemory, Timing
@@ -134,7 +135,8 @@ FULL_WARM_UP_ON_META = ("opacus-hooks", "opacus-functorch", "opacus-ew", "opacus
 
 def _meta_state_warm_up(step) -> None:
     """What a warm-up step leaves behind, without running the model: every trainable parameter holds a
-    gradient and the optimizer has stepped once on it (AdamW's moments exist). On meta the values do not exist,
+    gradient and the optimizer has stepped once on it (AdamW's moments exist); an amp-fp16 GradScaler holds its
+    scale and growth tracker. On meta the values do not exist,
     so only the tensors' existence and shapes matter; this costs one optimizer step instead of a whole DP step
     (for the per-sample loop, instead of B forward/backward passes)."""
     optimizer = dp.base_optimizer(step.optimizer)
@@ -142,6 +144,9 @@ def _meta_state_warm_up(step) -> None:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)
     optimizer.step()
+    scaler = getattr(step, "scaler", None)
+    if scaler is not None:  # amp-fp16: a step leaves the GradScaler's scale and growth tracker (made lazily)
+        scaler.scale(torch.ones((), device="meta"))
 
 
 class _AttentionRun:
@@ -437,7 +442,11 @@ class _MetaCase(_DeviceCase):
         )
 
     def context(self) -> AbstractContextManager:
-        return self.op_cache
+        # amp's torch.autocast(device_type="meta") is emulated while the case runs (bench/dp/autocast_emulation.py)
+        stack = ExitStack()
+        stack.enter_context(meta_autocast())
+        stack.enter_context(self.op_cache)
+        return stack
 
     def _model(self):
         return meta_model(self.workload)

@@ -22,10 +22,13 @@ Two steps, kept apart so that every device gets the same treatment:
 
 Devices: CPU runs every mode — torch 2.13's CPU autocast runs fp16 too, and its fp16 backward underflows like a
 GPU's, so the GradScaler does there what it does on a GPU (CPU fp16 kernels are slow: timings say nothing about
-a GPU). CUDA needs bf16 support for the bf16 modes. On ``meta`` autocast does nothing — ``torch.autocast``
-refuses the device type and CPU/CUDA autocast cast only their own device's tensors — so ``amp-*`` there would
-silently predict an fp32 forward: refused. ``bf16`` and ``blocks`` work on meta (dtypes and recompute are
-shapes, not values).
+a GPU). CUDA needs bf16 support for the bf16 modes. Meta runs every mode: ``bf16`` and ``blocks`` are dtypes and
+recompute, and ``amp-*`` runs torch's own ``torch.autocast(device_type="meta")`` inside the meta case's
+:func:`bench.dp.autocast_emulation.meta_autocast` session, which casts meta tensors above autograd by CUDA's op
+lists, weight cache included (docs/meta-and-planner.md, "amp on meta"); ``amp-fp16``'s GradScaler there is
+:class:`bench.dp.autocast_emulation.MetaGradScaler` (torch's, stepping without reading found-inf). A cast
+inside ``torch.func.grad`` is not emulated exactly and is :class:`ModeUnsupported` on meta (torch-func,
+opacus-functorch under amp). Outside such a session an amp forward on meta is a :class:`DPConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import nn
 from bench.results.record import CHECKPOINTINGS, PRECISIONS  # every record's mode is one of them
 from models.checkpointing import CheckpointedBlocks, checkpoint_modules, checkpointed_modules
 
+from .autocast_emulation import MetaGradScaler, meta_autocast_active
 from .errors import DPConfigError, ModeUnsupported
 
 __all__ = [
@@ -109,11 +113,21 @@ class TrainingMode:
     def forward_context(self, device: torch.device) -> AbstractContextManager:
         """The context the forward and the loss run in: ``torch.autocast`` for amp-*, else nothing."""
         dtype = self.autocast_dtype
-        return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+        if dtype is None:
+            return nullcontext()
+        if device.type == "meta" and not meta_autocast_active():
+            raise DPConfigError(
+                f"{self.precision} on meta autocasts inside bench.dp.autocast_emulation.meta_autocast() (a meta "
+                "case enters it); enter it around the step"
+            )
+        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def new_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
-        """A fresh GradScaler (torch's defaults: initial scale 2^16, growth ×2 every 2000 steps) for amp-fp16."""
-        return torch.amp.GradScaler(device.type) if self.loss_scaling else None
+        """A fresh GradScaler (torch's defaults: initial scale 2^16, growth ×2 every 2000 steps) for amp-fp16;
+        on meta :class:`MetaGradScaler`, which steps without reading found-inf."""
+        if not self.loss_scaling:
+            return None
+        return MetaGradScaler("meta") if device.type == "meta" else torch.amp.GradScaler(device.type)
 
     def initial_loss_scale(self, device: torch.device) -> torch.Tensor | None:
         """The loss scale a fresh GradScaler starts with, as a 0-d tensor (None without loss scaling): what the
@@ -126,12 +140,6 @@ DEFAULT_MODE = TrainingMode()
 
 
 def _device_problem(mode: TrainingMode, device: torch.device) -> str | None:
-    if device.type == "meta" and mode.autocast_dtype is not None:
-        return (
-            f"{mode.precision} on meta: autocast does not apply to meta tensors (torch.autocast refuses device "
-            "type 'meta'; CPU and CUDA autocast cast only their own device's tensors), so the prediction would be "
-            "an fp32 forward; measure amp on a GPU or CPU (bf16 and checkpointing run on meta)"
-        )
     bf16 = torch.bfloat16 in (mode.autocast_dtype, mode.param_dtype)
     if device.type == "cuda" and bf16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         return f"{mode.precision} on {device}: this GPU has no native bf16 support"

@@ -85,10 +85,9 @@ def _trainable_bytes(workload: str) -> int:
 
 
 # What meta cannot run, and the op it names (bench/case/meta_device.py; docs/meta-and-planner.md).
+# (opacus-functorch runs: the torch.amp.autocast(device_type="meta") its sampler enters for an nn.Embedding's
+# int64 ids is emulated, bench/dp/autocast_emulation.py.)
 META_UNSUPPORTED = {
-    # Opacus' functorch sampler enters torch.amp.autocast(device_type=<input device>) for a layer whose input
-    # dtype differs from its weight's (nn.Embedding's int64 ids); autocast has no meta device.
-    "opacus-functorch": "unsupported autocast device_type 'meta'",
     # Opacus' ghost norm of an nn.Embedding groups equal (sample, id) pairs with torch.unique: how many there
     # are depends on the ids' values.
     "opacus-ghost": "aten::unique_dim",

@@ -226,7 +226,6 @@ def test_plan_takes_a_workload_spec_and_a_gpu(capsys):
         (["dit-tiny-cond", "--budget-overhead", "lots"], "FIXED+PERCENT"),
         (["dit-tiny-cond", "--calibrate", "/no/such/file.jsonl"], "no such file"),
         (["dit-tiny-cond", "--precision", "fp16"], "did you mean"),
-        (["dit-tiny-cond", "--precision", "amp-bf16"], "autocast does not run on the meta device"),
         (["dit-tiny-cond", "--checkpointing", "all"], "--checkpointing"),
         (["gpt2:n_layer=1000000000"], "n_layer=1000000000 is above the limit"),  # it hung, RSS growing
     ],

@@ -345,10 +345,22 @@ def test_prepare_model_casts_and_wraps_and_reads_no_values():
 
 
 @pytest.mark.parametrize("precision", ["amp-bf16", "amp-fp16"])
-def test_autocast_on_meta_is_refused_not_silently_fp32(precision):
+def test_autocast_on_meta_is_emulated_never_silently_fp32(precision):
+    """A meta case autocasts inside bench.dp.autocast_emulation.meta_autocast (the runner enters it); outside
+    it the forward context refuses, naming it, instead of running an fp32 forward."""
+    from bench.dp.autocast_emulation import MetaGradScaler, meta_autocast
+
     workload = models.get_workload("gpt-tiny")
-    with pytest.raises(ModeUnsupported, match="autocast does not apply to meta tensors"):
-        prepare_model(workload.build_model("meta"), workload, TrainingMode(precision), "meta")
+    model = workload.build_model("meta")
+    mode = TrainingMode(precision)
+    assert prepare_model(model, workload, mode, "meta") is None
+    meta = torch.device("meta")
+    with pytest.raises(DPConfigError, match="meta_autocast"):
+        mode.forward_context(meta)
+    batch = workload.make_batch(2, generator=torch.Generator().manual_seed(0), device="meta")
+    with meta_autocast(), mode.forward_context(meta):
+        assert model(*batch.inputs).dtype == mode.autocast_dtype  # lm_head is a Linear: cast to the autocast dtype
+    assert isinstance(mode.new_scaler(meta), MetaGradScaler) == mode.loss_scaling
 
 
 def test_a_workload_without_block_types_cannot_be_checkpointed():
