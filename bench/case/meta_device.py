@@ -18,22 +18,31 @@ batch size (docs/meta-and-planner.md, "Paper-scale answers without a GPU"). Thre
 * :func:`meta_model` — building a paper-size DiT on meta takes seconds (initialisers run as Python meta
   ops); a built model is kept per workload and each case gets a ``copy.deepcopy`` of it (tied parameters
   stay tied), which is what a fresh build would give: meta parameters hold no values.
-* :func:`unsupported_reason` — an op whose result depends on tensor *values* (``.item()``, ``.tolist()``,
-  ``nonzero``, ``unique``, ``masked_select``) cannot run on meta; the case is then ``unsupported`` with the
-  op named, and the other cases go on.
+* :func:`meta_dispatch` — the modes a case runs under: the op cache and, inside it, integer tensors that keep
+  their values (bench/case/meta_values.py): the batch's ids, labels and what the step derives from them carry
+  their CPU values, so value-dependent ops on them (Opacus ghost clipping's ``torch.unique`` of (sample, id)
+  pairs, ``.item()``, ``nonzero``) run with their true results. The cache never caches an op on such a tensor.
+* :func:`unsupported_reason` — an op whose result depends on the values of a tensor that has none (a float, or
+  an integer that did not come from the batch: ``.item()``, ``.tolist()``, ``nonzero``, ``unique``,
+  ``masked_select``) cannot run on meta; the case is then ``unsupported`` with the op named, and the other
+  cases go on.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["MetaOpCache", "meta_model", "unsupported_reason"]
+from bench.case.meta_values import IntegerValuesMode, ValuedMetaTensor, needs_values
+
+__all__ = ["MetaOpCache", "meta_dispatch", "meta_model", "unsupported_reason"]
 
 # Non-tensor argument types whose value (not identity) decides an op's output layout.
 _VALUE_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -47,7 +56,8 @@ def _layout_key(value: Any) -> Any:
     """What of an argument can decide an op's output layout: a meta tensor's shape, strides, dtype and offset, a
     plain value itself; anything else (a CPU tensor, a generator, an object) makes the call uncacheable."""
     if isinstance(value, Tensor):
-        if value.device.type != "meta" or value.layout != torch.strided:
+        # a ValuedMetaTensor's op results depend on its values (bench/case/meta_values.py)
+        if value.device.type != "meta" or value.layout != torch.strided or isinstance(value, ValuedMetaTensor):
             raise _Uncacheable
         return (value.shape, value.stride(), value.dtype, value.storage_offset())
     if isinstance(value, (list, tuple)):
@@ -183,6 +193,14 @@ def _op_kind(func) -> str | None:
     return "inplace"
 
 
+@contextmanager
+def meta_dispatch(op_cache: MetaOpCache) -> Iterator[None]:
+    """The dispatch modes of a meta case: ``op_cache``, and inside it :class:`IntegerValuesMode` (so the cache
+    sees plain meta results; the tensor tracker, entered inside both, sees the valued ones)."""
+    with op_cache, IntegerValuesMode():
+        yield
+
+
 _TEMPLATES: dict[tuple, nn.Module] = {}
 _TEMPLATES_LOCK = threading.Lock()
 
@@ -196,22 +214,13 @@ def meta_model(workload) -> nn.Module:
     with _TEMPLATES_LOCK:
         template = _TEMPLATES.get(key)
         if template is None:
-            template = _TEMPLATES[key] = workload.build_model("meta")
+            with IntegerValuesMode():  # integer buffers (position ids) keep their values, wherever it is called
+                template = _TEMPLATES[key] = workload.build_model("meta")
     try:
         return copy.deepcopy(template)
     except Exception:  # a bring-your-own module that refuses deepcopy: build it again
-        return workload.build_model("meta")
-
-
-# Messages torch raises for value-dependent work on meta tensors (first line, lowercased substrings).
-_META_MESSAGES = (
-    "cannot be called on meta tensors",
-    "cannot copy out of meta tensor",
-    "with meta tensors",
-    "meta device type tensor",
-    "a meta tensor without",
-    "data-independent implementation does not exist",
-)
+        with IntegerValuesMode():
+            return workload.build_model("meta")
 
 
 # The Python call behind an aten op whose name says little.
@@ -220,15 +229,15 @@ _FRIENDLY_OPS = {"_local_scalar_dense": "Tensor.item() (aten::_local_scalar_dens
 
 def unsupported_reason(exc: BaseException, failed_op: str | None) -> str | None:
     """Why a case cannot run on meta, or None if ``exc`` is not a meta limitation (then it is a real error)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not any(m in text.lower() for m in _META_MESSAGES):
+    if not needs_values(exc):
         return None
+    text = str(exc).strip().splitlines()[0]
     if failed_op is None:
         op = "a Python-level conversion"
     else:
         name = failed_op.split(".")[-1]
         op = _FRIENDLY_OPS.get(name, f"aten::{name}")
     return (
-        f"meta device: {op} needs tensor values, which meta tensors do not have ({type(exc).__name__}: {text}); "
-        "run this case on cpu or cuda"
+        f"meta device: {op} needs tensor values, which meta tensors do not have (only integer tensors derived "
+        f"from the batch keep theirs) ({type(exc).__name__}: {text}); run this case on cpu or cuda"
     )

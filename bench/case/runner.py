@@ -44,7 +44,7 @@ import torch
 import models
 from bench import dp
 from bench.case.attention import AttentionUnsupported, attention_in_forward
-from bench.case.meta_device import MetaOpCache, meta_model, unsupported_reason
+from bench.case.meta_device import MetaOpCache, meta_dispatch, meta_model, unsupported_reason
 from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
@@ -437,7 +437,7 @@ class _MetaCase(_DeviceCase):
         )
 
     def context(self) -> AbstractContextManager:
-        return self.op_cache
+        return meta_dispatch(self.op_cache)  # the batch's integer tensors keep their values (meta_values.py)
 
     def _model(self):
         return meta_model(self.workload)

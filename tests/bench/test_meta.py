@@ -89,9 +89,6 @@ META_UNSUPPORTED = {
     # Opacus' functorch sampler enters torch.amp.autocast(device_type=<input device>) for a layer whose input
     # dtype differs from its weight's (nn.Embedding's int64 ids); autocast has no meta device.
     "opacus-functorch": "unsupported autocast device_type 'meta'",
-    # Opacus' ghost norm of an nn.Embedding groups equal (sample, id) pairs with torch.unique: how many there
-    # are depends on the ids' values.
-    "opacus-ghost": "aten::unique_dim",
 }
 
 
