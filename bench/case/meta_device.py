@@ -1,7 +1,7 @@
 """Running a case on the meta device: tensors with shapes and dtypes but no data, so nothing is allocated.
 
 The fused step runs as usual under the tensor tracker and gives the exact live tensor bytes of any model at any
-batch size (docs/meta-and-planner.md, "Paper-scale answers without a GPU"). Three pieces make that practical and honest:
+batch size (docs/meta-and-planner.md, "Paper-scale answers without a GPU"). Four pieces make that practical and honest:
 
 * :class:`MetaOpCache` — a meta op costs no arithmetic, but many meta kernels are Python decompositions
   (layer norm backward, gelu, the foreach optimizer ops: 0.3–5 ms each), which made one DiT-XL/2 step take
@@ -18,8 +18,8 @@ batch size (docs/meta-and-planner.md, "Paper-scale answers without a GPU"). Thre
 * :func:`meta_model` — building a paper-size DiT on meta takes seconds (initialisers run as Python meta
   ops); a built model is kept per workload and each case gets a ``copy.deepcopy`` of it (tied parameters
   stay tied), which is what a fresh build would give: meta parameters hold no values.
-* :func:`meta_dispatch` — the modes a case runs under: the op cache and, inside it, integer tensors that keep
-  their values (bench/case/meta_values.py): the batch's ids, labels and what the step derives from them carry
+* :class:`ValuedOpCache` — the op cache a case runs under, through which integer tensors enter with their
+  values (bench/case/meta_values.py): the batch's ids, labels and what the step derives from them carry
   their CPU values, so value-dependent ops on them (Opacus ghost clipping's ``torch.unique`` of (sample, id)
   pairs, ``.item()``, ``nonzero``) run with their true results. The cache never caches an op on such a tensor.
 * :func:`unsupported_reason` — an op whose result depends on the values of a tensor that has none (a float, or
@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.case.meta_values import IntegerValuesMode, ValuedMetaTensor, needs_values
+from bench.case.meta_values import IntegerValuesMode, ValuedMetaTensor, needs_values, with_values
 
-__all__ = ["MetaOpCache", "meta_dispatch", "meta_model", "unsupported_reason"]
+__all__ = ["MetaOpCache", "ValuedOpCache", "meta_model", "unsupported_reason"]
 
 # Non-tensor argument types whose value (not identity) decides an op's output layout.
 _VALUE_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -193,12 +191,14 @@ def _op_kind(func) -> str | None:
     return "inplace"
 
 
-@contextmanager
-def meta_dispatch(op_cache: MetaOpCache) -> Iterator[None]:
-    """The dispatch modes of a meta case: ``op_cache``, and inside it :class:`IntegerValuesMode` (so the cache
-    sees plain meta results; the tensor tracker, entered inside both, sees the valued ones)."""
-    with op_cache, IntegerValuesMode():
-        yield
+class ValuedOpCache(MetaOpCache):
+    """The op cache of a meta case, where integer tensors also enter with their values
+    (:func:`bench.case.meta_values.with_values`): one dispatch mode, not two — a second Python mode costs every
+    op of a step another dispatch (measured: ~0.6 s of a 4.5 s gpt2-large opacus-hooks meta case). The cache
+    itself only ever sees and stores plain meta results (a factory's values are added after it)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return with_values(func, args, kwargs or {}, super().__torch_dispatch__(func, types, args, kwargs))
 
 
 _TEMPLATES: dict[tuple, nn.Module] = {}

@@ -21,9 +21,11 @@ values too; an integer or boolean result then carries the result's values. So:
 * an in-place op that writes a plain meta value into a valued tensor makes its values (and its views')
   unknown from then on (:class:`_Knowledge`): an op that later needs them is unsupported, never wrong.
 
-Values enter only through :class:`IntegerValuesMode`: an integer tensor moved from the CPU to meta
+Values enter only through :func:`with_values` (a meta case's op cache, or :class:`IntegerValuesMode`): an
+integer tensor moved from the CPU to meta
 (``batch.to("meta")``, Opacus' ``torch.arange(n).to(device)``), or made on meta by a factory whose values
-follow from its arguments (``torch.arange(T, device=...)``, ``zeros``, ``full``, ...). Values are kept for
+follow from its arguments (``torch.arange(T, device=...)``, ``zeros``, ``full``, ...; integer dtypes only: a
+boolean factory makes a mask, such as a causal one, whose values no result shape depends on). Values are kept for
 tensors whose storage holds at most :data:`MAX_VALUED_BYTES`: beyond that a result is plain meta (its bytes are
 still counted; only an op that would need its values is unsupported), so a case never holds a large int tensor
 (Opacus' expanded embedding index, B×T×D int64) on the host; views (``expand``) cost nothing and keep theirs.
@@ -44,7 +46,7 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["MAX_VALUED_BYTES", "IntegerValuesMode", "ValuedMetaTensor", "needs_values"]
+__all__ = ["MAX_VALUED_BYTES", "IntegerValuesMode", "ValuedMetaTensor", "needs_values", "with_values"]
 
 # At most 128 MiB of values per storage on the host; the ids of a paper-size batch are far below (gpt2-large at
 # batch 256: 2 MiB).
@@ -303,30 +305,40 @@ _FILLED_LIKE = {
 _TO_COPY = _aten._to_copy.default
 
 
-class IntegerValuesMode(TorchDispatchMode):
-    """Where integer tensors enter meta with their values (module docstring); every other op passes through.
+_ENTRIES = _FACTORIES | set(_FILLED_LIKE) | {id(_TO_COPY)}
 
-    Enter it *inside* the :class:`MetaOpCache` (so the cache sees a factory's plain meta result, never a
-    valued one) and outside the tensor tracker (which sees the ValuedMetaTensor it returns)."""
+
+def with_values(func, args: tuple, kwargs: dict, out: Any) -> Any:
+    """``out``, the result of ``func(*args, **kwargs)``, as a ValuedMetaTensor where values enter: an integer
+    tensor moved from the CPU to meta, or an integer factory result on meta (module docstring); else ``out``.
+    One set lookup for every other op: it runs on every op of a meta step."""
+    key = id(func)
+    if key not in _ENTRIES:
+        return out
+    if type(out) is not Tensor or out.device != _META or not _carries_values(out.dtype):
+        return out
+    if _storage_bytes(out) > MAX_VALUED_BYTES or (out.dtype == torch.bool and func is not _TO_COPY):
+        # A boolean factory makes a mask (``torch.ones(T, T, dtype=bool).tril()``, causal attention): no
+        # result shape depends on it, and valued, each layer's mask ops would run on the host, uncached.
+        return out
+    with no_dispatch():
+        if func is _TO_COPY:
+            source = args[0]
+            if isinstance(source, ValuedMetaTensor) or source.device != _CPU:
+                return out  # meta to meta: the subclass handled it, or a plain meta source has no values
+            values = source.to(dtype=out.dtype, copy=True)  # .to(device) copies: the source may change
+        elif key in _FACTORIES:
+            values = func(*args, **{**kwargs, "device": _CPU, "pin_memory": None})
+        else:
+            values = torch.full(out.shape, _FILLED_LIKE[key](args), dtype=out.dtype)
+    return ValuedMetaTensor(out, _laid_out_like(out, values))
+
+
+class IntegerValuesMode(TorchDispatchMode):
+    """:func:`with_values` on its own, for meta work outside a case (building a model on meta). A meta case
+    gets the same from its op cache (bench/case/meta_device.py, :class:`ValuedOpCache`) instead: a second
+    dispatch mode would cost every op of the step another Python dispatch."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        key = id(func)
-        if key not in _FACTORIES and key not in _FILLED_LIKE and func is not _TO_COPY:
-            return out
-        if type(out) is not Tensor or out.device != _META or not _carries_values(out.dtype):
-            return out
-        if _storage_bytes(out) > MAX_VALUED_BYTES:
-            return out
-        with no_dispatch():
-            if func is _TO_COPY:
-                source = args[0]
-                if isinstance(source, ValuedMetaTensor) or source.device != _CPU:
-                    return out  # meta to meta: the subclass handled it, or a plain meta source has no values
-                values = source.to(dtype=out.dtype, copy=True)  # .to(device) copies: the source may change
-            elif key in _FACTORIES:
-                values = func(*args, **{**kwargs, "device": _CPU, "pin_memory": None})
-            else:
-                values = torch.full(out.shape, _FILLED_LIKE[key](args), dtype=out.dtype)
-        return ValuedMetaTensor(out, _laid_out_like(out, values))
+        return with_values(func, args, kwargs, func(*args, **kwargs))

@@ -11,7 +11,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from torch import nn
 
 import bench.case.meta_values as meta_values
-from bench.case.meta_device import MetaOpCache, meta_dispatch
+from bench.case.meta_device import ValuedOpCache
 from bench.case.meta_values import IntegerValuesMode, ValuedMetaTensor
 from tests.memory.tracking import tracked
 
@@ -26,10 +26,15 @@ def test_an_integer_tensor_moved_to_meta_keeps_its_values_and_a_float_does_not()
         on_meta, floats = ids.to("meta"), torch.randn(3).to("meta")
         positions = torch.arange(6, device="meta")
         zeros = torch.zeros(2, 3, device="meta")
+        token_types = torch.zeros(2, 3, dtype=torch.long, device="meta")
+        mask = torch.ones(3, 3, dtype=torch.bool, device="meta")  # a causal mask's start: no values needed
+        labels_seen = torch.tensor([True, False]).to("meta")
     assert isinstance(on_meta, ValuedMetaTensor) and on_meta.device.type == "meta"
     assert torch.equal(on_meta.host_values, ids) and on_meta.host_values is not ids  # a copy, as .to makes one
     assert type(floats) is torch.Tensor and type(zeros) is torch.Tensor
     assert isinstance(positions, ValuedMetaTensor) and positions.tolist() == list(range(6))
+    assert isinstance(token_types, ValuedMetaTensor) and token_types.tolist() == [[0, 0, 0]] * 2
+    assert type(mask) is torch.Tensor and labels_seen.tolist() == [True, False]
 
 
 def test_value_dependent_ops_on_ids_get_the_cpu_results():
@@ -113,7 +118,7 @@ def test_a_deep_copy_keeps_the_values():
 
 def test_the_op_cache_never_caches_an_op_on_valued_tensors():
     results = []
-    with meta_dispatch(MetaOpCache()) as _:
+    with ValuedOpCache():
         for seed in (0, 1, 2):
             on_meta = _ids(seed, shape=(40,), high=40).to("meta")
             shifted = on_meta + 1  # a cacheable op on plain meta tensors of this layout
@@ -143,7 +148,7 @@ def _ghost_embedding_norm_report(device: str):
 
 def test_the_tracker_counts_the_ghost_embedding_norm_on_meta_as_on_cpu():
     cpu, cpu_norms = _ghost_embedding_norm_report("cpu")
-    with meta_dispatch(MetaOpCache()):
+    with ValuedOpCache():
         meta, meta_norms = _ghost_embedding_norm_report("meta")
     assert type(meta_norms) is torch.Tensor and meta_norms.shape == cpu_norms.shape  # a float: plain meta
     assert meta.trace_bytes == cpu.trace_bytes and meta.allocations == cpu.allocations > 5
