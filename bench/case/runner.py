@@ -44,7 +44,7 @@ import torch
 import models
 from bench import dp
 from bench.case.attention import AttentionUnsupported, attention_in_forward
-from bench.case.meta_device import MetaOpCache, meta_model, unsupported_reason
+from bench.case.meta_device import MetaOpCache, ValuedOpCache, meta_model, unsupported_reason
 from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
 from bench.dp.autocast_emulation import meta_autocast
@@ -435,7 +435,7 @@ class _MetaCase(_DeviceCase):
 
     def __init__(self, spec: CaseSpec, config: BenchConfig, workload, device: torch.device, timer: StepTimer | None):
         super().__init__(spec, config, workload, device, timer)
-        self.op_cache = MetaOpCache()
+        self.op_cache = ValuedOpCache()  # the batch's integer tensors keep their values (meta_values.py)
         self.first_notes = (
             "meta device: predicted tensor bytes; no kernel ran, so no timing and no NVML/RSS",
             *config.output.meta_notes,

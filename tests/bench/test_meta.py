@@ -84,14 +84,11 @@ def _trainable_bytes(workload: str) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-# What meta cannot run, and the op it names (bench/case/meta_device.py; docs/meta-and-planner.md).
-# (opacus-functorch runs: the torch.amp.autocast(device_type="meta") its sampler enters for an nn.Embedding's
-# int64 ids is emulated, bench/dp/autocast_emulation.py.)
-META_UNSUPPORTED = {
-    # Opacus' ghost norm of an nn.Embedding groups equal (sample, id) pairs with torch.unique: how many there
-    # are depends on the ids' values.
-    "opacus-ghost": "aten::unique_dim",
-}
+# What meta cannot run, and the op it names (bench/case/meta_device.py; docs/meta-and-planner.md): no built-in
+# method on no tiny workload any more. opacus-functorch runs: the torch.amp.autocast(device_type="meta") its
+# sampler enters for an nn.Embedding's int64 ids is emulated (bench/dp/autocast_emulation.py); opacus-ghost runs:
+# its torch.unique of (sample, id) pairs reads the ids' CPU values (bench/case/meta_values.py).
+META_UNSUPPORTED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -102,6 +99,13 @@ def test_meta_predicts_the_cpu_figures_byte_for_byte(fidelity, workload, method)
     if meta.status == "unsupported" and cpu.status == "ok":
         assert META_UNSUPPORTED[method] in meta.reason
         return
+    _assert_same_figures(cpu, meta, workload, method)
+    if cpu.status == "ok":
+        assert cpu.attention_kernels == ["math"]
+
+
+def _assert_same_figures(cpu: CaseRecord, meta: CaseRecord, workload: str, method: str) -> None:
+    """The meta record's figures are the CPU record's, up to the differences the module docstring accounts for."""
     assert cpu.status == meta.status, (cpu.reason, meta.reason)
     if cpu.status != "ok":  # e.g. ghost clipping refuses gpt-tiny's tied weights on both, with the same words
         assert cpu.reason == meta.reason
@@ -119,8 +123,28 @@ def test_meta_predicts_the_cpu_figures_byte_for_byte(fidelity, workload, method)
     assert {k: v for k, v in c.breakdown.items() if k != "optimizer_state"} == {
         k: v for k, v in m.breakdown.items() if k != "optimizer_state"
     }
-    assert cpu.attention_kernels == meta.attention_kernels == ["math"]
+    assert cpu.attention_kernels == meta.attention_kernels
     assert cpu.optimizer_impl == meta.optimizer_impl == "foreach"
+
+
+# Ghost clipping's norm of an nn.Embedding groups equal (sample, id) pairs with torch.unique, whose result size
+# depends on the ids; they keep their values on meta (bench/case/meta_values.py), so it runs wherever the CPU runs.
+GHOST_EMBEDDING_SPECS = ("dit-tiny-cond:learnable_pos_embed=True:pos_embed_in_submodule=True",)  # + a position buffer
+
+
+def test_opacus_ghost_runs_on_meta_on_every_embedding_model(fidelity):
+    for workload in TINY_WORKLOADS:
+        cpu, meta = fidelity[workload, "opacus-ghost", "cpu"], fidelity[workload, "opacus-ghost", "meta"]
+        expected = "unsupported" if workload == "gpt-tiny" else "ok"  # tied weights: ghost refuses on both
+        assert cpu.status == meta.status == expected, (workload, cpu.reason, meta.reason)
+
+
+@pytest.mark.parametrize("workload", GHOST_EMBEDDING_SPECS)
+def test_opacus_ghost_on_meta_reads_the_values_of_an_integer_buffer(frozen_heap, workload):
+    config = _config(attention="math", optimizer_impl="foreach", sample_interval_s=0.5)
+    cpu, meta = (run_case(CaseSpec(workload, "opacus-ghost", BATCH, d), config, None) for d in ("cpu", "meta"))
+    assert meta.status == "ok", meta.reason
+    _assert_same_figures(cpu, meta, workload, "opacus-ghost")
 
 
 def test_a_meta_record_is_predicted_untimed_and_sampler_free(fidelity):
@@ -186,6 +210,55 @@ def test_set_optimizer_impl_unwraps_and_reports():
     cpu_optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2))])
     assert set_optimizer_impl(cpu_optimizer, "auto", torch.device("cpu")) == "for-loop"
     assert cpu_optimizer.param_groups[0]["foreach"] is None  # auto off meta leaves torch's choice alone
+
+
+class _IdsDependent(nn.Module):
+    """A bring-your-own model whose forward depends on the values of its integer input (labels from the batch)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.linear, self.embedding = how, nn.Linear(4, 4), nn.Embedding(8, 4)
+
+    def forward(self, x, ids):
+        h = self.linear(x) + self.embedding(ids)
+        if self.how == "item":
+            return h * (ids.max().item() + 1)
+        if self.how == "unique":
+            return h * torch.unique(ids).numel()
+        return h[:, : 1 + (ids > 3).nonzero().shape[0] % 4]  # nonzero: how many are > 3 decides the width
+
+
+def _ids_dependent_workload(how: str) -> Workload:
+    def batch(batch_size: int, generator: torch.Generator) -> Batch:
+        x = torch.randn(batch_size, 4, generator=generator)
+        ids = torch.randint(0, 8, (batch_size,), generator=generator)
+        return Batch(inputs=(x, ids), target=torch.zeros(batch_size))
+
+    return Workload(
+        name=f"ids-dependent-{how}",
+        model_fn=lambda: _IdsDependent(how),
+        batch_fn=batch,
+        loss_fn=lambda out, target: out.pow(2).mean(dim=1),
+        input_names=("x", "ids"),
+    )
+
+
+@pytest.mark.parametrize("how", ["item", "unique", "nonzero"])
+def test_a_model_reading_the_values_of_its_integer_input_runs_on_meta(frozen_heap, monkeypatch, how):
+    models.list_workloads()
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    name = models.register_workload(_ids_dependent_workload(how))
+    config = _config(attention="math", optimizer_impl="foreach", sample_interval_s=0.5)
+    cpu, meta = (run_case(CaseSpec(name, "nondp", 6, d), config, None) for d in ("cpu", "meta"))
+    assert meta.status == "ok", meta.reason
+    _assert_same_figures(cpu, meta, name, "nondp")
+    # ghost clipping: its Embedding norm runs torch.unique on the ids too. Whether the CPU peak falls before the
+    # adopted p.grad copies exist (module docstring) depends on the model; the meta peak is within them.
+    cpu, meta = (run_case(CaseSpec(name, "opacus-ghost", 6, d), config, None) for d in ("cpu", "meta"))
+    assert cpu.status == meta.status == "ok", meta.reason
+    counters, copies = COUNTER_BYTES * _parameter_tensors(name), _trainable_bytes(name)
+    assert cpu.memory.baseline_tensor_bytes - meta.memory.baseline_tensor_bytes == counters + copies
+    assert counters <= cpu.memory.peak_tensor_bytes - meta.memory.peak_tensor_bytes <= counters + copies
 
 
 class _ValueDependent(nn.Module):
