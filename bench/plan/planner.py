@@ -50,6 +50,18 @@ PROG = "python -m bench.plan"
 GIB = 2**30
 MIB = 2**20
 DEFAULT_GPU = "h100-80gb"
+# The planner's default precision: bf16 autocast with fp32 weights, gradients and optimizer state — the common way
+# DiTs and GPTs train on the GPUs a plan is for — on a GPU with bf16 (compute capability 8.0 on); fp32 on an older
+# one (V100, T4: no bf16, and amp-fp16's GradScaler is what every Opacus mode refuses).
+DEFAULT_PRECISION = "amp-bf16"
+BF16_SM = (8, 0)
+
+
+def default_precision(sm: tuple[int, int]) -> str:
+    """The precision a plan for a GPU of compute capability ``sm`` runs unless ``--precision`` says otherwise."""
+    return DEFAULT_PRECISION if sm >= BF16_SM else "fp32"
+
+
 DEFAULT_MICROBATCH_LIMIT = 8
 FORMATS = ("md", "json", "csv")
 
@@ -357,9 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
     parser.add_argument(
         "--precision",
-        default="fp32",
-        help="fp32 (default), amp-bf16 / amp-fp16 (autocast, emulated on meta by CUDA's op lists) or bf16 "
-        "(weights, gradients, optimizer state in bf16)",
+        help=f"{DEFAULT_PRECISION} (default on a GPU with bf16: how DiTs and GPTs are trained; fp32 on V100/T4), "
+        "amp-fp16 (autocast, emulated on meta by CUDA's op lists), fp32, or bf16 (weights, gradients, optimizer "
+        "state in bf16)",
     )
     parser.add_argument("--checkpointing", default="none", help="none (default) or blocks (every block checkpointed)")
     parser.add_argument("--max-batch-limit", type=positive_int, default=4096, help="largest batch searched (4096)")
@@ -397,10 +409,11 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     check_names("--methods", methods, dp.available_methods())
     check_names("--attention", [args.attention], ATTENTION_CHOICES)
     check_names("--optimizer", [args.optimizer], list(dp.OPTIMIZERS))
-    check_names("--precision", [args.precision], dp.PRECISIONS)
+    precision = args.precision or default_precision(sm)
+    check_names("--precision", [precision], dp.PRECISIONS)
     check_names("--checkpointing", [args.checkpointing], dp.CHECKPOINTINGS)
     given = overhead_model(args.budget_overhead) if args.budget_overhead else None
-    modes = {"precisions": (args.precision,), "checkpointings": (args.checkpointing,)}
+    modes = {"precisions": (precision,), "checkpointings": (args.checkpointing,)}
     return BenchConfig(
         MatrixSettings("plan", (workload,), methods, (), ("meta",), **modes),
         StepSettings(dp.resolve_privacy(1.0), args.optimizer, attention=args.attention, attention_sm=sm),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from bench.dp import resolve_privacy
 from bench.plan import planner as plan
 from bench.plan.gpus import GPUS, get_gpu
 from bench.plan.overhead import DEFAULT_OVERHEAD, CalibrationError, OverheadModel, calibrate, parse_overhead
+from bench.plan.planner import DEFAULT_PRECISION
 from bench.results.record import CaseRecord, StepMemory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,9 +80,12 @@ def test_gpu_catalogue():
 # ---- the planner -----------------------------------------------------------------------------------------------
 
 
-def _fits(workload: str, method: str, batch: int, budget: int, overhead: OverheadModel) -> bool:
+def _fits(
+    workload: str, method: str, batch: int, budget: int, overhead: OverheadModel, precision: str = DEFAULT_PRECISION
+) -> bool:
+    """Whether ``batch`` fits ``budget``, by a meta case of its own (in the planner's default precision)."""
     config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0), overhead=overhead)
-    record = run_case(CaseSpec(workload, method, batch, "meta"), config, None)
+    record = run_case(CaseSpec(workload, method, batch, "meta", precision=precision), config, None)
     return overhead.fits(record.memory.peak_tensor_bytes, budget)
 
 
@@ -90,11 +95,11 @@ PLAN_ARGV = ["dit-tiny-cond", "--memory", "24MiB", "--budget-overhead", "1MiB+5%
 def _meta_reason(workload: str, method: str, batch: int) -> str:
     """The full reason a meta case gives (what the plan must print, never cut)."""
     config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0))
-    return run_case(CaseSpec(workload, method, batch, "meta"), config, None).reason
+    return run_case(CaseSpec(workload, method, batch, "meta", precision=DEFAULT_PRECISION), config, None).reason
 
 
 def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
-    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ghost"]) == 0
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ew"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
     assert "5.0% of tensor bytes (--budget-overhead 1MiB+5%)" in out
@@ -105,9 +110,9 @@ def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
         assert not _fits("dit-tiny-cond", method, best + 1, 24 * MIB, overhead)
     assert rows["nondp"][3].strip() == "1.00" and rows["nondp"][8].strip() == "1.000"
     # issue #17 item 8: a reason is never cut mid-word: the row points to a note that holds all of it
-    assert rows["opacus-ghost"][2].strip() == "unsupported" and rows["opacus-ghost"][9].strip() == "note 1"
-    reason = " ".join(_meta_reason("dit-tiny-cond", "opacus-ghost", 8).split())
-    assert "unique_dim" in reason and len(reason) > 140  # longer than the table's old cut
+    assert rows["opacus-ew"][2].strip() == "unsupported" and rows["opacus-ew"][9].strip() == "note 1"
+    reason = " ".join(_meta_reason("dit-tiny-cond", "opacus-ew", 8).split())  # expanded weights refuse autocast
+    assert "expected scalar type" in reason and len(reason) > 140  # longer than the table's old cut
     assert out.splitlines()[-2:] == ["Notes:", f"1. {reason}"]
 
 
@@ -119,10 +124,10 @@ def test_plan_json_has_numbers_full_reasons_the_model_and_the_versions(capsys):
 
     import torch
 
-    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ghost", "--format", "json"]) == 0
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ew", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = {r["method"]: r for r in data["rows"]}
-    nondp, bk, ghost = rows["nondp"], rows["bk"], rows["opacus-ghost"]
+    nondp, bk, ew = rows["nondp"], rows["bk"], rows["opacus-ew"]
     assert data["memory_bytes"] == 24 * MIB and data["gpu"] is None and data["workload"] == "dit-tiny-cond"
     assert data["overhead"] == {
         "fixed_bytes": MIB,
@@ -142,16 +147,17 @@ def test_plan_json_has_numbers_full_reasons_the_model_and_the_versions(capsys):
     assert not _fits("dit-tiny-cond", "bk", bk["max_batch"] + 1, 24 * MIB, overhead)
     assert bk["batch_over_nondp"] == pytest.approx(bk["max_batch"] / nondp["max_batch"])
     assert bk["peak_over_nondp"] == pytest.approx(bk["peak_tensor_bytes"] / bk["nondp_peak_bytes"])
-    assert ghost["status"] == "unsupported" and ghost["max_batch"] is None
-    assert ghost["reason"] == _meta_reason("dit-tiny-cond", "opacus-ghost", 8)  # in full
+    assert data["precision"] == DEFAULT_PRECISION
+    assert ew["status"] == "unsupported" and ew["max_batch"] is None
+    assert ew["reason"] == _meta_reason("dit-tiny-cond", "opacus-ew", 8)  # in full
 
 
 def test_plan_csv_round_trips_with_pandas(capsys):
     import pandas as pd
 
-    assert plan.main([*PLAN_ARGV, "--methods", "nondp,opacus-ghost", "--format", "csv"]) == 0
+    assert plan.main([*PLAN_ARGV, "--methods", "nondp,opacus-ew", "--format", "csv"]) == 0
     table = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index("method")
-    assert list(table.index) == ["nondp", "opacus-ghost"]
+    assert list(table.index) == ["nondp", "opacus-ew"]
     for column in ("max_batch", "peak_tensor_bytes", "device_bytes", "memory_bytes", "overhead_fraction"):
         assert pd.api.types.is_numeric_dtype(table[column]), column
     nondp = table.loc["nondp"]
@@ -160,8 +166,8 @@ def test_plan_csv_round_trips_with_pandas(capsys):
     assert _fits("dit-tiny-cond", "nondp", int(nondp["max_batch"]), 24 * MIB, overhead)
     assert nondp["breakdown_activations"] > 0 and nondp["overhead_fixed_bytes"] == MIB
     assert nondp["overhead_source"] == "--budget-overhead 1MiB+5%" and nondp["torch_version"]
-    assert table.loc["opacus-ghost", "reason"] == _meta_reason("dit-tiny-cond", "opacus-ghost", 8)
-    assert pd.isna(table.loc["opacus-ghost", "max_batch"]) and pd.isna(nondp["gpu_name"])
+    assert table.loc["opacus-ew", "reason"] == _meta_reason("dit-tiny-cond", "opacus-ew", 8)
+    assert pd.isna(table.loc["opacus-ew", "max_batch"]) and pd.isna(nondp["gpu_name"])
 
 
 def test_plan_says_when_the_host_cannot_draw_a_batch(capsys, monkeypatch):
@@ -207,6 +213,18 @@ def test_plan_in_bf16_with_checkpointed_blocks(capsys):
     assert small.status == fp32.status == "ok", (small.reason, fp32.reason)
     assert not overhead.fits(small.memory.peak_tensor_bytes, 24 * MIB)  # the next batch does not fit: exact
     assert small.memory.peak_tensor_bytes < 0.75 * fp32.memory.peak_tensor_bytes  # bf16 + blocks hold much less
+
+
+@pytest.mark.parametrize(
+    ("gpu", "precision"), [("h100-80gb", "amp-bf16"), ("a10-24gb", "amp-bf16"), ("v100-16gb", "fp32")]
+)
+def test_plan_defaults_to_amp_bf16_where_the_gpu_has_bf16(capsys, gpu, precision):
+    """What users train in: bf16 autocast on a GPU with bf16 (Ampere on), fp32 on V100/T4 (amp-fp16's GradScaler
+    is refused by every Opacus mode); --precision overrides it."""
+    assert plan.main(["gpt-tiny:seq_len=8", "--gpu", gpu, "--methods", "nondp", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == precision
+    assert plan.main(["gpt-tiny:seq_len=8", "--gpu", gpu, "--methods", "nondp", "--precision", "bf16"]) == 0
+    assert "bf16; attention" in capsys.readouterr().out
 
 
 def test_plan_takes_a_workload_spec_and_a_gpu(capsys):
