@@ -45,6 +45,9 @@ class Preset:
     rounds: int  # timed rounds per case
     precisions: tuple[str, ...] = ("fp32",)  # bench.dp.PRECISIONS
     checkpointings: tuple[str, ...] = ("none",)  # bench.dp.CHECKPOINTINGS
+    trainables: tuple[str, ...] = ("full",)  # bench.dp.trainable: full, bitfit, attention, lora:r=R
+    # (precision, checkpointing) pairs the fine-tuning (non-full) trainables run in; None: every pair
+    fine_tuning_modes: tuple[tuple[str, str], ...] | None = None
     devices: tuple[str, ...] | None = None  # None: every visible GPU, else cpu
     # (method, largest batch size) pairs: the method's cases above that size are left out of the matrix
     batch_caps: tuple[tuple[str, int], ...] = ()
@@ -149,6 +152,8 @@ class MatrixSettings:
     devices: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
     checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
+    trainables: tuple[str, ...] = ("full",)  # which parameters train (bench.dp.trainable), canonical spellings
+    fine_tuning_modes: tuple[tuple[str, str], ...] | None = None  # the preset's (see Preset); None: every mode
     workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
     world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
     parallel: tuple[str, ...] = PARALLEL_STRATEGIES  # strategies of the cases with world size > 1
@@ -157,6 +162,11 @@ class MatrixSettings:
     def includes(self, method: str, batch_size: int) -> bool:
         """Whether the matrix has this method at this batch size (the preset's per-method caps)."""
         return all(batch_size <= cap for name, cap in self.batch_caps if name == method)
+
+    def includes_mode(self, precision: str, checkpointing: str, trainable: str) -> bool:
+        """Whether the matrix has this training mode (a preset may fine-tune in some modes only)."""
+        modes = self.fine_tuning_modes
+        return trainable == "full" or modes is None or (precision, checkpointing) in modes
 
     def case_strategies(self) -> list[tuple[int, str | None]]:
         """(world size, strategy) of every case kind: (1, None) for one process, one per strategy otherwise."""
@@ -314,6 +324,11 @@ def _matrix(given: dict[str, Any]) -> MatrixSettings:
         "batch_sizes": given["batch_sizes"] or preset.batch_sizes,
         "precisions": tuple(given["precisions"] or preset.precisions),
         "checkpointings": tuple(given["checkpointings"] or preset.checkpointings),
+        "trainables": tuple(given["trainables"] or preset.trainables),
+        # like batch_caps: the preset's restriction, dropped when the modes are given
+        "fine_tuning_modes": None
+        if any(given[k] for k in ("precisions", "checkpointings", "trainables"))
+        else preset.fine_tuning_modes,
         "batch_caps": preset.batch_caps if not given["methods"] and not given["batch_sizes"] else (),
     }
     check_names("--methods", resolved["methods"], dp.available_methods())
