@@ -242,7 +242,8 @@ def fine_tuning_refusal(method: str, name: str, mode: TrainingMode) -> str | Non
     if method == "opacus-ghost" and name == "gpt-tiny" and not mode.loss_scaling:
         return None  # the tied embedding is frozen in every fine-tuning mode: nothing tied trains
     frozen_head = mode.fine_tuning.kind in ("attention", "lora")
-    if method == "opacus-ew" and mode.autocast_dtype is not None and mode.checkpointing == "blocks" and frozen_head:
+    ew_amp_blocks = method == "opacus-ew" and mode.autocast_dtype is not None and mode.checkpointing == "blocks"
+    if ew_amp_blocks and frozen_head and not mode.loss_scaling:
         # the dtype mismatch of full training comes from the first trainable layer the backward meets, the head;
         # frozen, the first trainable layers are inside a checkpointed block, whose recompute fails first
         return "CheckpointError"
