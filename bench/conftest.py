@@ -108,7 +108,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for c in cfg.matrix.checkpointings
             for t in cfg.matrix.trainables
             for b in sorted(cfg.matrix.batch_sizes)
-            if cfg.matrix.includes(m, b) and cfg.matrix.includes_mode(p, c, t)
+            if cfg.matrix.includes(m, b) and cfg.matrix.includes_mode(w, p, c, t)
         ]
         # One CaseSpec per case; test_dp_step writes its fields as the JSON's "params" (CaseSpec.params).
         metafunc.parametrize("dp_case", specs, ids=[s.case_id for s in specs])
@@ -122,7 +122,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for p in cfg.matrix.precisions
             for c in cfg.matrix.checkpointings
             for t in cfg.matrix.trainables
-            if cfg.matrix.includes_mode(p, c, t)
+            if cfg.matrix.includes_mode(w, p, c, t)
         ]
         ids = ["-".join((s.workload, s.method, s.device, *s.mode.id_parts)) for s in cases]
         metafunc.parametrize("max_batch_case", cases, ids=ids)
