@@ -4,6 +4,7 @@ bad-input ones, which fail before any)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,23 +48,25 @@ def test_the_command_lines_refuse_a_bad_trainable_in_one_line(argv):
     assert lines and ("rank must be >= 1" in lines[0] or "unknown trainable 'lora'" in lines[0]), done.stderr[-500:]
 
 
-def test_the_presets_fine_tune_where_they_say():
+def test_a_matrix_fine_tunes_where_it_says():
     dimensions = ("workloads", "methods", "batch_sizes", "devices", "precisions", "checkpointings", "trainables")
     given = dict.fromkeys(dimensions) | {"preset": "cpu-smoke"}
-    smoke = _matrix(given)
-    assert smoke.trainables == ("full", "bitfit", "lora:r=8")
-    assert smoke.includes_mode("gpt-tiny", "fp32", "none", "lora:r=8")
+    assert _matrix(given).trainables == ("full",)
+    smoke = dataclasses.replace(
+        _matrix(given),
+        trainables=("full", "bitfit"),
+        fine_tuning_modes=(("fp32", "none"),),
+        fine_tuning_workloads=("gpt-tiny",),
+    )
+    assert smoke.includes_mode("gpt-tiny", "fp32", "none", "bitfit")
     assert not smoke.includes_mode("gpt-tiny", "amp-bf16", "blocks", "bitfit")
-    assert smoke.includes_mode("gpt-tiny", "amp-bf16", "blocks", "full")
+    assert not smoke.includes_mode("dit-tiny-cond", "fp32", "none", "bitfit")
+    assert smoke.includes_mode("dit-tiny-cond", "amp-bf16", "blocks", "full")
     # a run naming its training modes trains full unless it names --trainable too
     assert _matrix(given | {"precisions": ("fp32",)}).trainables == ("full",)
     named = _matrix(given | {"precisions": ("bf16",), "trainables": ("bitfit",)})
     assert named.trainables == ("bitfit",) and named.includes_mode("gpt-tiny", "bf16", "none", "bitfit")
-    paper = PRESETS["paper"]
-    assert paper.trainables == ("full", "lora:r=8")
-    assert set(paper.fine_tuning_workloads) == {"dit-xl-2-cond", "gpt2-large", "gpt2-large-untied"}
-    for name in ("gpu-small", "gpu-full"):
-        assert {"bitfit", "lora:r=8"} <= set(PRESETS[name].trainables)
+    assert PRESETS["cpu-smoke"].fine_tuning_modes is None
 
 
 def test_records_carry_trainable_and_older_ones_read_as_full():
