@@ -142,27 +142,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dp_case" in metafunc.fixturenames:
         # Batch sizes innermost and ascending: once a batch runs out of memory the larger ones are skipped.
         specs = [
-            CaseSpec(w, m, b, d, world_size, parallel, precision=p, checkpointing=c)
+            CaseSpec(w, m, b, d, world_size, parallel, precision=p, checkpointing=c, trainable=t)
             for w in cfg.matrix.workloads
             for m in cfg.matrix.methods
             for world_size, parallel in cfg.matrix.case_strategies()
             for d in _devices_of(cfg.matrix.devices, world_size)
             for p in cfg.matrix.precisions
             for c in cfg.matrix.checkpointings
+            for t in cfg.matrix.trainables
             for b in sorted(cfg.matrix.batch_sizes)
-            if cfg.matrix.includes(m, b)
+            if cfg.matrix.includes(m, b) and cfg.matrix.includes_mode(w, p, c, t)
         ]
         # One CaseSpec per case; test_dp_step writes its fields as the JSON's "params" (CaseSpec.params).
         metafunc.parametrize("dp_case", specs, ids=[s.case_id for s in specs])
         metafunc.config.stash[RANKED_MATRIX] = any(s.world_size > 1 for s in specs)
     elif "max_batch_case" in metafunc.fixturenames:
         cases = [
-            CaseSpec(w, m, 0, d, precision=p, checkpointing=c)
+            CaseSpec(w, m, 0, d, precision=p, checkpointing=c, trainable=t)
             for w in cfg.matrix.workloads
             for m in cfg.matrix.methods
             for d in cfg.matrix.devices
             for p in cfg.matrix.precisions
             for c in cfg.matrix.checkpointings
+            for t in cfg.matrix.trainables
+            if cfg.matrix.includes_mode(w, p, c, t)
         ]
         ids = ["-".join((s.workload, s.method, s.device, *s.mode.id_parts)) for s in cases]
         metafunc.parametrize("max_batch_case", cases, ids=ids)

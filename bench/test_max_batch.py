@@ -43,10 +43,12 @@ def test_max_batch(max_batch_case: CaseSpec, pytestconfig, bench_cfg, keep_resul
     result.reason = result.reason or next((r.reason for r in records if r.status in ("unsupported", "error")), "")
     result.device_name, result.runner_label = records[0].device_name, cfg.output.runner_label
     result.precision, result.checkpointing = precision, checkpointing
+    result.trainable = max_batch_case.trainable
 
     params, data = {"workload": workload, "method": method, "device": device}, result.to_dict()
     record_untimed(
-        {**params, "precision": precision, "checkpointing": checkpointing}, {"record_type": "max_batch", **data}
+        {**params, "precision": precision, "checkpointing": checkpointing, "trainable": result.trainable},
+        {"record_type": "max_batch", **data},
     )
     keep_result(result, f"max-batch {workload} {method} {device}", data)
 

@@ -164,6 +164,7 @@ def dit_workload(name: str, config: DiTConfig, *, config_name: str, image_size: 
         seed=seed,
         info=info,
         checkpoint_module_types=(PlainBlock,) if config.plain else (DiTBlock,),
+        attention_module_names=("blocks.*.attn.qkv", "blocks.*.attn.proj"),
     )
 
 
@@ -228,6 +229,7 @@ def gpt_workload(
         input_names=("idx",),
         seed=seed,
         checkpoint_module_types=(Block,),
+        attention_module_names=("h.*.attn.c_attn", "h.*.attn.c_proj"),
         info={
             "config": config_name,
             "n_layer": config.n_layer,

@@ -82,6 +82,10 @@ class Workload:
     # The module types activation checkpointing wraps (`--checkpointing blocks`, models/checkpointing.py): the
     # transformer block class(es). Empty: the workload names none, and a checkpointed case is unsupported.
     checkpoint_module_types: tuple[type[nn.Module], ...] = ()
+    # The attention projections, as fnmatch patterns over ``named_modules()`` names (e.g. "blocks.*.attn.qkv"):
+    # what `--trainable attention` trains and `--trainable lora` puts adapters on (bench/dp/trainable.py).
+    # Empty: the workload names none, and such a case is unsupported.
+    attention_module_names: tuple[str, ...] = ()
 
     @property
     def base_name(self) -> str:

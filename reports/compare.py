@@ -100,8 +100,9 @@ class Comparison:
 
 
 def _case_name(key: tuple) -> str:
-    workload, method, batch, device, precision, checkpointing, world_size, parallel, machine = key
-    mode = "".join(f"/{part}" for part, default in ((precision, "fp32"), (checkpointing, "none")) if part != default)
+    workload, method, batch, device, precision, checkpointing, trainable, world_size, parallel, machine = key
+    defaults = ((precision, "fp32"), (checkpointing, "none"), (trainable, "full"))
+    mode = "".join(f"/{part}" for part, default in defaults if part != default)
     ranks = f"/{parallel}{world_size}" if world_size > 1 else ""
     return f"{workload}/{method}/bs{batch}/{device}{mode}{ranks} [{machine}]"
 

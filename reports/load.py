@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 # Columns that identify one case on one machine; a result set has at most one row per key. The training mode
-# (precision, checkpointing) is part of the case: records older than it read as fp32 without checkpointing.
+# (precision, checkpointing, trainable) is part of the case: records older than it read as fp32 without
+# checkpointing, full training.
 # ``world_size`` and ``parallel`` (the strategy, ONE_PROCESS = "none" for one process) tell a case on many ranks
 # from the one-process case.
 CASE_KEY = (
@@ -54,6 +55,7 @@ CASE_KEY = (
     "device",
     "precision",
     "checkpointing",
+    "trainable",
     "world_size",
     "parallel",
     "machine",
@@ -81,7 +83,7 @@ class ReportInputError(ValueError):
 def case_key(case: LoadedCase) -> tuple:
     """The case's :data:`CASE_KEY` values."""
     r = case.record
-    mode = (r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing)
+    mode = (r.workload, r.method, r.batch_size, r.device, r.precision, r.checkpointing, r.trainable)
     return *mode, r.world_size, r.parallel or ONE_PROCESS, case.machine
 
 

@@ -222,7 +222,7 @@ def _what_ranks_cannot_run(spec: CaseSpec, config: BenchConfig) -> str | None:
     step: fp32 without checkpointing, torch's own attention kernel and optimizer implementation. Running the
     case anyway would measure something other than what was asked."""
     if spec.mode != dp.DEFAULT_MODE:
-        return f"training mode {spec.mode.label}: cases on many ranks run fp32 without checkpointing only"
+        return f"training mode {spec.mode.label}: cases on many ranks run fp32 full training without checkpointing only"
     if config.step.attention != "auto" or config.step.optimizer_impl != "auto":
         return (
             f"--attention {config.step.attention} --optimizer-impl {config.step.optimizer_impl}: cases on many ranks "
@@ -380,10 +380,11 @@ class _DeviceCase:
     def build(self) -> None:
         spec, config, workload, device, facts = self.spec, self.config, self.workload, self.device, self.facts
         model = self._model()
-        facts.params_total, facts.params_trainable = models.parameter_counts(model)
         # the user's bug, named once, before any method runs; checked where the model lives
         check_workload_contract(workload, model, next(model.parameters()).device)
         dp.prepare_model(model, workload, spec.mode, device)  # reads no values: the same on meta
+        # after preparation: LoRA's adapters count, frozen parameters do not train
+        facts.params_total, facts.params_trainable = models.parameter_counts(model)
         facts.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         generator = torch.Generator().manual_seed(config.step.seed)
         self.batch = workload.make_batch(spec.batch_size, generator=generator, device=device)

@@ -29,15 +29,16 @@ class CaseSpec:
     parallel: str | None = None  # "ddp" or "fsdp" when world_size > 1 (bench/ranks)
     precision: str = "fp32"
     checkpointing: str = "none"
+    trainable: str = "full"  # canonical (bench.dp.trainable): full, bitfit, attention, lora:r=R[:alpha=A]
 
     @property
     def mode(self) -> dp.TrainingMode:
-        return dp.TrainingMode(self.precision, self.checkpointing)
+        return dp.TrainingMode(self.precision, self.checkpointing, self.trainable)
 
     @property
     def case_id(self) -> str:
         """The id of the case in pytest (``test_dp_step[<case_id>]``), ``-k`` and ``--snapshot``; a non-default
-        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt``), and a case on many ranks
+        training mode appends its parts (``dit-tiny-cond-bk-bs4-cpu-amp-bf16-ckpt-lora-r8``), and a case on many ranks
         ends with its strategy and world size, e.g. ``-ddp2``."""
         ranks = [f"{self.parallel}{self.world_size}"] if self.world_size > 1 else []
         parts = (self.workload, self.method, f"bs{self.batch_size}", self.device, *self.mode.id_parts, *ranks)
@@ -46,7 +47,7 @@ class CaseSpec:
     def params(self, ranks: bool) -> dict[str, object]:
         """The case's ``params`` in the benchmark JSON: the training mode's keys always (results group by them),
         the ranks' (``world_size``, ``parallel``) when ``ranks``."""
-        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing"]
+        names = ["workload", "method", "batch_size", "device", "precision", "checkpointing", "trainable"]
         return {name: getattr(self, name) for name in names + (["world_size", "parallel"] if ranks else [])}
 
 
@@ -65,6 +66,7 @@ def case_record(spec: CaseSpec, privacy, optimizer: str, runner_label: str | Non
         device=spec.device,
         precision=spec.precision,
         checkpointing=spec.checkpointing,
+        trainable=spec.trainable,
         **privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
         optimizer=optimizer,
         device_name=device_name,

@@ -70,6 +70,16 @@ def comma_list(text: str) -> tuple[str, ...]:
     return items
 
 
+def trainables(text: str) -> tuple[str, ...]:
+    """``"full,lora:r=8"`` → each value's canonical spelling (bench/dp/trainable.py; parsed there, imported on use)."""
+    from bench.dp.trainable import parse_trainable
+
+    try:
+        return tuple(dict.fromkeys(parse_trainable(item).text for item in comma_list(text)))
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(str(text).strip())
@@ -318,6 +328,13 @@ _MATRIX_OPTIONS = (
         "matrix.checkpointings",
         type=comma_list,
         help="comma list: none, blocks (activation checkpointing of every transformer block) (replaces the preset's)",
+    ),
+    Option(
+        "--trainable",
+        "matrix.trainables",
+        type=trainables,
+        help="comma list of what trains: full, bitfit (biases only), attention (the attention projections), "
+        "lora:r=R[:alpha=A] (LoRA adapters on them, alpha default R; needs dpmem[lora]) (replaces the preset's)",
     ),
     Option(
         "--workload-module",

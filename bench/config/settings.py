@@ -45,6 +45,11 @@ class Preset:
     rounds: int  # timed rounds per case
     precisions: tuple[str, ...] = ("fp32",)  # bench.dp.PRECISIONS
     checkpointings: tuple[str, ...] = ("none",)  # bench.dp.CHECKPOINTINGS
+    trainables: tuple[str, ...] = ("full",)  # bench.dp.trainable: full, bitfit, attention, lora:r=R
+    # where the fine-tuning (non-full) trainables run: in these (precision, checkpointing) pairs and on these
+    # workloads only; None: all of them (both are dropped, like batch_caps, when the dimensions are given)
+    fine_tuning_modes: tuple[tuple[str, str], ...] | None = None
+    fine_tuning_workloads: tuple[str, ...] | None = None
     devices: tuple[str, ...] | None = None  # None: every visible GPU, else cpu
     # (method, largest batch size) pairs: the method's cases above that size are left out of the matrix
     batch_caps: tuple[tuple[str, int], ...] = ()
@@ -90,6 +95,9 @@ _GPU_SMALL = Preset(
     rounds=5,
     precisions=("fp32", "amp-bf16", "bf16"),
     checkpointings=("none", "blocks"),
+    # DP fine-tuning (BiTFiT, LoRA rank 8) in fp32 and amp-bf16 without checkpointing: waits on the reports (they
+    # group cases by precision and checkpointing, not yet by trainable; a mixed run breaks their tables):
+    # trainables=("full", "bitfit", "lora:r=8"), fine_tuning_modes=(("fp32", "none"), ("amp-bf16", "none")),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -102,6 +110,9 @@ PRESETS: dict[str, Preset] = {
         rounds=3,
         precisions=("fp32", "amp-bf16"),
         checkpointings=("none", "blocks"),
+        # DP fine-tuning in fp32 without checkpointing only (in every mode it would take the preset past 5 min),
+        # once the reports keep trainable modes apart (see _GPU_SMALL):
+        # trainables=("full", "bitfit", "lora:r=8"), fine_tuning_modes=(("fp32", "none"),),
     ),
     "gpu-small": _GPU_SMALL,
     # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
@@ -115,6 +126,9 @@ PRESETS: dict[str, Preset] = {
         rounds=1,
         devices=("meta",),
         batch_caps=(("microbatch", PAPER_MICROBATCH_CAP),),
+        # DP-LoRA (rank 8) on the largest DiT and GPT-2 the fine-tuning tables compare (docs/methods.md), once the
+        # reports keep trainable modes apart (see _GPU_SMALL):
+        # trainables=("full", "lora:r=8"), fine_tuning_workloads=("dit-xl-2-cond", "gpt2-large", "gpt2-large-untied"),
     ),
 }
 
@@ -149,6 +163,9 @@ class MatrixSettings:
     devices: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32",)  # training precisions of the matrix (bench.dp.PRECISIONS)
     checkpointings: tuple[str, ...] = ("none",)  # activation checkpointing settings (bench.dp.CHECKPOINTINGS)
+    trainables: tuple[str, ...] = ("full",)  # which parameters train (bench.dp.trainable), canonical spellings
+    fine_tuning_modes: tuple[tuple[str, str], ...] | None = None  # the preset's (see Preset); None: every mode
+    fine_tuning_workloads: tuple[str, ...] | None = None  # the preset's (see Preset); None: every workload
     workload_modules: tuple[str, ...] = ()  # --workload-module: imported again by every rank of a many-rank case
     world_sizes: tuple[int, ...] = (1,)  # ranks per case; 1: one process
     parallel: tuple[str, ...] = PARALLEL_STRATEGIES  # strategies of the cases with world size > 1
@@ -157,6 +174,14 @@ class MatrixSettings:
     def includes(self, method: str, batch_size: int) -> bool:
         """Whether the matrix has this method at this batch size (the preset's per-method caps)."""
         return all(batch_size <= cap for name, cap in self.batch_caps if name == method)
+
+    def includes_mode(self, workload: str, precision: str, checkpointing: str, trainable: str) -> bool:
+        """Whether the matrix has this training mode on ``workload`` (a preset may fine-tune in some modes, on some
+        workloads only)."""
+        if trainable == "full":
+            return True
+        modes, workloads = self.fine_tuning_modes, self.fine_tuning_workloads
+        return (modes is None or (precision, checkpointing) in modes) and (workloads is None or workload in workloads)
 
     def case_strategies(self) -> list[tuple[int, str | None]]:
         """(world size, strategy) of every case kind: (1, None) for one process, one per strategy otherwise."""
@@ -309,6 +334,7 @@ def _matrix(given: dict[str, Any]) -> MatrixSettings:
     preset_name = given["preset"] or default_preset()
     check_names("--preset", [preset_name], list(PRESETS))
     preset = PRESETS[preset_name]
+    names_modes = bool(given["precisions"] or given["checkpointings"])
     resolved = {
         "preset": preset_name,
         "workloads": tuple(_checked_workload(spec) for spec in given["workloads"] or preset.workloads),
@@ -316,6 +342,12 @@ def _matrix(given: dict[str, Any]) -> MatrixSettings:
         "batch_sizes": given["batch_sizes"] or preset.batch_sizes,
         "precisions": tuple(given["precisions"] or preset.precisions),
         "checkpointings": tuple(given["checkpointings"] or preset.checkpointings),
+        # A run that names its training modes (--precision, --checkpointing) trains full unless it names --trainable
+        # too: the preset's fine-tuning cases come with the preset's modes.
+        "trainables": tuple(given["trainables"] or (("full",) if names_modes else preset.trainables)),
+        # like batch_caps: the preset's restrictions, dropped when the dimensions they restrict are given
+        "fine_tuning_modes": None if names_modes or given["trainables"] else preset.fine_tuning_modes,
+        "fine_tuning_workloads": None if given["workloads"] or given["trainables"] else preset.fine_tuning_workloads,
         "batch_caps": preset.batch_caps if not given["methods"] and not given["batch_sizes"] else (),
     }
     check_names("--methods", resolved["methods"], dp.available_methods())

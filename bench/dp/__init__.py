@@ -28,6 +28,7 @@ from .base import (
 from bench.trackers.channel import PHASES, PhaseMarker, annotate_dp_buffer, no_mark
 from .errors import DPConfigError, MethodUnsupported, ModeUnsupported, is_out_of_memory
 from .modes import CHECKPOINTINGS, DEFAULT_MODE, PRECISIONS, TrainingMode, prepare_model
+from .trainable import TRAINABLE_KINDS, Trainable, parse_trainable
 from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy
 from . import nondp, opacus, bk, func, microbatch  # noqa: F401  (each registers its methods)
 # isort: on
@@ -39,6 +40,7 @@ __all__ = [
     "OPTIMIZERS",
     "PHASES",
     "PRECISIONS",
+    "TRAINABLE_KINDS",
     "ClippedSumMethod",
     "ClippedSumStep",
     "DPConfigError",
@@ -50,6 +52,7 @@ __all__ = [
     "PhaseMarker",
     "PrivacyParams",
     "StepInputs",
+    "Trainable",
     "TrainingMode",
     "annotate_dp_buffer",
     "available_methods",
@@ -60,6 +63,7 @@ __all__ = [
     "is_out_of_memory",
     "make_optimizer",
     "no_mark",
+    "parse_trainable",
     "prepare_model",
     "register_method",
     "resolve_privacy",

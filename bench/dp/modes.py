@@ -8,12 +8,15 @@ A :class:`TrainingMode` is two names:
   weights, gradients and optimizer state in bf16 (``model.to(torch.bfloat16)``), no autocast;
 * ``checkpointing`` (:data:`CHECKPOINTINGS`): ``none`` or ``blocks`` — every transformer block of the workload
   (``Workload.checkpoint_module_types``) runs through non-reentrant activation checkpointing
-  (models/checkpointing.py).
+  (models/checkpointing.py);
+* ``trainable`` (bench/dp/trainable.py): ``full``, ``bitfit``, ``attention`` or ``lora:r=R[:alpha=A]`` — which
+  parameters train (DP fine-tuning); the rest are frozen (``requires_grad=False``).
 
 Two steps, kept apart so that every device gets the same treatment:
 
 1. :func:`prepare_model` (the case runner calls it once the model is built, on whatever device — meta
-   included): casts the weights for ``bf16`` and wraps the blocks for ``blocks``. It reads no tensor value.
+   included): freezes all but the trainable parameters (injecting LoRA adapters first), casts the weights for
+   ``bf16`` and wraps the blocks for ``blocks``, in that order. It reads no tensor value.
    A mode the device or the workload cannot run is :class:`ModeUnsupported` (a result, not an error).
 2. The DP methods run the forward under :meth:`TrainingMode.forward_context` and, for ``amp-fp16``, scale the
    loss by the step's GradScaler and take every per-sample norm of the *unscaled* gradients (the scale must
@@ -44,6 +47,7 @@ from models.checkpointing import CheckpointedBlocks, checkpoint_modules, checkpo
 
 from .autocast_emulation import MetaGradScaler, meta_autocast_active
 from .errors import DPConfigError, ModeUnsupported
+from .trainable import Trainable, apply_trainable, parse_trainable, prepared_trainable
 
 __all__ = [
     "CHECKPOINTINGS",
@@ -73,16 +77,25 @@ _CHECKPOINTING_ID_PARTS = {"blocks": "ckpt"}
 
 @dataclass(frozen=True)
 class TrainingMode:
-    """How a step trains: ``precision`` in :data:`PRECISIONS`, ``checkpointing`` in :data:`CHECKPOINTINGS`."""
+    """How a step trains: ``precision`` in :data:`PRECISIONS`, ``checkpointing`` in :data:`CHECKPOINTINGS`,
+    ``trainable`` a :func:`~bench.dp.trainable.parse_trainable` word (kept in its canonical spelling)."""
 
     precision: str = "fp32"
     checkpointing: str = "none"
+    trainable: str = "full"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise DPConfigError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.checkpointing not in CHECKPOINTINGS:
             raise DPConfigError(f"unknown checkpointing {self.checkpointing!r}; valid: {', '.join(CHECKPOINTINGS)}")
+        # "lora:r=8:alpha=8" and "lora:r=8" are one mode: equal, and one case id
+        object.__setattr__(self, "trainable", parse_trainable(self.trainable).text)
+
+    @property
+    def fine_tuning(self) -> Trainable:
+        """The parsed ``trainable``."""
+        return parse_trainable(self.trainable)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -102,13 +115,17 @@ class TrainingMode:
     @property
     def label(self) -> str:
         """``fp32``, ``amp-bf16+blocks``, ...: the mode in one word (tables, messages)."""
-        return self.precision + ("" if self.checkpointing == "none" else f"+{self.checkpointing}")
+        label = self.precision + ("" if self.checkpointing == "none" else f"+{self.checkpointing}")
+        return label + ("" if self.trainable == "full" else f"+{self.trainable}")
 
     @property
     def id_parts(self) -> tuple[str, ...]:
-        """What the mode adds to a case id: nothing for fp32 without checkpointing, e.g. ("amp-bf16", "ckpt")."""
+        """What the mode adds to a case id: nothing for fp32 without checkpointing, full training, e.g.
+        ("amp-bf16", "ckpt", "lora-r8")."""
         parts = () if self.precision == "fp32" else (self.precision,)
-        return parts + ((_CHECKPOINTING_ID_PARTS[self.checkpointing],) if self.checkpointing != "none" else ())
+        parts += (_CHECKPOINTING_ID_PARTS[self.checkpointing],) if self.checkpointing != "none" else ()
+        trainable = self.fine_tuning.id_part
+        return parts + ((trainable,) if trainable else ())
 
     def forward_context(self, device: torch.device) -> AbstractContextManager:
         """The context the forward and the loss run in: ``torch.autocast`` for amp-*, else nothing."""
@@ -149,15 +166,19 @@ def _device_problem(mode: TrainingMode, device: torch.device) -> str | None:
 def prepare_model(
     model: nn.Module, workload, mode: TrainingMode, device: torch.device | str
 ) -> CheckpointedBlocks | None:
-    """Prepare ``model`` (just built by ``workload``, on ``device``) in place for ``mode``: weights to the mode's
-    dtype, the workload's blocks checkpointed. Returns the checkpointing handle (``remove()`` unwraps), or None.
+    """Prepare ``model`` (just built by ``workload``, on ``device``) in place for ``mode``: all but the trainable
+    parameters frozen (LoRA adapters injected), weights to the mode's dtype, the workload's blocks checkpointed.
+    Returns the checkpointing handle (``remove()`` unwraps), or None.
 
     Reads no tensor value, so it works on meta. :class:`ModeUnsupported` when the device cannot run the mode
-    or the workload names no module to checkpoint (or none of its type is in the model)."""
+    or the workload names no module to checkpoint (or none of its type is in the model), or no parameter to
+    fine-tune (bench/dp/trainable.py)."""
     device = torch.device(device)
     problem = _device_problem(mode, device)
     if problem:
         raise ModeUnsupported(problem)
+    # First: the adapters peft injects must be cast and checkpointed with the rest, and the block types found.
+    apply_trainable(model, workload, mode.fine_tuning)
     if mode.param_dtype != torch.float32:
         model.to(mode.param_dtype)
     if mode.checkpointing == "none":
@@ -191,6 +212,11 @@ def check_prepared(model: nn.Module, mode: TrainingMode) -> None:
         raise DPConfigError(
             f"precision {mode.precision} trains {str(mode.param_dtype).replace('torch.', '')} weights but the "
             f"model's are {found}; prepare it with bench.dp.prepare_model(model, workload, mode, device)"
+        )
+    if prepared_trainable(model) != mode.trainable:
+        raise DPConfigError(
+            f"trainable {mode.trainable!r} but the model was prepared for {prepared_trainable(model)!r}; prepare "
+            "it with bench.dp.prepare_model(model, workload, mode, device)"
         )
     checkpointed = bool(checkpointed_modules(model))
     if checkpointed != (mode.checkpointing != "none"):

@@ -103,6 +103,7 @@ class Plan:
     training_mode: str  # bench.dp.TrainingMode label, e.g. "fp32", "bf16+blocks"
     precision: str
     checkpointing: str
+    trainable: str
     attention: str
     optimizer: str
     overhead: OverheadModel
@@ -124,8 +125,9 @@ class _Prober:
 
         key = (method, batch_size)
         if key not in self.records:
-            precision, checkpointing = self.config.matrix.precisions[0], self.config.matrix.checkpointings[0]
-            spec = CaseSpec(self.workload, method, batch_size, "meta", precision=precision, checkpointing=checkpointing)
+            matrix = self.config.matrix
+            modes = dict(precision=matrix.precisions[0], checkpointing=matrix.checkpointings[0])
+            spec = CaseSpec(self.workload, method, batch_size, "meta", **modes, trainable=matrix.trainables[0])
             self.records[key] = run_case(spec, self.config, None)
         return self.records[key]
 
@@ -275,6 +277,7 @@ def _plan_fields(plan: Plan) -> dict:
         "training_mode": plan.training_mode,
         "precision": plan.precision,
         "checkpointing": plan.checkpointing,
+        "trainable": plan.trainable,
         "attention": plan.attention,
         "optimizer": plan.optimizer,
         "overhead": {
@@ -374,6 +377,11 @@ def _parser() -> argparse.ArgumentParser:
         "state in bf16)",
     )
     parser.add_argument("--checkpointing", default="none", help="none (default) or blocks (every block checkpointed)")
+    parser.add_argument(
+        "--trainable",
+        default="full",
+        help="full (default), bitfit, attention or lora:r=R[:alpha=A]: which parameters train (DP fine-tuning)",
+    )
     parser.add_argument("--max-batch-limit", type=positive_int, default=4096, help="largest batch searched (4096)")
     parser.add_argument(
         "--microbatch-limit",
@@ -413,7 +421,8 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     check_names("--precision", [precision], dp.PRECISIONS)
     check_names("--checkpointing", [args.checkpointing], dp.CHECKPOINTINGS)
     given = overhead_model(args.budget_overhead) if args.budget_overhead else None
-    modes = {"precisions": (precision,), "checkpointings": (args.checkpointing,)}
+    trainable = dp.parse_trainable(args.trainable).text
+    modes = {"precisions": (precision,), "checkpointings": (args.checkpointing,), "trainables": (trainable,)}
     return BenchConfig(
         MatrixSettings("plan", (workload,), methods, (), ("meta",), **modes),
         StepSettings(dp.resolve_privacy(1.0), args.optimizer, attention=args.attention, attention_sm=sm),
@@ -450,9 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         workload=config.matrix.workloads[0],
         memory_bytes=budget,
         gpu=gpu,
-        training_mode=dp.TrainingMode(config.matrix.precisions[0], config.matrix.checkpointings[0]).label,
+        training_mode=dp.TrainingMode(
+            config.matrix.precisions[0], config.matrix.checkpointings[0], config.matrix.trainables[0]
+        ).label,
         precision=config.matrix.precisions[0],
         checkpointing=config.matrix.checkpointings[0],
+        trainable=config.matrix.trainables[0],
         attention=config.step.attention,
         optimizer=config.step.optimizer,
         overhead=config.capacity.overhead,

@@ -31,7 +31,9 @@ PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 CHECKPOINTINGS = ("none", "blocks")
 
 # Breakdown categories of live tensor bytes at the peak (bench.trackers.memory.tensors).
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
+# "frozen_parameters": parameters with requires_grad=False (fine-tuning, --trainable); "parameters" are the trainable
+# ones and the buffers (an older record has no frozen_parameters key: everything trained).
+CATEGORIES = ("parameters", "frozen_parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
 
 
 class RecordError(ValueError):
@@ -209,6 +211,9 @@ class CaseRecord:
     device: str
     precision: str = "fp32"  # PRECISIONS: fp32, amp-bf16, amp-fp16 (with a GradScaler), bf16 (bf16 weights)
     checkpointing: str = "none"  # CHECKPOINTINGS: none, blocks (activation checkpointing of every block)
+    # which parameters train (bench/dp/trainable.py): full, bitfit, attention or lora:r=R[:alpha=A]; an older
+    # record without the key trained them all (full)
+    trainable: str = "full"
     status: str = "ok"  # one of STATUSES
     reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
 
@@ -373,6 +378,7 @@ class MaxBatchRecord:
     device: str
     precision: str = "fp32"  # the training mode every probe ran in (as CaseRecord's)
     checkpointing: str = "none"
+    trainable: str = "full"
     memory_limit_bytes: int | None = None  # what "fits" meant: device capacity or the CPU memory cap
     max_batch_measured: int | None = None  # largest ok batch size (None: even batch 1 failed)
     first_failing_batch: int | None = None  # smallest batch that failed (OOM), if one was reached

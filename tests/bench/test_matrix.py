@@ -85,7 +85,8 @@ def test_matrix_writes_a_record_for_every_case_in_both_formats(tmp_path):
     expected = {f"{w}-{m}-bs2-cpu" for w in ("gpt-tiny", "dit-tiny-cond") for m in ("nondp", "bk", "opacus-ghost")}
     assert set(entries) == expected
     for case_id, entry in entries.items():
-        assert set(entry["params"]) == {"workload", "method", "batch_size", "device", "precision", "checkpointing"}
+        keys = {"workload", "method", "batch_size", "device", "precision", "checkpointing", "trainable"}
+        assert set(entry["params"]) == keys
         assert (entry["params"]["precision"], entry["params"]["checkpointing"]) == ("fp32", "none")
         assert set(entry["extra_info"]) >= RECORD_KEYS
         record = CaseRecord.from_dict(entry["extra_info"])

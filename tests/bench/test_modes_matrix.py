@@ -51,7 +51,8 @@ def test_ids_params_and_records_carry_the_mode(run):
     assert set(entries) == {f"dit-tiny-cond-{m}-bs4-cpu{suffix[mode]}" for m in METHODS for mode in MODES}
     for case_id, entry in entries.items():
         params = entry["params"]
-        assert set(params) == {"workload", "method", "batch_size", "device", "precision", "checkpointing"}
+        keys = {"workload", "method", "batch_size", "device", "precision", "checkpointing", "trainable"}
+        assert set(params) == keys and params["trainable"] == "full"  # a run naming its modes trains full
         record = CaseRecord.from_dict(entry["extra_info"])
         assert (record.precision, record.checkpointing) == (params["precision"], params["checkpointing"])
         assert case_id == f"dit-tiny-cond-{record.method}-bs4-cpu{suffix[record.precision, record.checkpointing]}"

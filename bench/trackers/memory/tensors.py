@@ -13,7 +13,8 @@ gradients, and any other pre-existing storage an op reads during the step (the b
 those are adopted into the baseline when first seen as an op input, since they were live from the start.
 
 Categories (``record.CATEGORIES``), first match wins:
-  parameters       storages of model parameters and buffers at the start
+  parameters       storages of trainable model parameters and of buffers at the start
+  frozen_parameters  storages of frozen ones (``requires_grad=False``: fine-tuning, ``--trainable``)
   per_sample       storages announced by a DP method via ``bench.trackers.channel.annotate_dp_buffer`` (or found
                    as Opacus' ``p.grad_sample`` / ``p._current_grad_sample``)
   gradients        storages seen as some ``p.grad`` (at the start, at every phase mark, at the end)
@@ -167,7 +168,8 @@ class TensorTracker(TorchDispatchMode):
         self._model, self._optimizer = model, optimizer
         if model is not None:
             for tensor in _model_state(model):
-                self._label(self._known_or_baseline(tensor), "parameters")
+                frozen = isinstance(tensor, nn.Parameter) and not tensor.requires_grad
+                self._label(self._known_or_baseline(tensor), "frozen_parameters" if frozen else "parameters")
         self._scan_state(baseline=True)
         for tensor in extra:
             self._known_or_baseline(tensor)
@@ -441,7 +443,7 @@ def _live_at(
 
 
 # Lower wins when one storage earns two labels (e.g. an announced buffer later handed to p.grad).
-_PRECEDENCE = {"parameters": 0, "per_sample": 1, "gradients": 2, "optimizer_state": 3}
+_PRECEDENCE = {"parameters": 0, "frozen_parameters": 0, "per_sample": 1, "gradients": 2, "optimizer_state": 3}
 
 
 def _model_state(model: nn.Module) -> Iterable[Tensor]:
