@@ -260,6 +260,15 @@ def _vmap_on_top() -> bool:
     return top is not None and top.key() == TransformType.Vmap
 
 
+def _batched_on_top(t) -> bool:
+    functorch = torch._C._functorch
+    return (
+        isinstance(t, Tensor)
+        and functorch.is_batchedtensor(t)
+        and functorch.maybe_get_level(t) == functorch.peek_interpreter_stack().level()
+    )
+
+
 def _met_by_autocast(t: Tensor) -> Tensor | None:
     """The tensor the Autocast key meets for ``t``, which decides ``cached_cast``'s cache: the functorch layers
     are processed from the top; a vmap layer's batching key sits above autocast, so its wrapper is removed and
@@ -339,6 +348,12 @@ class AutocastEmulation(TorchFunctionMode):
             if listed is None or _vmap_on_top():
                 return COMPOSITES[name](self, *args, **kwargs)
             policy = listed
+        if _vmap_on_top() and any(_batched_on_top(t) for t in _flat(args, kwargs)):
+            raise NotImplementedError(
+                f"amp on meta: {op_name(func)[0]} inside torch.func.vmap with no grad transform inside it is not "
+                "emulated (vmap's batching layer runs before autocast and decomposes some listed ops, addmm "
+                "among them); run this case on cpu or cuda"
+            )
         if policy == "lower_precision_fp":
             cast = self.caster(state.dtype)
             return _cast_call(func, cast, args, kwargs)
