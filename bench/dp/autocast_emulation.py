@@ -47,16 +47,34 @@ A meta case uses the CUDA lists (meta predicts a GPU); the CPU lists drive the f
 
 Where a torch-function mode sees less than the dispatcher: autocast also casts inside a composite op that is not
 on its lists (the op falls through and its decomposition is dispatched again), while a torch-function mode sees
-only the call a Python caller makes. Composites this matters for are rules of their own
-(:data:`COMPOSITES`: ``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes into
-``log_softmax`` in the input dtype and a float32 ``nll_loss``, and under ``torch.func.vmap`` on CPU, whose
-batching layer decomposes it before the Autocast key sees it); ``torch.norm``/``Tensor.norm`` are
-``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted composites (``einsum`` on CPU,
-``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside: tests cover the workloads'
-ops, not every composite. Inside ``torch.func.grad`` autocast casts below the transform's autograd, which a mode
-above it cannot: such a cast is :class:`ModeUnsupported` (:data:`GRAD_TRANSFORM_REASON`). A tensor subclass with a
-``__torch_function__`` of its own (Opacus' ExpandedWeight) handles a call before the casts, as it would above
-the dispatcher.
+only the call a Python caller makes. Composites this matters for are rules of their own (:data:`COMPOSITES`):
+``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes into ``log_softmax`` in the
+input dtype and a float32 ``nll_loss`` (also on CPU when ``torch.func.vmap`` is the innermost transform, whose
+batching layer decomposes it before the Autocast key sees it), and the math attention kernel
+(``_scaled_dot_product_attention_math``, which the meta cases route to for ``--attention math``), listed on
+neither device: it upcasts half inputs to float32 and autocast casts its two matmuls back. ``torch.norm`` /
+``Tensor.norm`` are ``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted
+composites (``einsum`` on CPU, ``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside:
+tests cover the workloads' ops, not every composite.
+
+Under ``torch.func`` transforms (whole-model torch-func, Opacus' functorch sampler: ``vmap(grad(f))`` with the
+autocast region inside ``f``) the layers are processed from the top, each by its own dispatch keys, and the
+Autocast key is left enabled at every layer (DynamicLayer.cpp excludes it from the layers' key sets):
+
+* functorch's front key, the highest, replaces ``linear`` by its own decomposition while any transform is active
+  (:data:`FUNCTORCH_FRONT`, PyTorchOperatorHacks.cpp): ``addmm(bias, x, w.t())`` or ``matmul`` and an ``add``,
+  whose parts autocast casts — so the weight is cast as the view ``w.t()``, never from the cache;
+* a grad layer's autograd sits below autocast, so a cast there is recorded by the transform, as a mode's cast
+  is; autocast's cache sees that layer's wrapper (a leaf that requires grad: cached per call), and a vmap
+  layer's batching key sits above autocast, so below a vmap on top autocast meets the unwrapped tensor;
+* with vmap innermost, its batching layer decomposes some listed ops before autocast (``addmm`` into ``mm``, a
+  scaled bias and an ``add``): not emulated, a listed op on tensors batched there is an error naming it (no
+  method autocasts inside vmap without grad).
+
+Autocast's wrapper passes ``cached_cast(...)`` of each argument to the op, and GCC (torch's Linux wheels)
+evaluates them right to left: the emulation casts the last argument first, which decides a peak that falls
+between two casts. A tensor subclass with a ``__torch_function__`` of its own (Opacus' ExpandedWeight) handles a
+call before the casts, as it would above the dispatcher.
 """
 
 from __future__ import annotations
