@@ -47,20 +47,39 @@ A meta case uses the CUDA lists (meta predicts a GPU); the CPU lists drive the f
 
 Where a torch-function mode sees less than the dispatcher: autocast also casts inside a composite op that is not
 on its lists (the op falls through and its decomposition is dispatched again), while a torch-function mode sees
-only the call a Python caller makes. Composites this matters for are rules of their own
-(:data:`COMPOSITES`: ``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes into
-``log_softmax`` in the input dtype and a float32 ``nll_loss``, and under ``torch.func.vmap`` on CPU, whose
-batching layer decomposes it before the Autocast key sees it); ``torch.norm``/``Tensor.norm`` are
-``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted composites (``einsum`` on CPU,
-``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside: tests cover the workloads'
-ops, not every composite. Inside ``torch.func.grad`` autocast casts below the transform's autograd, which a mode
-above it cannot: such a cast is :class:`ModeUnsupported` (:data:`GRAD_TRANSFORM_REASON`). A tensor subclass with a
-``__torch_function__`` of its own (Opacus' ExpandedWeight) handles a call before the casts, as it would above
-the dispatcher.
+only the call a Python caller makes. Composites this matters for are rules of their own (:data:`COMPOSITES`):
+``cross_entropy`` on CUDA, where ``cross_entropy_loss`` is not listed and decomposes into ``log_softmax`` in the
+input dtype and a float32 ``nll_loss`` (also on CPU when ``torch.func.vmap`` is the innermost transform, whose
+batching layer decomposes it before the Autocast key sees it), and the math attention kernel
+(``_scaled_dot_product_attention_math``, which the meta cases route to for ``--attention math``), listed on
+neither device: it upcasts half inputs to float32 and autocast casts its two matmuls back. ``torch.norm`` /
+``Tensor.norm`` are ``linalg_vector_norm``, which torch 2.13 calls for strided tensors. Other unlisted
+composites (``einsum`` on CPU, ``F.normalize``, ``F.interpolate``, ``F.pad`` in reflect mode) run uncast inside:
+tests cover the workloads' ops, not every composite.
+
+Under ``torch.func`` transforms (whole-model torch-func, Opacus' functorch sampler: ``vmap(grad(f))`` with the
+autocast region inside ``f``) the layers are processed from the top, each by its own dispatch keys, and the
+Autocast key is left enabled at every layer (DynamicLayer.cpp excludes it from the layers' key sets):
+
+* functorch's front key, the highest, replaces ``linear`` by its own decomposition while any transform is active
+  (:data:`FUNCTORCH_FRONT`, PyTorchOperatorHacks.cpp): ``addmm(bias, x, w.t())`` or ``matmul`` and an ``add``,
+  whose parts autocast casts — so the weight is cast as the view ``w.t()``, never from the cache;
+* a grad layer's autograd sits below autocast, so a cast there is recorded by the transform, as a mode's cast
+  is; autocast's cache sees that layer's wrapper (a leaf that requires grad: cached per call), and a vmap
+  layer's batching key sits above autocast, so below a vmap on top autocast meets the unwrapped tensor;
+* with vmap innermost, its batching layer decomposes some listed ops before autocast (``addmm`` into ``mm``, a
+  scaled bias and an ``add``): not emulated, a listed op on tensors batched there is an error naming it (no
+  method autocasts inside vmap without grad).
+
+Autocast's wrapper passes ``cached_cast(...)`` of each argument to the op, and GCC (torch's Linux wheels)
+evaluates them right to left: the emulation casts the last argument first, which decides a peak that falls
+between two casts. A tensor subclass with a ``__torch_function__`` of its own (Opacus' ExpandedWeight) handles a
+call before the casts, as it would above the dispatcher.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -68,9 +87,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
-
-from .errors import ModeUnsupported
 
 __all__ = [
     "CPU_POLICIES",
@@ -247,32 +266,41 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter, torch.nn.Buffer)
 _TENSOR_TORCH_FUNCTION = Tensor.__torch_function__
 
 
-def _innermost(t: Tensor) -> Tensor:
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
+def _functorch_layers() -> list:
+    """The active torch.func interpreters, outermost first (empty outside any transform)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return []
+    return retrieve_all_functorch_interpreters()
+
+
+def _vmap_on_top() -> bool:
+    top = torch._C._functorch.peek_interpreter_stack()
+    return top is not None and top.key() == TransformType.Vmap
+
+
+def _batched_on_top(t) -> bool:
+    functorch = torch._C._functorch
+    return (
+        isinstance(t, Tensor)
+        and functorch.is_batchedtensor(t)
+        and functorch.maybe_get_level(t) == functorch.peek_interpreter_stack().level()
+    )
+
+
+def _met_by_autocast(t: Tensor) -> Tensor | None:
+    """The tensor the Autocast key meets for ``t``, which decides ``cached_cast``'s cache: the functorch layers
+    are processed from the top; a vmap layer's batching key sits above autocast, so its wrapper is removed and
+    the op sent on; an autograd-based layer (grad, jvp) sits below the front key but above autocast, which runs
+    there on that layer's wrapper. A tensor not wrapped at that layer is met as a fresh wrapper, which is no
+    leaf that requires grad (None); below every layer autocast meets the plain tensor."""
+    functorch = torch._C._functorch
+    for interpreter in reversed(_functorch_layers()):
+        wrapped_here = functorch.is_functorch_wrapped_tensor(t) and functorch.maybe_get_level(t) == interpreter.level()
+        if interpreter.key() != TransformType.Vmap:
+            return t if wrapped_here else None
+        if wrapped_here:
+            t = functorch.get_unwrapped(t)
     return t
-
-
-# Under torch.func.grad the Autocast key casts below the transform's own autograd, so the transform saves the
-# uncast inputs; an emulated cast is recorded at the transform's level and saves the cast copies instead (measured:
-# torch-func on dit-tiny-cond, amp-bf16, batch 3: 86,016 bytes more activations than CPU autocast). Refused.
-GRAD_TRANSFORM_REASON = (
-    "amp on meta: a cast inside torch.func.grad (whole-model torch-func, Opacus' functorch sampler) is not "
-    "emulated exactly — autocast casts below the transform's autograd, the emulation above it, so the saved "
-    "tensors would differ; run this case on cpu or cuda"
-)
-
-
-def _under_grad_transform(t: Tensor) -> bool:
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        if torch._C._functorch.is_gradtrackingtensor(t):
-            return True
-        t = torch._C._functorch.get_unwrapped(t)
-    return False
-
-
-def _wrapped(t) -> bool:
-    return isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _eligible(t) -> bool:
@@ -294,8 +322,10 @@ class AutocastEmulation(TorchFunctionMode):
         name = op_name(func)
         policy = None
         if name is not None:
-            if name[0] in COMPOSITES:
-                policy = "composite" if self.state.policies.device_type == "cuda" else "composite-under-vmap"
+            if name[0] in FUNCTORCH_FRONT:
+                policy = "functorch-front"
+            elif name[0] in COMPOSITES:
+                policy = "composite"
             else:
                 policy = self.state.policies.policy(*name)
         self._policy_of[id(func)] = (func, policy)
@@ -303,20 +333,51 @@ class AutocastEmulation(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        state = self.state
-        policy = self._policy(func) if state.enabled else None
+        policy = self._policy(func) if self.state.enabled else None
         if policy is None:
             return func(*args, **kwargs)
         if any(t not in _PLAIN_TYPES and t.__torch_function__ is not _TENSOR_TORCH_FUNCTION for t in types):
             # A tensor subclass with a __torch_function__ of its own (Opacus' ExpandedWeight) handles the call
             # first, as it would above the dispatcher; the calls it makes come back here and are cast then.
             return NotImplemented
+        return self._apply(policy, func, args, kwargs)
+
+    def call(self, func, *args, **kwargs):
+        """``func`` as a call from the dispatcher's top would be cast: how a decomposition's listed parts run."""
+        policy = self._policy(func)
+        return func(*args, **kwargs) if policy is None else self._apply(policy, func, args, kwargs)
+
+    def _apply(self, policy: str, func, args, kwargs):
+        state = self.state
+        if policy == "functorch-front":
+            # the functorch layers' front key runs these ops' own decompositions above every layer (and above
+            # autocast) while a transform is active; outside one, the op is cast by its list entry, if any
+            name = op_name(func)[0]
+            if _functorch_layers():
+                return FUNCTORCH_FRONT[name](self, *args, **kwargs)
+            policy = state.policies.policy(name, None)
+            if policy is None:
+                return func(*args, **kwargs)
+        if policy == "composite":
+            # an op the lists do not name decomposes below autocast, whose parts are cast; a listed one is cast
+            # as listed, unless vmap's batching layer (above the Autocast key) decomposes it first
+            name = op_name(func)[0]
+            listed = state.policies.policy(name, None)
+            if listed is None or _vmap_on_top():
+                return COMPOSITES[name](self, *args, **kwargs)
+            policy = listed
+        if _vmap_on_top() and any(_batched_on_top(t) for t in _flat(args, kwargs)):
+            raise NotImplementedError(
+                f"amp on meta: {op_name(func)[0]} inside torch.func.vmap with no grad transform inside it is not "
+                "emulated (vmap's batching layer runs before autocast and decomposes some listed ops, addmm "
+                "among them); run this case on cpu or cuda"
+            )
         if policy == "lower_precision_fp":
             cast = self.caster(state.dtype)
-            return func(*_map(cast, args), **_map(cast, kwargs))
+            return _cast_call(func, cast, args, kwargs)
         if policy == "fp32":
             cast = self.caster(torch.float32)
-            return func(*_map(cast, args), **_map(cast, kwargs))
+            return _cast_call(func, cast, args, kwargs)
         if policy == "fp32_set_opt_dtype":
             first = args[0] if args else next(iter(kwargs.values()), None)
             given = "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args)
@@ -332,7 +393,7 @@ class AutocastEmulation(TorchFunctionMode):
             return redispatch(*args, **kwargs)
         if policy == "promote":
             cast = self.caster(self._widest(args, kwargs))
-            return func(*_map(cast, args), **_map(cast, kwargs))
+            return _cast_call(func, cast, args, kwargs)
         if policy == "banned":
             raise RuntimeError(
                 "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast. Many models "
@@ -340,11 +401,7 @@ class AutocastEmulation(TorchFunctionMode):
                 "layers using torch.nn.functional.binary_cross_entropy_with_logits or torch.nn.BCEWithLogitsLoss. "
                 "binary_cross_entropy_with_logits and BCEWithLogits are safe to autocast."
             )
-        if policy == "composite-under-vmap" and not any(_wrapped(t) for t in _flat(args, kwargs)):
-            policy = self.state.policies.policy(op_name(func)[0], None)  # the op itself is listed (CPU: fp32)
-            cast = self.caster(torch.float32) if policy == "fp32" else (lambda t: t)
-            return func(*_map(cast, args), **_map(cast, kwargs))
-        return COMPOSITES[op_name(func)[0]](self, *args, **kwargs)
+        raise AssertionError(f"unknown autocast policy {policy!r}")
 
     def caster(self, dtype: torch.dtype) -> Callable[[object], object]:
         """``cached_cast(dtype, ·)``: eligible tensors of another dtype cast, leaf fp32 weights once per region."""
@@ -353,17 +410,14 @@ class AutocastEmulation(TorchFunctionMode):
         def cast(t):
             if not _eligible(t) or t.dtype == dtype:
                 return t
-            if _under_grad_transform(t):
-                raise ModeUnsupported(GRAD_TRANSFORM_REASON)
-            # Under torch.func transforms the Autocast key meets the innermost tensor, below every functorch
-            # level (vmap's and grad's wrappers): that one decides, as in cached_cast.
-            inner = _innermost(t)
+            met = _met_by_autocast(t)
             cacheable = (
-                dtype == state.dtype
+                met is not None
+                and dtype == state.dtype
                 and t.dtype == torch.float32
-                and inner.requires_grad
-                and inner.is_leaf
-                and not inner._is_view()
+                and met.requires_grad
+                and met.is_leaf
+                and not met._is_view()
                 and torch.is_autocast_cache_enabled()
             )
             if not cacheable:
@@ -389,12 +443,14 @@ class AutocastEmulation(TorchFunctionMode):
         return widest
 
 
-def _map(fn, value):
-    """``fn`` on every element of ``value`` (a tuple of arguments or a dict of keyword arguments) and one level
-    into lists and tuples (a TensorList), like autocast's ``cached_cast`` overloads."""
-    if isinstance(value, dict):
-        return {k: _map_one(fn, v) for k, v in value.items()}
-    return tuple(_map_one(fn, v) for v in value)
+def _cast_call(func, cast: Callable[[object], object], args, kwargs):
+    """``func`` on its arguments cast by ``cast`` (every element, and one level into lists and tuples — a
+    TensorList — like ``cached_cast``'s overloads). Last argument first: autocast's wrapper passes
+    ``cached_cast(...)`` of each argument to the op, and GCC, which builds torch's Linux wheels, evaluates a
+    call's arguments right to left — which cast is made first decides a peak that falls between them."""
+    cast_kwargs = {k: _map_one(cast, kwargs[k]) for k in reversed(list(kwargs))}
+    cast_args = [_map_one(cast, v) for v in reversed(args)][::-1]
+    return func(*cast_args, **{k: cast_kwargs[k] for k in kwargs})
 
 
 def _map_one(fn, v):
@@ -438,10 +494,97 @@ def _decomposed_cross_entropy(
     )
 
 
-# Python-level calls of an op whose decomposition runs listed ops before autocast sees the op itself: on CUDA,
-# which does not list cross_entropy_loss, always; on CPU, which lists it fp32, under torch.func's vmap, whose
-# batching layer (above the Autocast key) decomposes it first (functorch's BatchRulesDecompositions.cpp).
-COMPOSITES: dict[str, Callable] = {"cross_entropy_loss": _decomposed_cross_entropy}
+def _math_attention(
+    mode: AutocastEmulation,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    dropout_mask=None,
+    *,
+    scale=None,
+    enable_gqa=False,
+):
+    """``_scaled_dot_product_attention_math``, listed on neither device, decomposed as torch 2.13's composite
+    does (attention.cpp; the op sequence checked against CPU autocast in tests/dp/test_autocast_emulation.py):
+    half inputs upcast to float32, q and kᵀ each scaled by √scale, ``matmul(q, kᵀ)`` (+ the mask),
+    ``_safe_softmax``, ``matmul(attn, v)``, the output and the weights cast back to the input dtype. Autocast
+    casts the two matmuls (both lists: lower precision), so the weights are the autocast dtype."""
+    if dropout_p > 0.0 or dropout_mask is not None:
+        raise NotImplementedError(
+            "amp on meta: math attention with dropout is not emulated; run this case on cpu or cuda"
+        )
+    if enable_gqa and query.shape[-3] != key.shape[-3]:
+        raise NotImplementedError(
+            "amp on meta: math attention with grouped-query heads is not emulated; run this case on cpu or cuda"
+        )
+    origin = query.dtype
+    q, k, v = (t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t for t in (query, key, value))
+    negative = scale is not None and scale < 0
+    factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    q = torch.ops.aten.mul.Scalar(q, -factor if negative else factor)
+    if is_causal:
+        if attn_mask is not None:
+            raise RuntimeError(
+                "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True"
+            )
+        keep = torch.ones((q.shape[-2], k.shape[-2]), dtype=torch.bool, device=q.device).tril()
+        attn_mask = torch.where(keep, 0.0, torch.scalar_tensor(float("-inf"), dtype=q.dtype, device=q.device))
+    attn = mode.call(torch.matmul, q, torch.ops.aten.mul.Scalar(k.transpose(-2, -1), factor))
+    if attn_mask is not None:
+        attn = attn.add(attn_mask)
+    attn = torch._safe_softmax(attn, -1)
+    weights = attn.to(origin)
+    return mode.call(torch.matmul, attn, v).to(origin), weights
+
+
+# Python-level calls of an op whose decomposition runs listed ops before autocast sees the op itself (a
+# torch-function mode sees only the call): on a device that does not list the op, always (CUDA's
+# cross_entropy_loss, math attention on both); where it is listed (CPU's cross_entropy_loss, fp32), when
+# torch.func's vmap is the innermost transform, whose batching layer (above the Autocast key) decomposes it
+# first (functorch's BatchRulesDecompositions.cpp); under a grad transform autocast meets the op itself.
+COMPOSITES: dict[str, Callable] = {
+    "cross_entropy_loss": _decomposed_cross_entropy,
+    "_scaled_dot_product_attention_math": _math_attention,
+}
+
+
+def _functorch_linear(mode: AutocastEmulation, input, weight, bias=None):
+    """``linear`` while a torch.func transform is active: functorch's front key (highest, above autocast and
+    every layer) replaces it by its own decomposition (PyTorchOperatorHacks.cpp, ``linear_hack``) — ``addmm``
+    for a 2-D input with bias (a contiguous 3-D one viewed as 2-D), else ``matmul`` then the bias added (out of
+    place under vmap) — whose parts autocast then casts: the weight is cast as ``weight.t()``, a view, never
+    from the cache."""
+    if bias is not None and (input.dim() == 2 or (input.dim() == 3 and input.is_contiguous())):
+        if input.dim() == 2:
+            return mode.call(torch.addmm, bias, input, weight.t())
+        rows, tokens, features = input.shape
+        weight_t = weight.t()  # before the view: C++ evaluates the arguments right to left
+        out = mode.call(torch.addmm, bias, input.view(rows * tokens, features), weight_t)
+        return out.view(rows, tokens, out.shape[1])
+    out = mode.call(torch.matmul, input, weight.t())
+    if bias is None:
+        return out
+    if any(i.key() == TransformType.Vmap for i in _functorch_layers()):
+        return out.add(bias)
+    return out.add_(bias)
+
+
+def _functorch_bce_with_logits(mode: AutocastEmulation, *args, **kwargs):
+    raise NotImplementedError(
+        "amp on meta: binary_cross_entropy_with_logits inside a torch.func transform (functorch decomposes it "
+        "above autocast) is not emulated; run this case on cpu or cuda"
+    )
+
+
+# Ops functorch's front key decomposes above autocast while any transform is active (the registrations of
+# torch 2.13's FuncTorchDynamicLayerFrontMode that autocast lists; tests check the set).
+FUNCTORCH_FRONT: dict[str, Callable] = {
+    "linear": _functorch_linear,
+    "binary_cross_entropy_with_logits": _functorch_bce_with_logits,
+}
 
 
 # --- the session: "meta" as an autocast device for torch's own context manager -------------------------------

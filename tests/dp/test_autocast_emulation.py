@@ -12,6 +12,10 @@
 * CUDA entries cannot be run here (the CPU build of torch has no CUDA kernels): they are checked to be
   registered ``AutocastCUDA`` kernels of this torch, and the emulation with the CUDA lists is checked on meta
   for the calls the workloads make (cross_entropy's decomposition, layer_norm, pow, the weight cache).
+* Where a torch-function mode sees less than the dispatcher — composites whose parts autocast casts (math
+  attention, CUDA's cross_entropy), ops functorch's front key decomposes above autocast (``linear``), the
+  layer a cast is cached at under ``torch.func`` — the emulation on meta makes the very ops (name, order,
+  dtypes, shapes) real CPU autocast makes, forward and backward, with and without ``grad``/``vmap``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from bench.dp import autocast_emulation as ae
 from bench.dp.autocast_emulation import CPU_POLICIES, CUDA_POLICIES, meta_autocast
@@ -290,3 +297,84 @@ def test_op_name_matches_python_calls_to_their_aten_op():
     assert ae.op_name(torch.Tensor.__iadd__) is None
     assert ae.op_name(F.cross_entropy) == ("cross_entropy_loss", None)
     assert ae.op_name(torch.ops.aten.pow.Tensor_Scalar) == ("pow", "Tensor_Scalar")
+
+
+def test_the_functorch_front_rules_are_the_listed_ops_functorch_decomposes_above_autocast():
+    listed = {entry.split(".")[0] for policies in (CPU_POLICIES, CUDA_POLICIES) for entry in policies.entries()}
+    assert set(ae.FUNCTORCH_FRONT) == _registered("FuncTorchDynamicLayerFrontMode") & listed
+
+
+class _OpLog(TorchDispatchMode):
+    """Every op below all layers: its name and the (dtype, shape) of its tensor inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [
+            [(t.dtype, tuple(t.shape)) for t in tree_leaves(x) if isinstance(t, torch.Tensor)] for x in (args, out)
+        ]
+        self.ops.append(f"{func} {shapes[0]} -> {shapes[1]}")
+        return out
+
+
+def _attention_block(p, x, target):
+    """The workloads' shapes of use: linear on 2-D and 3-D inputs with and without bias, the math attention
+    kernel (causal and not) the meta cases route to, a weight used twice, layer_norm, cross_entropy."""
+    h = F.linear(x, p["w_in"], p["b_in"])  # (T, D) per sample
+    qkv = F.linear(h.unsqueeze(0), p["w_qkv"], p["b_qkv"])  # 3-D, bias
+    q, k, v = qkv.view(1, x.shape[0], 3, 2, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    a = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.0, True, None, scale=None)[0]
+    a = a + torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.0, False, None, scale=0.3)[0]
+    h = F.linear(a.transpose(1, 2).reshape(x.shape[0], -1), p["w_in"].t())  # no bias, a 2-D input
+    # the weight used twice; layer_norm on float32 (on bf16, CPU's kernel keeps float32 statistics, meta's bf16)
+    h = F.layer_norm((h + F.linear(h, p["w_out"]) + F.linear(h, p["w_out"])).float(), h.shape[-1:])
+    return F.cross_entropy(h, target)
+
+
+def _ops_of(device: str, transform: str) -> list[str]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"w_in": (8, 6), "b_in": (8,), "w_qkv": (24, 8), "b_qkv": (24,), "w_out": (6, 6)}
+    params = {n: torch.randn(s, generator=generator).to(device) for n, s in shapes.items()}
+    params["w_out"] = params["w_out"][:, :6].contiguous()
+    batch_x = torch.randn(2, 5, 6, generator=generator).to(device)
+    batch_target = torch.randint(0, 6, (2, 5), generator=generator).to(device)
+
+    def loss(p, x, target):
+        with torch.autocast(device, dtype=BF16):
+            return _attention_block(p, x, target)
+
+    with _OpLog() as log:
+        if transform == "vmap(grad)":
+            vmap(grad(loss), in_dims=(None, 0, 0))(params, batch_x, batch_target)
+        elif transform == "grad":
+            grad(loss)(params, batch_x[0], batch_target[0])
+        elif transform == "vmap":  # leaves that require grad, the backward outside the transform
+            leaves = {n: p.requires_grad_() for n, p in params.items()}
+            vmap(loss, in_dims=(None, 0, 0))(leaves, batch_x, batch_target).sum().backward()
+        else:
+            leaves = {n: p.requires_grad_() for n, p in params.items()}
+            loss(leaves, batch_x[0], batch_target[0]).backward()
+    return log.ops
+
+
+def test_a_listed_op_on_batched_tensors_with_vmap_innermost_is_refused():
+    """There the batching layer runs before autocast and decomposes some listed ops (addmm into mm, a scaled
+    bias and an add, only mm cast): not emulated (no method autocasts inside vmap without grad)."""
+    refused = pytest.raises(NotImplementedError, match=r"inside torch\.func\.vmap with no grad transform")
+    with refused, warnings.catch_warnings(), meta_autocast(CPU_POLICIES):
+        warnings.simplefilter("ignore")
+        _ops_of("meta", "vmap")
+
+
+@pytest.mark.parametrize("transform", ["none", "grad", "vmap(grad)"])
+def test_the_emulation_makes_the_ops_cpu_autocast_makes_under_torch_func(transform):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = _ops_of("cpu", transform)
+        with meta_autocast(CPU_POLICIES):
+            emulated = _ops_of("meta", transform)
+    assert any("_to_copy" in op for op in real)
+    assert emulated == real
