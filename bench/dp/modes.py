@@ -29,9 +29,8 @@ a GPU). CUDA needs bf16 support for the bf16 modes. Meta runs every mode: ``bf16
 recompute, and ``amp-*`` runs torch's own ``torch.autocast(device_type="meta")`` inside the meta case's
 :func:`bench.dp.autocast_emulation.meta_autocast` session, which casts meta tensors above autograd by CUDA's op
 lists, weight cache included (docs/meta-and-planner.md, "amp on meta"); ``amp-fp16``'s GradScaler there is
-:class:`bench.dp.autocast_emulation.MetaGradScaler` (torch's, stepping without reading found-inf). A cast
-inside ``torch.func.grad`` is not emulated exactly and is :class:`ModeUnsupported` on meta (torch-func,
-opacus-functorch under amp). Outside such a session an amp forward on meta is a :class:`DPConfigError` naming it.
+:class:`bench.dp.autocast_emulation.MetaGradScaler` (torch's, stepping without reading found-inf). Outside
+such a session an amp forward on meta is a :class:`DPConfigError` naming it.
 """
 
 from __future__ import annotations
