@@ -199,10 +199,12 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Overhead over non-DP
 # ---------------------------------------------------------------------------------------------------------------
-def with_rank_columns(cases: pd.DataFrame) -> pd.DataFrame:
-    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS where a frame built without them lacks
-    them: every such row is a one-process case)."""
-    missing = {k: v for k, v in (("world_size", 1), ("parallel", ONE_PROCESS)) if k not in cases}
+def with_default_columns(cases: pd.DataFrame) -> pd.DataFrame:
+    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS) and the :data:`MODE_COLUMNS`
+    (:data:`DEFAULT_MODE`) where a frame built without them lacks them: every such row is a one-process case in
+    the default mode, as a record older than those fields reads."""
+    defaults = (("world_size", 1), ("parallel", ONE_PROCESS), *zip(MODE_COLUMNS, DEFAULT_MODE))
+    missing = {k: v for k, v in defaults if k not in cases}
     return cases.assign(**missing) if missing else cases
 
 
@@ -215,7 +217,7 @@ def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
     """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES) at
     the same training mode (:data:`MODE_COLUMNS`: nondp fine-tuned the same way), world size and strategy (a case
     on many ranks: per-rank peak over nondp's per-rank peak)."""
-    cases = with_rank_columns(cases)
+    cases = with_default_columns(cases)
     group_key = ["machine", "device", "workload", "batch_size", *MODE_COLUMNS, "world_size", "parallel"]
     columns = [
         *group_key,
@@ -420,7 +422,7 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
     max-batch search runs one process, and a many-rank case's batch is split over its ranks."""
     key = ["machine", "device", *MODE_COLUMNS, "workload", "method"]
-    cases = one_process(with_rank_columns(cases))
+    cases = one_process(with_default_columns(cases))
     columns = [
         *key,
         "source",
