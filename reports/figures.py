@@ -869,26 +869,21 @@ def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Fig
     ranked = cases[cases["world_size"] > 1]
     if ranked.empty:
         raise SkipFigure("no case ran ok on many ranks (--world-sizes above 1)")
-    # the global batch with the most many-rank cases (then the largest) per workload, machine and device kind
-    chosen = ranked.groupby(["machine", "kind", "workload", "batch_size"]).size().reset_index(name="n")
-    chosen = chosen.sort_values(["n", "batch_size"]).groupby(["machine", "kind", "workload"]).tail(1)
+    # the global batch with the most many-rank cases (then the largest) per workload, machine, device kind and
+    # training mode (a panel of two modes would draw each method twice under one name)
+    where = ["machine", "kind", "workload", *MODE_COLUMNS]
+    chosen = ranked.groupby([*where, "batch_size"]).size().reset_index(name="n")
+    chosen = chosen.sort_values(["n", "batch_size"]).groupby(where).tail(1)
     colors = _method_colors(results)
     overhead = results.overhead.assign(kind=_device_kind(results.overhead["device"]))
     fig, axes = plt.subplots(2, len(chosen), figsize=(min(PAGE_WIDTH_IN, 5.2 * len(chosen)), 7.2), squeeze=False)
     for column, (_, panel) in enumerate(chosen.iterrows()):
         machine, kind, workload, batch = panel["machine"], panel["kind"], panel["workload"], panel["batch_size"]
-        at = cases[
-            (cases["machine"] == machine)
-            & (cases["kind"] == kind)
-            & (cases["workload"] == workload)
-            & (cases["batch_size"] == batch)
-        ]
-        ratios = overhead[
-            (overhead["machine"] == machine)
-            & (overhead["kind"] == kind)
-            & (overhead["workload"] == workload)
-            & (overhead["batch_size"] == batch)
-        ]
+        mode = tuple(panel[column] for column in MODE_COLUMNS)
+        at, ratios = (
+            frame[(frame[[*where, "batch_size"]] == panel[[*where, "batch_size"]].to_numpy()).all(axis=1)]
+            for frame in (cases, overhead)
+        )
         scale, unit = byte_unit(float(at["peak_tensor_bytes"].max()))
         ax_peak, ax_ratio = axes[0][column], axes[1][column]
         for method, parallel in sorted({(m, p) for m, p in zip(at["method"], at["parallel"]) if p != ONE_PROCESS}):
@@ -898,7 +893,7 @@ def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Fig
             mine = ratios[(ratios["method"] == method) & ratios["parallel"].isin([ONE_PROCESS, parallel])]
             mine = mine[mine["peak tensor ×nondp"].notna()].sort_values("world_size")
             ax_ratio.plot(mine["world_size"], mine["peak tensor ×nondp"], **line)
-        ax_peak.set_title(f"{workload} — B={batch} global — {where_label(machine, kind, False)}", fontsize=10)
+        ax_peak.set_title(f"{workload} — B={batch} global — {where_label(machine, kind, False, *mode)}", fontsize=10)
         ax_peak.set_ylabel(f"per-rank peak live tensors [{unit}]")
         ax_ratio.set_ylabel("per-rank peak ×nondp (same strategy)")
         for ax in (ax_peak, ax_ratio):

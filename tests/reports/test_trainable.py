@@ -7,13 +7,13 @@ import matplotlib.pyplot as plt
 import pytest
 
 from reports.__main__ import main
-from reports.figures import FigureOptions, fig_fixed_vs_per_sample, fig_peak_vs_batch
+from reports.figures import FigureOptions, fig_fixed_vs_per_sample, fig_peak_vs_batch, fig_per_rank_peak
 from reports.load import load_results
 from reports.paper import PaperTableError, paper_table
 from reports.summary import overview
 from reports.tables import mode_label, mode_order
 
-from .fakes import BATCHES, GIB, METHODS, copy_record, make_case, run_cli, write_jsonl
+from .fakes import BATCHES, GIB, METHODS, copy_record, make_case, make_ranked_case, run_cli, write_jsonl
 
 WORKLOAD = "dit-s-2-cond"
 TRAINABLES = ("full", "bitfit", "lora:r=8")
@@ -159,3 +159,25 @@ def test_modes_are_named_and_ordered_full_first_then_fine_tuning_by_name():
         ("fp32", "blocks", "lora:r=8"),
         ("fp32", "none", "lora:r=16"),  # numbers as numbers: r=8 before r=16
     ]
+
+
+def test_the_per_rank_figure_draws_each_trainable_mode_in_its_own_panel(tmp_path):
+    records = []
+    for trainable, per_rank_mib in (("full", 1000), ("lora:r=8", 400)):
+        for method, extra in (("nondp", 0), ("bk", 100)):
+            record = make_ranked_case(method, 2, "ddp", per_rank_mib + extra)
+            record.trainable = trainable
+            records.append(record)
+    results = load_results([write_jsonl(tmp_path / "ranks.jsonl", records)])
+    fig, _ = fig_per_rank_peak(results, FigureOptions())
+    try:
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        assert titles == [
+            f"{WORKLOAD} — B=16 global — a100 · cuda",
+            f"{WORKLOAD} — B=16 global — a100 · cuda · fp32+lora:r=8",
+        ]
+        for ax in fig.axes[: len(titles)]:  # each method once per panel, not once per mode
+            labels = [line.get_label() for line in ax.get_lines()]
+            assert sorted(labels) == ["bk ddp", "nondp ddp"]
+    finally:
+        plt.close(fig)
