@@ -25,6 +25,7 @@ from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
 from .tables import (
     BASELINE_METHOD,
+    DEFAULT_MODE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
     MODE_COLUMNS,
@@ -110,7 +111,7 @@ class Block:
     def mode_label(self) -> str:
         """ "" for fp32 without checkpointing, full training; else e.g. "amp-bf16 + blocks checkpointed" or
         "fp32 + lora:r=8 fine-tuning"."""
-        if self.mode == ("fp32", "none", "full"):
+        if self.mode == DEFAULT_MODE:
             return ""
         parts = [self.precision] + ([f"{self.checkpointing} checkpointed"] if self.checkpointing != "none" else [])
         return " + ".join(parts + ([f"{self.trainable} fine-tuning"] if self.trainable != "full" else []))
