@@ -41,7 +41,15 @@ from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
 from .paper import SHAPES, PaperTableError, paper_table
 from .pivots import fit_grids, memory_pivot, time_pivot
 from .summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary
-from .tables import FIT_NOTES, OVERHEAD_NOTES, fit_display, overhead_display, overhead_warnings, status_label
+from .tables import (
+    FIT_NOTES,
+    MODE_COLUMNS,
+    OVERHEAD_NOTES,
+    fit_display,
+    overhead_display,
+    overhead_warnings,
+    status_label,
+)
 
 SUBCOMMANDS = ("render", "compare", "export", "merge", "paper")
 
@@ -98,7 +106,9 @@ def _paper_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     paper.add_argument("results", nargs="+", help="pytest-benchmark JSON and/or dpmem JSON-lines files")
     paper.add_argument("--workloads", required=True, type=_names, help="workload (--by budget: comma list)")
     paper.add_argument("--by", choices=SHAPES, default="batch", help="the columns: batch sizes, modes or budgets")
-    paper.add_argument("--mode", default="fp32", help="training mode of --by batch/budget, e.g. amp-bf16+blocks")
+    paper.add_argument(
+        "--mode", default="fp32", help="training mode of --by batch/budget, e.g. amp-bf16+blocks, fp32+lora:r=8"
+    )
     paper.add_argument("--batch-size", type=int, help="batch size of --by mode")
     paper.add_argument("--out", help="write the table to this Markdown file (default: stdout)")
     return paper
@@ -243,7 +253,7 @@ def _subtitle(results: Results) -> str:
             ]
         )
     )
-    modes = len(cases[["precision", "checkpointing"]].drop_duplicates())
+    modes = len(cases[list(MODE_COLUMNS)].drop_duplicates())
     ranks = len(cases[["world_size", "parallel"]].drop_duplicates())
     extra = (f" × {modes} training modes" if modes > 1 else "") + (f" × {ranks} rank settings" if ranks > 1 else "")
     return (

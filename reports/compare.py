@@ -1,17 +1,16 @@
 """Regression gate: compare two result sets case by case, and export memory for github-action-benchmark.
 
-Cases match on (workload, method, batch size, device, precision, checkpointing) and machine (runner label, else
-GPU/CPU name). A case fails the gate when a *gated* peak figure present on both sides grew by more than the
-threshold, when it went from ok to OOM, when it broke (ok to error or unsupported; ``allow_status_change`` lets it
-pass, shown), or when it disappeared: a base case missing from the new results of a machine they hold
-(``allow_missing`` lets it pass, shown; a machine the new results do not hold at all is said, not compared).
-Other status changes (unsupported to ok, say) are shown and pass. By default only the figures that are isolated
-between cases are gated (:data:`GATED_BY_DEFAULT`: exact tensor bytes, the allocator's peaks, NVML's peak minus
-the case-start baseline); process RSS and NVML's device-wide or per-process peaks depend on what ran before in the
-same process or on the device, so they are shown for information and never fail the gate unless chosen with
-``--gate-figures``. Step times are shown but never gate (too noisy across runs); comparing step times measured
-with different torch thread counts is warned.
-"""
+Cases match on (workload, method, batch size, device, training mode: precision, checkpointing, trainable) and
+machine (runner label, else GPU/CPU name). A case fails the gate when a *gated* peak figure present on both sides
+grew by more than the threshold, when it went from ok to OOM, when it broke (ok to error or unsupported;
+``allow_status_change`` lets it pass, shown), or when it disappeared: a base case missing from the new results of a
+machine they hold (``allow_missing`` lets it pass, shown; a machine the new results do not hold at all is said, not
+compared). Other status changes (unsupported to ok, say) are shown and pass. By default only the figures that are
+isolated between cases are gated (:data:`GATED_BY_DEFAULT`: exact tensor bytes, the allocator's peaks, NVML's peak
+minus the case-start baseline); process RSS and NVML's device-wide or per-process peaks depend on what ran before in
+the same process or on the device, so they are shown for information and never fail the gate unless chosen with
+``--gate-figures``. Step times are shown but never gate (too noisy across runs); comparing step times measured with
+different torch thread counts is warned."""
 
 from __future__ import annotations
 

@@ -27,12 +27,16 @@ from .load import Results, is_predicted
 from .summary import Block, blocks, workload_order
 from .tables import (
     BUDGET_SOURCE,
+    DEFAULT_MODE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
+    MODE_COLUMNS,
     ONE_PROCESS,
     all_ok_batches,
     extrapolation_factor,
     fit_metric_for,
+    mode_label,
+    mode_order,
     one_process,
 )
 
@@ -66,7 +70,7 @@ PAGE_WIDTH_IN = 12.0
 MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", "-.", ":")
 MIN_TRACE_SPAN_BYTES = 2**20  # a timeline's memory axis spans at least 1 MiB: smaller wiggles stay small
-BLOCK_KEY = ("machine", "device", "precision", "checkpointing")  # one block of the tables
+BLOCK_KEY = ("machine", "device", *MODE_COLUMNS)  # one block of the tables
 COINCIDE_FRACTION = 0.01  # two lines closer than 1 % of their axis' span look like one
 COINCIDING_NOTE = (
     "{what} drawn over another method's is hollow and named in its panel (A = B: the same values; A ≈ B: within "
@@ -180,20 +184,19 @@ def _grid(n: int, ncols: int = 3, size=(5.0, 3.6), sharex: bool = False):
 
 
 def where_label(
-    machine: str, device: str, predicted: bool, precision: str = "fp32", checkpointing: str = "none"
+    machine: str,
+    device: str,
+    predicted: bool,
+    precision: str = "fp32",
+    checkpointing: str = "none",
+    trainable: str = "full",
 ) -> str:
-    """ "a100 · cuda:0", "AMD EPYC · cpu · amp-bf16+blocks", "runner · meta (predicted)": how a figure names a panel
-    or a series, so GPU, CPU, predicted figures and training modes are never drawn unnamed on one axis."""
-    mode = mode_label(precision, checkpointing)
+    """ "a100 · cuda:0", "AMD EPYC · cpu · amp-bf16+blocks+lora:r=8", "runner · meta (predicted)": how a figure
+    names a panel or a series, so GPU, CPU, predicted figures and training modes are never drawn unnamed on one
+    axis (the mode: :func:`reports.tables.mode_label`, nothing for fp32 without checkpointing, full training)."""
+    mode = mode_label(precision, checkpointing, trainable)
     where = " · ".join(dict.fromkeys([str(machine), str(device), *([mode] if mode else [])]))
     return f"{where} (predicted)" if predicted else where
-
-
-def mode_label(precision: str, checkpointing: str) -> str:
-    """ "" for fp32 without checkpointing (every figure's default), else e.g. "amp-bf16+blocks"."""
-    if (precision, checkpointing) == ("fp32", "none"):
-        return ""
-    return str(precision) + ("" if checkpointing == "none" else f"+{checkpointing}")
 
 
 def _measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -212,10 +215,16 @@ class ChosenCase:
     predicted: bool
     precision: str = "fp32"
     checkpointing: str = "none"
+    trainable: str = "full"
+
+    @property
+    def mode(self) -> tuple[str, str, str]:
+        """(precision, checkpointing, trainable), in the order of :data:`reports.tables.MODE_COLUMNS`."""
+        return self.precision, self.checkpointing, self.trainable
 
     @property
     def label(self) -> str:
-        where = where_label(self.machine, self.device, self.predicted, self.precision, self.checkpointing)
+        where = where_label(self.machine, self.device, self.predicted, *self.mode)
         return f"{self.workload}, batch {self.batch}, {where}"
 
 
@@ -234,11 +243,11 @@ def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
     if pool.empty:
         raise SkipFigure(f"workload {options.workload!r} is not in the results")
     candidates = []
-    keys = ["machine", "device", "workload", "precision", "checkpointing"]
-    for (machine, device, workload, precision, checkpointing), group in pool.groupby(keys, sort=True):
+    keys = ["machine", "device", "workload", *MODE_COLUMNS]
+    for (machine, device, workload, *mode), group in pool.groupby(keys, sort=True):
         methods = group["method"].nunique()
-        # fp32 without checkpointing first, then the other modes by name
-        where = (workload, machine, device, bool(mode_label(precision, checkpointing)), precision, checkpointing)
+        # the tables' order of modes: fp32 without checkpointing, full training first
+        where = (workload, machine, device, mode_order(*mode), tuple(mode))
         if options.batch_size is not None:
             if (group["batch_size"] == options.batch_size).any():
                 candidates.append((-methods, *where, options.batch_size))
@@ -253,14 +262,15 @@ def choose_case(results: Results, options: FigureOptions) -> ChosenCase:
             else "a batch size at which every method ran ok"
         )
         raise SkipFigure(f"no workload has {what}")
-    _, workload, machine, device, _, precision, checkpointing, batch = sorted(candidates)[0]
-    return ChosenCase(machine, device, workload, int(batch), is_predicted({"device": device}), precision, checkpointing)
+    _, workload, machine, device, _, mode, batch = sorted(candidates)[0]
+    return ChosenCase(machine, device, workload, int(batch), is_predicted({"device": device}), *mode)
 
 
 def _case_rows(results: Results, chosen: ChosenCase) -> pd.DataFrame:
     c = one_process(results.cases)
     at = (c["machine"] == chosen.machine) & (c["device"] == chosen.device) & (c["workload"] == chosen.workload)
-    at &= (c["precision"] == chosen.precision) & (c["checkpointing"] == chosen.checkpointing)
+    for column, value in zip(MODE_COLUMNS, chosen.mode):
+        at &= c[column] == value
     return c[at & (c["batch_size"] == chosen.batch)].sort_values("method")
 
 
@@ -329,7 +339,7 @@ def _peak_panel(ax: plt.Axes, block: Block, workload: str, rows: pd.DataFrame, s
             ax.scatter(oom["batch_size"], [top * 1.08 / scale] * len(oom), marker="x", s=70, color=style["color"])
     _name_coinciding(ax, same)
     ax.set_xscale("log", base=2)
-    where = where_label(block.machine, block.device, block.predicted, block.precision, block.checkpointing)
+    where = where_label(block.machine, block.device, block.predicted, *block.mode)
     ax.set_title(f"{workload}\n{where}", fontsize=9)
     ax.set_xlabel("batch size", fontsize=8)
     ax.set_ylabel(f"{METRIC_TITLES[metric]} [{unit}]", fontsize=8)
@@ -476,10 +486,12 @@ def fig_gpu_comparison(results: Results, options: FigureOptions) -> tuple[plt.Fi
     machines = sorted(cases["machine"].unique())
     if len(machines) < 2:
         raise SkipFigure(f"results come from one machine only ({machines[0] if machines else 'none'})")
-    # machines compared in one training mode: fp32 without checkpointing where it ran on several
-    modes = cases.groupby(["precision", "checkpointing"]).size()
-    precision, checkpointing = ("fp32", "none") if ("fp32", "none") in modes.index else modes.idxmax()
-    cases = cases[(cases["precision"] == precision) & (cases["checkpointing"] == checkpointing)]
+    # machines compared in one training mode: fp32 without checkpointing, full training where it ran, else the
+    # mode with the most cases
+    modes = cases.groupby(list(MODE_COLUMNS)).size()
+    mode = DEFAULT_MODE if DEFAULT_MODE in modes.index else modes.idxmax()
+    for column, value in zip(MODE_COLUMNS, mode):
+        cases = cases[cases[column] == value]
     key = ["workload", "method", "batch_size", "device", "world_size", "parallel"]
     shared = cases.groupby(key).filter(lambda g: g["machine"].nunique() >= 2)
     if shared.empty:
@@ -544,10 +556,8 @@ def _fits(results: Results) -> pd.DataFrame:
 def _with_where(fits: pd.DataFrame) -> pd.DataFrame:
     """``fits`` with a ``where`` column (machine · device, "(predicted)" for predicted rows)."""
     predicted = fits.apply(is_predicted, axis=1) if len(fits) else pd.Series([], dtype=bool)
-    labels = [
-        where_label(m, d, p, pr, c)
-        for m, d, p, pr, c in zip(fits["machine"], fits["device"], predicted, fits["precision"], fits["checkpointing"])
-    ]
+    modes = zip(*(fits[column] for column in MODE_COLUMNS))
+    labels = [where_label(m, d, p, *mode) for m, d, p, mode in zip(fits["machine"], fits["device"], predicted, modes)]
     return fits.assign(where=labels, predicted=predicted.to_numpy())
 
 
@@ -561,7 +571,7 @@ def _per_budget(fits: pd.DataFrame) -> pd.DataFrame:
 
 def _one_fit_per_method(fits: pd.DataFrame) -> pd.DataFrame:
     """One row per fit: a meta search's budget rows share their search's fit."""
-    return fits.drop_duplicates(["machine", "device", "precision", "checkpointing", "workload", "method"])
+    return fits.drop_duplicates([*BLOCK_KEY, "workload", "method"])
 
 
 def _max_batch_bars(ax, rows: pd.DataFrame, offset: np.ndarray, width: float, color, where: str) -> tuple[bool, float]:
@@ -657,10 +667,10 @@ def _where_order(column: pd.Series) -> pd.Series:
 
 
 def _in_table_order(results: Results, fits: pd.DataFrame) -> tuple[list[tuple], list[str]]:
-    """The (machine, device, precision, checkpointing) blocks and the workloads of ``fits`` in the tables' order
-    (those only a max-batch search has, after them by name)."""
+    """The :data:`BLOCK_KEY` blocks (machine, device, training mode) and the workloads of ``fits`` in the tables'
+    order (those only a max-batch search has, after them by name)."""
     found = blocks(results)
-    known = [(b.machine, b.device, b.precision, b.checkpointing) for b, _ in found]
+    known = [(b.machine, b.device, *b.mode) for b, _ in found]
     keys = set(fits[list(BLOCK_KEY)].itertuples(index=False, name=None))
     where_keys = sorted(keys, key=lambda k: (known.index(k) if k in known else len(known), k))
     cases = one_process(results.cases)
@@ -744,7 +754,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
     )
     overhead = one_process(results.overhead).merge(facts, on=where, how="left")
     numeric = overhead[overhead["peak tensor ×nondp"].notna() & overhead["tokens"].notna()]
-    key = ["machine", "device", "precision", "checkpointing", "batch_size", "tokens", "method"]
+    key = ["machine", "device", *MODE_COLUMNS, "batch_size", "tokens", "method"]
     dit = numeric[numeric["family"] == "dit"]
     gpt = numeric[numeric["family"] == "gpt"]
     pairs = dit.merge(gpt, on=key, suffixes=("_dit", "_gpt"))
@@ -756,7 +766,7 @@ def proxy_pairs(results: Results) -> pd.DataFrame:
 def fig_proxy_validity(results: Results, options: FigureOptions) -> tuple[plt.Figure, str]:
     pairs = proxy_pairs(results)
     predicted = pairs.apply(is_predicted, axis=1)
-    facts = zip(pairs["machine"], pairs["device"], predicted, pairs["precision"], pairs["checkpointing"])
+    facts = zip(pairs["machine"], pairs["device"], predicted, *(pairs[column] for column in MODE_COLUMNS))
     pairs = pairs.assign(where=[where_label(*fact) for fact in facts])
     wheres = sorted(pairs["where"].unique())
     # colour = method, marker shape = machine · device · training mode (hollow when predicted): one legend entry
@@ -859,26 +869,21 @@ def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Fig
     ranked = cases[cases["world_size"] > 1]
     if ranked.empty:
         raise SkipFigure("no case ran ok on many ranks (--world-sizes above 1)")
-    # the global batch with the most many-rank cases (then the largest) per workload, machine and device kind
-    chosen = ranked.groupby(["machine", "kind", "workload", "batch_size"]).size().reset_index(name="n")
-    chosen = chosen.sort_values(["n", "batch_size"]).groupby(["machine", "kind", "workload"]).tail(1)
+    # the global batch with the most many-rank cases (then the largest) per workload, machine, device kind and
+    # training mode (a panel of two modes would draw each method twice under one name)
+    where = ["machine", "kind", "workload", *MODE_COLUMNS]
+    chosen = ranked.groupby([*where, "batch_size"]).size().reset_index(name="n")
+    chosen = chosen.sort_values(["n", "batch_size"]).groupby(where).tail(1)
     colors = _method_colors(results)
     overhead = results.overhead.assign(kind=_device_kind(results.overhead["device"]))
     fig, axes = plt.subplots(2, len(chosen), figsize=(min(PAGE_WIDTH_IN, 5.2 * len(chosen)), 7.2), squeeze=False)
     for column, (_, panel) in enumerate(chosen.iterrows()):
         machine, kind, workload, batch = panel["machine"], panel["kind"], panel["workload"], panel["batch_size"]
-        at = cases[
-            (cases["machine"] == machine)
-            & (cases["kind"] == kind)
-            & (cases["workload"] == workload)
-            & (cases["batch_size"] == batch)
-        ]
-        ratios = overhead[
-            (overhead["machine"] == machine)
-            & (overhead["kind"] == kind)
-            & (overhead["workload"] == workload)
-            & (overhead["batch_size"] == batch)
-        ]
+        mode = tuple(panel[column] for column in MODE_COLUMNS)
+        at, ratios = (
+            frame[(frame[[*where, "batch_size"]] == panel[[*where, "batch_size"]].to_numpy()).all(axis=1)]
+            for frame in (cases, overhead)
+        )
         scale, unit = byte_unit(float(at["peak_tensor_bytes"].max()))
         ax_peak, ax_ratio = axes[0][column], axes[1][column]
         for method, parallel in sorted({(m, p) for m, p in zip(at["method"], at["parallel"]) if p != ONE_PROCESS}):
@@ -888,7 +893,7 @@ def fig_per_rank_peak(results: Results, options: FigureOptions) -> tuple[plt.Fig
             mine = ratios[(ratios["method"] == method) & ratios["parallel"].isin([ONE_PROCESS, parallel])]
             mine = mine[mine["peak tensor ×nondp"].notna()].sort_values("world_size")
             ax_ratio.plot(mine["world_size"], mine["peak tensor ×nondp"], **line)
-        ax_peak.set_title(f"{workload} — B={batch} global — {where_label(machine, kind, False)}", fontsize=10)
+        ax_peak.set_title(f"{workload} — B={batch} global — {where_label(machine, kind, False, *mode)}", fontsize=10)
         ax_peak.set_ylabel(f"per-rank peak live tensors [{unit}]")
         ax_ratio.set_ylabel("per-rank peak ×nondp (same strategy)")
         for ax in (ax_peak, ax_ratio):

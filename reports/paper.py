@@ -5,7 +5,8 @@ output, not hand copies):
 
 * ``--by batch``: one row per method, one column per batch size, for one workload in one training mode — the
   peak live tensor GiB and, for a DP method, × nondp at the same batch and mode;
-* ``--by mode``: one row per method, one column per training mode (fp32, amp-bf16+blocks, …), at one batch;
+* ``--by mode``: one row per method, one column per training mode (fp32, amp-bf16+blocks, fp32+lora:r=8, …:
+  full training first), at one batch, each ratio to nondp in the same mode (nondp fine-tuned the same way);
 * ``--by budget``: the exact max batch of meta searches (``--max-batch --devices meta``): one row per method, a
   column per workload × memory budget, in one training mode.
 
@@ -20,12 +21,11 @@ from collections.abc import Iterable
 import pandas as pd
 
 from bench.config.sizes import size_text
-from bench.results.record import CHECKPOINTINGS, PRECISIONS
 
-from .figures import mode_label as figure_mode_label
 from .grid import Cell, Grid
 from .load import Results
-from .tables import BASELINE_METHOD, one_process, status_label
+from .tables import BASELINE_METHOD, MODE_COLUMNS, mode_order, one_process, status_label
+from .tables import mode_label as unnamed_default_label
 
 __all__ = ["SHAPES", "PaperTableError", "paper_table"]
 
@@ -38,13 +38,28 @@ class PaperTableError(ValueError):
     """The results cannot make the table asked for; one line naming what is missing."""
 
 
-def mode_label(precision: str, checkpointing: str) -> str:
-    """``fp32``, ``amp-bf16+blocks``: a training mode as the tables name it (the figures leave fp32 unnamed)."""
-    return figure_mode_label(precision, checkpointing) or "fp32"
+def mode_label(precision: str, checkpointing: str, trainable: str = "full") -> str:
+    """``fp32``, ``amp-bf16+blocks``, ``fp32+lora:r=8``: a training mode as the tables (and ``--mode``) name it
+    (the figures leave the default mode unnamed)."""
+    return unnamed_default_label(precision, checkpointing, trainable) or "fp32"
 
 
 def _with_mode(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(mode=[mode_label(p, c) for p, c in zip(frame["precision"], frame["checkpointing"])])
+    return frame.assign(mode=[mode_label(*mode) for mode in zip(*(frame[column] for column in MODE_COLUMNS))])
+
+
+def _modes_in_order(frame: pd.DataFrame) -> list[str]:
+    """The ``mode`` labels of ``frame`` (:func:`_with_mode`) in the tables' order (reports.tables.mode_order)."""
+    order = {label: mode_order(*mode) for label, *mode in zip(frame["mode"], *(frame[c] for c in MODE_COLUMNS))}
+    return sorted(order, key=lambda label: (order[label], label))
+
+
+def _in_mode(frame: pd.DataFrame, mode: str, what: str) -> pd.DataFrame:
+    """The rows of ``frame`` in ``mode``; a PaperTableError naming the modes there are when none is."""
+    mine = frame[frame["mode"] == mode]
+    if mine.empty:
+        raise PaperTableError(f"no {what} in mode {mode!r} (modes: {', '.join(_modes_in_order(frame)) or 'none'})")
+    return mine
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
@@ -98,10 +113,7 @@ def _peak_grid(cases: pd.DataFrame, column: str, columns: list, title: str, capt
 
 
 def peak_by_batch(results: Results, workload: str, mode: str) -> Grid:
-    cases = _cases_of(results, workload)
-    cases = cases[cases["mode"] == mode]
-    if cases.empty:
-        raise PaperTableError(f"no case of {workload} in mode {mode!r}")
+    cases = _in_mode(_cases_of(results, workload), mode, f"case of {workload}")
     batches = sorted(set(cases["batch_size"]))
     caption = f"{workload}, {mode}: peak live tensor GiB (× nondp at the same batch)"
     return _peak_grid(cases, "batch_size", batches, f"{workload} — {mode}", caption)
@@ -112,15 +124,9 @@ def peak_by_mode(results: Results, workload: str, batch_size: int) -> Grid:
     cases = cases[cases["batch_size"] == batch_size]
     if cases.empty:
         raise PaperTableError(f"no case of {workload} at batch {batch_size}")
-    modes = sorted(set(cases["mode"]), key=_mode_order)
+    modes = _modes_in_order(cases)
     caption = f"{workload}, batch {batch_size}: peak live tensor GiB (× nondp in the same mode)"
     return _peak_grid(cases, "mode", modes, f"{workload} — B = {batch_size}", caption)
-
-
-def _mode_order(mode: str) -> tuple[int, str]:
-    precision, _, checkpointing = mode.partition("+")
-    rank = PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
-    return rank * len(CHECKPOINTINGS) + (CHECKPOINTINGS.index(checkpointing or "none")), mode
 
 
 def max_batch_by_budget(results: Results, workloads: list[str], mode: str) -> Grid:
@@ -128,9 +134,8 @@ def max_batch_by_budget(results: Results, workloads: list[str], mode: str) -> Gr
     if searches.empty:
         raise PaperTableError("no max-batch search in the results (run pytest bench/ --max-batch --devices meta)")
     searches = _with_mode(searches)
-    searches = searches[searches["workload"].isin(workloads) & (searches["mode"] == mode)]
-    if searches.empty:
-        raise PaperTableError(f"no max-batch search of {', '.join(workloads)} in mode {mode!r}")
+    searches = searches[searches["workload"].isin(workloads)]
+    searches = _in_mode(searches, mode, f"max-batch search of {', '.join(workloads)}")
     _one_machine(searches, "max batch")
     budgets = sorted({answer.budget_bytes for answers in searches["budgets"] for answer in answers})
     header = ["method", *(f"{w} {size_text(b)}" for w in workloads for b in budgets)]

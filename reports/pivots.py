@@ -20,6 +20,7 @@ from .tables import (
     BUDGET_SOURCE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
+    MODE_COLUMNS,
     TimeComparison,
     budget_answer,
     extrapolation_factor,
@@ -145,21 +146,20 @@ def fit_grids(results: Results) -> list[Grid]:
     fits = results.fits
     if fits.empty:
         return []
-    key = ["machine", "device", "precision", "checkpointing"]
-    known = {(b.machine, b.device, b.precision, b.checkpointing): b for b, _ in blocks(results)}
+    key = ["machine", "device", *MODE_COLUMNS]
+    known = {(b.machine, b.device, *b.mode): b for b, _ in blocks(results)}
     order = list(known)
     grids = []
-    groups = sorted(fits.groupby(key), key=lambda g: order.index(g[0]) if g[0] in known else 99)
-    for (machine, device, precision, checkpointing), block_fits in groups:
-        block = known.get((machine, device, precision, checkpointing)) or Block(
+    groups = sorted(fits.groupby(key), key=lambda g: order.index(g[0]) if g[0] in known else len(order))
+    for (machine, device, *mode), block_fits in groups:
+        block = known.get((machine, device, *mode)) or Block(
             str(machine),
             str(device),
             (),
             is_predicted(block_fits.iloc[0]),
             str(block_fits["fit metric"].iloc[0]),
             None,
-            precision=str(precision),
-            checkpointing=str(checkpointing),
+            **{column: str(value) for column, value in zip(MODE_COLUMNS, mode)},
         )
         grids.append(_fit_grid(block, block_fits))
     return grids

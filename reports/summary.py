@@ -25,13 +25,16 @@ from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
 from .tables import (
     BASELINE_METHOD,
+    DEFAULT_MODE,
     EXTRAPOLATION_LIMIT,
     LOWER_BOUND,
+    MODE_COLUMNS,
     RATIO_COLUMNS,
     TimeComparison,
     budget_answer,
     extrapolation_factor,
     fit_metric_for,
+    mode_order,
     one_process,
     present,
     reason_text,
@@ -67,10 +70,6 @@ METRIC_WORDS = {
 }
 FAMILY_ORDER = ("dit", "dit-plain", "gpt", "other")
 RANKED = 3  # entries per ranked column; the matrix holds every method
-# Blocks of one machine × device in this order (bench.dp.modes' PRECISIONS and CHECKPOINTINGS; not imported:
-# reports load no DP library)
-PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
-CHECKPOINTINGS = ("none", "blocks")
 
 
 def time_text(seconds: float) -> str:
@@ -98,20 +97,30 @@ class Block:
     predicted: bool
     metric: str  # the peak figure its memory ratios compare (reports.tables.fit_metric_for)
     memory_bytes: float | None  # the device's (GPU) or machine's (CPU) memory
-    # the training mode: a ratio or a fit across modes would measure the mode too (bench.dp.modes)
+    # the training mode (reports.tables.MODE_COLUMNS): a ratio or a fit across modes would measure the mode too
     precision: str = "fp32"
     checkpointing: str = "none"
+    trainable: str = "full"
+
+    @property
+    def mode(self) -> tuple[str, str, str]:
+        """(precision, checkpointing, trainable), in the order of :data:`reports.tables.MODE_COLUMNS`."""
+        return self.precision, self.checkpointing, self.trainable
 
     @property
     def mode_label(self) -> str:
-        """ "" for fp32 without checkpointing, else e.g. "amp-bf16 + blocks checkpointed"."""
-        parts = [self.precision] if self.precision != "fp32" or self.checkpointing != "none" else []
-        return " + ".join(parts + ([f"{self.checkpointing} checkpointed"] if self.checkpointing != "none" else []))
+        """ "" for fp32 without checkpointing, full training; else e.g. "amp-bf16 + blocks checkpointed" or
+        "fp32 + lora:r=8 fine-tuning"."""
+        if self.mode == DEFAULT_MODE:
+            return ""
+        parts = [self.precision] + ([f"{self.checkpointing} checkpointed"] if self.checkpointing != "none" else [])
+        return " + ".join(parts + ([f"{self.trainable} fine-tuning"] if self.trainable != "full" else []))
 
     def rows_of(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The rows of ``frame`` (cases, overhead, fits) that belong to this block."""
         mask = (frame["machine"] == self.machine) & (frame["device"] == self.device)
-        mask &= (frame["precision"] == self.precision) & (frame["checkpointing"] == self.checkpointing)
+        for column, value in zip(MODE_COLUMNS, self.mode):
+            mask &= frame[column] == value
         return frame[mask]
 
     @property
@@ -124,12 +133,13 @@ class Block:
 
 
 def blocks(results: Results) -> list[tuple[Block, pd.DataFrame]]:
-    """Each machine × device with its one-process case rows (cases on many ranks have their own figure):
-    measured before predicted, GPUs before CPUs, then by name, then by training mode (fp32 before the other
-    precisions, no checkpointing before blocks)."""
+    """Each machine × device × training mode with its one-process case rows (cases on many ranks have their own
+    figure): measured before predicted, GPUs before CPUs, then by name, then by training mode
+    (:func:`reports.tables.mode_order`: full training first, then the fine-tuning modes by name; fp32 before the
+    other precisions, no checkpointing before blocks)."""
     found = []
-    key = ["machine", "device", "precision", "checkpointing"]
-    for (machine, device, precision, checkpointing), rows in one_process(results.cases).groupby(key, sort=True):
+    key = ["machine", "device", *MODE_COLUMNS]
+    for (machine, device, *mode), rows in one_process(results.cases).groupby(key, sort=True):
         memory = rows["device_memory_bytes"].dropna()
         block = Block(
             machine=str(machine),
@@ -138,17 +148,11 @@ def blocks(results: Results) -> list[tuple[Block, pd.DataFrame]]:
             predicted=is_predicted(rows.iloc[0]),
             metric=fit_metric_for(rows),
             memory_bytes=float(memory.iloc[0]) if len(memory) else None,
-            precision=str(precision),
-            checkpointing=str(checkpointing),
+            **{column: str(value) for column, value in zip(MODE_COLUMNS, mode)},
         )
         where = (block.predicted, not block.device.startswith("cuda"), block.machine, block.device)
-        mode = (_rank(PRECISIONS, block.precision), _rank(CHECKPOINTINGS, block.checkpointing))
-        found.append(((*where, *mode), block, rows))
+        found.append(((*where, *mode_order(*block.mode)), block, rows))
     return [(block, rows) for _, block, rows in sorted(found, key=lambda f: f[0])]
-
-
-def _rank(order: tuple[str, ...], value: str) -> tuple[int, str]:
-    return (order.index(value) if value in order else len(order), value)
 
 
 def workload_order(rows: pd.DataFrame) -> list[str]:

@@ -10,6 +10,7 @@ table). Text such as "OOM", "nondp OOM", "≥12" or "n/a" is produced only when 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,15 +19,17 @@ import pandas as pd
 from bench.config.sizes import size_text
 from bench.messages import first_line
 from bench.plan.maxbatch import affine_fit, answer_text, predict_max_batch  # the one fit, shared with the search
-from bench.results.record import BudgetAnswer
+from bench.results.record import CHECKPOINTINGS, PRECISIONS, BudgetAnswer
 
 __all__ = [
     "BASELINE_METHOD",
     "BUDGET_SOURCE",
+    "DEFAULT_MODE",
     "EXTRAPOLATION_LIMIT",
     "FIT_NOTES",
     "MIB",
     "MIN_NOISE_ROUNDS",
+    "MODE_COLUMNS",
     "OVERHEAD_NOTES",
     "RATIO_COLUMNS",
     "TIME_BASES",
@@ -43,6 +46,8 @@ __all__ = [
     "format_number",
     "markdown_text",
     "measured_max_batch_text",
+    "mode_label",
+    "mode_order",
     "overhead_display",
     "overhead_table",
     "overhead_warnings",
@@ -86,7 +91,8 @@ TIME_BASES = ("paired rounds", "case medians")
 
 OVERHEAD_NOTES = (
     "Each ratio is the DP method's figure divided by `nondp`'s at the same workload, batch size, device, "
-    "machine, precision, activation checkpointing, world size and strategy (`parallel`; a case on many ranks "
+    "machine, training mode (precision, activation checkpointing and `trainable`: nondp fine-tuned the same way), "
+    "world size and strategy (`parallel`; a case on many ranks "
     "compares per-rank peaks, the batch is global). `peak tensor` = peak live tensor bytes (exact tracker, every "
     "device); `peak allocated` / "
     '`peak reserved` = torch CUDA allocator max allocated / max reserved (CUDA only, "n/a" on CPU); '
@@ -133,6 +139,12 @@ FIT_NOTES = (
 
 ONE_PROCESS = "none"  # the `parallel` column of a one-process case (world size 1)
 
+# A case's training mode (bench.dp.modes.TrainingMode): precision, activation checkpointing and which parameters
+# train. Every ratio, fit, block and panel is taken within one mode: across modes it would measure the mode too
+# (a LoRA case over a full nondp case is mostly the frozen base's missing gradients).
+MODE_COLUMNS = ("precision", "checkpointing", "trainable")
+DEFAULT_MODE = ("fp32", "none", "full")
+
 _STATUS_LABELS = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
 
 
@@ -145,6 +157,33 @@ def present(value: Any) -> bool:
     if value is None or value is pd.NA:
         return False
     return not (isinstance(value, float) and math.isnan(value))
+
+
+def mode_label(precision: str, checkpointing: str, trainable: str = "full") -> str:
+    """ "" for the default mode (fp32, no checkpointing, full training: what every figure assumes unnamed), else
+    its parts joined by "+" as bench.dp.TrainingMode.label writes them: "amp-bf16+blocks", "fp32+lora:r=8",
+    "amp-bf16+blocks+bitfit"."""
+    if (precision, checkpointing, trainable) == DEFAULT_MODE:
+        return ""
+    return "+".join([str(precision), *([str(checkpointing)] if checkpointing != "none" else [])]) + (
+        "" if trainable == "full" else f"+{trainable}"
+    )
+
+
+def mode_order(precision: str, checkpointing: str, trainable: str = "full") -> tuple:
+    """Sort key of training modes: full training first, the fine-tuning modes by name (numbers as numbers:
+    lora:r=8 before lora:r=16); within one, fp32 before the other precisions (bench.results.record.PRECISIONS'
+    order), no checkpointing before blocks; unknown names after the known ones."""
+    natural = tuple((int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", str(trainable)))
+    return (
+        trainable != "full",
+        natural,
+        *(_rank(order, value) for order, value in ((PRECISIONS, precision), (CHECKPOINTINGS, checkpointing))),
+    )
+
+
+def _rank(order: tuple[str, ...], value: str) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), str(value))
 
 
 def all_ok_batches(rows: pd.DataFrame) -> list[int]:
@@ -160,10 +199,12 @@ def all_ok_batches(rows: pd.DataFrame) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Overhead over non-DP
 # ---------------------------------------------------------------------------------------------------------------
-def with_rank_columns(cases: pd.DataFrame) -> pd.DataFrame:
-    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS where a frame built without them lacks
-    them: every such row is a one-process case)."""
-    missing = {k: v for k, v in (("world_size", 1), ("parallel", ONE_PROCESS)) if k not in cases}
+def with_default_columns(cases: pd.DataFrame) -> pd.DataFrame:
+    """``cases`` with ``world_size`` and ``parallel`` (1 and ONE_PROCESS) and the :data:`MODE_COLUMNS`
+    (:data:`DEFAULT_MODE`) where a frame built without them lacks them: every such row is a one-process case in
+    the default mode, as a record older than those fields reads."""
+    defaults = (("world_size", 1), ("parallel", ONE_PROCESS), *zip(MODE_COLUMNS, DEFAULT_MODE))
+    missing = {k: v for k, v in defaults if k not in cases}
     return cases.assign(**missing) if missing else cases
 
 
@@ -174,10 +215,10 @@ def one_process(frame: pd.DataFrame) -> pd.DataFrame:
 
 def overhead_table(cases: pd.DataFrame) -> pd.DataFrame:
     """One row per DP case: its peak memory and median step time divided by ``nondp``'s (see OVERHEAD_NOTES) at
-    the same training mode (a ratio across precisions or checkpointing would measure the mode too), world size and
-    strategy (a case on many ranks: per-rank peak over nondp's per-rank peak)."""
-    cases = with_rank_columns(cases)
-    group_key = ["machine", "device", "workload", "batch_size", "precision", "checkpointing", "world_size", "parallel"]
+    the same training mode (:data:`MODE_COLUMNS`: nondp fine-tuned the same way), world size and strategy (a case
+    on many ranks: per-rank peak over nondp's per-rank peak)."""
+    cases = with_default_columns(cases)
+    group_key = ["machine", "device", "workload", "batch_size", *MODE_COLUMNS, "world_size", "parallel"]
     columns = [
         *group_key,
         "method",
@@ -380,8 +421,8 @@ def affine_fit_table(cases: pd.DataFrame, max_batches: pd.DataFrame | None = Non
     A max-batch search record, where present, is the source; otherwise the fit uses the case rows (at least two
     ok batch sizes) and the measured max batch is the largest ok batch among them. One-process cases only: the
     max-batch search runs one process, and a many-rank case's batch is split over its ranks."""
-    key = ["machine", "device", "precision", "checkpointing", "workload", "method"]
-    cases = one_process(with_rank_columns(cases))
+    key = ["machine", "device", *MODE_COLUMNS, "workload", "method"]
+    cases = one_process(with_default_columns(cases))
     columns = [
         *key,
         "source",

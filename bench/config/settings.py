@@ -87,7 +87,8 @@ _PAPER_WORKLOADS = (
 PAPER_MICROBATCH_CAP = 16
 
 # paper-size DiT-S/B/L/XL-2 (256 px, cond + uncond), DiT-XL/2 512 px, gpt2(-medium) tied + untied; batch 1..256
-# by ×4 until OOM; fp32, amp-bf16 and bf16, with and without activation checkpointing (the default with a GPU)
+# by ×4 until OOM; fp32, amp-bf16 and bf16, with and without activation checkpointing (the default with a GPU);
+# DP fine-tuning (BiTFiT, LoRA rank 8) in fp32 and amp-bf16 without checkpointing
 _GPU_SMALL = Preset(
     _GPU_WORKLOADS,
     None,
@@ -95,9 +96,8 @@ _GPU_SMALL = Preset(
     rounds=5,
     precisions=("fp32", "amp-bf16", "bf16"),
     checkpointings=("none", "blocks"),
-    # DP fine-tuning (BiTFiT, LoRA rank 8) in fp32 and amp-bf16 without checkpointing: waits on the reports (they
-    # group cases by precision and checkpointing, not yet by trainable; a mixed run breaks their tables):
-    # trainables=("full", "bitfit", "lora:r=8"), fine_tuning_modes=(("fp32", "none"), ("amp-bf16", "none")),
+    trainables=("full", "bitfit", "lora:r=8"),
+    fine_tuning_modes=(("fp32", "none"), ("amp-bf16", "none")),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -110,9 +110,9 @@ PRESETS: dict[str, Preset] = {
         rounds=3,
         precisions=("fp32", "amp-bf16"),
         checkpointings=("none", "blocks"),
-        # DP fine-tuning in fp32 without checkpointing only (in every mode it would take the preset past 5 min),
-        # once the reports keep trainable modes apart (see _GPU_SMALL):
-        # trainables=("full", "bitfit", "lora:r=8"), fine_tuning_modes=(("fp32", "none"),),
+        # DP fine-tuning in fp32 without checkpointing only (in every mode it would take the preset past 5 min)
+        trainables=("full", "bitfit", "lora:r=8"),
+        fine_tuning_modes=(("fp32", "none"),),
     ),
     "gpu-small": _GPU_SMALL,
     # as gpu-small with every power of two from 1 to 1024 until OOM and more timed rounds
@@ -126,9 +126,9 @@ PRESETS: dict[str, Preset] = {
         rounds=1,
         devices=("meta",),
         batch_caps=(("microbatch", PAPER_MICROBATCH_CAP),),
-        # DP-LoRA (rank 8) on the largest DiT and GPT-2 the fine-tuning tables compare (docs/methods.md), once the
-        # reports keep trainable modes apart (see _GPU_SMALL):
-        # trainables=("full", "lora:r=8"), fine_tuning_workloads=("dit-xl-2-cond", "gpt2-large", "gpt2-large-untied"),
+        # DP-LoRA (rank 8) on the largest DiT and GPT-2 the fine-tuning tables compare (docs/methods.md)
+        trainables=("full", "lora:r=8"),
+        fine_tuning_workloads=("dit-xl-2-cond", "gpt2-large", "gpt2-large-untied"),
     ),
 }
 
