@@ -51,7 +51,7 @@ def test_the_command_lines_refuse_a_bad_trainable_in_one_line(argv):
 def test_a_matrix_fine_tunes_where_it_says():
     dimensions = ("workloads", "methods", "batch_sizes", "devices", "precisions", "checkpointings", "trainables")
     given = dict.fromkeys(dimensions) | {"preset": "cpu-smoke"}
-    assert _matrix(given).trainables == ("full",)
+    assert _matrix(given).trainables == ("full", "bitfit", "lora:r=8")
     smoke = dataclasses.replace(
         _matrix(given),
         trainables=("full", "bitfit"),
@@ -66,7 +66,7 @@ def test_a_matrix_fine_tunes_where_it_says():
     assert _matrix(given | {"precisions": ("fp32",)}).trainables == ("full",)
     named = _matrix(given | {"precisions": ("bf16",), "trainables": ("bitfit",)})
     assert named.trainables == ("bitfit",) and named.includes_mode("gpt-tiny", "bf16", "none", "bitfit")
-    assert PRESETS["cpu-smoke"].fine_tuning_modes is None
+    assert PRESETS["cpu-smoke"].fine_tuning_modes == (("fp32", "none"),)
 
 
 def test_records_carry_trainable_and_older_ones_read_as_full():
