@@ -144,7 +144,7 @@ def max_batch_by_budget(results: Results, workloads: list[str], mode: str) -> Gr
         line = [Cell(f"`{method}`", style="label")]
         for workload in workloads:
             found = searches[(searches["method"] == method) & (searches["workload"] == workload)]
-            record = found.iloc[0] if len(found) else None
+            record = found.iloc[-1] if len(found) else None  # a search run again: the latest (files in order)
             for budget in budgets:
                 line.append(_max_batch_cell(record, budget))
         rows.append(line)

@@ -106,3 +106,10 @@ def test_results_of_two_machines_are_refused(tmp_path):
     results = load_results([write_jsonl(tmp_path / "r.jsonl", records)])
     with pytest.raises(PaperTableError, match="results from 2 machines"):
         paper_table(results, "batch", [WORKLOAD], "fp32", None)
+
+
+def test_a_search_run_again_answers_with_its_latest_record(tmp_path):
+    first = _search("torch-func", [], status="unsupported")
+    again = _search("torch-func", [BudgetAnswer(40 * GIB, 7, 8)])
+    results = load_results([write_jsonl(tmp_path / "a.jsonl", [first]), write_jsonl(tmp_path / "b.jsonl", [again])])
+    assert _cells(paper_table(results, "budget", [WORKLOAD], "fp32", None))["torch-func", f"{WORKLOAD} 40 GiB"] == "7"
