@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.case.meta_values import IntegerValuesMode, ValuedMetaTensor, needs_values, with_values
+from bench.dp.trainable import apply_trainable, parse_trainable
 
 __all__ = ["MetaOpCache", "ValuedOpCache", "meta_model", "unsupported_reason"]
 
@@ -220,22 +221,29 @@ _TEMPLATES: dict[tuple, nn.Module] = {}
 _TEMPLATES_LOCK = threading.Lock()
 
 
-def meta_model(workload) -> nn.Module:
+def meta_model(workload, trainable: str = "full") -> nn.Module:
     """A fresh meta-device model of ``workload`` (a deep copy of one built once per workload spec in this
-    process; :meth:`models.Workload.build_model` if the model cannot be copied)."""
+    process; :meth:`models.Workload.build_model` if the model cannot be copied), for a fine-tuning ``trainable``
+    already frozen and its LoRA adapters injected (bench/dp/trainable.py; ``prepare_model`` then leaves that
+    part as it is): peft's injection costs more than a whole meta step of a paper-size DiT, once per template."""
     # The spec alone could name two different models (a bring-your-own workload registered again); the
     # factory's repr tells them apart (a partial of the built-ins' config, or a function's address).
-    key = (workload.name, workload.seed, repr(workload.model_fn))
+    key = (workload.name, workload.seed, repr(workload.model_fn), trainable)
     with _TEMPLATES_LOCK:
         template = _TEMPLATES.get(key)
         if template is None:
-            with IntegerValuesMode():  # integer buffers (position ids) keep their values, wherever it is called
-                template = _TEMPLATES[key] = workload.build_model("meta")
+            template = _TEMPLATES[key] = _built(workload, trainable)
     try:
         return copy.deepcopy(template)
     except Exception:  # a bring-your-own module that refuses deepcopy: build it again
-        with IntegerValuesMode():
-            return workload.build_model("meta")
+        return _built(workload, trainable)
+
+
+def _built(workload, trainable: str) -> nn.Module:
+    with IntegerValuesMode():  # integer buffers (position ids) keep their values, wherever it is called
+        model = workload.build_model("meta")
+    apply_trainable(model, workload, parse_trainable(trainable))  # a refusal is the case's outcome, as before
+    return model
 
 
 # The Python call behind an aten op whose name says little.

@@ -450,7 +450,7 @@ class _MetaCase(_DeviceCase):
         return stack
 
     def _model(self):
-        return meta_model(self.workload)
+        return meta_model(self.workload, self.spec.mode.trainable)
 
     def _noise_generator(self) -> None:
         return None  # meta tensors hold no values: nothing to draw noise with (the noise tensor is still made)

@@ -140,7 +140,7 @@ def _inject_lora(model: nn.Module, targets: list[str], spec: Trainable, seed: in
 def apply_trainable(model: nn.Module, workload, spec: Trainable) -> None:
     """Freeze ``model`` (just built by ``workload``) in place to train only ``spec``'s parameters; for lora inject
     the adapters first. Reads no tensor value. :class:`ModeUnsupported` for what the model cannot do."""
-    if spec.kind == "full":
+    if spec.kind == "full" or prepared_trainable(model) == spec.text:  # the meta template comes prepared
         return
     if prepared_trainable(model) != "full":
         raise DPConfigError(f"the model was already prepared for --trainable {prepared_trainable(model)}")

@@ -6,8 +6,6 @@ puts the frozen parameters apart from the trainable ones. A LoRA case on meta co
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 import models
@@ -97,14 +95,18 @@ def test_fine_tuning_shrinks_the_optimizer_state_and_keeps_the_weights(fidelity)
     assert lora.memory.breakdown["per_sample"] < full.memory.breakdown["per_sample"] / 10
 
 
-def test_a_lora_case_on_meta_costs_no_more_than_the_full_case(frozen_heap):  # noqa: F811
-    """The per-workload meta template is copied for each case and the adapters injected into the copy: the LoRA
-    case adds an injection of a few ms to a step whose per-sample work is smaller."""
+def test_a_lora_case_on_meta_injects_its_adapters_once_per_workload(frozen_heap, monkeypatch):  # noqa: F811
+    """peft's injection costs more than a paper-size DiT's whole meta step, so the meta template of a workload is
+    kept per trainable mode, adapters injected once; every case gets a copy, prepared as the CPU's is (the
+    fidelity test above), and a LoRA case on meta then costs no more than the full one beyond its step."""
+    import peft
+
+    calls = []
+    inject = peft.inject_adapter_in_model
+    monkeypatch.setattr(peft, "inject_adapter_in_model", lambda *a, **k: calls.append(1) or inject(*a, **k))
     config = _config()
-    seconds = {}
-    for trainable in ("full", "lora:r=8", "full", "lora:r=8"):  # twice each: the first run of each warms caches
-        start = time.perf_counter()
-        record = run_case(CaseSpec("gpt-tiny-untied", "bk", 8, "meta", trainable=trainable), config, None)
-        seconds[trainable] = time.perf_counter() - start
-        assert record.status == "ok", record.reason
-    assert seconds["lora:r=8"] <= 1.5 * seconds["full"], seconds
+    spec = "gpt-tiny-untied:n_layer=3"  # a workload no other test built a template of
+    for batch in (2, 4):
+        record = run_case(CaseSpec(spec, "bk", batch, "meta", trainable="lora:r=8"), config, None)
+        assert record.status == "ok" and record.trainable == "lora:r=8", record.reason
+    assert len(calls) == 1
