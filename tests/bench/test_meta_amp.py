@@ -20,11 +20,9 @@ from bench.dp import autocast_emulation
 from models.catalog import TINY_WORKLOADS
 from tests.bench.test_meta import (
     BATCH,
-    COUNTER_BYTES,
     META_UNSUPPORTED,
+    _assert_same_figures,
     _config,
-    _parameter_tensors,
-    _trainable_bytes,
     frozen_heap,
 )
 
@@ -76,19 +74,7 @@ def test_emulated_cpu_autocast_on_meta_equals_cpu_autocast_byte_for_byte(
         assert cpu.reason == meta.reason
         return
     assert cpu.precision == meta.precision == precision and cpu.checkpointing == meta.checkpointing
-    counters = COUNTER_BYTES * _parameter_tensors(workload)
-    copies = _trainable_bytes(workload) if method == "opacus-ghost" else 0
-    c, m = cpu.memory, meta.memory
-    assert c.baseline_tensor_bytes - m.baseline_tensor_bytes == counters + copies
-    assert c.breakdown["optimizer_state"] - m.breakdown["optimizer_state"] == counters
-    if copies and c.peak_phase != m.peak_phase:  # the CPU peak is one the adopted copies made up
-        assert m.peak_tensor_bytes < c.peak_tensor_bytes - counters
-        return
-    assert c.peak_tensor_bytes - m.peak_tensor_bytes == counters
-    assert c.peak_phase == m.peak_phase
-    assert {k: v for k, v in c.breakdown.items() if k != "optimizer_state"} == {
-        k: v for k, v in m.breakdown.items() if k != "optimizer_state"
-    }
+    _assert_same_figures(cpu, meta, workload, method)
 
 
 def test_amp_changes_the_meta_prediction(frozen_heap):
