@@ -79,7 +79,7 @@ def test_two_workers_give_the_one_process_run_in_both_files_in_collection_order(
     assert [(r["workload"], r["method"]) for r in lines[1]] == [
         (w, m) for w in ("gpt-tiny", "dit-tiny-cond") for m in ("nondp", "bk", "opacus-functorch")
     ]
-    assert [r["status"] for r in lines[1]] == ["ok", "ok", "unsupported"] * 2
+    assert [r["status"] for r in lines[1]] == ["ok"] * 6  # opacus-functorch too: its autocast region is emulated
     assert [_without_times(r) for r in lines[1]] == [_without_times(r) for r in lines[0]]
     untimed = [json.loads(out_json.read_text())["dpmem_untimed"] for _, out_json, _ in (one, two)]
     assert [e["name"] for e in untimed[1]] == [e["name"] for e in untimed[0]] and len(untimed[1]) == 6
