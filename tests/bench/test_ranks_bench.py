@@ -35,6 +35,7 @@ def test_a_case_on_two_ranks_is_one_entry_with_per_rank_figures(tmp_path):
         "device": "cpu",
         "precision": "fp32",  # the training mode's keys: always (bench/conftest.py)
         "checkpointing": "none",
+        "trainable": "full",
         "world_size": 2,
         "parallel": "fsdp",
     }
