@@ -136,9 +136,9 @@ FULL_WARM_UP_ON_META = ("opacus-hooks", "opacus-functorch", "opacus-ew", "opacus
 def _meta_state_warm_up(step) -> None:
     """What a warm-up step leaves behind, without running the model: every trainable parameter holds a
     gradient and the optimizer has stepped once on it (AdamW's moments exist); an amp-fp16 GradScaler holds its
-    scale and growth tracker. On meta the values do not exist,
-    so only the tensors' existence and shapes matter; this costs one optimizer step instead of a whole DP step
-    (for the per-sample loop, instead of B forward/backward passes)."""
+    scale and growth tracker. On meta the values do not exist, so only the tensors' existence and shapes
+    matter; this costs one optimizer step instead of a whole DP step (for the per-sample loop, instead of B
+    forward/backward passes)."""
     optimizer = dp.base_optimizer(step.optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -27,16 +27,7 @@ from bench.dp.bk import BKMethod, BKTiledMethod, BookKeeping, supported_layers
 from bench.trackers.channel import listening
 from models import Batch, Workload, get_workload
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tests run thousands of tiny ops; on a shared 2-core machine OpenMP barriers can stall each by
-    milliseconds, so run them on one thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from .threads import single_thread  # noqa: F401  (an autouse fixture)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference

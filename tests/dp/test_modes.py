@@ -51,6 +51,7 @@ from bench.dp.modes import EQUIVALENCE_TOLERANCE
 from models.checkpointing import checkpoint_modules, checkpoint_pass, checkpointed_modules
 
 from .custom_workloads import mlp_workload
+from .threads import single_thread  # noqa: F401  (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,15 +74,6 @@ METHODS = dp.available_methods()
 
 # The refusals the modes cause, and the library text each must carry (None: runs and must match).
 OPACUS = ("opacus-hooks", "opacus-functorch", "opacus-ew", "opacus-ghost")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Thousands of tiny ops: on a shared 2-core machine OpenMP barriers stall each by milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_refusal(method: str, workload: str, mode: TrainingMode) -> str | None:

@@ -29,6 +29,7 @@ from models.catalog import TINY_WORKLOADS
 
 from .custom_workloads import mlp_workload
 from .test_modes import expected_refusal
+from .threads import single_thread  # noqa: F401  (an autouse fixture)
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -39,14 +40,6 @@ TRAINABLES = ("bitfit", "attention", "lora:r=4")
 METHODS = dp.available_methods()
 # Opacus' per-sample state on a parameter (GradSampleModule, DPOptimizer, ghost clipping).
 OPACUS_ATTRS = ("grad_sample", "_current_grad_sample", "summed_grad", "_norm_sample", "_forward_counter")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prepared(name: str, mode: TrainingMode, device: str = "cpu") -> tuple[models.Workload, torch.nn.Module]:
