@@ -255,17 +255,28 @@ def op_work(func, args, kwargs, out) -> tuple[str, str, int, int] | None:
     return op_class, dtype.replace("torch.", ""), flops, moved
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_VALUES = (int, float, bool, str, type(None))
+
+
 def _layout(value):
-    if isinstance(value, Tensor):
+    """What of an argument or result decides an op's counts: a tensor's shape, strides and dtype, a plain value
+    itself, any other object its type (a dtype, a device: the results' layouts carry what they decide)."""
+    if type(value) in _PLAIN_TENSORS or isinstance(value, Tensor):
         return (value.shape, value.stride(), value.dtype)
     if isinstance(value, (list, tuple)):
-        return tuple(_layout(v) for v in value)
-    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value)
+        return tuple([_layout(v) for v in value])
+    return value if isinstance(value, _VALUES) else type(value)
 
 
 class WorkCounter(TorchDispatchMode):
     """Count every aten op's work while active; :meth:`marker` wraps the step's phase marker, :meth:`work`
     gives the :class:`~bench.results.record.StepWork` afterwards."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # as the meta op cache's: no step is compiled, and torch's dynamo-disabling wrapper costs per op
+        return False
 
     def __init__(self):
         super().__init__()
@@ -288,7 +299,7 @@ class WorkCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         try:
-            key = (id(func), _layout(args), _layout(tuple(kwargs.items())), _layout(out))
+            key = (id(func), _layout(args), _layout(tuple(kwargs.items())) if kwargs else None, _layout(out))
             hash(key)  # overloads live as long as the process: their id is a safe key
         except TypeError:  # an argument that does not hash (a symbolic size): computed each time
             key = None
