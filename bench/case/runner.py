@@ -50,13 +50,14 @@ from bench.config.settings import BenchConfig
 from bench.dp.autocast_emulation import meta_autocast
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
 from bench.ranks.launch import run_ranked_case
-from bench.results.record import CaseRecord, StepMemory, Timing
+from bench.results.record import CaseRecord, StepMemory, StepWork, Timing
 from bench.system.devices import resolve_device
 from bench.trackers.channel import PhaseMarker, no_mark
 from bench.trackers.memory.isolation import end_case, start_case
 from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.memory.tensors import TensorTracker
 from bench.trackers.timing import Reference, StepTimer
+from bench.trackers.work import WorkCounter, counted
 from models.contract import check_workload_contract
 
 BASELINE_METHOD = dp.nondp.NonDP.name  # every other method's timed rounds are paired with its step
@@ -279,6 +280,7 @@ class Outcome:
     reason: str = ""
     memory: StepMemory = dataclasses.field(default_factory=StepMemory)
     timing: Timing = dataclasses.field(default_factory=Timing)
+    work: StepWork = dataclasses.field(default_factory=StepWork)
 
 
 class MeasuredCase(Protocol):
@@ -311,13 +313,15 @@ def run_measured(case: MeasuredCase, notes: list[str]) -> Outcome:
     # Before the case allocates anything. Cases that hold nothing resident (meta, fake tensors) skip the
     # boundaries' full garbage collections (~0.3 s each with torch imported: most of a small meta case).
     nvml_baseline = start_case(case.device, notes) if case.resident else None
-    memory, timing, status, reason = StepMemory(), Timing(), "ok", ""
+    memory, timing, work, status, reason = StepMemory(), Timing(), StepWork(), "ok", ""
     try:
         with case.context():
             case.build()
             one_call_s = case.warm_up()
             memory = case.measure(nvml_baseline, notes)
             timing = case.time(one_call_s, notes)
+        # the measured round's work counts (a case without a counter, a rank of bench/ranks: none)
+        work = getattr(case, "work", StepWork())
     except Exception as exc:  # classified here; the traceback must not keep tensors alive
         status, reason = failure_status(exc, case.batch_text, case.op_cache)
         for link in exception_chain(exc):
@@ -326,7 +330,7 @@ def run_measured(case: MeasuredCase, notes: list[str]) -> Outcome:
         case.close()  # drop this case's tensors before the next case starts
         if case.resident:
             end_case(case.device)  # collects garbage first
-    return Outcome(status, reason, memory, timing)
+    return Outcome(status, reason, memory, timing, work)
 
 
 def finished_record(
@@ -347,6 +351,7 @@ def finished_record(
         reason=outcome.reason,
         memory=outcome.memory,
         timing=outcome.timing,
+        work=outcome.work,
         notes=notes,
         **fields,
     )
@@ -407,7 +412,9 @@ class _DeviceCase:
             snapshot_path=snapshot_path(config, spec) if snapshot else None,
             memory_cap_bytes=memory_cap_for(device, config),
         )
-        memory = measure_step(self.run, sources, notes)
+        counter = WorkCounter()  # entered inside the tensor tracker: it sees every op the tracker sees
+        memory = measure_step(counted(self.run, counter), sources, notes)
+        self.work = counter.work()
         self.kernels = sorted(self.run.kernels)
         return memory
 

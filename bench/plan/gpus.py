@@ -6,6 +6,13 @@ HBM3e", "24GB GDDR6", ...), read as GiB. What CUDA reports as a card's ``total_m
 driver keeps some; an "80 GB" card shows about 79.2–79.6 GiB), and the CUDA context takes its share of what is
 left: both belong to the overhead model's fixed part (bench/plan/overhead.py), and ``--memory`` with a card's own
 ``torch.cuda.get_device_properties(i).total_memory`` is exact where the datasheet figure is not.
+
+Peak rates (:class:`Peaks`, for the time model, bench/plan/timemodel.py) are the datasheets' *dense* figures: FP32
+(CUDA cores), TF32, BF16/FP16 tensor-core FLOP/s and memory bandwidth. Where a datasheet states tensor figures
+"with sparsity" only, the dense figure is half of it. Each entry cites its datasheet and figures in ``_PEAK_SOURCES``;
+a GPU without a cited datasheet has ``peaks = None`` and the time model says "no peak figures for this GPU"
+rather than guess (the A10G: AWS publishes no datasheet of its own; the GeForce and RTX A6000 cards: their
+tensor figures depend on the accumulate precision and are not stated dense).
 """
 
 from __future__ import annotations
@@ -15,9 +22,60 @@ from dataclasses import dataclass
 
 from bench.messages import did_you_mean
 
-__all__ = ["GPUS", "Gpu", "get_gpu", "matching_gpus"]
+__all__ = ["GPUS", "Gpu", "Peaks", "get_gpu", "matching_gpus"]
 
 GIB = 2**30
+TERA = 10**12
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """A GPU's datasheet peaks: dense FLOP/s per precision (None: no tensor cores for it) and bytes/s."""
+
+    fp32_flops: float  # CUDA-core FP32 (elementwise ops, and fp32 matmuls without TF32)
+    tf32_flops: float | None  # tensor-core TF32 (fp32 matmuls when TF32 is allowed)
+    bf16_flops: float | None  # tensor-core BF16 / FP16 with FP32 accumulate (FP16 only on V100/T4: no BF16)
+    memory_bandwidth: float  # bytes/s
+    source: str  # the datasheet and the figures read from it
+
+
+def _peaks(fp32: float, tf32: float | None, bf16: float | None, gb_s: float, source: str) -> Peaks:
+    """From datasheet units: TFLOPS and GB/s."""
+    return Peaks(
+        fp32 * TERA, None if tf32 is None else tf32 * TERA, None if bf16 is None else bf16 * TERA, gb_s * 1e9, source
+    )
+
+
+_V100 = _peaks(
+    15.7, None, 125, 900, "NVIDIA V100 datasheet (SXM2): FP32 15.7 TFLOPS, Tensor (FP16) 125 TFLOPS, 900 GB/s"
+)
+_A100_SOURCE = "NVIDIA A100 datasheet: FP32 19.5 TFLOPS, TF32 156, BF16/FP16 312 TFLOPS (dense)"
+_H100_SOURCE = "NVIDIA H100 datasheet (SXM): FP32 67 TFLOPS, TF32 989, BF16 1979 TFLOPS with sparsity"
+_PEAK_SOURCES: dict[str, Peaks] = {
+    "v100-16gb": _V100,
+    "v100-32gb": _V100,
+    "t4-16gb": _peaks(8.1, None, 65, 320, "NVIDIA T4 datasheet: FP32 8.1 TFLOPS, mixed FP16/FP32 65 TFLOPS, 320 GB/s"),
+    "a10-24gb": _peaks(31.2, 62.5, 125, 600, "NVIDIA A10 datasheet: FP32 31.2 TFLOPS, TF32 62.5, BF16 125, 600 GB/s"),
+    "a100-40gb": _peaks(19.5, 156, 312, 1555, f"{_A100_SOURCE}, 1,555 GB/s (40GB)"),
+    "a100-80gb": _peaks(19.5, 156, 312, 2039, f"{_A100_SOURCE}, 2,039 GB/s (80GB SXM)"),
+    "l4-24gb": _peaks(
+        30.3, 60, 121, 300, "NVIDIA L4 datasheet: FP32 30.3 TFLOPS, TF32 120, BF16 242 with sparsity, 300 GB/s"
+    ),
+    "l40s-48gb": _peaks(
+        91.6, 183, 366, 864, "NVIDIA L40S datasheet: FP32 91.6 TFLOPS, TF32 366, BF16 733 with sparsity, 864 GB/s"
+    ),
+    "h100-80gb": _peaks(67, 494.5, 989.5, 3350, f"{_H100_SOURCE}, 3.35 TB/s"),
+    "h100-nvl-94gb": _peaks(
+        60, 417.5, 835.5, 3900, "NVIDIA H100 NVL datasheet: FP32 60 TFLOPS, TF32 835, BF16 1671 with sparsity, 3.9 TB/s"
+    ),
+    "h200-141gb": _peaks(
+        67,
+        494.5,
+        989.5,
+        4800,
+        "NVIDIA H200 datasheet (SXM): FP32 67 TFLOPS, TF32 989, BF16 1979 with sparsity, 4.8 TB/s",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -26,6 +84,7 @@ class Gpu:
     product: str  # the vendor's product name
     memory_bytes: int  # datasheet memory, read as GiB
     sm: tuple[int, int]  # CUDA compute capability
+    peaks: Peaks | None = None  # datasheet peak rates (None: no cited datasheet figures)
 
     @property
     def model(self) -> str:
@@ -34,7 +93,7 @@ class Gpu:
 
 
 def _gpu(name: str, product: str, gib: int, sm: tuple[int, int]) -> tuple[str, Gpu]:
-    return name, Gpu(name, product, gib * GIB, sm)
+    return name, Gpu(name, product, gib * GIB, sm, _PEAK_SOURCES.get(name))
 
 
 GPUS: dict[str, Gpu] = dict(

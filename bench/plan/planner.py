@@ -86,6 +86,12 @@ class PlanRow:
     peak_over_nondp: float | None = None  # peak_tensor_bytes / nondp_peak_bytes
     probes: int = 0
     seconds: float = 0.0
+    # --- time at max batch (bench/plan/timemodel.py; None: no estimate — no GPU peaks, no work counts) ---------
+    step_seconds: float | None = None  # estimated step time at max_batch
+    time_over_nondp: float | None = None  # step_seconds / non-DP's estimated step at the same batch
+    samples_per_s: float | None = None  # max_batch / step_seconds
+    flops_over_nondp: float | None = None  # the step's FLOPs / non-DP's at the same batch
+    bytes_over_nondp: float | None = None  # its bytes moved / non-DP's at the same batch
 
     @property
     def lower_bound(self) -> bool:
@@ -110,6 +116,7 @@ class Plan:
     calibration_gpu_stated: str | None  # --calibrate-gpu: the source GPU the user stated
     versions: dict[str, str | None]
     rows: list[PlanRow]
+    time_model: str = ""  # what the time estimates rest on, or why there are none
 
 
 class _Prober:
@@ -174,6 +181,21 @@ def plan_method(prober: _Prober, method: str, budget: int, limit: int) -> PlanRo
             row.per_sample_bytes = (y1 - y0) / (b1 - b0)
             row.fixed_bytes = y0 - row.per_sample_bytes * b0
     return row
+
+
+def set_time_figures(row: PlanRow, work, nondp_work, machine) -> None:
+    """``row``'s estimated time at its max batch (``work``: its step's counts there, ``nondp_work``: non-DP's at
+    the same batch) under the roofline ``machine``."""
+    from bench.plan.timemodel import estimate
+
+    if work.op_count is None:
+        return
+    row.step_seconds = estimate(work, machine).seconds
+    row.samples_per_s = row.max_batch / row.step_seconds
+    if nondp_work is not None and nondp_work.op_count is not None:
+        row.time_over_nondp = row.step_seconds / estimate(nondp_work, machine).seconds
+        row.flops_over_nondp = work.flops / nondp_work.flops
+        row.bytes_over_nondp = work.bytes_accessed / nondp_work.bytes_accessed
 
 
 def set_ratios(rows: list[PlanRow]) -> None:
@@ -251,6 +273,19 @@ def plan_markdown(plan: Plan) -> str:
             f"| {_gib(r.device_bytes)} | {_gib(r.fixed_bytes)} | {per_sample} | {_ratio(r.peak_over_nondp, 3)} "
             f"| {parts} |"
         )
+    timed = [r for r in plan.rows if r.step_seconds is not None]
+    lines += ["", f"Time at max batch: {plan.time_model}"]
+    if timed:
+        lines += [
+            "",
+            "| method | batch | est. step ms | × nondp time | samples/s | FLOPs × nondp | bytes × nondp |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in timed:
+            lines.append(
+                f"| {r.method} | {r.max_batch} | {r.step_seconds * 1e3:.0f} | {_ratio(r.time_over_nondp, 2)} "
+                f"| {r.samples_per_s:.1f} | {_ratio(r.flops_over_nondp, 2)} | {_ratio(r.bytes_over_nondp, 2)} |"
+            )
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines)
@@ -288,6 +323,7 @@ def _plan_fields(plan: Plan) -> dict:
             "calibration_gpu_stated": plan.calibration_gpu_stated,
         },
         "versions": plan.versions,
+        "time_model": plan.time_model,
     }
 
 
@@ -431,6 +467,19 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
     )
 
 
+def _time_model(gpu: Gpu | None):
+    """(the roofline of the GPU planned for, or None; the words saying what estimates rest on or why none)."""
+    from bench.plan.timemodel import TimeModelError, gpu_roofline
+
+    if gpu is None:
+        return None, "no GPU named (--memory): no time estimate"
+    try:
+        machine = gpu_roofline(gpu)
+    except TimeModelError as exc:
+        return None, str(exc)
+    return machine, f"{machine.label}; no fusion (every op its own kernel)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import models
@@ -450,10 +499,14 @@ def main(argv: list[str] | None = None) -> int:
         limit = min(args.max_batch_limit, args.microbatch_limit) if method == "microbatch" else args.max_batch_limit
         rows.append(plan_method(prober, method, budget, limit))
         print(f"  {method}: {rows[-1].status}, {rows[-1].probes} meta steps, {rows[-1].seconds:.1f} s", file=sys.stderr)
+    machine, time_model = _time_model(gpu)
     for row in rows:  # non-DP's peak at each method's max batch: one more meta step per distinct batch
         if row.status == "ok" and row.max_batch is not None:
             nondp = prober("nondp", row.max_batch)
             row.nondp_peak_bytes = nondp.memory.peak_tensor_bytes if nondp.status == "ok" else None
+            if machine is not None:
+                nondp_work = nondp.work if nondp.status == "ok" else None
+                set_time_figures(row, prober(row.method, row.max_batch).work, nondp_work, machine)
     set_ratios(rows)
     plan = Plan(
         workload=config.matrix.workloads[0],
@@ -471,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_gpu_stated=args.calibrate_gpu,
         versions=plan_versions(),
         rows=rows,
+        time_model=time_model,
     )
     print(PRINTERS[args.format](plan))
     return 1 if any(r.status == "error" for r in rows) else 0

@@ -36,6 +36,12 @@ CHECKPOINTINGS = ("none", "blocks")
 CATEGORIES = ("parameters", "frozen_parameters", "gradients", "optimizer_state", "activations", "per_sample", "other")
 
 
+# Work counts (bench/trackers/work.py): the op classes, and the phases ops are counted in: bench.trackers.channel's
+# PHASES (repeated here so that reading a record needs no torch) and "outside" (before the first mark, after "end").
+OP_CLASSES = ("matmul", "attention", "elementwise", "copy")
+WORK_PHASES = ("forward", "backward", "clip", "noise", "optimizer", "outside")
+
+
 class RecordError(ValueError):
     """A record that does not parse (wrong type, missing key, newer schema); the message is one line."""
 
@@ -144,6 +150,36 @@ class Timing:
     time_unreliable_reason: str = ""  # why not, one line ("" when reliable or not judged)
 
 
+@dataclass
+class OpGroup:
+    """Ops of one step with the same class, dtype, FLOPs and bytes (one aten op at one shape, usually), and how
+    many ran: what a roofline time model needs per op, for any GPU (bench/plan/timemodel.py)."""
+
+    op_class: str  # OP_CLASSES
+    dtype: str  # the op's first floating-point input's dtype, e.g. "float32"
+    flops: int  # of one op
+    bytes_accessed: int  # of one op: its inputs' and outputs' bytes (no fusion)
+    count: int
+
+
+@dataclass
+class StepWork:
+    """Exact work of the measured step (bench/trackers/work.py, which states what is counted): floating-point
+    operations and bytes moved (every op's inputs + outputs: no-fusion traffic), in total, per phase
+    (WORK_PHASES) and per op class (OP_CLASSES), the number of kernel-launching ops, and the op groups.
+    ``None`` / empty: not counted (a failed case, a case on many ranks, a record older than the counter)."""
+
+    flops: int | None = None
+    bytes_accessed: int | None = None
+    op_count: int | None = None  # ops that launch a kernel (views and bare allocations excluded)
+    flops_by_phase: dict[str, int] = field(default_factory=dict)
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    flops_by_class: dict[str, int] = field(default_factory=dict)
+    bytes_by_class: dict[str, int] = field(default_factory=dict)
+    ops_by_class: dict[str, int] = field(default_factory=dict)
+    op_groups: list[OpGroup] = field(default_factory=list)
+
+
 # Per-rank figures of a case run on many ranks (``RankFigures``), summarised over the ranks in ``rank_max`` and
 # ``rank_mean`` (the ranks that reported the figure).
 RANK_FIGURES = (
@@ -219,6 +255,7 @@ class CaseRecord:
 
     memory: StepMemory = field(default_factory=StepMemory)
     timing: Timing = field(default_factory=Timing)
+    work: StepWork = field(default_factory=StepWork)  # FLOPs and bytes of the measured step (an older record: none)
 
     # --- many ranks (bench/ranks; docs/ranks.md) --------------------------------------------------------
     world_size: int = 1  # ranks the case ran on; 1: one process, no parallel strategy
@@ -262,7 +299,7 @@ class CaseRecord:
         """One flat JSON-able dict (the memory and timing keys beside the case's own); non-finite floats become
         the strings "inf"/"nan" so strict JSON parsers read it."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _PARTS}
-        flat = {**own, **dataclasses.asdict(self.memory), **dataclasses.asdict(self.timing)}
+        flat = {**own, **{k: v for part in _PARTS for k, v in dataclasses.asdict(getattr(self, part)).items()}}
         return _jsonable({k: _plain(v) for k, v in flat.items()})
 
     @classmethod
@@ -283,7 +320,7 @@ class CaseRecord:
         return record
 
 
-_PARTS = ("memory", "timing")  # CaseRecord fields written flat, their keys beside the record's own
+_PARTS = ("memory", "timing", "work")  # CaseRecord fields written flat, their keys beside the record's own
 
 
 @functools.cache
@@ -465,10 +502,20 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISIONS,
     "checkpointing": CHECKPOINTINGS,
     "parallel": PARALLEL_STRATEGIES,
+    "op_class": OP_CLASSES,
     "BatchProbe.status": PROBE_STATUSES,  # a meta probe the host could not draw, beside the case statuses
 }
 # The keys a dict field takes, by field name.
-_KEYS: dict[str, tuple[str, ...]] = {"breakdown": CATEGORIES, "rank_max": RANK_FIGURES, "rank_mean": RANK_FIGURES}
+_KEYS: dict[str, tuple[str, ...]] = {
+    "breakdown": CATEGORIES,
+    "rank_max": RANK_FIGURES,
+    "rank_mean": RANK_FIGURES,
+    "flops_by_phase": WORK_PHASES,
+    "bytes_by_phase": WORK_PHASES,
+    "flops_by_class": OP_CLASSES,
+    "bytes_by_class": OP_CLASSES,
+    "ops_by_class": OP_CLASSES,
+}
 # Numbers are finite, not negative and an int64 at most (what a DataFrame column holds exactly), except: the
 # privacy facts, infinite for a noise-free step (ε of nondp), and a fit's intercept, slope or overhead model,
 # which a least-squares fit may make negative. A batch size and a world size are 1 or more.

@@ -101,7 +101,8 @@ def _meta_reason(workload: str, method: str, batch: int) -> str:
 def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
     assert plan.main([*PLAN_ARGV, "--methods", "nondp,bk,opacus-ew"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    memory_table = out.split("Time at max batch")[0]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in memory_table.splitlines() if line.startswith("| ")}
     assert "5.0% of tensor bytes (--budget-overhead 1MiB+5%)" in out
     overhead = parse_overhead("1MiB+5%")
     for method in ("nondp", "bk"):
@@ -114,6 +115,36 @@ def test_plan_finds_the_exact_max_batch_and_prints_the_table(capsys):
     reason = " ".join(_meta_reason("dit-tiny-cond", "opacus-ew", 8).split())  # expanded weights refuse autocast
     assert "expected scalar type" in reason and len(reason) > 140  # longer than the table's old cut
     assert out.splitlines()[-2:] == ["Notes:", f"1. {reason}"]
+
+
+def test_plan_estimates_time_at_max_batch_for_a_gpu_with_peaks(capsys):
+    """Per method at its max batch: the roofline's step time over non-DP's at the same batch, samples/s and the
+    FLOP and byte overheads, from the meta records' work counts; labelled uncalibrated. A GPU without peaks and a
+    plan for --memory say why there is no estimate."""
+    from bench.plan.timemodel import estimate, gpu_roofline
+
+    argv = ["gpt-tiny:seq_len=8", "--methods", "nondp,bk", "--max-batch-limit", "8", "--format", "json"]
+    assert plan.main([*argv, "--gpu", "h100-80gb"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "estimated, uncalibrated" in data["time_model"]
+    rows = {r["method"]: r for r in data["rows"]}
+    config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0))
+    machine = gpu_roofline(get_gpu("h100-80gb"))
+    works = {
+        m: run_case(CaseSpec("gpt-tiny:seq_len=8", m, 8, "meta", precision=DEFAULT_PRECISION), config, None).work
+        for m in ("nondp", "bk")
+    }
+    for method, row in rows.items():
+        assert row["max_batch"] == 8
+        assert row["step_seconds"] == pytest.approx(estimate(works[method], machine).seconds)
+        assert row["samples_per_s"] == pytest.approx(8 / row["step_seconds"])
+        assert row["flops_over_nondp"] == pytest.approx(works[method].flops / works["nondp"].flops)
+    assert rows["nondp"]["time_over_nondp"] == 1.0 and rows["bk"]["time_over_nondp"] > 1.0
+    assert plan.main([*argv[:-2], "--gpu", "a10g-24gb"]) == 0
+    assert "Time at max batch: no peak figures for this GPU (a10g-24gb): no time estimate" in capsys.readouterr().out
+    assert plan.main([*argv, "--memory", "1GiB"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["time_model"].startswith("no GPU named") and data["rows"][0]["step_seconds"] is None
 
 
 def test_plan_json_has_numbers_full_reasons_the_model_and_the_versions(capsys):

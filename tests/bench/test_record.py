@@ -11,10 +11,12 @@ from bench.results.record import (
     BudgetAnswer,
     CaseRecord,
     MaxBatchRecord,
+    OpGroup,
     Phase,
     RankFigures,
     RecordError,
     StepMemory,
+    StepWork,
     Timeline,
     Timing,
     from_jsonl_line,
@@ -99,7 +101,7 @@ def _flat_keys(cls) -> list[str]:
     """Every key of a record type's JSON object (a CaseRecord's parts are written flat beside its own keys)."""
     keys = []
     for f in dataclasses.fields(cls):
-        parts = {"memory": StepMemory, "timing": Timing}
+        parts = {"memory": StepMemory, "timing": Timing, "work": StepWork}
         keys += _flat_keys(parts[f.name]) if f.name in parts else [f.name]
     return keys
 
@@ -111,6 +113,7 @@ def _ranked_record() -> CaseRecord:
         parallel="ddp",
         ranks=[RankFigures(0, peak_tensor_bytes=5), RankFigures(1, peak_tensor_bytes=6)],
         peak_rank=1,
+        work=StepWork(flops=10, flops_by_class={"matmul": 10}, op_groups=[OpGroup("matmul", "float32", 10, 4, 1)]),
     )
 
 
@@ -126,11 +129,12 @@ NESTED = {
     "phase": (_ranked_record, ("phases", 0)),
     "timeline": (_ranked_record, ("timeline",)),
     "rank": (_ranked_record, ("ranks", 0)),
+    "op_group": (_ranked_record, ("op_groups", 0)),
     "max_batch": (_search, ()),
     "probe": (_search, ("probes", 0)),
     "budget": (_search, ("budgets", 0)),
 }
-NESTED_TYPES = {"case": CaseRecord, "phase": Phase, "timeline": Timeline, "rank": RankFigures}
+NESTED_TYPES = {"case": CaseRecord, "phase": Phase, "timeline": Timeline, "rank": RankFigures, "op_group": OpGroup}
 NESTED_TYPES |= {"max_batch": MaxBatchRecord, "probe": BatchProbe, "budget": BudgetAnswer}
 
 
