@@ -97,7 +97,8 @@ def import_from_torch(template: Mapping, model: torch.nn.Module) -> dict:
         value = _flax_layout(leaf.path, p.detach().to("cpu", torch.float32).numpy())
         if tuple(value.shape) != leaf.shape:
             raise WeightImportError(
-                f"PyTorch parameter {name!r} has shape {tuple(p.shape)}, the JAX port expects {leaf.shape} in its layout"
+                f"PyTorch parameter {name!r} has shape {tuple(p.shape)}, the JAX port expects {leaf.shape} "
+                "in its layout"
             )
         flat[leaf.collection][leaf.path] = jnp.asarray(value)
     return {collection: traverse_util.unflatten_dict(tree) for collection, tree in flat.items()}

@@ -62,7 +62,7 @@ class FlaxGPT(nn.Module):
     def __call__(self, idx):
         cfg = self.config
         T = idx.shape[1]
-        if T > cfg.block_size:
+        if cfg.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte")
         x = wte(idx) + nn.Embed(cfg.block_size, cfg.n_embd, name="wpe")(jnp.arange(T))[None]

@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("jax", reason="the JAX ports need the extra: pip install 'dpmem[jax]'")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import models  # noqa: E402
-from models.catalog import TINY_WORKLOADS  # noqa: E402
-from models.jax import NoJaxPort, WeightImportError, port_for  # noqa: E402
+import models
+from models.catalog import TINY_WORKLOADS
+from models.jax import NoJaxPort, WeightImportError, port_for
 
 BATCH = 4
 # fp32 forward of a 2-block model in two frameworks: kernels sum in different orders
@@ -91,5 +91,5 @@ def test_a_frozen_table_must_stay_frozen():
 
 def test_a_bring_your_own_model_has_no_port():
     workload = models.Workload("byo", lambda: torch.nn.Linear(3, 1), lambda b, g: None, lambda o, t: o)
-    with pytest.raises(NoJaxPort, match="'byo' has no JAX port.*its model is Linear"):
+    with pytest.raises(NoJaxPort, match=r"'byo' has no JAX port.*its model is Linear"):
         port_for(workload, workload.build_model())
