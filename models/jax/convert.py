@@ -109,5 +109,5 @@ def export_to_torch(tree: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
         value = torch_layout(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
-        out[torch_name(path)] = torch.from_numpy(np.ascontiguousarray(value))
+        out[torch_name(path)] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))
     return out
