@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -44,6 +45,7 @@ import torch
 import models
 from bench import dp
 from bench.case.attention import AttentionUnsupported, attention_in_forward
+from bench.case.jax_case import JaxCase, is_jax_method
 from bench.case.meta_device import MetaOpCache, ValuedOpCache, meta_model, unsupported_reason
 from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
@@ -244,7 +246,11 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
     base = new_record(spec, config)
     device = resolve_device(spec.device)
     workload = models.get_workload(spec.workload)
-    case = (_MetaCase if device.type == "meta" else _DeviceCase)(spec, config, workload, device, timer)
+    if is_jax_method(spec.method):  # one XLA program, not torch ops: its own case kind (bench/case/jax_case.py)
+        reference = partial(_NonDPReference, spec, config, workload, device)
+        case = JaxCase(spec, config, workload, device, timer, reference)
+    else:
+        case = (_MetaCase if device.type == "meta" else _DeviceCase)(spec, config, workload, device, timer)
     notes = list(case.first_notes)
     outcome = run_measured(case, notes)
     return finished_record(

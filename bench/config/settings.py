@@ -350,7 +350,7 @@ def _matrix(given: dict[str, Any]) -> MatrixSettings:
         "fine_tuning_workloads": None if given["workloads"] or given["trainables"] else preset.fine_tuning_workloads,
         "batch_caps": preset.batch_caps if not given["methods"] and not given["batch_sizes"] else (),
     }
-    check_names("--methods", resolved["methods"], dp.available_methods())
+    check_names("--methods", resolved["methods"], dp.available_methods(include_opt_in=True))
     check_names("--precision", resolved["precisions"], dp.PRECISIONS)
     check_names("--checkpointing", resolved["checkpointings"], dp.CHECKPOINTINGS)
     resolved["devices"] = _checked_devices(given["devices"] or preset.devices)

@@ -30,7 +30,7 @@ from .errors import DPConfigError, MethodUnsupported, ModeUnsupported, is_out_of
 from .modes import CHECKPOINTINGS, DEFAULT_MODE, PRECISIONS, TrainingMode, prepare_model
 from .trainable import TRAINABLE_KINDS, Trainable, parse_trainable
 from .privacy import ACCOUNTANTS, PrivacyParams, resolve_privacy
-from . import nondp, opacus, bk, func, microbatch  # noqa: F401  (each registers its methods)
+from . import nondp, opacus, bk, func, jax_methods, microbatch  # noqa: F401  (each registers its methods)
 # isort: on
 
 __all__ = [

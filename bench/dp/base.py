@@ -191,6 +191,9 @@ class DPMethod:
 
     name: str = ""
     step_class: type[DPStep]
+    # A method of an optional extra (the JAX ones): registered and named by ``--methods``, but left out of the
+    # default method list (every preset's, every test's enumeration) unless asked for.
+    opt_in: bool = False
 
     def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run in
@@ -262,9 +265,9 @@ def register_method(cls: type[DPMethod]) -> type[DPMethod]:
     return cls
 
 
-def available_methods() -> list[str]:
-    """Registered method names, baseline first."""
-    return list(_METHODS)
+def available_methods(*, include_opt_in: bool = False) -> list[str]:
+    """Registered method names, baseline first; the opt-in ones (an optional extra's) only if asked for."""
+    return [name for name, method in _METHODS.items() if include_opt_in or not method.opt_in]
 
 
 def get_method(name: str) -> DPMethod:

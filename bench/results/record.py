@@ -25,7 +25,9 @@ STATUSES = ("ok", "oom", "unsupported", "error")
 # cuda); "predicted" — it ran on the meta device (bench/case/meta_device.py): the tensor figures are the exact live
 # bytes of the step's tensor traffic with nothing allocated, and there are no allocator, NVML, RSS or timing
 # figures; a max-batch answer on meta also rests on the overhead model (bench/plan/overhead.py).
-MEASUREMENTS = ("measured", "predicted")
+# "xla-compiled": a JAX case (bench/case/jax_case.py): its tensor-byte figures are XLA's compiled buffer
+# assignment of the jitted step (temp + arguments + outputs - aliases), not the tensor tracker's live bytes.
+MEASUREMENTS = ("measured", "predicted", "xla-compiled")
 # Training modes (bench.dp.modes, which documents them; defined here so that reading a record needs no torch).
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 CHECKPOINTINGS = ("none", "blocks")

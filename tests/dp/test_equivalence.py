@@ -9,6 +9,7 @@ error in global norm (‖a − b‖ / ‖b‖ over all parameters concatenated).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ WORKLOADS = {
     # the #777 fix: the learnable position table in an nn.Embedding submodule — every method must handle it
     "dit-tiny-cond-pos-submodule": ("dit-tiny-cond", {"learnable_pos_embed": True, "pos_embed_in_submodule": True}),
 }
-METHODS = dp.available_methods()
+# the JAX methods (opt-in: the jax extra) join every torch method when jax is installed
+JAX_METHODS = [m for m in dp.available_methods(include_opt_in=True) if m not in dp.available_methods()]
+METHODS = dp.available_methods() + (JAX_METHODS if importlib.util.find_spec("jax") else [])
 GHOST_TIED = ("opacus-ghost", "gpt-tiny")
 OPACUS_TYING_MESSAGE = "Parameter tying is not supported with Ghost Clipping"
 
