@@ -37,7 +37,7 @@ seen before costs one key build and a dict update.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from math import prod
 
 import torch
@@ -47,6 +47,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from bench.results.record import OP_CLASSES, WORK_PHASES, OpGroup, StepWork
 from bench.trackers.channel import PHASES, PhaseMarker
+from bench.trackers.memory.tensors import tensors_in
 
 __all__ = ["WorkCounter", "counted", "op_work"]
 
@@ -205,15 +206,6 @@ def _op_class(func) -> str | None:
     return "elementwise"
 
 
-def _tensors(value) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            if isinstance(item, Tensor):
-                yield item
-
-
 def _distinct_bytes(t: Tensor) -> int:
     """Bytes of a tensor's distinct elements: a broadcast (stride-0) dimension counts once."""
     return prod(size for size, stride in zip(t.shape, t.stride(), strict=True) if stride != 0) * t.element_size()
@@ -237,10 +229,10 @@ def op_work(func, args, kwargs, out) -> tuple[str, str, int, int] | None:
     op_class = _op_class(func)
     if op_class is None:
         return None
-    inputs = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
-    outputs = list(_tensors(out))
+    inputs = list(tensors_in((*args, *kwargs.values())))
+    outputs = list(tensors_in((out,)))
     if not outputs:  # in-place ops returning nothing (_foreach_add_): what they wrote
-        outputs = [t for i in _written_arguments(func) if i < len(args) for t in _tensors(args[i])]
+        outputs = list(tensors_in(args[i] for i in _written_arguments(func) if i < len(args)))
     moved = sum(map(_distinct_bytes, inputs)) + sum(map(_distinct_bytes, outputs))
     floating = [t for t in (*inputs, *outputs) if t.is_floating_point()]
     dtype = str(floating[0].dtype if floating else (inputs or outputs or [torch.empty(0)])[0].dtype)

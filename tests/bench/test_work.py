@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 import models
-from bench import dp
 from bench.case.runner import run_case
 from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
@@ -26,23 +25,14 @@ from bench.results.record import OP_CLASSES, CaseRecord, StepWork
 from bench.trackers.work import WorkCounter, op_work
 from models import Batch, Workload
 from models.catalog import TINY_GPT
+from tests.bench.test_meta import _config as meta_config
 
 aten = torch.ops.aten
 
 
 def _config(**overrides) -> BenchConfig:
-    fields = dict(attention="efficient", optimizer_impl="foreach") | overrides
-    return BenchConfig.from_fields(
-        preset="test",
-        workloads=(),
-        methods=(),
-        batch_sizes=(),
-        devices=(),
-        rounds=1,
-        privacy=dp.resolve_privacy(1.0),
-        sample_interval_s=0.5,
-        **fields,
-    )
+    fields = dict(attention="efficient", optimizer_impl="foreach", sample_interval_s=0.5) | overrides
+    return meta_config(**fields)
 
 
 def _work(workload: str, method: str, batch: int, device: str = "meta", **config) -> StepWork:

@@ -259,15 +259,15 @@ class TensorTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self._recording:
             if func in _FRESH_OPS:  # torch.tensor(data) builds outside dispatch, then announces it here
-                for result in _tensors_in((out,)):
+                for result in tensors_in((out,)):
                     self._note_output(result, func)
                 return out
             # Inputs first: an in-place or out= result shares an input's storage and is not a new allocation.
-            for arg in _tensors_in(args):
+            for arg in tensors_in(args):
                 self._note_input(arg)
-            for arg in _tensors_in(kwargs.values()):
+            for arg in tensors_in(kwargs.values()):
                 self._note_input(arg)
-            for result in _tensors_in(out if isinstance(out, (tuple, list)) else (out,)):
+            for result in tensors_in(out if isinstance(out, (tuple, list)) else (out,)):
                 self._note_output(result, func)
         return out
 
@@ -473,7 +473,7 @@ def _inner_tensor(tensor: Tensor) -> Tensor | None:
     return tensor
 
 
-def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
+def tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:
     """Tensors among ``values`` and inside lists/tuples one level down (aten signatures are that flat)."""
     for value in values:
         if isinstance(value, Tensor):
