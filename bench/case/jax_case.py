@@ -35,7 +35,7 @@ from bench import dp
 from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
 from bench.dp.jax_methods import JaxStep, batch_arrays
-from bench.results.record import StepMemory, Timing
+from bench.results.record import StepMemory, StepWork, Timing
 from bench.trackers.memory.process import RssSampler
 from bench.trackers.timing import StepTimer
 from models.contract import check_workload_contract
@@ -95,6 +95,7 @@ class JaxCase:
         self.batch_text = f"batch {spec.batch_size}"
         self.op_cache = None
         self.facts = JaxFacts()
+        self.work = StepWork()  # XLA runs no torch ops: nothing to count
         self.kernels: list[str] = []
         self.first_notes: tuple[str, ...] = ()  # the runner reads them before build: the setup's come in measure
         self.setup_notes: tuple[str, ...] = ()

@@ -301,6 +301,7 @@ class MeasuredCase(Protocol):
     batch_text: str  # how an out-of-memory reason names the batch
     op_cache: MetaOpCache | None  # on meta: names a value-dependent op as the failure
     facts: ModelFacts
+    work: StepWork  # the measured round's work counts (empty where nothing counts them: JAX, ranks)
 
     def context(self) -> AbstractContextManager: ...
     def build(self) -> None: ...
@@ -326,8 +327,7 @@ def run_measured(case: MeasuredCase, notes: list[str]) -> Outcome:
             one_call_s = case.warm_up()
             memory = case.measure(nvml_baseline, notes)
             timing = case.time(one_call_s, notes)
-        # the measured round's work counts (a case without a counter, a rank of bench/ranks: none)
-        work = getattr(case, "work", StepWork())
+        work = case.work
     except Exception as exc:  # classified here; the traceback must not keep tensors alive
         status, reason = failure_status(exc, case.batch_text, case.op_cache)
         for link in exception_chain(exc):
@@ -376,6 +376,7 @@ class _DeviceCase:
         self.batch_text = f"batch {spec.batch_size}"
         self.op_cache: MetaOpCache | None = None
         self.facts = ModelFacts()
+        self.work = StepWork()
         self.kernels: list[str] = []  # the attention kernels of the warm-up and measured steps
         self.step = self.batch = self.run = self.reference = None
 

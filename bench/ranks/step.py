@@ -26,7 +26,7 @@ import torch.distributed as dist
 import models
 from bench.case.runner import ModelFacts, finished_record, run_measured, sync, warm_up
 from bench.dp.parallel import build_parallel_step
-from bench.results.record import CaseRecord, RankFigures, StepMemory, Timing
+from bench.results.record import CaseRecord, RankFigures, StepMemory, StepWork, Timing
 from bench.trackers.channel import PhaseMarker, no_mark
 from bench.trackers.memory.measure import StepSources, measure_step
 from bench.trackers.timing import MIN_ROUND_S, iterations_for, timing_from_durations
@@ -59,6 +59,7 @@ class _RankCase:
         self.resident = fake_mode is None
         self.batch_text = f"batch {job.case.batch_size} ({job.local_batch_size} per rank)"
         self.facts = ModelFacts()
+        self.work = StepWork()  # no work counter on ranks
         self.cap_bytes = job.memory_cap_bytes if device.type == "cpu" else None
         self.step = self.batch = None
 
