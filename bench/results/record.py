@@ -182,6 +182,19 @@ class StepWork:
     op_groups: list[OpGroup] = field(default_factory=list)
 
 
+@dataclass
+class TimeEstimate:
+    """The step time the roofline model (bench/plan/timemodel.py) gives for the record's work counts on one GPU of
+    the catalogue (bench/plan/gpus.py): a *predicted* figure, never a measurement. ``None`` / empty: no estimate
+    (a measured record, a case without work counts, a GPU without datasheet peaks — ``estimate_reason`` says)."""
+
+    estimated_step_s: float | None = None
+    estimate_gpu: str | None = None  # catalogue name of the GPU estimated for, e.g. "h100-80gb"
+    estimate_calibrated: bool | None = None  # False: datasheet peaks x default efficiencies (uncalibrated)
+    estimate_source: str = ""  # where the rates come from, one line (the Roofline's label)
+    estimate_reason: str = ""  # why there is no estimate, one line ("" when there is one or none was asked)
+
+
 # Per-rank figures of a case run on many ranks (``RankFigures``), summarised over the ranks in ``rank_max`` and
 # ``rank_mean`` (the ranks that reported the figure).
 RANK_FIGURES = (
@@ -258,6 +271,7 @@ class CaseRecord:
     memory: StepMemory = field(default_factory=StepMemory)
     timing: Timing = field(default_factory=Timing)
     work: StepWork = field(default_factory=StepWork)  # FLOPs and bytes of the measured step (an older record: none)
+    estimate: TimeEstimate = field(default_factory=TimeEstimate)  # predicted step time on a GPU (meta records)
 
     # --- many ranks (bench/ranks; docs/ranks.md) --------------------------------------------------------
     world_size: int = 1  # ranks the case ran on; 1: one process, no parallel strategy
@@ -322,7 +336,7 @@ class CaseRecord:
         return record
 
 
-_PARTS = ("memory", "timing", "work")  # CaseRecord fields written flat, their keys beside the record's own
+_PARTS = ("memory", "timing", "work", "estimate")  # CaseRecord fields written flat, their keys beside the record's own
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from bench.results.record import (
     RecordError,
     StepMemory,
     StepWork,
+    TimeEstimate,
     Timeline,
     Timing,
     from_jsonl_line,
@@ -101,7 +102,7 @@ def _flat_keys(cls) -> list[str]:
     """Every key of a record type's JSON object (a CaseRecord's parts are written flat beside its own keys)."""
     keys = []
     for f in dataclasses.fields(cls):
-        parts = {"memory": StepMemory, "timing": Timing, "work": StepWork}
+        parts = {"memory": StepMemory, "timing": Timing, "work": StepWork, "estimate": TimeEstimate}
         keys += _flat_keys(parts[f.name]) if f.name in parts else [f.name]
     return keys
 
