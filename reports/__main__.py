@@ -7,7 +7,9 @@
     python -m reports export RESULTS... --out FILE         github-action-benchmark customSmallerIsBetter JSON
     python -m reports merge RESULTS... --out FILE.jsonl    one JSON-lines file (e.g. a CI baseline)
     python -m reports paper RESULTS... --workloads W[,W] [--by batch|mode|budget] [--mode fp32] [--batch-size B]
+                                          [--value peak|time] [--gpu NAME]
                                           [--out FILE.md]   a README paper-scale table (Markdown, stdout)
+    python -m reports frontier PLAN.json --out FILE.png   the memory–time frontier of a `bench.plan --format json`
 
 Exit status: 0 ok; 1 the gate failed (compare: memory grew, a case broke or disappeared); 2 bad input, usage or
 an unwritable output (one line on stderr); 130 interrupted (Ctrl-C, one line).
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 from bench.config.cli import OneLineParser, run
+from bench.plan.gpus import get_gpu
 from bench.results.record import to_jsonl_line
 
 from .compare import (
@@ -38,7 +41,7 @@ from .figures import FigureOptions, FigureResult, render_figures
 from .grid import compact, frame_grid, table_markdown, write_table
 from .html import ReportContent, Section, write_html, write_markdown
 from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
-from .paper import SHAPES, PaperTableError, paper_table
+from .paper import SHAPES, VALUES, PaperTableError, paper_table
 from .pivots import fit_grids, memory_pivot, time_pivot
 from .summary import blocks, matrix_grid, overview, ranked_grid, ranked_summary
 from .tables import (
@@ -110,8 +113,26 @@ def _paper_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--mode", default="fp32", help="training mode of --by batch/budget, e.g. amp-bf16+blocks, fp32+lora:r=8"
     )
     paper.add_argument("--batch-size", type=int, help="batch size of --by mode")
+    paper.add_argument(
+        "--value",
+        choices=VALUES,
+        default="peak",
+        help="peak: peak live tensor GiB (default); time: the estimated step ms of predicted (meta) cases",
+    )
+    paper.add_argument(
+        "--gpu",
+        type=_gpu_name,
+        help="--value time: the catalogue GPU to estimate for (default: the records' estimate GPU, else h100-80gb)",
+    )
     paper.add_argument("--out", help="write the table to this Markdown file (default: stdout)")
     return paper
+
+
+def _gpu_name(text: str) -> str:
+    try:
+        return get_gpu(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -351,7 +372,7 @@ def _paper(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(Path(args.out), "--out", directory=False)
     results = load_results(args.results, skip_bad=args.skip_bad)
-    grid = paper_table(results, args.by, args.workloads, args.mode, args.batch_size)
+    grid = paper_table(results, args.by, args.workloads, args.mode, args.batch_size, args.value, args.gpu)
     text = "\n".join(table_markdown(grid)).rstrip("\n") + "\n"
     if args.out:
         _write_text(Path(args.out), "--out", text)

@@ -46,6 +46,7 @@ class Cell:
     footnote: str = ""  # why there is no number: a footnote in Markdown, a hover in HTML
     color: str | None = None  # background (the matrix's diverging scale)
     sub: str = ""  # a second, smaller line (the matrix's step time)
+    sub_style: str = ""  # CSS class of that line: "est" for an estimated, not measured, step time
     spans: tuple[tuple[str, str], ...] = ()  # (text, style) parts of a mixed cell (text = the texts joined by " · ")
 
 

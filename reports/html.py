@@ -134,6 +134,7 @@ td.best{outline:2px solid #1d1d1f;outline-offset:-2px;font-weight:700}
 td.oom,td.unsupported,td.error{color:#7a2e00;
   background:repeating-linear-gradient(135deg,#f4f4f4 0 5px,#e6e6e6 5px 10px)}
 .pred,.extrap{font-style:italic;color:#33507a}
+td small.est{color:#6b3fa0;font-style:italic;border-top:1px dotted #b9a3d6;margin-top:1px}
 td.untrusted{color:#888}
 .pair{display:flex;flex-wrap:wrap;gap:14px 22px;align-items:flex-start}.pair>.tables{flex:1 1 560px;min-width:0}
 .pair>.figs{flex:1 1 520px;max-width:720px}figure{margin:4px 0 12px}figure img{width:100%;border:1px solid #eee}
@@ -187,7 +188,8 @@ def _html_cell(cell: Cell) -> str:
         attrs.append(f'title="{esc(title)}"')
     if cell.color:
         attrs.append(f'style="background:{esc(cell.color)}"')
-    sub = f"<small>{esc(cell.sub)}</small>" if cell.sub else ""
+    sub_class = f" class='{esc(cell.sub_style)}'" if cell.sub_style else ""
+    sub = f"<small{sub_class}>{esc(cell.sub)}</small>" if cell.sub else ""
     text = " · ".join(f"<span class='{esc(s)}'>{esc(t)}</span>" if s else esc(t) for t, s in cell.spans) or esc(
         cell.text
     )

@@ -24,6 +24,8 @@ from bench.results.record import (
     CaseRecord,
     MaxBatchRecord,
     StepMemory,
+    StepWork,
+    TimeEstimate,
     Timing,
     cell_fields,
     combine_rank_records,
@@ -35,6 +37,7 @@ __all__ = [
     "CASE_KEY",
     "MEMORY_COLUMNS",
     "PEAK_COLUMNS",
+    "WORK_COLUMNS",
     "ReportInputError",
     "Results",
     "case_key",
@@ -74,6 +77,11 @@ PEAK_COLUMNS = (
     "nvml_process_peak_bytes",
     "peak_rss_bytes",
 )
+
+
+# A step's work totals and estimated time: numbers in the frame, NaN where a record has none (not counted, not
+# estimated, or older than the fields).
+WORK_COLUMNS = (*cell_fields(StepWork), "estimated_step_s")
 
 
 class ReportInputError(ValueError):
@@ -194,6 +202,7 @@ def load_results(
     rows = [_case_row(case) for case in loaded_cases]
     cases = pd.DataFrame(rows, columns=list(_CASE_COLUMNS))
     cases["batch_size"] = cases["batch_size"].astype(int)
+    cases[list(WORK_COLUMNS)] = cases[list(WORK_COLUMNS)].astype(float)  # None (not counted, older record) -> NaN
     max_batches = pd.DataFrame([_max_batch_row(r) for r in mb_records], columns=list(_MAX_BATCH_COLUMNS))
     return Results(cases, max_batches, loaded_cases, mb_records, sources, warnings)
 
@@ -232,12 +241,15 @@ def _other_ranks(previous: LoadedCase, case: LoadedCase) -> bool:
 
 
 # A case row: the record's cells, its memory's cells and breakdown, all of its timing (the per-round lists too: the
-# noise rule reads them), then where it was read, and the record itself.
+# noise rule reads them), its work totals (flops, bytes_accessed, op_count) and its time estimate (estimated_step_s,
+# estimate_gpu, ...; NaN / None in a record older than them), then where it was read, and the record itself.
 _CASE_COLUMNS = (
     *cell_fields(CaseRecord),
     *cell_fields(StepMemory),
     *(f"breakdown_{c}" for c in CATEGORIES),
     *(f.name for f in dataclasses.fields(Timing)),
+    *cell_fields(StepWork),
+    *cell_fields(TimeEstimate),
     "machine",
     "source",
     "record",
@@ -250,6 +262,8 @@ def _case_row(case: LoadedCase) -> dict[str, Any]:
     row |= {name: getattr(record.memory, name) for name in cell_fields(StepMemory)}
     row |= {f"breakdown_{category}": record.memory.breakdown.get(category) for category in CATEGORIES}
     row |= dataclasses.asdict(record.timing)
+    row |= {name: getattr(record.work, name) for name in cell_fields(StepWork)}
+    row |= {name: getattr(record.estimate, name) for name in cell_fields(TimeEstimate)}
     return row | {
         "parallel": record.parallel or ONE_PROCESS,
         "family": record.family or workload_family(record.workload),  # older records lack the field

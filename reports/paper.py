@@ -10,6 +10,10 @@ output, not hand copies):
 * ``--by budget``: the exact max batch of meta searches (``--max-batch --devices meta``): one row per method, a
   column per workload × memory budget, in one training mode.
 
+``--value time`` (``--by batch`` and ``--by mode``, predicted results only) writes each cell's *estimated* step
+time instead of its peak: "est. ms (× nondp)", the roofline of the record's work counts on ``--gpu``
+(reports/estimates.py), the caption saying what the estimate rests on; a case without work counts says so.
+
 A cell with no figure says why: the case's status (OOM, unsupported, error) or "—" where the case was not run
 (the per-sample loop above its paper-preset cap). The results must come from one machine (meta results have one).
 """
@@ -22,14 +26,16 @@ import pandas as pd
 
 from bench.config.sizes import size_text
 
+from .estimates import StepEstimate, estimate_words, step_estimate
 from .grid import Cell, Grid
-from .load import Results
+from .load import Results, is_predicted
 from .tables import BASELINE_METHOD, MODE_COLUMNS, mode_order, one_process, status_label
 from .tables import mode_label as unnamed_default_label
 
-__all__ = ["SHAPES", "PaperTableError", "paper_table"]
+__all__ = ["SHAPES", "VALUES", "PaperTableError", "paper_table"]
 
 SHAPES = ("batch", "mode", "budget")
+VALUES = ("peak", "time")  # --value: peak live tensor GiB, or the estimated step time of predicted rows
 GIB = 2**30
 NOT_RUN = "—"
 
@@ -84,49 +90,98 @@ def _cases_of(results: Results, workload: str) -> pd.DataFrame:
     return _with_mode(_one_machine(cases, workload))
 
 
-def _peak_cell(case: pd.Series | None, nondp_peaks: dict[tuple[str, int], float]) -> Cell:
-    if case is None:
-        return Cell(NOT_RUN)
-    if case["status"] != "ok":
-        return Cell(status_label(case["status"]), style=case["status"])
+def _peak_cell(case: pd.Series, nondp_peaks: dict[tuple[str, int], float]) -> Cell:
     peak = float(case["peak_tensor_bytes"])
     # the ratio from the bytes themselves: the overhead table's ratios are rounded to 3 places already
     nondp = nondp_peaks.get((case["mode"], case["batch_size"])) if case["method"] != BASELINE_METHOD else None
     return Cell(f"{peak / GIB:.1f}" + (f" ({peak / nondp:.2f}×)" if nondp else ""), peak / GIB)
 
 
-def _peak_grid(cases: pd.DataFrame, column: str, columns: list, title: str, caption: str) -> Grid:
-    """Rows method, one column per value of ``column`` (``batch_size`` or ``mode``) of ``cases``."""
+def _milliseconds(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _time_cell(case: pd.Series, estimate: StepEstimate, nondp: StepEstimate | None) -> Cell:
+    if estimate.seconds is None:
+        return Cell(estimate.reason, style="reason")
+    ratio = estimate.over(nondp) if case["method"] != BASELINE_METHOD else None
+    text = _milliseconds(estimate.seconds) + (f" ({ratio:.2f}×)" if ratio is not None else "")
+    return Cell(text, estimate.seconds * 1e3, style="pred")
+
+
+def _predicted_only(cases: pd.DataFrame, workload: str) -> pd.DataFrame:
+    measured = [is_predicted(case) for _, case in cases.iterrows()].count(False)
+    if measured:
+        raise PaperTableError(
+            f"--value time: {measured} case(s) of {workload} were measured, not predicted; the estimated times are "
+            "for meta results (pytest bench/ --devices meta)"
+        )
+    return cases
+
+
+def _grid(cases: pd.DataFrame, column: str, columns: list, what: tuple[str, str], value: str, gpu: str | None) -> Grid:
+    """Rows method, one column per value of ``column`` (``batch_size`` or ``mode``) of ``cases``: the peak GiB or
+    (``value`` "time") the estimated step ms on ``gpu``, each with its ratio to nondp at the same batch and mode.
+    ``what``: the workload and the mode or batch the table is of; the caption adds what the cells are and (time)
+    what the estimates rest on."""
     baselines = cases[(cases["method"] == BASELINE_METHOD) & (cases["status"] == "ok")]
     nondp_peaks = {
         (mode, batch): float(peak)
         for mode, batch, peak in zip(baselines["mode"], baselines["batch_size"], baselines["peak_tensor_bytes"])
     }
+    estimates = (
+        {index: step_estimate(case["record"], gpu) for index, case in cases[cases["status"] == "ok"].iterrows()}
+        if value == "time"
+        else {}
+    )
+    nondp_estimates = {
+        (mode, batch): estimates[index]
+        for index, mode, batch in zip(baselines.index, baselines["mode"], baselines["batch_size"])
+        if index in estimates
+    }
     rows = []
     for method in _method_order(cases["method"]):
-        mine = {case[column]: case for _, case in cases[cases["method"] == method].iterrows()}
         line = [Cell(f"`{method}`", style="label")]
-        line += [_peak_cell(mine.get(value), nondp_peaks) for value in columns]
+        mine = {case[column]: (index, case) for index, case in cases[cases["method"] == method].iterrows()}
+        for wanted in columns:
+            index, case = mine.get(wanted, (None, None))
+            if case is None:
+                line.append(Cell(NOT_RUN))
+            elif case["status"] != "ok":
+                line.append(Cell(status_label(case["status"]), style=case["status"]))
+            elif value == "time":
+                nondp = nondp_estimates.get((case["mode"], case["batch_size"]))
+                line.append(_time_cell(case, estimates[index], nondp))
+            else:
+                line.append(_peak_cell(case, nondp_peaks))
         rows.append(line)
     header = ["method", *(f"B = {c}" if column == "batch_size" else c for c in columns)]
-    return Grid(title, caption, header, rows)
+    same = "at the same batch" if column == "batch_size" else "in the same mode"
+    if value == "time":
+        cells = f"estimated step ms (× nondp {same}); {estimate_words(list(estimates.values()))}"
+    else:
+        cells = f"peak live tensor GiB (× nondp {same})"
+    return Grid(" — ".join(what), f"{', '.join(what)}: {cells}", header, rows)
 
 
-def peak_by_batch(results: Results, workload: str, mode: str) -> Grid:
+def peak_by_batch(results: Results, workload: str, mode: str, value: str = "peak", gpu: str | None = None) -> Grid:
     cases = _in_mode(_cases_of(results, workload), mode, f"case of {workload}")
+    if value == "time":
+        cases = _predicted_only(cases, workload)
     batches = sorted(set(cases["batch_size"]))
-    caption = f"{workload}, {mode}: peak live tensor GiB (× nondp at the same batch)"
-    return _peak_grid(cases, "batch_size", batches, f"{workload} — {mode}", caption)
+    return _grid(cases, "batch_size", batches, (workload, mode), value, gpu)
 
 
-def peak_by_mode(results: Results, workload: str, batch_size: int) -> Grid:
+def peak_by_mode(results: Results, workload: str, batch_size: int, value: str = "peak", gpu: str | None = None) -> Grid:
     cases = _cases_of(results, workload)
     cases = cases[cases["batch_size"] == batch_size]
     if cases.empty:
         raise PaperTableError(f"no case of {workload} at batch {batch_size}")
+    if value == "time":
+        cases = _predicted_only(cases, workload)
     modes = _modes_in_order(cases)
-    caption = f"{workload}, batch {batch_size}: peak live tensor GiB (× nondp in the same mode)"
-    return _peak_grid(cases, "mode", modes, f"{workload} — B = {batch_size}", caption)
+    return _grid(cases, "mode", modes, (workload, f"B = {batch_size}"), value, gpu)
 
 
 def max_batch_by_budget(results: Results, workloads: list[str], mode: str) -> Grid:
@@ -166,14 +221,25 @@ def _max_batch_cell(search: pd.Series | None, budget: int) -> Cell:
     return Cell(f"{bound}{answer.max_batch}", float(answer.max_batch))
 
 
-def paper_table(results: Results, by: str, workloads: list[str], mode: str, batch_size: int | None) -> Grid:
-    """The table of shape ``by`` (:data:`SHAPES`)."""
+def paper_table(
+    results: Results,
+    by: str,
+    workloads: list[str],
+    mode: str,
+    batch_size: int | None,
+    value: str = "peak",
+    gpu: str | None = None,
+) -> Grid:
+    """The table of shape ``by`` (:data:`SHAPES`) of ``value`` (:data:`VALUES`; the time on ``gpu``, default each
+    record's estimate GPU or the planner's)."""
     if by == "budget":
+        if value != "peak":
+            raise PaperTableError("--value time makes --by batch and --by mode tables; --by budget is max batches")
         return max_batch_by_budget(results, workloads, mode)
     if len(workloads) != 1:
         raise PaperTableError(f"--by {by} makes one workload's table; got {len(workloads)}")
     if by == "mode":
         if batch_size is None:
             raise PaperTableError("--by mode needs --batch-size")
-        return peak_by_mode(results, workloads[0], batch_size)
-    return peak_by_batch(results, workloads[0], mode)
+        return peak_by_mode(results, workloads[0], batch_size, value, gpu)
+    return peak_by_batch(results, workloads[0], mode, value, gpu)

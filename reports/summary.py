@@ -6,6 +6,11 @@ that ratio is beyond its timing noise), OOM / unsupported cells marked with thei
 answers "what is best, what fits" per workload: lowest memory, fastest DP step, largest batch in the device's
 memory, what ran out of memory and what is unsupported. Measured and predicted (meta device,
 :func:`reports.load.is_predicted`) results are separate blocks, never mixed in one table.
+
+A predicted block has no measured time; its cells show the *estimated* step time instead, labelled "est." in its
+own style (the roofline of the record's work counts on a catalogue GPU, reports/estimates.py), the legend saying
+on which GPU and that it is uncalibrated. JAX methods' columns (records ``measurement`` "xla-compiled") come after
+the torch methods', the legend saying what their peak is: XLA's compiled buffer assignment, not live tensor bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from bench.config.sizes import size_text
 from bench.messages import first_line
 from bench.plan.maxbatch import answer_text
 
+from .estimates import StepEstimate, estimate_words, step_estimate
 from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
 from .tables import (
@@ -70,6 +76,15 @@ METRIC_WORDS = {
 }
 FAMILY_ORDER = ("dit", "dit-plain", "gpt", "other")
 RANKED = 3  # entries per ranked column; the matrix holds every method
+XLA_COMPILED = "xla-compiled"  # a JAX case's measurement (bench.case.jax_case.MEASUREMENT)
+# What each kind of column's peak counts, under a matrix that has JAX columns.
+XLA_WORDS = "XLA compiled buffer assignment"
+PEAK_KINDS_NOTE = (
+    "Not the same quantity: a torch method's peak is the live tensor bytes (tracker) / the CUDA allocator / NVML; "
+    "a JAX method's ({jax}) is XLA's compiled buffer assignment of the jitted step (temp + arguments + outputs − "
+    'aliases, measurement "xla-compiled"), every buffer at full size for the whole program, and its RSS on CPU; '
+    "its ×nondp divides that by torch nondp's figure."
+)
 
 
 def time_text(seconds: float) -> str:
@@ -193,6 +208,8 @@ class MatrixCell:
     largest_ok_batch: int | None  # of this method on this workload (an OOM cell says up to where it ran)
     time_basis: str | None = None  # reports.tables.TIME_BASES
     time_unreliable: str = ""  # why the run could not vouch for the time ratio (verdict "unreliable")
+    measurement: str = "measured"  # the record's (bench.results.record.MEASUREMENTS): "xla-compiled" for JAX
+    estimate: StepEstimate | None = None  # a predicted block's estimated step time (None: measured block)
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,7 @@ class MatrixRow:
     nondp_time_s: float
     cells: dict[str, MatrixCell]
     nondp_time_unreliable: str = ""  # why the run could not vouch for nondp's own step time, "" when it could
+    nondp_estimate: StepEstimate | None = None  # a predicted block's estimated nondp step time
 
 
 @dataclass(frozen=True)
@@ -223,12 +241,21 @@ def _shown_batch(wrows: pd.DataFrame) -> tuple[int, bool]:
     return int((any_ok if len(any_ok) else wrows["batch_size"]).max()), False
 
 
-def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, mrows: pd.DataFrame) -> MatrixCell:
+def _estimate_of(case: pd.Series | None, predicted: bool) -> StepEstimate | None:
+    """A predicted block's ok case's estimated step time (reports.estimates.step_estimate), else None."""
+    if not predicted or case is None or case["status"] != "ok":
+        return None
+    return step_estimate(case["record"])
+
+
+def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, block: Block, mrows: pd.DataFrame) -> MatrixCell:
+    metric = block.metric
     ok_batches = mrows[mrows["status"] == "ok"]["batch_size"]
     largest_ok = int(ok_batches.max()) if len(ok_batches) else None
     if case is None:
         return MatrixCell("not run", math.nan, math.nan, math.nan, math.nan, None, "", largest_ok)
     ok, time = case["status"] == "ok", TimeComparison.of(ratios)
+    measurement = case["measurement"] if isinstance(case["measurement"], str) else "measured"
     return MatrixCell(
         status=str(case["status"]),
         memory_ratio=float(ratios[RATIO_TITLE[metric]]) if ratios is not None else math.nan,
@@ -240,7 +267,14 @@ def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, metric: str, 
         largest_ok_batch=largest_ok,
         time_basis=time.basis,
         time_unreliable=time.unreliable,
+        measurement=measurement,
+        estimate=_estimate_of(case, block.predicted),
     )
+
+
+def is_xla(rows: pd.DataFrame, method: str) -> bool:
+    """Whether ``method``'s records in ``rows`` are a JAX method's (measurement "xla-compiled")."""
+    return bool((rows.loc[rows["method"] == method, "measurement"] == XLA_COMPILED).any())
 
 
 def overview(results: Results) -> list[Matrix]:
@@ -248,7 +282,8 @@ def overview(results: Results) -> list[Matrix]:
     matrices = []
     for block, rows in blocks(results):
         overhead = block.rows_of(one_process(results.overhead))
-        methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}))
+        # the torch methods, then the JAX ones (their peak is another quantity: the legend says which)
+        methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}, key=lambda m: (is_xla(rows, m), m)))
         matrix_rows = []
         for workload in workload_order(rows):
             wrows = rows[rows["workload"] == workload]
@@ -260,7 +295,7 @@ def overview(results: Results) -> list[Matrix]:
                 m: _matrix_cell(
                     at.loc[m] if m in at.index else None,
                     ratios.loc[m] if m in ratios.index else None,
-                    block.metric,
+                    block,
                     wrows[wrows["method"] == m],
                 )
                 for m in methods
@@ -279,6 +314,7 @@ def overview(results: Results) -> list[Matrix]:
                     ),
                     cells=cells,
                     nondp_time_unreliable=unreliable_time_reason(base) if base is not None else "",
+                    nondp_estimate=_estimate_of(base, block.predicted),
                 )
             )
         if methods:
@@ -312,9 +348,10 @@ def _matrix_cell_grid(cell: MatrixCell, method: str, row: MatrixRow, block: Bloc
     if not present(cell.memory_ratio):
         peak = byte_text(cell.peak_bytes) if present(cell.peak_bytes) else "n/a"
         return Cell("no nondp", style="untrusted", hover=f"{where}: {peak}, no ok nondp case to divide by")
-    sub, time_hover = ("", "") if block.predicted else _time_sub(cell)
+    sub, time_hover = _estimate_sub(cell, row) if block.predicted else _time_sub(cell)
+    words = XLA_WORDS if cell.measurement == XLA_COMPILED else METRIC_WORDS[block.metric]
     hover = (
-        f"{where}: {METRIC_WORDS[block.metric]} {byte_text(cell.peak_bytes)} = {cell.memory_ratio:.3f}× nondp "
+        f"{where}: {words} {byte_text(cell.peak_bytes)} = {cell.memory_ratio:.3f}× nondp "
         f"({byte_text(row.nondp_peak_bytes)})" + (f"; {time_hover}" if time_hover else "")
     )
     styles = " ".join(s for s in ("best" if best else "", "pred" if block.predicted else "") if s)
@@ -325,7 +362,27 @@ def _matrix_cell_grid(cell: MatrixCell, method: str, row: MatrixRow, block: Bloc
         hover=hover,
         color=ratio_colour(cell.memory_ratio),
         sub=sub,
+        sub_style="est" if block.predicted and sub else "",
     )
+
+
+def estimate_text(estimate: StepEstimate, ratio: float | None = None) -> str:
+    """ "est. 12.3 ms (1.90×)": an estimated step time, never written like a measured one."""
+    return f"est. {time_text(estimate.seconds)}" + (f" ({ratio:.2f}×)" if ratio is not None else "")
+
+
+def _estimate_sub(cell: MatrixCell, row: MatrixRow) -> tuple[str, str]:
+    """(a predicted cell's estimated-time line, its hover)."""
+    estimate = cell.estimate
+    if estimate is None:
+        return "", ""
+    if estimate.seconds is None:  # said once in the legend, not in every cell
+        return "", f"no step-time estimate: {estimate.reason}"
+    ratio = estimate.over(row.nondp_estimate)
+    kind = "calibrated" if estimate.calibrated else "uncalibrated"
+    times = f" = {ratio:.2f}× nondp's" if ratio is not None else ""
+    hover = f"estimated step {time_text(estimate.seconds)}{times} on {estimate.gpu} ({kind})"
+    return estimate_text(estimate, ratio), hover
 
 
 def matrix_grid(matrix: Matrix) -> Grid:
@@ -340,6 +397,8 @@ def matrix_grid(matrix: Matrix) -> Grid:
                 label_sub += f", {time_text(row.nondp_time_s)}" + (" (unreliable)" if row.nondp_time_unreliable else "")
             elif not block.predicted:
                 label_sub += ", not timed"
+            elif row.nondp_estimate is not None and row.nondp_estimate.seconds is not None:
+                label_sub += f", {estimate_text(row.nondp_estimate)}"
         else:
             label_sub += " · nondp did not run ok"
         hover = f"nondp step time unreliable: {row.nondp_time_unreliable}" if row.nondp_time_unreliable else ""
@@ -375,9 +434,32 @@ def matrix_grid(matrix: Matrix) -> Grid:
         legend=(
             "Colour: blue below 1× (less memory than non-DP), red above, log scale saturating at ¼× and 4×."
             + time_words
+            + _estimate_legend(matrix)
             + " OOM / unsupported: the reason is in the footnote (hover in the HTML)."
+            + _peak_kinds_legend(matrix)
         ),
     )
+
+
+def _estimate_legend(matrix: Matrix) -> str:
+    """A predicted matrix's words on its estimated times: what they rest on, and that nothing was timed."""
+    if not matrix.block.predicted:
+        return ""
+    estimates = [e for row in matrix.rows for e in (row.nondp_estimate, *(c.estimate for c in row.cells.values()))]
+    estimates = [e for e in estimates if e is not None]
+    if not any(e.seconds is not None for e in estimates):
+        missing = sorted({e.reason for e in estimates})
+        return f" No step-time estimate ({'; '.join(missing)})." if missing else ""
+    return (
+        " est. = the step time the roofline model gives for the case's exact work counts (×nondp's estimate), "
+        f"{estimate_words(estimates)}: a prediction, nothing was timed."
+    )
+
+
+def _peak_kinds_legend(matrix: Matrix) -> str:
+    """Under a matrix with JAX columns: what each kind of column's peak counts (:data:`PEAK_KINDS_NOTE`)."""
+    jax = [m for m in matrix.methods if any(row.cells[m].measurement == XLA_COMPILED for row in matrix.rows)]
+    return " " + PEAK_KINDS_NOTE.format(jax=", ".join(jax)) if jax else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
