@@ -38,6 +38,7 @@ from .compare import (
     parse_threshold,
 )
 from .figures import FigureOptions, FigureResult, render_figures
+from .frontier import draw_frontier, frontier_methods, read_plan
 from .grid import compact, frame_grid, table_markdown, write_table
 from .html import ReportContent, Section, write_html, write_markdown
 from .load import PEAK_COLUMNS, ReportInputError, Results, load_results
@@ -54,7 +55,7 @@ from .tables import (
     status_label,
 )
 
-SUBCOMMANDS = ("render", "compare", "export", "merge", "paper")
+SUBCOMMANDS = ("render", "compare", "export", "merge", "paper", "frontier")
 
 
 class OutputError(ValueError):
@@ -95,7 +96,15 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     merge = _files_to_one_output(
         "merge", common, "Merge result files into one JSON-lines file (e.g. a CI baseline).", ".jsonl"
     )
-    return {"render": render, "compare": compare, "export": export, "merge": merge, "paper": _paper_parser(common)}
+    frontier = OneLineParser(
+        prog="python -m reports frontier",
+        description="Draw the memory–time frontier (per method: max batch vs estimated samples/s) of a capacity "
+        "plan, `python -m bench.plan WORKLOAD --format json`.",
+    )
+    frontier.add_argument("plan", help="a plan JSON file (python -m bench.plan ... --format json)")
+    frontier.add_argument("--out", required=True, help="output figure (.png, or .svg/.pdf)")
+    parsers = {"render": render, "compare": compare, "export": export, "merge": merge}
+    return parsers | {"paper": _paper_parser(common), "frontier": frontier}
 
 
 def _paper_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -381,6 +390,20 @@ def _paper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frontier(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_writable(out, "--out", directory=False)
+    plan = read_plan(args.plan)
+    try:
+        draw_frontier(plan, out)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    print(
+        f"wrote {out}: {len(plan.points)} method(s) on {plan.gpu}, frontier {', '.join(frontier_methods(plan.points))}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "render"
@@ -392,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if command == "paper":
             return _paper(args)
+        if command == "frontier":
+            return _frontier(args)
         out = Path(args.out)
         check_writable(out, "--out", directory=False)
         results = load_results(args.results, skip_bad=args.skip_bad)
