@@ -209,10 +209,12 @@ def report_content(results: Results, figures: list[FigureResult], title: str) ->
     """The report's sections: the first screen (matrix and ranked summary per machine × device), then peak memory,
     step time and max batch (tables next to their figures), then cross-machine figures and the definitions."""
     produced = {f.name: f for f in figures if f.skipped is None and f.png is not None}
-    glance = []
-    for index, matrix in enumerate(overview(results)):
-        grids = [matrix_grid(matrix), ranked_grid(matrix.block, ranked_summary(results, matrix))]
-        glance += grids if index == 0 else [dataclasses.replace(g, legend="") for g in grids]  # legends once
+    glance, legends = [], set()
+    for matrix in overview(results):
+        for grid in (matrix_grid(matrix), ranked_grid(matrix.block, ranked_summary(results, matrix))):
+            # each legend once: a predicted block's (its estimates) or one with JAX columns differs from the first's
+            glance.append(grid if grid.legend not in legends else dataclasses.replace(grid, legend=""))
+            legends.add(grid.legend)
     block_rows = blocks(results)
     grids = {
         "Peak memory": [memory_pivot(block, rows, results.overhead) for block, rows in block_rows],

@@ -59,6 +59,12 @@ def step_estimate(record: CaseRecord, gpu: str | None = None) -> StepEstimate:
     return StepEstimate(estimate(record.work, machine).seconds, name, machine.calibrated, machine.label)
 
 
+def milliseconds_text(seconds: float) -> str:
+    """An estimated step in ms, 3 significant digits or more: "1.29", "37.6", "1351"."""
+    ms = seconds * 1e3
+    return f"{ms:.{2 if ms < 10 else 1 if ms < 100 else 0}f}"
+
+
 def estimate_words(estimates: list[StepEstimate]) -> str:
     """What a table's estimates rest on, for its caption: "estimated, uncalibrated, h100-80gb datasheet peaks ×
     default efficiencies; no fusion" (each GPU and calibration state of ``estimates`` once)."""

@@ -137,11 +137,14 @@ def is_predicted(row: pd.Series | dict[str, Any] | CaseRecord | MaxBatchRecord) 
     """True when a row's figures are *predicted* (exact tensor bytes computed on the meta device, nothing
     allocated or timed), False when they were measured. Every report, table and figure asks this one function:
     the record's ``measurement`` field where the row has it, else (a row built from a device name alone) whether
-    the device is ``meta``."""
+    the device is ``meta``. A JAX case ("xla-compiled": XLA's buffer assignment) is predicted on meta (lowered with
+    stand-ins, nothing run) and measured on a real device (timed, its RSS sampled)."""
     if isinstance(row, (dict, pd.Series)):
         measurement, device = row.get("measurement"), row.get("device")
     else:
         measurement, device = row.measurement, row.device
+    if measurement == "xla-compiled":
+        return str(device) == "meta"
     if isinstance(measurement, str):
         return measurement == "predicted"
     return str(device) == "meta"

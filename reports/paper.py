@@ -26,7 +26,7 @@ import pandas as pd
 
 from bench.config.sizes import size_text
 
-from .estimates import StepEstimate, estimate_words, step_estimate
+from .estimates import StepEstimate, estimate_words, milliseconds_text, step_estimate
 from .grid import Cell, Grid
 from .load import Results, is_predicted
 from .tables import BASELINE_METHOD, MODE_COLUMNS, mode_order, one_process, status_label
@@ -97,16 +97,11 @@ def _peak_cell(case: pd.Series, nondp_peaks: dict[tuple[str, int], float]) -> Ce
     return Cell(f"{peak / GIB:.1f}" + (f" ({peak / nondp:.2f}×)" if nondp else ""), peak / GIB)
 
 
-def _milliseconds(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-
-
 def _time_cell(case: pd.Series, estimate: StepEstimate, nondp: StepEstimate | None) -> Cell:
     if estimate.seconds is None:
         return Cell(estimate.reason, style="reason")
     ratio = estimate.over(nondp) if case["method"] != BASELINE_METHOD else None
-    text = _milliseconds(estimate.seconds) + (f" ({ratio:.2f}×)" if ratio is not None else "")
+    text = milliseconds_text(estimate.seconds) + (f" ({ratio:.2f}×)" if ratio is not None else "")
     return Cell(text, estimate.seconds * 1e3, style="pred")
 
 
@@ -162,7 +157,9 @@ def _grid(cases: pd.DataFrame, column: str, columns: list, what: tuple[str, str]
         cells = f"estimated step ms (× nondp {same}); {estimate_words(list(estimates.values()))}"
     else:
         cells = f"peak live tensor GiB (× nondp {same})"
-    return Grid(" — ".join(what), f"{', '.join(what)}: {cells}", header, rows)
+    # the Markdown table's only words under it: what a time cell is, and what it rests on
+    legend = f"{', '.join(what)}: {cells}." if value == "time" else ""
+    return Grid(" — ".join(what), f"{', '.join(what)}: {cells}", header, rows, legend=legend)
 
 
 def peak_by_batch(results: Results, workload: str, mode: str, value: str = "peak", gpu: str | None = None) -> Grid:

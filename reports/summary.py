@@ -26,7 +26,7 @@ from bench.config.sizes import size_text
 from bench.messages import first_line
 from bench.plan.maxbatch import answer_text
 
-from .estimates import StepEstimate, estimate_words, step_estimate
+from .estimates import StepEstimate, estimate_words, milliseconds_text, step_estimate
 from .grid import Cell, Grid, compact, ratio_colour
 from .load import Results, is_predicted
 from .tables import (
@@ -367,8 +367,9 @@ def _matrix_cell_grid(cell: MatrixCell, method: str, row: MatrixRow, block: Bloc
 
 
 def estimate_text(estimate: StepEstimate, ratio: float | None = None) -> str:
-    """ "est. 12.3 ms (1.90×)": an estimated step time, never written like a measured one."""
-    return f"est. {time_text(estimate.seconds)}" + (f" ({ratio:.2f}×)" if ratio is not None else "")
+    """ "est. 12.3 ms (×1.90)": an estimated step time (and its ratio to nondp's), never written like a measured
+    one."""
+    return f"est. {milliseconds_text(estimate.seconds)} ms" + (f" (×{ratio:.2f})" if ratio is not None else "")
 
 
 def _estimate_sub(cell: MatrixCell, row: MatrixRow) -> tuple[str, str]:
@@ -497,6 +498,7 @@ class Ranked:
     oom: tuple[tuple[str, int | None], ...]  # (method, largest ok batch) OOM at the shown batch
     failed: tuple[tuple[str, str, str], ...]  # (method, status, reason) unsupported / error on this workload
     unreliable: tuple[tuple[str, str], ...] = ()  # (method, why) ok, its time ratio unreliable (not ranked)
+    xla_methods: tuple[str, ...] = ()  # JAX methods: their memory ratio is of XLA's compiled bytes ("(XLA)")
 
 
 def _max_batch_entries(fits: pd.DataFrame, workload: str) -> dict[str, MaxBatchEntry]:
@@ -545,6 +547,7 @@ def ranked_summary(results: Results, matrix: Matrix) -> list[Ranked]:
                 oom=tuple((m, c.largest_ok_batch) for m, c in sorted(row.cells.items()) if c.status == "oom"),
                 failed=tuple((m, s, reason) for (m, s), reason in sorted(failed.items())),
                 unreliable=tuple(sorted(unreliable.items())),
+                xla_methods=tuple(m for m, c in row.cells.items() if c.measurement == XLA_COMPILED),
             )
         )
     return ranked
@@ -626,7 +629,7 @@ def ranked_grid(block: Block, ranked: list[Ranked]) -> Grid:
     header += ["OOM at this batch", "unsupported / error"]
     rows = []
     for r in ranked:
-        memory = [(f"{m} {v:.2f}×", "", "") for m, v in r.lowest_memory]
+        memory = [(f"{m} {v:.2f}×" + (" (XLA)" if m in r.xla_methods else ""), "", "") for m, v in r.lowest_memory]
         fastest = [(f"{m} {v:.2f}×", "", "beyond timing noise") for m, v in r.fastest]
         untimed = f"{len(r.untimed)} within noise or not comparable: {', '.join(r.untimed)}" if r.untimed else ""
         unreliable = f"unreliable, not ranked: {', '.join(m for m, _ in r.unreliable)}" if r.unreliable else ""
