@@ -231,3 +231,40 @@ def independent_ratios(benchmark_path: Path) -> dict[tuple, dict[str, object]]:
                 "time": median / base_median,
             }
     return out
+
+
+def make_jax_case(method: str, batch: int, *, peak_tensor_bytes: int, paired_time_ratio: float) -> CaseRecord:
+    """A JAX method's CPU case with the fields a real one has (bench/case/jax_case.py, a real ``jax-vmap`` record
+    of dit-tiny-cond read for them): ``measurement`` "xla-compiled", XLA's buffer assignment in
+    ``peak_tensor_bytes``, RSS measured, timed rounds paired with torch nondp, no tracker breakdown or phases and
+    no work counts."""
+    record = CaseRecord(
+        workload="dit-tiny-cond",
+        method=method,
+        batch_size=batch,
+        device="cpu",
+        measurement="xla-compiled",
+        device_name="AMD EPYC",
+        device_memory_bytes=25 * GIB,
+        family="dit",
+        params_total=183_200,
+        params_trainable=182_176,
+        tokens_per_sample=16,
+        optimizer="adamw",
+        optimizer_impl="optax",
+        notes=[
+            "jax: step compiled in 20.12 s (setup: not in any timed round)",
+            "xla: temp 6239232 B, arguments 2198444 B, outputs 2186896 B, aliases 2186124 B",
+        ],
+    )
+    record.memory.peak_tensor_bytes = peak_tensor_bytes
+    record.memory.baseline_tensor_bytes = 2_198_444
+    record.memory.peak_rss_bytes, record.memory.baseline_rss_bytes = 1_304_088_576, 1_297_276_928
+    timing = record.timing
+    timing.time_median_s = timing.time_mean_s = timing.time_min_s = 0.0271
+    timing.time_iqr_s, timing.rounds, timing.iterations, timing.torch_threads = 0.0003, 3, 5, 2
+    timing.paired_time_ratio, timing.paired_time_ratio_iqr = paired_time_ratio, 0.01
+    timing.round_times_s = [0.0271, 0.0270, 0.0273]
+    timing.paired_nondp_round_times_s = [t / paired_time_ratio for t in (0.0271, 0.0270, 0.0273, 0.0271)]
+    timing.time_reliable = True
+    return record
