@@ -272,7 +272,7 @@ def _matrix_cell(case: pd.Series | None, ratios: pd.Series | None, block: Block,
     )
 
 
-def is_xla(rows: pd.DataFrame, method: str) -> bool:
+def _is_xla(rows: pd.DataFrame, method: str) -> bool:
     """Whether ``method``'s records in ``rows`` are a JAX method's (measurement "xla-compiled")."""
     return bool((rows.loc[rows["method"] == method, "measurement"] == XLA_COMPILED).any())
 
@@ -283,7 +283,7 @@ def overview(results: Results) -> list[Matrix]:
     for block, rows in blocks(results):
         overhead = block.rows_of(one_process(results.overhead))
         # the torch methods, then the JAX ones (their peak is another quantity: the legend says which)
-        methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}, key=lambda m: (is_xla(rows, m), m)))
+        methods = tuple(sorted(set(rows["method"]) - {BASELINE_METHOD}, key=lambda m: (_is_xla(rows, m), m)))
         matrix_rows = []
         for workload in workload_order(rows):
             wrows = rows[rows["workload"] == workload]
