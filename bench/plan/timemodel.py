@@ -314,7 +314,7 @@ def fit_efficiencies(
             pinned |= zero_rates
             u = dict(u0)
             continue
-        u = u0 | x | {k: u0[k] for k in UNKNOWNS if k not in free}
+        u = u0 | x
         error = rms_error(u)
         if best is None or error < best[0]:
             best = (error, dict(u), tuple(free))
@@ -324,11 +324,11 @@ def fit_efficiencies(
     return result(u, fitted, error)
 
 
-def time_estimate(work: StepWork, gpu: Gpu, machine: Roofline | None = None) -> TimeEstimate:
-    """The record's :class:`TimeEstimate` on ``gpu`` (under ``machine``; default its uncalibrated roofline); an
-    empty one with the reason when ``gpu`` has no peak figures or ``work`` has no counts."""
+def time_estimate(work: StepWork, gpu: Gpu) -> TimeEstimate:
+    """A record's :class:`TimeEstimate` on ``gpu``'s uncalibrated roofline; an empty one with the reason when
+    ``gpu`` has no peak figures or ``work`` has no counts."""
     try:
-        machine = machine or gpu_roofline(gpu)
+        machine = gpu_roofline(gpu)
         seconds = estimate(work, machine).seconds
     except TimeModelError as exc:
         return TimeEstimate(estimate_gpu=gpu.name, estimate_reason=str(exc))
