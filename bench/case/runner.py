@@ -51,6 +51,7 @@ from bench.case.spec import CaseSpec, new_record
 from bench.config.settings import BenchConfig
 from bench.dp.autocast_emulation import meta_autocast
 from bench.dp.errors import error_text, exception_chain, out_of_memory_in
+from bench.plan.timemodel import time_estimate
 from bench.ranks.launch import run_ranked_case
 from bench.results.record import CaseRecord, StepMemory, StepWork, Timing
 from bench.system.devices import resolve_device
@@ -253,7 +254,7 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         case = (_MetaCase if device.type == "meta" else _DeviceCase)(spec, config, workload, device, timer)
     notes = list(case.first_notes)
     outcome = run_measured(case, notes)
-    return finished_record(
+    record = finished_record(
         base,
         workload,
         case.facts,
@@ -263,6 +264,9 @@ def run_case(spec: CaseSpec, config: BenchConfig, timer: StepTimer | None) -> Ca
         attention_kernels=case.kernels,
         measurement=case.measurement,
     )
+    if case.measurement == "predicted" and record.status == "ok":  # meta: its step time on --gpu, estimated
+        record = dataclasses.replace(record, estimate=time_estimate(record.work, config.capacity.estimate_gpu))
+    return record
 
 
 # --- the one skeleton of a measured case: a one-process case here, a rank in bench/ranks/step.py ----------------

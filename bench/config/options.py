@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.config.sizes import parse_byte_size
 from bench.messages import did_you_mean
+from bench.plan.gpus import DEFAULT_GPU, GPUS, Gpu, get_gpu
 from bench.plan.overhead import parse_overhead
 from bench.results.record import PARALLEL_STRATEGIES
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_names",
     "clip_norm",
     "comma_list",
+    "estimate_gpu",
     "jobs",
     "optimizer_impl",
     "overhead_model",
@@ -226,6 +228,15 @@ def attention_choice(text: str) -> str:
 
 def optimizer_impl(text: str) -> str:
     return _choice(text, OPTIMIZER_IMPLS)
+
+
+def estimate_gpu(text: str) -> Gpu:
+    """``--gpu NAME``: the catalogue GPU (bench/plan/gpus.py) meta records estimate their step time on; a name
+    not in the catalogue is refused naming it (close matches, every valid name)."""
+    try:
+        return get_gpu(text)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
 
 
 def overhead_model(text: str):
@@ -550,6 +561,14 @@ _MAX_BATCH_OPTIONS = (
         "overhead.gpu",
         metavar="NAME",
         help="with --calibrate: the GPU model to use (substring of its name)",
+    ),
+    Option(
+        "--gpu",
+        "capacity.estimate_gpu",
+        type=estimate_gpu,
+        metavar="NAME",
+        help=f"the GPU every ok meta record estimates its step time on (datasheet peaks × default efficiencies, "
+        f"bench/plan/timemodel.py; default {DEFAULT_GPU}): {', '.join(GPUS)}",
     ),
     Option(
         "--predict-memory",

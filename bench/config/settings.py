@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bench.plan.gpus import DEFAULT_GPU, GPUS, Gpu
 from bench.plan.overhead import DEFAULT_OVERHEAD, OverheadModel, calibrate
 from bench.results.files import ResultFileError, read_result_file
-from bench.results.record import PARALLEL_STRATEGIES
+from bench.results.record import PARALLEL_STRATEGIES, CaseRecord
 from bench.trackers.contention import available_cpu_cores
 
 if TYPE_CHECKING:  # only for the annotations: keeps this module free of the opacus and pytest imports
@@ -233,6 +234,7 @@ class CapacitySettings:
     predict_memory_bytes: tuple[int, ...] = ()
     memory_budgets: tuple[int, ...] = DEFAULT_MEMORY_BUDGETS  # meta max-batch: exact largest batch per budget
     overhead: OverheadModel = DEFAULT_OVERHEAD  # what a GPU needs beyond tensor bytes (bench/plan/overhead.py)
+    estimate_gpu: Gpu = GPUS[DEFAULT_GPU]  # --gpu: the GPU a meta record's step time is estimated on
 
 
 @dataclass(frozen=True)
@@ -482,13 +484,18 @@ def resolve_overhead(given: OverheadModel | None, calibration_files, gpu: str | 
         raise ValueError("--calibrate-gpu needs --calibrate FILES")
     if not calibration_files:
         return given or DEFAULT_OVERHEAD
+    return calibrate(calibration_records(calibration_files), gpu)
+
+
+def calibration_records(calibration_files) -> list[CaseRecord]:
+    """Every record of the ``--calibrate`` result files; ValueError (one line) for a file that cannot be read."""
     records = []
     for path in calibration_files:
         try:
             records.extend(case.record for case in read_result_file(path).cases)
         except ResultFileError as exc:
             raise ValueError(f"--calibrate: {exc}") from None
-    return calibrate(records, gpu)
+    return records
 
 
 def _meta_notes(config: pytest.Config, devices: tuple[str, ...]) -> tuple[str, ...]:

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from bench.messages import did_you_mean
 
-__all__ = ["GPUS", "Gpu", "Peaks", "get_gpu", "matching_gpus"]
+__all__ = ["DEFAULT_GPU", "GPUS", "Gpu", "Peaks", "get_gpu", "matching_gpus"]
 
 GIB = 2**30
 TERA = 10**12
+DEFAULT_GPU = "h100-80gb"  # what a plan is for, and the GPU meta records estimate their step time on, by default
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,17 @@ print the same plan for scripts: numbers as numbers (bytes, ratios), full reason
 GPU a calibrated one was fitted to) and the torch / opacus / dpmem versions. ``--calibrate`` records must come
 from the ``--gpu`` planned for; ``--calibrate-gpu NAME`` states their GPU explicitly and takes them anyway.
 
+Under the memory table, per method at its max batch, the estimated step time on the GPU (bench/plan/timemodel.py:
+a roofline over the meta step's op groups, datasheet peaks × default efficiencies, "estimated, uncalibrated"),
+×nondp time at the same batch, samples/s and the FLOP and byte overheads. ``--calibrate FILES`` fits both models
+from the same records: the overhead model from their memory figures, and the time model's efficiencies and launch
+time from the ok CUDA records of that GPU that carry a measured step time (``time_median_s``) and work counts
+(``flops``, ``bytes_accessed``, ``op_count``, ``op_groups``); records lacking them are skipped, and when none of
+that GPU's records has them the plan is refused in one line naming the missing fields (exit 2) — records older
+than the work counter can no longer calibrate a plan for a GPU. The efficiencies are shares of the datasheet
+peaks, so records of one GPU (``--calibrate-gpu``) calibrate a plan for another; a plan for ``--memory`` has no
+GPU and so no time estimate, and fits only the overhead model.
+
 Exit status: 0 the plan was printed (unsupported methods are part of it), 1 a method failed unexpectedly,
 2 a usage error (one line on stderr), 130 interrupted (Ctrl-C: one line).
 """
@@ -42,14 +53,13 @@ from pathlib import Path
 
 from bench.config.cli import OneLineParser, usage_error
 from bench.config.options import ATTENTION_CHOICES, byte_size, comma_list, positive_int
-from bench.plan.gpus import GPUS, Gpu, get_gpu, matching_gpus
+from bench.plan.gpus import DEFAULT_GPU, GPUS, Gpu, get_gpu, matching_gpus
 from bench.plan.overhead import OverheadModel
 from bench.results.record import CATEGORIES, HOST_OOM
 
 PROG = "python -m bench.plan"
 GIB = 2**30
 MIB = 2**20
-DEFAULT_GPU = "h100-80gb"
 # The planner's default precision: bf16 autocast with fp32 weights, gradients and optimizer state — the common way
 # DiTs and GPTs train on the GPUs a plan is for — on a GPU with bf16 (compute capability 8.0 on); fp32 on an older
 # one (V100, T4: no bf16, and amp-fp16's GradScaler is what every Opacus mode refuses).
@@ -370,7 +380,7 @@ def plan_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     if found["dpmem"] is None:
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
         match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         found["dpmem"] = match.group(1) if match else None
     return found
@@ -434,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, sm: tuple[int, int]):
+def _config(args: argparse.Namespace, gpu: Gpu | None):
     """The BenchConfig of the plan's meta cases; ValueError (one line) for a bad value."""
     import models
     from bench import dp
@@ -448,6 +458,7 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
         resolve_overhead,
     )
 
+    sm = gpu.sm if gpu else (8, 0)
     workload = models.get_workload(args.workload).name
     methods = tuple(args.methods or dp.available_methods())
     check_names("--methods", methods, dp.available_methods())
@@ -463,13 +474,38 @@ def _config(args: argparse.Namespace, sm: tuple[int, int]):
         MatrixSettings("plan", (workload,), methods, (), ("meta",), **modes),
         StepSettings(dp.resolve_privacy(1.0), args.optimizer, attention=args.attention, attention_sm=sm),
         MeasureSettings(rounds=1),
-        capacity=CapacitySettings(overhead=resolve_overhead(given, args.calibrate, args.calibrate_gpu)),
+        capacity=CapacitySettings(
+            overhead=resolve_overhead(given, args.calibrate, args.calibrate_gpu),
+            **({"estimate_gpu": gpu} if gpu else {}),
+        ),
     )
 
 
-def _time_model(gpu: Gpu | None):
-    """(the roofline of the GPU planned for, or None; the words saying what estimates rest on or why none)."""
-    from bench.plan.timemodel import TimeModelError, gpu_roofline
+def _reference_gpu(gpu: Gpu, device_name: str) -> Gpu:
+    """The catalogue GPU whose datasheet peaks the records of ``device_name`` were measured against: the planned
+    ``gpu`` when the name may be it, else the one catalogue entry (or entries of one set of peaks) the name matches;
+    TimeModelError when it matches none with peak figures."""
+    from bench.plan.timemodel import TimeModelError
+
+    theirs = matching_gpus(device_name)
+    if gpu in theirs:
+        return gpu
+    with_peaks = [g for g in theirs if g.peaks is not None]
+    if not with_peaks or len({g.peaks for g in with_peaks}) > 1:
+        names = ", ".join(g.name for g in theirs) or "no catalogue GPU"
+        raise TimeModelError(
+            f"--calibrate: records of {device_name} ({names}): no one set of datasheet peaks to fit the time "
+            "model's efficiencies against"
+        )
+    return with_peaks[0]
+
+
+def _time_model(gpu: Gpu | None, calibration_records: list, overhead: OverheadModel):
+    """(the roofline of the GPU planned for, or None; the words saying what estimates rest on or why none).
+    With ``--calibrate`` records (of the GPU the overhead model was fitted to) its efficiencies and launch time
+    are fitted to their measured step times (bench/plan/timemodel.py, :func:`fit_efficiencies`); records without
+    a step time or work counts are a TimeModelError naming the missing fields."""
+    from bench.plan.timemodel import TimeModelError, fit_efficiencies, gpu_roofline
 
     if gpu is None:
         return None, "no GPU named (--memory): no time estimate"
@@ -477,6 +513,14 @@ def _time_model(gpu: Gpu | None):
         machine = gpu_roofline(gpu)
     except TimeModelError as exc:
         return None, str(exc)
+    if calibration_records:
+        device_name = overhead.gpu
+        try:
+            fit = fit_efficiencies(calibration_records, _reference_gpu(gpu, device_name), device_name)
+        except TimeModelError as exc:
+            text = str(exc)
+            raise TimeModelError(text if text.startswith("--calibrate") else f"--calibrate: {text}") from None
+        machine = fit.roofline(gpu)
     return machine, f"{machine.label}; no fusion (every op its own kernel)"
 
 
@@ -484,11 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import models
     from bench import dp
+    from bench.config.settings import calibration_records
 
     try:
         gpu = get_gpu(args.gpu or DEFAULT_GPU) if args.memory is None else None
-        config = _config(args, gpu.sm if gpu else (8, 0))
+        config = _config(args, gpu)
         check_calibration_gpu(gpu, config.capacity.overhead, args.calibrate_gpu)
+        records = calibration_records(args.calibrate) if args.calibrate else []
+        machine, time_model = _time_model(gpu, records, config.capacity.overhead)
     except (ValueError, argparse.ArgumentTypeError, models.WorkloadError, dp.DPConfigError) as exc:
         return usage_error(PROG, str(exc))
     budget = gpu.memory_bytes if gpu else args.memory
@@ -499,7 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         limit = min(args.max_batch_limit, args.microbatch_limit) if method == "microbatch" else args.max_batch_limit
         rows.append(plan_method(prober, method, budget, limit))
         print(f"  {method}: {rows[-1].status}, {rows[-1].probes} meta steps, {rows[-1].seconds:.1f} s", file=sys.stderr)
-    machine, time_model = _time_model(gpu)
     for row in rows:  # non-DP's peak at each method's max batch: one more meta step per distinct batch
         if row.status == "ok" and row.max_batch is not None:
             nondp = prober("nondp", row.max_batch)

@@ -20,10 +20,14 @@ Per op, from the shapes alone (so meta counts equal cpu counts for the same ops)
 * **Bytes.** Each op's input tensors plus its output tensors (an in-place op's mutated arguments when it
   returns nothing), each at its distinct elements (a broadcast dimension, stride 0, counts once) × element
   size: the traffic of running every op as its own kernel, **with no fusion** and no cache reuse — an upper
-  bound on a fused or compiled step's memory traffic.
+  bound on a fused or compiled step's memory traffic. An in-place op that overwrites its destination without
+  reading it (``copy_``, ``fill_``, ``zero_``, the in-place random draws) counts the destination once, as
+  written: a copy moves its source's bytes in and its destination's out, whether it runs as ``clone`` or
+  ``copy_``.
 * Views and metadata ops (results aliasing an input without writing it: view, transpose, expand, detach,
-  slicing …) and allocations without a write (empty, empty_like) move 0 bytes, do no arithmetic and are not
-  counted as ops (they launch no kernel). Everything else counts one op (the launch-overhead term).
+  slicing …), allocations without a write (empty, empty_like) and ``set_`` (re-pointing a tensor at a storage)
+  move 0 bytes, do no arithmetic and are not counted as ops (they launch no kernel). Everything else counts one
+  op (the launch-overhead term).
 
 Aggregation: per phase (the step's marks, :data:`bench.trackers.channel.PHASES`; ops before the first mark or
 after ``"end"`` count as ``outside``) and per op class, and as *op groups*: every distinct (class, dtype,
@@ -176,8 +180,13 @@ _COPIES = frozenset(
         "sort",
     }
 )
-# Allocation without a write: no kernel, nothing moved.
-_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"})
+# In-place ops that overwrite their destination without reading it: it counts once, as written.
+_WRITE_ONLY = frozenset(
+    {"copy_", "fill_", "zero_", "_foreach_copy_", "_foreach_zero_", "normal_", "uniform_", "bernoulli_", "random_"}
+)
+# Allocation without a write, and set_ (a tensor re-pointed at a storage: Tensor.__deepcopy__ does it on CPU and
+# CUDA): no kernel, nothing moved.
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_"})
 
 
 def _is_view(func) -> bool:
@@ -229,7 +238,12 @@ def op_work(func, args, kwargs, out) -> tuple[str, str, int, int] | None:
     op_class = _op_class(func)
     if op_class is None:
         return None
-    inputs = list(tensors_in((*args, *kwargs.values())))
+    if func._overloadpacket.__name__ in _WRITE_ONLY:  # the destination is written, not read
+        written = _written_arguments(func)
+        read = [a for i, a in enumerate(args) if i not in written]
+    else:
+        read = list(args)
+    inputs = list(tensors_in((*read, *kwargs.values())))
     outputs = list(tensors_in((out,)))
     if not outputs:  # in-place ops returning nothing (_foreach_add_): what they wrote
         outputs = list(tensors_in(args[i] for i in _written_arguments(func) if i < len(args)))

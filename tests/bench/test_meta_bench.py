@@ -1,5 +1,5 @@
-"""`pytest bench/ --devices meta` end to end, as a user runs it: the matrix, the max-batch mode, the paper preset
-and the options that make no sense on meta (a note, nothing fails)."""
+"""`pytest bench/ --devices meta` end to end, as a user runs it: the matrix, the max-batch mode, the paper preset,
+the step-time estimate on ``--gpu`` and the options that make no sense on meta (a note, nothing fails)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import sys
 import pandas as pd
 import pytest
 
+from bench.case.runner import run_case
+from bench.case.spec import CaseSpec
 from bench.config import options
 from bench.config.cli import pytest_bench_command
+from bench.config.settings import BenchConfig
 from bench.config.sizes import size_text
-from bench.results.record import CaseRecord, MaxBatchRecord, from_jsonl_line
+from bench.dp import resolve_privacy
+from bench.plan.gpus import DEFAULT_GPU, get_gpu
+from bench.plan.timemodel import time_estimate
+from bench.results.record import CaseRecord, MaxBatchRecord, TimeEstimate, from_jsonl_line
 from reports.__main__ import main as reports_main
 from tests.bench.test_matrix import REPO, _bench, _env
 
@@ -32,6 +38,8 @@ def test_meta_matrix_is_predicted_untimed_and_reports_read_it(tmp_path):
         "2",
         "--snapshot",
         "all",
+        "--gpu",
+        "A100-80GB",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # --rounds (given by _bench) and --snapshot do nothing on meta: one line each on the terminal and in records
@@ -43,6 +51,10 @@ def test_meta_matrix_is_predicted_untimed_and_reports_read_it(tmp_path):
     assert isinstance(nondp, CaseRecord) and nondp.measurement == "predicted" and nondp.device == "meta"
     assert nondp.timing.rounds == 0 and nondp.memory.peak_tensor_bytes > 0 and nondp.memory.snapshot_path is None
     assert any("--snapshot" in n for n in nondp.notes) and any("--rounds" in n for n in nondp.notes)
+    for record in records:  # --gpu: each ok meta record's step time on that GPU, estimated (uncalibrated)
+        assert record.estimate == time_estimate(record.work, get_gpu("a100-80gb"))
+        assert record.estimate.estimated_step_s > 0 and record.estimate.estimate_gpu == "a100-80gb"
+        assert record.estimate.estimate_calibrated is False and "uncalibrated" in record.estimate.estimate_source
     untimed = json.loads(out_json.read_text())["dpmem_untimed"]
     assert {e["params"]["method"] for e in untimed} == {"nondp", "opacus-functorch"}
     compare = subprocess.run(
@@ -54,6 +66,37 @@ def test_meta_matrix_is_predicted_untimed_and_reports_read_it(tmp_path):
         timeout=120,
     )
     assert compare.returncode == 0 and "No memory regression" in compare.stdout, compare.stdout + compare.stderr
+
+
+def test_a_gpu_without_peak_figures_gives_meta_records_the_reason_not_an_estimate(tmp_path):
+    proc, _, out_jsonl = _bench(
+        tmp_path,
+        "--devices",
+        "meta",
+        "--workloads",
+        "gpt-tiny",
+        "--methods",
+        "nondp",
+        "--batch-sizes",
+        "2",
+        "--gpu",
+        "a10g-24gb",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = [from_jsonl_line(line) for line in out_jsonl.read_text().splitlines()]
+    assert record.status == "ok" and record.work.op_count > 0
+    assert record.estimate == TimeEstimate(
+        estimate_gpu="a10g-24gb", estimate_reason="no peak figures for this GPU (a10g-24gb): no time estimate"
+    )
+
+
+def test_measured_records_carry_no_estimate_and_meta_ones_default_to_the_planners_gpu():
+    config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0))
+    assert config.capacity.estimate_gpu.name == DEFAULT_GPU
+    measured = run_case(CaseSpec("gpt-tiny", "nondp", 2, "cpu"), config, None)
+    assert measured.status == "ok" and measured.work.op_count > 0 and measured.estimate == TimeEstimate()
+    predicted = run_case(CaseSpec("gpt-tiny", "nondp", 2, "meta"), config, None)
+    assert predicted.estimate.estimate_gpu == DEFAULT_GPU and predicted.estimate.estimated_step_s > 0
 
 
 def test_meta_max_batch_answers_every_budget(tmp_path):
@@ -134,6 +177,7 @@ def test_paper_preset_runs_every_method_on_meta_with_microbatch_capped(tmp_path)
     [
         (["--memory-budget", "0"], "--memory-budget"),  # a type= parser (argparse)
         (["--calibrate-gpu", "h100"], "--calibrate-gpu needs --calibrate"),  # the config's check
+        (["--gpu", "h100-8"], "argument --gpu: unknown GPU 'h100-8' (did you mean h100-80gb"),  # the catalogue's
     ],
 )
 def test_bad_meta_options_are_one_line_usage_errors(tmp_path, args, message):
@@ -152,6 +196,7 @@ def test_bad_meta_options_are_one_line_usage_errors(tmp_path, args, message):
         (options.optimizer_impl, "fused", "auto, foreach, for-loop"),
         (options.overhead_model, "10%", "FIXED+PERCENT"),
         (options.byte_sizes, "24GiB,0", "size must be >= 1 byte"),
+        (options.estimate_gpu, "b200", "unknown GPU 'b200'.*known: v100-16gb, v100-32gb"),
     ],
 )
 def test_meta_option_parsers_reject_bad_values_in_one_line(parser, text, message):
@@ -165,3 +210,4 @@ def test_meta_option_parsers_accept_good_values():
     assert options.optimizer_impl("for-loop") == "for-loop"
     assert options.overhead_model("2GiB+7.5%").fraction == 0.075
     assert options.byte_sizes("24GiB,40GiB") == (24 * 2**30, 40 * 2**30)
+    assert options.estimate_gpu(" H200-141GB ") is get_gpu("h200-141gb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -19,7 +20,7 @@ from bench.plan import planner as plan
 from bench.plan.gpus import GPUS, get_gpu
 from bench.plan.overhead import DEFAULT_OVERHEAD, CalibrationError, OverheadModel, calibrate, parse_overhead
 from bench.plan.planner import DEFAULT_PRECISION
-from bench.results.record import CaseRecord, StepMemory
+from bench.results.record import CaseRecord, OpGroup, StepMemory, StepWork, Timing
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -338,11 +339,31 @@ def test_calibration_refuses_a_fit_whose_device_bytes_fall_as_tensor_bytes_grow(
     )
 
 
-def _calibration_file(tmp_path, gpu: str, fixed: int = MIB, slope: float = 1.2) -> str:
-    """Two ok CUDA records of ``gpu`` with reserved = fixed + slope · tensor bytes."""
+# A step's work counts, by hand: a bf16 matmul and an fp32 elementwise op (what the time fit needs of a record).
+_STEP_WORK = StepWork(
+    flops=2 * 10**12 + 10**8,
+    bytes_accessed=10**9 + 12 * 10**8,
+    op_count=2,
+    op_groups=[
+        OpGroup("matmul", "bfloat16", 2 * 10**12, 10**9, 1),
+        OpGroup("elementwise", "float32", 10**8, 12 * 10**8, 1),
+    ],
+)
+
+
+def _calibration_file(tmp_path, gpu: str, fixed: int = MIB, slope: float = 1.2, work: bool = True) -> str:
+    """Two ok CUDA records of ``gpu`` with reserved = fixed + slope · tensor bytes, each with a measured step time
+    and (``work``) work counts."""
     from bench.results.record import to_jsonl_line
 
-    records = [_cuda_record(gpu, t, fixed + int(slope * t), 600 * MIB) for t in (2 * GIB, 6 * GIB)]
+    records = [
+        dataclasses.replace(
+            _cuda_record(gpu, t, fixed + int(slope * t), 600 * MIB),
+            timing=Timing(time_median_s=0.01 * t / GIB),
+            work=_STEP_WORK if work else StepWork(),
+        )
+        for t in (2 * GIB, 6 * GIB)
+    ]
     path = tmp_path / "calibration.jsonl"
     path.write_text("".join(to_jsonl_line(r) + "\n" for r in records))
     return str(path)
@@ -399,3 +420,22 @@ def test_device_names_match_the_catalogue(name, expected):
     from bench.plan.gpus import matching_gpus
 
     assert [gpu.name for gpu in matching_gpus(name)] == expected
+
+
+def test_plan_calibrates_the_time_model_from_the_same_records(tmp_path, capsys):
+    """--calibrate fits the time model too (bench/plan/timemodel.py, fit_efficiencies); the table's label names the
+    records' GPU; records without work counts are a one-line error naming the missing fields, exit 2."""
+    path = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB")
+    argv = ["gpt-tiny", "--methods", "nondp", "--max-batch-limit", "4", "--gpu", "a100-80gb", "--calibrate"]
+    assert plan.main([*argv, path, "--format", "json"]) == 0
+    time_model = json.loads(capsys.readouterr().out)["time_model"]
+    assert time_model.startswith("a100-80gb datasheet peaks, calibrated from 2 record(s) of NVIDIA A100-SXM4-80GB: ")
+    assert "uncalibrated" not in time_model
+    without_work = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB", work=False)
+    assert plan.main([*argv, without_work]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith(
+        "--calibrate: no record to calibrate the time model from: the records lack flops, "
+        "bytes_accessed, op_count, op_groups"
+    )

@@ -13,6 +13,8 @@ The formulas, for a GPT of L blocks of width D at T tokens and batch B:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
@@ -142,13 +144,51 @@ def test_vmapped_ops_are_counted_as_the_batched_ops():
 
 @pytest.mark.parametrize("method", ["nondp", "bk", "opacus-hooks", "torch-func", "microbatch"])
 def test_meta_counts_equal_cpu_counts(method):
-    """The same ops on both devices (math attention and the for-loop optimizer on both): the same counts.
-    Not opacus-ghost: its clip phase runs extra uint8 elementwise ops on CPU that meta runs as float copies
-    (the same forward and backward counts; a device difference in the ops, not in the counting)."""
+    """The same ops on both devices (math attention and the for-loop optimizer on both): the same counts."""
     config = dict(attention="math", optimizer_impl="for-loop")
     cpu, meta = (_work("gpt-tiny-untied", method, 2, device, **config) for device in ("cpu", "meta"))
     assert cpu == meta
     assert cpu.flops > 0 and set(cpu.flops_by_class) <= set(OP_CLASSES)
+
+
+def _copy_ops_by_bytes(work: StepWork) -> Counter:
+    """How many copy ops moved each number of bytes, whatever their dtype."""
+    found: Counter = Counter()
+    for group in work.op_groups:
+        if group.op_class == "copy":
+            found[group.bytes_accessed] += group.count
+    return found
+
+
+def test_opacus_ghost_on_meta_differs_from_cpu_only_where_the_ops_do():
+    """opacus-ghost runs two sets of ops that differ by device, neither in the counting:
+
+    * its optimizer keeps the clipped gradient sum as ``copy.deepcopy(p.grad.data)``
+      (opacus/optimizers/optimizer_fast_gradient_clipping.py), and torch's ``Tensor.__deepcopy__`` clones a meta
+      tensor but copies a CPU or CUDA tensor's storage as bytes: one ``copy_`` of a uint8 view, then ``set_``
+      onto the new storage (no kernel, not an op). The same bytes move and the same number of ops run; the
+      copies' dtype reads uint8 on CPU and float32 on meta (a copy's roofline term is its bytes either way);
+    * Opacus' embedding norm (opacus/grad_sample/embedding_norm_sample.py) builds ``torch.arange(nrows)`` on the
+      CPU and moves it ``.to(device)``: nothing on CPU, a host-to-device copy of B int64 on meta — as on a GPU —
+      once per ``nn.Embedding`` (gpt's wte and wpe).
+
+    Every FLOP, every non-copy op and every copy's bytes agree otherwise."""
+    batch = 2
+    config = dict(attention="math", optimizer_impl="for-loop")
+    cpu, meta = (_work("gpt-tiny-untied", "opacus-ghost", batch, device, **config) for device in ("cpu", "meta"))
+    assert cpu.flops == meta.flops and cpu.flops_by_phase == meta.flops_by_phase
+    assert cpu.flops_by_class == meta.flops_by_class
+    not_copies = [[g for g in w.op_groups if g.op_class != "copy"] for w in (cpu, meta)]
+    assert not_copies[0] == not_copies[1]
+
+    cpu_copies, meta_copies = (_copy_ops_by_bytes(w) for w in (cpu, meta))
+    arange_to_device = 2 * 8 * batch  # int64 in, int64 out
+    assert meta_copies - cpu_copies == Counter({arange_to_device: 2}) and not cpu_copies - meta_copies
+    assert meta.bytes_by_phase == cpu.bytes_by_phase | {
+        "backward": cpu.bytes_by_phase["backward"] + 2 * arange_to_device
+    }
+    assert meta.op_count == cpu.op_count + 2
+    assert {g.dtype for g in cpu.op_groups if g.op_class == "copy"} - {g.dtype for g in meta.op_groups} == {"uint8"}
 
 
 def test_op_rules():
@@ -163,6 +203,12 @@ def test_op_rules():
     assert op_work(aten._foreach_mul_.Scalar, (xs, 2.0), {}, None) == ("elementwise", "float32", 10, 4 * 20)
     assert op_work(aten.sum.default, (a,), {}, a.sum()) == ("elementwise", "float32", 20, 4 * 21)
     assert op_work(aten.clone.default, (a,), {}, a.clone()) == ("copy", "float32", 0, 4 * 40)
+    # a write-only destination counts once: copy_ moves what clone moves, zero_ writes its list once
+    target = torch.empty(4, 5, device="meta")
+    assert op_work(aten.copy_.default, (target, a), {}, target.copy_(a)) == ("copy", "float32", 0, 4 * 40)
+    assert op_work(aten._foreach_zero_.default, (xs,), {}, None) == ("copy", "float32", 0, 4 * 10)
+    assert op_work(aten.add_.Tensor, (target, a), {}, target.add_(a)) == ("elementwise", "float32", 20, 4 * 60)
+    assert op_work(aten.set_.source_Storage, (a, target.untyped_storage()), {}, a) is None  # re-pointing: no op
 
 
 def test_counter_phases_and_groups():
