@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.plan.gpus import get_gpu
-from bench.plan.planner import DEFAULT_GPU
+from bench.plan.gpus import DEFAULT_GPU, get_gpu
 from bench.plan.timemodel import TimeModelError, estimate, gpu_roofline
 from bench.results.record import CaseRecord
 

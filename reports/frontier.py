@@ -11,7 +11,7 @@ a user chooses between; every other one is worse in memory and time than some fr
 that is a lower bound (the per-sample loop's search cap, the host's limit) is drawn hollow and labelled "≥".
 Methods without a point — unsupported, failed, or without an estimate — are listed under the figure with their
 reason. The title names the workload, the GPU, the precision and what the times rest on ("estimated,
-uncalibrated" unless the plan's time model is calibrated).
+uncalibrated" unless the plan's ``time_calibrated`` says its rates were fitted to measured records).
 """
 
 from __future__ import annotations
@@ -61,13 +61,9 @@ class FrontierPlan:
     precision: str
     training_mode: str
     time_model: str
+    calibrated: bool  # the plan's time_calibrated: its rates were fitted to measured records
     points: tuple[FrontierPoint, ...]
     unplotted: tuple[tuple[str, str], ...]  # (method, why it has no point)
-
-    @property
-    def calibrated(self) -> bool:
-        """Whether the plan's times rest on a calibrated model (its ``time_model`` line says uncalibrated)."""
-        return "uncalibrated" not in self.time_model
 
     @property
     def title(self) -> str:
@@ -115,6 +111,7 @@ def read_plan(path: str | Path) -> FrontierPlan:
         precision=str(data.get("precision", "")),
         training_mode=str(data.get("training_mode") or data.get("precision", "")),
         time_model=str(data["time_model"]),
+        calibrated=data.get("time_calibrated") is True,  # plans older than the time fit were uncalibrated
         points=tuple(points),
         unplotted=tuple(unplotted),
     )

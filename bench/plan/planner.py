@@ -127,6 +127,7 @@ class Plan:
     versions: dict[str, str | None]
     rows: list[PlanRow]
     time_model: str = ""  # what the time estimates rest on, or why there are none
+    time_calibrated: bool = False  # the estimates' rates were fitted to --calibrate records
 
 
 class _Prober:
@@ -334,6 +335,7 @@ def _plan_fields(plan: Plan) -> dict:
         },
         "versions": plan.versions,
         "time_model": plan.time_model,
+        "time_calibrated": plan.time_calibrated,
     }
 
 
@@ -571,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         versions=plan_versions(),
         rows=rows,
         time_model=time_model,
+        time_calibrated=machine is not None and machine.calibrated,
     )
     print(PRINTERS[args.format](plan))
     return 1 if any(r.status == "error" for r in rows) else 0

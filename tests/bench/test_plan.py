@@ -127,7 +127,7 @@ def test_plan_estimates_time_at_max_batch_for_a_gpu_with_peaks(capsys):
     argv = ["gpt-tiny:seq_len=8", "--methods", "nondp,bk", "--max-batch-limit", "8", "--format", "json"]
     assert plan.main([*argv, "--gpu", "h100-80gb"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert "estimated, uncalibrated" in data["time_model"]
+    assert "estimated, uncalibrated" in data["time_model"] and data["time_calibrated"] is False
     rows = {r["method"]: r for r in data["rows"]}
     config = BenchConfig.from_fields(preset="t", rounds=1, privacy=resolve_privacy(1.0))
     machine = gpu_roofline(get_gpu("h100-80gb"))
@@ -428,7 +428,9 @@ def test_plan_calibrates_the_time_model_from_the_same_records(tmp_path, capsys):
     path = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB")
     argv = ["gpt-tiny", "--methods", "nondp", "--max-batch-limit", "4", "--gpu", "a100-80gb", "--calibrate"]
     assert plan.main([*argv, path, "--format", "json"]) == 0
-    time_model = json.loads(capsys.readouterr().out)["time_model"]
+    fitted = json.loads(capsys.readouterr().out)
+    time_model = fitted["time_model"]
+    assert fitted["time_calibrated"] is True
     assert time_model.startswith("a100-80gb datasheet peaks, calibrated from 2 record(s) of NVIDIA A100-SXM4-80GB: ")
     assert "uncalibrated" not in time_model
     without_work = _calibration_file(tmp_path, "NVIDIA A100-SXM4-80GB", work=False)

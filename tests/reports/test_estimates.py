@@ -95,7 +95,8 @@ def test_value_time_for_another_gpu_and_a_stored_estimate(real, tmp_path):
 
 
 def test_a_record_without_work_counts_says_so_and_a_gpu_without_peaks_too(real, tmp_path):
-    old = dataclasses.replace(_of(real["meta"], "bk", 4), work=StepWork())  # a record older than the counter
+    # a record older than the counter: no work counts, no stored estimate
+    old = dataclasses.replace(_of(real["meta"], "bk", 4), work=StepWork(), estimate=TimeEstimate())
     assert step_estimate(old).seconds is None and step_estimate(old).reason == NO_WORK
     path = write_jsonl(tmp_path / "old.jsonl", [old, _of(real["meta"], "nondp", 4)])
     results = load_results([path])
@@ -146,7 +147,7 @@ def test_predicted_block_shows_estimates_apart_from_measured_times(real, tmp_pat
 
 
 def test_predicted_legend_says_why_when_no_record_has_work_counts(real, tmp_path):
-    old = [dataclasses.replace(r, work=StepWork()) for r in real["meta"]]
+    old = [dataclasses.replace(r, work=StepWork(), estimate=TimeEstimate()) for r in real["meta"]]
     grid = matrix_grid(overview(load_results([write_jsonl(tmp_path / "old.jsonl", old)]))[0])
     assert f"No step-time estimate ({NO_WORK})" in grid.legend
     assert all(not c.sub for r in grid.rows for c in r[1:])

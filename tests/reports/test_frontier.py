@@ -29,7 +29,7 @@ def _row(method, max_batch=None, samples_per_s=None, *, status="ok", reason="", 
     }
 
 
-def _plan(rows, time_model=TIME_MODEL) -> dict:
+def _plan(rows, time_model=TIME_MODEL, calibrated=False) -> dict:
     return {
         "workload": "dit-xl-2-cond",
         "memory_bytes": 80 * 2**30,
@@ -38,6 +38,7 @@ def _plan(rows, time_model=TIME_MODEL) -> dict:
         "training_mode": "amp-bf16",
         "precision": "amp-bf16",
         "time_model": time_model,
+        "time_calibrated": calibrated,
         "rows": rows,
     }
 
@@ -80,8 +81,10 @@ def test_nondp_is_the_reference_never_on_the_frontier(tmp_path):
 
 
 def test_a_calibrated_time_model_is_named_so(tmp_path):
-    plan = read_plan(_write(tmp_path, _plan(ROWS[:3], "h100-80gb …, fitted to 4 record(s); no fusion")))
+    plan = read_plan(_write(tmp_path, _plan(ROWS[:3], "h100-80gb …, calibrated from 4 record(s)", calibrated=True)))
     assert plan.calibrated and plan.title.endswith("(estimated, calibrated)")
+    older = {k: v for k, v in _plan(ROWS[:3]).items() if k != "time_calibrated"}  # a plan before the time fit
+    assert not read_plan(_write(tmp_path, older)).calibrated
 
 
 def test_cli_writes_the_figure(tmp_path):
