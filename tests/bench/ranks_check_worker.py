@@ -11,7 +11,8 @@ global batch:
    ghost_fsdp, and the clipped-sum methods' shared reducer): σ = 1, the noise in that gradient (× B, less the
    noise-free sum), its standard deviation over every element relative to σ·C, and whether the ranks agree;
 3. the pairs whose per-rank memory the tests compare with the fake-process-group prediction (MEASURED): the
-   bench's own rank step (bench.ranks.step.run_rank), as a many-rank case measures it.
+   bench's own rank step (bench.ranks.step.run_rank), as a many-rank case measures it, its tensor tracker also
+   noting the storages whose last reference another thread dropped (:class:`ReleaseThreadTracker`).
 
 Rank 0 writes one JSON object: {"<method>/<strategy>": {...}} (tests/bench/test_ranks.py reads it).
 """
@@ -22,6 +23,9 @@ import dataclasses
 import json
 import math
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,6 +36,8 @@ from bench.case.spec import CaseSpec
 from bench.dp.parallel import build_parallel_step
 from bench.ranks.job import RankJob
 from bench.ranks.step import local_batch, run_rank
+from bench.trackers.memory import measure
+from bench.trackers.memory.tensors import TensorTracker
 
 WORKLOAD = "dit-tiny-cond"
 BATCH = 4  # global: 2 samples per rank
@@ -79,11 +85,51 @@ def measured_job(method: str, parallel: str) -> RankJob:
     return RankJob(case, dp.resolve_privacy(1.0), rounds=0, sample_interval_s=0.05)
 
 
+class ReleaseThreadTracker(TensorTracker):
+    """The tensor tracker, also summing the bytes of the storages made during the step whose last reference a
+    thread other than the step's dropped: gloo's worker threads. A gloo worker keeps the Work of the collective
+    it ran (which holds the collective's input and output) until it loops back for the next one, after the
+    step's thread was woken; on a busy machine it is descheduled in between and a buffer FSDP has already let go
+    (the previous reduce-scatter input, an all-gather output) stays alive past where the program frees it."""
+
+    def __enter__(self):
+        self.step_thread = threading.get_ident()
+        self.released_elsewhere_bytes = 0
+        return super().__enter__()
+
+    def _on_free(self, key: int) -> None:
+        entry = self._live.get(key)
+        late = entry is not None and self._recording and threading.get_ident() != self.step_thread
+        if late and entry[0] not in self._adopted:  # adopted storages are gloo's own, counted from the start
+            self.released_elsewhere_bytes += entry[1]
+        super()._on_free(key)
+
+
+@contextmanager
+def _observing_release_threads() -> Iterator[list[ReleaseThreadTracker]]:
+    """The measured round's tracker is a :class:`ReleaseThreadTracker`; the list gets each one made."""
+    made: list[ReleaseThreadTracker] = []
+
+    def tracker(*args, **kwargs) -> ReleaseThreadTracker:
+        made.append(ReleaseThreadTracker(*args, **kwargs))
+        return made[-1]
+
+    original, measure.TensorTracker = measure.TensorTracker, tracker
+    try:
+        yield made
+    finally:
+        measure.TensorTracker = original
+
+
 def _measured(method: str, parallel: str, rank: int, mesh) -> list[dict]:
-    """Every rank's record of the pair (status and memory figures), gathered."""
+    """Every rank's record of the pair (status and memory figures, and the bytes gloo's threads released last:
+    ``released_by_other_threads_bytes``), gathered."""
     job = measured_job(method, parallel)
-    record = run_rank(job, rank, torch.device("cpu"), mesh=mesh)
+    with _observing_release_threads() as trackers:
+        record = run_rank(job, rank, torch.device("cpu"), mesh=mesh)
     mine = {"status": record.status, "reason": record.reason, **dataclasses.asdict(record.memory)}
+    assert len(trackers) == 1, f"one measured round, {len(trackers)} trackers"
+    mine["released_by_other_threads_bytes"] = trackers[0].released_elsewhere_bytes
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return gathered

@@ -3,7 +3,8 @@
 The launch (tests/bench/ranks_check_worker.py) is shared by the module: the clipped gradient across ranks equals
 the one-process sum, noise is added once per logical batch, the library refusals are real; and the fake process
 group's per-rank prediction (bench/ranks/predict.py) equals the real ranks' measured tensor bytes — byte for byte
-under DDP; under FSDP up to gloo's own buffers, which the tracker names (``adopted_tensor_bytes``).
+under DDP; under FSDP up to gloo's own buffers, which the tracker names (``adopted_tensor_bytes``), and the
+buffers whose last reference a gloo worker thread dropped after the step had let them go (on a busy machine).
 """
 
 from __future__ import annotations
@@ -84,10 +85,15 @@ def test_fake_process_group_predicts_the_measured_rank(checks, method, parallel,
     gloo = measured["adopted_tensor_bytes"] - memory.adopted_tensor_bytes
     assert memory.adopted_tensor_bytes == 0
     assert measured["baseline_tensor_bytes"] - memory.baseline_tensor_bytes == gloo
+    # A gloo worker holds the Work of the collective it ran (its input and output) until it loops back for the
+    # next one: descheduled on a busy machine, it outlives the step's own references and drops the last one
+    # later, from its thread (FSDP's previous reduce-scatter input, an all-gather output). Only those storages
+    # can be live past where the program, and so the prediction, frees them; idle, there are usually none.
+    late = measured["released_by_other_threads_bytes"]
     if parallel == "ddp":
-        assert gloo == 0
+        assert gloo == late == 0
         assert measured["peak_tensor_bytes"] == memory.peak_tensor_bytes
         assert measured["breakdown"] == memory.breakdown
     else:
         assert gloo > 0
-        assert 0 <= measured["peak_tensor_bytes"] - memory.peak_tensor_bytes <= gloo
+        assert 0 <= measured["peak_tensor_bytes"] - memory.peak_tensor_bytes <= gloo + late, (gloo, late)
