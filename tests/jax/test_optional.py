@@ -62,3 +62,11 @@ def test_a_training_mode_other_than_fp32_full_is_unsupported():
     mode = dp.TrainingMode(precision="amp-bf16")
     with pytest.raises(MethodUnsupported, match="training mode amp-bf16"):
         dp.get_method("jax-vmap").check(workload, model, mode)
+
+
+def test_no_preset_runs_a_jax_method():
+    """cpu-smoke's budget (5 min) has no room for a compile per case; the JAX methods run only when named."""
+    from bench.config.settings import PRESETS
+
+    for preset in PRESETS.values():
+        assert not {m.partition(":")[0] for m in preset.methods or dp.available_methods()} & set(JAX_METHODS)
