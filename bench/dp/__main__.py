@@ -9,9 +9,10 @@ when the method raised :class:`MethodUnsupported` (footnote n gives the library'
 Workloads are registered names with optional overrides after colons: ``gpt-tiny:tie_weights=False``; methods
 likewise take options after a colon where they have some (``jax-privacy:microbatch=2``).
 
-The default methods are every registered one, the JAX methods included (opt-in for the bench, not here): with
-the ``jax`` extra their cells are compared like any other; without it they are ``unsupported`` naming
-``pip install 'dpmem[jax]'``.
+The compatibility matrix's default methods are every registered one, the JAX methods included (opt-in for the
+bench, not here): with the ``jax`` extra their cells are compared like any other; without it they are
+``unsupported`` naming ``pip install 'dpmem[jax]'``. The modes matrix leaves them out unless named (they train
+in fp32 without checkpointing only).
 
 ``--modes`` prints the second matrix: per workload, every method × training mode (precision + activation
 checkpointing, bench/dp/modes.py), each compared with the fp32 per-sample loop without checkpointing within the
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         type=comma_list,
         default=None,
         help="comma-separated DP methods, options after a colon (jax-privacy:microbatch=2) (default: all "
-        "registered, the JAX ones included)",
+        "registered; the JAX ones too, except with --modes)",
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     import models
 
     try:
-        given = available_methods(include_opt_in=True) if args.methods is None else args.methods
+        # the JAX methods run fp32 full training only: a row of refusals in the modes matrix unless named
+        given = args.methods or available_methods(include_opt_in=args.modes is None)
         # unknown name or option -> DPConfigError listing the valid ones; specs in canonical spelling
         methods = [get_method(method).name for method in given]
         default_specs = DEFAULT_MODE_WORKLOADS if args.modes is not None else DEFAULT_WORKLOADS

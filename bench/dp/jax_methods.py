@@ -6,7 +6,8 @@
   optax update (AdamW, Adam or SGD with the torch optimizer's hyper-parameters).
 * ``jax-privacy`` — the same step with jax-privacy's own pieces: ``jax_privacy.clipped_grad`` (the sum of the
   clipped per-example gradients, by ``vmap`` inside; ``microbatch_size`` chunks the batch sequentially, its only
-  memory lever) and ``noise_addition.gaussian_privatizer`` (σC-noise as an optax transformation).
+  memory lever) and ``noise_addition.gaussian_privatizer`` (σC-noise as an optax transformation). The method spec
+  ``jax-privacy:microbatch=K`` sets the microbatch size (K must divide the batch, else ``unsupported``).
 
 Both start from the PyTorch model's weights (imported under its parameter names) and, when the step is
 closed, write the trained weights back into it, so a fused step reads like every other method's. Their
