@@ -34,7 +34,7 @@ import models
 from bench import dp
 from bench.case.spec import CaseSpec
 from bench.config.settings import BenchConfig
-from bench.dp.jax_methods import JaxStep, batch_arrays
+from bench.dp.jax_methods import JaxPrivacy, JaxStep, batch_arrays
 from bench.results.record import StepMemory, StepWork, Timing
 from bench.trackers.memory.process import RssSampler
 from bench.trackers.timing import StepTimer
@@ -137,12 +137,11 @@ class JaxCase:
         else:
             self.step.compile(self.batch)
         where = "XLA-CPU's buffer assignment, not a GPU's" if abstract else f"XLA-{backend.upper()}"
-        microbatch = getattr(method, "microbatch_size", None)
         self.setup_notes = (
             f"jax: step compiled in {self.step.compile_s:.2f} s (setup: not in any timed round)",
             f"jax: memory = XLA compiled memory_analysis ({where}): temp + arguments + outputs - aliases, predicted; "
             "the tensor tracker's breakdown and phases do not apply (it sees no JAX array)",
-            *([f"jax-privacy microbatch_size: {microbatch}"] if spec.method == "jax-privacy" else []),
+            *([f"jax-privacy microbatch_size: {method.microbatch_size}"] * isinstance(method, JaxPrivacy)),
             *(
                 ("meta device: lowered with ShapeDtypeStruct stand-ins, nothing allocated; no timing, no RSS",)
                 * abstract

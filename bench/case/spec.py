@@ -67,6 +67,7 @@ def case_record(spec: CaseSpec, privacy, optimizer: str, runner_label: str | Non
         precision=spec.precision,
         checkpointing=spec.checkpointing,
         trainable=spec.trainable,
+        microbatch_size=dp.get_method(spec.method).microbatch_size,
         **privacy.to_dict(),  # noise_multiplier, epsilon, delta, accountant, max_grad_norm, sample_rate, steps
         optimizer=optimizer,
         device_name=device_name,

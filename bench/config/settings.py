@@ -352,7 +352,14 @@ def _matrix(given: dict[str, Any]) -> MatrixSettings:
         "fine_tuning_workloads": None if given["workloads"] or given["trainables"] else preset.fine_tuning_workloads,
         "batch_caps": preset.batch_caps if not given["methods"] and not given["batch_sizes"] else (),
     }
-    check_names("--methods", resolved["methods"], dp.available_methods(include_opt_in=True))
+    # a method spec is a registered name, then its options (jax-privacy:microbatch=4), kept in canonical spelling
+    check_names(
+        "--methods", [m.partition(":")[0] for m in resolved["methods"]], dp.available_methods(include_opt_in=True)
+    )
+    try:
+        resolved["methods"] = tuple(dict.fromkeys(dp.get_method(m).name for m in resolved["methods"]))
+    except dp.DPConfigError as exc:
+        raise ValueError(f"--methods: {exc}") from None
     check_names("--precision", resolved["precisions"], dp.PRECISIONS)
     check_names("--checkpointing", resolved["checkpointings"], dp.CHECKPOINTINGS)
     resolved["devices"] = _checked_devices(given["devices"] or preset.devices)

@@ -6,7 +6,13 @@ median per-sample gradient norm (so some samples clip and some do not; nondp is 
 ``ok`` when the relative error in global norm is at most 1e-4, ``MISMATCH`` when it is not, ``unsupported [n]``
 when the method raised :class:`MethodUnsupported` (footnote n gives the library's error and the diagnosis).
 
-Workloads are registered names with optional overrides after colons: ``gpt-tiny:tie_weights=False``.
+Workloads are registered names with optional overrides after colons: ``gpt-tiny:tie_weights=False``; methods
+likewise take options after a colon where they have some (``jax-privacy:microbatch=2``).
+
+The compatibility matrix's default methods are every registered one, the JAX methods included (opt-in for the
+bench, not here): with the ``jax`` extra their cells are compared like any other; without it they are
+``unsupported`` naming ``pip install 'dpmem[jax]'``. The modes matrix leaves them out unless named (they train
+in fp32 without checkpointing only).
 
 ``--modes`` prints the second matrix: per workload, every method × training mode (precision + activation
 checkpointing, bench/dp/modes.py), each compared with the fp32 per-sample loop without checkpointing within the
@@ -221,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         help="print the training-mode matrix instead: 'all' (default) or a comma list like fp32+blocks,amp-bf16",
     )
     parser.add_argument(
-        "--methods", type=comma_list, default=None, help="comma-separated DP methods (default: all registered)"
+        "--methods",
+        type=comma_list,
+        default=None,
+        help="comma-separated DP methods, options after a colon (jax-privacy:microbatch=2) (default: all "
+        "registered; the JAX ones too, except with --modes)",
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
@@ -230,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     import models
 
     try:
-        methods = available_methods() if args.methods is None else list(args.methods)
-        for method in methods:
-            get_method(method)  # unknown name -> DPConfigError listing the valid ones
+        # the JAX methods run fp32 full training only: a row of refusals in the modes matrix unless named
+        given = args.methods or available_methods(include_opt_in=args.modes is None)
+        # unknown name or option -> DPConfigError listing the valid ones; specs in canonical spelling
+        methods = [get_method(method).name for method in given]
         default_specs = DEFAULT_MODE_WORKLOADS if args.modes is not None else DEFAULT_WORKLOADS
         specs = list(args.workloads) if args.workloads is not None else list(default_specs)
         for spec in specs:

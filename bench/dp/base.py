@@ -194,6 +194,14 @@ class DPMethod:
     # A method of an optional extra (the JAX ones): registered and named by ``--methods``, but left out of the
     # default method list (every preset's, every test's enumeration) unless asked for.
     opt_in: bool = False
+    # jax-privacy's microbatch size (its spec's ``microbatch=K``, recorded); None: the whole batch at once, or a
+    # method without one
+    microbatch_size: int | None = None
+
+    def with_options(self, options: str) -> DPMethod:
+        """This method configured by the text after its name's colon (``jax-privacy:microbatch=4``); DPConfigError
+        for a method that takes none, or a bad option."""
+        raise DPConfigError(f"DP method {self.name!r} takes no options, got {options!r}")
 
     def check(self, workload, model: nn.Module, mode: TrainingMode = DEFAULT_MODE) -> None:
         """Raise :class:`MethodUnsupported` (with the library's real error) if the model cannot be run in
@@ -271,10 +279,14 @@ def available_methods(*, include_opt_in: bool = False) -> list[str]:
 
 
 def get_method(name: str) -> DPMethod:
-    if name not in _METHODS:
-        hint = did_you_mean(name, list(_METHODS), cutoff=0.4)
-        raise DPConfigError(f"unknown DP method {name!r}{hint}; valid: {', '.join(_METHODS)}")
-    return _METHODS[name]
+    """The method of a spec: a registered name, options after a colon where the method takes some
+    (``jax-privacy:microbatch=4``, :meth:`DPMethod.with_options`); DPConfigError for an unknown name or option."""
+    registered, colon, options = name.partition(":")
+    if registered not in _METHODS:
+        hint = did_you_mean(registered, list(_METHODS), cutoff=0.4)
+        raise DPConfigError(f"unknown DP method {registered!r}{hint}; valid: {', '.join(_METHODS)}")
+    method = _METHODS[registered]
+    return method.with_options(options) if colon else method
 
 
 def clipped_grad_sum(

@@ -6,7 +6,8 @@
   optax update (AdamW, Adam or SGD with the torch optimizer's hyper-parameters).
 * ``jax-privacy`` — the same step with jax-privacy's own pieces: ``jax_privacy.clipped_grad`` (the sum of the
   clipped per-example gradients, by ``vmap`` inside; ``microbatch_size`` chunks the batch sequentially, its only
-  memory lever) and ``noise_addition.gaussian_privatizer`` (σC-noise as an optax transformation).
+  memory lever) and ``noise_addition.gaussian_privatizer`` (σC-noise as an optax transformation). The method spec
+  ``jax-privacy:microbatch=K`` sets the microbatch size (K must divide the batch, else ``unsupported``).
 
 Both start from the PyTorch model's weights (imported under its parameter names) and, when the step is
 closed, write the trained weights back into it, so a fused step reads like every other method's. Their
@@ -30,7 +31,7 @@ from bench.trackers.channel import PHASES, PhaseMarker, no_mark
 
 from ._common import CLIP_EPS, model_device, trainable_parameters
 from .base import DPMethod, DPStep, StepInputs, register_method
-from .errors import MethodUnsupported, error_text
+from .errors import DPConfigError, MethodUnsupported, error_text
 from .modes import DEFAULT_MODE, TrainingMode
 
 __all__ = ["JAX_EXTRA", "JaxPrivacy", "JaxStep", "JaxVmap", "batch_arrays"]
@@ -109,6 +110,7 @@ class JaxStep(DPStep):
         from models.jax import TRAINED, port_for
 
         self.method, self.abstract = method, abstract
+        method.check_batch_size(inputs.batch_size)
         self.port = port_for(inputs.workload, inputs.model)
         variables = self.port.shapes() if abstract else self.port.import_weights(inputs.model)
         self.params = variables.pop(TRAINED)
@@ -181,6 +183,9 @@ class JaxMethod(DPMethod):
         ``frozen`` holds the port's other collections (the fixed position table)."""
         raise NotImplementedError
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """MethodUnsupported for a batch size the method cannot split (jax-privacy's microbatches)."""
+
     def noise_fn(self, std: float, key, params) -> tuple[Callable, object]:
         """(``add(summed, state) -> (noisy, state)``, its initial state): N(0, std²) on every coordinate."""
         import jax
@@ -219,6 +224,7 @@ class JaxMethod(DPMethod):
 
         from models.jax import TRAINED, export_to_torch, port_for
 
+        self.check_batch_size(batch.batch_size)
         port = port_for(workload, model)
         variables = port.import_weights(model)
         params = variables.pop(TRAINED)
@@ -273,8 +279,33 @@ class JaxPrivacy(JaxMethod):
 
     name = "jax-privacy"
     requires = ("jax", "flax", "optax", "jax_privacy")
-    # None: all examples vmapped at once; k: jax-privacy runs B/k chunks of k sequentially (lax.fori_loop)
-    microbatch_size: int | None = None
+    # microbatch_size (DPMethod's): None, all examples vmapped at once; k (the spec jax-privacy:microbatch=k):
+    # jax-privacy runs B/k chunks of k in sequence (lax.fori_loop), its only memory lever
+
+    def with_options(self, options: str) -> JaxPrivacy:
+        """``microbatch=K`` (K >= 1): the method that vmaps K examples at a time, named by its canonical spec."""
+        key, equals, value = options.partition("=")
+        if key.strip() != "microbatch" or not equals:
+            raise DPConfigError(f"DP method {self.name!r}: bad option {options!r}; valid: microbatch=K (K >= 1)")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise DPConfigError(f"DP method {self.name!r}: microbatch must be an integer >= 1, got {value!r}")
+        method = JaxPrivacy()
+        method.name, method.microbatch_size = f"{self.name}:microbatch={size}", size
+        return method
+
+    def check_batch_size(self, batch_size: int) -> None:
+        size = self.microbatch_size
+        if size is not None and batch_size % size:
+            raise MethodUnsupported(
+                self.name,
+                f"microbatch size {size} does not divide batch size {batch_size}",
+                "jax-privacy reshapes the batch into B/k chunks of k (else its own TypeError: cannot reshape); "
+                "pick a microbatch size that divides the batch",
+            )
 
     def clipped_sum_fn(self, port, max_grad_norm: float) -> Callable:
         import jax_privacy

@@ -265,6 +265,9 @@ class CaseRecord:
     # which parameters train (bench/dp/trainable.py): full, bitfit, attention or lora:r=R[:alpha=A]; an older
     # record without the key trained them all (full)
     trainable: str = "full"
+    # jax-privacy's microbatch size (method spec jax-privacy:microbatch=K: K examples vmapped at a time, B/K chunks
+    # in sequence); None: the whole batch at once, or a method without one
+    microbatch_size: int | None = None
     status: str = "ok"  # one of STATUSES
     reason: str = ""  # why not ok: the library's real error (+ diagnosis), or the OOM message
 

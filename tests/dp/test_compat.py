@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.dp import available_methods
 from bench.dp.__main__ import DEFAULT_WORKLOADS, main, render_matrix, render_mode_matrix
 from bench.dp.modes import TrainingMode
 
@@ -34,6 +35,35 @@ def test_matrix_shows_the_learnable_pos_embed_failures(capsys):
     out = capsys.readouterr().out
     assert "| `dit-tiny-cond:learnable_pos_embed=True` | unsupported [1] | ok |" in out
     assert "missing 2 required positional arguments: 't' and 'y'" in out and "'pos_embed'" in out
+
+
+def test_the_matrix_has_the_jax_columns(capsys):
+    pytest.importorskip("jax", reason="the JAX methods need the extra: pip install 'dpmem[jax]'")
+    pytest.importorskip("jax_privacy", reason="the JAX methods need the extra: pip install 'dpmem[jax]'")
+    methods = "jax-vmap,jax-privacy,jax-privacy:microbatch=2,jax-privacy:microbatch=3"
+    assert main(["--workloads", "gpt-tiny-untied", "--methods", methods]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert (
+        lines[0]
+        == "| workload | `jax-vmap` | `jax-privacy` | `jax-privacy:microbatch=2` | `jax-privacy:microbatch=3` |"
+    )
+    assert lines[2] == "| `gpt-tiny-untied` | ok | ok | ok | unsupported [1] |"
+    assert "1. `jax-privacy:microbatch=3` × `gpt-tiny-untied`: microbatch size 3 does not divide batch size 4" in out
+
+
+def test_without_jax_the_default_matrix_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` now raises ImportError, as without the extra
+    assert main(["--workloads", "gpt-tiny-untied"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[:3]
+    columns = [c.strip(" `") for c in header.strip("|").split("|")][1:]
+    cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|")[1:])))
+    assert columns == available_methods(include_opt_in=True)
+    assert set(columns) - set(available_methods()) == {"jax-vmap", "jax-privacy"}
+    assert cells["bk"] == "ok" and cells["jax-vmap"].startswith("unsupported [")
+    notes = [line for line in out.splitlines() if "`jax-" in line and " × " in line]
+    assert len(notes) == 2 and all("pip install 'dpmem[jax]'" in line for line in notes)
 
 
 def test_the_default_matrix_covers_every_tiny_workload():
@@ -89,6 +119,8 @@ def test_render_mode_matrix_numbers_a_repeated_refusal_once():
         (["--workloads", "gpt-tiny:tie_weights"], "bad override"),
         (["--workloads", "gpt-tiny:colour=1"], "takes no override 'colour'; valid keys"),
         (["--batch-size", "1"], "--batch-size must be >= 2"),
+        (["--methods", "jax-privacy:microbatch=0"], "jax-privacy': microbatch must be an integer >= 1, got '0'"),
+        (["--methods", "bk:microbatch=2"], "DP method 'bk' takes no options, got 'microbatch=2'"),
         (["--modes", "fp8"], "unknown precision 'fp8'; valid: fp32, amp-bf16, amp-fp16, bf16"),
         (["--modes", "bf16+all"], "unknown checkpointing 'all'; valid: none, blocks"),
     ],

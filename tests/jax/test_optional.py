@@ -4,13 +4,16 @@ not import (simulated here by making it unimportable, so the test runs with or w
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import models
 from bench import dp
+from bench.config.cli import pytest_bench_command
 from bench.dp import MethodUnsupported, clipped_grad_sum
 
 JAX_METHODS = ("jax-vmap", "jax-privacy")
@@ -62,3 +65,32 @@ def test_a_training_mode_other_than_fp32_full_is_unsupported():
     mode = dp.TrainingMode(precision="amp-bf16")
     with pytest.raises(MethodUnsupported, match="training mode amp-bf16"):
         dp.get_method("jax-vmap").check(workload, model, mode)
+
+
+def test_no_preset_runs_a_jax_method():
+    """cpu-smoke's budget (5 min) has no room for a compile per case; the JAX methods run only when named."""
+    from bench.config.settings import PRESETS
+
+    for preset in PRESETS.values():
+        assert not {m.partition(":")[0] for m in preset.methods or dp.available_methods()} & set(JAX_METHODS)
+
+
+@pytest.mark.parametrize(
+    "methods, expected, code",
+    [
+        (
+            "jax-privacy:microbatch=0",
+            "ERROR: --methods: DP method 'jax-privacy': microbatch must be an integer >= 1",
+            4,
+        ),
+        ("jax-privacy:microbatch=04,bk", "gpt-tiny-jax-privacy:microbatch=4-bs4-meta", 0),  # canonical in the case id
+    ],
+)
+def test_pytest_bench_takes_the_microbatch_spec(methods, expected, code):
+    """The spec is checked and spelled canonically before any case runs (no jax needed to collect)."""
+    repo = Path(__file__).resolve().parents[2]
+    args = ("--workloads", "gpt-tiny", "--devices", "meta", "--batch-sizes", "4", "--methods", methods)
+    command = pytest_bench_command(*args, "--precision", "fp32", "--checkpointing", "none", "--collect-only")
+    proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert expected in (proc.stderr if code else proc.stdout)
