@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.plan.gpus import DEFAULT_GPU, get_gpu
-from bench.plan.timemodel import TimeModelError, estimate, gpu_roofline
+from bench.plan.timemodel import time_estimate
 from bench.results.record import CaseRecord
 
 __all__ = ["DEFAULT_GPU", "NO_WORK", "StepEstimate", "estimate_words", "step_estimate"]
@@ -51,11 +51,14 @@ def step_estimate(record: CaseRecord, gpu: str | None = None) -> StepEstimate:
         return StepEstimate(stored.estimated_step_s, name, bool(stored.estimate_calibrated), stored.estimate_source)
     if record.work.op_count is None:
         return StepEstimate(None, name, reason=stored.estimate_reason or NO_WORK)
-    try:
-        machine = gpu_roofline(get_gpu(name))
-    except TimeModelError as exc:  # a catalogue GPU without datasheet peaks
-        return StepEstimate(None, name, reason=str(exc))
-    return StepEstimate(estimate(record.work, machine).seconds, name, machine.calibrated, machine.label)
+    computed = time_estimate(record.work, get_gpu(name))  # what the bench stores for a meta record on that GPU
+    return StepEstimate(
+        computed.estimated_step_s,
+        name,
+        bool(computed.estimate_calibrated),
+        computed.estimate_source,
+        computed.estimate_reason,
+    )
 
 
 def milliseconds_text(seconds: float) -> str:
